@@ -1,0 +1,115 @@
+//! The shapes of the HTTP API's requests and responses, shared by the controller and
+//! the CLI so the two cannot drift apart.
+
+use crate::Millis;
+use crate::ids::{JobId, NodeId, TaskId};
+use crate::protocol::LogStream;
+use crate::spec::Resources;
+use crate::state::{Exit, Job, JobStatus, Node, Task, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The body of every error response.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    /// A stable machine-readable kind: `unauthorized`, `invalid_spec`, `not_found`...
+    pub code: String,
+}
+
+/// What `POST /v1/jobs` answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    pub job: JobView,
+    /// `created`, `updated` (new version) or `unchanged`.
+    pub result: String,
+}
+
+/// A job with a summary of its tasks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: Job,
+    /// How many of the current version's tasks are in each state.
+    pub task_states: BTreeMap<TaskState, u32>,
+    /// Why tasks are still pending, when they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
+}
+
+impl JobView {
+    pub fn status(&self) -> JobStatus {
+        self.job.status
+    }
+}
+
+/// A task with its node's name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    #[serde(flatten)]
+    pub task: Task,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_name: Option<String>,
+}
+
+/// A node with what is allocated on it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub node: Node,
+    pub allocated: Resources,
+    pub tasks: u32,
+}
+
+/// One line of a log follow stream (`GET /v1/jobs/{name}/logs?follow=true`), sent as
+/// newline-delimited JSON.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum StreamEvent {
+    Log {
+        task_id: TaskId,
+        index: u32,
+        stream: LogStream,
+        offset: u64,
+        /// The bytes as text, invalid UTF-8 replaced.
+        data: String,
+    },
+    Task {
+        task_id: TaskId,
+        index: u32,
+        state: TaskState,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit: Option<Exit>,
+    },
+    /// The job reached a final status; the stream ends after this.
+    Job {
+        job_id: JobId,
+        status: JobStatus,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit: Option<Exit>,
+    },
+    /// Sent when nothing else happened for a while, so clients see the stream is alive.
+    Keepalive { at: Millis },
+}
+
+/// `GET /v1/tasks/{id}/logs` without follow: the stored bytes of both streams.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskLogs {
+    pub task_id: TaskId,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// `GET /health`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub nodes_ready: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<NodeId>,
+}

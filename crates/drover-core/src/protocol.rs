@@ -1,0 +1,176 @@
+//! The agent protocol: JSON messages in WebSocket text frames, one connection per agent,
+//! dialled by the agent.
+//!
+//! Reliability rests on two sequence numbers. Agent events carry an `seq` from the
+//! agent's outbox; the controller acknowledges the highest it has applied and the agent
+//! replays anything above that after a reconnect. Controller commands carry a `seq` too
+//! and are re-sent until the agent acknowledges them. Both sides treat a repeat as
+//! harmless: events are forward-only state moves and commands are idempotent per task.
+
+use crate::Millis;
+use crate::ids::{JobId, NodeId, ProjectId, TaskId};
+use crate::spec::JobSpec;
+use crate::state::{Exit, NodeInfo, TaskState};
+use base64::Engine as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Bumped on any incompatible change; the controller refuses other versions at hello.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The HTTP path agents dial.
+pub const AGENT_CONNECT_PATH: &str = "/v1/agent/connect";
+
+/// The header that carries the join token on the agent's upgrade request.
+pub const JOIN_TOKEN_HEADER: &str = "x-drover-join-token";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    Hello(Hello),
+    Heartbeat { at: Millis },
+    Event(AgentEvent),
+    CommandAck { seq: u64 },
+    Log(LogChunk),
+}
+
+/// The first message on every connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol_version: u32,
+    pub node_id: NodeId,
+    pub info: NodeInfo,
+    /// Every task the agent holds, running or finished but not yet acknowledged.
+    pub known_tasks: Vec<TaskId>,
+}
+
+/// A task state change observed by the agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    pub seq: u64,
+    pub task_id: TaskId,
+    pub state: TaskState,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<Exit>,
+    pub at: Millis,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+        }
+    }
+}
+
+/// Bytes of a task's output at a byte offset of that stream's log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub task_id: TaskId,
+    pub stream: LogStream,
+    pub offset: u64,
+    #[serde(with = "b64")]
+    pub data: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControllerMessage {
+    Welcome {
+        protocol_version: u32,
+        node_id: NodeId,
+        heartbeat_interval_ms: u64,
+        /// The highest event seq applied; the agent drops those and replays the rest.
+        last_event_seq: u64,
+    },
+    /// The connection is refused; the agent reports `reason` and does not retry quickly.
+    Reject { reason: String },
+    Command { seq: u64, command: Command },
+    EventAck { seq: u64 },
+    /// The controller has a task's log only up to `offset`; send from there.
+    LogResync {
+        task_id: TaskId,
+        stream: LogStream,
+        offset: u64,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Command {
+    /// Run this task. Repeats for a task the agent already has are acknowledged and ignored.
+    Start(TaskAssignment),
+    /// Stop gracefully, then forcibly after `grace_ms`.
+    Stop {
+        task_id: TaskId,
+        grace_ms: u64,
+        reason: String,
+    },
+    /// The controller no longer owns this task: kill it and drop it without reporting.
+    Forget { task_id: TaskId },
+}
+
+/// Everything an agent needs to run one task.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskAssignment {
+    pub task_id: TaskId,
+    pub job_id: JobId,
+    pub project: ProjectId,
+    pub job_name: String,
+    pub index: u32,
+    pub attempt: u32,
+    pub spec: JobSpec,
+}
+
+mod b64 {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_tagged_json() {
+        let m = AgentMessage::Log(LogChunk {
+            task_id: TaskId::from("task-1"),
+            stream: LogStream::Stderr,
+            offset: 7,
+            data: vec![0xff, b'h', b'i'],
+        });
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"type\":\"log\""), "{text}");
+        assert_eq!(serde_json::from_str::<AgentMessage>(&text).unwrap(), m);
+
+        let c = ControllerMessage::Command {
+            seq: 3,
+            command: Command::Stop {
+                task_id: TaskId::from("task-1"),
+                grace_ms: 100,
+                reason: "user".into(),
+            },
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<ControllerMessage>(&text).unwrap(), c);
+    }
+}

@@ -1,0 +1,585 @@
+//! The job specification a user writes in YAML (or sends as JSON), and its validation.
+//!
+//! Parsing happens once, at the edge: the CLI parses YAML with serde-saphyr so that a
+//! mistake is reported with the file, line and column; the controller parses the same
+//! type from JSON and runs the same [`JobSpec::validate`], so both paths accept exactly
+//! the same specs.
+
+use crate::quantity::{ByteSize, Dur};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Whether a job's tasks run to completion or are kept running.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    #[default]
+    Batch,
+    Service,
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobKind::Batch => "batch",
+            JobKind::Service => "service",
+        })
+    }
+}
+
+/// Which runtime runs a job's tasks. Written as text (`process`, `docker`, `mock`,
+/// `plugin:NAME`) and parsed into this enum once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RuntimeKind {
+    #[default]
+    Process,
+    Docker,
+    Mock,
+    Plugin(String),
+}
+
+impl RuntimeKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "process" => Ok(RuntimeKind::Process),
+            "docker" => Ok(RuntimeKind::Docker),
+            "mock" => Ok(RuntimeKind::Mock),
+            other => match other.strip_prefix("plugin:") {
+                Some(name) if !name.is_empty() => Ok(RuntimeKind::Plugin(name.to_string())),
+                _ => Err(format!(
+                    "unknown runtime {other:?}; expected process, docker, mock or plugin:NAME"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeKind::Process => f.write_str("process"),
+            RuntimeKind::Docker => f.write_str("docker"),
+            RuntimeKind::Mock => f.write_str("mock"),
+            RuntimeKind::Plugin(n) => write!(f, "plugin:{n}"),
+        }
+    }
+}
+
+impl Serialize for RuntimeKind {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for RuntimeKind {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        RuntimeKind::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What a task reserves on its node. The scheduler only places a task where this fits.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Resources {
+    /// CPU cores, fractional (`0.5` is half a core).
+    pub cpu: f64,
+    /// Memory, e.g. `64Mi`.
+    pub memory: ByteSize,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpu: 0.1,
+            memory: ByteSize(64 << 20),
+        }
+    }
+}
+
+/// What a constraint compares: a node attribute.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ConstraintKey {
+    /// The node's platform, `os/arch[/variant]`.
+    Platform,
+    Os,
+    Arch,
+    /// The node's name.
+    Name,
+    /// A node label, written `label.NAME`.
+    Label(String),
+}
+
+impl ConstraintKey {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "platform" => Ok(ConstraintKey::Platform),
+            "os" => Ok(ConstraintKey::Os),
+            "arch" => Ok(ConstraintKey::Arch),
+            "name" => Ok(ConstraintKey::Name),
+            other => match other.strip_prefix("label.") {
+                Some(l) if !l.is_empty() => Ok(ConstraintKey::Label(l.to_string())),
+                _ => Err(format!(
+                    "unknown constraint key {other:?}; expected platform, os, arch, name or label.NAME"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for ConstraintKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConstraintKey::Platform => f.write_str("platform"),
+            ConstraintKey::Os => f.write_str("os"),
+            ConstraintKey::Arch => f.write_str("arch"),
+            ConstraintKey::Name => f.write_str("name"),
+            ConstraintKey::Label(l) => write!(f, "label.{l}"),
+        }
+    }
+}
+
+impl Serialize for ConstraintKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConstraintKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ConstraintKey::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a constraint compares the attribute with its value(s).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ConstraintOp {
+    #[default]
+    #[serde(rename = "==", alias = "eq")]
+    Eq,
+    #[serde(rename = "!=", alias = "ne")]
+    Ne,
+    #[serde(rename = "in")]
+    In,
+    #[serde(rename = "not_in")]
+    NotIn,
+    #[serde(rename = "exists")]
+    Exists,
+}
+
+/// A rule a node must satisfy to run a job's tasks, e.g.
+/// `{ key: label.zone, op: in, values: [a, b] }`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Constraint {
+    pub key: ConstraintKey,
+    #[serde(default)]
+    pub op: ConstraintOp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+}
+
+impl Constraint {
+    /// Whether a node attribute value (None when the node lacks it) satisfies this rule.
+    pub fn matches(&self, actual: Option<&str>) -> bool {
+        match self.op {
+            ConstraintOp::Exists => actual.is_some(),
+            ConstraintOp::Eq => actual.is_some() && actual == self.value.as_deref(),
+            ConstraintOp::Ne => actual != self.value.as_deref(),
+            ConstraintOp::In => actual.is_some_and(|a| self.values.iter().any(|v| v == a)),
+            ConstraintOp::NotIn => !actual.is_some_and(|a| self.values.iter().any(|v| v == a)),
+        }
+    }
+
+    fn validate(&self, at: &str) -> Result<(), String> {
+        match self.op {
+            ConstraintOp::Eq | ConstraintOp::Ne if self.value.is_none() => {
+                Err(format!("{at}.value: required for op == and !="))
+            }
+            ConstraintOp::In | ConstraintOp::NotIn if self.values.is_empty() => {
+                Err(format!("{at}.values: required (a non-empty list) for op in and not_in"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// When and how often a failed task is tried again.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestartPolicy {
+    /// For batch jobs: how many times a failed task is retried before the job fails.
+    /// For services: how many quick restarts in a row before backing off to `max_delay`;
+    /// a service is never given up on.
+    pub attempts: u32,
+    /// The wait before the first retry.
+    pub delay: Dur,
+    /// The factor the delay grows by after each retry.
+    pub backoff: f64,
+    /// The longest wait between retries.
+    pub max_delay: Dur,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            attempts: 2,
+            delay: Dur::from_millis(500),
+            backoff: 2.0,
+            max_delay: Dur::from_secs(30),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The wait before retry number `retry` (1 for the first retry).
+    pub fn delay_for(&self, retry: u32) -> std::time::Duration {
+        let factor = self.backoff.max(1.0).powi(retry.saturating_sub(1).min(30) as i32);
+        let ms = (self.delay.as_millis() as f64 * factor).min(self.max_delay.as_millis() as f64);
+        std::time::Duration::from_millis(ms as u64)
+    }
+}
+
+/// Scripted behaviour for the `mock` runtime, used by tests and benchmarks.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockScript {
+    /// How long starting takes.
+    pub start_latency: Dur,
+    /// Exit after this long; absent means run until stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_after: Option<Dur>,
+    pub exit_code: i32,
+    /// Fail to start with this message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fail_start: Option<String>,
+    /// Ignore graceful stops, so only the forced kill ends the task.
+    pub ignore_stop: bool,
+}
+
+/// A job as the user declares it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    #[serde(default)]
+    pub kind: JobKind,
+    #[serde(default = "default_count")]
+    pub count: u32,
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+    /// The program and its arguments, as a list of strings (no shell is involved).
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub constraints: Vec<Constraint>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// How long a task has between SIGTERM and SIGKILL when stopped.
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace: Dur,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock: Option<MockScript>,
+}
+
+fn default_count() -> u32 {
+    1
+}
+
+fn default_stop_grace() -> Dur {
+    Dur::from_secs(5)
+}
+
+/// The most tasks one job may ask for; a typo like `count: 1000000000` is refused
+/// instead of filling the store.
+pub const MAX_COUNT: u32 = 100_000;
+
+/// A spec that could not be accepted, with where in which file, when that is known.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub struct SpecError {
+    pub file: Option<String>,
+    pub line: Option<u64>,
+    pub column: Option<u64>,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{file}")?;
+            if let (Some(l), Some(c)) = (self.line, self.column) {
+                write!(f, ":{l}:{c}")?;
+            }
+            write!(f, ": ")?;
+        } else if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, "line {l}, column {c}: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl SpecError {
+    fn invalid(file: Option<&str>, message: String) -> Self {
+        SpecError {
+            file: file.map(str::to_string),
+            line: None,
+            column: None,
+            message,
+        }
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && s
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
+}
+
+/// Whether `name` is usable as a job name: 1–63 characters of `a-z 0-9 - _ .`, starting
+/// with a letter or digit.
+pub fn is_valid_job_name(name: &str) -> bool {
+    valid_name(name)
+}
+
+impl JobSpec {
+    /// Parses and validates a YAML spec; `file` names it in error messages.
+    pub fn from_yaml(text: &str, file: &str) -> Result<JobSpec, SpecError> {
+        // serde_path_to_error records which field failed, so a type error names it even
+        // when the YAML library's own message only names the expected type.
+        let path = std::cell::RefCell::new(String::new());
+        let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                *path.borrow_mut() = e.path().to_string();
+                e.into_inner()
+            })
+        });
+        let spec: JobSpec = parsed.map_err(|e| {
+            let loc = e.location();
+            let path = path.into_inner();
+            let message = yaml_message(&e.to_string());
+            SpecError {
+                file: Some(file.to_string()),
+                line: loc.map(|l| l.line()),
+                column: loc.map(|l| l.column()),
+                message: if path.is_empty() || path == "." {
+                    message
+                } else {
+                    format!("{path}: {message}")
+                },
+            }
+        })?;
+        spec.validate().map_err(|message| {
+            // Point at the top-level key the message names, so a rule the types alone
+            // cannot express is reported with a line like a type error is.
+            let field = message
+                .split(|c: char| c == '.' || c == '[' || c == ':')
+                .next()
+                .unwrap_or("");
+            let line = text
+                .lines()
+                .position(|l| l.strip_prefix(field).is_some_and(|r| r.trim_start().starts_with(':')));
+            SpecError {
+                file: Some(file.to_string()),
+                line: line.map(|l| l as u64 + 1),
+                column: line.map(|_| 1),
+                message,
+            }
+        })?;
+        Ok(spec)
+    }
+
+    /// Parses and validates a JSON spec, as the API receives it.
+    pub fn from_json(text: &[u8]) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = serde_json::from_slice(text).map_err(|e| SpecError {
+            file: None,
+            line: Some(e.line() as u64),
+            column: Some(e.column() as u64),
+            message: e.to_string(),
+        })?;
+        spec.validate().map_err(|m| SpecError::invalid(None, m))?;
+        Ok(spec)
+    }
+
+    /// Checks what the types alone cannot; the message starts with the field's path.
+    pub fn validate(&self) -> Result<(), String> {
+        if !valid_name(&self.name) {
+            return Err(format!(
+                "name: {:?} is not a valid job name; expected 1-63 characters of a-z, 0-9, '-', '_' or '.', starting with a letter or digit",
+                self.name
+            ));
+        }
+        if self.count == 0 || self.count > MAX_COUNT {
+            return Err(format!("count: expected 1 to {MAX_COUNT}, got {}", self.count));
+        }
+        match self.runtime {
+            RuntimeKind::Mock => {}
+            _ if self.command.is_empty() => {
+                return Err(format!(
+                    "command: required for runtime {}; give the program and its arguments as a list, e.g. [\"sh\", \"-c\", \"echo hi\"]",
+                    self.runtime
+                ));
+            }
+            _ => {}
+        }
+        if self.command.first().is_some_and(|c| c.is_empty()) {
+            return Err("command[0]: the program must not be empty".into());
+        }
+        for key in self.env.keys() {
+            let ok = !key.is_empty()
+                && !key.contains('=')
+                && !key.contains('\0')
+                && !key.chars().next().is_some_and(|c| c.is_ascii_digit());
+            if !ok {
+                return Err(format!("env.{key}: not a valid environment variable name"));
+            }
+            if key.starts_with("DROVER_") {
+                return Err(format!(
+                    "env.{key}: names starting with DROVER_ are set by Drover itself"
+                ));
+            }
+        }
+        if !(self.resources.cpu > 0.0 && self.resources.cpu.is_finite()) {
+            return Err(format!(
+                "resources.cpu: expected a positive number of cores, got {}",
+                self.resources.cpu
+            ));
+        }
+        if self.resources.memory.0 == 0 {
+            return Err("resources.memory: expected a positive size like 64Mi".into());
+        }
+        for (i, c) in self.constraints.iter().enumerate() {
+            c.validate(&format!("constraints[{i}]"))?;
+        }
+        if !(self.restart.backoff >= 1.0 && self.restart.backoff.is_finite()) {
+            return Err(format!(
+                "restart.backoff: expected a factor of at least 1.0, got {}",
+                self.restart.backoff
+            ));
+        }
+        if self.mock.is_some() && self.runtime != RuntimeKind::Mock {
+            return Err("mock: only allowed with runtime: mock".into());
+        }
+        Ok(())
+    }
+}
+
+/// The YAML library's message without its own `error: line N column M:` prefix and
+/// source snippet, since [`SpecError`] prints the location itself.
+fn yaml_message(s: &str) -> String {
+    let first = s.lines().next().unwrap_or(s).trim();
+    let first = first.strip_prefix("error:").unwrap_or(first).trim();
+    match first.strip_prefix("line ") {
+        Some(rest) => match rest.split_once(": ") {
+            Some((_, msg)) => msg.trim().to_string(),
+            None => first.to_string(),
+        },
+        None => first.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+name: web
+kind: service
+count: 3
+runtime: process
+command: ["sh", "-c", "echo hi"]
+env: { GREETING: hello }
+resources: { cpu: 0.5, memory: 64Mi }
+constraints:
+  - { key: label.zone, op: in, values: [a, b] }
+  - { key: platform, value: linux/amd64 }
+restart: { attempts: 3, delay: 1s, backoff: 2, max_delay: 10s }
+stop_grace: 2s
+"#;
+
+    #[test]
+    fn a_full_spec_parses_into_typed_fields() {
+        let spec = JobSpec::from_yaml(FULL, "web.yaml").unwrap();
+        assert_eq!(spec.kind, JobKind::Service);
+        assert_eq!(spec.count, 3);
+        assert_eq!(spec.resources.memory, ByteSize(64 << 20));
+        assert_eq!(spec.constraints[0].key, ConstraintKey::Label("zone".into()));
+        assert_eq!(spec.constraints[1].op, ConstraintOp::Eq);
+        assert_eq!(spec.restart.attempts, 3);
+        assert_eq!(spec.stop_grace, Dur::from_secs(2));
+        // The JSON form the API receives parses to the same value.
+        let json = serde_json::to_vec(&spec).unwrap();
+        assert_eq!(JobSpec::from_json(&json).unwrap(), spec);
+    }
+
+    /// Each bad spec must be refused with the file, and a message naming the field.
+    #[test]
+    fn bad_specs_name_the_file_and_the_field() {
+        let cases: &[(&str, &str)] = &[
+            ("name: a\ncommand: [x]\ncont: 2\n", "cont"),
+            ("name: a\ncommand: [x]\ncount: many\n", "count: invalid"),
+            ("name: a\ncommand: [x]\nkind: forever\n", "forever"),
+            ("name: a\ncommand: [x]\nruntime: vm\n", "unknown runtime"),
+            ("name: a\n", "command: required"),
+            ("name: Bad Name\ncommand: [x]\n", "name:"),
+            ("name: a\ncommand: [x]\ncount: 0\n", "count:"),
+            ("name: a\ncommand: [x]\nresources: { memory: 12Zb }\n", "unknown size unit"),
+            ("name: a\ncommand: [x]\nstop_grace: soon\n", "duration"),
+            ("name: a\ncommand: [x]\nenv: { DROVER_JOB: x }\n", "env.DROVER_JOB"),
+            ("name: a\ncommand: [x]\nconstraints: [{ key: label.z, op: in }]\n", "constraints[0].values"),
+            ("name: a\ncommand: [x]\nconstraints: [{ key: colour, value: x }]\n", "unknown constraint key"),
+            ("name: [a\n", ""),
+        ];
+        for (yaml, needle) in cases {
+            let err = JobSpec::from_yaml(yaml, "job.yaml").unwrap_err();
+            let text = err.to_string();
+            assert!(text.starts_with("job.yaml"), "{yaml:?} -> {text}");
+            assert!(text.contains(needle), "{yaml:?} -> {text} (wanted {needle:?})");
+        }
+    }
+
+    #[test]
+    fn type_errors_carry_line_and_column() {
+        let err = JobSpec::from_yaml("name: a\ncommand: [x]\ncount: many\n", "j.yaml").unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.column.is_some());
+    }
+
+    #[test]
+    fn constraints_match_node_attributes() {
+        let c = |op, value: Option<&str>, values: &[&str]| Constraint {
+            key: ConstraintKey::Label("zone".into()),
+            op,
+            value: value.map(str::to_string),
+            values: values.iter().map(|s| s.to_string()).collect(),
+        };
+        assert!(c(ConstraintOp::Eq, Some("a"), &[]).matches(Some("a")));
+        assert!(!c(ConstraintOp::Eq, Some("a"), &[]).matches(None));
+        assert!(c(ConstraintOp::Ne, Some("a"), &[]).matches(None));
+        assert!(c(ConstraintOp::In, None, &["a", "b"]).matches(Some("b")));
+        assert!(!c(ConstraintOp::NotIn, None, &["a", "b"]).matches(Some("b")));
+        assert!(c(ConstraintOp::Exists, None, &[]).matches(Some("")));
+    }
+
+    #[test]
+    fn restart_delay_grows_and_is_capped() {
+        let p = RestartPolicy {
+            attempts: 5,
+            delay: Dur::from_millis(100),
+            backoff: 2.0,
+            max_delay: Dur::from_millis(500),
+        };
+        let d: Vec<u64> = (1..=5).map(|i| p.delay_for(i).as_millis() as u64).collect();
+        assert_eq!(d, vec![100, 200, 400, 500, 500]);
+    }
+}

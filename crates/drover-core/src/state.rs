@@ -1,0 +1,306 @@
+//! The task state machine and the records the controller keeps for jobs, tasks and nodes.
+//!
+//! States only move forward. [`TaskState::can_move_to`] is the one rule; the store and
+//! the controller both apply it, so a duplicate or stale event from an agent changes
+//! nothing wherever it arrives.
+
+use crate::ids::{JobId, NodeId, ProjectId, TaskId};
+use crate::spec::{JobSpec, Resources, RuntimeKind};
+use crate::Millis;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Pending,
+    Scheduled,
+    Preparing,
+    Starting,
+    Running,
+    Stopping,
+    Succeeded,
+    Failed,
+    Stopped,
+    Lost,
+}
+
+impl TaskState {
+    pub const ALL: [TaskState; 10] = [
+        TaskState::Pending,
+        TaskState::Scheduled,
+        TaskState::Preparing,
+        TaskState::Starting,
+        TaskState::Running,
+        TaskState::Stopping,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Stopped,
+        TaskState::Lost,
+    ];
+
+    /// The position in the forward order; all terminal states share the last rank.
+    pub fn rank(self) -> u8 {
+        match self {
+            TaskState::Pending => 0,
+            TaskState::Scheduled => 1,
+            TaskState::Preparing => 2,
+            TaskState::Starting => 3,
+            TaskState::Running => 4,
+            TaskState::Stopping => 5,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Stopped | TaskState::Lost => 6,
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        self.rank() == 6
+    }
+
+    /// Whether a task in `self` may move to `next`: strictly forward, never out of a
+    /// terminal state.
+    pub fn can_move_to(self, next: TaskState) -> bool {
+        !self.is_terminal() && next.rank() > self.rank()
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Scheduled => "scheduled",
+            TaskState::Preparing => "preparing",
+            TaskState::Starting => "starting",
+            TaskState::Running => "running",
+            TaskState::Stopping => "stopping",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Stopped => "stopped",
+            TaskState::Lost => "lost",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a task's process ended, when it did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// The signal that ended it, by name (`SIGTERM`, `SIGKILL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+}
+
+/// One placed instance of a job, as the controller stores it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub project: ProjectId,
+    pub job_id: JobId,
+    pub job_name: String,
+    /// 0 to count−1; replacements of a task keep its index.
+    pub index: u32,
+    /// 0 for the first try, then one more for each replacement of the same index.
+    pub attempt: u32,
+    pub state: TaskState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<NodeId>,
+    /// Why the task is in its state: the pending reason, the failure, who stopped it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<Exit>,
+    /// Set when the controller wants the task stopped; the agent is told until it acks.
+    #[serde(default)]
+    pub desired_stop: bool,
+    /// Earliest time the scheduler may place it (restart delay).
+    #[serde(default)]
+    pub not_before: Millis,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+impl Task {
+    /// Moves the task forward; returns false (and changes nothing) for a stale move.
+    pub fn advance(&mut self, next: TaskState, reason: &str, exit: Option<Exit>, at: Millis) -> bool {
+        if !self.state.can_move_to(next) {
+            return false;
+        }
+        self.state = next;
+        if !reason.is_empty() || next.is_terminal() {
+            self.reason = reason.to_string();
+        }
+        if exit.is_some() {
+            self.exit = exit;
+        }
+        self.updated_at = at;
+        true
+    }
+}
+
+/// The lifecycle of a job as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Tasks are pending, starting or running.
+    Running,
+    /// A batch job whose every task succeeded.
+    Complete,
+    /// A batch job with a task that failed after its last retry.
+    Failed,
+    /// Stopped by a user.
+    Stopped,
+}
+
+impl JobStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobStatus::Running)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Complete => "complete",
+            JobStatus::Failed => "failed",
+            JobStatus::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A submitted job, as the controller stores it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub project: ProjectId,
+    pub name: String,
+    /// Bumped each time the same name is applied with a different spec.
+    pub version: u32,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<Exit>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// Whether a node is taking work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Ready,
+    /// Missed heartbeats past the timeout; its tasks were marked lost.
+    Lost,
+    /// Closed its connection cleanly; not yet lost.
+    Disconnected,
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeStatus::Ready => "ready",
+            NodeStatus::Lost => "lost",
+            NodeStatus::Disconnected => "disconnected",
+        })
+    }
+}
+
+/// What a node offers, as it reported at registration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    /// `os/arch`, normalised (`linux/amd64`).
+    pub platform: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub runtimes: Vec<RuntimeKind>,
+    /// Total capacity available to tasks.
+    pub capacity: Resources,
+    #[serde(default)]
+    pub agent_version: String,
+}
+
+impl NodeInfo {
+    pub fn os(&self) -> &str {
+        self.platform.split('/').next().unwrap_or("")
+    }
+
+    pub fn arch(&self) -> &str {
+        self.platform.split('/').nth(1).unwrap_or("")
+    }
+}
+
+/// A node, as the controller stores it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub info: NodeInfo,
+    pub status: NodeStatus,
+    pub last_seen: Millis,
+    /// The highest agent event sequence number the controller has applied.
+    pub last_event_seq: u64,
+    pub registered_at: Millis,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_only_move_forward() {
+        use TaskState::*;
+        assert!(Pending.can_move_to(Scheduled));
+        assert!(Pending.can_move_to(Stopped));
+        assert!(Running.can_move_to(Succeeded));
+        assert!(!Running.can_move_to(Starting));
+        assert!(!Running.can_move_to(Running));
+        for t in [Succeeded, Failed, Stopped, Lost] {
+            for n in TaskState::ALL {
+                assert!(!t.can_move_to(n), "{t} -> {n}");
+            }
+        }
+        for s in TaskState::ALL {
+            assert_eq!(TaskState::parse(s.as_str()), Some(s));
+        }
+    }
+
+    #[test]
+    fn a_stale_event_changes_nothing() {
+        let mut t = Task {
+            id: TaskId::generate(),
+            project: ProjectId::default(),
+            job_id: JobId::generate(),
+            job_name: "j".into(),
+            index: 0,
+            attempt: 0,
+            state: TaskState::Running,
+            node_id: None,
+            reason: String::new(),
+            exit: None,
+            desired_stop: false,
+            not_before: 0,
+            created_at: 0,
+            updated_at: 1,
+        };
+        assert!(t.advance(TaskState::Failed, "exit 3", Some(Exit { code: Some(3), signal: None }), 5));
+        let before = t.clone();
+        assert!(!t.advance(TaskState::Running, "", None, 9));
+        assert!(!t.advance(TaskState::Succeeded, "late", None, 9));
+        assert_eq!(t, before);
+    }
+}

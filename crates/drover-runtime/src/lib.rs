@@ -1,0 +1,115 @@
+//! The [`Runtime`] trait and its built-in implementations.
+//!
+//! The agent's task manager owns the task state machine; a runtime only starts, waits
+//! for, stops and cleans up the thing that runs a task. Runtimes never set task states.
+//! The rest of the system sees a runtime only as `Arc<dyn Runtime>`.
+
+pub mod mock;
+pub mod process;
+pub mod shim;
+
+use async_trait::async_trait;
+use drover_core::spec::{JobSpec, RuntimeKind};
+use drover_core::TaskId;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a runtime needs to run one task. The agent builds it; the runtime must
+/// not read anything else (in particular, not the agent's own environment).
+#[derive(Clone, Debug)]
+pub struct TaskContext {
+    pub task_id: TaskId,
+    pub job_name: String,
+    pub index: u32,
+    pub spec: JobSpec,
+    /// The task's own directory, created by the agent; the working directory of the task.
+    pub dir: PathBuf,
+    /// The complete environment of the task: the declared variables plus `DROVER_*`.
+    pub env: BTreeMap<String, String>,
+    /// Files the task's stdout and stderr are appended to.
+    pub stdout_path: PathBuf,
+    pub stderr_path: PathBuf,
+}
+
+/// How a task's process ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    Exited(i32),
+    /// Ended by a signal, named like `SIGKILL`.
+    Signaled(String),
+    /// It ended but how cannot be known (e.g. it ended while nobody was watching and left
+    /// no status); the string says why.
+    Unknown(String),
+}
+
+/// Which step of a stop ended the task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It ended within the grace period after the polite signal (SIGTERM).
+    Graceful,
+    /// It had to be killed (SIGKILL) when the grace period ran out.
+    Killed,
+    /// It had already ended before the stop.
+    AlreadyExited,
+}
+
+/// What `recover` found for a task the agent had before it restarted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovered {
+    /// Still running and now watched again; `wait` works as after `start`.
+    Adopted,
+    /// It ended while the agent was away, like this.
+    Exited(ExitStatus),
+    /// Nothing of it is left (or a different process holds its old pid).
+    Gone,
+}
+
+/// What a runtime offers on this node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fingerprint {
+    pub kind: RuntimeKind,
+    /// Free-form facts, e.g. an engine version.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A runtime's failure; the message is shown to users as the task's reason.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("failed to start: {0}")]
+    Start(String),
+    #[error("unknown task {0}")]
+    UnknownTask(TaskId),
+    #[error("runtime unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync {
+    fn kind(&self) -> RuntimeKind;
+
+    /// Whether the runtime works here; an error means it is not offered.
+    async fn fingerprint(&self) -> Result<Fingerprint, RuntimeError>;
+
+    /// Gets ready to start (fetches, builds, checks). May be slow; bounded by the agent.
+    async fn prepare(&self, ctx: &TaskContext) -> Result<(), RuntimeError>;
+
+    /// Starts the task and returns once it is running.
+    async fn start(&self, ctx: &TaskContext) -> Result<(), RuntimeError>;
+
+    /// Resolves when the task has ended. Safe to call more than once and concurrently
+    /// with `stop`; every caller sees the same status.
+    async fn wait(&self, id: &TaskId) -> Result<ExitStatus, RuntimeError>;
+
+    /// Asks the task to end (SIGTERM or the runtime's equivalent), waits up to `grace`,
+    /// then forces it (SIGKILL). Returns once it has ended.
+    async fn stop(&self, id: &TaskId, grace: Duration) -> Result<StopOutcome, RuntimeError>;
+
+    /// Releases everything the runtime holds for the task. The task must have ended.
+    async fn destroy(&self, id: &TaskId) -> Result<(), RuntimeError>;
+
+    /// After an agent restart: re-attach to a task started by a previous agent process.
+    async fn recover(&self, ctx: &TaskContext) -> Result<Recovered, RuntimeError>;
+}
