@@ -1,1 +1,106 @@
+//! Drover's durable store.
+//!
+//! The controller is the only writer. It keeps its working state in memory and writes
+//! every change through [`Store::commit`] before acknowledging it, so that after a crash
+//! [`Store::load`] gives back everything that was acknowledged. The store enforces the
+//! task state machine's forward-only rule on its own as well: a commit can never move a
+//! stored task backwards or out of a terminal state.
 
+mod sqlite;
+
+pub use sqlite::{SqliteConfig, SqliteStore, Durability};
+
+use async_trait::async_trait;
+use drover_core::state::{Job, Node, Task};
+use drover_core::{Millis, ProjectId};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("store migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("store: corrupt record {id}: {error}")]
+    Corrupt { id: String, error: String },
+    #[error("store: {0}")]
+    Other(String),
+}
+
+/// One write; a commit applies a batch of them in one transaction.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Job(Job),
+    Task(Task),
+    Node(Node),
+    Token(TokenRecord),
+}
+
+/// Everything the controller needs to rebuild its state at start-up.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub jobs: Vec<Job>,
+    pub tasks: Vec<Task>,
+    pub nodes: Vec<Node>,
+}
+
+/// What a token may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything, in every project.
+    Admin,
+    /// Read and change the objects of its project.
+    Write,
+    /// Read the objects of its project.
+    Read,
+    /// Join the cluster as an agent; nothing else.
+    Agent,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Write => "write",
+            Role::Read => "read",
+            Role::Agent => "agent",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        [Role::Admin, Role::Write, Role::Read, Role::Agent]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// A stored token. Only the SHA-256 of the secret is kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub hash: String,
+    pub project: ProjectId,
+    pub role: Role,
+    pub name: String,
+    pub created_at: Millis,
+    pub revoked: bool,
+}
+
+/// The hex SHA-256 of a token secret, the form in which tokens are stored and looked up.
+pub fn hash_token(secret: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(secret.as_bytes()))
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Reads everything back, as at start-up.
+    async fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// Applies all changes in one transaction: all of them are durable, or none.
+    /// Task changes that would move a stored task backwards are skipped.
+    async fn commit(&self, changes: &[Change]) -> Result<(), StoreError>;
+
+    /// Finds a token by the hash of its secret.
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
+}

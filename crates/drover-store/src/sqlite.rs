@@ -1,0 +1,267 @@
+//! The SQLite store: one file, WAL journal, every commit one transaction.
+
+use crate::{Change, Snapshot, Store, StoreError, TokenRecord};
+use async_trait::async_trait;
+use drover_core::state::{Job, Node, Task};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How hard a commit tries to survive a crash.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync on every commit: survives power loss. The default.
+    #[default]
+    Full,
+    /// fsync at WAL checkpoints only: survives the controller being killed (the data is
+    /// in the OS's cache), not the machine losing power. For benchmarks and tests.
+    Process,
+}
+
+#[derive(Clone, Debug)]
+pub struct SqliteConfig {
+    /// The database file; created if missing. `None` means an in-memory database.
+    pub path: Option<PathBuf>,
+    pub durability: Durability,
+}
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(config: &SqliteConfig) -> Result<Self, StoreError> {
+        let base = match &config.path {
+            Some(p) => SqliteConnectOptions::new().filename(p).create_if_missing(true),
+            // A single shared in-memory database; with more than one connection each
+            // would otherwise see its own empty database.
+            None => SqliteConnectOptions::new().in_memory(true).shared_cache(true),
+        };
+        let opts = base
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(match config.durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Process => SqliteSynchronous::Normal,
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        // The controller is the only writer and serialises its commits, so one
+        // connection is enough and avoids SQLite's writer lock contention entirely.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Other(format!("encoding record: {e}")))
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(id: &str, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt {
+        id: id.to_string(),
+        error: e.to_string(),
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot::default();
+        for row in sqlx::query("SELECT id, data FROM jobs").fetch_all(&self.pool).await? {
+            let id: String = row.get(0);
+            snap.jobs.push(from_json::<Job>(&id, row.get(1))?);
+        }
+        for row in sqlx::query("SELECT id, data FROM tasks").fetch_all(&self.pool).await? {
+            let id: String = row.get(0);
+            snap.tasks.push(from_json::<Task>(&id, row.get(1))?);
+        }
+        for row in sqlx::query("SELECT id, data FROM nodes").fetch_all(&self.pool).await? {
+            let id: String = row.get(0);
+            snap.nodes.push(from_json::<Node>(&id, row.get(1))?);
+        }
+        Ok(snap)
+    }
+
+    async fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for change in changes {
+            match change {
+                Change::Job(j) => {
+                    sqlx::query(
+                        "INSERT INTO jobs (id, project, name, version, status, data, updated_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?) \
+                         ON CONFLICT(id) DO UPDATE SET status = excluded.status, \
+                         data = excluded.data, updated_at = excluded.updated_at",
+                    )
+                    .bind(j.id.as_str())
+                    .bind(j.project.as_str())
+                    .bind(&j.name)
+                    .bind(j.version as i64)
+                    .bind(j.status.as_str())
+                    .bind(to_json(j)?)
+                    .bind(j.updated_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Task(t) => {
+                    // The WHERE clause is the forward-only rule, enforced by the store
+                    // itself: terminal rows never change, and a lower rank never
+                    // overwrites a higher one.
+                    sqlx::query(
+                        "INSERT INTO tasks (id, project, job_id, state, state_rank, node_id, data, updated_at) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+                         ON CONFLICT(id) DO UPDATE SET state = excluded.state, \
+                         state_rank = excluded.state_rank, node_id = excluded.node_id, \
+                         data = excluded.data, updated_at = excluded.updated_at \
+                         WHERE tasks.state_rank < 6 AND excluded.state_rank >= tasks.state_rank",
+                    )
+                    .bind(t.id.as_str())
+                    .bind(t.project.as_str())
+                    .bind(t.job_id.as_str())
+                    .bind(t.state.as_str())
+                    .bind(t.state.rank() as i64)
+                    .bind(t.node_id.as_ref().map(|n| n.as_str()))
+                    .bind(to_json(t)?)
+                    .bind(t.updated_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Node(n) => {
+                    sqlx::query(
+                        "INSERT INTO nodes (id, status, data) VALUES (?, ?, ?) \
+                         ON CONFLICT(id) DO UPDATE SET status = excluded.status, data = excluded.data",
+                    )
+                    .bind(n.id.as_str())
+                    .bind(n.status.to_string())
+                    .bind(to_json(n)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Token(t) => {
+                    sqlx::query(
+                        "INSERT INTO tokens (hash, project, role, data) VALUES (?, ?, ?, ?) \
+                         ON CONFLICT(hash) DO UPDATE SET data = excluded.data",
+                    )
+                    .bind(&t.hash)
+                    .bind(t.project.as_str())
+                    .bind(t.role.as_str())
+                    .bind(to_json(t)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query("SELECT data FROM tokens WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| from_json(hash, r.get(0))).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Role, hash_token};
+    use drover_core::state::{Exit, JobStatus};
+    use drover_core::{JobId, JobSpec, ProjectId, TaskId, TaskState};
+
+    fn task(state: TaskState) -> Task {
+        Task {
+            id: TaskId::from("task-1"),
+            project: ProjectId::default(),
+            job_id: JobId::from("job-1"),
+            job_name: "j".into(),
+            index: 0,
+            attempt: 0,
+            state,
+            node_id: None,
+            reason: String::new(),
+            exit: None,
+            desired_stop: false,
+            not_before: 0,
+            created_at: 1,
+            updated_at: 1,
+        }
+    }
+
+    async fn open(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&SqliteConfig {
+            path: Some(dir.path().join("drover.db")),
+            durability: Durability::Full,
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn committed_objects_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = JobSpec::from_yaml("name: j\ncommand: [true]\n", "j.yaml").unwrap();
+        let job = Job {
+            id: JobId::from("job-1"),
+            project: ProjectId::default(),
+            name: "j".into(),
+            version: 1,
+            spec,
+            status: JobStatus::Running,
+            reason: String::new(),
+            exit: None,
+            created_at: 1,
+            updated_at: 1,
+        };
+        let token = TokenRecord {
+            hash: hash_token("secret"),
+            project: ProjectId::default(),
+            role: Role::Admin,
+            name: "admin".into(),
+            created_at: 1,
+            revoked: false,
+        };
+        {
+            let store = open(&dir).await;
+            store
+                .commit(&[
+                    Change::Job(job.clone()),
+                    Change::Task(task(TaskState::Running)),
+                    Change::Token(token.clone()),
+                ])
+                .await
+                .unwrap();
+        }
+        let store = open(&dir).await;
+        let snap = store.load().await.unwrap();
+        assert_eq!(snap.jobs, vec![job]);
+        assert_eq!(snap.tasks, vec![task(TaskState::Running)]);
+        assert_eq!(store.find_token(&hash_token("secret")).await.unwrap(), Some(token));
+        assert_eq!(store.find_token(&hash_token("other")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn the_store_refuses_to_move_a_task_backwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let mut done = task(TaskState::Failed);
+        done.exit = Some(Exit { code: Some(3), signal: None });
+        store.commit(&[Change::Task(task(TaskState::Running))]).await.unwrap();
+        store.commit(&[Change::Task(done.clone())]).await.unwrap();
+        // A stale running event and a late different terminal state change nothing.
+        store.commit(&[Change::Task(task(TaskState::Running))]).await.unwrap();
+        store.commit(&[Change::Task(task(TaskState::Succeeded))]).await.unwrap();
+        assert_eq!(store.load().await.unwrap().tasks, vec![done]);
+    }
+}
