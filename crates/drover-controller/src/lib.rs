@@ -1,1 +1,247 @@
+//! The Drover controller: the HTTP API, authentication, the scheduler, the agent
+//! gateway, node liveness and metrics.
+//!
+//! All decisions are made under one lock on [`State`], the in-memory view of the store.
+//! Every operation changes memory and records the change in a [`Tx`]; the transaction is
+//! committed to the store before anything is acknowledged (an HTTP response, an event
+//! ack to an agent). If a commit fails, memory is reloaded from the store, so the two
+//! never disagree about anything that was acknowledged.
 
+mod api;
+mod follow;
+mod gateway;
+pub mod logs;
+pub mod metrics;
+mod ops;
+mod scheduler;
+pub mod state;
+
+use drover_core::protocol::ControllerMessage;
+use drover_core::{Millis, NodeId, ProjectId, now_millis};
+use drover_store::{Change, Role, Store, StoreError, TokenRecord, hash_token};
+use state::State;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use api::Principal;
+
+/// A token the controller makes sure exists at start-up (the admin and join tokens of
+/// `drover up`).
+#[derive(Clone, Debug)]
+pub struct BootstrapToken {
+    pub secret: String,
+    pub role: Role,
+    pub name: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Where task logs are kept.
+    pub data_dir: PathBuf,
+    /// How often agents must send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A node silent for this long is lost and its tasks are rescheduled.
+    pub node_lost_after: Duration,
+    /// Unacknowledged commands are sent again after this long.
+    pub command_resend_after: Duration,
+    /// A task must reach `running` within this long of being scheduled.
+    pub start_deadline: Duration,
+    pub bootstrap_tokens: Vec<BootstrapToken>,
+}
+
+impl ControllerConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        ControllerConfig {
+            data_dir,
+            heartbeat_interval: Duration::from_secs(2),
+            node_lost_after: Duration::from_secs(15),
+            command_resend_after: Duration::from_secs(3),
+            start_deadline: Duration::from_secs(300),
+            bootstrap_tokens: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// An open agent connection.
+struct Session {
+    conn_id: u64,
+    tx: mpsc::Sender<ControllerMessage>,
+}
+
+pub(crate) struct Inner {
+    cfg: ControllerConfig,
+    store: Arc<dyn Store>,
+    state: Mutex<State>,
+    sessions: std::sync::Mutex<HashMap<NodeId, Session>>,
+    next_conn: std::sync::atomic::AtomicU64,
+    /// Bumped on every committed change and stored log chunk; followers wait on it.
+    changed: watch::Sender<u64>,
+    schedule: Notify,
+    logs: logs::LogStore,
+    metrics: metrics::Metrics,
+    tokens: std::sync::Mutex<HashMap<String, TokenRecord>>,
+    shutdown: CancellationToken,
+}
+
+/// A running controller. Cloning shares it.
+#[derive(Clone)]
+pub struct Controller {
+    inner: Arc<Inner>,
+}
+
+/// Changes made under the state lock, waiting to be committed.
+#[derive(Default)]
+pub(crate) struct Tx {
+    changes: Vec<Change>,
+}
+
+impl Tx {
+    /// Applies a change to memory and records it for the commit.
+    pub(crate) fn put(&mut self, state: &mut State, change: Change) {
+        state.apply(change.clone());
+        self.changes.push(change);
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+}
+
+impl Controller {
+    /// Loads the store, makes sure the bootstrap tokens exist and starts the background
+    /// loops (scheduler, liveness). They stop on [`Controller::shutdown`].
+    pub async fn start(cfg: ControllerConfig, store: Arc<dyn Store>) -> Result<Controller, ControllerError> {
+        let snap = store.load().await?;
+        let mut state = State::from_snapshot(snap);
+        let now = now_millis();
+        // Agents have to reconnect to a new controller; until they do (or the lost
+        // timeout runs out) their nodes are disconnected, counted from now.
+        let mut changes = Vec::new();
+        for e in state.nodes.values_mut() {
+            if e.node.status == drover_core::state::NodeStatus::Ready {
+                e.node.status = drover_core::state::NodeStatus::Disconnected;
+                changes.push(Change::Node(e.node.clone()));
+            }
+            e.node.last_seen = now;
+        }
+        for b in &cfg.bootstrap_tokens {
+            let hash = hash_token(&b.secret);
+            if store.find_token(&hash).await?.is_none() {
+                changes.push(Change::Token(TokenRecord {
+                    hash,
+                    project: ProjectId::default(),
+                    role: b.role,
+                    name: b.name.clone(),
+                    created_at: now,
+                    revoked: false,
+                }));
+            }
+        }
+        store.commit(&changes).await?;
+        let logs = logs::LogStore::new(cfg.data_dir.join("logs"))?;
+        let (changed, _) = watch::channel(0);
+        let inner = Arc::new(Inner {
+            cfg,
+            store,
+            state: Mutex::new(state),
+            sessions: std::sync::Mutex::new(HashMap::new()),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
+            changed,
+            schedule: Notify::new(),
+            logs,
+            metrics: metrics::Metrics::new(),
+            tokens: std::sync::Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        });
+        let c = Controller { inner };
+        tokio::spawn(scheduler::run(c.inner.clone()));
+        tokio::spawn(ops::liveness_loop(c.inner.clone()));
+        Ok(c)
+    }
+
+    /// The HTTP routes: the API, `/health`, `/metrics` and the agent WebSocket.
+    pub fn router(&self) -> axum::Router {
+        api::router(self.inner.clone())
+    }
+
+    /// Serves the router on `listener` until shutdown.
+    pub async fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let token = self.inner.shutdown.clone();
+        axum::serve(listener, self.router().into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await
+    }
+
+    /// Stops the background loops and the server, and closes agent connections.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.sessions_lock().clear();
+    }
+
+    /// The number of agents connected right now.
+    pub fn connected_agents(&self) -> usize {
+        self.inner.sessions_lock().len()
+    }
+
+    /// Direct access to the state, for benchmarks and tests in this workspace.
+    #[doc(hidden)]
+    pub async fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        f(&*self.inner.state.lock().await)
+    }
+
+}
+
+impl Inner {
+    fn sessions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Session>> {
+        // A panic while holding this lock cannot leave the map half-changed (every
+        // operation on it is a single insert or remove), so a poisoned lock is usable.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Commits a transaction. On failure memory is rebuilt from the store, so nothing
+    /// unacknowledged lingers in memory, and the error is returned to the caller.
+    pub(crate) async fn commit(&self, state: &mut State, tx: Tx) -> Result<(), StoreError> {
+        if tx.is_empty() {
+            return Ok(());
+        }
+        match self.store.commit(&tx.changes).await {
+            Ok(()) => {
+                self.bump();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!("commit failed, reloading state from the store: {e}");
+                match self.store.load().await {
+                    Ok(snap) => {
+                        let pending_reasons = std::mem::take(&mut state.pending_reasons);
+                        *state = State::from_snapshot(snap);
+                        state.pending_reasons = pending_reasons;
+                    }
+                    Err(e2) => tracing::error!("reloading state failed too: {e2}"),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    pub(crate) fn bump(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub(crate) fn now(&self) -> Millis {
+        now_millis()
+    }
+}

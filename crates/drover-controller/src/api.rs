@@ -1,0 +1,318 @@
+//! The HTTP API. Every route needs a bearer token except `/health` and the agent
+//! connect route, which takes a join token instead.
+
+use crate::follow::{self, Target};
+use crate::Inner;
+use axum::extract::{Path, Query, Request, State, WebSocketUpgrade};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use drover_core::api::{ErrorBody, Health, JobView, NodeView, TaskView};
+use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
+use drover_core::{JobSpec, ProjectId, TaskId};
+use drover_store::{Role, TokenRecord, hash_token};
+use serde::Deserialize;
+use std::sync::Arc;
+
+/// Who is calling, from their token.
+#[derive(Clone, Debug)]
+pub struct Principal {
+    pub project: ProjectId,
+    pub role: Role,
+}
+
+impl Principal {
+    fn sees(&self, project: &ProjectId) -> bool {
+        self.role == Role::Admin || &self.project == project
+    }
+
+    fn require_write(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin | Role::Write => Ok(()),
+            _ => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this token may only read")),
+        }
+    }
+
+    fn require_read(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin | Role::Write | Role::Read => Ok(()),
+            Role::Agent => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "a join token can only connect agents")),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into() }
+    }
+
+    fn not_found(what: &str) -> Self {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+    }
+}
+
+impl From<drover_store::StoreError> for ApiError {
+    fn from(e: drover_store::StoreError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message, code: self.code.to_string() })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+type Shared = State<Arc<Inner>>;
+
+pub(crate) fn router(inner: Arc<Inner>) -> Router {
+    let authed = Router::new()
+        .route("/v1/jobs", post(apply_job).get(list_jobs))
+        .route("/v1/jobs/{name}", get(get_job))
+        .route("/v1/jobs/{name}/stop", post(stop_job))
+        .route("/v1/jobs/{name}/logs", get(job_logs))
+        .route("/v1/tasks", get(list_tasks))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/logs", get(task_logs))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/metrics", get(metrics))
+        .layer(middleware::from_fn_with_state(inner.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .route(AGENT_CONNECT_PATH, get(agent_connect))
+        .merge(authed)
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .with_state(inner)
+}
+
+impl Inner {
+    /// Finds a token by its secret, from the cache or the store.
+    async fn lookup_token(&self, secret: &str) -> Result<Option<TokenRecord>, drover_store::StoreError> {
+        let hash = hash_token(secret);
+        if let Some(t) = self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&hash) {
+            return Ok(Some(t.clone()));
+        }
+        let found = self.store.find_token(&hash).await?;
+        if let Some(t) = &found {
+            self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, t.clone());
+        }
+        Ok(found)
+    }
+}
+
+async fn auth(State(inner): Shared, mut req: Request, next: Next) -> Response {
+    let secret = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(str::to_string);
+    let Some(secret) = secret else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token: pass --token or set DROVER_TOKEN")
+            .into_response();
+    };
+    match inner.lookup_token(&secret).await {
+        Ok(Some(t)) if !t.revoked => {
+            req.extensions_mut().insert(Principal { project: t.project, role: t.role });
+            next.run(req).await
+        }
+        Ok(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid or revoked token").into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn health(State(inner): Shared) -> Json<Health> {
+    let ready = inner.state.lock().await.ready_nodes() as u32;
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        nodes_ready: ready,
+        node_id: None,
+    })
+}
+
+async fn metrics(State(inner): Shared, Extension(p): Extension<Principal>) -> ApiResult<Response> {
+    p.require_read()?;
+    {
+        let state = inner.state.lock().await;
+        let mut counts = std::collections::HashMap::new();
+        for t in state.tasks.values() {
+            *counts.entry(t.state).or_insert(0i64) += 1;
+        }
+        for s in drover_core::TaskState::ALL {
+            inner
+                .metrics
+                .tasks
+                .get_or_create(&crate::metrics::StateLabel { state: s.as_str().into() })
+                .set(counts.get(&s).copied().unwrap_or(0));
+        }
+        inner.metrics.nodes_ready.set(state.ready_nodes() as i64);
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        inner.metrics.encode(),
+    )
+        .into_response())
+}
+
+async fn apply_job(State(inner): Shared, Extension(p): Extension<Principal>, body: axum::body::Bytes) -> ApiResult<Response> {
+    p.require_write()?;
+    let spec = JobSpec::from_json(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", format!("invalid job spec: {e}")))?;
+    let res = inner.apply_job(p.project.clone(), spec).await?;
+    let status = if res.result == "created" { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(res)).into_response())
+}
+
+async fn list_jobs(State(inner): Shared, Extension(p): Extension<Principal>) -> ApiResult<Json<Vec<JobView>>> {
+    p.require_read()?;
+    let state = inner.state.lock().await;
+    let mut jobs: Vec<JobView> = state
+        .current
+        .values()
+        .filter_map(|id| state.jobs.get(id))
+        .filter(|j| p.sees(&j.project))
+        .map(|j| state.job_view(j))
+        .collect();
+    jobs.sort_by(|a, b| a.job.name.cmp(&b.job.name));
+    Ok(Json(jobs))
+}
+
+/// Finds the current version of a job the caller may see.
+async fn find_job(inner: &Inner, p: &Principal, name: &str) -> ApiResult<JobView> {
+    let state = inner.state.lock().await;
+    let job = state
+        .current
+        .iter()
+        .filter(|((proj, n), _)| n == name && p.sees(proj))
+        .filter_map(|(_, id)| state.jobs.get(id))
+        // An admin seeing several projects gets the caller's own project's job first.
+        .max_by_key(|j| (j.project == p.project, j.created_at))
+        .ok_or_else(|| ApiError::not_found(&format!("job {name:?}")))?;
+    Ok(state.job_view(job))
+}
+
+async fn get_job(State(inner): Shared, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<JobView>> {
+    p.require_read()?;
+    Ok(Json(find_job(&inner, &p, &name).await?))
+}
+
+async fn stop_job(State(inner): Shared, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<JobView>> {
+    p.require_write()?;
+    let view = find_job(&inner, &p, &name).await?;
+    inner.stop_job(&view.job.id).await?;
+    Ok(Json(find_job(&inner, &p, &name).await?))
+}
+
+#[derive(Deserialize)]
+struct FollowQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+fn ndjson(body: axum::body::Body) -> Response {
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+async fn job_logs(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+    Query(q): Query<FollowQuery>,
+) -> ApiResult<Response> {
+    p.require_read()?;
+    let view = find_job(&inner, &p, &name).await?;
+    Ok(ndjson(follow::stream(inner.clone(), Target::Job(view.job.id), q.follow)))
+}
+
+async fn find_task(inner: &Inner, p: &Principal, id: &str) -> ApiResult<TaskView> {
+    let state = inner.state.lock().await;
+    // A unique prefix is enough, as with container ids.
+    let mut found = state
+        .tasks
+        .values()
+        .filter(|t| p.sees(&t.project) && (t.id.as_str() == id || t.id.as_str().starts_with(id)));
+    let first = found.next().ok_or_else(|| ApiError::not_found(&format!("task {id:?}")))?;
+    if first.id.as_str() != id && found.next().is_some() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "ambiguous", format!("task id prefix {id:?} matches several tasks")));
+    }
+    Ok(state.task_view(first))
+}
+
+async fn get_task(State(inner): Shared, Extension(p): Extension<Principal>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
+    p.require_read()?;
+    Ok(Json(find_task(&inner, &p, &id).await?))
+}
+
+async fn task_logs(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+    Query(q): Query<FollowQuery>,
+) -> ApiResult<Response> {
+    p.require_read()?;
+    let t = find_task(&inner, &p, &id).await?;
+    let id: TaskId = t.task.id;
+    Ok(ndjson(follow::stream(inner.clone(), Target::Task(id), q.follow)))
+}
+
+#[derive(Deserialize)]
+struct TaskQuery {
+    job: Option<String>,
+}
+
+async fn list_tasks(State(inner): Shared, Extension(p): Extension<Principal>, Query(q): Query<TaskQuery>) -> ApiResult<Json<Vec<TaskView>>> {
+    p.require_read()?;
+    let job_id = match &q.job {
+        Some(name) => Some(find_job(&inner, &p, name).await?.job.id),
+        None => None,
+    };
+    let state = inner.state.lock().await;
+    let mut tasks: Vec<TaskView> = match &job_id {
+        Some(id) => state.job_tasks(id).map(|t| state.task_view(t)).collect(),
+        None => state
+            .tasks
+            .values()
+            .filter(|t| p.sees(&t.project))
+            // Tasks of older versions of a job are history; listings show current ones.
+            .filter(|t| state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id))
+            .map(|t| state.task_view(t))
+            .collect(),
+    };
+    tasks.sort_by(|a, b| (&a.task.job_name, a.task.index, a.task.created_at).cmp(&(&b.task.job_name, b.task.index, b.task.created_at)));
+    Ok(Json(tasks))
+}
+
+async fn list_nodes(State(inner): Shared, Extension(p): Extension<Principal>) -> ApiResult<Json<Vec<NodeView>>> {
+    p.require_read()?;
+    let state = inner.state.lock().await;
+    let mut nodes: Vec<NodeView> = state.nodes.values().map(|e| state.node_view(e)).collect();
+    nodes.sort_by(|a, b| a.node.info.name.cmp(&b.node.info.name));
+    Ok(Json(nodes))
+}
+
+async fn agent_connect(State(inner): Shared, headers: HeaderMap, ws: WebSocketUpgrade) -> ApiResult<Response> {
+    let secret = headers
+        .get(JOIN_TOKEN_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing join token"))?;
+    match inner.lookup_token(secret).await? {
+        Some(t) if !t.revoked && matches!(t.role, Role::Agent | Role::Admin) => {}
+        _ => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid join token")),
+    }
+    let inner = inner.clone();
+    Ok(ws
+        .max_message_size(16 << 20)
+        .on_upgrade(move |socket| crate::gateway::serve(inner, socket)))
+}

@@ -1,0 +1,182 @@
+//! Log and state streams for `drover logs [-f]` and `drover run`: newline-delimited JSON
+//! [`StreamEvent`]s, read from the controller's log files and task states.
+//!
+//! A follower keeps its own byte offsets and last-seen states and re-reads whenever the
+//! controller's change counter moves, so a slow reader can never lose anything to a full
+//! queue: it just reads more at once.
+
+use crate::Inner;
+use bytes::Bytes;
+use drover_core::api::StreamEvent;
+use drover_core::protocol::LogStream;
+use drover_core::state::JobStatus;
+use drover_core::{JobId, TaskId, TaskState};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a stream follows.
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    Job(JobId),
+    Task(TaskId),
+}
+
+/// The most log bytes read from one file per step, so one chatty task cannot starve
+/// the others in the same stream.
+const READ_MAX: usize = 256 * 1024;
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+struct Follower {
+    inner: Arc<Inner>,
+    target: Target,
+    follow: bool,
+    offsets: HashMap<(TaskId, LogStream), u64>,
+    states: HashMap<TaskId, TaskState>,
+    rx: tokio::sync::watch::Receiver<u64>,
+    done: bool,
+}
+
+struct Snapshot {
+    tasks: Vec<(TaskId, u32, TaskState, String, Option<drover_core::state::Exit>)>,
+    finished: Option<StreamEvent>,
+}
+
+impl Follower {
+    async fn snapshot(&self) -> Snapshot {
+        let state = self.inner.state.lock().await;
+        let mut tasks = Vec::new();
+        let mut finished = None;
+        match &self.target {
+            Target::Job(job_id) => {
+                let mut all_terminal = true;
+                for t in state.job_tasks(job_id) {
+                    all_terminal &= t.state.is_terminal();
+                    tasks.push((t.id.clone(), t.index, t.state, t.reason.clone(), t.exit.clone()));
+                }
+                if let Some(job) = state.jobs.get(job_id)
+                    && job.status.is_final()
+                    && all_terminal
+                {
+                    finished = Some(StreamEvent::Job {
+                        job_id: job.id.clone(),
+                        status: job.status,
+                        reason: job.reason.clone(),
+                        exit: job.exit.clone(),
+                    });
+                }
+            }
+            Target::Task(id) => {
+                if let Some(t) = state.tasks.get(id) {
+                    tasks.push((t.id.clone(), t.index, t.state, t.reason.clone(), t.exit.clone()));
+                    if t.state.is_terminal() {
+                        let status = if t.state == TaskState::Succeeded { JobStatus::Complete } else { JobStatus::Failed };
+                        finished = Some(StreamEvent::Job {
+                            job_id: t.job_id.clone(),
+                            status,
+                            reason: t.reason.clone(),
+                            exit: t.exit.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        tasks.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        Snapshot { tasks, finished }
+    }
+
+    /// Everything new since the last step, and whether the stream is finished.
+    async fn step(&mut self) -> (Vec<StreamEvent>, bool) {
+        // States are read before logs: an agent ships a task's last output before its
+        // terminal event, so once a terminal state is seen its logs are all on disk.
+        let snap = self.snapshot().await;
+        let mut out = Vec::new();
+        let mut more_logs = false;
+        for (id, index, state, reason, exit) in &snap.tasks {
+            for stream in [LogStream::Stdout, LogStream::Stderr] {
+                let key = (id.clone(), stream);
+                let off = self.offsets.get(&key).copied().unwrap_or(0);
+                match self.inner.logs.read_from(id, stream, off, READ_MAX) {
+                    Ok(data) if !data.is_empty() => {
+                        more_logs |= data.len() == READ_MAX;
+                        self.offsets.insert(key, off + data.len() as u64);
+                        out.push(StreamEvent::Log {
+                            task_id: id.clone(),
+                            index: *index,
+                            stream,
+                            offset: off,
+                            data: String::from_utf8_lossy(&data).into_owned(),
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(task = %id, "reading log: {e}"),
+                }
+            }
+            if self.states.get(id) != Some(state) {
+                self.states.insert(id.clone(), *state);
+                out.push(StreamEvent::Task {
+                    task_id: id.clone(),
+                    index: *index,
+                    state: *state,
+                    reason: reason.clone(),
+                    exit: exit.clone(),
+                });
+            }
+        }
+        let finished = if more_logs { None } else { snap.finished };
+        match finished {
+            Some(ev) => {
+                out.push(ev);
+                (out, true)
+            }
+            None => (out, !self.follow && !more_logs),
+        }
+    }
+}
+
+fn encode(events: &[StreamEvent]) -> Bytes {
+    let mut buf = Vec::new();
+    for e in events {
+        // Serialising these plain types cannot fail.
+        if serde_json::to_writer(&mut buf, e).is_ok() {
+            buf.push(b'\n');
+        }
+    }
+    Bytes::from(buf)
+}
+
+pub(crate) fn stream(inner: Arc<Inner>, target: Target, follow: bool) -> axum::body::Body {
+    let rx = inner.changed.subscribe();
+    let f = Follower {
+        inner,
+        target,
+        follow,
+        offsets: HashMap::new(),
+        states: HashMap::new(),
+        rx,
+        done: false,
+    };
+    let s = futures_util::stream::unfold(f, |mut f| async move {
+        loop {
+            if f.done {
+                return None;
+            }
+            let shutdown = f.inner.shutdown.clone();
+            f.rx.borrow_and_update();
+            let (events, done) = f.step().await;
+            f.done = done;
+            if !events.is_empty() || done {
+                return Some((Ok::<Bytes, std::io::Error>(encode(&events)), f));
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                r = f.rx.changed() => if r.is_err() { return None },
+                _ = tokio::time::sleep(KEEPALIVE) => {
+                    let ev = StreamEvent::Keepalive { at: drover_core::now_millis() };
+                    return Some((Ok(encode(&[ev])), f));
+                }
+            }
+        }
+    });
+    axum::body::Body::from_stream(s)
+}

@@ -1,0 +1,153 @@
+//! The agent gateway: one WebSocket per agent. The agent speaks first (hello); then
+//! the controller's commands and acks go out through a bounded queue while the agent's
+//! events, logs and heartbeats come in.
+
+use crate::Inner;
+use axum::extract::ws::{Message, WebSocket};
+use drover_core::protocol::{AgentEvent, AgentMessage, ControllerMessage, Hello, PROTOCOL_VERSION};
+use drover_core::{NodeId, TaskId};
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How many messages may wait for one agent's connection before senders back off.
+const QUEUE: usize = 4096;
+
+/// The most agent messages handled in one go (and so events in one commit).
+const BATCH: usize = 512;
+
+async fn send_direct(ws: &mut WebSocket, msg: &ControllerMessage) {
+    if let Ok(text) = serde_json::to_string(msg) {
+        let _ = ws.send(Message::Text(text.into())).await;
+    }
+}
+
+pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
+    // The first message must be a hello, and soon.
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let hello: Hello = match first {
+        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<AgentMessage>(&t) {
+            Ok(AgentMessage::Hello(h)) => h,
+            Ok(_) => {
+                send_direct(&mut ws, &ControllerMessage::Reject { reason: "the first message must be a hello".into() }).await;
+                return;
+            }
+            Err(e) => {
+                send_direct(&mut ws, &ControllerMessage::Reject { reason: format!("bad hello: {e}") }).await;
+                return;
+            }
+        },
+        _ => return,
+    };
+    if hello.protocol_version != PROTOCOL_VERSION {
+        let reason = format!(
+            "agent speaks protocol version {}, this controller speaks {PROTOCOL_VERSION}; upgrade the older one",
+            hello.protocol_version
+        );
+        send_direct(&mut ws, &ControllerMessage::Reject { reason }).await;
+        return;
+    }
+    let conn_id = inner.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let node_id = hello.node_id.clone();
+    let (tx, mut rx) = mpsc::channel::<ControllerMessage>(QUEUE);
+    match inner.on_hello(&hello, conn_id, tx.clone()).await {
+        Ok(()) => {}
+        Err(e) => {
+            send_direct(&mut ws, &ControllerMessage::Reject { reason: format!("registration failed: {e}") }).await;
+            return;
+        }
+    };
+    tracing::info!(node = %node_id, name = %hello.info.name, "agent connected");
+
+    let (mut sink, mut stream) = ws.split();
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let Ok(text) = serde_json::to_string(&msg) else { continue };
+            if sink.send(Message::Text(text.into())).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let idle_limit = inner.cfg.node_lost_after;
+    let shutdown = inner.shutdown.clone();
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            n = tokio::time::timeout(idle_limit, stream.next()) => n,
+        };
+        let first = match next {
+            Ok(Some(Ok(m))) => m,
+            // Silence past the lost timeout, an error or a close all end the session.
+            _ => break,
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match stream.next().now_or_never() {
+                Some(Some(Ok(m))) => batch.push(m),
+                _ => break,
+            }
+        }
+        if !handle_batch(&inner, &node_id, &tx, batch).await {
+            break;
+        }
+        if tx.is_closed() {
+            break;
+        }
+    }
+    drop(tx);
+    writer.abort();
+    inner.on_disconnect(&node_id, conn_id).await;
+    tracing::info!(node = %node_id, "agent disconnected");
+}
+
+/// Handles a batch of messages; returns false when the connection should close.
+async fn handle_batch(inner: &Arc<Inner>, node_id: &NodeId, tx: &mpsc::Sender<ControllerMessage>, batch: Vec<Message>) -> bool {
+    let mut events: Vec<AgentEvent> = Vec::new();
+    let mut heartbeat = false;
+    for m in batch {
+        let text = match m {
+            Message::Text(t) => t,
+            Message::Close(_) => return false,
+            _ => continue,
+        };
+        let msg = match serde_json::from_str::<AgentMessage>(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(node = %node_id, "ignoring a malformed agent message: {e}");
+                continue;
+            }
+        };
+        match msg {
+            AgentMessage::Heartbeat { .. } => heartbeat = true,
+            AgentMessage::Event(e) => events.push(e),
+            AgentMessage::CommandAck { seq } => inner.on_command_ack(node_id, seq).await,
+            AgentMessage::Log(chunk) => {
+                let task: TaskId = chunk.task_id.clone();
+                match inner.logs.append(&task, chunk.stream, chunk.offset, &chunk.data) {
+                    Ok(crate::logs::Appended::Stored) => inner.bump(),
+                    Ok(crate::logs::Appended::Duplicate) => {}
+                    Ok(crate::logs::Appended::Gap { have }) => {
+                        let _ = tx.try_send(ControllerMessage::LogResync { task_id: task, stream: chunk.stream, offset: have });
+                    }
+                    Err(e) => tracing::warn!(task = %task, "storing log chunk: {e}"),
+                }
+            }
+            AgentMessage::Hello(_) => tracing::warn!(node = %node_id, "ignoring a second hello"),
+        }
+    }
+    if !events.is_empty() {
+        match inner.on_events(node_id, &events).await {
+            // The ack goes out only after the commit, so an acknowledged event is stored.
+            Ok(seq) => {
+                let _ = tx.send(ControllerMessage::EventAck { seq }).await;
+            }
+            Err(e) => tracing::error!(node = %node_id, "storing agent events: {e}; the agent will replay them"),
+        }
+    } else if heartbeat {
+        inner.on_heartbeat(node_id).await;
+    }
+    true
+}

@@ -1,0 +1,478 @@
+//! The controller's operations: applying and stopping jobs, reacting to agent events,
+//! node registration and liveness, and the command outbox to agents.
+
+use crate::state::{OutCommand, State};
+use crate::{Inner, Tx};
+use drover_core::api::ApplyResponse;
+use drover_core::protocol::{AgentEvent, Command, ControllerMessage, Hello, TaskAssignment};
+use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
+use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
+use drover_store::{Change, StoreError};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+impl Inner {
+    /// Creates a job, or a new version of it when the spec changed (or the previous one
+    /// has finished). Returns once the result is durably stored.
+    pub(crate) async fn apply_job(&self, project: ProjectId, spec: JobSpec) -> Result<ApplyResponse, StoreError> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let mut tx = Tx::default();
+        let now = self.now();
+        let existing = state.job_by_name(&project, &spec.name).cloned();
+        if let Some(cur) = &existing
+            && !cur.status.is_final()
+            && cur.spec == spec
+        {
+            return Ok(ApplyResponse { job: state.job_view(cur), result: "unchanged".into() });
+        }
+        let version = existing.as_ref().map(|j| j.version + 1).unwrap_or(1);
+        if let Some(cur) = existing
+            && !cur.status.is_final()
+        {
+            let mut old = cur.clone();
+            old.status = JobStatus::Stopped;
+            old.reason = format!("replaced by version {version}");
+            old.updated_at = now;
+            tx.put(state, Change::Job(old));
+            self.stop_tasks_of(state, &mut tx, &cur.id, &format!("job updated to version {version}"));
+        }
+        let job = Job {
+            id: JobId::generate(),
+            project: project.clone(),
+            name: spec.name.clone(),
+            version,
+            spec,
+            status: JobStatus::Running,
+            reason: String::new(),
+            exit: None,
+            created_at: now,
+            updated_at: now,
+        };
+        tx.put(state, Change::Job(job.clone()));
+        for index in 0..job.spec.count {
+            let t = new_task(&job, index, 0, now, now);
+            tx.put(state, Change::Task(t));
+        }
+        self.commit(state, tx).await?;
+        self.flush_all(state);
+        self.schedule.notify_one();
+        let result = if version == 1 { "created" } else { "updated" };
+        Ok(ApplyResponse { job: state.job_view(&job), result: result.into() })
+    }
+
+    /// Stops every task of the named job and marks it stopped.
+    pub(crate) async fn stop_job(&self, job_id: &JobId) -> Result<Option<Job>, StoreError> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let Some(mut job) = state.jobs.get(job_id).cloned() else {
+            return Ok(None);
+        };
+        let mut tx = Tx::default();
+        if job.status == JobStatus::Running {
+            job.status = JobStatus::Stopped;
+            job.reason = "stopped by user".into();
+            job.updated_at = self.now();
+            tx.put(state, Change::Job(job.clone()));
+        }
+        self.stop_tasks_of(state, &mut tx, job_id, "stopped by user");
+        self.commit(state, tx).await?;
+        self.flush_all(state);
+        Ok(Some(job))
+    }
+
+    /// Pending tasks end at once; placed ones are asked to stop through their agent.
+    fn stop_tasks_of(&self, state: &mut State, tx: &mut Tx, job_id: &JobId, reason: &str) {
+        let now = self.now();
+        let grace = state.jobs.get(job_id).map(|j| j.spec.stop_grace.as_millis()).unwrap_or(5000);
+        let tasks: Vec<Task> = state.job_tasks(job_id).filter(|t| !t.state.is_terminal()).cloned().collect();
+        for mut t in tasks {
+            if t.state == TaskState::Pending || t.node_id.is_none() {
+                t.advance(TaskState::Stopped, reason, None, now);
+                tx.put(state, Change::Task(t));
+            } else if !t.desired_stop {
+                t.desired_stop = true;
+                t.updated_at = now;
+                let node = t.node_id.clone();
+                let id = t.id.clone();
+                tx.put(state, Change::Task(t));
+                if let Some(node) = node {
+                    self.enqueue(state, &node, Command::Stop { task_id: id, grace_ms: grace, reason: reason.to_string() });
+                }
+            }
+        }
+    }
+
+    /// Decides what follows a task's end: a retry, a restart, or the job's completion.
+    fn on_task_terminal(&self, state: &mut State, tx: &mut Tx, task: &Task) {
+        let Some(mut job) = state.jobs.get(&task.job_id).cloned() else {
+            return;
+        };
+        if job.status.is_final() || task.desired_stop {
+            return;
+        }
+        let now = self.now();
+        let policy = job.spec.restart;
+        match job.spec.kind {
+            JobKind::Batch => {
+                if task.state == TaskState::Succeeded {
+                    let mut done: HashSet<u32> = HashSet::new();
+                    for t in state.job_tasks(&job.id) {
+                        if t.state == TaskState::Succeeded {
+                            done.insert(t.index);
+                        }
+                    }
+                    if done.len() as u32 >= job.spec.count {
+                        job.status = JobStatus::Complete;
+                        job.exit = Some(Exit { code: Some(0), signal: None });
+                        job.updated_at = now;
+                        tx.put(state, Change::Job(job));
+                    }
+                    return;
+                }
+                // A lost task is not the program's fault, so it does not use up a retry.
+                let failures = state
+                    .job_tasks(&job.id)
+                    .filter(|t| t.index == task.index && matches!(t.state, TaskState::Failed | TaskState::Stopped))
+                    .count() as u32;
+                if task.state != TaskState::Lost && failures > policy.attempts {
+                    job.status = JobStatus::Failed;
+                    job.reason = format!(
+                        "task {} failed after {} attempt{}: {}",
+                        task.index,
+                        failures,
+                        if failures == 1 { "" } else { "s" },
+                        task.reason
+                    );
+                    job.exit = task.exit.clone();
+                    job.updated_at = now;
+                    let id = job.id.clone();
+                    tx.put(state, Change::Job(job));
+                    self.stop_tasks_of(state, tx, &id, "another task of the job failed");
+                    return;
+                }
+                let delay = if task.state == TaskState::Lost { Duration::ZERO } else { policy.delay_for(failures) };
+                let t = new_task(&job, task.index, task.attempt + 1, now, now + delay.as_millis() as i64);
+                tx.put(state, Change::Task(t));
+            }
+            JobKind::Service => {
+                let delay = if task.state == TaskState::Lost {
+                    Duration::ZERO
+                } else {
+                    policy.delay_for(task.attempt.saturating_add(1).min(policy.attempts.max(1) + 8))
+                };
+                let mut t = new_task(&job, task.index, task.attempt + 1, now, now + delay.as_millis() as i64);
+                t.reason = format!("restarting after task {} ended: {}", task.id, task.reason);
+                tx.put(state, Change::Task(t));
+            }
+        }
+        self.schedule.notify_one();
+    }
+
+    /// Moves a task forward (if that is a forward move) and follows up on its end.
+    fn advance_task(&self, state: &mut State, tx: &mut Tx, id: &TaskId, next: TaskState, reason: &str, exit: Option<Exit>) {
+        let Some(mut t) = state.tasks.get(id).cloned() else {
+            return;
+        };
+        if !t.advance(next, reason, exit, self.now()) {
+            return;
+        }
+        tx.put(state, Change::Task(t.clone()));
+        if t.state.is_terminal() {
+            self.on_task_terminal(state, tx, &t);
+        }
+    }
+
+    /// Registers (or re-registers) a node and reconciles its tasks with the agent's.
+    pub(crate) async fn on_hello(&self, hello: &Hello, conn_id: u64, out: tokio::sync::mpsc::Sender<ControllerMessage>) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let mut tx = Tx::default();
+        let now = self.now();
+        let node_id = hello.node_id.clone();
+        let node = match state.nodes.get(&node_id) {
+            Some(e) => {
+                let mut n = e.node.clone();
+                n.info = hello.info.clone();
+                n.status = NodeStatus::Ready;
+                n.last_seen = now;
+                n
+            }
+            None => Node {
+                id: node_id.clone(),
+                info: hello.info.clone(),
+                status: NodeStatus::Ready,
+                last_seen: now,
+                last_event_seq: 0,
+                registered_at: now,
+            },
+        };
+        let last_event_seq = node.last_event_seq;
+        tx.put(state, Change::Node(node));
+
+        let known: HashSet<&TaskId> = hello.known_tasks.iter().collect();
+        let on_node: Vec<Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.node_id.as_ref() == Some(&node_id) && !t.state.is_terminal())
+            .cloned()
+            .collect();
+        for t in &on_node {
+            if !known.contains(&t.id) && t.state != TaskState::Scheduled {
+                self.advance_task(state, &mut tx, &t.id, TaskState::Lost, "the agent restarted and no longer had this task", None);
+            }
+        }
+        let mut forget = Vec::new();
+        for id in &hello.known_tasks {
+            let owned = state
+                .tasks
+                .get(id)
+                .is_some_and(|t| t.node_id.as_ref() == Some(&node_id) && !t.state.is_terminal());
+            if !owned {
+                forget.push(id.clone());
+            }
+        }
+        self.commit(state, tx).await?;
+
+        // Rebuild this node's commands from the tasks: whatever the agent has not done
+        // yet is asked for again, so nothing depends on earlier sends having arrived.
+        state.outbox.remove(&node_id);
+        let tasks_now: Vec<Task> = state
+            .tasks
+            .values()
+            .filter(|t| t.node_id.as_ref() == Some(&node_id) && !t.state.is_terminal())
+            .cloned()
+            .collect();
+        for t in tasks_now {
+            if t.desired_stop {
+                let grace = state.jobs.get(&t.job_id).map(|j| j.spec.stop_grace.as_millis()).unwrap_or(5000);
+                self.enqueue(state, &node_id, Command::Stop { task_id: t.id.clone(), grace_ms: grace, reason: t.reason.clone() });
+            } else if t.state == TaskState::Scheduled
+                && let Some(cmd) = start_command(state, &t)
+            {
+                self.enqueue(state, &node_id, cmd);
+            }
+        }
+        for id in forget {
+            self.enqueue(state, &node_id, Command::Forget { task_id: id });
+        }
+        // The welcome must be the first message the agent reads, before any command, so
+        // it is queued before the session becomes visible to senders.
+        let _ = out.try_send(ControllerMessage::Welcome {
+            protocol_version: drover_core::protocol::PROTOCOL_VERSION,
+            node_id: node_id.clone(),
+            heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
+            last_event_seq,
+        });
+        {
+            let mut sessions = self.sessions_lock();
+            sessions.insert(node_id.clone(), crate::Session { conn_id, tx: out });
+            self.metrics.connected_agents.set(sessions.len() as i64);
+        }
+        self.flush_all(state);
+        self.schedule.notify_one();
+        Ok(())
+    }
+
+    /// Applies a batch of agent events in one commit; returns the seq to acknowledge.
+    pub(crate) async fn on_events(&self, node_id: &NodeId, events: &[AgentEvent]) -> Result<u64, StoreError> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let Some(entry) = state.nodes.get(node_id) else {
+            return Ok(0);
+        };
+        let mut node = entry.node.clone();
+        let mut tx = Tx::default();
+        for ev in events {
+            if ev.seq <= node.last_event_seq {
+                continue;
+            }
+            node.last_event_seq = ev.seq;
+            let owned = state.tasks.get(&ev.task_id).is_some_and(|t| t.node_id.as_ref() == Some(node_id));
+            if owned {
+                self.advance_task(state, &mut tx, &ev.task_id, ev.state, &ev.reason, ev.exit.clone());
+            }
+        }
+        let seq = node.last_event_seq;
+        node.last_seen = self.now();
+        tx.put(state, Change::Node(node));
+        self.commit(state, tx).await?;
+        self.flush_all(state);
+        Ok(seq)
+    }
+
+    pub(crate) async fn on_heartbeat(&self, node_id: &NodeId) {
+        let mut state = self.state.lock().await;
+        let now = self.now();
+        if let Some(e) = state.nodes.get_mut(node_id) {
+            e.node.last_seen = now;
+        }
+    }
+
+    pub(crate) async fn on_command_ack(&self, node_id: &NodeId, seq: u64) {
+        let mut state = self.state.lock().await;
+        if let Some(q) = state.outbox.get_mut(node_id) {
+            q.remove(&seq);
+        }
+    }
+
+    /// The connection `conn_id` closed. Its node stays until the lost timeout.
+    pub(crate) async fn on_disconnect(&self, node_id: &NodeId, conn_id: u64) {
+        {
+            let mut sessions = self.sessions_lock();
+            if sessions.get(node_id).is_some_and(|s| s.conn_id == conn_id) {
+                sessions.remove(node_id);
+            } else {
+                return;
+            }
+            self.metrics.connected_agents.set(sessions.len() as i64);
+        }
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        if let Some(e) = state.nodes.get(node_id)
+            && e.node.status == NodeStatus::Ready
+        {
+            let mut n = e.node.clone();
+            n.status = NodeStatus::Disconnected;
+            let mut tx = Tx::default();
+            tx.put(state, Change::Node(n));
+            if let Err(e) = self.commit(state, tx).await {
+                tracing::warn!("recording the disconnect of {node_id}: {e}");
+            }
+        }
+    }
+
+    /// Queues a command for a node; [`Inner::flush_all`] sends it.
+    pub(crate) fn enqueue(&self, state: &mut State, node: &NodeId, command: Command) {
+        state.next_cmd_seq += 1;
+        let seq = state.next_cmd_seq;
+        state.outbox.entry(node.clone()).or_default().insert(seq, OutCommand { command, sent_at: None });
+    }
+
+    /// Sends every command that was never sent, or was sent too long ago without an ack.
+    pub(crate) fn flush_all(&self, state: &mut State) {
+        let sessions = self.sessions_lock();
+        let resend = self.cfg.command_resend_after;
+        for (node, queue) in state.outbox.iter_mut() {
+            let Some(session) = sessions.get(node) else {
+                continue;
+            };
+            for (seq, cmd) in queue.iter_mut() {
+                if cmd.sent_at.is_some_and(|t| t.elapsed() < resend) {
+                    continue;
+                }
+                let msg = ControllerMessage::Command { seq: *seq, command: cmd.command.clone() };
+                // A full connection queue is not an error: the command stays in the
+                // outbox and the resend timer offers it again.
+                if session.tx.try_send(msg).is_ok() {
+                    cmd.sent_at = Some(Instant::now());
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// One liveness pass: lost nodes, task deadlines and command resends.
+    async fn liveness_pass(&self) {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let now = self.now();
+        let lost_after = self.cfg.node_lost_after.as_millis() as i64;
+        let mut tx = Tx::default();
+        let silent: Vec<Node> = state
+            .nodes
+            .values()
+            .filter(|e| e.node.status != NodeStatus::Lost && now - e.node.last_seen > lost_after)
+            .map(|e| e.node.clone())
+            .collect();
+        for mut node in silent {
+            tracing::warn!(node = %node.id, name = %node.info.name, "node lost: no heartbeat");
+            node.status = NodeStatus::Lost;
+            let id = node.id.clone();
+            let name = node.info.name.clone();
+            tx.put(state, Change::Node(node));
+            let tasks: Vec<TaskId> = state.nodes.get(&id).map(|e| e.tasks.iter().cloned().collect()).unwrap_or_default();
+            let reason = format!("node {name} lost: no heartbeat for {}s", lost_after / 1000);
+            for t in tasks {
+                self.advance_task(state, &mut tx, &t, TaskState::Lost, &reason, None);
+            }
+            state.outbox.remove(&id);
+            self.sessions_lock().remove(&id);
+        }
+        let start_deadline = self.cfg.start_deadline.as_millis() as i64;
+        let overdue: Vec<(TaskId, TaskState, Option<NodeId>)> = state
+            .tasks
+            .values()
+            .filter(|t| {
+                let limit = match t.state {
+                    TaskState::Scheduled | TaskState::Preparing | TaskState::Starting => start_deadline,
+                    TaskState::Stopping => {
+                        let grace = state.jobs.get(&t.job_id).map(|j| j.spec.stop_grace.as_millis() as i64).unwrap_or(5000);
+                        grace + 30_000
+                    }
+                    _ => return false,
+                };
+                now - t.updated_at > limit
+            })
+            .map(|t| (t.id.clone(), t.state, t.node_id.clone()))
+            .collect();
+        for (id, st, node) in overdue {
+            let reason = format!("deadline exceeded in state {st}");
+            self.advance_task(state, &mut tx, &id, if st == TaskState::Stopping { TaskState::Lost } else { TaskState::Failed }, &reason, None);
+            if let Some(node) = node {
+                self.enqueue(state, &node, Command::Forget { task_id: id });
+            }
+        }
+        if let Err(e) = self.commit(state, tx).await {
+            tracing::error!("liveness pass: {e}");
+        }
+        self.flush_all(state);
+        let ready = state.ready_nodes();
+        self.metrics.nodes_ready.set(ready as i64);
+    }
+}
+
+/// Runs liveness passes until shutdown.
+pub(crate) async fn liveness_loop(inner: Arc<Inner>) {
+    let period = (inner.cfg.heartbeat_interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => inner.liveness_pass().await,
+        }
+    }
+}
+
+pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before: i64) -> Task {
+    Task {
+        id: TaskId::generate(),
+        project: job.project.clone(),
+        job_id: job.id.clone(),
+        job_name: job.name.clone(),
+        index,
+        attempt,
+        state: TaskState::Pending,
+        node_id: None,
+        reason: String::new(),
+        exit: None,
+        desired_stop: false,
+        not_before,
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
+    let job = state.jobs.get(&t.job_id)?;
+    Some(Command::Start(TaskAssignment {
+        task_id: t.id.clone(),
+        job_id: job.id.clone(),
+        project: job.project.clone(),
+        job_name: job.name.clone(),
+        index: t.index,
+        attempt: t.attempt,
+        spec: job.spec.clone(),
+    }))
+}

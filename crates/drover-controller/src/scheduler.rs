@@ -1,0 +1,222 @@
+//! The scheduler: places pending tasks on ready nodes that have the runtime, the free
+//! resources and satisfy the constraints, spreading each job's tasks across nodes.
+//!
+//! One pass takes a batch of placeable tasks, places them in memory, commits every
+//! placement in one transaction and only then tells the agents, so a placement an agent
+//! acts on is always durable.
+
+use crate::state::{NodeEntry, State};
+use crate::{Inner, Tx};
+use drover_core::spec::{ConstraintKey, JobSpec};
+use drover_core::state::{NodeStatus, Task};
+use drover_core::{JobId, NodeId, TaskId, TaskState};
+use drover_store::Change;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The most tasks placed in one pass (and so in one transaction).
+pub const BATCH: usize = 4096;
+
+/// How many feasible nodes are scored for one task. Scoring every node of a large
+/// fleet for every task costs more than it gains; a rotating window keeps placement
+/// spread out and cheap.
+const CANDIDATES: usize = 32;
+
+pub(crate) async fn run(inner: Arc<Inner>) {
+    let mut cursor = 0usize;
+    loop {
+        let placed = inner.schedule_pass(&mut cursor).await;
+        if placed >= BATCH {
+            // More may be waiting; go again without sleeping.
+            continue;
+        }
+        tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            _ = inner.schedule.notified() => {}
+            // Restart delays end without anyone notifying, so look again regularly.
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+fn attribute<'a>(node: &'a NodeEntry, key: &ConstraintKey) -> Option<&'a str> {
+    let info = &node.node.info;
+    match key {
+        ConstraintKey::Platform => Some(info.platform.as_str()),
+        ConstraintKey::Os => Some(info.os()),
+        ConstraintKey::Arch => Some(info.arch()),
+        ConstraintKey::Name => Some(info.name.as_str()),
+        ConstraintKey::Label(l) => info.labels.get(l).map(String::as_str),
+    }
+}
+
+/// Why a node cannot take a task, for the pending reason.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Misfit {
+    Runtime,
+    Constraint,
+    Resources,
+}
+
+fn fits(node: &NodeEntry, spec: &JobSpec) -> Result<(), Misfit> {
+    if !node.node.info.runtimes.contains(&spec.runtime) {
+        return Err(Misfit::Runtime);
+    }
+    if !spec.constraints.iter().all(|c| c.matches(attribute(node, &c.key))) {
+        return Err(Misfit::Constraint);
+    }
+    let cap = node.node.info.capacity;
+    let need = spec.resources;
+    if node.allocated.cpu + need.cpu > cap.cpu + 1e-9 || node.allocated.memory.0 + need.memory.0 > cap.memory.0 {
+        return Err(Misfit::Resources);
+    }
+    Ok(())
+}
+
+impl Inner {
+    /// Places up to [`BATCH`] tasks; returns how many it placed.
+    pub(crate) async fn schedule_pass(&self, cursor: &mut usize) -> usize {
+        let started = Instant::now();
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let now = self.now();
+        let due: Vec<TaskId> = state
+            .pending
+            .iter()
+            .filter(|(_, id)| state.tasks.get(id).is_some_and(|t| t.not_before <= now))
+            .take(BATCH)
+            .map(|(_, id)| id.clone())
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let mut ready: Vec<NodeId> = state
+            .nodes
+            .values()
+            .filter(|e| e.node.status == NodeStatus::Ready)
+            .map(|e| e.node.id.clone())
+            .collect();
+        ready.sort();
+        let mut tx = Tx::default();
+        let mut placed: Vec<(NodeId, Task)> = Vec::new();
+        // How many live tasks each job has on each node, filled in per job on first use.
+        let mut spread: HashMap<JobId, HashMap<NodeId, u32>> = HashMap::new();
+        let mut misfits: HashMap<JobId, HashMap<Misfit, u32>> = HashMap::new();
+        for id in due {
+            let Some(task) = state.tasks.get(&id).cloned() else { continue };
+            let Some(job) = state.jobs.get(&task.job_id) else { continue };
+            let spec = job.spec.clone();
+            let counts = spread.entry(task.job_id.clone()).or_insert_with(|| {
+                let mut m = HashMap::new();
+                for t in state.job_tasks(&task.job_id) {
+                    if let Some(n) = &t.node_id
+                        && !t.state.is_terminal()
+                    {
+                        *m.entry(n.clone()).or_insert(0) += 1;
+                    }
+                }
+                m
+            });
+            let mut best: Option<(u32, f64, NodeId)> = None;
+            let mut seen = 0;
+            let mut why: HashMap<Misfit, u32> = HashMap::new();
+            for k in 0..ready.len() {
+                let node_id = &ready[(*cursor + k) % ready.len()];
+                let Some(entry) = state.nodes.get(node_id) else { continue };
+                match fits(entry, &spec) {
+                    Ok(()) => {
+                        let cap = entry.node.info.capacity;
+                        let load = entry.allocated.cpu / cap.cpu.max(1e-9)
+                            + entry.allocated.memory.0 as f64 / (cap.memory.0.max(1) as f64);
+                        let same_job = counts.get(node_id).copied().unwrap_or(0);
+                        if best.as_ref().is_none_or(|(c, l, _)| (same_job, load) < (*c, *l)) {
+                            best = Some((same_job, load, node_id.clone()));
+                        }
+                        seen += 1;
+                        if seen >= CANDIDATES || (same_job == 0 && load == 0.0) {
+                            break;
+                        }
+                    }
+                    Err(m) => *why.entry(m).or_insert(0) += 1,
+                }
+            }
+            match best {
+                Some((_, _, node_id)) => {
+                    *cursor = cursor.wrapping_add(1);
+                    *counts.entry(node_id.clone()).or_insert(0) += 1;
+                    let mut t = task;
+                    let ready_at = t.not_before.max(t.created_at);
+                    t.state = TaskState::Scheduled;
+                    t.node_id = Some(node_id.clone());
+                    t.reason = String::new();
+                    t.updated_at = now;
+                    self.metrics.scheduling_latency.observe(((now - ready_at).max(0) as f64) / 1000.0);
+                    tx.put(state, Change::Task(t.clone()));
+                    placed.push((node_id, t));
+                }
+                None => {
+                    let agg = misfits.entry(task.job_id.clone()).or_default();
+                    for (m, n) in why {
+                        *agg.entry(m).or_insert(0) = (*agg.get(&m).unwrap_or(&0)).max(n);
+                    }
+                    agg.entry(Misfit::Runtime).or_insert(0);
+                }
+            }
+        }
+        for (job_id, why) in misfits {
+            let reason = pending_reason(state, &job_id, &why, ready.len());
+            state.pending_reasons.insert(job_id, reason);
+        }
+        let n = placed.len();
+        if n == 0 {
+            return 0;
+        }
+        if let Err(e) = self.commit(state, tx).await {
+            tracing::error!("storing placements: {e}");
+            return 0;
+        }
+        for (node, t) in placed {
+            if let Some(cmd) = crate::ops::start_command(state, &t) {
+                self.enqueue(state, &node, cmd);
+            }
+        }
+        self.flush_all(state);
+        self.metrics.scheduling_pass.observe(started.elapsed().as_secs_f64());
+        n
+    }
+}
+
+fn pending_reason(state: &State, job_id: &JobId, why: &HashMap<Misfit, u32>, ready: usize) -> String {
+    let Some(job) = state.jobs.get(job_id) else {
+        return String::new();
+    };
+    if ready == 0 {
+        return "no ready nodes".into();
+    }
+    let spec = &job.spec;
+    let plural = |n: u32| if n == 1 { "node" } else { "nodes" };
+    let mut parts = Vec::new();
+    for (m, n) in {
+        let mut v: Vec<_> = why.iter().filter(|(_, n)| **n > 0).collect();
+        v.sort();
+        v
+    } {
+        parts.push(match m {
+            Misfit::Runtime => format!("{n} {} lack runtime {}", plural(*n), spec.runtime),
+            Misfit::Constraint => format!("{n} {} fail the constraints", plural(*n)),
+            Misfit::Resources => format!(
+                "{n} {} lack free resources (the task needs cpu {}, memory {})",
+                plural(*n),
+                spec.resources.cpu,
+                spec.resources.memory
+            ),
+        });
+    }
+    if parts.is_empty() {
+        format!("waiting for a node ({ready} ready)")
+    } else {
+        format!("no node can run it: {}", parts.join(", "))
+    }
+}
+

@@ -1,0 +1,201 @@
+//! The controller's in-memory view of the store, with the indexes the scheduler and the
+//! API need. It is only changed through [`State::apply`], after the same change has been
+//! committed to the store, so memory never holds anything the store would not give back.
+
+use drover_core::api::{JobView, NodeView, TaskView};
+use drover_core::spec::Resources;
+use drover_core::state::{Job, Node, NodeStatus, Task};
+use drover_core::{JobId, NodeId, ProjectId, TaskId, TaskState};
+use drover_store::{Change, Snapshot};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// A node plus what is placed on it, derived from the tasks.
+#[derive(Clone, Debug)]
+pub struct NodeEntry {
+    pub node: Node,
+    pub allocated: Resources,
+    pub tasks: HashSet<TaskId>,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub jobs: HashMap<JobId, Job>,
+    /// The current (newest) version of each job name in each project.
+    pub current: HashMap<(ProjectId, String), JobId>,
+    pub tasks: HashMap<TaskId, Task>,
+    pub tasks_by_job: HashMap<JobId, Vec<TaskId>>,
+    pub nodes: HashMap<NodeId, NodeEntry>,
+    /// Tasks waiting for a node, in submission order.
+    pub pending: std::collections::BTreeSet<(i64, TaskId)>,
+    /// Why pending tasks of a job could not be placed, from the last scheduling pass.
+    /// Kept in memory only: it is recomputed on every pass.
+    pub pending_reasons: HashMap<JobId, String>,
+    /// Commands for each node that the agent has not acknowledged yet. Derived again
+    /// from the tasks whenever an agent connects, so it need not be stored.
+    pub outbox: HashMap<NodeId, BTreeMap<u64, OutCommand>>,
+    pub next_cmd_seq: u64,
+}
+
+/// A command waiting for an agent's acknowledgement.
+#[derive(Clone, Debug)]
+pub struct OutCommand {
+    pub command: drover_core::protocol::Command,
+    /// When it was last handed to the connection; `None` if never.
+    pub sent_at: Option<std::time::Instant>,
+}
+
+fn counts_on_node(t: &Task) -> bool {
+    t.node_id.is_some() && !t.state.is_terminal()
+}
+
+impl State {
+    pub fn from_snapshot(snap: Snapshot) -> State {
+        let mut s = State::default();
+        for j in snap.jobs {
+            s.apply(Change::Job(j));
+        }
+        for n in snap.nodes {
+            s.apply(Change::Node(n));
+        }
+        for t in snap.tasks {
+            s.apply(Change::Task(t));
+        }
+        s
+    }
+
+    /// Applies a committed change to memory, keeping every index consistent.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Job(j) => {
+                let key = (j.project.clone(), j.name.clone());
+                let newer = match self.current.get(&key).and_then(|id| self.jobs.get(id)) {
+                    Some(cur) => cur.version <= j.version,
+                    None => true,
+                };
+                if newer {
+                    self.current.insert(key, j.id.clone());
+                }
+                self.jobs.insert(j.id.clone(), j);
+            }
+            Change::Node(n) => match self.nodes.get_mut(&n.id) {
+                Some(e) => e.node = n,
+                None => {
+                    self.nodes.insert(
+                        n.id.clone(),
+                        NodeEntry {
+                            node: n,
+                            allocated: Resources { cpu: 0.0, memory: Default::default() },
+                            tasks: HashSet::new(),
+                        },
+                    );
+                }
+            },
+            Change::Task(t) => {
+                let old = self.tasks.get(&t.id).cloned();
+                if let Some(old) = &old {
+                    // The same forward-only rule the store enforces; a change the store
+                    // skipped must be skipped here too.
+                    let same_rank_update = old.state == t.state && !old.state.is_terminal();
+                    if !(old.state.can_move_to(t.state) || same_rank_update) {
+                        return;
+                    }
+                    if counts_on_node(old) {
+                        self.release(old);
+                    }
+                    if old.state == TaskState::Pending {
+                        self.pending.remove(&(old.created_at, old.id.clone()));
+                    }
+                } else {
+                    self.tasks_by_job.entry(t.job_id.clone()).or_default().push(t.id.clone());
+                }
+                if counts_on_node(&t) {
+                    self.reserve(&t);
+                }
+                if t.state == TaskState::Pending {
+                    self.pending.insert((t.created_at, t.id.clone()));
+                }
+                self.tasks.insert(t.id.clone(), t);
+            }
+            Change::Token(_) => {}
+        }
+    }
+
+    fn demand(&self, t: &Task) -> Resources {
+        self.jobs
+            .get(&t.job_id)
+            .map(|j| j.spec.resources)
+            .unwrap_or(Resources { cpu: 0.0, memory: Default::default() })
+    }
+
+    fn reserve(&mut self, t: &Task) {
+        let d = self.demand(t);
+        if let Some(n) = t.node_id.as_ref().and_then(|n| self.nodes.get_mut(n)) {
+            n.allocated.cpu += d.cpu;
+            n.allocated.memory.0 += d.memory.0;
+            n.tasks.insert(t.id.clone());
+        }
+    }
+
+    fn release(&mut self, t: &Task) {
+        let d = self.demand(t);
+        if let Some(n) = t.node_id.as_ref().and_then(|n| self.nodes.get_mut(n)) {
+            n.allocated.cpu = (n.allocated.cpu - d.cpu).max(0.0);
+            n.allocated.memory.0 = n.allocated.memory.0.saturating_sub(d.memory.0);
+            n.tasks.remove(&t.id);
+        }
+    }
+
+    pub fn job_by_name(&self, project: &ProjectId, name: &str) -> Option<&Job> {
+        self.current
+            .get(&(project.clone(), name.to_string()))
+            .and_then(|id| self.jobs.get(id))
+    }
+
+    pub fn job_tasks(&self, job: &JobId) -> impl Iterator<Item = &Task> {
+        self.tasks_by_job
+            .get(job)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id))
+    }
+
+    pub fn job_view(&self, job: &Job) -> JobView {
+        let mut task_states = BTreeMap::new();
+        for t in self.job_tasks(&job.id) {
+            *task_states.entry(t.state).or_insert(0) += 1;
+        }
+        let has_pending = task_states.contains_key(&TaskState::Pending);
+        JobView {
+            job: job.clone(),
+            task_states,
+            pending_reason: if has_pending {
+                self.pending_reasons.get(&job.id).cloned()
+            } else {
+                None
+            },
+        }
+    }
+
+    pub fn task_view(&self, t: &Task) -> TaskView {
+        TaskView {
+            task: t.clone(),
+            node_name: t
+                .node_id
+                .as_ref()
+                .and_then(|n| self.nodes.get(n))
+                .map(|n| n.node.info.name.clone()),
+        }
+    }
+
+    pub fn node_view(&self, e: &NodeEntry) -> NodeView {
+        NodeView {
+            node: e.node.clone(),
+            allocated: e.allocated,
+            tasks: e.tasks.len() as u32,
+        }
+    }
+
+    pub fn ready_nodes(&self) -> usize {
+        self.nodes.values().filter(|n| n.node.status == NodeStatus::Ready).count()
+    }
+}
