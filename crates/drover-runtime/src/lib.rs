@@ -9,8 +9,8 @@ pub mod process;
 pub mod shim;
 
 use async_trait::async_trait;
-use drover_core::spec::{JobSpec, RuntimeKind};
 use drover_core::TaskId;
+use drover_core::spec::{JobSpec, RuntimeKind};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
