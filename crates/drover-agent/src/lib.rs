@@ -1,1 +1,376 @@
+//! The Drover agent: dials out to the controller, runs the tasks it is given through
+//! its runtimes, ships their logs and reports their states.
+//!
+//! Nothing dials in to an agent. It keeps its identity, its outbox and its tasks'
+//! directories in its data dir, so a restarted agent is the same node, replays what the
+//! controller has not acknowledged and re-adopts the tasks it left running.
 
+mod link;
+mod logship;
+mod outbox;
+mod tasks;
+
+pub use tasks::TaskLimits;
+
+use drover_core::protocol::{AGENT_CONNECT_PATH, AgentMessage, ControllerMessage, Hello, JOIN_TOKEN_HEADER, PROTOCOL_VERSION};
+use drover_core::spec::{Resources, RuntimeKind};
+use drover_core::state::NodeInfo;
+use drover_core::quantity::ByteSize;
+use drover_core::{NodeId, now_millis};
+use drover_runtime::Runtime;
+use futures_util::{SinkExt, StreamExt};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tasks::TaskManager;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// The controller's base URL, `http://host:port`.
+    pub server: String,
+    pub join_token: String,
+    pub data_dir: PathBuf,
+    /// The node's name; defaults to the host name.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// What tasks may use; defaults to the machine's cores and memory.
+    pub capacity: Option<Resources>,
+    /// The runtimes this agent offers, chosen by its config.
+    pub runtimes: Vec<Arc<dyn Runtime>>,
+    pub limits: TaskLimits,
+    /// The longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(server: String, join_token: String, data_dir: PathBuf, runtimes: Vec<Arc<dyn Runtime>>) -> Self {
+        AgentConfig {
+            server,
+            join_token,
+            data_dir,
+            name: hostname(),
+            labels: BTreeMap::new(),
+            capacity: None,
+            runtimes,
+            limits: TaskLimits::default(),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("agent data dir {path}: {error}")]
+    DataDir { path: PathBuf, error: std::io::Error },
+    #[error("bad server URL {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
+    ServerUrl(String),
+}
+
+/// A running agent. Dropping it does not stop it; call [`Agent::shutdown`].
+pub struct Agent {
+    node_id: NodeId,
+    shutdown: CancellationToken,
+    manager: Arc<TaskManager>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The normalised platform of this machine, `os/arch` in containerd's spelling.
+pub fn platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    format!("{}/{}", std::env::consts::OS, arch)
+}
+
+/// The machine's cores and memory.
+pub fn detect_capacity() -> Resources {
+    let cpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(1 << 20);
+    Resources { cpu, memory: ByteSize(mem_kib * 1024) }
+}
+
+fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
+    let path = dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(NodeId(s.trim().to_string())),
+        _ => {
+            let id = NodeId::generate();
+            let tmp = dir.join("node-id.tmp");
+            std::fs::write(&tmp, id.as_str())?;
+            std::fs::rename(tmp, &path)?;
+            Ok(id)
+        }
+    }
+}
+
+impl Agent {
+    /// Recovers the tasks a previous agent process left, then connects (and keeps
+    /// reconnecting) in the background.
+    pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        let dd = |error| AgentError::DataDir { path: cfg.data_dir.clone(), error };
+        std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
+        let url = connect_url(&cfg.server)?;
+        let node_id = load_node_id(&cfg.data_dir).map_err(dd)?;
+        let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
+        for rt in &cfg.runtimes {
+            match rt.fingerprint().await {
+                Ok(_) => {
+                    runtimes.insert(rt.kind(), rt.clone());
+                }
+                Err(e) => tracing::warn!("runtime {} is not offered: {e}", rt.kind()),
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let link = link::Link::default();
+        let manager = TaskManager::new(node_id.clone(), cfg.data_dir.clone(), runtimes.clone(), cfg.limits.clone(), link, shutdown.clone())
+            .map_err(dd)?;
+        manager.recover().await;
+        let mut kinds: Vec<RuntimeKind> = runtimes.keys().cloned().collect();
+        kinds.sort();
+        let info = NodeInfo {
+            name: cfg.name.clone(),
+            platform: platform(),
+            labels: cfg.labels.clone(),
+            runtimes: kinds,
+            capacity: cfg.capacity.unwrap_or_else(detect_capacity),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let conn = Connection { url, cfg: cfg.clone(), node_id: node_id.clone(), info, manager: manager.clone(), shutdown: shutdown.clone() };
+        let join = tokio::spawn(conn.run());
+        Ok(Agent { node_id, shutdown, manager, join })
+    }
+
+    pub fn node_id(&self) -> &NodeId {
+        &self.node_id
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.manager.link.is_connected()
+    }
+
+    /// Tasks this agent is running (not those that ended and wait for an ack).
+    pub fn running_tasks(&self) -> usize {
+        self.manager.running_count()
+    }
+
+    /// Events written to the outbox that the controller has not acknowledged.
+    pub fn unacked_events(&self) -> usize {
+        self.manager.unacked()
+    }
+
+    /// Disconnects and stops. Running tasks are left running for the next agent process
+    /// to adopt, as after a crash.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.join).await;
+    }
+}
+
+fn connect_url(server: &str) -> Result<String, AgentError> {
+    let base = server.trim_end_matches('/');
+    let ws = if let Some(rest) = base.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else if let Some(rest) = base.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else {
+        return Err(AgentError::ServerUrl(server.to_string()));
+    };
+    Ok(format!("{ws}{AGENT_CONNECT_PATH}"))
+}
+
+struct Connection {
+    url: String,
+    cfg: AgentConfig,
+    node_id: NodeId,
+    info: NodeInfo,
+    manager: Arc<TaskManager>,
+    shutdown: CancellationToken,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    /// The connection dropped or failed; try again soon.
+    Dropped(String),
+    /// The controller refused us; try again, but slowly.
+    Rejected(String),
+    Shutdown,
+}
+
+impl Connection {
+    async fn run(self) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let (end, was_welcomed) = self.session().await;
+            match end {
+                SessionEnd::Shutdown => return,
+                SessionEnd::Dropped(why) => tracing::warn!("controller connection: {why}"),
+                SessionEnd::Rejected(why) => {
+                    tracing::error!("the controller refused this agent: {why}");
+                    backoff = self.cfg.max_backoff;
+                }
+            }
+            if was_welcomed {
+                backoff = Duration::from_millis(100);
+            }
+            // Jitter spreads out a fleet that lost the controller at the same moment.
+            let jitter = rand::random_range(0.5..1.0);
+            let wait = backoff.mul_f64(jitter);
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(self.cfg.max_backoff);
+        }
+    }
+
+    async fn session(&self) -> (SessionEnd, bool) {
+        let mut req = match self.url.as_str().into_client_request() {
+            Ok(r) => r,
+            Err(e) => return (SessionEnd::Rejected(format!("bad URL {}: {e}", self.url)), false),
+        };
+        match self.cfg.join_token.parse() {
+            Ok(v) => {
+                req.headers_mut().insert(JOIN_TOKEN_HEADER, v);
+            }
+            Err(_) => return (SessionEnd::Rejected("the join token contains characters not allowed in a header".into()), false),
+        }
+        let connect = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req));
+        let ws = tokio::select! {
+            _ = self.shutdown.cancelled() => return (SessionEnd::Shutdown, false),
+            r = connect => match r {
+                Ok(Ok((ws, _))) => ws,
+                Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) if resp.status().as_u16() == 401 => {
+                    return (SessionEnd::Rejected("the join token was not accepted".into()), false);
+                }
+                Ok(Err(e)) => return (SessionEnd::Dropped(format!("connecting to {}: {e}", self.url)), false),
+                Err(_) => return (SessionEnd::Dropped(format!("connecting to {}: timed out", self.url)), false),
+            },
+        };
+        let (mut sink, mut stream) = ws.split();
+        let hello = AgentMessage::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            node_id: self.node_id.clone(),
+            info: self.info.clone(),
+            known_tasks: self.manager.known(),
+        });
+        if let Err(e) = send(&mut sink, &hello).await {
+            return (SessionEnd::Dropped(e), false);
+        }
+        let welcome = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+        let (heartbeat_ms, last_seq) = match welcome {
+            Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ControllerMessage>(&t) {
+                Ok(ControllerMessage::Welcome { heartbeat_interval_ms, last_event_seq, .. }) => (heartbeat_interval_ms, last_event_seq),
+                Ok(ControllerMessage::Reject { reason }) => return (SessionEnd::Rejected(reason), false),
+                other => return (SessionEnd::Dropped(format!("expected a welcome, got {other:?}")), false),
+            },
+            Ok(Some(Ok(other))) => return (SessionEnd::Dropped(format!("expected a welcome, got {other:?}")), false),
+            Ok(Some(Err(e))) => return (SessionEnd::Dropped(e.to_string()), false),
+            Ok(None) => return (SessionEnd::Dropped("closed before the welcome".into()), false),
+            Err(_) => return (SessionEnd::Dropped("no welcome within 10s".into()), false),
+        };
+        tracing::info!(node = %self.node_id, "connected to {}", self.cfg.server);
+        self.manager.on_ack(last_seq);
+        // Replay everything the controller has not acknowledged, before anything new.
+        for ev in self.manager.pending_events() {
+            if let Err(e) = send(&mut sink, &AgentMessage::Event(ev)).await {
+                return (SessionEnd::Dropped(e), true);
+            }
+        }
+        let (tx, mut rx) = mpsc::channel::<AgentMessage>(4096);
+        self.manager.link.set(Some(tx));
+        self.manager.probe_logs();
+        let end = self.pump(&mut sink, &mut stream, &mut rx, Duration::from_millis(heartbeat_ms.max(50))).await;
+        self.manager.link.set(None);
+        let _ = sink.close().await;
+        (end, true)
+    }
+
+    async fn pump<S, R>(&self, sink: &mut S, stream: &mut R, rx: &mut mpsc::Receiver<AgentMessage>, heartbeat: Duration) -> SessionEnd
+    where
+        S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+        R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    {
+        let mut beat = tokio::time::interval(heartbeat);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Without anything from the controller for this long, assume the connection is
+        // dead (a half-open TCP connection never reports an error by itself).
+        let silence = heartbeat * 10 + Duration::from_secs(5);
+        let mut last_heard = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
+                _ = beat.tick() => {
+                    if last_heard.elapsed() > silence {
+                        return SessionEnd::Dropped(format!("nothing from the controller for {}s", silence.as_secs()));
+                    }
+                    if let Err(e) = send(sink, &AgentMessage::Heartbeat { at: now_millis() }).await {
+                        return SessionEnd::Dropped(e);
+                    }
+                }
+                out = rx.recv() => {
+                    let Some(msg) = out else { return SessionEnd::Dropped("send queue closed".into()) };
+                    if let Err(e) = send(sink, &msg).await {
+                        return SessionEnd::Dropped(e);
+                    }
+                }
+                incoming = stream.next() => {
+                    last_heard = tokio::time::Instant::now();
+                    let text = match incoming {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(_))) | None => return SessionEnd::Dropped("the controller closed the connection".into()),
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => return SessionEnd::Dropped(e.to_string()),
+                    };
+                    match serde_json::from_str::<ControllerMessage>(&text) {
+                        Ok(ControllerMessage::Command { seq, command }) => {
+                            self.manager.handle(command);
+                            if let Err(e) = send(sink, &AgentMessage::CommandAck { seq }).await {
+                                return SessionEnd::Dropped(e);
+                            }
+                        }
+                        Ok(ControllerMessage::EventAck { seq }) => self.manager.on_ack(seq),
+                        Ok(ControllerMessage::LogResync { task_id, stream, offset }) => self.manager.resync_log(&task_id, stream, offset),
+                        Ok(ControllerMessage::Reject { reason }) => return SessionEnd::Rejected(reason),
+                        Ok(ControllerMessage::Welcome { .. }) => {}
+                        Err(e) => tracing::warn!("ignoring a malformed controller message: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn send<S>(sink: &mut S, msg: &AgentMessage) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+    sink.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
+}

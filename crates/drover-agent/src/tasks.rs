@@ -1,0 +1,472 @@
+//! The task manager: owns every task's state machine on this node.
+//!
+//! Each task is driven by one tokio task through preparing, starting and running to a
+//! terminal state, with a deadline on each step. Every transition is written to the
+//! outbox before it is sent. A task's directory holds `task.json` (its assignment), so
+//! a restarted agent finds its tasks again and asks the runtime to re-adopt them.
+
+use crate::link::Link;
+use crate::logship::{LogShipper, log_path};
+use crate::outbox::Outbox;
+use drover_core::protocol::{AgentEvent, AgentMessage, Command, LogStream, TaskAssignment};
+use drover_core::spec::RuntimeKind;
+use drover_core::state::Exit;
+use drover_core::{NodeId, TaskId, TaskState, now_millis};
+use drover_runtime::{ExitStatus, Recovered, Runtime, StopOutcome, TaskContext};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Limits the task manager enforces.
+#[derive(Clone, Debug)]
+pub struct TaskLimits {
+    pub prepare_timeout: Duration,
+    pub start_timeout: Duration,
+    /// Per log file, before rotation.
+    pub log_max_bytes: u64,
+    /// How often running tasks' logs are shipped.
+    pub log_interval: Duration,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        TaskLimits {
+            prepare_timeout: Duration::from_secs(600),
+            start_timeout: Duration::from_secs(60),
+            log_max_bytes: 16 << 20,
+            log_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct StopRequest {
+    grace: Duration,
+    reason: String,
+    /// Forget: end it and report nothing; the controller no longer owns it.
+    forget: bool,
+}
+
+struct Entry {
+    stop: watch::Sender<Option<StopRequest>>,
+    shipper: Arc<LogShipper>,
+    /// The outbox seq of its terminal event, once sent; the entry goes when it is acked.
+    terminal_seq: Option<u64>,
+}
+
+/// What is kept in a task's directory so a restarted agent knows the task.
+#[derive(Serialize, Deserialize)]
+struct TaskFile {
+    assignment: TaskAssignment,
+    #[serde(default)]
+    terminal: bool,
+}
+
+pub struct TaskManager {
+    node_id: NodeId,
+    tasks_dir: PathBuf,
+    runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+    limits: TaskLimits,
+    entries: Mutex<HashMap<TaskId, Entry>>,
+    outbox: Mutex<Outbox>,
+    pub(crate) link: Link,
+    shutdown: CancellationToken,
+}
+
+impl TaskManager {
+    pub fn new(
+        node_id: NodeId,
+        data_dir: PathBuf,
+        runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
+        limits: TaskLimits,
+        link: Link,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<Arc<TaskManager>> {
+        let tasks_dir = data_dir.join("tasks");
+        std::fs::create_dir_all(&tasks_dir)?;
+        let outbox = Outbox::open(&data_dir)?;
+        Ok(Arc::new(TaskManager {
+            node_id,
+            tasks_dir,
+            runtimes,
+            limits,
+            entries: Mutex::new(HashMap::new()),
+            outbox: Mutex::new(outbox),
+            link,
+            shutdown,
+        }))
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every task this agent holds, for the hello.
+    pub fn known(&self) -> Vec<TaskId> {
+        self.entries().keys().cloned().collect()
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.entries().values().filter(|e| e.terminal_seq.is_none()).count()
+    }
+
+    pub fn unacked(&self) -> usize {
+        self.outbox().len()
+    }
+
+    /// Events not yet acknowledged, to replay after a (re)connect.
+    pub fn pending_events(&self) -> Vec<AgentEvent> {
+        self.outbox().pending().cloned().collect()
+    }
+
+    pub fn probe_logs(&self) {
+        for e in self.entries().values() {
+            e.shipper.probe();
+        }
+    }
+
+    pub fn resync_log(&self, task: &TaskId, stream: LogStream, offset: u64) {
+        if let Some(e) = self.entries().get(task) {
+            e.shipper.resync(stream, offset);
+            e.shipper.tick();
+        }
+    }
+
+    /// The controller has stored every event up to `seq`.
+    pub fn on_ack(&self, seq: u64) {
+        if let Err(e) = self.outbox().ack(seq) {
+            tracing::error!("compacting the outbox: {e}");
+        }
+        let done: Vec<TaskId> = self
+            .entries()
+            .iter()
+            .filter(|(_, e)| e.terminal_seq.is_some_and(|s| s <= seq))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in done {
+            self.entries().remove(&id);
+            // The controller has the task's end and its logs; the directory can go.
+            let _ = std::fs::remove_dir_all(self.tasks_dir.join(id.as_str()));
+        }
+    }
+
+    /// Records an event in the outbox and sends it if connected.
+    fn emit(&self, task: &TaskId, state: TaskState, reason: &str, exit: Option<Exit>) -> Option<u64> {
+        let ev = AgentEvent { seq: 0, task_id: task.clone(), state, reason: reason.to_string(), exit, at: now_millis() };
+        let ev = match self.outbox().push(ev) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::error!(task = %task, "writing the outbox: {e}");
+                return None;
+            }
+        };
+        let seq = ev.seq;
+        self.link.send(AgentMessage::Event(ev));
+        Some(seq)
+    }
+
+    fn context(&self, a: &TaskAssignment) -> TaskContext {
+        let dir = self.tasks_dir.join(a.task_id.as_str());
+        let mut env: BTreeMap<String, String> = a.spec.env.clone();
+        env.insert("DROVER_JOB".into(), a.job_name.clone());
+        env.insert("DROVER_JOB_ID".into(), a.job_id.to_string());
+        env.insert("DROVER_TASK_ID".into(), a.task_id.to_string());
+        env.insert("DROVER_TASK_INDEX".into(), a.index.to_string());
+        env.insert("DROVER_TASK_ATTEMPT".into(), a.attempt.to_string());
+        env.insert("DROVER_NODE_ID".into(), self.node_id.to_string());
+        env.insert("DROVER_PROJECT".into(), a.project.to_string());
+        env.insert("DROVER_TASK_DIR".into(), dir.display().to_string());
+        TaskContext {
+            task_id: a.task_id.clone(),
+            job_name: a.job_name.clone(),
+            index: a.index,
+            spec: a.spec.clone(),
+            stdout_path: log_path(&dir, LogStream::Stdout),
+            stderr_path: log_path(&dir, LogStream::Stderr),
+            dir,
+            env,
+        }
+    }
+
+    fn write_task_file(&self, a: &TaskAssignment, terminal: bool) {
+        let dir = self.tasks_dir.join(a.task_id.as_str());
+        let file = TaskFile { assignment: a.clone(), terminal };
+        let write = || -> std::io::Result<()> {
+            let tmp = dir.join("task.json.tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&file).map_err(std::io::Error::other)?)?;
+            std::fs::rename(tmp, dir.join("task.json"))
+        };
+        if let Err(e) = write() {
+            tracing::error!(task = %a.task_id, "writing task.json: {e}");
+        }
+    }
+
+    /// Handles a controller command. Every command is idempotent per task.
+    pub fn handle(self: &Arc<Self>, cmd: Command) {
+        match cmd {
+            Command::Start(a) => self.start(*a),
+            Command::Stop { task_id, grace_ms, reason } => {
+                if let Some(e) = self.entries().get(&task_id) {
+                    e.stop.send_if_modified(|cur| {
+                        if cur.is_some() {
+                            return false;
+                        }
+                        *cur = Some(StopRequest { grace: Duration::from_millis(grace_ms), reason: reason.clone(), forget: false });
+                        true
+                    });
+                }
+            }
+            Command::Forget { task_id } => {
+                let found = self.entries().get(&task_id).map(|e| {
+                    e.stop.send_replace(Some(StopRequest { grace: Duration::ZERO, reason: "forgotten".into(), forget: true }));
+                    e.terminal_seq.is_some()
+                });
+                // A finished task only waits for its ack; forgetting it just drops it.
+                if found == Some(true) {
+                    self.entries().remove(&task_id);
+                    let _ = std::fs::remove_dir_all(self.tasks_dir.join(task_id.as_str()));
+                }
+            }
+        }
+    }
+
+    fn start(self: &Arc<Self>, a: TaskAssignment) {
+        if self.entries().contains_key(&a.task_id) {
+            return;
+        }
+        let ctx = self.context(&a);
+        if let Err(e) = std::fs::create_dir_all(&ctx.dir) {
+            self.register(&a, &ctx);
+            self.finish(&a.task_id, TaskState::Failed, &format!("creating the task directory: {e}"), None, &a);
+            return;
+        }
+        self.write_task_file(&a, false);
+        let (stop_rx, shipper) = self.register(&a, &ctx);
+        let me = self.clone();
+        tokio::spawn(async move { me.drive(a, ctx, stop_rx, shipper, false).await });
+    }
+
+    fn register(&self, a: &TaskAssignment, ctx: &TaskContext) -> (watch::Receiver<Option<StopRequest>>, Arc<LogShipper>) {
+        let (stop, stop_rx) = watch::channel(None);
+        let shipper = Arc::new(LogShipper::new(a.task_id.clone(), ctx.dir.clone(), self.limits.log_max_bytes, self.link.clone()));
+        self.entries().insert(a.task_id.clone(), Entry { stop, shipper: shipper.clone(), terminal_seq: None });
+        (stop_rx, shipper)
+    }
+
+    /// Emits the terminal event (unless forgotten) and marks the task finished.
+    fn finish(&self, id: &TaskId, state: TaskState, reason: &str, exit: Option<Exit>, a: &TaskAssignment) {
+        let forgotten = self.entries().get(id).is_none_or(|e| e.stop.borrow().as_ref().is_some_and(|r| r.forget));
+        if forgotten {
+            self.entries().remove(id);
+            let _ = std::fs::remove_dir_all(self.tasks_dir.join(id.as_str()));
+            return;
+        }
+        self.write_task_file(a, true);
+        let seq = self.emit(id, state, reason, exit);
+        if let Some(e) = self.entries().get_mut(id) {
+            e.terminal_seq = Some(seq.unwrap_or(0));
+        }
+    }
+
+    fn runtime(&self, kind: &RuntimeKind) -> Option<Arc<dyn Runtime>> {
+        self.runtimes.get(kind).cloned()
+    }
+
+    async fn drive(
+        self: Arc<Self>,
+        a: TaskAssignment,
+        ctx: TaskContext,
+        mut stop_rx: watch::Receiver<Option<StopRequest>>,
+        shipper: Arc<LogShipper>,
+        adopted: bool,
+    ) {
+        let id = a.task_id.clone();
+        let Some(rt) = self.runtime(&a.spec.runtime) else {
+            let reason = format!("runtime {} is not available on this node", a.spec.runtime);
+            self.finish(&id, TaskState::Failed, &reason, None, &a);
+            return;
+        };
+        let stop_requested = |rx: &watch::Receiver<Option<StopRequest>>| rx.borrow().clone();
+        if !adopted {
+            self.emit(&id, TaskState::Preparing, "", None);
+            if let Some(req) = stop_requested(&stop_rx) {
+                self.finish(&id, TaskState::Stopped, &format!("{} before it started", req.reason), None, &a);
+                return;
+            }
+            match tokio::time::timeout(self.limits.prepare_timeout, rt.prepare(&ctx)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return self.finish(&id, TaskState::Failed, &format!("prepare: {e}"), None, &a),
+                Err(_) => {
+                    let reason = format!("prepare did not finish within {}s", self.limits.prepare_timeout.as_secs());
+                    return self.finish(&id, TaskState::Failed, &reason, None, &a);
+                }
+            }
+            self.emit(&id, TaskState::Starting, "", None);
+            if let Some(req) = stop_requested(&stop_rx) {
+                self.finish(&id, TaskState::Stopped, &format!("{} before it started", req.reason), None, &a);
+                return;
+            }
+            match tokio::time::timeout(self.limits.start_timeout, rt.start(&ctx)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    shipper.tick();
+                    return self.finish(&id, TaskState::Failed, &e.to_string(), None, &a);
+                }
+                Err(_) => {
+                    // The start may still complete behind our back; make sure it ends.
+                    let _ = rt.stop(&id, Duration::ZERO).await;
+                    let _ = rt.destroy(&id).await;
+                    let reason = format!("start did not finish within {}s", self.limits.start_timeout.as_secs());
+                    return self.finish(&id, TaskState::Failed, &reason, None, &a);
+                }
+            }
+            self.emit(&id, TaskState::Running, "", None);
+        }
+
+        // Ship logs while it runs.
+        let ship_stop = CancellationToken::new();
+        let ship_task = {
+            let shipper = shipper.clone();
+            let stop = ship_stop.clone();
+            let every = self.limits.log_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(every) => { shipper.tick(); }
+                    }
+                }
+            })
+        };
+
+        let mut stopped: Option<(StopRequest, Result<StopOutcome, String>)> = None;
+        let status = loop {
+            tokio::select! {
+                s = rt.wait(&id) => break s,
+                r = stop_rx.changed() => {
+                    let req = if r.is_ok() { stop_rx.borrow().clone() } else { None };
+                    if let Some(req) = req {
+                        if !req.forget {
+                            self.emit(&id, TaskState::Stopping, &req.reason, None);
+                        }
+                        let outcome = rt.stop(&id, req.grace).await.map_err(|e| e.to_string());
+                        stopped = Some((req, outcome));
+                        break rt.wait(&id).await;
+                    }
+                }
+                _ = self.shutdown.cancelled() => {
+                    // The agent is shutting down, not the task: leave it running for the
+                    // next agent process to adopt.
+                    ship_stop.cancel();
+                    let _ = ship_task.await;
+                    shipper.tick();
+                    return;
+                }
+            }
+        };
+        ship_stop.cancel();
+        let _ = ship_task.await;
+        // The task's last output goes out before its terminal event, on the same
+        // ordered connection, so whoever sees the end has seen all the output.
+        shipper.tick();
+
+        let (state, reason, exit) = match (&status, &stopped) {
+            (Ok(st), Some((req, outcome))) => {
+                let how = match outcome {
+                    Ok(StopOutcome::Graceful) => "ended after SIGTERM".to_string(),
+                    Ok(StopOutcome::Killed) => format!("killed with SIGKILL after the {}s grace period", req.grace.as_secs_f64()),
+                    Ok(StopOutcome::AlreadyExited) => "had already exited".to_string(),
+                    Err(e) => format!("stopping failed: {e}"),
+                };
+                (TaskState::Stopped, format!("{}: {how}", req.reason), exit_of(st))
+            }
+            (Ok(ExitStatus::Exited(0)), None) => (TaskState::Succeeded, String::new(), exit_of(&ExitStatus::Exited(0))),
+            (Ok(st @ ExitStatus::Exited(code)), None) => (TaskState::Failed, format!("exited with code {code}"), exit_of(st)),
+            (Ok(st @ ExitStatus::Signaled(sig)), None) => (TaskState::Failed, format!("killed by {sig}"), exit_of(st)),
+            (Ok(ExitStatus::Unknown(why)), None) => (TaskState::Failed, why.clone(), None),
+            (Err(e), _) => (TaskState::Failed, format!("waiting for the task: {e}"), None),
+        };
+        self.finish(&id, state, &reason, exit, &a);
+        let _ = rt.destroy(&id).await;
+    }
+
+    /// After a restart: finds the tasks a previous agent process left and re-adopts,
+    /// reports or fails each one.
+    pub async fn recover(self: &Arc<Self>) {
+        let Ok(dirs) = std::fs::read_dir(&self.tasks_dir) else { return };
+        let pending: HashMap<TaskId, u64> = self.outbox().pending().map(|e| (e.task_id.clone(), e.seq)).collect();
+        for d in dirs.flatten() {
+            let path = d.path();
+            let file: TaskFile = match std::fs::read(path.join("task.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+                Some(f) => f,
+                None => {
+                    // No readable task.json: a start that died before recording it.
+                    // Nothing can have been reported, so nothing is owed; clean it up.
+                    let _ = std::fs::remove_dir_all(&path);
+                    continue;
+                }
+            };
+            let a = file.assignment;
+            let ctx = self.context(&a);
+            if file.terminal {
+                match pending.get(&a.task_id) {
+                    Some(seq) => {
+                        let (_, shipper) = self.register(&a, &ctx);
+                        shipper.tick();
+                        if let Some(e) = self.entries().get_mut(&a.task_id) {
+                            e.terminal_seq = Some(*seq);
+                        }
+                    }
+                    None => {
+                        let _ = std::fs::remove_dir_all(&path);
+                    }
+                }
+                continue;
+            }
+            let (stop_rx, shipper) = self.register(&a, &ctx);
+            let Some(rt) = self.runtime(&a.spec.runtime) else {
+                let reason = format!("runtime {} is not available after the agent restarted", a.spec.runtime);
+                self.finish(&a.task_id, TaskState::Failed, &reason, None, &a);
+                continue;
+            };
+            match rt.recover(&ctx).await {
+                Ok(Recovered::Adopted) => {
+                    tracing::info!(task = %a.task_id, "re-adopted a running task");
+                    let me = self.clone();
+                    tokio::spawn(async move { me.drive(a, ctx, stop_rx, shipper, true).await });
+                }
+                Ok(Recovered::Exited(st)) => {
+                    shipper.tick();
+                    let (state, reason) = match &st {
+                        ExitStatus::Exited(0) => (TaskState::Succeeded, String::new()),
+                        ExitStatus::Exited(c) => (TaskState::Failed, format!("exited with code {c} while the agent was restarting")),
+                        ExitStatus::Signaled(s) => (TaskState::Failed, format!("killed by {s} while the agent was restarting")),
+                        ExitStatus::Unknown(w) => (TaskState::Failed, w.clone()),
+                    };
+                    self.finish(&a.task_id, state, &reason, exit_of(&st), &a);
+                }
+                Ok(Recovered::Gone) | Err(_) => {
+                    shipper.tick();
+                    let reason = "the task's process was gone when the agent restarted";
+                    self.finish(&a.task_id, TaskState::Lost, reason, None, &a);
+                }
+            }
+        }
+    }
+}
+
+fn exit_of(st: &ExitStatus) -> Option<Exit> {
+    match st {
+        ExitStatus::Exited(c) => Some(Exit { code: Some(*c), signal: None }),
+        ExitStatus::Signaled(s) => Some(Exit { code: None, signal: Some(s.clone()) }),
+        ExitStatus::Unknown(_) => None,
+    }
+}
