@@ -1,1 +1,583 @@
-fn main() {}
+//! `drover`: the controller, the agent and the command-line client in one binary.
+
+mod client;
+mod cluster;
+mod config;
+mod output;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use client::Client;
+use drover_core::api::StreamEvent;
+use drover_core::protocol::LogStream;
+use drover_core::quantity::ByteSize;
+use drover_core::spec::{JobKind, JobSpec, Resources, RuntimeKind};
+use drover_core::state::{Exit, JobStatus};
+use output::Output;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Exit codes that mean something to scripts.
+mod code {
+    /// The command failed: bad input, an error from the server, an unreachable server.
+    pub const ERROR: i32 = 1;
+    /// The named object does not exist.
+    pub const NOT_FOUND: i32 = 4;
+    /// The token was refused.
+    pub const UNAUTHORIZED: i32 = 5;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "drover",
+    version,
+    about = "Run batch jobs and services on a fleet of machines.",
+    long_about = "Drover runs batch jobs and services on a fleet of machines.\n\n\
+        One binary is the controller, the agent and this client. To try it, run a command\n\
+        with no setup at all:\n\n    drover run -- sh -c 'echo hello'\n\n\
+        For a cluster that stays up, run `drover up` in one shell and use `drover job`,\n\
+        `drover task`, `drover logs` and `drover node` from another.",
+    after_help = "Server and token come from --server/--token, then DROVER_SERVER/DROVER_TOKEN, then\n\
+        the config file `drover up` writes ($XDG_CONFIG_HOME/drover/config.yaml)."
+)]
+struct Cli {
+    /// The controller's URL, e.g. http://127.0.0.1:7700.
+    #[arg(long, global = true, env = "DROVER_SERVER")]
+    server: Option<String>,
+    /// The API token.
+    #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Output format of listings.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command as a job and stream its output; exits with the task's exit code.
+    ///
+    /// Without a configured server this starts a throwaway cluster in this process.
+    #[command(after_help = "Examples:\n  drover run -- sh -c 'echo hello'\n  drover run --count 3 --env GREETING=hi -- sh -c 'echo $GREETING $DROVER_TASK_INDEX'\n  drover run --service -- python3 -m http.server 8000")]
+    Run(RunArgs),
+    /// Run a persistent controller and a local agent (SQLite in the data dir).
+    ///
+    /// Writes the server address and an admin token to the CLI config so that other
+    /// drover commands in other shells just work.
+    Up(UpArgs),
+    /// Run only the controller; agents join with the join token it prints.
+    Server(ServerArgs),
+    /// Run only an agent that dials out to a controller.
+    Agent(AgentArgs),
+    /// Submit, list, inspect and stop jobs.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// List tasks.
+    #[command(subcommand)]
+    Task(TaskCmd),
+    /// List nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Print the output of a job's tasks or of one task.
+    Logs(LogsArgs),
+    /// Print shell completions, e.g. `drover completions bash > /etc/bash_completion.d/drover`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// How many tasks to run.
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// An environment variable for the tasks, KEY=VALUE; repeatable.
+    #[arg(long = "env", short = 'e', value_parser = parse_kv)]
+    env: Vec<(String, String)>,
+    /// Keep the tasks running (restart them when they exit) until interrupted.
+    #[arg(long)]
+    service: bool,
+    /// The job's name (default: run-<random>).
+    #[arg(long)]
+    name: Option<String>,
+    /// The runtime: process, mock, docker or plugin:NAME.
+    #[arg(long, default_value = "process")]
+    runtime: String,
+    /// How many times a failed task is retried (like `docker run`, none by default).
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
+    /// CPU cores each task reserves.
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory each task reserves, e.g. 256Mi.
+    #[arg(long)]
+    memory: Option<String>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+#[derive(Args)]
+struct UpArgs {
+    /// Where the database, logs and the agent's tasks live.
+    #[arg(long, env = "DROVER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The address the API listens on.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    #[arg(long, env = "DROVER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// The token agents must present (default: generated once and kept in the data dir).
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    /// The join token the server printed.
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: String,
+    /// Where the agent keeps its identity, outbox and task directories.
+    #[arg(long, env = "DROVER_AGENT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The node's name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// A node label, KEY=VALUE; repeatable. Jobs select nodes with constraints on them.
+    #[arg(long = "label", value_parser = parse_kv)]
+    labels: Vec<(String, String)>,
+    /// CPU cores offered to tasks (default: all).
+    #[arg(long)]
+    cpu: Option<f64>,
+    /// Memory offered to tasks, e.g. 8Gi (default: all).
+    #[arg(long)]
+    memory: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum JobCmd {
+    /// Submit a job from a YAML file (a new version if the name exists and the spec changed).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List jobs.
+    Ls,
+    /// Show a job and its tasks.
+    Status { name: String },
+    /// Stop a job's tasks: SIGTERM, then SIGKILL after its stop_grace.
+    Stop { name: String },
+}
+
+#[derive(Subcommand)]
+enum TaskCmd {
+    /// List tasks, of all jobs or of one.
+    Ls {
+        #[arg(long)]
+        job: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// List nodes.
+    Ls,
+}
+
+#[derive(Args)]
+struct LogsArgs {
+    /// A job name or a task id (a unique prefix is enough).
+    target: String,
+    /// Keep printing new output until the job or task ends.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+fn main() {
+    // The process runtime re-executes this binary as the shim that watches a task's
+    // process; that path must not start a tokio runtime or parse the normal CLI.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(drover_runtime::shim::SUBCOMMAND) {
+        match drover_runtime::shim::parse_args(&args[2..]) {
+            Ok((status, argv)) => std::process::exit(drover_runtime::shim::run_shim(&status, &argv)),
+            Err(e) => {
+                eprintln!("drover {}: {e}", drover_runtime::shim::SUBCOMMAND);
+                std::process::exit(2);
+            }
+        }
+    }
+    let cli = Cli::parse();
+    init_tracing(&cli.command);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            std::process::exit(code::ERROR);
+        }
+    };
+    let result = rt.block_on(dispatch(cli));
+    let status = match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            match e.downcast_ref::<client::ApiError>() {
+                Some(a) if a.status == 404 => code::NOT_FOUND,
+                Some(a) if a.status == 401 || a.status == 403 => code::UNAUTHORIZED,
+                _ => code::ERROR,
+            }
+        }
+    };
+    // Background tasks (an agent's reconnect loop, a server) must not keep the process
+    // alive past its answer.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    std::process::exit(status);
+}
+
+fn init_tracing(cmd: &Cmd) {
+    // Long-running commands log at info; client commands stay quiet unless asked.
+    let default = match cmd {
+        Cmd::Up(_) | Cmd::Server(_) | Cmd::Agent(_) => "info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The server and token to talk to, if any is configured.
+fn resolve(cli: &Cli) -> Result<Option<Client>> {
+    let file = config::load()?;
+    let server = cli.server.clone().or(file.server);
+    let token = cli.token.clone().or(file.token);
+    match (server, token) {
+        (Some(s), Some(t)) => Ok(Some(Client::new(&s, &t)?)),
+        (Some(s), None) => bail!("no token for {s}: pass --token or set DROVER_TOKEN"),
+        (None, _) => Ok(None),
+    }
+}
+
+fn require(cli: &Cli) -> Result<Client> {
+    resolve(cli)?.context("no Drover server configured: start one with `drover up`, or pass --server and --token (or DROVER_SERVER and DROVER_TOKEN)")
+}
+
+async fn dispatch(cli: Cli) -> Result<i32> {
+    match &cli.command {
+        Cmd::Run(a) => run(&cli, a).await,
+        Cmd::Up(a) => up(a).await,
+        Cmd::Server(a) => server(a).await,
+        Cmd::Agent(a) => agent(cli.server.as_deref(), a).await,
+        Cmd::Job(j) => {
+            let c = require(&cli)?;
+            job(&c, cli.output, j).await
+        }
+        Cmd::Task(TaskCmd::Ls { job }) => {
+            let c = require(&cli)?;
+            let tasks = c.tasks(job.as_deref()).await?;
+            output::tasks(cli.output, &tasks)?;
+            Ok(0)
+        }
+        Cmd::Node(NodeCmd::Ls) => {
+            let c = require(&cli)?;
+            output::nodes(cli.output, &c.nodes().await?)?;
+            Ok(0)
+        }
+        Cmd::Logs(a) => {
+            let c = require(&cli)?;
+            logs(&c, a).await
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "drover", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}
+
+fn parse_memory(s: &Option<String>, flag: &str) -> Result<Option<ByteSize>> {
+    s.as_deref()
+        .map(|m| ByteSize::parse(m).map_err(|e| anyhow::anyhow!("--{flag}: {e}")))
+        .transpose()
+}
+
+async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
+    let runtime = RuntimeKind::parse(&a.runtime).map_err(|e| anyhow::anyhow!("--runtime: {e}"))?;
+    let mut resources = Resources::default();
+    if let Some(c) = a.cpu {
+        resources.cpu = c;
+    }
+    if let Some(m) = parse_memory(&a.memory, "memory")? {
+        resources.memory = m;
+    }
+    let name = a.name.clone().unwrap_or_else(|| format!("run-{}", hex::encode(rand::random::<[u8; 4]>())));
+    let spec = JobSpec {
+        name,
+        kind: if a.service { JobKind::Service } else { JobKind::Batch },
+        count: a.count,
+        runtime,
+        command: a.command.clone(),
+        env: a.env.iter().cloned().collect(),
+        resources,
+        constraints: Vec::new(),
+        restart: drover_core::spec::RestartPolicy { attempts: a.retries, ..Default::default() },
+        stop_grace: drover_core::quantity::Dur::from_secs(5),
+        mock: None,
+    };
+    spec.validate().map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
+    match resolve(cli)? {
+        Some(c) => run_on(&c, &spec).await,
+        None => {
+            let cluster = cluster::Ephemeral::start().await?;
+            let c = Client::new(&cluster.server.url(), &cluster.token)?;
+            let result = run_on(&c, &spec).await;
+            cluster.stop().await;
+            result
+        }
+    }
+}
+
+/// Submits the job, streams its output and returns the exit code it ended with.
+async fn run_on(c: &Client, spec: &JobSpec) -> Result<i32> {
+    let applied = c.apply(spec).await?;
+    let name = applied.job.job.name.clone();
+    let path = format!("/v1/jobs/{name}/logs");
+    let follow = c.stream(&path, true, print_event);
+    tokio::pin!(follow);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            r = &mut follow => {
+                r?;
+                break;
+            }
+            _ = tokio::signal::ctrl_c(), if !stopping => {
+                eprintln!("drover: interrupted, stopping job {name} (Ctrl-C again to leave it running)");
+                stopping = true;
+                c.stop_job(&name).await?;
+            }
+        }
+    }
+    let view = c.job(&name).await?;
+    let (status, exit, reason) = (view.job.status, view.job.exit, view.job.reason);
+    Ok(match status {
+        JobStatus::Complete => 0,
+        JobStatus::Running => code::ERROR,
+        JobStatus::Stopped => 130,
+        JobStatus::Failed => {
+            if !reason.is_empty() {
+                eprintln!("drover: job {name} failed: {reason}");
+            }
+            exit_code(exit.as_ref())
+        }
+    })
+}
+
+/// The shell's convention: the exit code, or 128 + the signal number.
+fn exit_code(exit: Option<&Exit>) -> i32 {
+    match exit {
+        Some(Exit { code: Some(c), .. }) if *c != 0 => *c,
+        Some(Exit { signal: Some(s), .. }) => 128 + signal_number(s).unwrap_or(1),
+        _ => code::ERROR,
+    }
+}
+
+fn signal_number(name: &str) -> Option<i32> {
+    [("SIGHUP", 1), ("SIGINT", 2), ("SIGQUIT", 3), ("SIGABRT", 6), ("SIGKILL", 9), ("SIGSEGV", 11), ("SIGPIPE", 13), ("SIGTERM", 15)]
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| *v)
+}
+
+fn print_event(ev: StreamEvent) -> Result<()> {
+    if let StreamEvent::Log { stream, data, .. } = ev {
+        // A closed stdout (e.g. piped into `head`) ends the output quietly.
+        let _ = match stream {
+            LogStream::Stdout => std::io::stdout().write_all(data.as_bytes()).and_then(|_| std::io::stdout().flush()),
+            LogStream::Stderr => std::io::stderr().write_all(data.as_bytes()),
+        };
+    }
+    Ok(())
+}
+
+async fn logs(c: &Client, a: &LogsArgs) -> Result<i32> {
+    let path = if a.target.starts_with("task-") {
+        format!("/v1/tasks/{}/logs", a.target)
+    } else {
+        match c.job(&a.target).await {
+            Ok(_) => format!("/v1/jobs/{}/logs", a.target),
+            Err(e) => match c.task(&a.target).await {
+                Ok(t) => format!("/v1/tasks/{}/logs", t.task.id),
+                Err(_) => return Err(e),
+            },
+        }
+    };
+    c.stream(&path, a.follow, print_event).await?;
+    Ok(0)
+}
+
+async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
+    match cmd {
+        JobCmd::Apply { file } => {
+            let name = file.display().to_string();
+            let text = std::fs::read_to_string(file).with_context(|| format!("reading {name}"))?;
+            let spec = JobSpec::from_yaml(&text, &name)?;
+            let res = c.apply(&spec).await?;
+            match out {
+                Output::Json => output::json(&res)?,
+                Output::Table => println!("job {} {} (version {})", res.job.job.name, res.result, res.job.job.version),
+            }
+            Ok(0)
+        }
+        JobCmd::Ls => {
+            output::jobs(out, &c.jobs().await?)?;
+            Ok(0)
+        }
+        JobCmd::Status { name } => {
+            let job = c.job(name).await?;
+            let tasks = c.tasks(Some(name)).await?;
+            output::job_status(out, &job, &tasks)?;
+            Ok(0)
+        }
+        JobCmd::Stop { name } => {
+            let job = c.stop_job(name).await?;
+            match out {
+                Output::Json => output::json(&job)?,
+                Output::Table => println!("job {} stopping", job.job.name),
+            }
+            Ok(0)
+        }
+    }
+}
+
+async fn up(a: &UpArgs) -> Result<i32> {
+    let data_dir = a.data_dir.clone().unwrap_or_else(config::default_data_dir);
+    cluster::ensure_dir(&data_dir)?;
+    let admin = config::secret_in(&data_dir, "admin-token", "drv")?;
+    let join = config::secret_in(&data_dir, "join-token", "drj")?;
+    let mut server = cluster::start_server(cluster::ServerOptions {
+        data_dir: data_dir.join("controller"),
+        listen: a.listen,
+        admin_token: admin.clone(),
+        join_token: join.clone(),
+        durability: drover_store::Durability::Full,
+    })
+    .await?;
+    let url = server.url();
+    let path = config::save(&config::CliConfig { server: Some(url.clone()), token: Some(admin) })?;
+    let agent = cluster::start_agent(cluster::AgentOptions {
+        server: url.clone(),
+        join_token: join,
+        data_dir: data_dir.join("agent"),
+        name: None,
+        labels: BTreeMap::new(),
+        capacity: None,
+    })
+    .await?;
+    eprintln!("drover is up at {url} (data in {})", data_dir.display());
+    eprintln!("the CLI config in {} points at it; try `drover run -- echo hello`", path.display());
+    let result = tokio::select! {
+        r = server.wait() => r,
+        _ = shutdown_signal() => Ok(()),
+    };
+    eprintln!("drover: shutting down; running tasks keep running and are re-adopted by the next `drover up`");
+    agent.shutdown().await;
+    server.stop().await;
+    result.map(|_| 0)
+}
+
+async fn server(a: &ServerArgs) -> Result<i32> {
+    let data_dir = a.data_dir.clone().unwrap_or_else(|| config::default_data_dir().join("controller"));
+    cluster::ensure_dir(&data_dir)?;
+    let admin = config::secret_in(&data_dir, "admin-token", "drv")?;
+    let join = match &a.join_token {
+        Some(j) => j.clone(),
+        None => config::secret_in(&data_dir, "join-token", "drj")?,
+    };
+    let mut server = cluster::start_server(cluster::ServerOptions {
+        data_dir: data_dir.clone(),
+        listen: a.listen,
+        admin_token: admin,
+        join_token: join,
+        durability: drover_store::Durability::Full,
+    })
+    .await?;
+    eprintln!("drover server listening on {}", server.url());
+    eprintln!("admin token: {}/admin-token; join token: {}/join-token", data_dir.display(), data_dir.display());
+    let result = tokio::select! {
+        r = server.wait() => r,
+        _ = shutdown_signal() => Ok(()),
+    };
+    server.stop().await;
+    result.map(|_| 0)
+}
+
+async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
+    let server = server.context("drover agent needs --server URL (or DROVER_SERVER): the controller to dial")?;
+    let data_dir = a.data_dir.clone().unwrap_or_else(|| config::default_data_dir().join("agent"));
+    let capacity = match (a.cpu, parse_memory(&a.memory, "memory")?) {
+        (None, None) => None,
+        (cpu, mem) => {
+            let d = drover_agent::detect_capacity();
+            Some(Resources { cpu: cpu.unwrap_or(d.cpu), memory: mem.unwrap_or(d.memory) })
+        }
+    };
+    let agent = cluster::start_agent(cluster::AgentOptions {
+        server: server.to_string(),
+        join_token: a.join_token.clone(),
+        data_dir,
+        name: a.name.clone(),
+        labels: a.labels.iter().cloned().collect(),
+        capacity,
+    })
+    .await?;
+    eprintln!("drover agent {} dialling {server}", agent.node_id());
+    shutdown_signal().await;
+    agent.shutdown().await;
+    Ok(0)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(exit_code(Some(&Exit { code: Some(3), signal: None })), 3);
+        assert_eq!(exit_code(Some(&Exit { code: None, signal: Some("SIGKILL".into()) })), 137);
+        assert_eq!(exit_code(None), code::ERROR);
+    }
+}

@@ -466,7 +466,7 @@ pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before
 
 pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
     let job = state.jobs.get(&t.job_id)?;
-    Some(Command::Start(TaskAssignment {
+    Some(Command::Start(Box::new(TaskAssignment {
         task_id: t.id.clone(),
         job_id: job.id.clone(),
         project: job.project.clone(),
@@ -474,5 +474,5 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
         index: t.index,
         attempt: t.attempt,
         spec: job.spec.clone(),
-    }))
+    })))
 }

@@ -108,7 +108,7 @@ pub enum ControllerMessage {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Command {
     /// Run this task. Repeats for a task the agent already has are acknowledged and ignored.
-    Start(TaskAssignment),
+    Start(Box<TaskAssignment>),
     /// Stop gracefully, then forcibly after `grace_ms`.
     Stop {
         task_id: TaskId,

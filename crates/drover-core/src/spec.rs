@@ -383,7 +383,7 @@ impl JobSpec {
             // Point at the top-level key the message names, so a rule the types alone
             // cannot express is reported with a line like a type error is.
             let field = message
-                .split(|c: char| c == '.' || c == '[' || c == ':')
+                .split(['.', '[', ':'])
                 .next()
                 .unwrap_or("");
             let line = text

@@ -1,0 +1,153 @@
+//! A small typed client for the controller's HTTP API.
+
+use anyhow::{Context, Result, anyhow, bail};
+use drover_core::JobSpec;
+use drover_core::api::{ApplyResponse, ErrorBody, JobView, NodeView, StreamEvent, TaskView};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// An error the server answered with; the CLI maps these to exit codes.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+}
+
+impl Client {
+    pub fn new(base: &str, token: &str) -> Result<Client> {
+        let base = base.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("server {base:?} is not a URL; expected http://HOST:PORT");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client { base, token: token.to_string(), http })
+    }
+
+    async fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response> {
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        let (code, message) = match serde_json::from_str::<ErrorBody>(&body) {
+            Ok(e) => (e.code, e.error),
+            Err(_) => ("http".to_string(), format!("HTTP {status}: {body}")),
+        };
+        Err(ApiError { status, code, message }.into())
+    }
+
+    fn connect_error(&self, e: reqwest::Error) -> anyhow::Error {
+        anyhow!("cannot reach the Drover server at {}: {e}. Is it running? (`drover up` starts one)", self.base)
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .timeout(std::time::Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let resp = self.check(resp).await?;
+        resp.json().await.with_context(|| format!("decoding the answer to GET {path}"))
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .timeout(std::time::Duration::from_secs(30))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let resp = self.check(resp).await?;
+        resp.json().await.with_context(|| format!("decoding the answer to POST {path}"))
+    }
+
+    pub async fn apply(&self, spec: &JobSpec) -> Result<ApplyResponse> {
+        self.post("/v1/jobs", serde_json::to_vec(spec)?).await
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobView>> {
+        self.get("/v1/jobs").await
+    }
+
+    pub async fn job(&self, name: &str) -> Result<JobView> {
+        self.get(&format!("/v1/jobs/{}", enc(name))).await
+    }
+
+    pub async fn stop_job(&self, name: &str) -> Result<JobView> {
+        self.post(&format!("/v1/jobs/{}/stop", enc(name)), Vec::new()).await
+    }
+
+    pub async fn tasks(&self, job: Option<&str>) -> Result<Vec<TaskView>> {
+        match job {
+            Some(j) => self.get(&format!("/v1/tasks?job={}", enc(j))).await,
+            None => self.get("/v1/tasks").await,
+        }
+    }
+
+    pub async fn task(&self, id: &str) -> Result<TaskView> {
+        self.get(&format!("/v1/tasks/{}", enc(id))).await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeView>> {
+        self.get("/v1/nodes").await
+    }
+
+    /// Streams a job's or task's log and state events to `on_event` until the stream
+    /// ends (when not following, or when everything has finished).
+    pub async fn stream(&self, path: &str, follow: bool, mut on_event: impl FnMut(StreamEvent) -> Result<()>) -> Result<()> {
+        let url = format!("{}{path}?follow={follow}", self.base);
+        let resp = self.http.get(url).bearer_auth(&self.token).send().await.map_err(|e| self.connect_error(e))?;
+        let resp = self.check(resp).await?;
+        let mut body = resp.bytes_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        // The server sends a keepalive at least every 10 s; a minute of silence means
+        // the connection is gone even if TCP has not noticed.
+        loop {
+            let next = tokio::time::timeout(std::time::Duration::from_secs(60), body.next())
+                .await
+                .map_err(|_| anyhow!("the server stopped answering (no data for 60s)"))?;
+            let Some(chunk) = next else { break };
+            let chunk = chunk.context("reading the log stream")?;
+            buf.extend_from_slice(&chunk);
+            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=pos).collect();
+                let ev: StreamEvent = serde_json::from_slice(&line[..line.len() - 1]).context("decoding a stream event")?;
+                on_event(ev)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn enc(s: &str) -> String {
+    // Names and ids are restricted to URL-safe characters by validation; anything
+    // else is escaped so a mistyped name gets a clean 404 rather than a bad request.
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

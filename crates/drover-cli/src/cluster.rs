@@ -1,0 +1,139 @@
+//! Starting the server side in this process: `drover server`, `drover agent`,
+//! `drover up` (both, persistent) and the ephemeral cluster of a bare `drover run`.
+
+use anyhow::{Context, Result};
+use drover_agent::{Agent, AgentConfig};
+use drover_controller::{BootstrapToken, Controller, ControllerConfig};
+use drover_core::spec::Resources;
+use drover_runtime::Runtime;
+use drover_runtime::mock::MockRuntime;
+use drover_runtime::process::{ProcessConfig, ProcessRuntime};
+use drover_store::{Durability, Role, SqliteConfig, SqliteStore};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The runtimes an agent in this binary offers. The process runtime uses this very
+/// binary as its shim, so exit statuses survive an agent restart.
+pub fn default_runtimes() -> Vec<Arc<dyn Runtime>> {
+    let shim = std::env::current_exe().ok();
+    vec![
+        Arc::new(ProcessRuntime::new(ProcessConfig { shim })) as Arc<dyn Runtime>,
+        Arc::new(MockRuntime::new()),
+    ]
+}
+
+pub struct ServerOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_token: String,
+    pub join_token: String,
+    pub durability: Durability,
+}
+
+pub struct RunningServer {
+    pub controller: Controller,
+    pub addr: SocketAddr,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        self.controller.shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.serve).await;
+    }
+
+    /// Waits until the server stops on its own (it does not, short of an error).
+    pub async fn wait(&mut self) -> Result<()> {
+        (&mut self.serve).await.context("server task")?.context("serving HTTP")
+    }
+}
+
+pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
+    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+    let store = SqliteStore::open(&SqliteConfig { path: Some(opts.data_dir.join("drover.db")), durability: opts.durability })
+        .await
+        .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
+    let mut cfg = ControllerConfig::new(opts.data_dir.clone());
+    cfg.bootstrap_tokens = vec![
+        BootstrapToken { secret: opts.admin_token.clone(), role: Role::Admin, name: "admin".into() },
+        BootstrapToken { secret: opts.join_token.clone(), role: Role::Agent, name: "join".into() },
+    ];
+    let controller = Controller::start(cfg, Arc::new(store)).await.context("starting the controller")?;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("listening on {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let c = controller.clone();
+    let serve = tokio::spawn(async move { c.serve(listener).await });
+    Ok(RunningServer { controller, addr, serve })
+}
+
+pub struct AgentOptions {
+    pub server: String,
+    pub join_token: String,
+    pub data_dir: PathBuf,
+    pub name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Option<Resources>,
+}
+
+pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
+    let mut cfg = AgentConfig::new(opts.server, opts.join_token, opts.data_dir, default_runtimes());
+    if let Some(n) = opts.name {
+        cfg.name = n;
+    }
+    cfg.labels = opts.labels;
+    cfg.capacity = opts.capacity;
+    Agent::start(cfg).await.context("starting the agent")
+}
+
+/// A throwaway cluster for one `drover run`: everything under a temporary directory,
+/// on a loopback port chosen by the OS, gone when dropped.
+pub struct Ephemeral {
+    pub server: RunningServer,
+    pub agent: Agent,
+    pub token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Ephemeral {
+    pub async fn start() -> Result<Ephemeral> {
+        let dir = tempfile::Builder::new().prefix("drover-run-").tempdir().context("creating a temporary directory")?;
+        let token = crate::config::new_secret("drv");
+        let join = crate::config::new_secret("drj");
+        let server = start_server(ServerOptions {
+            data_dir: dir.path().join("server"),
+            listen: "127.0.0.1:0".parse()?,
+            admin_token: token.clone(),
+            join_token: join.clone(),
+            // Nothing outlives this cluster, so fsyncs would buy nothing.
+            durability: Durability::Process,
+        })
+        .await?;
+        let agent = start_agent(AgentOptions {
+            server: server.url(),
+            join_token: join,
+            data_dir: dir.path().join("agent"),
+            name: None,
+            labels: BTreeMap::new(),
+            capacity: None,
+        })
+        .await?;
+        Ok(Ephemeral { server, agent, token, _dir: dir })
+    }
+
+    pub async fn stop(self) {
+        self.agent.shutdown().await;
+        self.server.stop().await;
+    }
+}
+
+pub fn ensure_dir(p: &Path) -> Result<()> {
+    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))
+}

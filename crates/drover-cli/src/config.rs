@@ -1,0 +1,94 @@
+//! Where the CLI finds its server and token: flags, then `DROVER_SERVER` and
+//! `DROVER_TOKEN`, then the config file `drover up` writes.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// `$XDG_CONFIG_HOME/drover/config.yaml`, or `~/.config/drover/config.yaml`.
+pub fn config_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|h| h.join(".config")))?;
+    Some(base.join("drover").join("config.yaml"))
+}
+
+/// `$XDG_DATA_HOME/drover`, or `~/.local/share/drover`: the default data dir of `drover up`.
+pub fn default_data_dir() -> PathBuf {
+    std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|h| h.join(".local").join("share")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("drover")
+}
+
+pub fn load() -> Result<CliConfig> {
+    let Some(path) = config_path() else { return Ok(CliConfig::default()) };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CliConfig::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Writes the config file atomically, readable only by its owner (it holds a token).
+pub fn save(cfg: &CliConfig) -> Result<PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config_path().context("no home directory to keep the CLI config in; set XDG_CONFIG_HOME")?;
+    let dir = path.parent().context("config path has no parent")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let text = serde_saphyr::to_string(cfg).context("encoding the CLI config")?;
+    let tmp = path.with_extension("yaml.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(b"# Written by `drover up`. DROVER_SERVER, DROVER_TOKEN and flags override it.\n")?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// A new random secret with a recognisable prefix.
+pub fn new_secret(prefix: &str) -> String {
+    let bytes: [u8; 24] = rand::random();
+    format!("{prefix}_{}", hex::encode(bytes))
+}
+
+/// Reads a secret kept in the data dir, or makes and keeps a new one.
+pub fn secret_in(dir: &std::path::Path, file: &str, prefix: &str) -> Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(file);
+    if let Ok(s) = std::fs::read_to_string(&path)
+        && !s.trim().is_empty()
+    {
+        return Ok(s.trim().to_string());
+    }
+    let secret = new_secret(prefix);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut f, secret.as_bytes())?;
+    Ok(secret)
+}

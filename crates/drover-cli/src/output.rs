@@ -1,0 +1,151 @@
+//! Listings as readable tables or as JSON (`-o json`).
+
+use anyhow::Result;
+use clap::ValueEnum;
+use comfy_table::{Table, presets};
+use drover_core::api::{JobView, NodeView, TaskView};
+use drover_core::state::Exit;
+use drover_core::{Millis, now_millis};
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+pub fn json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(headers: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t.set_header(headers.to_vec());
+    t
+}
+
+fn print(t: Table) {
+    // comfy-table pads every line to the table's width; trailing spaces only get in the
+    // way of grep and copy-paste.
+    for line in t.to_string().lines() {
+        println!("{}", line.trim_end());
+    }
+}
+
+fn age(at: Millis) -> String {
+    let secs = ((now_millis() - at).max(0) / 1000) as u64;
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m", s / 60),
+        s if s < 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
+fn exit_text(e: &Option<Exit>) -> String {
+    match e {
+        Some(Exit { code: Some(c), .. }) => c.to_string(),
+        Some(Exit { signal: Some(s), .. }) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+pub fn jobs(out: Output, jobs: &[JobView]) -> Result<()> {
+    if out == Output::Json {
+        return json(&jobs);
+    }
+    let mut t = table(&["NAME", "KIND", "STATUS", "TASKS", "VERSION", "AGE"]);
+    for j in jobs {
+        let summary: Vec<String> = j.task_states.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        t.add_row(vec![
+            j.job.name.clone(),
+            j.job.spec.kind.to_string(),
+            j.job.status.to_string(),
+            summary.join(", "),
+            j.job.version.to_string(),
+            age(j.job.created_at),
+        ]);
+    }
+    print(t);
+    Ok(())
+}
+
+pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
+    if out == Output::Json {
+        return json(&tasks);
+    }
+    let mut t = table(&["ID", "JOB", "INDEX", "STATE", "NODE", "EXIT", "AGE", "REASON"]);
+    for v in tasks {
+        let task = &v.task;
+        t.add_row(vec![
+            task.id.to_string(),
+            task.job_name.clone(),
+            task.index.to_string(),
+            task.state.to_string(),
+            v.node_name.clone().unwrap_or_default(),
+            exit_text(&task.exit),
+            age(task.created_at),
+            task.reason.clone(),
+        ]);
+    }
+    print(t);
+    Ok(())
+}
+
+pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
+    if out == Output::Json {
+        return json(&nodes);
+    }
+    let mut t = table(&["ID", "NAME", "STATUS", "PLATFORM", "RUNTIMES", "CPU", "MEMORY", "TASKS", "LABELS"]);
+    for n in nodes {
+        let info = &n.node.info;
+        let runtimes: Vec<String> = info.runtimes.iter().map(|r| r.to_string()).collect();
+        let labels: Vec<String> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        t.add_row(vec![
+            n.node.id.to_string(),
+            info.name.clone(),
+            n.node.status.to_string(),
+            info.platform.clone(),
+            runtimes.join(","),
+            format!("{:.1}/{:.1}", n.allocated.cpu, info.capacity.cpu),
+            format!("{}/{}", n.allocated.memory, info.capacity.memory),
+            n.tasks.to_string(),
+            labels.join(","),
+        ]);
+    }
+    print(t);
+    Ok(())
+}
+
+pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<()> {
+    if out == Output::Json {
+        #[derive(Serialize)]
+        struct Status<'a> {
+            job: &'a JobView,
+            tasks: &'a [TaskView],
+        }
+        return json(&Status { job, tasks: task_list });
+    }
+    let j = &job.job;
+    println!("name:     {}", j.name);
+    println!("id:       {}", j.id);
+    println!("kind:     {}", j.spec.kind);
+    println!("status:   {}", j.status);
+    if !j.reason.is_empty() {
+        println!("reason:   {}", j.reason);
+    }
+    if let Some(e) = &j.exit {
+        println!("exit:     {}", exit_text(&Some(e.clone())));
+    }
+    println!("version:  {}", j.version);
+    println!("count:    {}", j.spec.count);
+    println!("runtime:  {}", j.spec.runtime);
+    println!("command:  {}", j.spec.command.join(" "));
+    if let Some(p) = &job.pending_reason {
+        println!("pending:  {p}");
+    }
+    println!();
+    tasks(out, task_list)
+}
