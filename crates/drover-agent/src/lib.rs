@@ -323,6 +323,11 @@ impl Connection {
         // dead (a half-open TCP connection never reports an error by itself).
         let silence = heartbeat * 10 + Duration::from_secs(5);
         let mut last_heard = tokio::time::Instant::now();
+        // Events normally go out once and are acknowledged within a round trip. If the
+        // outbox has not shrunk for a few heartbeats, send what is in it again; the
+        // controller ignores seqs it already applied.
+        let mut stale_beats = 0u32;
+        let mut last_unacked = usize::MAX;
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return SessionEnd::Shutdown,
@@ -332,6 +337,18 @@ impl Connection {
                     }
                     if let Err(e) = send(sink, &AgentMessage::Heartbeat { at: now_millis() }).await {
                         return SessionEnd::Dropped(e);
+                    }
+                    let unacked = self.manager.unacked();
+                    stale_beats = if unacked > 0 && unacked >= last_unacked { stale_beats + 1 } else { 0 };
+                    last_unacked = unacked;
+                    if stale_beats >= 3 {
+                        stale_beats = 0;
+                        tracing::debug!("re-sending {unacked} unacknowledged events");
+                        for ev in self.manager.pending_events() {
+                            if let Err(e) = send(sink, &AgentMessage::Event(ev)).await {
+                                return SessionEnd::Dropped(e);
+                            }
+                        }
                     }
                 }
                 out = rx.recv() => {

@@ -1,1 +1,258 @@
+//! Helpers for Drover's integration tests.
+//!
+//! [`TestCluster`] runs a real controller (SQLite store, HTTP on a loopback port chosen
+//! by the OS) and real agents in the test's process; [`Api`] talks to it over HTTP like
+//! the CLI does. Every wait takes a timeout and fails the test with what it last saw.
 
+use anyhow::{Context, Result, bail};
+use drover_agent::{Agent, AgentConfig};
+use drover_controller::{BootstrapToken, Controller, ControllerConfig};
+use drover_core::api::{ApplyResponse, JobView, NodeView, StreamEvent, TaskView};
+use drover_core::spec::Resources;
+use drover_core::JobSpec;
+use drover_runtime::Runtime;
+use drover_runtime::mock::MockRuntime;
+use drover_runtime::process::{ProcessConfig, ProcessRuntime};
+use drover_store::{Durability, Role, SqliteConfig, SqliteStore};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const ADMIN_TOKEN: &str = "drv_test_admin";
+pub const JOIN_TOKEN: &str = "drj_test_join";
+
+/// Logs to the test's output when `DROVER_LOG` is set (e.g. `DROVER_LOG=debug`).
+pub fn init_logging() {
+    if let Ok(filter) = std::env::var("DROVER_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_test_writer().try_init();
+    }
+}
+
+/// Knobs for a test controller; the defaults are fast timeouts for tests.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub heartbeat: Duration,
+    pub node_lost_after: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { heartbeat: Duration::from_millis(200), node_lost_after: Duration::from_secs(2) }
+    }
+}
+
+pub struct TestCluster {
+    pub controller: Controller,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    serve: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Which runtimes a test agent offers.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: Resources,
+    pub process: bool,
+    pub mock: bool,
+    /// The shim binary for the process runtime, if any.
+    pub shim: Option<PathBuf>,
+}
+
+impl AgentOptions {
+    pub fn named(name: &str) -> Self {
+        AgentOptions {
+            name: name.to_string(),
+            labels: BTreeMap::new(),
+            capacity: Resources { cpu: 4.0, memory: drover_core::quantity::ByteSize(8 << 30) },
+            process: true,
+            mock: true,
+            shim: None,
+        }
+    }
+
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+}
+
+impl TestCluster {
+    pub async fn start() -> Result<TestCluster> {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    pub async fn start_with(opts: ClusterOptions) -> Result<TestCluster> {
+        init_logging();
+        let dir = tempfile::tempdir()?;
+        Self::start_in(dir, opts, "127.0.0.1:0").await
+    }
+
+    /// Starts a controller over an existing data dir (to test a restart).
+    pub async fn start_in(dir: tempfile::TempDir, opts: ClusterOptions, listen: &str) -> Result<TestCluster> {
+        let store = SqliteStore::open(&SqliteConfig { path: Some(dir.path().join("drover.db")), durability: Durability::Process }).await?;
+        let mut cfg = ControllerConfig::new(dir.path().join("controller"));
+        cfg.heartbeat_interval = opts.heartbeat;
+        cfg.node_lost_after = opts.node_lost_after;
+        cfg.command_resend_after = Duration::from_millis(500);
+        cfg.bootstrap_tokens = vec![
+            BootstrapToken { secret: ADMIN_TOKEN.into(), role: Role::Admin, name: "admin".into() },
+            BootstrapToken { secret: JOIN_TOKEN.into(), role: Role::Agent, name: "join".into() },
+        ];
+        let controller = Controller::start(cfg, Arc::new(store)).await?;
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let c = controller.clone();
+        let serve = tokio::spawn(async move { c.serve(listener).await });
+        Ok(TestCluster { controller, url, dir, serve })
+    }
+
+    /// Stops the controller and hands back its data dir.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.controller.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.serve).await;
+        self.dir
+    }
+
+    pub fn api(&self) -> Api {
+        Api::new(&self.url, ADMIN_TOKEN)
+    }
+
+    /// Starts an in-process agent with its own data dir under the cluster's.
+    pub async fn agent(&self, opts: AgentOptions) -> Result<Agent> {
+        let data_dir = self.dir.path().join("agents").join(&opts.name);
+        start_agent(&self.url, data_dir, opts).await
+    }
+}
+
+pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Result<Agent> {
+    let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
+    if opts.process {
+        runtimes.push(Arc::new(ProcessRuntime::new(ProcessConfig { shim: opts.shim.clone() })));
+    }
+    if opts.mock {
+        runtimes.push(Arc::new(MockRuntime::new()));
+    }
+    let mut cfg = AgentConfig::new(url.to_string(), JOIN_TOKEN.to_string(), data_dir, runtimes);
+    cfg.name = opts.name;
+    cfg.labels = opts.labels;
+    cfg.capacity = Some(opts.capacity);
+    cfg.max_backoff = Duration::from_millis(500);
+    cfg.limits.log_interval = Duration::from_millis(50);
+    Ok(Agent::start(cfg).await?)
+}
+
+/// A minimal HTTP client for the API, as a user's script would use it.
+#[derive(Clone)]
+pub struct Api {
+    pub url: String,
+    pub token: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(url: &str, token: &str) -> Api {
+        Api { url: url.to_string(), token: token.to_string(), http: reqwest::Client::new() }
+    }
+
+    pub async fn raw(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, String)> {
+        let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token).timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> Result<T> {
+        let (status, text) = self.raw(method.clone(), path, body).await?;
+        if !(200..300).contains(&status) {
+            bail!("{method} {path}: HTTP {status}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("decoding {path}: {text}"))
+    }
+
+    pub async fn apply_yaml(&self, yaml: &str) -> Result<ApplyResponse> {
+        let spec = JobSpec::from_yaml(yaml, "test.yaml")?;
+        self.json(reqwest::Method::POST, "/v1/jobs", Some(serde_json::to_vec(&spec)?)).await
+    }
+
+    pub async fn job(&self, name: &str) -> Result<JobView> {
+        self.json(reqwest::Method::GET, &format!("/v1/jobs/{name}"), None).await
+    }
+
+    pub async fn stop(&self, name: &str) -> Result<JobView> {
+        self.json(reqwest::Method::POST, &format!("/v1/jobs/{name}/stop"), None).await
+    }
+
+    pub async fn tasks(&self, job: &str) -> Result<Vec<TaskView>> {
+        self.json(reqwest::Method::GET, &format!("/v1/tasks?job={job}"), None).await
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeView>> {
+        self.json(reqwest::Method::GET, "/v1/nodes", None).await
+    }
+
+    /// The job's whole output so far, stdout and stderr concatenated per task in index
+    /// order, read through the same stream `drover logs` uses.
+    pub async fn logs(&self, job: &str) -> Result<String> {
+        let (status, text) = self.raw(reqwest::Method::GET, &format!("/v1/jobs/{job}/logs"), None).await?;
+        if status != 200 {
+            bail!("logs of {job}: HTTP {status}: {text}");
+        }
+        let mut out = String::new();
+        for line in text.lines() {
+            if let StreamEvent::Log { data, .. } = serde_json::from_str(line)? {
+                out.push_str(&data);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Polls `f` on the job until it returns true, or fails after `timeout` with the
+    /// job and its tasks as last seen.
+    pub async fn wait_job(&self, name: &str, timeout: Duration, f: impl Fn(&JobView, &[TaskView]) -> bool) -> Result<(JobView, Vec<TaskView>)> {
+        let start = Instant::now();
+        loop {
+            let job = self.job(name).await?;
+            let tasks = self.tasks(name).await?;
+            if f(&job, &tasks) {
+                return Ok((job, tasks));
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting on job {name}; last seen: {}\ntasks: {}",
+                    serde_json::to_string_pretty(&job)?,
+                    serde_json::to_string_pretty(&tasks)?
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Waits until the job reaches a final status and returns it.
+    pub async fn wait_final(&self, name: &str, timeout: Duration) -> Result<(JobView, Vec<TaskView>)> {
+        self.wait_job(name, timeout, |j, t| j.job.status.is_final() && t.iter().all(|t| t.task.state.is_terminal())).await
+    }
+}
+
+/// Polls `f` until it is true or the timeout ends.
+pub async fn wait_for(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> Result<()> {
+    let start = Instant::now();
+    while !f().await {
+        if start.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    Ok(())
+}
+
+/// Whether a process with this pid exists.
+pub fn pid_alive(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+}

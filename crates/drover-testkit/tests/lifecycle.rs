@@ -1,0 +1,223 @@
+//! Task lifecycle end to end: a real controller, real agents, real processes.
+
+use drover_core::state::JobStatus;
+use drover_core::TaskState;
+use drover_testkit::{AgentOptions, TestCluster, wait_for};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(20);
+
+async fn cluster_with_agent() -> (TestCluster, drover_agent::Agent) {
+    let c = TestCluster::start().await.unwrap();
+    let a = c.agent(AgentOptions::named("n1")).await.unwrap();
+    let api = c.api();
+    wait_for("the agent to register", T, async || api.nodes().await.map(|n| n.len() == 1).unwrap_or(false)).await.unwrap();
+    (c, a)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_job_runs_every_task_with_its_index_and_variables() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml(
+        r#"
+name: hello
+count: 3
+command: ["sh", "-c", "echo task=$DROVER_TASK_INDEX job=$DROVER_JOB greeting=$GREETING id=$DROVER_TASK_ID"]
+env: { GREETING: bonjour }
+"#,
+    )
+    .await
+    .unwrap();
+    let (job, tasks) = api.wait_final("hello", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Complete);
+    assert_eq!(tasks.len(), 3);
+    let logs = api.logs("hello").await.unwrap();
+    for t in &tasks {
+        let line = format!("task={} job=hello greeting=bonjour id={}", t.task.index, t.task.id);
+        assert!(logs.contains(&line), "missing {line:?} in {logs:?}");
+        assert_eq!(t.task.state, TaskState::Succeeded);
+        assert_eq!(t.task.exit.as_ref().and_then(|e| e.code), Some(0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_batch_task_is_retried_then_fails_the_job_with_its_exit_code() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml(
+        r#"
+name: flaky
+command: ["sh", "-c", "echo attempt $DROVER_TASK_ATTEMPT; exit 3"]
+restart: { attempts: 2, delay: 50ms }
+"#,
+    )
+    .await
+    .unwrap();
+    let (job, tasks) = api.wait_final("flaky", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Failed);
+    assert_eq!(job.job.exit.as_ref().and_then(|e| e.code), Some(3));
+    assert!(job.job.reason.contains("failed after 3 attempts"), "{}", job.job.reason);
+    assert!(job.job.reason.contains("exited with code 3"), "{}", job.job.reason);
+    assert_eq!(tasks.len(), 3, "one try and two retries");
+    let logs = api.logs("flaky").await.unwrap();
+    for n in 0..3 {
+        assert!(logs.contains(&format!("attempt {n}")), "{logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_that_succeeds_completes_the_job() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    // Fails on the first attempt only.
+    api.apply_yaml(
+        r#"
+name: second-time
+command: ["sh", "-c", "test $DROVER_TASK_ATTEMPT -ge 1"]
+restart: { attempts: 3, delay: 50ms }
+"#,
+    )
+    .await
+    .unwrap();
+    let (job, tasks) = api.wait_final("second-time", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Complete);
+    assert_eq!(tasks.iter().filter(|t| t.task.state == TaskState::Failed).count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_task_is_restarted_when_it_exits() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml(
+        r#"
+name: blinker
+kind: service
+command: ["sh", "-c", "echo up; sleep 0.2"]
+restart: { delay: 50ms, max_delay: 100ms }
+"#,
+    )
+    .await
+    .unwrap();
+    api.wait_job("blinker", T, |_, t| t.iter().filter(|t| t.task.state == TaskState::Succeeded).count() >= 2).await.unwrap();
+    api.stop("blinker").await.unwrap();
+    let (job, tasks) = api.wait_final("blinker", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Stopped);
+    assert!(tasks.iter().all(|t| t.task.index == 0));
+    assert!(tasks.iter().map(|t| t.task.attempt).max().unwrap() >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sends_sigterm_and_records_it() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml("name: sleepy\nkind: service\ncommand: [sleep, '30']\nstop_grace: 5s\n").await.unwrap();
+    api.wait_job("sleepy", T, |_, t| t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
+    let started = std::time::Instant::now();
+    api.stop("sleepy").await.unwrap();
+    let (_, tasks) = api.wait_final("sleepy", T).await.unwrap();
+    let t = &tasks[0].task;
+    assert_eq!(t.state, TaskState::Stopped);
+    assert_eq!(t.exit.as_ref().and_then(|e| e.signal.clone()).as_deref(), Some("SIGTERM"));
+    assert!(t.reason.contains("ended after SIGTERM"), "{}", t.reason);
+    assert!(started.elapsed() < Duration::from_secs(4), "a graceful stop must not wait out the grace period");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_program_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml(
+        r#"
+name: stubborn
+kind: service
+command: ["sh", "-c", "trap '' TERM; echo ready; while true; do sleep 0.05; done"]
+stop_grace: 700ms
+"#,
+    )
+    .await
+    .unwrap();
+    api.wait_job("stubborn", T, |_, t| t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
+    wait_for("the task to print ready", T, async || api.logs("stubborn").await.map(|l| l.contains("ready")).unwrap_or(false)).await.unwrap();
+    let started = std::time::Instant::now();
+    api.stop("stubborn").await.unwrap();
+    let (_, tasks) = api.wait_final("stubborn", T).await.unwrap();
+    let elapsed = started.elapsed();
+    let t = &tasks[0].task;
+    assert_eq!(t.state, TaskState::Stopped);
+    assert_eq!(t.exit.as_ref().and_then(|e| e.signal.clone()).as_deref(), Some("SIGKILL"));
+    assert!(t.reason.contains("SIGKILL"), "{}", t.reason);
+    assert!(elapsed >= Duration::from_millis(700), "killed before the grace period ended: {elapsed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_own_environment_does_not_leak_into_tasks() {
+    // The agent runs in this process, so this variable is in the agent's environment.
+    // SAFETY: set before any task is started; no other thread of this test reads it.
+    unsafe { std::env::set_var("AGENT_ONLY_SECRET", "hunter2") };
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml("name: envcheck\ncommand: [sh, -c, 'env']\nenv: { DECLARED: yes }\n").await.unwrap();
+    api.wait_final("envcheck", T).await.unwrap();
+    let logs = api.logs("envcheck").await.unwrap();
+    assert!(logs.contains("DECLARED=yes"), "{logs}");
+    assert!(logs.contains("DROVER_TASK_INDEX=0"), "{logs}");
+    assert!(!logs.contains("hunter2"), "the agent's secret leaked: {logs}");
+    assert!(!logs.contains("HOME="), "the agent's HOME leaked: {logs}");
+    let names: Vec<&str> = logs.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+    for n in names {
+        assert!(n.starts_with("DROVER_") || ["DECLARED", "PATH", "PWD", "SHLVL", "_"].contains(&n), "unexpected variable {n} in {logs}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_program_fails_the_task_with_a_clear_reason() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml("name: typo\ncommand: [no-such-program-xyz]\nrestart: { attempts: 0 }\n").await.unwrap();
+    let (job, tasks) = api.wait_final("typo", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Failed);
+    assert!(tasks[0].task.reason.contains("no-such-program-xyz"), "{}", tasks[0].task.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reapplying_a_changed_spec_replaces_the_tasks_and_an_unchanged_one_does_nothing() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    let v1 = "name: web\nkind: service\ncommand: [sleep, '30']\nstop_grace: 1s\n";
+    assert_eq!(api.apply_yaml(v1).await.unwrap().result, "created");
+    api.wait_job("web", T, |_, t| t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
+    assert_eq!(api.apply_yaml(v1).await.unwrap().result, "unchanged");
+    let v2 = "name: web\nkind: service\ncommand: [sleep, '31']\nstop_grace: 1s\n";
+    let r = api.apply_yaml(v2).await.unwrap();
+    assert_eq!(r.result, "updated");
+    assert_eq!(r.job.job.version, 2);
+    api.wait_job("web", T, |j, t| j.job.version == 2 && t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
+    api.stop("web").await.unwrap();
+    api.wait_final("web", T).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_job_stops_every_one_of_its_tasks() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml(
+        r#"
+name: pair
+kind: service
+count: 2
+command: ["sh", "-c", "trap 'echo got term; exit 0' TERM; echo started; while true; do sleep 0.1; done"]
+stop_grace: 3s
+"#,
+    )
+    .await
+    .unwrap();
+    api.wait_job("pair", T, |_, t| t.iter().filter(|t| t.task.state == TaskState::Running).count() == 2).await.unwrap();
+    wait_for("both tasks to print", T, async || api.logs("pair").await.map(|l| l.matches("started").count() == 2).unwrap_or(false)).await.unwrap();
+    api.stop("pair").await.unwrap();
+    let (_, tasks) = api.wait_final("pair", Duration::from_secs(10)).await.unwrap();
+    for t in tasks {
+        assert_eq!(t.task.state, TaskState::Stopped, "{:?}", t.task);
+        assert_eq!(t.task.exit.as_ref().and_then(|e| e.code), Some(0), "{:?}", t.task);
+    }
+}
