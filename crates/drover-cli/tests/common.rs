@@ -1,0 +1,169 @@
+//! Helpers for tests that drive the built `drover` binary the way a user would.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+
+/// A user's home: separate config and data dirs, so tests never see each other's (or
+/// the machine's) Drover config.
+pub struct Home {
+    pub dir: tempfile::TempDir,
+}
+
+impl Home {
+    pub fn new() -> Home {
+        Home { dir: tempfile::tempdir().unwrap() }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `drover` command in this home, with no DROVER_* variables from outside.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args)
+            .env_remove("DROVER_SERVER")
+            .env_remove("DROVER_TOKEN")
+            .env_remove("DROVER_LOG")
+            .env("HOME", self.path())
+            .env("XDG_CONFIG_HOME", self.path().join("config"))
+            .env("XDG_DATA_HOME", self.path().join("data"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a command to completion, failing the test if it takes longer than 60 s.
+    pub fn run(&self, args: &[&str]) -> Output {
+        run_with_timeout(self.cmd(args), Duration::from_secs(60))
+    }
+
+    /// Starts a long-running command (`up`, `server`, `agent`) and waits until a line of
+    /// its stderr contains `ready`; returns the process and that line.
+    pub fn spawn(&self, args: &[&str], ready: &str) -> (Daemon, String) {
+        spawn_cmd(self.cmd(args), ready)
+    }
+}
+
+pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("spawning drover");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("waiting for drover"),
+        Err(_) => panic!("drover did not finish within {limit:?}"),
+    }
+}
+
+/// A background drover process, killed (SIGKILL) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn spawn_cmd(mut cmd: Command, ready: &str) -> (Daemon, String) {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawning drover");
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (tx, rx) = mpsc::channel();
+    let ready = ready.to_string();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            log2.lock().unwrap().push_str(&format!("{line}\n"));
+            if !sent && line.contains(&ready) {
+                sent = true;
+                let _ = tx.send(line);
+            }
+        }
+    });
+    let daemon = Daemon { child, log };
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(line) => (daemon, line),
+        Err(_) => panic!("drover did not say {:?} within 30s; its log:\n{}", "ready", daemon.log()),
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Extracts the `http://...` URL from a line.
+pub fn url_in(line: &str) -> String {
+    let start = line.find("http://").expect("a URL in the line");
+    line[start..].split_whitespace().next().unwrap().to_string()
+}
+
+/// Polls until `f` is true, failing after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(o), stderr(o)))
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+}
