@@ -297,15 +297,25 @@ impl Connection {
         };
         tracing::info!(node = %self.node_id, "connected to {}", self.cfg.server);
         self.manager.on_ack(last_seq);
-        // Replay everything the controller has not acknowledged, before anything new.
-        for ev in self.manager.pending_events() {
-            if let Err(e) = send(&mut sink, &AgentMessage::Event(ev)).await {
+        let (tx, mut rx) = mpsc::channel::<AgentMessage>(4096);
+        self.manager.link.set(Some(tx));
+        // Output first, then events: whoever sees a task's end must have its output.
+        // Shipping queues whatever was written while disconnected; the probes let the
+        // controller ask again for anything it lost.
+        self.manager.ship_logs_after_reconnect();
+        while let Ok(msg) = rx.try_recv() {
+            if let Err(e) = send(&mut sink, &msg).await {
+                self.manager.link.set(None);
                 return (SessionEnd::Dropped(e), true);
             }
         }
-        let (tx, mut rx) = mpsc::channel::<AgentMessage>(4096);
-        self.manager.link.set(Some(tx));
-        self.manager.probe_logs();
+        // Replay everything the controller has not acknowledged, before anything new.
+        for ev in self.manager.pending_events() {
+            if let Err(e) = send(&mut sink, &AgentMessage::Event(ev)).await {
+                self.manager.link.set(None);
+                return (SessionEnd::Dropped(e), true);
+            }
+        }
         let end = self.pump(&mut sink, &mut stream, &mut rx, Duration::from_millis(heartbeat_ms.max(50))).await;
         self.manager.link.set(None);
         let _ = sink.close().await;

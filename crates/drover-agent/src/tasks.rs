@@ -127,9 +127,12 @@ impl TaskManager {
         self.outbox().pending().cloned().collect()
     }
 
-    pub fn probe_logs(&self) {
-        for e in self.entries().values() {
-            e.shipper.probe();
+    /// After a (re)connect: ships what was written while disconnected, then probes.
+    pub fn ship_logs_after_reconnect(&self) {
+        let shippers: Vec<Arc<LogShipper>> = self.entries().values().map(|e| e.shipper.clone()).collect();
+        for s in shippers {
+            s.tick();
+            s.probe();
         }
     }
 

@@ -30,6 +30,8 @@ pub struct ServerOptions {
     pub admin_token: String,
     pub join_token: String,
     pub durability: Durability,
+    pub heartbeat_interval: std::time::Duration,
+    pub node_lost_after: std::time::Duration,
 }
 
 pub struct RunningServer {
@@ -60,6 +62,8 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
         .await
         .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
     let mut cfg = ControllerConfig::new(opts.data_dir.clone());
+    cfg.heartbeat_interval = opts.heartbeat_interval;
+    cfg.node_lost_after = opts.node_lost_after;
     cfg.bootstrap_tokens = vec![
         BootstrapToken { secret: opts.admin_token.clone(), role: Role::Admin, name: "admin".into() },
         BootstrapToken { secret: opts.join_token.clone(), role: Role::Agent, name: "join".into() },
@@ -114,6 +118,8 @@ impl Ephemeral {
             join_token: join.clone(),
             // Nothing outlives this cluster, so fsyncs would buy nothing.
             durability: Durability::Process,
+            heartbeat_interval: std::time::Duration::from_secs(2),
+            node_lost_after: std::time::Duration::from_secs(15),
         })
         .await?;
         let agent = start_agent(AgentOptions {

@@ -129,6 +129,12 @@ struct UpArgs {
     /// The address the API listens on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// How often agents must send a heartbeat.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    heartbeat_interval: std::time::Duration,
+    /// How long a silent node has before it is marked lost and its tasks rescheduled.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    node_lost_after: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -137,6 +143,12 @@ struct ServerArgs {
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// How often agents must send a heartbeat.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    heartbeat_interval: std::time::Duration,
+    /// How long a silent node has before it is marked lost and its tasks rescheduled.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    node_lost_after: std::time::Duration,
     /// The token agents must present (default: generated once and kept in the data dir).
     #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
@@ -201,6 +213,10 @@ struct LogsArgs {
     /// Keep printing new output until the job or task ends.
     #[arg(short, long)]
     follow: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("expected a duration like 500ms or 15s: {e}"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -474,6 +490,8 @@ async fn up(a: &UpArgs) -> Result<i32> {
         admin_token: admin.clone(),
         join_token: join.clone(),
         durability: drover_store::Durability::Full,
+        heartbeat_interval: a.heartbeat_interval,
+        node_lost_after: a.node_lost_after,
     })
     .await?;
     let url = server.url();
@@ -513,6 +531,8 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         admin_token: admin,
         join_token: join,
         durability: drover_store::Durability::Full,
+        heartbeat_interval: a.heartbeat_interval,
+        node_lost_after: a.node_lost_after,
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());

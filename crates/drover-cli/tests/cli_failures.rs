@@ -1,0 +1,229 @@
+//! Crashes and losses, with real `drover server` and `drover agent` processes killed
+//! with SIGKILL: nothing acknowledged is lost and no task is left running untracked.
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A controller and the means to start agents against it, all as separate processes.
+struct Fleet {
+    home: Home,
+    server: Option<Daemon>,
+    url: String,
+    listen: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Fleet {
+    fn start() -> Fleet {
+        let home = Home::new();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let mut f = Fleet { home, server: None, url: String::new(), listen };
+        f.start_server();
+        f
+    }
+
+    fn server_dir(&self) -> PathBuf {
+        self.home.path().join("server")
+    }
+
+    fn start_server(&mut self) {
+        let dir = self.server_dir();
+        let (d, line) = self.home.spawn(
+            &["server", "--data-dir", dir.to_str().unwrap(), "--listen", &self.listen, "--heartbeat-interval", "200ms", "--node-lost-after", "2s"],
+            "listening on",
+        );
+        self.url = url_in(&line);
+        self.server = Some(d);
+    }
+
+    fn token(&self, name: &str) -> String {
+        std::fs::read_to_string(self.server_dir().join(name)).unwrap()
+    }
+
+    fn agent(&self, name: &str) -> Daemon {
+        let dir = self.home.path().join(format!("agent-{name}"));
+        let join = self.token("join-token");
+        let mut cmd = self.home.cmd(&[
+            "agent",
+            "--server",
+            &self.url,
+            "--join-token",
+            &join,
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--name",
+            name,
+        ]);
+        cmd.env("DROVER_LOG", "info");
+        spawn_cmd(cmd, "connected to").0
+    }
+
+    /// A client command against this fleet, with the server and token from the
+    /// environment as a script would pass them.
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = self.home.cmd(args);
+        cmd.env("DROVER_SERVER", &self.url).env("DROVER_TOKEN", self.token("admin-token"));
+        run_with_timeout(cmd, Duration::from_secs(60))
+    }
+
+    fn apply(&self, yaml: &str) {
+        let file = write(self.home.path(), "job.yaml", yaml);
+        let out = self.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
+    fn tasks(&self, job: &str) -> Vec<serde_json::Value> {
+        let out = self.cli(&["task", "ls", "--job", job, "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        json(&out).as_array().cloned().unwrap_or_default()
+    }
+
+    fn job(&self, job: &str) -> serde_json::Value {
+        json(&self.cli(&["job", "status", job, "-o", "json"]))["job"].clone()
+    }
+
+    fn logs(&self, job: &str) -> String {
+        stdout(&self.cli(&["logs", job]))
+    }
+
+    fn node_status(&self, name: &str) -> String {
+        let nodes = json(&self.cli(&["node", "ls", "-o", "json"]));
+        nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["info"]["name"] == name))
+            .map(|n| n["status"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    }
+
+    /// Waits for the job's only running task and returns (task id, pid it printed).
+    fn running_task(&self, job: &str) -> (String, i32) {
+        let mut found = None;
+        wait_until("a running task that printed its pid", T, || {
+            let running: Vec<_> = self.tasks(job).into_iter().filter(|t| t["state"] == "running").collect();
+            if running.len() != 1 {
+                return false;
+            }
+            let id = running[0]["id"].as_str().unwrap().to_string();
+            let out = self.cli(&["logs", &id]);
+            let pid = stdout(&out).lines().filter_map(|l| l.strip_prefix("pid ")).filter_map(|p| p.trim().parse::<i32>().ok()).last();
+            found = pid.map(|p| (id, p));
+            found.is_some()
+        });
+        found.unwrap()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // Tasks run in their own sessions and would outlive the test; end them.
+        let _ = Command::new("pkill").args(["-9", "-f", &format!("drover-test-marker-{}", self.home.path().display())]).status();
+    }
+}
+
+fn service(name: &str, home: &Path) -> String {
+    // The marker in the command lets the fleet's drop find stray processes.
+    format!(
+        "name: {name}\nkind: service\ncommand: [sh, -c, 'echo pid $$; exec sleep 120 # drover-test-marker-{}']\nstop_grace: 2s\nrestart: {{ delay: 100ms }}\n",
+        home.display()
+    )
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_re_adopts_its_running_task() {
+    let fleet = Fleet::start();
+    let mut agent = fleet.agent("n1");
+    fleet.apply(&service("adoptee", fleet.home.path()));
+    let (task, pid) = fleet.running_task("adoptee");
+
+    agent.kill9();
+    assert!(pid_alive(pid), "the task must survive its agent");
+    let _agent = fleet.agent("n1");
+    std::thread::sleep(Duration::from_millis(500));
+    let tasks = fleet.tasks("adoptee");
+    assert_eq!(tasks.len(), 1, "no replacement task: {tasks:?}");
+    assert_eq!(tasks[0]["id"], task.as_str());
+    assert_eq!(tasks[0]["state"], "running");
+    assert!(pid_alive(pid));
+
+    // The re-adopted task is fully under control: a stop ends it and records SIGTERM.
+    assert!(fleet.cli(&["job", "stop", "adoptee"]).status.success());
+    wait_until("the task to stop", T, || fleet.tasks("adoptee")[0]["state"] == "stopped");
+    assert_eq!(fleet.tasks("adoptee")[0]["exit"]["signal"], "SIGTERM");
+    wait_until("the process to end", T, || !pid_alive(pid));
+}
+
+#[test]
+fn a_task_that_ends_while_its_agent_is_down_is_reported_with_its_exit_code() {
+    let fleet = Fleet::start();
+    let mut agent = fleet.agent("n1");
+    fleet.apply("name: ender\ncommand: [sh, -c, 'echo started; sleep 1.5; exit 7']\nrestart: { attempts: 0 }\n");
+    wait_until("the task to run", T, || fleet.tasks("ender").first().is_some_and(|t| t["state"] == "running"));
+    agent.kill9();
+    std::thread::sleep(Duration::from_millis(2000));
+    let _agent = fleet.agent("n1");
+    wait_until("the job to fail", T, || fleet.job("ender")["status"] == "failed");
+    let job = fleet.job("ender");
+    assert_eq!(job["exit"]["code"], 7, "{job}");
+    assert!(fleet.logs("ender").contains("started"));
+}
+
+#[test]
+fn a_controller_killed_with_sigkill_loses_nothing_and_tasks_keep_running() {
+    let mut fleet = Fleet::start();
+    let _agent = fleet.agent("n1");
+    fleet.apply(&service("survivor", fleet.home.path()));
+    let (task, pid) = fleet.running_task("survivor");
+    // Acknowledged just before the crash.
+    fleet.apply("name: late\ncommand: [sh, -c, 'echo late ran']\n");
+
+    fleet.server.as_mut().unwrap().kill9();
+    assert!(pid_alive(pid));
+    std::thread::sleep(Duration::from_millis(300));
+    fleet.start_server();
+
+    wait_until("the agent to reconnect", T, || fleet.node_status("n1") == "ready");
+    let tasks = fleet.tasks("survivor");
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0]["id"], task.as_str());
+    assert_eq!(tasks[0]["state"], "running");
+    assert!(pid_alive(pid));
+    wait_until("the late job to complete", T, || fleet.job("late")["status"] == "complete");
+    let late = fleet.logs("late");
+    assert!(late.contains("late ran"), "logs: {late:?}; tasks: {:?}; server log: {}", fleet.tasks("late"), fleet.server.as_ref().unwrap().log());
+    assert!(fleet.cli(&["job", "stop", "survivor"]).status.success());
+    wait_until("the process to end", T, || !pid_alive(pid));
+}
+
+#[test]
+fn a_lost_node_has_its_service_rescheduled_and_is_told_to_kill_it_when_it_returns() {
+    let fleet = Fleet::start();
+    let mut a = fleet.agent("a");
+    let mut b = fleet.agent("b");
+    wait_until("both nodes", T, || fleet.node_status("a") == "ready" && fleet.node_status("b") == "ready");
+    // Placement may pick either node; the test kills whichever agent got the task.
+    fleet.apply(&service("mover", fleet.home.path()));
+    let (first, pid) = fleet.running_task("mover");
+    let first_node = fleet.tasks("mover")[0]["node_name"].as_str().unwrap().to_string();
+    if first_node == "a" { a.kill9() } else { b.kill9() }
+    wait_until("the node to be lost", T, || fleet.node_status(&first_node) == "lost");
+    wait_until("a replacement to run elsewhere", T, || {
+        let tasks = fleet.tasks("mover");
+        tasks.iter().any(|t| t["id"] == first.as_str() && t["state"] == "lost")
+            && tasks.iter().any(|t| t["state"] == "running" && t["node_name"] != first_node.as_str())
+    });
+    assert!(pid_alive(pid), "the old process still runs on the lost node");
+    // The node comes back: it re-adopts the old task, learns it is no longer its own
+    // and kills it.
+    let _back = fleet.agent(&first_node);
+    wait_until("the lost node's old task to be killed", T, || !pid_alive(pid));
+    let running: Vec<_> = fleet.tasks("mover").into_iter().filter(|t| t["state"] == "running").collect();
+    assert_eq!(running.len(), 1, "{running:?}");
+}
