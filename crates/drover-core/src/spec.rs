@@ -401,11 +401,20 @@ impl JobSpec {
 
     /// Parses and validates a JSON spec, as the API receives it.
     pub fn from_json(text: &[u8]) -> Result<JobSpec, SpecError> {
-        let spec: JobSpec = serde_json::from_slice(text).map_err(|e| SpecError {
-            file: None,
-            line: Some(e.line() as u64),
-            column: Some(e.column() as u64),
-            message: e.to_string(),
+        let de = &mut serde_json::Deserializer::from_slice(text);
+        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            // serde_json appends its own " at line L column C"; the location is kept
+            // in the fields instead, so it is not said twice.
+            let msg = inner.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            SpecError {
+                file: None,
+                line: Some(inner.line() as u64),
+                column: Some(inner.column() as u64),
+                message: if path.is_empty() || path == "." { msg } else { format!("{path}: {msg}") },
+            }
         })?;
         spec.validate().map_err(|m| SpecError::invalid(None, m))?;
         Ok(spec)
