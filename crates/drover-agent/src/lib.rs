@@ -12,10 +12,12 @@ mod tasks;
 
 pub use tasks::TaskLimits;
 
-use drover_core::protocol::{AGENT_CONNECT_PATH, AgentMessage, ControllerMessage, Hello, JOIN_TOKEN_HEADER, PROTOCOL_VERSION};
+use drover_core::protocol::{
+    AGENT_CONNECT_PATH, AgentMessage, ControllerMessage, Hello, JOIN_TOKEN_HEADER, PROTOCOL_VERSION,
+};
+use drover_core::quantity::ByteSize;
 use drover_core::spec::{Resources, RuntimeKind};
 use drover_core::state::NodeInfo;
-use drover_core::quantity::ByteSize;
 use drover_core::{NodeId, now_millis};
 use drover_runtime::Runtime;
 use futures_util::{SinkExt, StreamExt};
@@ -48,7 +50,12 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
-    pub fn new(server: String, join_token: String, data_dir: PathBuf, runtimes: Vec<Arc<dyn Runtime>>) -> Self {
+    pub fn new(
+        server: String,
+        join_token: String,
+        data_dir: PathBuf,
+        runtimes: Vec<Arc<dyn Runtime>>,
+    ) -> Self {
         AgentConfig {
             server,
             join_token,
@@ -66,7 +73,10 @@ impl AgentConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("agent data dir {path}: {error}")]
-    DataDir { path: PathBuf, error: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("bad server URL {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     ServerUrl(String),
 }
@@ -100,7 +110,9 @@ pub fn platform() -> String {
 
 /// The machine's cores and memory.
 pub fn detect_capacity() -> Resources {
-    let cpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let cpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -110,7 +122,10 @@ pub fn detect_capacity() -> Resources {
                 .and_then(|v| v.parse::<u64>().ok())
         })
         .unwrap_or(1 << 20);
-    Resources { cpu, memory: ByteSize(mem_kib * 1024) }
+    Resources {
+        cpu,
+        memory: ByteSize(mem_kib * 1024),
+    }
 }
 
 fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
@@ -131,7 +146,10 @@ impl Agent {
     /// Recovers the tasks a previous agent process left, then connects (and keeps
     /// reconnecting) in the background.
     pub async fn start(cfg: AgentConfig) -> Result<Agent, AgentError> {
-        let dd = |error| AgentError::DataDir { path: cfg.data_dir.clone(), error };
+        let dd = |error| AgentError::DataDir {
+            path: cfg.data_dir.clone(),
+            error,
+        };
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let url = connect_url(&cfg.server)?;
         let node_id = load_node_id(&cfg.data_dir).map_err(dd)?;
@@ -146,8 +164,15 @@ impl Agent {
         }
         let shutdown = CancellationToken::new();
         let link = link::Link::default();
-        let manager = TaskManager::new(node_id.clone(), cfg.data_dir.clone(), runtimes.clone(), cfg.limits.clone(), link, shutdown.clone())
-            .map_err(dd)?;
+        let manager = TaskManager::new(
+            node_id.clone(),
+            cfg.data_dir.clone(),
+            runtimes.clone(),
+            cfg.limits.clone(),
+            link,
+            shutdown.clone(),
+        )
+        .map_err(dd)?;
         manager.recover().await;
         let mut kinds: Vec<RuntimeKind> = runtimes.keys().cloned().collect();
         kinds.sort();
@@ -159,9 +184,21 @@ impl Agent {
             capacity: cfg.capacity.unwrap_or_else(detect_capacity),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
-        let conn = Connection { url, cfg: cfg.clone(), node_id: node_id.clone(), info, manager: manager.clone(), shutdown: shutdown.clone() };
+        let conn = Connection {
+            url,
+            cfg: cfg.clone(),
+            node_id: node_id.clone(),
+            info,
+            manager: manager.clone(),
+            shutdown: shutdown.clone(),
+        };
         let join = tokio::spawn(conn.run());
-        Ok(Agent { node_id, shutdown, manager, join })
+        Ok(Agent {
+            node_id,
+            shutdown,
+            manager,
+            join,
+        })
     }
 
     pub fn node_id(&self) -> &NodeId {
@@ -253,15 +290,30 @@ impl Connection {
     async fn session(&self) -> (SessionEnd, bool) {
         let mut req = match self.url.as_str().into_client_request() {
             Ok(r) => r,
-            Err(e) => return (SessionEnd::Rejected(format!("bad URL {}: {e}", self.url)), false),
+            Err(e) => {
+                return (
+                    SessionEnd::Rejected(format!("bad URL {}: {e}", self.url)),
+                    false,
+                );
+            }
         };
         match self.cfg.join_token.parse() {
             Ok(v) => {
                 req.headers_mut().insert(JOIN_TOKEN_HEADER, v);
             }
-            Err(_) => return (SessionEnd::Rejected("the join token contains characters not allowed in a header".into()), false),
+            Err(_) => {
+                return (
+                    SessionEnd::Rejected(
+                        "the join token contains characters not allowed in a header".into(),
+                    ),
+                    false,
+                );
+            }
         }
-        let connect = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(req));
+        let connect = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(req),
+        );
         let ws = tokio::select! {
             _ = self.shutdown.cancelled() => return (SessionEnd::Shutdown, false),
             r = connect => match r {
@@ -286,13 +338,34 @@ impl Connection {
         let welcome = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
         let (heartbeat_ms, last_seq) = match welcome {
             Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ControllerMessage>(&t) {
-                Ok(ControllerMessage::Welcome { heartbeat_interval_ms, last_event_seq, .. }) => (heartbeat_interval_ms, last_event_seq),
-                Ok(ControllerMessage::Reject { reason }) => return (SessionEnd::Rejected(reason), false),
-                other => return (SessionEnd::Dropped(format!("expected a welcome, got {other:?}")), false),
+                Ok(ControllerMessage::Welcome {
+                    heartbeat_interval_ms,
+                    last_event_seq,
+                    ..
+                }) => (heartbeat_interval_ms, last_event_seq),
+                Ok(ControllerMessage::Reject { reason }) => {
+                    return (SessionEnd::Rejected(reason), false);
+                }
+                other => {
+                    return (
+                        SessionEnd::Dropped(format!("expected a welcome, got {other:?}")),
+                        false,
+                    );
+                }
             },
-            Ok(Some(Ok(other))) => return (SessionEnd::Dropped(format!("expected a welcome, got {other:?}")), false),
+            Ok(Some(Ok(other))) => {
+                return (
+                    SessionEnd::Dropped(format!("expected a welcome, got {other:?}")),
+                    false,
+                );
+            }
             Ok(Some(Err(e))) => return (SessionEnd::Dropped(e.to_string()), false),
-            Ok(None) => return (SessionEnd::Dropped("closed before the welcome".into()), false),
+            Ok(None) => {
+                return (
+                    SessionEnd::Dropped("closed before the welcome".into()),
+                    false,
+                );
+            }
             Err(_) => return (SessionEnd::Dropped("no welcome within 10s".into()), false),
         };
         tracing::info!(node = %self.node_id, "connected to {}", self.cfg.server);
@@ -316,16 +389,30 @@ impl Connection {
                 return (SessionEnd::Dropped(e), true);
             }
         }
-        let end = self.pump(&mut sink, &mut stream, &mut rx, Duration::from_millis(heartbeat_ms.max(50))).await;
+        let end = self
+            .pump(
+                &mut sink,
+                &mut stream,
+                &mut rx,
+                Duration::from_millis(heartbeat_ms.max(50)),
+            )
+            .await;
         self.manager.link.set(None);
         let _ = sink.close().await;
         (end, true)
     }
 
-    async fn pump<S, R>(&self, sink: &mut S, stream: &mut R, rx: &mut mpsc::Receiver<AgentMessage>, heartbeat: Duration) -> SessionEnd
+    async fn pump<S, R>(
+        &self,
+        sink: &mut S,
+        stream: &mut R,
+        rx: &mut mpsc::Receiver<AgentMessage>,
+        heartbeat: Duration,
+    ) -> SessionEnd
     where
         S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
-        R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+        R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>>
+            + Unpin,
     {
         let mut beat = tokio::time::interval(heartbeat);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -399,5 +486,7 @@ where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
-    sink.send(Message::Text(text.into())).await.map_err(|e| e.to_string())
+    sink.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -57,8 +57,17 @@ impl LogShipper {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
-        let pos = saved.map(|p| Pos { base: p.base, sent: p.base });
-        LogShipper { task_id, dir, max_bytes: max_bytes.max(1024), pos: Mutex::new(pos), link }
+        let pos = saved.map(|p| Pos {
+            base: p.base,
+            sent: p.base,
+        });
+        LogShipper {
+            task_id,
+            dir,
+            max_bytes: max_bytes.max(1024),
+            pos: Mutex::new(pos),
+            link,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, [Pos; 2]> {
@@ -102,7 +111,12 @@ impl LogShipper {
                 return Ok(false);
             }
             let n = buf.len() as u64;
-            let chunk = LogChunk { task_id: self.task_id.clone(), stream, offset: p.sent, data: buf };
+            let chunk = LogChunk {
+                task_id: self.task_id.clone(),
+                stream,
+                offset: p.sent,
+                data: buf,
+            };
             if !self.link.send(AgentMessage::Log(chunk)) {
                 return Ok(false);
             }
@@ -117,7 +131,10 @@ impl LogShipper {
             p.base += size;
             p.sent = p.base;
             let bases: [Pos; 2] = *pos;
-            let _ = std::fs::write(self.dir.join("logpos.json"), serde_json::to_vec(&bases).unwrap_or_default());
+            let _ = std::fs::write(
+                self.dir.join("logpos.json"),
+                serde_json::to_vec(&bases).unwrap_or_default(),
+            );
         }
         Ok(false)
     }
@@ -134,7 +151,12 @@ impl LogShipper {
     pub fn probe(&self) {
         let pos = *self.lock();
         for stream in STREAMS {
-            let chunk = LogChunk { task_id: self.task_id.clone(), stream, offset: pos[idx(stream)].sent, data: Vec::new() };
+            let chunk = LogChunk {
+                task_id: self.task_id.clone(),
+                stream,
+                offset: pos[idx(stream)].sent,
+                data: Vec::new(),
+            };
             self.link.send(AgentMessage::Log(chunk));
         }
     }
@@ -161,14 +183,23 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(100);
         link.set(Some(tx));
         let ship = LogShipper::new(TaskId::from("task-1"), dir.path().to_path_buf(), 1024, link);
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(log_path(dir.path(), LogStream::Stdout)).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path(dir.path(), LogStream::Stdout))
+            .unwrap();
         f.write_all(&[b'a'; 1500]).unwrap();
         ship.tick();
         let chunks = collect(&mut rx);
         assert_eq!(chunks.iter().map(|c| c.data.len()).sum::<usize>(), 1500);
         // Fully shipped and over the cap: the next tick rotates.
         ship.tick();
-        assert_eq!(std::fs::metadata(log_path(dir.path(), LogStream::Stdout)).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(log_path(dir.path(), LogStream::Stdout))
+                .unwrap()
+                .len(),
+            0
+        );
         assert!(dir.path().join("stdout.log.1").exists());
         f.write_all(b"more").unwrap();
         ship.tick();
@@ -180,7 +211,12 @@ mod tests {
         let (tx2, mut rx2) = mpsc::channel(100);
         let link2 = Link::default();
         link2.set(Some(tx2));
-        let again = LogShipper::new(TaskId::from("task-1"), dir.path().to_path_buf(), 1024, link2);
+        let again = LogShipper::new(
+            TaskId::from("task-1"),
+            dir.path().to_path_buf(),
+            1024,
+            link2,
+        );
         again.tick();
         let chunks = collect(&mut rx2);
         assert_eq!(chunks[0].offset, 1500);
@@ -190,7 +226,12 @@ mod tests {
     fn nothing_is_lost_while_disconnected() {
         let dir = tempfile::tempdir().unwrap();
         let link = Link::default();
-        let ship = LogShipper::new(TaskId::from("task-1"), dir.path().to_path_buf(), 1 << 20, link.clone());
+        let ship = LogShipper::new(
+            TaskId::from("task-1"),
+            dir.path().to_path_buf(),
+            1 << 20,
+            link.clone(),
+        );
         std::fs::write(log_path(dir.path(), LogStream::Stderr), b"while away").unwrap();
         assert!(!ship.tick());
         let (tx, mut rx) = mpsc::channel(100);

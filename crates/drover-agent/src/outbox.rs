@@ -16,8 +16,14 @@ use std::path::{Path, PathBuf};
 enum Line {
     /// Written at the top of a compacted file, so seq numbers never go back even when
     /// every event has been acknowledged.
-    NextSeq { next: u64 },
+    NextSeq {
+        next: u64,
+    },
     Event(AgentEvent),
+    /// Everything up to `seq` was acknowledged (appended between compactions).
+    Acked {
+        seq: u64,
+    },
 }
 
 pub struct Outbox {
@@ -48,12 +54,19 @@ impl Outbox {
                         next_seq = next_seq.max(e.seq + 1);
                         events.push_back(e);
                     }
+                    Ok(Line::Acked { seq }) => {
+                        next_seq = next_seq.max(seq + 1);
+                        events.retain(|e: &AgentEvent| e.seq > seq);
+                    }
                     Err(_) => continue,
                 }
             }
         }
         let mut ob = Outbox {
-            file: std::fs::OpenOptions::new().create(true).append(true).open(&path)?,
+            file: std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?,
             path,
             events,
             next_seq,
@@ -67,7 +80,8 @@ impl Outbox {
     pub fn push(&mut self, mut event: AgentEvent) -> std::io::Result<AgentEvent> {
         event.seq = self.next_seq;
         self.next_seq += 1;
-        let mut line = serde_json::to_vec(&Line::Event(event.clone())).map_err(std::io::Error::other)?;
+        let mut line =
+            serde_json::to_vec(&Line::Event(event.clone())).map_err(std::io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
         self.events.push_back(event.clone());
@@ -83,8 +97,15 @@ impl Outbox {
         // A controller whose store was reset may ack a seq this agent never reached;
         // moving past it keeps new events from looking like replays.
         self.next_seq = self.next_seq.max(seq + 1);
-        if self.acked_since_compaction >= COMPACT_EVERY || (self.events.is_empty() && self.acked_since_compaction > 0) {
+        if self.acked_since_compaction >= COMPACT_EVERY
+            || (self.events.is_empty() && self.acked_since_compaction > 0)
+        {
             self.compact()?;
+        } else if self.acked_since_compaction > 0 {
+            let mut line =
+                serde_json::to_vec(&Line::Acked { seq }).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            self.file.write_all(&line)?;
         }
         Ok(())
     }
@@ -107,10 +128,17 @@ impl Outbox {
         let tmp = self.path.with_extension("tmp");
         {
             let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-            serde_json::to_writer(&mut f, &Line::NextSeq { next: self.next_seq }).map_err(std::io::Error::other)?;
+            serde_json::to_writer(
+                &mut f,
+                &Line::NextSeq {
+                    next: self.next_seq,
+                },
+            )
+            .map_err(std::io::Error::other)?;
             f.write_all(b"\n")?;
             for e in &self.events {
-                serde_json::to_writer(&mut f, &Line::Event(e.clone())).map_err(std::io::Error::other)?;
+                serde_json::to_writer(&mut f, &Line::Event(e.clone()))
+                    .map_err(std::io::Error::other)?;
                 f.write_all(b"\n")?;
             }
             f.flush()?;
@@ -128,7 +156,14 @@ mod tests {
     use drover_core::{TaskId, TaskState};
 
     fn ev(state: TaskState) -> AgentEvent {
-        AgentEvent { seq: 0, task_id: TaskId::from("task-1"), state, reason: String::new(), exit: None, at: 1 }
+        AgentEvent {
+            seq: 0,
+            task_id: TaskId::from("task-1"),
+            state,
+            reason: String::new(),
+            exit: None,
+            at: 1,
+        }
     }
 
     #[test]
@@ -159,7 +194,10 @@ mod tests {
             let mut ob = Outbox::open(dir.path()).unwrap();
             ob.push(ev(TaskState::Running)).unwrap();
         }
-        let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join("outbox.jsonl")).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("outbox.jsonl"))
+            .unwrap();
         f.write_all(b"{\"t\":\"event\",\"seq\":").unwrap();
         let ob = Outbox::open(dir.path()).unwrap();
         assert_eq!(ob.len(), 1);

@@ -115,7 +115,10 @@ impl TaskManager {
     }
 
     pub fn running_count(&self) -> usize {
-        self.entries().values().filter(|e| e.terminal_seq.is_none()).count()
+        self.entries()
+            .values()
+            .filter(|e| e.terminal_seq.is_none())
+            .count()
     }
 
     pub fn unacked(&self) -> usize {
@@ -129,7 +132,8 @@ impl TaskManager {
 
     /// After a (re)connect: ships what was written while disconnected, then probes.
     pub fn ship_logs_after_reconnect(&self) {
-        let shippers: Vec<Arc<LogShipper>> = self.entries().values().map(|e| e.shipper.clone()).collect();
+        let shippers: Vec<Arc<LogShipper>> =
+            self.entries().values().map(|e| e.shipper.clone()).collect();
         for s in shippers {
             s.tick();
             s.probe();
@@ -162,8 +166,21 @@ impl TaskManager {
     }
 
     /// Records an event in the outbox and sends it if connected.
-    fn emit(&self, task: &TaskId, state: TaskState, reason: &str, exit: Option<Exit>) -> Option<u64> {
-        let ev = AgentEvent { seq: 0, task_id: task.clone(), state, reason: reason.to_string(), exit, at: now_millis() };
+    fn emit(
+        &self,
+        task: &TaskId,
+        state: TaskState,
+        reason: &str,
+        exit: Option<Exit>,
+    ) -> Option<u64> {
+        let ev = AgentEvent {
+            seq: 0,
+            task_id: task.clone(),
+            state,
+            reason: reason.to_string(),
+            exit,
+            at: now_millis(),
+        };
         let ev = match self.outbox().push(ev) {
             Ok(ev) => ev,
             Err(e) => {
@@ -201,10 +218,16 @@ impl TaskManager {
 
     fn write_task_file(&self, a: &TaskAssignment, terminal: bool) {
         let dir = self.tasks_dir.join(a.task_id.as_str());
-        let file = TaskFile { assignment: a.clone(), terminal };
+        let file = TaskFile {
+            assignment: a.clone(),
+            terminal,
+        };
         let write = || -> std::io::Result<()> {
             let tmp = dir.join("task.json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec(&file).map_err(std::io::Error::other)?)?;
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec(&file).map_err(std::io::Error::other)?,
+            )?;
             std::fs::rename(tmp, dir.join("task.json"))
         };
         if let Err(e) = write() {
@@ -216,20 +239,32 @@ impl TaskManager {
     pub fn handle(self: &Arc<Self>, cmd: Command) {
         match cmd {
             Command::Start(a) => self.start(*a),
-            Command::Stop { task_id, grace_ms, reason } => {
+            Command::Stop {
+                task_id,
+                grace_ms,
+                reason,
+            } => {
                 if let Some(e) = self.entries().get(&task_id) {
                     e.stop.send_if_modified(|cur| {
                         if cur.is_some() {
                             return false;
                         }
-                        *cur = Some(StopRequest { grace: Duration::from_millis(grace_ms), reason: reason.clone(), forget: false });
+                        *cur = Some(StopRequest {
+                            grace: Duration::from_millis(grace_ms),
+                            reason: reason.clone(),
+                            forget: false,
+                        });
                         true
                     });
                 }
             }
             Command::Forget { task_id } => {
                 let found = self.entries().get(&task_id).map(|e| {
-                    e.stop.send_replace(Some(StopRequest { grace: Duration::ZERO, reason: "forgotten".into(), forget: true }));
+                    e.stop.send_replace(Some(StopRequest {
+                        grace: Duration::ZERO,
+                        reason: "forgotten".into(),
+                        forget: true,
+                    }));
                     e.terminal_seq.is_some()
                 });
                 // A finished task only waits for its ack; forgetting it just drops it.
@@ -248,7 +283,13 @@ impl TaskManager {
         let ctx = self.context(&a);
         if let Err(e) = std::fs::create_dir_all(&ctx.dir) {
             self.register(&a, &ctx);
-            self.finish(&a.task_id, TaskState::Failed, &format!("creating the task directory: {e}"), None, &a);
+            self.finish(
+                &a.task_id,
+                TaskState::Failed,
+                &format!("creating the task directory: {e}"),
+                None,
+                &a,
+            );
             return;
         }
         self.write_task_file(&a, false);
@@ -257,16 +298,42 @@ impl TaskManager {
         tokio::spawn(async move { me.drive(a, ctx, stop_rx, shipper, false).await });
     }
 
-    fn register(&self, a: &TaskAssignment, ctx: &TaskContext) -> (watch::Receiver<Option<StopRequest>>, Arc<LogShipper>) {
+    fn register(
+        &self,
+        a: &TaskAssignment,
+        ctx: &TaskContext,
+    ) -> (watch::Receiver<Option<StopRequest>>, Arc<LogShipper>) {
         let (stop, stop_rx) = watch::channel(None);
-        let shipper = Arc::new(LogShipper::new(a.task_id.clone(), ctx.dir.clone(), self.limits.log_max_bytes, self.link.clone()));
-        self.entries().insert(a.task_id.clone(), Entry { stop, shipper: shipper.clone(), terminal_seq: None });
+        let shipper = Arc::new(LogShipper::new(
+            a.task_id.clone(),
+            ctx.dir.clone(),
+            self.limits.log_max_bytes,
+            self.link.clone(),
+        ));
+        self.entries().insert(
+            a.task_id.clone(),
+            Entry {
+                stop,
+                shipper: shipper.clone(),
+                terminal_seq: None,
+            },
+        );
         (stop_rx, shipper)
     }
 
     /// Emits the terminal event (unless forgotten) and marks the task finished.
-    fn finish(&self, id: &TaskId, state: TaskState, reason: &str, exit: Option<Exit>, a: &TaskAssignment) {
-        let forgotten = self.entries().get(id).is_none_or(|e| e.stop.borrow().as_ref().is_some_and(|r| r.forget));
+    fn finish(
+        &self,
+        id: &TaskId,
+        state: TaskState,
+        reason: &str,
+        exit: Option<Exit>,
+        a: &TaskAssignment,
+    ) {
+        let forgotten = self
+            .entries()
+            .get(id)
+            .is_none_or(|e| e.stop.borrow().as_ref().is_some_and(|r| r.forget));
         if forgotten {
             self.entries().remove(id);
             let _ = std::fs::remove_dir_all(self.tasks_dir.join(id.as_str()));
@@ -301,20 +368,37 @@ impl TaskManager {
         if !adopted {
             self.emit(&id, TaskState::Preparing, "", None);
             if let Some(req) = stop_requested(&stop_rx) {
-                self.finish(&id, TaskState::Stopped, &format!("{} before it started", req.reason), None, &a);
+                self.finish(
+                    &id,
+                    TaskState::Stopped,
+                    &format!("{} before it started", req.reason),
+                    None,
+                    &a,
+                );
                 return;
             }
             match tokio::time::timeout(self.limits.prepare_timeout, rt.prepare(&ctx)).await {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => return self.finish(&id, TaskState::Failed, &format!("prepare: {e}"), None, &a),
+                Ok(Err(e)) => {
+                    return self.finish(&id, TaskState::Failed, &format!("prepare: {e}"), None, &a);
+                }
                 Err(_) => {
-                    let reason = format!("prepare did not finish within {}s", self.limits.prepare_timeout.as_secs());
+                    let reason = format!(
+                        "prepare did not finish within {}s",
+                        self.limits.prepare_timeout.as_secs()
+                    );
                     return self.finish(&id, TaskState::Failed, &reason, None, &a);
                 }
             }
             self.emit(&id, TaskState::Starting, "", None);
             if let Some(req) = stop_requested(&stop_rx) {
-                self.finish(&id, TaskState::Stopped, &format!("{} before it started", req.reason), None, &a);
+                self.finish(
+                    &id,
+                    TaskState::Stopped,
+                    &format!("{} before it started", req.reason),
+                    None,
+                    &a,
+                );
                 return;
             }
             match tokio::time::timeout(self.limits.start_timeout, rt.start(&ctx)).await {
@@ -327,7 +411,10 @@ impl TaskManager {
                     // The start may still complete behind our back; make sure it ends.
                     let _ = rt.stop(&id, Duration::ZERO).await;
                     let _ = rt.destroy(&id).await;
-                    let reason = format!("start did not finish within {}s", self.limits.start_timeout.as_secs());
+                    let reason = format!(
+                        "start did not finish within {}s",
+                        self.limits.start_timeout.as_secs()
+                    );
                     return self.finish(&id, TaskState::Failed, &reason, None, &a);
                 }
             }
@@ -385,17 +472,38 @@ impl TaskManager {
             (Ok(st), Some((req, outcome))) => {
                 let how = match outcome {
                     Ok(StopOutcome::Graceful) => "ended after SIGTERM".to_string(),
-                    Ok(StopOutcome::Killed) => format!("killed with SIGKILL after the {}s grace period", req.grace.as_secs_f64()),
+                    Ok(StopOutcome::Killed) => format!(
+                        "killed with SIGKILL after the {}s grace period",
+                        req.grace.as_secs_f64()
+                    ),
                     Ok(StopOutcome::AlreadyExited) => "had already exited".to_string(),
                     Err(e) => format!("stopping failed: {e}"),
                 };
-                (TaskState::Stopped, format!("{}: {how}", req.reason), exit_of(st))
+                (
+                    TaskState::Stopped,
+                    format!("{}: {how}", req.reason),
+                    exit_of(st),
+                )
             }
-            (Ok(ExitStatus::Exited(0)), None) => (TaskState::Succeeded, String::new(), exit_of(&ExitStatus::Exited(0))),
-            (Ok(st @ ExitStatus::Exited(code)), None) => (TaskState::Failed, format!("exited with code {code}"), exit_of(st)),
-            (Ok(st @ ExitStatus::Signaled(sig)), None) => (TaskState::Failed, format!("killed by {sig}"), exit_of(st)),
+            (Ok(ExitStatus::Exited(0)), None) => (
+                TaskState::Succeeded,
+                String::new(),
+                exit_of(&ExitStatus::Exited(0)),
+            ),
+            (Ok(st @ ExitStatus::Exited(code)), None) => (
+                TaskState::Failed,
+                format!("exited with code {code}"),
+                exit_of(st),
+            ),
+            (Ok(st @ ExitStatus::Signaled(sig)), None) => {
+                (TaskState::Failed, format!("killed by {sig}"), exit_of(st))
+            }
             (Ok(ExitStatus::Unknown(why)), None) => (TaskState::Failed, why.clone(), None),
-            (Err(e), _) => (TaskState::Failed, format!("waiting for the task: {e}"), None),
+            (Err(e), _) => (
+                TaskState::Failed,
+                format!("waiting for the task: {e}"),
+                None,
+            ),
         };
         self.finish(&id, state, &reason, exit, &a);
         let _ = rt.destroy(&id).await;
@@ -404,11 +512,20 @@ impl TaskManager {
     /// After a restart: finds the tasks a previous agent process left and re-adopts,
     /// reports or fails each one.
     pub async fn recover(self: &Arc<Self>) {
-        let Ok(dirs) = std::fs::read_dir(&self.tasks_dir) else { return };
-        let pending: HashMap<TaskId, u64> = self.outbox().pending().map(|e| (e.task_id.clone(), e.seq)).collect();
+        let Ok(dirs) = std::fs::read_dir(&self.tasks_dir) else {
+            return;
+        };
+        let pending: HashMap<TaskId, u64> = self
+            .outbox()
+            .pending()
+            .map(|e| (e.task_id.clone(), e.seq))
+            .collect();
         for d in dirs.flatten() {
             let path = d.path();
-            let file: TaskFile = match std::fs::read(path.join("task.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            let file: TaskFile = match std::fs::read(path.join("task.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
                 Some(f) => f,
                 None => {
                     // No readable task.json: a start that died before recording it.
@@ -436,7 +553,10 @@ impl TaskManager {
             }
             let (stop_rx, shipper) = self.register(&a, &ctx);
             let Some(rt) = self.runtime(&a.spec.runtime) else {
-                let reason = format!("runtime {} is not available after the agent restarted", a.spec.runtime);
+                let reason = format!(
+                    "runtime {} is not available after the agent restarted",
+                    a.spec.runtime
+                );
                 self.finish(&a.task_id, TaskState::Failed, &reason, None, &a);
                 continue;
             };
@@ -450,8 +570,14 @@ impl TaskManager {
                     shipper.tick();
                     let (state, reason) = match &st {
                         ExitStatus::Exited(0) => (TaskState::Succeeded, String::new()),
-                        ExitStatus::Exited(c) => (TaskState::Failed, format!("exited with code {c} while the agent was restarting")),
-                        ExitStatus::Signaled(s) => (TaskState::Failed, format!("killed by {s} while the agent was restarting")),
+                        ExitStatus::Exited(c) => (
+                            TaskState::Failed,
+                            format!("exited with code {c} while the agent was restarting"),
+                        ),
+                        ExitStatus::Signaled(s) => (
+                            TaskState::Failed,
+                            format!("killed by {s} while the agent was restarting"),
+                        ),
                         ExitStatus::Unknown(w) => (TaskState::Failed, w.clone()),
                     };
                     self.finish(&a.task_id, state, &reason, exit_of(&st), &a);
@@ -468,8 +594,14 @@ impl TaskManager {
 
 fn exit_of(st: &ExitStatus) -> Option<Exit> {
     match st {
-        ExitStatus::Exited(c) => Some(Exit { code: Some(*c), signal: None }),
-        ExitStatus::Signaled(s) => Some(Exit { code: None, signal: Some(s.clone()) }),
+        ExitStatus::Exited(c) => Some(Exit {
+            code: Some(*c),
+            signal: None,
+        }),
+        ExitStatus::Signaled(s) => Some(Exit {
+            code: None,
+            signal: Some(s.clone()),
+        }),
         ExitStatus::Unknown(_) => None,
     }
 }

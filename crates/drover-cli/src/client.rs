@@ -32,7 +32,11 @@ impl Client {
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .context("building the HTTP client")?;
-        Ok(Client { base, token: token.to_string(), http })
+        Ok(Client {
+            base,
+            token: token.to_string(),
+            http,
+        })
     }
 
     async fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response> {
@@ -45,11 +49,19 @@ impl Client {
             Ok(e) => (e.code, e.error),
             Err(_) => ("http".to_string(), format!("HTTP {status}: {body}")),
         };
-        Err(ApiError { status, code, message }.into())
+        Err(ApiError {
+            status,
+            code,
+            message,
+        }
+        .into())
     }
 
     fn connect_error(&self, e: reqwest::Error) -> anyhow::Error {
-        anyhow!("cannot reach the Drover server at {}: {e}. Is it running? (`drover up` starts one)", self.base)
+        anyhow!(
+            "cannot reach the Drover server at {}: {e}. Is it running? (`drover up` starts one)",
+            self.base
+        )
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -62,7 +74,9 @@ impl Client {
             .await
             .map_err(|e| self.connect_error(e))?;
         let resp = self.check(resp).await?;
-        resp.json().await.with_context(|| format!("decoding the answer to GET {path}"))
+        resp.json()
+            .await
+            .with_context(|| format!("decoding the answer to GET {path}"))
     }
 
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T> {
@@ -77,7 +91,9 @@ impl Client {
             .await
             .map_err(|e| self.connect_error(e))?;
         let resp = self.check(resp).await?;
-        resp.json().await.with_context(|| format!("decoding the answer to POST {path}"))
+        resp.json()
+            .await
+            .with_context(|| format!("decoding the answer to POST {path}"))
     }
 
     pub async fn apply(&self, spec: &JobSpec) -> Result<ApplyResponse> {
@@ -93,7 +109,8 @@ impl Client {
     }
 
     pub async fn stop_job(&self, name: &str) -> Result<JobView> {
-        self.post(&format!("/v1/jobs/{}/stop", enc(name)), Vec::new()).await
+        self.post(&format!("/v1/jobs/{}/stop", enc(name)), Vec::new())
+            .await
     }
 
     pub async fn tasks(&self, job: Option<&str>) -> Result<Vec<TaskView>> {
@@ -113,9 +130,20 @@ impl Client {
 
     /// Streams a job's or task's log and state events to `on_event` until the stream
     /// ends (when not following, or when everything has finished).
-    pub async fn stream(&self, path: &str, follow: bool, mut on_event: impl FnMut(StreamEvent) -> Result<()>) -> Result<()> {
+    pub async fn stream(
+        &self,
+        path: &str,
+        follow: bool,
+        mut on_event: impl FnMut(StreamEvent) -> Result<()>,
+    ) -> Result<()> {
         let url = format!("{}{path}?follow={follow}", self.base);
-        let resp = self.http.get(url).bearer_auth(&self.token).send().await.map_err(|e| self.connect_error(e))?;
+        let resp = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| self.connect_error(e))?;
         let resp = self.check(resp).await?;
         let mut body = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
@@ -130,7 +158,8 @@ impl Client {
             buf.extend_from_slice(&chunk);
             while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=pos).collect();
-                let ev: StreamEvent = serde_json::from_slice(&line[..line.len() - 1]).context("decoding a stream event")?;
+                let ev: StreamEvent = serde_json::from_slice(&line[..line.len() - 1])
+                    .context("decoding a stream event")?;
                 on_event(ev)?;
             }
         }

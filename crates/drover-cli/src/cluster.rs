@@ -52,30 +52,51 @@ impl RunningServer {
 
     /// Waits until the server stops on its own (it does not, short of an error).
     pub async fn wait(&mut self) -> Result<()> {
-        (&mut self.serve).await.context("server task")?.context("serving HTTP")
+        (&mut self.serve)
+            .await
+            .context("server task")?
+            .context("serving HTTP")
     }
 }
 
 pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
-    std::fs::create_dir_all(&opts.data_dir).with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
-    let store = SqliteStore::open(&SqliteConfig { path: Some(opts.data_dir.join("drover.db")), durability: opts.durability })
-        .await
-        .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
+    std::fs::create_dir_all(&opts.data_dir)
+        .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
+    let store = SqliteStore::open(&SqliteConfig {
+        path: Some(opts.data_dir.join("drover.db")),
+        durability: opts.durability,
+    })
+    .await
+    .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
     let mut cfg = ControllerConfig::new(opts.data_dir.clone());
     cfg.heartbeat_interval = opts.heartbeat_interval;
     cfg.node_lost_after = opts.node_lost_after;
     cfg.bootstrap_tokens = vec![
-        BootstrapToken { secret: opts.admin_token.clone(), role: Role::Admin, name: "admin".into() },
-        BootstrapToken { secret: opts.join_token.clone(), role: Role::Agent, name: "join".into() },
+        BootstrapToken {
+            secret: opts.admin_token.clone(),
+            role: Role::Admin,
+            name: "admin".into(),
+        },
+        BootstrapToken {
+            secret: opts.join_token.clone(),
+            role: Role::Agent,
+            name: "join".into(),
+        },
     ];
-    let controller = Controller::start(cfg, Arc::new(store)).await.context("starting the controller")?;
+    let controller = Controller::start(cfg, Arc::new(store))
+        .await
+        .context("starting the controller")?;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr()?;
     let c = controller.clone();
     let serve = tokio::spawn(async move { c.serve(listener).await });
-    Ok(RunningServer { controller, addr, serve })
+    Ok(RunningServer {
+        controller,
+        addr,
+        serve,
+    })
 }
 
 pub struct AgentOptions {
@@ -88,7 +109,12 @@ pub struct AgentOptions {
 }
 
 pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
-    let mut cfg = AgentConfig::new(opts.server, opts.join_token, opts.data_dir, default_runtimes());
+    let mut cfg = AgentConfig::new(
+        opts.server,
+        opts.join_token,
+        opts.data_dir,
+        default_runtimes(),
+    );
     if let Some(n) = opts.name {
         cfg.name = n;
     }
@@ -108,7 +134,10 @@ pub struct Ephemeral {
 
 impl Ephemeral {
     pub async fn start() -> Result<Ephemeral> {
-        let dir = tempfile::Builder::new().prefix("drover-run-").tempdir().context("creating a temporary directory")?;
+        let dir = tempfile::Builder::new()
+            .prefix("drover-run-")
+            .tempdir()
+            .context("creating a temporary directory")?;
         let token = crate::config::new_secret("drv");
         let join = crate::config::new_secret("drj");
         let server = start_server(ServerOptions {
@@ -131,7 +160,12 @@ impl Ephemeral {
             capacity: None,
         })
         .await?;
-        Ok(Ephemeral { server, agent, token, _dir: dir })
+        Ok(Ephemeral {
+            server,
+            agent,
+            token,
+            _dir: dir,
+        })
     }
 
     pub async fn stop(self) {

@@ -34,7 +34,9 @@ pub fn default_data_dir() -> PathBuf {
 }
 
 pub fn load() -> Result<CliConfig> {
-    let Some(path) = config_path() else { return Ok(CliConfig::default()) };
+    let Some(path) = config_path() else {
+        return Ok(CliConfig::default());
+    };
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CliConfig::default()),
@@ -47,7 +49,8 @@ pub fn load() -> Result<CliConfig> {
 pub fn save(cfg: &CliConfig) -> Result<PathBuf> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let path = config_path().context("no home directory to keep the CLI config in; set XDG_CONFIG_HOME")?;
+    let path = config_path()
+        .context("no home directory to keep the CLI config in; set XDG_CONFIG_HOME")?;
     let dir = path.parent().context("config path has no parent")?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let text = serde_saphyr::to_string(cfg).context("encoding the CLI config")?;

@@ -61,7 +61,9 @@ enum Cmd {
     /// Run a command as a job and stream its output; exits with the task's exit code.
     ///
     /// Without a configured server this starts a throwaway cluster in this process.
-    #[command(after_help = "Examples:\n  drover run -- sh -c 'echo hello'\n  drover run --count 3 --env GREETING=hi -- sh -c 'echo $GREETING $DROVER_TASK_INDEX'\n  drover run --service -- python3 -m http.server 8000")]
+    #[command(
+        after_help = "Examples:\n  drover run -- sh -c 'echo hello'\n  drover run --count 3 --env GREETING=hi -- sh -c 'echo $GREETING $DROVER_TASK_INDEX'\n  drover run --service -- python3 -m http.server 8000"
+    )]
     Run(RunArgs),
     /// Run a persistent controller and a local agent (SQLite in the data dir).
     ///
@@ -232,7 +234,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(drover_runtime::shim::SUBCOMMAND) {
         match drover_runtime::shim::parse_args(&args[2..]) {
-            Ok((status, argv)) => std::process::exit(drover_runtime::shim::run_shim(&status, &argv)),
+            Ok((status, argv)) => {
+                std::process::exit(drover_runtime::shim::run_shim(&status, &argv))
+            }
             Err(e) => {
                 eprintln!("drover {}: {e}", drover_runtime::shim::SUBCOMMAND);
                 std::process::exit(2);
@@ -241,7 +245,10 @@ fn main() {
     }
     let cli = Cli::parse();
     init_tracing(&cli.command);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -272,8 +279,12 @@ fn init_tracing(cmd: &Cmd) {
         Cmd::Up(_) | Cmd::Server(_) | Cmd::Agent(_) => "info",
         _ => "warn",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The server and token to talk to, if any is configured.
@@ -318,7 +329,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             logs(&c, a).await
         }
         Cmd::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "drover", &mut std::io::stdout());
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "drover",
+                &mut std::io::stdout(),
+            );
             Ok(0)
         }
     }
@@ -339,21 +355,32 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     if let Some(m) = parse_memory(&a.memory, "memory")? {
         resources.memory = m;
     }
-    let name = a.name.clone().unwrap_or_else(|| format!("run-{}", hex::encode(rand::random::<[u8; 4]>())));
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("run-{}", hex::encode(rand::random::<[u8; 4]>())));
     let spec = JobSpec {
         name,
-        kind: if a.service { JobKind::Service } else { JobKind::Batch },
+        kind: if a.service {
+            JobKind::Service
+        } else {
+            JobKind::Batch
+        },
         count: a.count,
         runtime,
         command: a.command.clone(),
         env: a.env.iter().cloned().collect(),
         resources,
         constraints: Vec::new(),
-        restart: drover_core::spec::RestartPolicy { attempts: a.retries, ..Default::default() },
+        restart: drover_core::spec::RestartPolicy {
+            attempts: a.retries,
+            ..Default::default()
+        },
         stop_grace: drover_core::quantity::Dur::from_secs(5),
         mock: None,
     };
-    spec.validate().map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
     match resolve(cli)? {
         Some(c) => run_on(&c, &spec).await,
         None => {
@@ -406,23 +433,36 @@ async fn run_on(c: &Client, spec: &JobSpec) -> Result<i32> {
 fn exit_code(exit: Option<&Exit>) -> i32 {
     match exit {
         Some(Exit { code: Some(c), .. }) if *c != 0 => *c,
-        Some(Exit { signal: Some(s), .. }) => 128 + signal_number(s).unwrap_or(1),
+        Some(Exit {
+            signal: Some(s), ..
+        }) => 128 + signal_number(s).unwrap_or(1),
         _ => code::ERROR,
     }
 }
 
 fn signal_number(name: &str) -> Option<i32> {
-    [("SIGHUP", 1), ("SIGINT", 2), ("SIGQUIT", 3), ("SIGABRT", 6), ("SIGKILL", 9), ("SIGSEGV", 11), ("SIGPIPE", 13), ("SIGTERM", 15)]
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, v)| *v)
+    [
+        ("SIGHUP", 1),
+        ("SIGINT", 2),
+        ("SIGQUIT", 3),
+        ("SIGABRT", 6),
+        ("SIGKILL", 9),
+        ("SIGSEGV", 11),
+        ("SIGPIPE", 13),
+        ("SIGTERM", 15),
+    ]
+    .iter()
+    .find(|(n, _)| *n == name)
+    .map(|(_, v)| *v)
 }
 
 fn print_event(ev: StreamEvent) -> Result<()> {
     if let StreamEvent::Log { stream, data, .. } = ev {
         // A closed stdout (e.g. piped into `head`) ends the output quietly.
         let _ = match stream {
-            LogStream::Stdout => std::io::stdout().write_all(data.as_bytes()).and_then(|_| std::io::stdout().flush()),
+            LogStream::Stdout => std::io::stdout()
+                .write_all(data.as_bytes())
+                .and_then(|_| std::io::stdout().flush()),
             LogStream::Stderr => std::io::stderr().write_all(data.as_bytes()),
         };
     }
@@ -454,7 +494,10 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             let res = c.apply(&spec).await?;
             match out {
                 Output::Json => output::json(&res)?,
-                Output::Table => println!("job {} {} (version {})", res.job.job.name, res.result, res.job.job.version),
+                Output::Table => println!(
+                    "job {} {} (version {})",
+                    res.job.job.name, res.result, res.job.job.version
+                ),
             }
             Ok(0)
         }
@@ -495,7 +538,10 @@ async fn up(a: &UpArgs) -> Result<i32> {
     })
     .await?;
     let url = server.url();
-    let path = config::save(&config::CliConfig { server: Some(url.clone()), token: Some(admin) })?;
+    let path = config::save(&config::CliConfig {
+        server: Some(url.clone()),
+        token: Some(admin),
+    })?;
     let agent = cluster::start_agent(cluster::AgentOptions {
         server: url.clone(),
         join_token: join,
@@ -506,19 +552,27 @@ async fn up(a: &UpArgs) -> Result<i32> {
     })
     .await?;
     eprintln!("drover is up at {url} (data in {})", data_dir.display());
-    eprintln!("the CLI config in {} points at it; try `drover run -- echo hello`", path.display());
+    eprintln!(
+        "the CLI config in {} points at it; try `drover run -- echo hello`",
+        path.display()
+    );
     let result = tokio::select! {
         r = server.wait() => r,
         _ = shutdown_signal() => Ok(()),
     };
-    eprintln!("drover: shutting down; running tasks keep running and are re-adopted by the next `drover up`");
+    eprintln!(
+        "drover: shutting down; running tasks keep running and are re-adopted by the next `drover up`"
+    );
     agent.shutdown().await;
     server.stop().await;
     result.map(|_| 0)
 }
 
 async fn server(a: &ServerArgs) -> Result<i32> {
-    let data_dir = a.data_dir.clone().unwrap_or_else(|| config::default_data_dir().join("controller"));
+    let data_dir = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config::default_data_dir().join("controller"));
     cluster::ensure_dir(&data_dir)?;
     let admin = config::secret_in(&data_dir, "admin-token", "drv")?;
     let join = match &a.join_token {
@@ -536,7 +590,11 @@ async fn server(a: &ServerArgs) -> Result<i32> {
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());
-    eprintln!("admin token: {}/admin-token; join token: {}/join-token", data_dir.display(), data_dir.display());
+    eprintln!(
+        "admin token: {}/admin-token; join token: {}/join-token",
+        data_dir.display(),
+        data_dir.display()
+    );
     let result = tokio::select! {
         r = server.wait() => r,
         _ = shutdown_signal() => Ok(()),
@@ -546,13 +604,20 @@ async fn server(a: &ServerArgs) -> Result<i32> {
 }
 
 async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
-    let server = server.context("drover agent needs --server URL (or DROVER_SERVER): the controller to dial")?;
-    let data_dir = a.data_dir.clone().unwrap_or_else(|| config::default_data_dir().join("agent"));
+    let server = server
+        .context("drover agent needs --server URL (or DROVER_SERVER): the controller to dial")?;
+    let data_dir = a
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| config::default_data_dir().join("agent"));
     let capacity = match (a.cpu, parse_memory(&a.memory, "memory")?) {
         (None, None) => None,
         (cpu, mem) => {
             let d = drover_agent::detect_capacity();
-            Some(Resources { cpu: cpu.unwrap_or(d.cpu), memory: mem.unwrap_or(d.memory) })
+            Some(Resources {
+                cpu: cpu.unwrap_or(d.cpu),
+                memory: mem.unwrap_or(d.memory),
+            })
         }
     };
     let agent = cluster::start_agent(cluster::AgentOptions {
@@ -596,8 +661,20 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_shell_convention() {
-        assert_eq!(exit_code(Some(&Exit { code: Some(3), signal: None })), 3);
-        assert_eq!(exit_code(Some(&Exit { code: None, signal: Some("SIGKILL".into()) })), 137);
+        assert_eq!(
+            exit_code(Some(&Exit {
+                code: Some(3),
+                signal: None
+            })),
+            3
+        );
+        assert_eq!(
+            exit_code(Some(&Exit {
+                code: None,
+                signal: Some("SIGKILL".into())
+            })),
+            137
+        );
         assert_eq!(exit_code(None), code::ERROR);
     }
 }

@@ -47,7 +47,9 @@ fn age(at: Millis) -> String {
 fn exit_text(e: &Option<Exit>) -> String {
     match e {
         Some(Exit { code: Some(c), .. }) => c.to_string(),
-        Some(Exit { signal: Some(s), .. }) => s.clone(),
+        Some(Exit {
+            signal: Some(s), ..
+        }) => s.clone(),
         _ => String::new(),
     }
 }
@@ -58,7 +60,11 @@ pub fn jobs(out: Output, jobs: &[JobView]) -> Result<()> {
     }
     let mut t = table(&["NAME", "KIND", "STATUS", "TASKS", "VERSION", "AGE"]);
     for j in jobs {
-        let summary: Vec<String> = j.task_states.iter().map(|(s, n)| format!("{n} {s}")).collect();
+        let summary: Vec<String> = j
+            .task_states
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect();
         t.add_row(vec![
             j.job.name.clone(),
             j.job.spec.kind.to_string(),
@@ -76,7 +82,9 @@ pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
     if out == Output::Json {
         return json(&tasks);
     }
-    let mut t = table(&["ID", "JOB", "INDEX", "STATE", "NODE", "EXIT", "AGE", "REASON"]);
+    let mut t = table(&[
+        "ID", "JOB", "INDEX", "STATE", "NODE", "EXIT", "AGE", "REASON",
+    ]);
     for v in tasks {
         let task = &v.task;
         t.add_row(vec![
@@ -98,11 +106,17 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
     if out == Output::Json {
         return json(&nodes);
     }
-    let mut t = table(&["ID", "NAME", "STATUS", "PLATFORM", "RUNTIMES", "CPU", "MEMORY", "TASKS", "LABELS"]);
+    let mut t = table(&[
+        "ID", "NAME", "STATUS", "PLATFORM", "RUNTIMES", "CPU", "MEMORY", "TASKS", "LABELS",
+    ]);
     for n in nodes {
         let info = &n.node.info;
         let runtimes: Vec<String> = info.runtimes.iter().map(|r| r.to_string()).collect();
-        let labels: Vec<String> = info.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let labels: Vec<String> = info
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         t.add_row(vec![
             n.node.id.to_string(),
             info.name.clone(),
@@ -126,7 +140,10 @@ pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<
             job: &'a JobView,
             tasks: &'a [TaskView],
         }
-        return json(&Status { job, tasks: task_list });
+        return json(&Status {
+            job,
+            tasks: task_list,
+        });
     }
     let j = &job.job;
     println!("name:     {}", j.name);

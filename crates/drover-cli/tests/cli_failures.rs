@@ -18,14 +18,23 @@ struct Fleet {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Fleet {
     fn start() -> Fleet {
         let home = Home::new();
         let listen = format!("127.0.0.1:{}", free_port());
-        let mut f = Fleet { home, server: None, url: String::new(), listen };
+        let mut f = Fleet {
+            home,
+            server: None,
+            url: String::new(),
+            listen,
+        };
         f.start_server();
         f
     }
@@ -37,7 +46,17 @@ impl Fleet {
     fn start_server(&mut self) {
         let dir = self.server_dir();
         let (d, line) = self.home.spawn(
-            &["server", "--data-dir", dir.to_str().unwrap(), "--listen", &self.listen, "--heartbeat-interval", "200ms", "--node-lost-after", "2s"],
+            &[
+                "server",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen",
+                &self.listen,
+                "--heartbeat-interval",
+                "200ms",
+                "--node-lost-after",
+                "2s",
+            ],
             "listening on",
         );
         self.url = url_in(&line);
@@ -70,7 +89,8 @@ impl Fleet {
     /// environment as a script would pass them.
     fn cli(&self, args: &[&str]) -> std::process::Output {
         let mut cmd = self.home.cmd(args);
-        cmd.env("DROVER_SERVER", &self.url).env("DROVER_TOKEN", self.token("admin-token"));
+        cmd.env("DROVER_SERVER", &self.url)
+            .env("DROVER_TOKEN", self.token("admin-token"));
         run_with_timeout(cmd, Duration::from_secs(60))
     }
 
@@ -107,13 +127,21 @@ impl Fleet {
     fn running_task(&self, job: &str) -> (String, i32) {
         let mut found = None;
         wait_until("a running task that printed its pid", T, || {
-            let running: Vec<_> = self.tasks(job).into_iter().filter(|t| t["state"] == "running").collect();
+            let running: Vec<_> = self
+                .tasks(job)
+                .into_iter()
+                .filter(|t| t["state"] == "running")
+                .collect();
             if running.len() != 1 {
                 return false;
             }
             let id = running[0]["id"].as_str().unwrap().to_string();
             let out = self.cli(&["logs", &id]);
-            let pid = stdout(&out).lines().filter_map(|l| l.strip_prefix("pid ")).filter_map(|p| p.trim().parse::<i32>().ok()).last();
+            let pid = stdout(&out)
+                .lines()
+                .filter_map(|l| l.strip_prefix("pid "))
+                .filter_map(|p| p.trim().parse::<i32>().ok())
+                .next_back();
             found = pid.map(|p| (id, p));
             found.is_some()
         });
@@ -124,7 +152,13 @@ impl Fleet {
 impl Drop for Fleet {
     fn drop(&mut self) {
         // Tasks run in their own sessions and would outlive the test; end them.
-        let _ = Command::new("pkill").args(["-9", "-f", &format!("drover-test-marker-{}", self.home.path().display())]).status();
+        let _ = Command::new("pkill")
+            .args([
+                "-9",
+                "-f",
+                &format!("drover-test-marker-{}", self.home.path().display()),
+            ])
+            .status();
     }
 }
 
@@ -155,7 +189,9 @@ fn an_agent_killed_with_sigkill_re_adopts_its_running_task() {
 
     // The re-adopted task is fully under control: a stop ends it and records SIGTERM.
     assert!(fleet.cli(&["job", "stop", "adoptee"]).status.success());
-    wait_until("the task to stop", T, || fleet.tasks("adoptee")[0]["state"] == "stopped");
+    wait_until("the task to stop", T, || {
+        fleet.tasks("adoptee")[0]["state"] == "stopped"
+    });
     assert_eq!(fleet.tasks("adoptee")[0]["exit"]["signal"], "SIGTERM");
     wait_until("the process to end", T, || !pid_alive(pid));
 }
@@ -165,11 +201,18 @@ fn a_task_that_ends_while_its_agent_is_down_is_reported_with_its_exit_code() {
     let fleet = Fleet::start();
     let mut agent = fleet.agent("n1");
     fleet.apply("name: ender\ncommand: [sh, -c, 'echo started; sleep 1.5; exit 7']\nrestart: { attempts: 0 }\n");
-    wait_until("the task to run", T, || fleet.tasks("ender").first().is_some_and(|t| t["state"] == "running"));
+    wait_until("the task to run", T, || {
+        fleet
+            .tasks("ender")
+            .first()
+            .is_some_and(|t| t["state"] == "running")
+    });
     agent.kill9();
     std::thread::sleep(Duration::from_millis(2000));
     let _agent = fleet.agent("n1");
-    wait_until("the job to fail", T, || fleet.job("ender")["status"] == "failed");
+    wait_until("the job to fail", T, || {
+        fleet.job("ender")["status"] == "failed"
+    });
     let job = fleet.job("ender");
     assert_eq!(job["exit"]["code"], 7, "{job}");
     assert!(fleet.logs("ender").contains("started"));
@@ -189,15 +232,24 @@ fn a_controller_killed_with_sigkill_loses_nothing_and_tasks_keep_running() {
     std::thread::sleep(Duration::from_millis(300));
     fleet.start_server();
 
-    wait_until("the agent to reconnect", T, || fleet.node_status("n1") == "ready");
+    wait_until("the agent to reconnect", T, || {
+        fleet.node_status("n1") == "ready"
+    });
     let tasks = fleet.tasks("survivor");
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     assert_eq!(tasks[0]["id"], task.as_str());
     assert_eq!(tasks[0]["state"], "running");
     assert!(pid_alive(pid));
-    wait_until("the late job to complete", T, || fleet.job("late")["status"] == "complete");
+    wait_until("the late job to complete", T, || {
+        fleet.job("late")["status"] == "complete"
+    });
     let late = fleet.logs("late");
-    assert!(late.contains("late ran"), "logs: {late:?}; tasks: {:?}; server log: {}", fleet.tasks("late"), fleet.server.as_ref().unwrap().log());
+    assert!(
+        late.contains("late ran"),
+        "logs: {late:?}; tasks: {:?}; server log: {}",
+        fleet.tasks("late"),
+        fleet.server.as_ref().unwrap().log()
+    );
     assert!(fleet.cli(&["job", "stop", "survivor"]).status.success());
     wait_until("the process to end", T, || !pid_alive(pid));
 }
@@ -207,23 +259,47 @@ fn a_lost_node_has_its_service_rescheduled_and_is_told_to_kill_it_when_it_return
     let fleet = Fleet::start();
     let mut a = fleet.agent("a");
     let mut b = fleet.agent("b");
-    wait_until("both nodes", T, || fleet.node_status("a") == "ready" && fleet.node_status("b") == "ready");
+    wait_until("both nodes", T, || {
+        fleet.node_status("a") == "ready" && fleet.node_status("b") == "ready"
+    });
     // Placement may pick either node; the test kills whichever agent got the task.
     fleet.apply(&service("mover", fleet.home.path()));
     let (first, pid) = fleet.running_task("mover");
-    let first_node = fleet.tasks("mover")[0]["node_name"].as_str().unwrap().to_string();
-    if first_node == "a" { a.kill9() } else { b.kill9() }
-    wait_until("the node to be lost", T, || fleet.node_status(&first_node) == "lost");
+    let first_node = fleet.tasks("mover")[0]["node_name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    if first_node == "a" {
+        a.kill9()
+    } else {
+        b.kill9()
+    }
+    wait_until("the node to be lost", T, || {
+        fleet.node_status(&first_node) == "lost"
+    });
     wait_until("a replacement to run elsewhere", T, || {
         let tasks = fleet.tasks("mover");
-        tasks.iter().any(|t| t["id"] == first.as_str() && t["state"] == "lost")
-            && tasks.iter().any(|t| t["state"] == "running" && t["node_name"] != first_node.as_str())
+        tasks
+            .iter()
+            .any(|t| t["id"] == first.as_str() && t["state"] == "lost")
+            && tasks
+                .iter()
+                .any(|t| t["state"] == "running" && t["node_name"] != first_node.as_str())
     });
-    assert!(pid_alive(pid), "the old process still runs on the lost node");
+    assert!(
+        pid_alive(pid),
+        "the old process still runs on the lost node"
+    );
     // The node comes back: it re-adopts the old task, learns it is no longer its own
     // and kills it.
     let _back = fleet.agent(&first_node);
-    wait_until("the lost node's old task to be killed", T, || !pid_alive(pid));
-    let running: Vec<_> = fleet.tasks("mover").into_iter().filter(|t| t["state"] == "running").collect();
+    wait_until("the lost node's old task to be killed", T, || {
+        !pid_alive(pid)
+    });
+    let running: Vec<_> = fleet
+        .tasks("mover")
+        .into_iter()
+        .filter(|t| t["state"] == "running")
+        .collect();
     assert_eq!(running.len(), 1, "{running:?}");
 }

@@ -25,7 +25,17 @@ fn run_exits_with_the_tasks_exit_code() {
 #[test]
 fn run_count_and_env() {
     let home = Home::new();
-    let out = home.run(&["run", "--count", "3", "--env", "GREETING=hi", "--", "sh", "-c", "echo $GREETING $DROVER_TASK_INDEX"]);
+    let out = home.run(&[
+        "run",
+        "--count",
+        "3",
+        "--env",
+        "GREETING=hi",
+        "--",
+        "sh",
+        "-c",
+        "echo $GREETING $DROVER_TASK_INDEX",
+    ]);
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     let mut lines: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
     lines.sort();
@@ -58,10 +68,15 @@ fn up_configures_the_cli_and_every_client_command_works() {
     // The CLI config now points at the server.
     let nodes = home.run(&["node", "ls", "-o", "json"]);
     assert!(nodes.status.success(), "{}", stderr(&nodes));
-    wait_until("the local agent to register", Duration::from_secs(20), || {
-        let n = json(&home.run(&["node", "ls", "-o", "json"]));
-        n.as_array().is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
-    });
+    wait_until(
+        "the local agent to register",
+        Duration::from_secs(20),
+        || {
+            let n = json(&home.run(&["node", "ls", "-o", "json"]));
+            n.as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
+        },
+    );
     let job = write(
         home.path(),
         "job.yaml",
@@ -79,7 +94,10 @@ fn up_configures_the_cli_and_every_client_command_works() {
     assert_eq!(jobs[0]["name"], "greeter");
     assert_eq!(jobs[0]["status"], "running");
     let table = stdout(&home.run(&["job", "ls"]));
-    assert!(table.contains("NAME") && table.contains("greeter"), "{table}");
+    assert!(
+        table.contains("NAME") && table.contains("greeter"),
+        "{table}"
+    );
     let tasks = json(&home.run(&["task", "ls", "-o", "json"]));
     assert_eq!(tasks[0]["state"], "running");
     let status = stdout(&home.run(&["job", "status", "greeter"]));
@@ -96,7 +114,10 @@ fn up_configures_the_cli_and_every_client_command_works() {
     std::thread::spawn(move || {
         let _ = tx.send(follower.wait_with_output());
     });
-    let followed = rx.recv_timeout(Duration::from_secs(20)).expect("logs -f did not end when the job stopped").unwrap();
+    let followed = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("logs -f did not end when the job stopped")
+        .unwrap();
     assert!(String::from_utf8_lossy(&followed.stdout).contains("hello from 0"));
 
     let tasks = json(&home.run(&["task", "ls", "--job", "greeter", "-o", "json"]));
@@ -110,12 +131,20 @@ fn up_configures_the_cli_and_every_client_command_works() {
     // Flags and environment variables override the config file.
     let out = home.run(&["job", "ls", "--token", "wrong"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
-    assert!(stderr(&out).contains("invalid or revoked token"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid or revoked token"),
+        "{}",
+        stderr(&out)
+    );
     let mut cmd = home.cmd(&["job", "ls"]);
     cmd.env("DROVER_SERVER", "http://127.0.0.1:9");
     let out = run_with_timeout(cmd, Duration::from_secs(30));
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("cannot reach the Drover server at http://127.0.0.1:9"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot reach the Drover server at http://127.0.0.1:9"),
+        "{}",
+        stderr(&out)
+    );
 
     // Unknown names exit 4.
     let out = home.run(&["job", "status", "nope"]);
@@ -127,13 +156,21 @@ fn up_configures_the_cli_and_every_client_command_works() {
 fn a_bad_spec_names_file_line_and_field_and_nothing_is_stored() {
     let home = Home::new();
     let (_up, _) = home.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
-    let bad = write(home.path(), "bad.yaml", "name: bad\ncommand: [x]\ncount: lots\n");
+    let bad = write(
+        home.path(),
+        "bad.yaml",
+        "name: bad\ncommand: [x]\ncount: lots\n",
+    );
     let out = home.run(&["job", "apply", "-f", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
     assert!(err.contains("bad.yaml:3:8: count: invalid"), "{err}");
     let missing = home.run(&["job", "apply", "-f", "/nonexistent/job.yaml"]);
-    assert!(stderr(&missing).contains("reading /nonexistent/job.yaml"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("reading /nonexistent/job.yaml"),
+        "{}",
+        stderr(&missing)
+    );
     let jobs = json(&home.run(&["job", "ls", "-o", "json"]));
     assert_eq!(jobs, serde_json::json!([]));
 }

@@ -1,8 +1,8 @@
 //! The HTTP API. Every route needs a bearer token except `/health` and the agent
 //! connect route, which takes a join token instead.
 
-use crate::follow::{self, Target};
 use crate::Inner;
+use crate::follow::{self, Target};
 use axum::extract::{Path, Query, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -31,14 +31,22 @@ impl Principal {
     fn require_write(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Admin | Role::Write => Ok(()),
-            _ => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "this token may only read")),
+            _ => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this token may only read",
+            )),
         }
     }
 
     fn require_read(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Admin | Role::Write | Role::Read => Ok(()),
-            Role::Agent => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "a join token can only connect agents")),
+            Role::Agent => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "a join token can only connect agents",
+            )),
         }
     }
 }
@@ -52,23 +60,42 @@ pub(crate) struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into() }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
     }
 
     fn not_found(what: &str) -> Self {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("{what} not found"))
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
     }
 }
 
 impl From<drover_store::StoreError> for ApiError {
     fn from(e: drover_store::StoreError) -> Self {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "store_unavailable", e.to_string())
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.message, code: self.code.to_string() })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+                code: self.code.to_string(),
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -97,14 +124,25 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 
 impl Inner {
     /// Finds a token by its secret, from the cache or the store.
-    async fn lookup_token(&self, secret: &str) -> Result<Option<TokenRecord>, drover_store::StoreError> {
+    async fn lookup_token(
+        &self,
+        secret: &str,
+    ) -> Result<Option<TokenRecord>, drover_store::StoreError> {
         let hash = hash_token(secret);
-        if let Some(t) = self.tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&hash) {
+        if let Some(t) = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&hash)
+        {
             return Ok(Some(t.clone()));
         }
         let found = self.store.find_token(&hash).await?;
         if let Some(t) = &found {
-            self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, t.clone());
+            self.tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(hash, t.clone());
         }
         Ok(found)
     }
@@ -119,15 +157,27 @@ async fn auth(State(inner): Shared, mut req: Request, next: Next) -> Response {
         .map(str::trim)
         .map(str::to_string);
     let Some(secret) = secret else {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing bearer token: pass --token or set DROVER_TOKEN")
-            .into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token: pass --token or set DROVER_TOKEN",
+        )
+        .into_response();
     };
     match inner.lookup_token(&secret).await {
         Ok(Some(t)) if !t.revoked => {
-            req.extensions_mut().insert(Principal { project: t.project, role: t.role });
+            req.extensions_mut().insert(Principal {
+                project: t.project,
+                role: t.role,
+            });
             next.run(req).await
         }
-        Ok(_) => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid or revoked token").into_response(),
+        Ok(_) => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "invalid or revoked token",
+        )
+        .into_response(),
         Err(e) => ApiError::from(e).into_response(),
     }
 }
@@ -154,28 +204,49 @@ async fn metrics(State(inner): Shared, Extension(p): Extension<Principal>) -> Ap
             inner
                 .metrics
                 .tasks
-                .get_or_create(&crate::metrics::StateLabel { state: s.as_str().into() })
+                .get_or_create(&crate::metrics::StateLabel {
+                    state: s.as_str().into(),
+                })
                 .set(counts.get(&s).copied().unwrap_or(0));
         }
         inner.metrics.nodes_ready.set(state.ready_nodes() as i64);
     }
     Ok((
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         inner.metrics.encode(),
     )
         .into_response())
 }
 
-async fn apply_job(State(inner): Shared, Extension(p): Extension<Principal>, body: axum::body::Bytes) -> ApiResult<Response> {
+async fn apply_job(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
     p.require_write()?;
-    let spec = JobSpec::from_json(&body)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_spec", format!("invalid job spec: {e}")))?;
+    let spec = JobSpec::from_json(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_spec",
+            format!("invalid job spec: {e}"),
+        )
+    })?;
     let res = inner.apply_job(p.project.clone(), spec).await?;
-    let status = if res.result == "created" { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if res.result == "created" {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(res)).into_response())
 }
 
-async fn list_jobs(State(inner): Shared, Extension(p): Extension<Principal>) -> ApiResult<Json<Vec<JobView>>> {
+async fn list_jobs(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<Json<Vec<JobView>>> {
     p.require_read()?;
     let state = inner.state.lock().await;
     let mut jobs: Vec<JobView> = state
@@ -203,12 +274,20 @@ async fn find_job(inner: &Inner, p: &Principal, name: &str) -> ApiResult<JobView
     Ok(state.job_view(job))
 }
 
-async fn get_job(State(inner): Shared, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<JobView>> {
+async fn get_job(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<JobView>> {
     p.require_read()?;
     Ok(Json(find_job(&inner, &p, &name).await?))
 }
 
-async fn stop_job(State(inner): Shared, Extension(p): Extension<Principal>, Path(name): Path<String>) -> ApiResult<Json<JobView>> {
+async fn stop_job(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<JobView>> {
     p.require_write()?;
     let view = find_job(&inner, &p, &name).await?;
     inner.stop_job(&view.job.id).await?;
@@ -233,7 +312,11 @@ async fn job_logs(
 ) -> ApiResult<Response> {
     p.require_read()?;
     let view = find_job(&inner, &p, &name).await?;
-    Ok(ndjson(follow::stream(inner.clone(), Target::Job(view.job.id), q.follow)))
+    Ok(ndjson(follow::stream(
+        inner.clone(),
+        Target::Job(view.job.id),
+        q.follow,
+    )))
 }
 
 async fn find_task(inner: &Inner, p: &Principal, id: &str) -> ApiResult<TaskView> {
@@ -243,14 +326,24 @@ async fn find_task(inner: &Inner, p: &Principal, id: &str) -> ApiResult<TaskView
         .tasks
         .values()
         .filter(|t| p.sees(&t.project) && (t.id.as_str() == id || t.id.as_str().starts_with(id)));
-    let first = found.next().ok_or_else(|| ApiError::not_found(&format!("task {id:?}")))?;
+    let first = found
+        .next()
+        .ok_or_else(|| ApiError::not_found(&format!("task {id:?}")))?;
     if first.id.as_str() != id && found.next().is_some() {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, "ambiguous", format!("task id prefix {id:?} matches several tasks")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ambiguous",
+            format!("task id prefix {id:?} matches several tasks"),
+        ));
     }
     Ok(state.task_view(first))
 }
 
-async fn get_task(State(inner): Shared, Extension(p): Extension<Principal>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
+async fn get_task(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<TaskView>> {
     p.require_read()?;
     Ok(Json(find_task(&inner, &p, &id).await?))
 }
@@ -264,7 +357,11 @@ async fn task_logs(
     p.require_read()?;
     let t = find_task(&inner, &p, &id).await?;
     let id: TaskId = t.task.id;
-    Ok(ndjson(follow::stream(inner.clone(), Target::Task(id), q.follow)))
+    Ok(ndjson(follow::stream(
+        inner.clone(),
+        Target::Task(id),
+        q.follow,
+    )))
 }
 
 #[derive(Deserialize)]
@@ -272,7 +369,11 @@ struct TaskQuery {
     job: Option<String>,
 }
 
-async fn list_tasks(State(inner): Shared, Extension(p): Extension<Principal>, Query(q): Query<TaskQuery>) -> ApiResult<Json<Vec<TaskView>>> {
+async fn list_tasks(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Query(q): Query<TaskQuery>,
+) -> ApiResult<Json<Vec<TaskView>>> {
     p.require_read()?;
     let job_id = match &q.job {
         Some(name) => Some(find_job(&inner, &p, name).await?.job.id),
@@ -286,15 +387,26 @@ async fn list_tasks(State(inner): Shared, Extension(p): Extension<Principal>, Qu
             .values()
             .filter(|t| p.sees(&t.project))
             // Tasks of older versions of a job are history; listings show current ones.
-            .filter(|t| state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id))
+            .filter(|t| {
+                state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id)
+            })
             .map(|t| state.task_view(t))
             .collect(),
     };
-    tasks.sort_by(|a, b| (&a.task.job_name, a.task.index, a.task.created_at).cmp(&(&b.task.job_name, b.task.index, b.task.created_at)));
+    tasks.sort_by(|a, b| {
+        (&a.task.job_name, a.task.index, a.task.created_at).cmp(&(
+            &b.task.job_name,
+            b.task.index,
+            b.task.created_at,
+        ))
+    });
     Ok(Json(tasks))
 }
 
-async fn list_nodes(State(inner): Shared, Extension(p): Extension<Principal>) -> ApiResult<Json<Vec<NodeView>>> {
+async fn list_nodes(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+) -> ApiResult<Json<Vec<NodeView>>> {
     p.require_read()?;
     let state = inner.state.lock().await;
     let mut nodes: Vec<NodeView> = state.nodes.values().map(|e| state.node_view(e)).collect();
@@ -302,14 +414,30 @@ async fn list_nodes(State(inner): Shared, Extension(p): Extension<Principal>) ->
     Ok(Json(nodes))
 }
 
-async fn agent_connect(State(inner): Shared, headers: HeaderMap, ws: WebSocketUpgrade) -> ApiResult<Response> {
+async fn agent_connect(
+    State(inner): Shared,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
     let secret = headers
         .get(JOIN_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing join token"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing join token",
+            )
+        })?;
     match inner.lookup_token(secret).await? {
         Some(t) if !t.revoked && matches!(t.role, Role::Agent | Role::Admin) => {}
-        _ => return Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid join token")),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "invalid join token",
+            ));
+        }
     }
     let inner = inner.clone();
     Ok(ws

@@ -38,7 +38,13 @@ struct Follower {
 }
 
 struct Snapshot {
-    tasks: Vec<(TaskId, u32, TaskState, String, Option<drover_core::state::Exit>)>,
+    tasks: Vec<(
+        TaskId,
+        u32,
+        TaskState,
+        String,
+        Option<drover_core::state::Exit>,
+    )>,
     finished: Option<StreamEvent>,
 }
 
@@ -52,7 +58,13 @@ impl Follower {
                 let mut all_terminal = true;
                 for t in state.job_tasks(job_id) {
                     all_terminal &= t.state.is_terminal();
-                    tasks.push((t.id.clone(), t.index, t.state, t.reason.clone(), t.exit.clone()));
+                    tasks.push((
+                        t.id.clone(),
+                        t.index,
+                        t.state,
+                        t.reason.clone(),
+                        t.exit.clone(),
+                    ));
                 }
                 if let Some(job) = state.jobs.get(job_id)
                     && job.status.is_final()
@@ -68,9 +80,19 @@ impl Follower {
             }
             Target::Task(id) => {
                 if let Some(t) = state.tasks.get(id) {
-                    tasks.push((t.id.clone(), t.index, t.state, t.reason.clone(), t.exit.clone()));
+                    tasks.push((
+                        t.id.clone(),
+                        t.index,
+                        t.state,
+                        t.reason.clone(),
+                        t.exit.clone(),
+                    ));
                     if t.state.is_terminal() {
-                        let status = if t.state == TaskState::Succeeded { JobStatus::Complete } else { JobStatus::Failed };
+                        let status = if t.state == TaskState::Succeeded {
+                            JobStatus::Complete
+                        } else {
+                            JobStatus::Failed
+                        };
                         finished = Some(StreamEvent::Job {
                             job_id: t.job_id.clone(),
                             status,

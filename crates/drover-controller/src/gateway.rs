@@ -30,11 +30,23 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
         Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<AgentMessage>(&t) {
             Ok(AgentMessage::Hello(h)) => h,
             Ok(_) => {
-                send_direct(&mut ws, &ControllerMessage::Reject { reason: "the first message must be a hello".into() }).await;
+                send_direct(
+                    &mut ws,
+                    &ControllerMessage::Reject {
+                        reason: "the first message must be a hello".into(),
+                    },
+                )
+                .await;
                 return;
             }
             Err(e) => {
-                send_direct(&mut ws, &ControllerMessage::Reject { reason: format!("bad hello: {e}") }).await;
+                send_direct(
+                    &mut ws,
+                    &ControllerMessage::Reject {
+                        reason: format!("bad hello: {e}"),
+                    },
+                )
+                .await;
                 return;
             }
         },
@@ -48,13 +60,21 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
         send_direct(&mut ws, &ControllerMessage::Reject { reason }).await;
         return;
     }
-    let conn_id = inner.next_conn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let conn_id = inner
+        .next_conn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let node_id = hello.node_id.clone();
     let (tx, mut rx) = mpsc::channel::<ControllerMessage>(QUEUE);
     match inner.on_hello(&hello, conn_id, tx.clone()).await {
         Ok(()) => {}
         Err(e) => {
-            send_direct(&mut ws, &ControllerMessage::Reject { reason: format!("registration failed: {e}") }).await;
+            send_direct(
+                &mut ws,
+                &ControllerMessage::Reject {
+                    reason: format!("registration failed: {e}"),
+                },
+            )
+            .await;
             return;
         }
     };
@@ -63,7 +83,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
     let (mut sink, mut stream) = ws.split();
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
-            let Ok(text) = serde_json::to_string(&msg) else { continue };
+            let Ok(text) = serde_json::to_string(&msg) else {
+                continue;
+            };
             if sink.send(Message::Text(text.into())).await.is_err() {
                 break;
             }
@@ -104,7 +126,12 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
 }
 
 /// Handles a batch of messages; returns false when the connection should close.
-async fn handle_batch(inner: &Arc<Inner>, node_id: &NodeId, tx: &mpsc::Sender<ControllerMessage>, batch: Vec<Message>) -> bool {
+async fn handle_batch(
+    inner: &Arc<Inner>,
+    node_id: &NodeId,
+    tx: &mpsc::Sender<ControllerMessage>,
+    batch: Vec<Message>,
+) -> bool {
     let mut events: Vec<AgentEvent> = Vec::new();
     let mut heartbeat = false;
     for m in batch {
@@ -126,11 +153,18 @@ async fn handle_batch(inner: &Arc<Inner>, node_id: &NodeId, tx: &mpsc::Sender<Co
             AgentMessage::CommandAck { seq } => inner.on_command_ack(node_id, seq).await,
             AgentMessage::Log(chunk) => {
                 let task: TaskId = chunk.task_id.clone();
-                match inner.logs.append(&task, chunk.stream, chunk.offset, &chunk.data) {
+                match inner
+                    .logs
+                    .append(&task, chunk.stream, chunk.offset, &chunk.data)
+                {
                     Ok(crate::logs::Appended::Stored) => inner.bump(),
                     Ok(crate::logs::Appended::Duplicate) => {}
                     Ok(crate::logs::Appended::Gap { have }) => {
-                        let _ = tx.try_send(ControllerMessage::LogResync { task_id: task, stream: chunk.stream, offset: have });
+                        let _ = tx.try_send(ControllerMessage::LogResync {
+                            task_id: task,
+                            stream: chunk.stream,
+                            offset: have,
+                        });
                     }
                     Err(e) => tracing::warn!(task = %task, "storing log chunk: {e}"),
                 }
@@ -144,7 +178,9 @@ async fn handle_batch(inner: &Arc<Inner>, node_id: &NodeId, tx: &mpsc::Sender<Co
             Ok(seq) => {
                 let _ = tx.send(ControllerMessage::EventAck { seq }).await;
             }
-            Err(e) => tracing::error!(node = %node_id, "storing agent events: {e}; the agent will replay them"),
+            Err(e) => {
+                tracing::error!(node = %node_id, "storing agent events: {e}; the agent will replay them")
+            }
         }
     } else if heartbeat {
         inner.on_heartbeat(node_id).await;

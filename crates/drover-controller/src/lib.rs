@@ -123,7 +123,10 @@ impl Tx {
 impl Controller {
     /// Loads the store, makes sure the bootstrap tokens exist and starts the background
     /// loops (scheduler, liveness). They stop on [`Controller::shutdown`].
-    pub async fn start(cfg: ControllerConfig, store: Arc<dyn Store>) -> Result<Controller, ControllerError> {
+    pub async fn start(
+        cfg: ControllerConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<Controller, ControllerError> {
         let snap = store.load().await?;
         let mut state = State::from_snapshot(snap);
         let now = now_millis();
@@ -180,9 +183,13 @@ impl Controller {
     /// Serves the router on `listener` until shutdown.
     pub async fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
         let token = self.inner.shutdown.clone();
-        axum::serve(listener, self.router().into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await
+        axum::serve(
+            listener,
+            self.router()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await
     }
 
     /// Stops the background loops and the server, and closes agent connections.
@@ -201,7 +208,6 @@ impl Controller {
     pub async fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
         f(&*self.inner.state.lock().await)
     }
-
 }
 
 impl Inner {

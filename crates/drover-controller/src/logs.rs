@@ -28,18 +28,30 @@ pub struct LogStore {
 impl LogStore {
     pub fn new(dir: PathBuf) -> std::io::Result<LogStore> {
         std::fs::create_dir_all(&dir)?;
-        Ok(LogStore { dir, sizes: Mutex::new(HashMap::new()) })
+        Ok(LogStore {
+            dir,
+            sizes: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn path(&self, task: &TaskId, stream: LogStream) -> PathBuf {
-        self.dir.join(format!("{}.{}.log", task.as_str(), stream.as_str()))
+        self.dir
+            .join(format!("{}.{}.log", task.as_str(), stream.as_str()))
     }
 
     fn size(&self, task: &TaskId, stream: LogStream) -> u64 {
-        std::fs::metadata(self.path(task, stream)).map(|m| m.len()).unwrap_or(0)
+        std::fs::metadata(self.path(task, stream))
+            .map(|m| m.len())
+            .unwrap_or(0)
     }
 
-    pub fn append(&self, task: &TaskId, stream: LogStream, offset: u64, data: &[u8]) -> std::io::Result<Appended> {
+    pub fn append(
+        &self,
+        task: &TaskId,
+        stream: LogStream,
+        offset: u64,
+        data: &[u8],
+    ) -> std::io::Result<Appended> {
         // The lock covers the whole append so that two chunks of one file never
         // interleave; log volume is small next to the cost of a task, so one lock is fine.
         let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
@@ -66,7 +78,13 @@ impl LogStore {
     }
 
     /// The bytes of one stream from `offset` on, at most `max` of them.
-    pub fn read_from(&self, task: &TaskId, stream: LogStream, offset: u64, max: usize) -> std::io::Result<Vec<u8>> {
+    pub fn read_from(
+        &self,
+        task: &TaskId,
+        stream: LogStream,
+        offset: u64,
+        max: usize,
+    ) -> std::io::Result<Vec<u8>> {
         use std::io::{Read, Seek, SeekFrom};
         let mut f = match std::fs::File::open(self.path(task, stream)) {
             Ok(f) => f,
@@ -89,12 +107,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let logs = LogStore::new(dir.path().to_path_buf()).unwrap();
         let t = TaskId::from("task-1");
-        assert_eq!(logs.append(&t, LogStream::Stdout, 0, b"hello ").unwrap(), Appended::Stored);
-        assert_eq!(logs.append(&t, LogStream::Stdout, 0, b"hello ").unwrap(), Appended::Duplicate);
+        assert_eq!(
+            logs.append(&t, LogStream::Stdout, 0, b"hello ").unwrap(),
+            Appended::Stored
+        );
+        assert_eq!(
+            logs.append(&t, LogStream::Stdout, 0, b"hello ").unwrap(),
+            Appended::Duplicate
+        );
         // A chunk overlapping what is stored adds only its new tail.
-        assert_eq!(logs.append(&t, LogStream::Stdout, 3, b"lo world").unwrap(), Appended::Stored);
-        assert_eq!(logs.append(&t, LogStream::Stdout, 50, b"x").unwrap(), Appended::Gap { have: 11 });
-        assert_eq!(logs.read_from(&t, LogStream::Stdout, 0, 100).unwrap(), b"hello world");
+        assert_eq!(
+            logs.append(&t, LogStream::Stdout, 3, b"lo world").unwrap(),
+            Appended::Stored
+        );
+        assert_eq!(
+            logs.append(&t, LogStream::Stdout, 50, b"x").unwrap(),
+            Appended::Gap { have: 11 }
+        );
+        assert_eq!(
+            logs.read_from(&t, LogStream::Stdout, 0, 100).unwrap(),
+            b"hello world"
+        );
         assert_eq!(logs.read_from(&t, LogStream::Stderr, 0, 100).unwrap(), b"");
     }
 }

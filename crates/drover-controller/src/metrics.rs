@@ -28,12 +28,22 @@ impl Metrics {
         let tasks = Family::<StateLabel, Gauge>::default();
         let connected_agents = Gauge::default();
         let nodes_ready = Gauge::default();
-        let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+        let buckets = [
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+        ];
         let scheduling_latency = Histogram::new(buckets);
         let scheduling_pass = Histogram::new(buckets);
         registry.register("tasks", "Tasks by state", tasks.clone());
-        registry.register("connected_agents", "Agents with an open connection", connected_agents.clone());
-        registry.register("nodes_ready", "Nodes in the ready state", nodes_ready.clone());
+        registry.register(
+            "connected_agents",
+            "Agents with an open connection",
+            connected_agents.clone(),
+        );
+        registry.register(
+            "nodes_ready",
+            "Nodes in the ready state",
+            nodes_ready.clone(),
+        );
         registry.register(
             "scheduling_latency_seconds",
             "Time from a task becoming placeable to its placement",

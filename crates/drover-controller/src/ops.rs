@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 impl Inner {
     /// Creates a job, or a new version of it when the spec changed (or the previous one
     /// has finished). Returns once the result is durably stored.
-    pub(crate) async fn apply_job(&self, project: ProjectId, spec: JobSpec) -> Result<ApplyResponse, StoreError> {
+    pub(crate) async fn apply_job(
+        &self,
+        project: ProjectId,
+        spec: JobSpec,
+    ) -> Result<ApplyResponse, StoreError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let mut tx = Tx::default();
@@ -25,7 +29,10 @@ impl Inner {
             && !cur.status.is_final()
             && cur.spec == spec
         {
-            return Ok(ApplyResponse { job: state.job_view(cur), result: "unchanged".into() });
+            return Ok(ApplyResponse {
+                job: state.job_view(cur),
+                result: "unchanged".into(),
+            });
         }
         let version = existing.as_ref().map(|j| j.version + 1).unwrap_or(1);
         if let Some(cur) = existing
@@ -36,7 +43,12 @@ impl Inner {
             old.reason = format!("replaced by version {version}");
             old.updated_at = now;
             tx.put(state, Change::Job(old));
-            self.stop_tasks_of(state, &mut tx, &cur.id, &format!("job updated to version {version}"));
+            self.stop_tasks_of(
+                state,
+                &mut tx,
+                &cur.id,
+                &format!("job updated to version {version}"),
+            );
         }
         let job = Job {
             id: JobId::generate(),
@@ -59,7 +71,10 @@ impl Inner {
         self.flush_all(state);
         self.schedule.notify_one();
         let result = if version == 1 { "created" } else { "updated" };
-        Ok(ApplyResponse { job: state.job_view(&job), result: result.into() })
+        Ok(ApplyResponse {
+            job: state.job_view(&job),
+            result: result.into(),
+        })
     }
 
     /// Stops every task of the named job and marks it stopped.
@@ -85,8 +100,16 @@ impl Inner {
     /// Pending tasks end at once; placed ones are asked to stop through their agent.
     fn stop_tasks_of(&self, state: &mut State, tx: &mut Tx, job_id: &JobId, reason: &str) {
         let now = self.now();
-        let grace = state.jobs.get(job_id).map(|j| j.spec.stop_grace.as_millis()).unwrap_or(5000);
-        let tasks: Vec<Task> = state.job_tasks(job_id).filter(|t| !t.state.is_terminal()).cloned().collect();
+        let grace = state
+            .jobs
+            .get(job_id)
+            .map(|j| j.spec.stop_grace.as_millis())
+            .unwrap_or(5000);
+        let tasks: Vec<Task> = state
+            .job_tasks(job_id)
+            .filter(|t| !t.state.is_terminal())
+            .cloned()
+            .collect();
         for mut t in tasks {
             if t.state == TaskState::Pending || t.node_id.is_none() {
                 t.advance(TaskState::Stopped, reason, None, now);
@@ -98,7 +121,15 @@ impl Inner {
                 let id = t.id.clone();
                 tx.put(state, Change::Task(t));
                 if let Some(node) = node {
-                    self.enqueue(state, &node, Command::Stop { task_id: id, grace_ms: grace, reason: reason.to_string() });
+                    self.enqueue(
+                        state,
+                        &node,
+                        Command::Stop {
+                            task_id: id,
+                            grace_ms: grace,
+                            reason: reason.to_string(),
+                        },
+                    );
                 }
             }
         }
@@ -125,7 +156,10 @@ impl Inner {
                     }
                     if done.len() as u32 >= job.spec.count {
                         job.status = JobStatus::Complete;
-                        job.exit = Some(Exit { code: Some(0), signal: None });
+                        job.exit = Some(Exit {
+                            code: Some(0),
+                            signal: None,
+                        });
                         job.updated_at = now;
                         tx.put(state, Change::Job(job));
                     }
@@ -134,7 +168,10 @@ impl Inner {
                 // A lost task is not the program's fault, so it does not use up a retry.
                 let failures = state
                     .job_tasks(&job.id)
-                    .filter(|t| t.index == task.index && matches!(t.state, TaskState::Failed | TaskState::Stopped))
+                    .filter(|t| {
+                        t.index == task.index
+                            && matches!(t.state, TaskState::Failed | TaskState::Stopped)
+                    })
                     .count() as u32;
                 if task.state != TaskState::Lost && failures > policy.attempts {
                     job.status = JobStatus::Failed;
@@ -152,17 +189,37 @@ impl Inner {
                     self.stop_tasks_of(state, tx, &id, "another task of the job failed");
                     return;
                 }
-                let delay = if task.state == TaskState::Lost { Duration::ZERO } else { policy.delay_for(failures) };
-                let t = new_task(&job, task.index, task.attempt + 1, now, now + delay.as_millis() as i64);
+                let delay = if task.state == TaskState::Lost {
+                    Duration::ZERO
+                } else {
+                    policy.delay_for(failures)
+                };
+                let t = new_task(
+                    &job,
+                    task.index,
+                    task.attempt + 1,
+                    now,
+                    now + delay.as_millis() as i64,
+                );
                 tx.put(state, Change::Task(t));
             }
             JobKind::Service => {
                 let delay = if task.state == TaskState::Lost {
                     Duration::ZERO
                 } else {
-                    policy.delay_for(task.attempt.saturating_add(1).min(policy.attempts.max(1) + 8))
+                    policy.delay_for(
+                        task.attempt
+                            .saturating_add(1)
+                            .min(policy.attempts.max(1) + 8),
+                    )
                 };
-                let mut t = new_task(&job, task.index, task.attempt + 1, now, now + delay.as_millis() as i64);
+                let mut t = new_task(
+                    &job,
+                    task.index,
+                    task.attempt + 1,
+                    now,
+                    now + delay.as_millis() as i64,
+                );
                 t.reason = format!("restarting after task {} ended: {}", task.id, task.reason);
                 tx.put(state, Change::Task(t));
             }
@@ -171,7 +228,15 @@ impl Inner {
     }
 
     /// Moves a task forward (if that is a forward move) and follows up on its end.
-    fn advance_task(&self, state: &mut State, tx: &mut Tx, id: &TaskId, next: TaskState, reason: &str, exit: Option<Exit>) {
+    fn advance_task(
+        &self,
+        state: &mut State,
+        tx: &mut Tx,
+        id: &TaskId,
+        next: TaskState,
+        reason: &str,
+        exit: Option<Exit>,
+    ) {
         let Some(mut t) = state.tasks.get(id).cloned() else {
             return;
         };
@@ -185,7 +250,12 @@ impl Inner {
     }
 
     /// Registers (or re-registers) a node and reconciles its tasks with the agent's.
-    pub(crate) async fn on_hello(&self, hello: &Hello, conn_id: u64, out: tokio::sync::mpsc::Sender<ControllerMessage>) -> Result<(), StoreError> {
+    pub(crate) async fn on_hello(
+        &self,
+        hello: &Hello,
+        conn_id: u64,
+        out: tokio::sync::mpsc::Sender<ControllerMessage>,
+    ) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let mut tx = Tx::default();
@@ -220,7 +290,14 @@ impl Inner {
             .collect();
         for t in &on_node {
             if !known.contains(&t.id) && t.state != TaskState::Scheduled {
-                self.advance_task(state, &mut tx, &t.id, TaskState::Lost, "the agent restarted and no longer had this task", None);
+                self.advance_task(
+                    state,
+                    &mut tx,
+                    &t.id,
+                    TaskState::Lost,
+                    "the agent restarted and no longer had this task",
+                    None,
+                );
             }
         }
         let mut forget = Vec::new();
@@ -246,8 +323,20 @@ impl Inner {
             .collect();
         for t in tasks_now {
             if t.desired_stop {
-                let grace = state.jobs.get(&t.job_id).map(|j| j.spec.stop_grace.as_millis()).unwrap_or(5000);
-                self.enqueue(state, &node_id, Command::Stop { task_id: t.id.clone(), grace_ms: grace, reason: t.reason.clone() });
+                let grace = state
+                    .jobs
+                    .get(&t.job_id)
+                    .map(|j| j.spec.stop_grace.as_millis())
+                    .unwrap_or(5000);
+                self.enqueue(
+                    state,
+                    &node_id,
+                    Command::Stop {
+                        task_id: t.id.clone(),
+                        grace_ms: grace,
+                        reason: t.reason.clone(),
+                    },
+                );
             } else if t.state == TaskState::Scheduled
                 && let Some(cmd) = start_command(state, &t)
             {
@@ -276,7 +365,11 @@ impl Inner {
     }
 
     /// Applies a batch of agent events in one commit; returns the seq to acknowledge.
-    pub(crate) async fn on_events(&self, node_id: &NodeId, events: &[AgentEvent]) -> Result<u64, StoreError> {
+    pub(crate) async fn on_events(
+        &self,
+        node_id: &NodeId,
+        events: &[AgentEvent],
+    ) -> Result<u64, StoreError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let Some(entry) = state.nodes.get(node_id) else {
@@ -289,9 +382,19 @@ impl Inner {
                 continue;
             }
             node.last_event_seq = ev.seq;
-            let owned = state.tasks.get(&ev.task_id).is_some_and(|t| t.node_id.as_ref() == Some(node_id));
+            let owned = state
+                .tasks
+                .get(&ev.task_id)
+                .is_some_and(|t| t.node_id.as_ref() == Some(node_id));
             if owned {
-                self.advance_task(state, &mut tx, &ev.task_id, ev.state, &ev.reason, ev.exit.clone());
+                self.advance_task(
+                    state,
+                    &mut tx,
+                    &ev.task_id,
+                    ev.state,
+                    &ev.reason,
+                    ev.exit.clone(),
+                );
             }
         }
         let seq = node.last_event_seq;
@@ -347,7 +450,13 @@ impl Inner {
     pub(crate) fn enqueue(&self, state: &mut State, node: &NodeId, command: Command) {
         state.next_cmd_seq += 1;
         let seq = state.next_cmd_seq;
-        state.outbox.entry(node.clone()).or_default().insert(seq, OutCommand { command, sent_at: None });
+        state.outbox.entry(node.clone()).or_default().insert(
+            seq,
+            OutCommand {
+                command,
+                sent_at: None,
+            },
+        );
     }
 
     /// Sends every command that was never sent, or was sent too long ago without an ack.
@@ -362,7 +471,10 @@ impl Inner {
                 if cmd.sent_at.is_some_and(|t| t.elapsed() < resend) {
                     continue;
                 }
-                let msg = ControllerMessage::Command { seq: *seq, command: cmd.command.clone() };
+                let msg = ControllerMessage::Command {
+                    seq: *seq,
+                    command: cmd.command.clone(),
+                };
                 // A full connection queue is not an error: the command stays in the
                 // outbox and the resend timer offers it again.
                 if session.tx.try_send(msg).is_ok() {
@@ -393,7 +505,11 @@ impl Inner {
             let id = node.id.clone();
             let name = node.info.name.clone();
             tx.put(state, Change::Node(node));
-            let tasks: Vec<TaskId> = state.nodes.get(&id).map(|e| e.tasks.iter().cloned().collect()).unwrap_or_default();
+            let tasks: Vec<TaskId> = state
+                .nodes
+                .get(&id)
+                .map(|e| e.tasks.iter().cloned().collect())
+                .unwrap_or_default();
             let reason = format!("node {name} lost: no heartbeat for {}s", lost_after / 1000);
             for t in tasks {
                 self.advance_task(state, &mut tx, &t, TaskState::Lost, &reason, None);
@@ -407,9 +523,15 @@ impl Inner {
             .values()
             .filter(|t| {
                 let limit = match t.state {
-                    TaskState::Scheduled | TaskState::Preparing | TaskState::Starting => start_deadline,
+                    TaskState::Scheduled | TaskState::Preparing | TaskState::Starting => {
+                        start_deadline
+                    }
                     TaskState::Stopping => {
-                        let grace = state.jobs.get(&t.job_id).map(|j| j.spec.stop_grace.as_millis() as i64).unwrap_or(5000);
+                        let grace = state
+                            .jobs
+                            .get(&t.job_id)
+                            .map(|j| j.spec.stop_grace.as_millis() as i64)
+                            .unwrap_or(5000);
                         grace + 30_000
                     }
                     _ => return false,
@@ -420,7 +542,18 @@ impl Inner {
             .collect();
         for (id, st, node) in overdue {
             let reason = format!("deadline exceeded in state {st}");
-            self.advance_task(state, &mut tx, &id, if st == TaskState::Stopping { TaskState::Lost } else { TaskState::Failed }, &reason, None);
+            self.advance_task(
+                state,
+                &mut tx,
+                &id,
+                if st == TaskState::Stopping {
+                    TaskState::Lost
+                } else {
+                    TaskState::Failed
+                },
+                &reason,
+                None,
+            );
             if let Some(node) = node {
                 self.enqueue(state, &node, Command::Forget { task_id: id });
             }
@@ -436,7 +569,8 @@ impl Inner {
 
 /// Runs liveness passes until shutdown.
 pub(crate) async fn liveness_loop(inner: Arc<Inner>) {
-    let period = (inner.cfg.heartbeat_interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let period =
+        (inner.cfg.heartbeat_interval / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = inner.shutdown.cancelled() => return,

@@ -63,12 +63,18 @@ fn fits(node: &NodeEntry, spec: &JobSpec) -> Result<(), Misfit> {
     if !node.node.info.runtimes.contains(&spec.runtime) {
         return Err(Misfit::Runtime);
     }
-    if !spec.constraints.iter().all(|c| c.matches(attribute(node, &c.key))) {
+    if !spec
+        .constraints
+        .iter()
+        .all(|c| c.matches(attribute(node, &c.key)))
+    {
         return Err(Misfit::Constraint);
     }
     let cap = node.node.info.capacity;
     let need = spec.resources;
-    if node.allocated.cpu + need.cpu > cap.cpu + 1e-9 || node.allocated.memory.0 + need.memory.0 > cap.memory.0 {
+    if node.allocated.cpu + need.cpu > cap.cpu + 1e-9
+        || node.allocated.memory.0 + need.memory.0 > cap.memory.0
+    {
         return Err(Misfit::Resources);
     }
     Ok(())
@@ -104,8 +110,12 @@ impl Inner {
         let mut spread: HashMap<JobId, HashMap<NodeId, u32>> = HashMap::new();
         let mut misfits: HashMap<JobId, HashMap<Misfit, u32>> = HashMap::new();
         for id in due {
-            let Some(task) = state.tasks.get(&id).cloned() else { continue };
-            let Some(job) = state.jobs.get(&task.job_id) else { continue };
+            let Some(task) = state.tasks.get(&id).cloned() else {
+                continue;
+            };
+            let Some(job) = state.jobs.get(&task.job_id) else {
+                continue;
+            };
             let spec = job.spec.clone();
             let counts = spread.entry(task.job_id.clone()).or_insert_with(|| {
                 let mut m = HashMap::new();
@@ -123,14 +133,19 @@ impl Inner {
             let mut why: HashMap<Misfit, u32> = HashMap::new();
             for k in 0..ready.len() {
                 let node_id = &ready[(*cursor + k) % ready.len()];
-                let Some(entry) = state.nodes.get(node_id) else { continue };
+                let Some(entry) = state.nodes.get(node_id) else {
+                    continue;
+                };
                 match fits(entry, &spec) {
                     Ok(()) => {
                         let cap = entry.node.info.capacity;
                         let load = entry.allocated.cpu / cap.cpu.max(1e-9)
                             + entry.allocated.memory.0 as f64 / (cap.memory.0.max(1) as f64);
                         let same_job = counts.get(node_id).copied().unwrap_or(0);
-                        if best.as_ref().is_none_or(|(c, l, _)| (same_job, load) < (*c, *l)) {
+                        if best
+                            .as_ref()
+                            .is_none_or(|(c, l, _)| (same_job, load) < (*c, *l))
+                        {
                             best = Some((same_job, load, node_id.clone()));
                         }
                         seen += 1;
@@ -151,7 +166,9 @@ impl Inner {
                     t.node_id = Some(node_id.clone());
                     t.reason = String::new();
                     t.updated_at = now;
-                    self.metrics.scheduling_latency.observe(((now - ready_at).max(0) as f64) / 1000.0);
+                    self.metrics
+                        .scheduling_latency
+                        .observe(((now - ready_at).max(0) as f64) / 1000.0);
                     tx.put(state, Change::Task(t.clone()));
                     placed.push((node_id, t));
                 }
@@ -182,12 +199,19 @@ impl Inner {
             }
         }
         self.flush_all(state);
-        self.metrics.scheduling_pass.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .scheduling_pass
+            .observe(started.elapsed().as_secs_f64());
         n
     }
 }
 
-fn pending_reason(state: &State, job_id: &JobId, why: &HashMap<Misfit, u32>, ready: usize) -> String {
+fn pending_reason(
+    state: &State,
+    job_id: &JobId,
+    why: &HashMap<Misfit, u32>,
+    ready: usize,
+) -> String {
     let Some(job) = state.jobs.get(job_id) else {
         return String::new();
     };
@@ -219,4 +243,3 @@ fn pending_reason(state: &State, job_id: &JobId, why: &HashMap<Misfit, u32>, rea
         format!("no node can run it: {}", parts.join(", "))
     }
 }
-

@@ -84,7 +84,10 @@ impl State {
                         n.id.clone(),
                         NodeEntry {
                             node: n,
-                            allocated: Resources { cpu: 0.0, memory: Default::default() },
+                            allocated: Resources {
+                                cpu: 0.0,
+                                memory: Default::default(),
+                            },
                             tasks: HashSet::new(),
                         },
                     );
@@ -106,7 +109,10 @@ impl State {
                         self.pending.remove(&(old.created_at, old.id.clone()));
                     }
                 } else {
-                    self.tasks_by_job.entry(t.job_id.clone()).or_default().push(t.id.clone());
+                    self.tasks_by_job
+                        .entry(t.job_id.clone())
+                        .or_default()
+                        .push(t.id.clone());
                 }
                 if counts_on_node(&t) {
                     self.reserve(&t);
@@ -124,7 +130,10 @@ impl State {
         self.jobs
             .get(&t.job_id)
             .map(|j| j.spec.resources)
-            .unwrap_or(Resources { cpu: 0.0, memory: Default::default() })
+            .unwrap_or(Resources {
+                cpu: 0.0,
+                memory: Default::default(),
+            })
     }
 
     fn reserve(&mut self, t: &Task) {
@@ -196,6 +205,9 @@ impl State {
     }
 
     pub fn ready_nodes(&self) -> usize {
-        self.nodes.values().filter(|n| n.node.status == NodeStatus::Ready).count()
+        self.nodes
+            .values()
+            .filter(|n| n.node.status == NodeStatus::Ready)
+            .count()
     }
 }

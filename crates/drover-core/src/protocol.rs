@@ -93,9 +93,16 @@ pub enum ControllerMessage {
         last_event_seq: u64,
     },
     /// The connection is refused; the agent reports `reason` and does not retry quickly.
-    Reject { reason: String },
-    Command { seq: u64, command: Command },
-    EventAck { seq: u64 },
+    Reject {
+        reason: String,
+    },
+    Command {
+        seq: u64,
+        command: Command,
+    },
+    EventAck {
+        seq: u64,
+    },
     /// The controller has a task's log only up to `offset`; send from there.
     LogResync {
         task_id: TaskId,

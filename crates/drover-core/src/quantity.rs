@@ -142,7 +142,11 @@ mod tests {
         ] {
             assert_eq!(ByteSize::parse(text), Ok(ByteSize(bytes)), "{text}");
         }
-        assert!(ByteSize::parse("12Zb").unwrap_err().contains("unknown size unit"));
+        assert!(
+            ByteSize::parse("12Zb")
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
         assert!(ByteSize::parse("lots").is_err());
     }
 

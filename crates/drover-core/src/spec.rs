@@ -200,9 +200,9 @@ impl Constraint {
             ConstraintOp::Eq | ConstraintOp::Ne if self.value.is_none() => {
                 Err(format!("{at}.value: required for op == and !="))
             }
-            ConstraintOp::In | ConstraintOp::NotIn if self.values.is_empty() => {
-                Err(format!("{at}.values: required (a non-empty list) for op in and not_in"))
-            }
+            ConstraintOp::In | ConstraintOp::NotIn if self.values.is_empty() => Err(format!(
+                "{at}.values: required (a non-empty list) for op in and not_in"
+            )),
             _ => Ok(()),
         }
     }
@@ -238,7 +238,10 @@ impl Default for RestartPolicy {
 impl RestartPolicy {
     /// The wait before retry number `retry` (1 for the first retry).
     pub fn delay_for(&self, retry: u32) -> std::time::Duration {
-        let factor = self.backoff.max(1.0).powi(retry.saturating_sub(1).min(30) as i32);
+        let factor = self
+            .backoff
+            .max(1.0)
+            .powi(retry.saturating_sub(1).min(30) as i32);
         let ms = (self.delay.as_millis() as f64 * factor).min(self.max_delay.as_millis() as f64);
         std::time::Duration::from_millis(ms as u64)
     }
@@ -341,9 +344,9 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && s
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.')
+        && s.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_' || c == '.'
+        })
 }
 
 /// Whether `name` is usable as a job name: 1–63 characters of `a-z 0-9 - _ .`, starting
@@ -382,13 +385,11 @@ impl JobSpec {
         spec.validate().map_err(|message| {
             // Point at the top-level key the message names, so a rule the types alone
             // cannot express is reported with a line like a type error is.
-            let field = message
-                .split(['.', '[', ':'])
-                .next()
-                .unwrap_or("");
-            let line = text
-                .lines()
-                .position(|l| l.strip_prefix(field).is_some_and(|r| r.trim_start().starts_with(':')));
+            let field = message.split(['.', '[', ':']).next().unwrap_or("");
+            let line = text.lines().position(|l| {
+                l.strip_prefix(field)
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            });
             SpecError {
                 file: Some(file.to_string()),
                 line: line.map(|l| l as u64 + 1),
@@ -413,7 +414,11 @@ impl JobSpec {
                 file: None,
                 line: Some(inner.line() as u64),
                 column: Some(inner.column() as u64),
-                message: if path.is_empty() || path == "." { msg } else { format!("{path}: {msg}") },
+                message: if path.is_empty() || path == "." {
+                    msg
+                } else {
+                    format!("{path}: {msg}")
+                },
             }
         })?;
         spec.validate().map_err(|m| SpecError::invalid(None, m))?;
@@ -429,7 +434,10 @@ impl JobSpec {
             ));
         }
         if self.count == 0 || self.count > MAX_COUNT {
-            return Err(format!("count: expected 1 to {MAX_COUNT}, got {}", self.count));
+            return Err(format!(
+                "count: expected 1 to {MAX_COUNT}, got {}",
+                self.count
+            ));
         }
         match self.runtime {
             RuntimeKind::Mock => {}
@@ -542,18 +550,33 @@ stop_grace: 2s
             ("name: a\n", "command: required"),
             ("name: Bad Name\ncommand: [x]\n", "name:"),
             ("name: a\ncommand: [x]\ncount: 0\n", "count:"),
-            ("name: a\ncommand: [x]\nresources: { memory: 12Zb }\n", "unknown size unit"),
+            (
+                "name: a\ncommand: [x]\nresources: { memory: 12Zb }\n",
+                "unknown size unit",
+            ),
             ("name: a\ncommand: [x]\nstop_grace: soon\n", "duration"),
-            ("name: a\ncommand: [x]\nenv: { DROVER_JOB: x }\n", "env.DROVER_JOB"),
-            ("name: a\ncommand: [x]\nconstraints: [{ key: label.z, op: in }]\n", "constraints[0].values"),
-            ("name: a\ncommand: [x]\nconstraints: [{ key: colour, value: x }]\n", "unknown constraint key"),
+            (
+                "name: a\ncommand: [x]\nenv: { DROVER_JOB: x }\n",
+                "env.DROVER_JOB",
+            ),
+            (
+                "name: a\ncommand: [x]\nconstraints: [{ key: label.z, op: in }]\n",
+                "constraints[0].values",
+            ),
+            (
+                "name: a\ncommand: [x]\nconstraints: [{ key: colour, value: x }]\n",
+                "unknown constraint key",
+            ),
             ("name: [a\n", ""),
         ];
         for (yaml, needle) in cases {
             let err = JobSpec::from_yaml(yaml, "job.yaml").unwrap_err();
             let text = err.to_string();
             assert!(text.starts_with("job.yaml"), "{yaml:?} -> {text}");
-            assert!(text.contains(needle), "{yaml:?} -> {text} (wanted {needle:?})");
+            assert!(
+                text.contains(needle),
+                "{yaml:?} -> {text} (wanted {needle:?})"
+            );
         }
     }
 

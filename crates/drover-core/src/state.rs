@@ -4,9 +4,9 @@
 //! the controller both apply it, so a duplicate or stale event from an agent changes
 //! nothing wherever it arrives.
 
+use crate::Millis;
 use crate::ids::{JobId, NodeId, ProjectId, TaskId};
 use crate::spec::{JobSpec, Resources, RuntimeKind};
-use crate::Millis;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -130,7 +130,13 @@ pub struct Task {
 
 impl Task {
     /// Moves the task forward; returns false (and changes nothing) for a stale move.
-    pub fn advance(&mut self, next: TaskState, reason: &str, exit: Option<Exit>, at: Millis) -> bool {
+    pub fn advance(
+        &mut self,
+        next: TaskState,
+        reason: &str,
+        exit: Option<Exit>,
+        at: Millis,
+    ) -> bool {
         if !self.state.can_move_to(next) {
             return false;
         }
@@ -297,7 +303,15 @@ mod tests {
             created_at: 0,
             updated_at: 1,
         };
-        assert!(t.advance(TaskState::Failed, "exit 3", Some(Exit { code: Some(3), signal: None }), 5));
+        assert!(t.advance(
+            TaskState::Failed,
+            "exit 3",
+            Some(Exit {
+                code: Some(3),
+                signal: None
+            }),
+            5
+        ));
         let before = t.clone();
         assert!(!t.advance(TaskState::Running, "", None, 9));
         assert!(!t.advance(TaskState::Succeeded, "late", None, 9));

@@ -8,7 +8,7 @@
 
 mod sqlite;
 
-pub use sqlite::{SqliteConfig, SqliteStore, Durability};
+pub use sqlite::{Durability, SqliteConfig, SqliteStore};
 
 use async_trait::async_trait;
 use drover_core::state::{Job, Node, Task};

@@ -33,10 +33,14 @@ pub struct SqliteStore {
 impl SqliteStore {
     pub async fn open(config: &SqliteConfig) -> Result<Self, StoreError> {
         let base = match &config.path {
-            Some(p) => SqliteConnectOptions::new().filename(p).create_if_missing(true),
+            Some(p) => SqliteConnectOptions::new()
+                .filename(p)
+                .create_if_missing(true),
             // A single shared in-memory database; with more than one connection each
             // would otherwise see its own empty database.
-            None => SqliteConnectOptions::new().in_memory(true).shared_cache(true),
+            None => SqliteConnectOptions::new()
+                .in_memory(true)
+                .shared_cache(true),
         };
         let opts = base
             .journal_mode(SqliteJournalMode::Wal)
@@ -73,15 +77,24 @@ fn from_json<T: serde::de::DeserializeOwned>(id: &str, text: &str) -> Result<T, 
 impl Store for SqliteStore {
     async fn load(&self) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot::default();
-        for row in sqlx::query("SELECT id, data FROM jobs").fetch_all(&self.pool).await? {
+        for row in sqlx::query("SELECT id, data FROM jobs")
+            .fetch_all(&self.pool)
+            .await?
+        {
             let id: String = row.get(0);
             snap.jobs.push(from_json::<Job>(&id, row.get(1))?);
         }
-        for row in sqlx::query("SELECT id, data FROM tasks").fetch_all(&self.pool).await? {
+        for row in sqlx::query("SELECT id, data FROM tasks")
+            .fetch_all(&self.pool)
+            .await?
+        {
             let id: String = row.get(0);
             snap.tasks.push(from_json::<Task>(&id, row.get(1))?);
         }
-        for row in sqlx::query("SELECT id, data FROM nodes").fetch_all(&self.pool).await? {
+        for row in sqlx::query("SELECT id, data FROM nodes")
+            .fetch_all(&self.pool)
+            .await?
+        {
             let id: String = row.get(0);
             snap.nodes.push(from_json::<Node>(&id, row.get(1))?);
         }
@@ -247,7 +260,10 @@ mod tests {
         let snap = store.load().await.unwrap();
         assert_eq!(snap.jobs, vec![job]);
         assert_eq!(snap.tasks, vec![task(TaskState::Running)]);
-        assert_eq!(store.find_token(&hash_token("secret")).await.unwrap(), Some(token));
+        assert_eq!(
+            store.find_token(&hash_token("secret")).await.unwrap(),
+            Some(token)
+        );
         assert_eq!(store.find_token(&hash_token("other")).await.unwrap(), None);
     }
 
@@ -256,12 +272,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir).await;
         let mut done = task(TaskState::Failed);
-        done.exit = Some(Exit { code: Some(3), signal: None });
-        store.commit(&[Change::Task(task(TaskState::Running))]).await.unwrap();
+        done.exit = Some(Exit {
+            code: Some(3),
+            signal: None,
+        });
+        store
+            .commit(&[Change::Task(task(TaskState::Running))])
+            .await
+            .unwrap();
         store.commit(&[Change::Task(done.clone())]).await.unwrap();
         // A stale running event and a late different terminal state change nothing.
-        store.commit(&[Change::Task(task(TaskState::Running))]).await.unwrap();
-        store.commit(&[Change::Task(task(TaskState::Succeeded))]).await.unwrap();
+        store
+            .commit(&[Change::Task(task(TaskState::Running))])
+            .await
+            .unwrap();
+        store
+            .commit(&[Change::Task(task(TaskState::Succeeded))])
+            .await
+            .unwrap();
         assert_eq!(store.load().await.unwrap().tasks, vec![done]);
     }
 }

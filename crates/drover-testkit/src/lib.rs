@@ -7,9 +7,9 @@
 use anyhow::{Context, Result, bail};
 use drover_agent::{Agent, AgentConfig};
 use drover_controller::{BootstrapToken, Controller, ControllerConfig};
+use drover_core::JobSpec;
 use drover_core::api::{ApplyResponse, JobView, NodeView, StreamEvent, TaskView};
 use drover_core::spec::Resources;
-use drover_core::JobSpec;
 use drover_runtime::Runtime;
 use drover_runtime::mock::MockRuntime;
 use drover_runtime::process::{ProcessConfig, ProcessRuntime};
@@ -25,7 +25,10 @@ pub const JOIN_TOKEN: &str = "drj_test_join";
 /// Logs to the test's output when `DROVER_LOG` is set (e.g. `DROVER_LOG=debug`).
 pub fn init_logging() {
     if let Ok(filter) = std::env::var("DROVER_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_test_writer().try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
     }
 }
 
@@ -38,7 +41,10 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions { heartbeat: Duration::from_millis(200), node_lost_after: Duration::from_secs(2) }
+        ClusterOptions {
+            heartbeat: Duration::from_millis(200),
+            node_lost_after: Duration::from_secs(2),
+        }
     }
 }
 
@@ -66,7 +72,10 @@ impl AgentOptions {
         AgentOptions {
             name: name.to_string(),
             labels: BTreeMap::new(),
-            capacity: Resources { cpu: 4.0, memory: drover_core::quantity::ByteSize(8 << 30) },
+            capacity: Resources {
+                cpu: 4.0,
+                memory: drover_core::quantity::ByteSize(8 << 30),
+            },
             process: true,
             mock: true,
             shim: None,
@@ -91,22 +100,43 @@ impl TestCluster {
     }
 
     /// Starts a controller over an existing data dir (to test a restart).
-    pub async fn start_in(dir: tempfile::TempDir, opts: ClusterOptions, listen: &str) -> Result<TestCluster> {
-        let store = SqliteStore::open(&SqliteConfig { path: Some(dir.path().join("drover.db")), durability: Durability::Process }).await?;
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        opts: ClusterOptions,
+        listen: &str,
+    ) -> Result<TestCluster> {
+        let store = SqliteStore::open(&SqliteConfig {
+            path: Some(dir.path().join("drover.db")),
+            durability: Durability::Process,
+        })
+        .await?;
         let mut cfg = ControllerConfig::new(dir.path().join("controller"));
         cfg.heartbeat_interval = opts.heartbeat;
         cfg.node_lost_after = opts.node_lost_after;
         cfg.command_resend_after = Duration::from_millis(500);
         cfg.bootstrap_tokens = vec![
-            BootstrapToken { secret: ADMIN_TOKEN.into(), role: Role::Admin, name: "admin".into() },
-            BootstrapToken { secret: JOIN_TOKEN.into(), role: Role::Agent, name: "join".into() },
+            BootstrapToken {
+                secret: ADMIN_TOKEN.into(),
+                role: Role::Admin,
+                name: "admin".into(),
+            },
+            BootstrapToken {
+                secret: JOIN_TOKEN.into(),
+                role: Role::Agent,
+                name: "join".into(),
+            },
         ];
         let controller = Controller::start(cfg, Arc::new(store)).await?;
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let url = format!("http://{}", listener.local_addr()?);
         let c = controller.clone();
         let serve = tokio::spawn(async move { c.serve(listener).await });
-        Ok(TestCluster { controller, url, dir, serve })
+        Ok(TestCluster {
+            controller,
+            url,
+            dir,
+            serve,
+        })
     }
 
     /// Stops the controller and hands back its data dir.
@@ -130,7 +160,9 @@ impl TestCluster {
 pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Result<Agent> {
     let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
     if opts.process {
-        runtimes.push(Arc::new(ProcessRuntime::new(ProcessConfig { shim: opts.shim.clone() })));
+        runtimes.push(Arc::new(ProcessRuntime::new(ProcessConfig {
+            shim: opts.shim.clone(),
+        })));
     }
     if opts.mock {
         runtimes.push(Arc::new(MockRuntime::new()));
@@ -154,11 +186,24 @@ pub struct Api {
 
 impl Api {
     pub fn new(url: &str, token: &str) -> Api {
-        Api { url: url.to_string(), token: token.to_string(), http: reqwest::Client::new() }
+        Api {
+            url: url.to_string(),
+            token: token.to_string(),
+            http: reqwest::Client::new(),
+        }
     }
 
-    pub async fn raw(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> Result<(u16, String)> {
-        let mut req = self.http.request(method, format!("{}{path}", self.url)).bearer_auth(&self.token).timeout(Duration::from_secs(30));
+    pub async fn raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, String)> {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(30));
         if let Some(b) = body {
             req = req.header("content-type", "application/json").body(b);
         }
@@ -167,7 +212,12 @@ impl Api {
         Ok((status, resp.text().await?))
     }
 
-    async fn json<T: serde::de::DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> Result<T> {
+    async fn json<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T> {
         let (status, text) = self.raw(method.clone(), path, body).await?;
         if !(200..300).contains(&status) {
             bail!("{method} {path}: HTTP {status}: {text}");
@@ -177,19 +227,31 @@ impl Api {
 
     pub async fn apply_yaml(&self, yaml: &str) -> Result<ApplyResponse> {
         let spec = JobSpec::from_yaml(yaml, "test.yaml")?;
-        self.json(reqwest::Method::POST, "/v1/jobs", Some(serde_json::to_vec(&spec)?)).await
+        self.json(
+            reqwest::Method::POST,
+            "/v1/jobs",
+            Some(serde_json::to_vec(&spec)?),
+        )
+        .await
     }
 
     pub async fn job(&self, name: &str) -> Result<JobView> {
-        self.json(reqwest::Method::GET, &format!("/v1/jobs/{name}"), None).await
+        self.json(reqwest::Method::GET, &format!("/v1/jobs/{name}"), None)
+            .await
     }
 
     pub async fn stop(&self, name: &str) -> Result<JobView> {
-        self.json(reqwest::Method::POST, &format!("/v1/jobs/{name}/stop"), None).await
+        self.json(
+            reqwest::Method::POST,
+            &format!("/v1/jobs/{name}/stop"),
+            None,
+        )
+        .await
     }
 
     pub async fn tasks(&self, job: &str) -> Result<Vec<TaskView>> {
-        self.json(reqwest::Method::GET, &format!("/v1/tasks?job={job}"), None).await
+        self.json(reqwest::Method::GET, &format!("/v1/tasks?job={job}"), None)
+            .await
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeView>> {
@@ -199,7 +261,9 @@ impl Api {
     /// The job's whole output so far, stdout and stderr concatenated per task in index
     /// order, read through the same stream `drover logs` uses.
     pub async fn logs(&self, job: &str) -> Result<String> {
-        let (status, text) = self.raw(reqwest::Method::GET, &format!("/v1/jobs/{job}/logs"), None).await?;
+        let (status, text) = self
+            .raw(reqwest::Method::GET, &format!("/v1/jobs/{job}/logs"), None)
+            .await?;
         if status != 200 {
             bail!("logs of {job}: HTTP {status}: {text}");
         }
@@ -214,7 +278,12 @@ impl Api {
 
     /// Polls `f` on the job until it returns true, or fails after `timeout` with the
     /// job and its tasks as last seen.
-    pub async fn wait_job(&self, name: &str, timeout: Duration, f: impl Fn(&JobView, &[TaskView]) -> bool) -> Result<(JobView, Vec<TaskView>)> {
+    pub async fn wait_job(
+        &self,
+        name: &str,
+        timeout: Duration,
+        f: impl Fn(&JobView, &[TaskView]) -> bool,
+    ) -> Result<(JobView, Vec<TaskView>)> {
         let start = Instant::now();
         loop {
             let job = self.job(name).await?;
@@ -234,13 +303,24 @@ impl Api {
     }
 
     /// Waits until the job reaches a final status and returns it.
-    pub async fn wait_final(&self, name: &str, timeout: Duration) -> Result<(JobView, Vec<TaskView>)> {
-        self.wait_job(name, timeout, |j, t| j.job.status.is_final() && t.iter().all(|t| t.task.state.is_terminal())).await
+    pub async fn wait_final(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(JobView, Vec<TaskView>)> {
+        self.wait_job(name, timeout, |j, t| {
+            j.job.status.is_final() && t.iter().all(|t| t.task.state.is_terminal())
+        })
+        .await
     }
 }
 
 /// Polls `f` until it is true or the timeout ends.
-pub async fn wait_for(what: &str, timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> Result<()> {
+pub async fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl AsyncFnMut() -> bool,
+) -> Result<()> {
     let start = Instant::now();
     while !f().await {
         if start.elapsed() > timeout {
@@ -254,5 +334,7 @@ pub async fn wait_for(what: &str, timeout: Duration, mut f: impl AsyncFnMut() ->
 /// Whether a process with this pid exists.
 pub fn pid_alive(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
 }

@@ -1,7 +1,10 @@
 //! The HTTP API's authentication, errors and metrics, and the agent protocol's rules,
 //! spoken by a hand-driven fake agent so every message can be chosen.
 
-use drover_core::protocol::{AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello, JOIN_TOKEN_HEADER, PROTOCOL_VERSION};
+use drover_core::protocol::{
+    AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello,
+    JOIN_TOKEN_HEADER, PROTOCOL_VERSION,
+};
 use drover_core::spec::{Resources, RuntimeKind};
 use drover_core::state::{Exit, NodeInfo};
 use drover_core::{NodeId, TaskId, TaskState};
@@ -34,7 +37,10 @@ async fn every_api_route_needs_a_valid_token_and_says_so_in_json() {
     for token in ["", "not-a-token"] {
         let api = Api::new(&c.url, token);
         for (method, path) in ROUTES {
-            let (status, body) = api.raw(Method::from_bytes(method.as_bytes()).unwrap(), path, None).await.unwrap();
+            let (status, body) = api
+                .raw(Method::from_bytes(method.as_bytes()).unwrap(), path, None)
+                .await
+                .unwrap();
             assert_eq!(status, 401, "{method} {path} with token {token:?}: {body}");
             let err: serde_json::Value = serde_json::from_str(&body).unwrap();
             assert_eq!(err["code"], "unauthorized", "{body}");
@@ -45,7 +51,10 @@ async fn every_api_route_needs_a_valid_token_and_says_so_in_json() {
     let (status, _) = api.raw(Method::GET, "/v1/jobs", None).await.unwrap();
     assert_eq!(status, 403);
     // Health needs no token.
-    let (status, body) = Api::new(&c.url, "").raw(Method::GET, "/health", None).await.unwrap();
+    let (status, body) = Api::new(&c.url, "")
+        .raw(Method::GET, "/health", None)
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{body}");
 }
 
@@ -55,11 +64,20 @@ async fn a_bad_spec_is_refused_with_the_field_and_nothing_is_stored() {
     let api = c.api();
     for (body, needle) in [
         (r#"{"name":"x","command":["true"],"count":"two"}"#, "count"),
-        (r#"{"name":"x","command":[],"count":1}"#, "command: required"),
-        (r#"{"name":"x","command":["true"],"colour":1}"#, "unknown field `colour`"),
+        (
+            r#"{"name":"x","command":[],"count":1}"#,
+            "command: required",
+        ),
+        (
+            r#"{"name":"x","command":["true"],"colour":1}"#,
+            "unknown field `colour`",
+        ),
         ("not json", "expected"),
     ] {
-        let (status, text) = api.raw(Method::POST, "/v1/jobs", Some(body.as_bytes().to_vec())).await.unwrap();
+        let (status, text) = api
+            .raw(Method::POST, "/v1/jobs", Some(body.as_bytes().to_vec()))
+            .await
+            .unwrap();
         assert_eq!(status, 400, "{body}: {text}");
         let err: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(err["code"], "invalid_spec");
@@ -74,30 +92,52 @@ async fn metrics_report_tasks_by_state_and_connected_agents() {
     let c = TestCluster::start().await.unwrap();
     let _a = c.agent(AgentOptions::named("n1")).await.unwrap();
     let api = c.api();
-    api.apply_yaml("name: m\nkind: service\nruntime: mock\ncount: 2\n").await.unwrap();
-    api.wait_job("m", T, |_, t| t.iter().filter(|t| t.task.state == TaskState::Running).count() == 2).await.unwrap();
+    api.apply_yaml("name: m\nkind: service\nruntime: mock\ncount: 2\n")
+        .await
+        .unwrap();
+    api.wait_job("m", T, |_, t| {
+        t.iter()
+            .filter(|t| t.task.state == TaskState::Running)
+            .count()
+            == 2
+    })
+    .await
+    .unwrap();
     let (status, text) = api.raw(Method::GET, "/metrics", None).await.unwrap();
     assert_eq!(status, 200);
     assert!(text.contains("drover_tasks{state=\"running\"} 2"), "{text}");
     assert!(text.contains("drover_connected_agents 1"), "{text}");
-    assert!(text.contains("drover_scheduling_latency_seconds_count 2"), "{text}");
+    assert!(
+        text.contains("drover_scheduling_latency_seconds_count 2"),
+        "{text}"
+    );
 }
 
 /// A fake agent: sends exactly what the test says.
 struct FakeAgent {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    ws: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
 }
 
 impl FakeAgent {
-    async fn connect(url: &str, token: &str) -> Result<FakeAgent, tokio_tungstenite::tungstenite::Error> {
-        let mut req = format!("{}{AGENT_CONNECT_PATH}", url.replace("http://", "ws://")).into_client_request()?;
-        req.headers_mut().insert(JOIN_TOKEN_HEADER, token.parse().unwrap());
+    async fn connect(
+        url: &str,
+        token: &str,
+    ) -> Result<FakeAgent, tokio_tungstenite::tungstenite::Error> {
+        let mut req = format!("{}{AGENT_CONNECT_PATH}", url.replace("http://", "ws://"))
+            .into_client_request()?;
+        req.headers_mut()
+            .insert(JOIN_TOKEN_HEADER, token.parse().unwrap());
         let (ws, _) = tokio_tungstenite::connect_async(req).await?;
         Ok(FakeAgent { ws })
     }
 
     async fn send(&mut self, m: &AgentMessage) {
-        self.ws.send(Message::Text(serde_json::to_string(m).unwrap().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(serde_json::to_string(m).unwrap().into()))
+            .await
+            .unwrap();
     }
 
     async fn recv(&mut self) -> Option<ControllerMessage> {
@@ -119,7 +159,10 @@ impl FakeAgent {
                 platform: "linux/amd64".into(),
                 labels: Default::default(),
                 runtimes: vec![RuntimeKind::Mock],
-                capacity: Resources { cpu: 4.0, memory: drover_core::quantity::ByteSize(1 << 30) },
+                capacity: Resources {
+                    cpu: 4.0,
+                    memory: drover_core::quantity::ByteSize(1 << 30),
+                },
                 agent_version: "test".into(),
             },
             known_tasks: vec![],
@@ -133,7 +176,10 @@ fn event(seq: u64, task: &TaskId, state: TaskState, code: Option<i32>) -> AgentM
         task_id: task.clone(),
         state,
         reason: String::new(),
-        exit: code.map(|c| Exit { code: Some(c), signal: None }),
+        exit: code.map(|c| Exit {
+            code: Some(c),
+            signal: None,
+        }),
         at: 0,
     })
 }
@@ -144,11 +190,22 @@ async fn duplicate_and_stale_agent_events_change_nothing() {
     let api = c.api();
     let mut agent = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
     agent.send(&FakeAgent::hello(PROTOCOL_VERSION)).await;
-    assert!(matches!(agent.recv().await, Some(ControllerMessage::Welcome { last_event_seq: 0, .. })));
-    api.apply_yaml("name: fake-job\nruntime: mock\n").await.unwrap();
+    assert!(matches!(
+        agent.recv().await,
+        Some(ControllerMessage::Welcome {
+            last_event_seq: 0,
+            ..
+        })
+    ));
+    api.apply_yaml("name: fake-job\nruntime: mock\n")
+        .await
+        .unwrap();
     let task = loop {
         match agent.recv().await.expect("a command") {
-            ControllerMessage::Command { seq, command: Command::Start(a) } => {
+            ControllerMessage::Command {
+                seq,
+                command: Command::Start(a),
+            } => {
                 agent.send(&AgentMessage::CommandAck { seq }).await;
                 break a.task_id;
             }
@@ -156,13 +213,22 @@ async fn duplicate_and_stale_agent_events_change_nothing() {
         }
     };
     agent.send(&event(1, &task, TaskState::Running, None)).await;
-    agent.send(&event(2, &task, TaskState::Failed, Some(9))).await;
+    agent
+        .send(&event(2, &task, TaskState::Failed, Some(9)))
+        .await;
     // A replay of seq 2 with different content, and a stale state with a new seq.
-    agent.send(&event(2, &task, TaskState::Succeeded, Some(0))).await;
+    agent
+        .send(&event(2, &task, TaskState::Succeeded, Some(0)))
+        .await;
     agent.send(&event(3, &task, TaskState::Running, None)).await;
-    agent.send(&event(4, &task, TaskState::Succeeded, Some(0))).await;
+    agent
+        .send(&event(4, &task, TaskState::Succeeded, Some(0)))
+        .await;
     wait_for("the events to be acknowledged", T, async || {
-        matches!(agent.recv().await, Some(ControllerMessage::EventAck { seq: 4 }))
+        matches!(
+            agent.recv().await,
+            Some(ControllerMessage::EventAck { seq: 4 })
+        )
     })
     .await
     .unwrap();
@@ -181,12 +247,21 @@ async fn the_agent_handshake_is_checked() {
     let mut agent = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
     agent.send(&FakeAgent::hello(PROTOCOL_VERSION + 1)).await;
     match agent.recv().await {
-        Some(ControllerMessage::Reject { reason }) => assert!(reason.contains("protocol version"), "{reason}"),
+        Some(ControllerMessage::Reject { reason }) => {
+            assert!(reason.contains("protocol version"), "{reason}")
+        }
         other => panic!("expected a reject, got {other:?}"),
     }
     // Garbage instead of a hello is refused too.
     let mut agent = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
-    agent.ws.send(Message::Text("{\"nonsense\":1}".into())).await.unwrap();
-    assert!(matches!(agent.recv().await, Some(ControllerMessage::Reject { .. })));
+    agent
+        .ws
+        .send(Message::Text("{\"nonsense\":1}".into()))
+        .await
+        .unwrap();
+    assert!(matches!(
+        agent.recv().await,
+        Some(ControllerMessage::Reject { .. })
+    ));
     assert_eq!(c.controller.connected_agents(), 0);
 }

@@ -1,7 +1,7 @@
 //! Task lifecycle end to end: a real controller, real agents, real processes.
 
-use drover_core::state::JobStatus;
 use drover_core::TaskState;
+use drover_core::state::JobStatus;
 use drover_testkit::{AgentOptions, TestCluster, wait_for};
 use std::time::Duration;
 
@@ -11,7 +11,11 @@ async fn cluster_with_agent() -> (TestCluster, drover_agent::Agent) {
     let c = TestCluster::start().await.unwrap();
     let a = c.agent(AgentOptions::named("n1")).await.unwrap();
     let api = c.api();
-    wait_for("the agent to register", T, async || api.nodes().await.map(|n| n.len() == 1).unwrap_or(false)).await.unwrap();
+    wait_for("the agent to register", T, async || {
+        api.nodes().await.map(|n| n.len() == 1).unwrap_or(false)
+    })
+    .await
+    .unwrap();
     (c, a)
 }
 
@@ -34,7 +38,10 @@ env: { GREETING: bonjour }
     assert_eq!(tasks.len(), 3);
     let logs = api.logs("hello").await.unwrap();
     for t in &tasks {
-        let line = format!("task={} job=hello greeting=bonjour id={}", t.task.index, t.task.id);
+        let line = format!(
+            "task={} job=hello greeting=bonjour id={}",
+            t.task.index, t.task.id
+        );
         assert!(logs.contains(&line), "missing {line:?} in {logs:?}");
         assert_eq!(t.task.state, TaskState::Succeeded);
         assert_eq!(t.task.exit.as_ref().and_then(|e| e.code), Some(0));
@@ -57,8 +64,16 @@ restart: { attempts: 2, delay: 50ms }
     let (job, tasks) = api.wait_final("flaky", T).await.unwrap();
     assert_eq!(job.job.status, JobStatus::Failed);
     assert_eq!(job.job.exit.as_ref().and_then(|e| e.code), Some(3));
-    assert!(job.job.reason.contains("failed after 3 attempts"), "{}", job.job.reason);
-    assert!(job.job.reason.contains("exited with code 3"), "{}", job.job.reason);
+    assert!(
+        job.job.reason.contains("failed after 3 attempts"),
+        "{}",
+        job.job.reason
+    );
+    assert!(
+        job.job.reason.contains("exited with code 3"),
+        "{}",
+        job.job.reason
+    );
     assert_eq!(tasks.len(), 3, "one try and two retries");
     let logs = api.logs("flaky").await.unwrap();
     for n in 0..3 {
@@ -82,7 +97,13 @@ restart: { attempts: 3, delay: 50ms }
     .unwrap();
     let (job, tasks) = api.wait_final("second-time", T).await.unwrap();
     assert_eq!(job.job.status, JobStatus::Complete);
-    assert_eq!(tasks.iter().filter(|t| t.task.state == TaskState::Failed).count(), 1);
+    assert_eq!(
+        tasks
+            .iter()
+            .filter(|t| t.task.state == TaskState::Failed)
+            .count(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +120,14 @@ restart: { delay: 50ms, max_delay: 100ms }
     )
     .await
     .unwrap();
-    api.wait_job("blinker", T, |_, t| t.iter().filter(|t| t.task.state == TaskState::Succeeded).count() >= 2).await.unwrap();
+    api.wait_job("blinker", T, |_, t| {
+        t.iter()
+            .filter(|t| t.task.state == TaskState::Succeeded)
+            .count()
+            >= 2
+    })
+    .await
+    .unwrap();
     api.stop("blinker").await.unwrap();
     let (job, tasks) = api.wait_final("blinker", T).await.unwrap();
     assert_eq!(job.job.status, JobStatus::Stopped);
@@ -111,16 +139,28 @@ restart: { delay: 50ms, max_delay: 100ms }
 async fn stop_sends_sigterm_and_records_it() {
     let (c, _a) = cluster_with_agent().await;
     let api = c.api();
-    api.apply_yaml("name: sleepy\nkind: service\ncommand: [sleep, '30']\nstop_grace: 5s\n").await.unwrap();
-    api.wait_job("sleepy", T, |_, t| t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
+    api.apply_yaml("name: sleepy\nkind: service\ncommand: [sleep, '30']\nstop_grace: 5s\n")
+        .await
+        .unwrap();
+    api.wait_job("sleepy", T, |_, t| {
+        t.iter().any(|t| t.task.state == TaskState::Running)
+    })
+    .await
+    .unwrap();
     let started = std::time::Instant::now();
     api.stop("sleepy").await.unwrap();
     let (_, tasks) = api.wait_final("sleepy", T).await.unwrap();
     let t = &tasks[0].task;
     assert_eq!(t.state, TaskState::Stopped);
-    assert_eq!(t.exit.as_ref().and_then(|e| e.signal.clone()).as_deref(), Some("SIGTERM"));
+    assert_eq!(
+        t.exit.as_ref().and_then(|e| e.signal.clone()).as_deref(),
+        Some("SIGTERM")
+    );
     assert!(t.reason.contains("ended after SIGTERM"), "{}", t.reason);
-    assert!(started.elapsed() < Duration::from_secs(4), "a graceful stop must not wait out the grace period");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "a graceful stop must not wait out the grace period"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,17 +177,34 @@ stop_grace: 700ms
     )
     .await
     .unwrap();
-    api.wait_job("stubborn", T, |_, t| t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
-    wait_for("the task to print ready", T, async || api.logs("stubborn").await.map(|l| l.contains("ready")).unwrap_or(false)).await.unwrap();
+    api.wait_job("stubborn", T, |_, t| {
+        t.iter().any(|t| t.task.state == TaskState::Running)
+    })
+    .await
+    .unwrap();
+    wait_for("the task to print ready", T, async || {
+        api.logs("stubborn")
+            .await
+            .map(|l| l.contains("ready"))
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
     let started = std::time::Instant::now();
     api.stop("stubborn").await.unwrap();
     let (_, tasks) = api.wait_final("stubborn", T).await.unwrap();
     let elapsed = started.elapsed();
     let t = &tasks[0].task;
     assert_eq!(t.state, TaskState::Stopped);
-    assert_eq!(t.exit.as_ref().and_then(|e| e.signal.clone()).as_deref(), Some("SIGKILL"));
+    assert_eq!(
+        t.exit.as_ref().and_then(|e| e.signal.clone()).as_deref(),
+        Some("SIGKILL")
+    );
     assert!(t.reason.contains("SIGKILL"), "{}", t.reason);
-    assert!(elapsed >= Duration::from_millis(700), "killed before the grace period ended: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(700),
+        "killed before the grace period ended: {elapsed:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,16 +214,27 @@ async fn the_agents_own_environment_does_not_leak_into_tasks() {
     unsafe { std::env::set_var("AGENT_ONLY_SECRET", "hunter2") };
     let (c, _a) = cluster_with_agent().await;
     let api = c.api();
-    api.apply_yaml("name: envcheck\ncommand: [sh, -c, 'env']\nenv: { DECLARED: yes }\n").await.unwrap();
+    api.apply_yaml("name: envcheck\ncommand: [sh, -c, 'env']\nenv: { DECLARED: yes }\n")
+        .await
+        .unwrap();
     api.wait_final("envcheck", T).await.unwrap();
     let logs = api.logs("envcheck").await.unwrap();
     assert!(logs.contains("DECLARED=yes"), "{logs}");
     assert!(logs.contains("DROVER_TASK_INDEX=0"), "{logs}");
-    assert!(!logs.contains("hunter2"), "the agent's secret leaked: {logs}");
+    assert!(
+        !logs.contains("hunter2"),
+        "the agent's secret leaked: {logs}"
+    );
     assert!(!logs.contains("HOME="), "the agent's HOME leaked: {logs}");
-    let names: Vec<&str> = logs.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+    let names: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
     for n in names {
-        assert!(n.starts_with("DROVER_") || ["DECLARED", "PATH", "PWD", "SHLVL", "_"].contains(&n), "unexpected variable {n} in {logs}");
+        assert!(
+            n.starts_with("DROVER_") || ["DECLARED", "PATH", "PWD", "SHLVL", "_"].contains(&n),
+            "unexpected variable {n} in {logs}"
+        );
     }
 }
 
@@ -174,10 +242,16 @@ async fn the_agents_own_environment_does_not_leak_into_tasks() {
 async fn a_missing_program_fails_the_task_with_a_clear_reason() {
     let (c, _a) = cluster_with_agent().await;
     let api = c.api();
-    api.apply_yaml("name: typo\ncommand: [no-such-program-xyz]\nrestart: { attempts: 0 }\n").await.unwrap();
+    api.apply_yaml("name: typo\ncommand: [no-such-program-xyz]\nrestart: { attempts: 0 }\n")
+        .await
+        .unwrap();
     let (job, tasks) = api.wait_final("typo", T).await.unwrap();
     assert_eq!(job.job.status, JobStatus::Failed);
-    assert!(tasks[0].task.reason.contains("no-such-program-xyz"), "{}", tasks[0].task.reason);
+    assert!(
+        tasks[0].task.reason.contains("no-such-program-xyz"),
+        "{}",
+        tasks[0].task.reason
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,13 +260,21 @@ async fn reapplying_a_changed_spec_replaces_the_tasks_and_an_unchanged_one_does_
     let api = c.api();
     let v1 = "name: web\nkind: service\ncommand: [sleep, '30']\nstop_grace: 1s\n";
     assert_eq!(api.apply_yaml(v1).await.unwrap().result, "created");
-    api.wait_job("web", T, |_, t| t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
+    api.wait_job("web", T, |_, t| {
+        t.iter().any(|t| t.task.state == TaskState::Running)
+    })
+    .await
+    .unwrap();
     assert_eq!(api.apply_yaml(v1).await.unwrap().result, "unchanged");
     let v2 = "name: web\nkind: service\ncommand: [sleep, '31']\nstop_grace: 1s\n";
     let r = api.apply_yaml(v2).await.unwrap();
     assert_eq!(r.result, "updated");
     assert_eq!(r.job.job.version, 2);
-    api.wait_job("web", T, |j, t| j.job.version == 2 && t.iter().any(|t| t.task.state == TaskState::Running)).await.unwrap();
+    api.wait_job("web", T, |j, t| {
+        j.job.version == 2 && t.iter().any(|t| t.task.state == TaskState::Running)
+    })
+    .await
+    .unwrap();
     api.stop("web").await.unwrap();
     api.wait_final("web", T).await.unwrap();
 }
@@ -212,12 +294,34 @@ stop_grace: 3s
     )
     .await
     .unwrap();
-    api.wait_job("pair", T, |_, t| t.iter().filter(|t| t.task.state == TaskState::Running).count() == 2).await.unwrap();
-    wait_for("both tasks to print", T, async || api.logs("pair").await.map(|l| l.matches("started").count() == 2).unwrap_or(false)).await.unwrap();
+    api.wait_job("pair", T, |_, t| {
+        t.iter()
+            .filter(|t| t.task.state == TaskState::Running)
+            .count()
+            == 2
+    })
+    .await
+    .unwrap();
+    wait_for("both tasks to print", T, async || {
+        api.logs("pair")
+            .await
+            .map(|l| l.matches("started").count() == 2)
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
     api.stop("pair").await.unwrap();
-    let (_, tasks) = api.wait_final("pair", Duration::from_secs(10)).await.unwrap();
+    let (_, tasks) = api
+        .wait_final("pair", Duration::from_secs(10))
+        .await
+        .unwrap();
     for t in tasks {
         assert_eq!(t.task.state, TaskState::Stopped, "{:?}", t.task);
-        assert_eq!(t.task.exit.as_ref().and_then(|e| e.code), Some(0), "{:?}", t.task);
+        assert_eq!(
+            t.task.exit.as_ref().and_then(|e| e.code),
+            Some(0),
+            "{:?}",
+            t.task
+        );
     }
 }

@@ -16,9 +16,17 @@ pub struct Home {
     pub dir: tempfile::TempDir,
 }
 
+impl Default for Home {
+    fn default() -> Self {
+        Home::new()
+    }
+}
+
 impl Home {
     pub fn new() -> Home {
-        Home { dir: tempfile::tempdir().unwrap() }
+        Home {
+            dir: tempfile::tempdir().unwrap(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -127,7 +135,11 @@ pub fn spawn_cmd(mut cmd: Command, ready: &str) -> (Daemon, String) {
     let daemon = Daemon { child, log };
     match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(line) => (daemon, line),
-        Err(_) => panic!("drover did not say {:?} within 30s; its log:\n{}", "ready", daemon.log()),
+        Err(_) => panic!(
+            "drover did not say {:?} within 30s; its log:\n{}",
+            "ready",
+            daemon.log()
+        ),
     }
 }
 
@@ -149,13 +161,17 @@ pub fn url_in(line: &str) -> String {
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 pub fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(o), stderr(o)))
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", stdout(o), stderr(o)))
 }
 
 pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -165,5 +181,7 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 pub fn pid_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false)
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs Drover's whole test suite: unit tests, in-process integration tests and the
+# tests that drive the built `drover` binary. Installs what the tests need first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# cargo-nextest runs every test in its own process, which the tests that change their
+# own environment rely on.
+if ! cargo nextest --version >/dev/null 2>&1; then
+    cargo install cargo-nextest --locked
+fi
+
+# The tests only need a POSIX shell and coreutils (sh, sleep, env, pkill), which every
+# Debian machine has; procps provides pkill where a minimal image lacks it.
+if ! command -v pkill >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq procps
+    fi
+fi
+
+cargo nextest run --workspace --no-fail-fast "$@"
