@@ -312,7 +312,7 @@ impl Connection {
         }
         let connect = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async(req),
+            tokio_tungstenite::connect_async_with_config(req, None, true),
         );
         let ws = tokio::select! {
             _ = self.shutdown.cancelled() => return (SessionEnd::Shutdown, false),

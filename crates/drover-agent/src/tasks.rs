@@ -189,6 +189,7 @@ impl TaskManager {
             }
         };
         let seq = ev.seq;
+        tracing::debug!(task = %task, seq, "task is {state}");
         self.link.send(AgentMessage::Event(ev));
         Some(seq)
     }
@@ -237,6 +238,7 @@ impl TaskManager {
 
     /// Handles a controller command. Every command is idempotent per task.
     pub fn handle(self: &Arc<Self>, cmd: Command) {
+        tracing::debug!("command {cmd:?}");
         match cmd {
             Command::Start(a) => self.start(*a),
             Command::Stop {

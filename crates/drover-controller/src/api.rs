@@ -227,6 +227,7 @@ async fn apply_job(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     p.require_write()?;
+    tracing::debug!("apply request");
     let spec = JobSpec::from_json(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

@@ -118,6 +118,9 @@ impl Follower {
             for stream in [LogStream::Stdout, LogStream::Stderr] {
                 let key = (id.clone(), stream);
                 let off = self.offsets.get(&key).copied().unwrap_or(0);
+                if self.inner.logs.size_of(id, stream) <= off {
+                    continue;
+                }
                 match self.inner.logs.read_from(id, stream, off, READ_MAX) {
                     Ok(data) if !data.is_empty() => {
                         more_logs |= data.len() == READ_MAX;

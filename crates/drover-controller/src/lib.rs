@@ -182,7 +182,16 @@ impl Controller {
 
     /// Serves the router on `listener` until shutdown.
     pub async fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        use axum::serve::ListenerExt;
         let token = self.inner.shutdown.clone();
+        // API answers and agent messages are small; without TCP_NODELAY a write that
+        // follows another unacknowledged one waits out the peer's delayed-ACK timer
+        // (40 ms on Linux).
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("setting TCP_NODELAY: {e}");
+            }
+        });
         axum::serve(
             listener,
             self.router()

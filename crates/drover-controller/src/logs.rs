@@ -77,6 +77,19 @@ impl LogStore {
         Ok(Appended::Stored)
     }
 
+    /// How many bytes of a stream are stored. Served from memory after the first look,
+    /// so a follower can check many tasks for new output without touching the disk.
+    pub fn size_of(&self, task: &TaskId, stream: LogStream) -> u64 {
+        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (task.clone(), stream);
+        if let Some(s) = sizes.get(&key) {
+            return *s;
+        }
+        let s = self.size(task, stream);
+        sizes.insert(key, s);
+        s
+    }
+
     /// The bytes of one stream from `offset` on, at most `max` of them.
     pub fn read_from(
         &self,

@@ -68,6 +68,7 @@ impl Inner {
             tx.put(state, Change::Task(t));
         }
         self.commit(state, tx).await?;
+        tracing::debug!(job = %job.name, "job stored");
         self.flush_all(state);
         self.schedule.notify_one();
         let result = if version == 1 { "created" } else { "updated" };

@@ -1,0 +1,397 @@
+//! Drover's benchmarks. Run them all with `bash scripts/bench.sh` (which builds the
+//! release binary first), or one with `cargo run --release -p drover-bench -- NAME`.
+//!
+//! Each benchmark drives the real `drover` binary as a user would and prints its figures
+//! next to a baseline measured in the same run.
+
+use anyhow::{Context, Result, bail};
+use drover_core::api::StreamEvent;
+use drover_core::protocol::{AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello, JOIN_TOKEN_HEADER, PROTOCOL_VERSION};
+use drover_core::spec::{Resources, RuntimeKind};
+use drover_core::state::{Exit, NodeInfo};
+use drover_core::{NodeId, TaskState};
+use futures_util::{SinkExt, StreamExt};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+fn drover_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let bin = exe.parent().context("bench binary has no directory")?.join("drover");
+    if !bin.exists() {
+        bail!("{} not found: build it first with `cargo build --release -p drover-cli` (scripts/bench.sh does)", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A `drover server` or `drover up` process with its own home.
+struct Server {
+    child: Child,
+    url: String,
+    home: tempfile::TempDir,
+    data: PathBuf,
+}
+
+impl Server {
+    fn start(subcommand: &str) -> Result<Server> {
+        let home = tempfile::tempdir()?;
+        let data = home.path().join("data");
+        let mut cmd = std::process::Command::new(drover_bin()?);
+        cmd.arg(subcommand)
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join("config"))
+            .env("DROVER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let stderr = child.stderr.take().context("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines.next().context("the server exited before it was ready")??;
+            if let Some(i) = line.find("http://") {
+                break line[i..].split_whitespace().next().unwrap_or("").to_string();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Server { child, url, home, data })
+    }
+
+    fn token(&self, name: &str) -> Result<String> {
+        let dir = if self.data.join(name).exists() { self.data.clone() } else { self.data.join("controller") };
+        Ok(std::fs::read_to_string(dir.join(name)).or_else(|_| std::fs::read_to_string(self.data.join(name)))?.trim().to_string())
+    }
+
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&v, 0.5), percentile(&v, 0.99))
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch: submit -> running and submit -> exited for trivial tasks, against raw spawn.
+
+async fn stream_until_done(http: &reqwest::Client, url: &str, token: &str, job: &str, t0: Instant) -> Result<(f64, f64)> {
+    let resp = http.get(format!("{url}/v1/jobs/{job}/logs?follow=true")).bearer_auth(token).send().await?;
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let (mut running, mut exited) = (f64::NAN, f64::NAN);
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(30), body.next()).await? {
+        buf.extend_from_slice(&chunk?);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            match serde_json::from_slice::<StreamEvent>(&line[..line.len() - 1])? {
+                StreamEvent::Task { state, .. } if state == TaskState::Running && running.is_nan() => running = ms(t0),
+                StreamEvent::Task { state, .. } if state.is_terminal() => {
+                    if running.is_nan() {
+                        running = ms(t0);
+                    }
+                    exited = ms(t0);
+                }
+                StreamEvent::Job { .. } => return Ok((running, exited)),
+                _ => {}
+            }
+        }
+    }
+    bail!("the stream of {job} ended without the job finishing")
+}
+
+fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn launch() -> Result<()> {
+    let n = 200;
+    // Baseline: a raw spawn-and-wait of the same program.
+    let mut raw = Vec::new();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        std::process::Command::new("true").status()?;
+        raw.push(ms(t0));
+    }
+    let (raw50, raw99) = summary(raw);
+
+    let server = Server::start("up")?;
+    let token = server.token("admin-token")?;
+    let http = reqwest::Client::new();
+    wait_ready(&http, &server.url, &token).await?;
+    let (mut to_running, mut to_exit) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let spec = serde_json::json!({ "name": format!("l{i}"), "command": ["true"] });
+        let t0 = Instant::now();
+        let resp = http.post(format!("{}/v1/jobs", server.url)).bearer_auth(&token).json(&spec).send().await?;
+        if !resp.status().is_success() {
+            bail!("submit failed: {}", resp.text().await?);
+        }
+        let (r, e) = stream_until_done(&http, &server.url, &token, &format!("l{i}"), t0).await?;
+        to_running.push(r);
+        to_exit.push(e);
+    }
+    let (r50, r99) = summary(to_running);
+    let (e50, e99) = summary(to_exit);
+    println!("launch (n={n}, trivial `true` task, embedded cluster via `drover up`, HTTP API + follow stream):");
+    println!("  raw spawn+wait          p50 {raw50:7.2} ms  p99 {raw99:7.2} ms   (baseline)");
+    println!("  submit -> running       p50 {r50:7.2} ms  p99 {r99:7.2} ms");
+    println!("  submit -> exited        p50 {e50:7.2} ms  p99 {e99:7.2} ms   overhead p50 {:.2} ms ({:.1}x raw)", e50 - raw50, e50 / raw50);
+
+    // Throughput: one job of many short tasks.
+    let count = 2000;
+    let spec = serde_json::json!({ "name": "burst", "count": count, "command": ["true"], "resources": { "cpu": 0.001, "memory": "1Mi" } });
+    let t0 = Instant::now();
+    let resp = http.post(format!("{}/v1/jobs", server.url)).bearer_auth(&token).json(&spec).send().await?;
+    if !resp.status().is_success() {
+        bail!("submit failed: {}", resp.text().await?);
+    }
+    stream_until_done(&http, &server.url, &token, "burst", t0).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    println!("  throughput: {count} tasks of `true` in {secs:.2} s = {:.0} tasks/s end to end", count as f64 / secs);
+
+    // The CLI as a user runs it against the running cluster.
+    let bin = drover_bin()?;
+    let mut cli = Vec::new();
+    let mut echo = Vec::new();
+    for _ in 0..30 {
+        let t0 = Instant::now();
+        let out = std::process::Command::new(&bin)
+            .args(["run", "--", "echo", "hi"])
+            .env("HOME", server.home.path())
+            .env("XDG_CONFIG_HOME", server.home.path().join("config"))
+            .output()?;
+        cli.push(ms(t0));
+        if out.stdout != b"hi\n" {
+            bail!("drover run printed {:?}", String::from_utf8_lossy(&out.stdout));
+        }
+        let t0 = Instant::now();
+        std::process::Command::new("echo").arg("hi").output()?;
+        echo.push(ms(t0));
+    }
+    let (c50, c99) = summary(cli);
+    let (x50, _) = summary(echo);
+    println!("  `drover run -- echo hi` (whole CLI process)  p50 {c50:6.1} ms  p99 {c99:6.1} ms   raw `echo hi` p50 {x50:.2} ms");
+    Ok(())
+}
+
+async fn wait_ready(http: &reqwest::Client, url: &str, token: &str) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let r = http.get(format!("{url}/v1/nodes")).bearer_auth(token).send().await?;
+        let v: serde_json::Value = r.json().await?;
+        if v.as_array().is_some_and(|a| a.iter().any(|n| n["status"] == "ready")) {
+            return Ok(());
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("no node became ready");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scheduling: 1,000 mock nodes, 100,000 tasks, durably stored.
+
+/// A mock node: speaks the real agent protocol, acknowledges every command, and (once
+/// told) reports its tasks finished. It runs nothing.
+async fn mock_node(url: String, join: String, i: usize, placed: Arc<AtomicUsize>, finish: Arc<AtomicBool>, finished: Arc<AtomicUsize>) -> Result<()> {
+    let mut req = format!("{}{AGENT_CONNECT_PATH}", url.replace("http://", "ws://")).into_client_request()?;
+    req.headers_mut().insert(JOIN_TOKEN_HEADER, join.parse()?);
+    let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+    let (mut tx, mut rx) = ws.split();
+    let hello = AgentMessage::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        node_id: NodeId(format!("node-mock-{i:05}")),
+        info: NodeInfo {
+            name: format!("mock-{i:05}"),
+            platform: "linux/amd64".into(),
+            labels: Default::default(),
+            runtimes: vec![RuntimeKind::Mock],
+            capacity: Resources { cpu: 1000.0, memory: drover_core::quantity::ByteSize(1 << 40) },
+            agent_version: "bench".into(),
+        },
+        known_tasks: vec![],
+    });
+    tx.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
+    let mut mine = Vec::new();
+    let mut seq = 0u64;
+    let mut beat = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            m = rx.next() => {
+                let Some(Ok(Message::Text(t))) = m else { return Ok(()) };
+                if let ControllerMessage::Command { seq: s, command } = serde_json::from_str(&t)? {
+                    if let Command::Start(a) = command {
+                        mine.push(a.task_id);
+                        placed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tx.send(Message::Text(serde_json::to_string(&AgentMessage::CommandAck { seq: s })?.into())).await?;
+                }
+            }
+            _ = beat.tick() => {
+                tx.send(Message::Text(serde_json::to_string(&AgentMessage::Heartbeat { at: 0 })?.into())).await?;
+                if finish.load(Ordering::Relaxed) && !mine.is_empty() {
+                    for id in mine.drain(..) {
+                        for state in [TaskState::Running, TaskState::Succeeded] {
+                            seq += 1;
+                            let ev = AgentMessage::Event(AgentEvent { seq, task_id: id.clone(), state, reason: String::new(), exit: Some(Exit { code: Some(0), signal: None }), at: 0 });
+                            tx.send(Message::Text(serde_json::to_string(&ev)?.into())).await?;
+                        }
+                        finished.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn scheduling(nodes: usize, jobs: usize, per_job: usize) -> Result<()> {
+    let server = Server::start("server")?;
+    let token = server.token("admin-token")?;
+    let join = server.token("join-token")?;
+    let http = reqwest::Client::new();
+    let placed = Arc::new(AtomicUsize::new(0));
+    let finish = Arc::new(AtomicBool::new(false));
+    let finished = Arc::new(AtomicUsize::new(0));
+    for i in 0..nodes {
+        tokio::spawn(mock_node(server.url.clone(), join.clone(), i, placed.clone(), finish.clone(), finished.clone()));
+    }
+    let t0 = Instant::now();
+    loop {
+        let v: serde_json::Value = http.get(format!("{}/v1/nodes", server.url)).bearer_auth(&token).send().await?.json().await?;
+        if v.as_array().map(|a| a.len()).unwrap_or(0) >= nodes {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            bail!("mock nodes did not all register");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = jobs * per_job;
+    let t0 = Instant::now();
+    for j in 0..jobs {
+        let spec = serde_json::json!({ "name": format!("s{j}"), "runtime": "mock", "count": per_job, "resources": { "cpu": 0.01, "memory": "1Mi" } });
+        let r = http.post(format!("{}/v1/jobs", server.url)).bearer_auth(&token).json(&spec).send().await?;
+        if !r.status().is_success() {
+            bail!("submit failed: {}", r.text().await?);
+        }
+    }
+    let submitted = t0.elapsed().as_secs_f64();
+    while placed.load(Ordering::Relaxed) < total {
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("only {} of {total} placed", placed.load(Ordering::Relaxed));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    // Submit -> scheduled latency from the controller's own histogram.
+    let metrics = http.get(format!("{}/metrics", server.url)).bearer_auth(&token).send().await?.text().await?;
+    let (p50, p99) = histogram_quantiles(&metrics, "drover_scheduling_latency_seconds");
+    let pass_sum = metric_value(&metrics, "drover_scheduling_pass_seconds_sum");
+    println!("scheduling ({nodes} mock nodes over the real agent protocol, {total} tasks in {jobs} jobs, SQLite with fsync per commit):");
+    println!("  submit (HTTP, {jobs} requests):      {submitted:.2} s");
+    println!("  all placed and delivered:          {secs:.2} s = {:.0} placements/s end to end", total as f64 / secs);
+    println!("  scheduler passes (place + commit): {pass_sum:.2} s = {:.0} placements/s", total as f64 / pass_sum);
+    println!("  submit -> scheduled latency:       p50 <= {p50} s, p99 <= {p99} s (histogram bucket bounds)");
+    println!("  controller RSS with {total} placed tasks: {} MiB", server.rss_kib() / 1024);
+    finish.store(true, Ordering::Relaxed);
+    let t1 = Instant::now();
+    while finished.load(Ordering::Relaxed) < total && t1.elapsed() < Duration::from_secs(300) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the controller apply the last events.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    println!("  controller RSS with {nodes} nodes and {total} finished tasks: {} MiB", server.rss_kib() / 1024);
+    Ok(())
+}
+
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+/// The upper bounds of the buckets holding the 50th and 99th percentiles.
+fn histogram_quantiles(text: &str, name: &str) -> (String, String) {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, v) = rest.split_once("\"}")?;
+            Some((le.to_string(), v.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let find = |q: f64| buckets.iter().find(|b| b.1 >= total * q).map(|b| b.0.clone()).unwrap_or_default();
+    (find(0.5), find(0.99))
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory: an idle agent.
+
+async fn memory() -> Result<()> {
+    let server = Server::start("server")?;
+    let join = server.token("join-token")?;
+    let dir = tempfile::tempdir()?;
+    let mut agent = std::process::Command::new(drover_bin()?)
+        .args(["agent", "--server", &server.url, "--join-token", &join, "--data-dir"])
+        .arg(dir.path())
+        .env("DROVER_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_kib(agent.id());
+    println!("memory: idle agent RSS {:.1} MiB (connected, no tasks); idle controller RSS {:.1} MiB", rss as f64 / 1024.0, server.rss_kib() as f64 / 1024.0);
+    let _ = agent.kill();
+    let _ = agent.wait();
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let quick = std::env::var("DROVER_BENCH_QUICK").is_ok();
+    let (nodes, jobs, per_job) = if quick { (100, 10, 1000) } else { (1000, 100, 1000) };
+    match what.as_str() {
+        "launch" => launch().await,
+        "scheduling" => scheduling(nodes, jobs, per_job).await,
+        "memory" => memory().await,
+        "all" => {
+            memory().await?;
+            launch().await?;
+            scheduling(nodes, jobs, per_job).await
+        }
+        other => bail!("unknown benchmark {other:?}; expected launch, scheduling, memory or all"),
+    }
+}
+
