@@ -174,6 +174,21 @@ impl Agent {
         )
         .map_err(dd)?;
         manager.recover().await;
+        {
+            let manager = manager.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {
+                            let m = manager.clone();
+                            let _ = tokio::task::spawn_blocking(move || m.collect_garbage()).await;
+                        }
+                    }
+                }
+            });
+        }
         let mut kinds: Vec<RuntimeKind> = runtimes.keys().cloned().collect();
         kinds.sort();
         let info = NodeInfo {

@@ -6,7 +6,10 @@
 
 use anyhow::{Context, Result, bail};
 use drover_core::api::StreamEvent;
-use drover_core::protocol::{AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello, JOIN_TOKEN_HEADER, PROTOCOL_VERSION};
+use drover_core::protocol::{
+    AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello,
+    JOIN_TOKEN_HEADER, PROTOCOL_VERSION,
+};
 use drover_core::spec::{Resources, RuntimeKind};
 use drover_core::state::{Exit, NodeInfo};
 use drover_core::{NodeId, TaskState};
@@ -22,9 +25,15 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 fn drover_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let bin = exe.parent().context("bench binary has no directory")?.join("drover");
+    let bin = exe
+        .parent()
+        .context("bench binary has no directory")?
+        .join("drover");
     if !bin.exists() {
-        bail!("{} not found: build it first with `cargo build --release -p drover-cli` (scripts/bench.sh does)", bin.display());
+        bail!(
+            "{} not found: build it first with `cargo build --release -p drover-cli` (scripts/bench.sh does)",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -54,19 +63,37 @@ impl Server {
         let stderr = child.stderr.take().context("no stderr")?;
         let mut lines = BufReader::new(stderr).lines();
         let url = loop {
-            let line = lines.next().context("the server exited before it was ready")??;
+            let line = lines
+                .next()
+                .context("the server exited before it was ready")??;
             if let Some(i) = line.find("http://") {
-                break line[i..].split_whitespace().next().unwrap_or("").to_string();
+                break line[i..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_string();
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Ok(Server { child, url, home, data })
+        Ok(Server {
+            child,
+            url,
+            home,
+            data,
+        })
     }
 
     fn token(&self, name: &str) -> Result<String> {
-        let dir = if self.data.join(name).exists() { self.data.clone() } else { self.data.join("controller") };
-        Ok(std::fs::read_to_string(dir.join(name)).or_else(|_| std::fs::read_to_string(self.data.join(name)))?.trim().to_string())
+        let dir = if self.data.join(name).exists() {
+            self.data.clone()
+        } else {
+            self.data.join("controller")
+        };
+        Ok(std::fs::read_to_string(dir.join(name))
+            .or_else(|_| std::fs::read_to_string(self.data.join(name)))?
+            .trim()
+            .to_string())
     }
 
     fn rss_kib(&self) -> u64 {
@@ -84,7 +111,12 @@ impl Drop for Server {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -104,8 +136,18 @@ fn summary(mut v: Vec<f64>) -> (f64, f64) {
 // ---------------------------------------------------------------------------------------
 // Launch: submit -> running and submit -> exited for trivial tasks, against raw spawn.
 
-async fn stream_until_done(http: &reqwest::Client, url: &str, token: &str, job: &str, t0: Instant) -> Result<(f64, f64)> {
-    let resp = http.get(format!("{url}/v1/jobs/{job}/logs?follow=true")).bearer_auth(token).send().await?;
+async fn stream_until_done(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    job: &str,
+    t0: Instant,
+) -> Result<(f64, f64)> {
+    let resp = http
+        .get(format!("{url}/v1/jobs/{job}/logs?follow=true"))
+        .bearer_auth(token)
+        .send()
+        .await?;
     let mut body = resp.bytes_stream();
     let mut buf = Vec::new();
     let (mut running, mut exited) = (f64::NAN, f64::NAN);
@@ -114,7 +156,11 @@ async fn stream_until_done(http: &reqwest::Client, url: &str, token: &str, job: 
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             match serde_json::from_slice::<StreamEvent>(&line[..line.len() - 1])? {
-                StreamEvent::Task { state, .. } if state == TaskState::Running && running.is_nan() => running = ms(t0),
+                StreamEvent::Task { state, .. }
+                    if state == TaskState::Running && running.is_nan() =>
+                {
+                    running = ms(t0)
+                }
                 StreamEvent::Task { state, .. } if state.is_terminal() => {
                     if running.is_nan() {
                         running = ms(t0);
@@ -152,7 +198,12 @@ async fn launch() -> Result<()> {
     for i in 0..n {
         let spec = serde_json::json!({ "name": format!("l{i}"), "command": ["true"] });
         let t0 = Instant::now();
-        let resp = http.post(format!("{}/v1/jobs", server.url)).bearer_auth(&token).json(&spec).send().await?;
+        let resp = http
+            .post(format!("{}/v1/jobs", server.url))
+            .bearer_auth(&token)
+            .json(&spec)
+            .send()
+            .await?;
         if !resp.status().is_success() {
             bail!("submit failed: {}", resp.text().await?);
         }
@@ -162,22 +213,36 @@ async fn launch() -> Result<()> {
     }
     let (r50, r99) = summary(to_running);
     let (e50, e99) = summary(to_exit);
-    println!("launch (n={n}, trivial `true` task, embedded cluster via `drover up`, HTTP API + follow stream):");
+    println!(
+        "launch (n={n}, trivial `true` task, embedded cluster via `drover up`, HTTP API + follow stream):"
+    );
     println!("  raw spawn+wait          p50 {raw50:7.2} ms  p99 {raw99:7.2} ms   (baseline)");
     println!("  submit -> running       p50 {r50:7.2} ms  p99 {r99:7.2} ms");
-    println!("  submit -> exited        p50 {e50:7.2} ms  p99 {e99:7.2} ms   overhead p50 {:.2} ms ({:.1}x raw)", e50 - raw50, e50 / raw50);
+    println!(
+        "  submit -> exited        p50 {e50:7.2} ms  p99 {e99:7.2} ms   overhead p50 {:.2} ms ({:.1}x raw)",
+        e50 - raw50,
+        e50 / raw50
+    );
 
     // Throughput: one job of many short tasks.
     let count = 2000;
     let spec = serde_json::json!({ "name": "burst", "count": count, "command": ["true"], "resources": { "cpu": 0.001, "memory": "1Mi" } });
     let t0 = Instant::now();
-    let resp = http.post(format!("{}/v1/jobs", server.url)).bearer_auth(&token).json(&spec).send().await?;
+    let resp = http
+        .post(format!("{}/v1/jobs", server.url))
+        .bearer_auth(&token)
+        .json(&spec)
+        .send()
+        .await?;
     if !resp.status().is_success() {
         bail!("submit failed: {}", resp.text().await?);
     }
     stream_until_done(&http, &server.url, &token, "burst", t0).await?;
     let secs = t0.elapsed().as_secs_f64();
-    println!("  throughput: {count} tasks of `true` in {secs:.2} s = {:.0} tasks/s end to end", count as f64 / secs);
+    println!(
+        "  throughput: {count} tasks of `true` in {secs:.2} s = {:.0} tasks/s end to end",
+        count as f64 / secs
+    );
 
     // The CLI as a user runs it against the running cluster.
     let bin = drover_bin()?;
@@ -192,7 +257,10 @@ async fn launch() -> Result<()> {
             .output()?;
         cli.push(ms(t0));
         if out.stdout != b"hi\n" {
-            bail!("drover run printed {:?}", String::from_utf8_lossy(&out.stdout));
+            bail!(
+                "drover run printed {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         let t0 = Instant::now();
         std::process::Command::new("echo").arg("hi").output()?;
@@ -200,16 +268,24 @@ async fn launch() -> Result<()> {
     }
     let (c50, c99) = summary(cli);
     let (x50, _) = summary(echo);
-    println!("  `drover run -- echo hi` (whole CLI process)  p50 {c50:6.1} ms  p99 {c99:6.1} ms   raw `echo hi` p50 {x50:.2} ms");
+    println!(
+        "  `drover run -- echo hi` (whole CLI process)  p50 {c50:6.1} ms  p99 {c99:6.1} ms   raw `echo hi` p50 {x50:.2} ms"
+    );
     Ok(())
 }
 
 async fn wait_ready(http: &reqwest::Client, url: &str, token: &str) -> Result<()> {
     let t0 = Instant::now();
     loop {
-        let r = http.get(format!("{url}/v1/nodes")).bearer_auth(token).send().await?;
+        let r = http
+            .get(format!("{url}/v1/nodes"))
+            .bearer_auth(token)
+            .send()
+            .await?;
         let v: serde_json::Value = r.json().await?;
-        if v.as_array().is_some_and(|a| a.iter().any(|n| n["status"] == "ready")) {
+        if v.as_array()
+            .is_some_and(|a| a.iter().any(|n| n["status"] == "ready"))
+        {
             return Ok(());
         }
         if t0.elapsed() > Duration::from_secs(30) {
@@ -224,8 +300,16 @@ async fn wait_ready(http: &reqwest::Client, url: &str, token: &str) -> Result<()
 
 /// A mock node: speaks the real agent protocol, acknowledges every command, and (once
 /// told) reports its tasks finished. It runs nothing.
-async fn mock_node(url: String, join: String, i: usize, placed: Arc<AtomicUsize>, finish: Arc<AtomicBool>, finished: Arc<AtomicUsize>) -> Result<()> {
-    let mut req = format!("{}{AGENT_CONNECT_PATH}", url.replace("http://", "ws://")).into_client_request()?;
+async fn mock_node(
+    url: String,
+    join: String,
+    i: usize,
+    placed: Arc<AtomicUsize>,
+    finish: Arc<AtomicBool>,
+    finished: Arc<AtomicUsize>,
+) -> Result<()> {
+    let mut req =
+        format!("{}{AGENT_CONNECT_PATH}", url.replace("http://", "ws://")).into_client_request()?;
     req.headers_mut().insert(JOIN_TOKEN_HEADER, join.parse()?);
     let (ws, _) = tokio_tungstenite::connect_async(req).await?;
     let (mut tx, mut rx) = ws.split();
@@ -237,12 +321,16 @@ async fn mock_node(url: String, join: String, i: usize, placed: Arc<AtomicUsize>
             platform: "linux/amd64".into(),
             labels: Default::default(),
             runtimes: vec![RuntimeKind::Mock],
-            capacity: Resources { cpu: 1000.0, memory: drover_core::quantity::ByteSize(1 << 40) },
+            capacity: Resources {
+                cpu: 1000.0,
+                memory: drover_core::quantity::ByteSize(1 << 40),
+            },
             agent_version: "bench".into(),
         },
         known_tasks: vec![],
     });
-    tx.send(Message::Text(serde_json::to_string(&hello)?.into())).await?;
+    tx.send(Message::Text(serde_json::to_string(&hello)?.into()))
+        .await?;
     let mut mine = Vec::new();
     let mut seq = 0u64;
     let mut beat = tokio::time::interval(Duration::from_secs(1));
@@ -284,11 +372,24 @@ async fn scheduling(nodes: usize, jobs: usize, per_job: usize) -> Result<()> {
     let finish = Arc::new(AtomicBool::new(false));
     let finished = Arc::new(AtomicUsize::new(0));
     for i in 0..nodes {
-        tokio::spawn(mock_node(server.url.clone(), join.clone(), i, placed.clone(), finish.clone(), finished.clone()));
+        tokio::spawn(mock_node(
+            server.url.clone(),
+            join.clone(),
+            i,
+            placed.clone(),
+            finish.clone(),
+            finished.clone(),
+        ));
     }
     let t0 = Instant::now();
     loop {
-        let v: serde_json::Value = http.get(format!("{}/v1/nodes", server.url)).bearer_auth(&token).send().await?.json().await?;
+        let v: serde_json::Value = http
+            .get(format!("{}/v1/nodes", server.url))
+            .bearer_auth(&token)
+            .send()
+            .await?
+            .json()
+            .await?;
         if v.as_array().map(|a| a.len()).unwrap_or(0) >= nodes {
             break;
         }
@@ -301,7 +402,12 @@ async fn scheduling(nodes: usize, jobs: usize, per_job: usize) -> Result<()> {
     let t0 = Instant::now();
     for j in 0..jobs {
         let spec = serde_json::json!({ "name": format!("s{j}"), "runtime": "mock", "count": per_job, "resources": { "cpu": 0.01, "memory": "1Mi" } });
-        let r = http.post(format!("{}/v1/jobs", server.url)).bearer_auth(&token).json(&spec).send().await?;
+        let r = http
+            .post(format!("{}/v1/jobs", server.url))
+            .bearer_auth(&token)
+            .json(&spec)
+            .send()
+            .await?;
         if !r.status().is_success() {
             bail!("submit failed: {}", r.text().await?);
         }
@@ -315,15 +421,34 @@ async fn scheduling(nodes: usize, jobs: usize, per_job: usize) -> Result<()> {
     }
     let secs = t0.elapsed().as_secs_f64();
     // Submit -> scheduled latency from the controller's own histogram.
-    let metrics = http.get(format!("{}/metrics", server.url)).bearer_auth(&token).send().await?.text().await?;
+    let metrics = http
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&token)
+        .send()
+        .await?
+        .text()
+        .await?;
     let (p50, p99) = histogram_quantiles(&metrics, "drover_scheduling_latency_seconds");
     let pass_sum = metric_value(&metrics, "drover_scheduling_pass_seconds_sum");
-    println!("scheduling ({nodes} mock nodes over the real agent protocol, {total} tasks in {jobs} jobs, SQLite with fsync per commit):");
+    println!(
+        "scheduling ({nodes} mock nodes over the real agent protocol, {total} tasks in {jobs} jobs, SQLite with fsync per commit):"
+    );
     println!("  submit (HTTP, {jobs} requests):      {submitted:.2} s");
-    println!("  all placed and delivered:          {secs:.2} s = {:.0} placements/s end to end", total as f64 / secs);
-    println!("  scheduler passes (place + commit): {pass_sum:.2} s = {:.0} placements/s", total as f64 / pass_sum);
-    println!("  submit -> scheduled latency:       p50 <= {p50} s, p99 <= {p99} s (histogram bucket bounds)");
-    println!("  controller RSS with {total} placed tasks: {} MiB", server.rss_kib() / 1024);
+    println!(
+        "  all placed and delivered:          {secs:.2} s = {:.0} placements/s end to end",
+        total as f64 / secs
+    );
+    println!(
+        "  scheduler passes (place + commit): {pass_sum:.2} s = {:.0} placements/s",
+        total as f64 / pass_sum
+    );
+    println!(
+        "  submit -> scheduled latency:       p50 <= {p50} s, p99 <= {p99} s (histogram bucket bounds)"
+    );
+    println!(
+        "  controller RSS with {total} placed tasks: {} MiB",
+        server.rss_kib() / 1024
+    );
     finish.store(true, Ordering::Relaxed);
     let t1 = Instant::now();
     while finished.load(Ordering::Relaxed) < total && t1.elapsed() < Duration::from_secs(300) {
@@ -331,12 +456,19 @@ async fn scheduling(nodes: usize, jobs: usize, per_job: usize) -> Result<()> {
     }
     // Let the controller apply the last events.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    println!("  controller RSS with {nodes} nodes and {total} finished tasks: {} MiB", server.rss_kib() / 1024);
+    println!(
+        "  controller RSS with {nodes} nodes and {total} finished tasks: {} MiB",
+        server.rss_kib() / 1024
+    );
     Ok(())
 }
 
 fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines().find(|l| l.starts_with(name)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
 }
 
 /// The upper bounds of the buckets holding the 50th and 99th percentiles.
@@ -351,7 +483,13 @@ fn histogram_quantiles(text: &str, name: &str) -> (String, String) {
         })
         .collect();
     let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
-    let find = |q: f64| buckets.iter().find(|b| b.1 >= total * q).map(|b| b.0.clone()).unwrap_or_default();
+    let find = |q: f64| {
+        buckets
+            .iter()
+            .find(|b| b.1 >= total * q)
+            .map(|b| b.0.clone())
+            .unwrap_or_default()
+    };
     (find(0.5), find(0.99))
 }
 
@@ -363,7 +501,14 @@ async fn memory() -> Result<()> {
     let join = server.token("join-token")?;
     let dir = tempfile::tempdir()?;
     let mut agent = std::process::Command::new(drover_bin()?)
-        .args(["agent", "--server", &server.url, "--join-token", &join, "--data-dir"])
+        .args([
+            "agent",
+            "--server",
+            &server.url,
+            "--join-token",
+            &join,
+            "--data-dir",
+        ])
         .arg(dir.path())
         .env("DROVER_LOG", "warn")
         .stdout(Stdio::null())
@@ -371,7 +516,11 @@ async fn memory() -> Result<()> {
         .spawn()?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rss = rss_kib(agent.id());
-    println!("memory: idle agent RSS {:.1} MiB (connected, no tasks); idle controller RSS {:.1} MiB", rss as f64 / 1024.0, server.rss_kib() as f64 / 1024.0);
+    println!(
+        "memory: idle agent RSS {:.1} MiB (connected, no tasks); idle controller RSS {:.1} MiB",
+        rss as f64 / 1024.0,
+        server.rss_kib() as f64 / 1024.0
+    );
     let _ = agent.kill();
     let _ = agent.wait();
     Ok(())
@@ -381,7 +530,11 @@ async fn memory() -> Result<()> {
 async fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let quick = std::env::var("DROVER_BENCH_QUICK").is_ok();
-    let (nodes, jobs, per_job) = if quick { (100, 10, 1000) } else { (1000, 100, 1000) };
+    let (nodes, jobs, per_job) = if quick {
+        (100, 10, 1000)
+    } else {
+        (1000, 100, 1000)
+    };
     match what.as_str() {
         "launch" => launch().await,
         "scheduling" => scheduling(nodes, jobs, per_job).await,
@@ -394,4 +547,3 @@ async fn main() -> Result<()> {
         other => bail!("unknown benchmark {other:?}; expected launch, scheduling, memory or all"),
     }
 }
-
