@@ -211,12 +211,6 @@ impl Controller {
     pub fn connected_agents(&self) -> usize {
         self.inner.sessions_lock().len()
     }
-
-    /// Direct access to the state, for benchmarks and tests in this workspace.
-    #[doc(hidden)]
-    pub async fn with_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
-        f(&*self.inner.state.lock().await)
-    }
 }
 
 impl Inner {
