@@ -133,6 +133,7 @@ async fn handle_batch(
     batch: Vec<Message>,
 ) -> bool {
     let mut events: Vec<AgentEvent> = Vec::new();
+    let mut acks: Vec<u64> = Vec::new();
     let mut heartbeat = false;
     for m in batch {
         let text = match m {
@@ -150,7 +151,7 @@ async fn handle_batch(
         match msg {
             AgentMessage::Heartbeat { .. } => heartbeat = true,
             AgentMessage::Event(e) => events.push(e),
-            AgentMessage::CommandAck { seq } => inner.on_command_ack(node_id, seq).await,
+            AgentMessage::CommandAck { seq } => acks.push(seq),
             AgentMessage::Log(chunk) => {
                 let task: TaskId = chunk.task_id.clone();
                 match inner
@@ -171,6 +172,9 @@ async fn handle_batch(
             }
             AgentMessage::Hello(_) => tracing::warn!(node = %node_id, "ignoring a second hello"),
         }
+    }
+    if !acks.is_empty() {
+        inner.on_command_acks(node_id, &acks).await;
     }
     if !events.is_empty() {
         match inner.on_events(node_id, &events).await {

@@ -316,6 +316,7 @@ impl Inner {
         // Rebuild this node's commands from the tasks: whatever the agent has not done
         // yet is asked for again, so nothing depends on earlier sends having arrived.
         state.outbox.remove(&node_id);
+        state.unsent.remove(&node_id);
         let tasks_now: Vec<Task> = state
             .tasks
             .values()
@@ -414,10 +415,12 @@ impl Inner {
         }
     }
 
-    pub(crate) async fn on_command_ack(&self, node_id: &NodeId, seq: u64) {
+    pub(crate) async fn on_command_acks(&self, node_id: &NodeId, seqs: &[u64]) {
         let mut state = self.state.lock().await;
         if let Some(q) = state.outbox.get_mut(node_id) {
-            q.remove(&seq);
+            for seq in seqs {
+                q.remove(seq);
+            }
         }
     }
 
@@ -458,10 +461,44 @@ impl Inner {
                 sent_at: None,
             },
         );
+        state.unsent.entry(node.clone()).or_default().push_back(seq);
     }
 
-    /// Sends every command that was never sent, or was sent too long ago without an ack.
+    /// Sends every command that was never sent, to connected nodes.
     pub(crate) fn flush_all(&self, state: &mut State) {
+        let sessions = self.sessions_lock();
+        let State { outbox, unsent, .. } = state;
+        for (node, seqs) in unsent.iter_mut() {
+            let Some(session) = sessions.get(node) else {
+                continue;
+            };
+            let Some(queue) = outbox.get_mut(node) else {
+                seqs.clear();
+                continue;
+            };
+            while let Some(seq) = seqs.front().copied() {
+                let Some(cmd) = queue.get_mut(&seq) else {
+                    seqs.pop_front();
+                    continue;
+                };
+                let msg = ControllerMessage::Command {
+                    seq,
+                    command: cmd.command.clone(),
+                };
+                // A full connection queue is not an error: the command stays queued
+                // and goes with the next flush or the resend timer.
+                if session.tx.try_send(msg).is_err() {
+                    break;
+                }
+                cmd.sent_at = Some(Instant::now());
+                seqs.pop_front();
+            }
+        }
+        unsent.retain(|_, q| !q.is_empty());
+    }
+
+    /// Sends again every command that was sent too long ago without an ack.
+    fn resend_stale(&self, state: &mut State) {
         let sessions = self.sessions_lock();
         let resend = self.cfg.command_resend_after;
         for (node, queue) in state.outbox.iter_mut() {
@@ -469,20 +506,17 @@ impl Inner {
                 continue;
             };
             for (seq, cmd) in queue.iter_mut() {
-                if cmd.sent_at.is_some_and(|t| t.elapsed() < resend) {
+                if cmd.sent_at.is_none_or(|t| t.elapsed() < resend) {
                     continue;
                 }
                 let msg = ControllerMessage::Command {
                     seq: *seq,
                     command: cmd.command.clone(),
                 };
-                // A full connection queue is not an error: the command stays in the
-                // outbox and the resend timer offers it again.
-                if session.tx.try_send(msg).is_ok() {
-                    cmd.sent_at = Some(Instant::now());
-                } else {
+                if session.tx.try_send(msg).is_err() {
                     break;
                 }
+                cmd.sent_at = Some(Instant::now());
             }
         }
     }
@@ -516,6 +550,7 @@ impl Inner {
                 self.advance_task(state, &mut tx, &t, TaskState::Lost, &reason, None);
             }
             state.outbox.remove(&id);
+            state.unsent.remove(&id);
             self.sessions_lock().remove(&id);
         }
         let start_deadline = self.cfg.start_deadline.as_millis() as i64;
@@ -563,6 +598,7 @@ impl Inner {
             tracing::error!("liveness pass: {e}");
         }
         self.flush_all(state);
+        self.resend_stale(state);
         let ready = state.ready_nodes();
         self.metrics.nodes_ready.set(ready as i64);
     }

@@ -33,6 +33,9 @@ pub struct State {
     /// Commands for each node that the agent has not acknowledged yet. Derived again
     /// from the tasks whenever an agent connects, so it need not be stored.
     pub outbox: HashMap<NodeId, BTreeMap<u64, OutCommand>>,
+    /// Seqs in `outbox` never handed to a connection yet, so sending new commands does
+    /// not walk every command still waiting for an ack.
+    pub unsent: HashMap<NodeId, std::collections::VecDeque<u64>>,
     pub next_cmd_seq: u64,
 }
 

@@ -26,6 +26,10 @@ pub struct SqliteConfig {
     pub durability: Durability,
 }
 
+/// Rows per multi-row task upsert: 8 parameters each stays well under SQLite's limit
+/// of 32,766 bound parameters per statement.
+const TASK_ROWS_PER_STATEMENT: usize = 500;
+
 pub struct SqliteStore {
     pool: SqlitePool,
 }
@@ -125,29 +129,8 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Change::Task(t) => {
-                    // The WHERE clause is the forward-only rule, enforced by the store
-                    // itself: terminal rows never change, and a lower rank never
-                    // overwrites a higher one.
-                    sqlx::query(
-                        "INSERT INTO tasks (id, project, job_id, state, state_rank, node_id, data, updated_at) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
-                         ON CONFLICT(id) DO UPDATE SET state = excluded.state, \
-                         state_rank = excluded.state_rank, node_id = excluded.node_id, \
-                         data = excluded.data, updated_at = excluded.updated_at \
-                         WHERE tasks.state_rank < 6 AND excluded.state_rank >= tasks.state_rank",
-                    )
-                    .bind(t.id.as_str())
-                    .bind(t.project.as_str())
-                    .bind(t.job_id.as_str())
-                    .bind(t.state.as_str())
-                    .bind(t.state.rank() as i64)
-                    .bind(t.node_id.as_ref().map(|n| n.as_str()))
-                    .bind(to_json(t)?)
-                    .bind(t.updated_at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
+                // Tasks are written below, many rows per statement.
+                Change::Task(_) => {}
                 Change::Node(n) => {
                     sqlx::query(
                         "INSERT INTO nodes (id, status, data) VALUES (?, ?, ?) \
@@ -172,6 +155,60 @@ impl Store for SqliteStore {
                     .await?;
                 }
             }
+        }
+        // One change per task survives: the furthest along, and of equals the last (a
+        // multi-row upsert may not touch a row twice). One multi-row upsert per chunk
+        // replaces a statement per row: each statement is a round trip to SQLite's
+        // thread, which dominated large commits.
+        let mut latest: std::collections::HashMap<&str, &Task> = std::collections::HashMap::new();
+        let mut order: Vec<&str> = Vec::new();
+        for c in changes {
+            if let Change::Task(t) = c {
+                match latest.get(t.id.as_str()) {
+                    None => {
+                        order.push(t.id.as_str());
+                        latest.insert(t.id.as_str(), t);
+                    }
+                    Some(prev)
+                        if t.state.rank() >= prev.state.rank() && !prev.state.is_terminal() =>
+                    {
+                        latest.insert(t.id.as_str(), t);
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let tasks: Vec<&Task> = order
+            .iter()
+            .filter_map(|id| latest.get(id).copied())
+            .collect();
+        for chunk in tasks.chunks(TASK_ROWS_PER_STATEMENT) {
+            let mut rows = Vec::with_capacity(chunk.len());
+            for t in chunk {
+                rows.push((*t, to_json(*t)?));
+            }
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "INSERT INTO tasks (id, project, job_id, state, state_rank, node_id, data, updated_at) ",
+            );
+            qb.push_values(rows.iter(), |mut b, (t, json)| {
+                b.push_bind(t.id.as_str())
+                    .push_bind(t.project.as_str())
+                    .push_bind(t.job_id.as_str())
+                    .push_bind(t.state.as_str())
+                    .push_bind(t.state.rank() as i64)
+                    .push_bind(t.node_id.as_ref().map(|n| n.as_str()))
+                    .push_bind(json.as_str())
+                    .push_bind(t.updated_at);
+            });
+            // The WHERE clause is the forward-only rule, enforced by the store itself:
+            // terminal rows never change, and a lower rank never overwrites a higher one.
+            qb.push(
+                " ON CONFLICT(id) DO UPDATE SET state = excluded.state, \
+                 state_rank = excluded.state_rank, node_id = excluded.node_id, \
+                 data = excluded.data, updated_at = excluded.updated_at \
+                 WHERE tasks.state_rank < 6 AND excluded.state_rank >= tasks.state_rank",
+            );
+            qb.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -281,6 +318,15 @@ mod tests {
             .await
             .unwrap();
         store.commit(&[Change::Task(done.clone())]).await.unwrap();
+        // Within one commit too, the furthest state wins whatever the order.
+        let mut other = task(TaskState::Succeeded);
+        other.id = TaskId::from("task-2");
+        let mut stale = task(TaskState::Running);
+        stale.id = TaskId::from("task-2");
+        store
+            .commit(&[Change::Task(other.clone()), Change::Task(stale)])
+            .await
+            .unwrap();
         // A stale running event and a late different terminal state change nothing.
         store
             .commit(&[Change::Task(task(TaskState::Running))])
@@ -290,6 +336,51 @@ mod tests {
             .commit(&[Change::Task(task(TaskState::Succeeded))])
             .await
             .unwrap();
-        assert_eq!(store.load().await.unwrap().tasks, vec![done]);
+        let mut stored = store.load().await.unwrap().tasks;
+        stored.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(stored, vec![done, other]);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use drover_core::{JobId, ProjectId, TaskId, TaskState};
+
+    #[tokio::test]
+    #[ignore = "a timing probe, not a test"]
+    async fn commit_1000_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&SqliteConfig {
+            path: Some(dir.path().join("d.db")),
+            durability: Durability::Full,
+        })
+        .await
+        .unwrap();
+        for round in 0..5 {
+            let changes: Vec<Change> = (0..1000)
+                .map(|i| {
+                    Change::Task(Task {
+                        id: TaskId::generate(),
+                        project: ProjectId::default(),
+                        job_id: JobId::from("job-1"),
+                        job_name: "j".into(),
+                        index: i,
+                        attempt: 0,
+                        state: TaskState::Pending,
+                        node_id: None,
+                        reason: String::new(),
+                        exit: None,
+                        desired_stop: false,
+                        not_before: 0,
+                        created_at: 1,
+                        updated_at: 1,
+                    })
+                })
+                .collect();
+            let t0 = std::time::Instant::now();
+            store.commit(&changes).await.unwrap();
+            eprintln!("round {round}: {:?}", t0.elapsed());
+        }
     }
 }
