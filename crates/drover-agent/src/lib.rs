@@ -398,7 +398,9 @@ impl Connection {
             }
         }
         // Replay everything the controller has not acknowledged, before anything new.
+        let mut sent_upto = last_seq;
         for ev in self.manager.pending_events() {
+            sent_upto = sent_upto.max(ev.seq);
             if let Err(e) = send(&mut sink, &AgentMessage::Event(ev)).await {
                 self.manager.link.set(None);
                 return (SessionEnd::Dropped(e), true);
@@ -410,6 +412,7 @@ impl Connection {
                 &mut stream,
                 &mut rx,
                 Duration::from_millis(heartbeat_ms.max(50)),
+                sent_upto,
             )
             .await;
         self.manager.link.set(None);
@@ -423,6 +426,7 @@ impl Connection {
         stream: &mut R,
         rx: &mut mpsc::Receiver<AgentMessage>,
         heartbeat: Duration,
+        mut sent_upto: u64,
     ) -> SessionEnd
     where
         S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
@@ -460,6 +464,21 @@ impl Connection {
                             if let Err(e) = send(sink, &AgentMessage::Event(ev)).await {
                                 return SessionEnd::Dropped(e);
                             }
+                        }
+                    }
+                }
+                _ = self.manager.events_ready.notified() => {
+                    // Queued output goes first: a task's last output is queued before
+                    // its terminal event is written.
+                    while let Ok(msg) = rx.try_recv() {
+                        if let Err(e) = send(sink, &msg).await {
+                            return SessionEnd::Dropped(e);
+                        }
+                    }
+                    for ev in self.manager.events_after(sent_upto) {
+                        sent_upto = ev.seq;
+                        if let Err(e) = send(sink, &AgentMessage::Event(ev)).await {
+                            return SessionEnd::Dropped(e);
                         }
                     }
                 }

@@ -8,7 +8,7 @@
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
-use drover_core::protocol::{AgentEvent, AgentMessage, Command, LogStream, TaskAssignment};
+use drover_core::protocol::{AgentEvent, Command, LogStream, TaskAssignment};
 use drover_core::spec::RuntimeKind;
 use drover_core::state::Exit;
 use drover_core::{NodeId, TaskId, TaskState, now_millis};
@@ -77,6 +77,8 @@ pub struct TaskManager {
     /// Directories of finished tasks waiting to be removed, oldest first.
     retired: Mutex<std::collections::VecDeque<(std::time::Instant, PathBuf)>>,
     pub(crate) link: Link,
+    /// Woken whenever an event is written to the outbox.
+    pub(crate) events_ready: tokio::sync::Notify,
     shutdown: CancellationToken,
 }
 
@@ -101,6 +103,7 @@ impl TaskManager {
             outbox: Mutex::new(outbox),
             retired: Mutex::new(Default::default()),
             link,
+            events_ready: tokio::sync::Notify::new(),
             shutdown,
         }))
     }
@@ -127,6 +130,15 @@ impl TaskManager {
 
     pub fn unacked(&self) -> usize {
         self.outbox().len()
+    }
+
+    /// Events after `seq` not yet acknowledged, oldest first.
+    pub fn events_after(&self, seq: u64) -> Vec<AgentEvent> {
+        self.outbox()
+            .pending()
+            .filter(|e| e.seq > seq)
+            .cloned()
+            .collect()
     }
 
     /// Events not yet acknowledged, to replay after a (re)connect.
@@ -224,7 +236,9 @@ impl TaskManager {
         };
         let seq = ev.seq;
         tracing::debug!(task = %task, seq, "task is {state}");
-        self.link.send(AgentMessage::Event(ev));
+        // The connection sends events straight from the outbox, so none can be dropped
+        // by a full send queue; this only wakes it.
+        self.events_ready.notify_one();
         Some(seq)
     }
 
