@@ -182,3 +182,42 @@ fn completions_are_generated() {
     assert!(out.status.success());
     assert!(stdout(&out).contains("drover"), "{}", stdout(&out));
 }
+
+#[test]
+fn run_service_keeps_restarting_until_interrupted() {
+    let home = Home::new();
+    let mut cmd = home.cmd(&["run", "--service", "--", "sh", "-c", "echo up; sleep 0.2"]);
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    // The service restarts after each exit: "up" is printed again and again.
+    for _ in 0..3 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the service to print up");
+        assert_eq!(line, "up");
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait());
+    });
+    let status = done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("drover run to end after Ctrl-C")
+        .unwrap();
+    assert_eq!(status.code(), Some(130));
+}

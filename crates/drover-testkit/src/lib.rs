@@ -65,6 +65,8 @@ pub struct AgentOptions {
     pub mock: bool,
     /// The shim binary for the process runtime, if any.
     pub shim: Option<PathBuf>,
+    /// Task limits; the defaults, with fast log shipping, when `None`.
+    pub limits: Option<drover_agent::TaskLimits>,
 }
 
 impl AgentOptions {
@@ -79,6 +81,7 @@ impl AgentOptions {
             process: true,
             mock: true,
             shim: None,
+            limits: None,
         }
     }
 
@@ -172,6 +175,9 @@ pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Re
     cfg.labels = opts.labels;
     cfg.capacity = Some(opts.capacity);
     cfg.max_backoff = Duration::from_millis(500);
+    if let Some(l) = opts.limits {
+        cfg.limits = l;
+    }
     cfg.limits.log_interval = Duration::from_millis(50);
     Ok(Agent::start(cfg).await?)
 }

@@ -325,3 +325,67 @@ stop_grace: 3s
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_overruns_its_deadline_fails_the_task() {
+    let c = TestCluster::start().await.unwrap();
+    let mut opts = AgentOptions::named("slow");
+    opts.limits = Some(drover_agent::TaskLimits {
+        start_timeout: Duration::from_millis(300),
+        ..Default::default()
+    });
+    let _a = c.agent(opts).await.unwrap();
+    let api = c.api();
+    api.apply_yaml(
+        "name: hangs\nruntime: mock\nmock: { start_latency: 5s }\nrestart: { attempts: 0 }\n",
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (job, tasks) = api.wait_final("hangs", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Failed);
+    assert!(
+        tasks[0].task.reason.contains("start did not finish within"),
+        "{}",
+        tasks[0].task.reason
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the deadline, not the start, ended it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_log_size_cap_is_rotated_on_the_node_and_kept_whole_on_the_controller() {
+    let c = TestCluster::start().await.unwrap();
+    let mut opts = AgentOptions::named("n1");
+    opts.limits = Some(drover_agent::TaskLimits {
+        log_max_bytes: 4096,
+        ..Default::default()
+    });
+    let _a = c.agent(opts).await.unwrap();
+    let api = c.api();
+    // 2,000 numbered lines (about 20 KB) at a pace the shipper keeps up with, so each
+    // file fills, is shipped and is rotated several times.
+    api.apply_yaml(
+        "name: chatty\ncommand: [sh, -c, 'i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); if [ $((i % 200)) -eq 0 ]; then sleep 0.2; fi; done']\n",
+    )
+    .await
+    .unwrap();
+    let (job, tasks) = api.wait_final("chatty", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Complete);
+    let logs = api.logs("chatty").await.unwrap();
+    let lines: Vec<&str> = logs.lines().collect();
+    let expected: Vec<String> = (0..2000).map(|i| format!("line-{i}")).collect();
+    assert_eq!(lines, expected, "every line, once, in order");
+    let dir = c
+        .dir
+        .path()
+        .join("agents/n1/tasks")
+        .join(tasks[0].task.id.as_str());
+    assert!(
+        dir.join("stdout.log.1").exists(),
+        "the node's copy was rotated"
+    );
+    assert!(std::fs::metadata(dir.join("stdout.log")).unwrap().len() < 8192);
+}
