@@ -63,11 +63,22 @@ impl Inner {
             updated_at: now,
         };
         tx.put(state, Change::Job(job.clone()));
+        let mut ids = Vec::with_capacity(job.spec.count as usize);
         for index in 0..job.spec.count {
             let t = new_task(&job, index, 0, now, now);
+            ids.push(t.id.clone());
             tx.put(state, Change::Task(t));
         }
+        // Placing the new tasks in the same transaction saves a commit and a scheduler
+        // wake-up on the path from submit to running; what fits nowhere stays pending
+        // for the scheduler, as usual.
+        let placed = if ids.len() <= crate::scheduler::BATCH {
+            self.place(state, &mut tx, ids, now)
+        } else {
+            Vec::new()
+        };
         self.commit(state, tx).await?;
+        self.dispatch(state, placed);
         tracing::debug!(job = %job.name, "job stored");
         self.flush_all(state);
         self.schedule.notify_one();

@@ -24,9 +24,8 @@ pub const BATCH: usize = 4096;
 const CANDIDATES: usize = 32;
 
 pub(crate) async fn run(inner: Arc<Inner>) {
-    let mut cursor = 0usize;
     loop {
-        let placed = inner.schedule_pass(&mut cursor).await;
+        let placed = inner.schedule_pass().await;
         if placed >= BATCH {
             // More may be waiting; go again without sleeping.
             continue;
@@ -82,7 +81,7 @@ fn fits(node: &NodeEntry, spec: &JobSpec) -> Result<(), Misfit> {
 
 impl Inner {
     /// Places up to [`BATCH`] tasks; returns how many it placed.
-    pub(crate) async fn schedule_pass(&self, cursor: &mut usize) -> usize {
+    pub(crate) async fn schedule_pass(&self) -> usize {
         let mut state = self.state.lock().await;
         // Timed from holding the lock: the pass's own work, not time spent waiting.
         let started = Instant::now();
@@ -98,6 +97,33 @@ impl Inner {
         if due.is_empty() {
             return 0;
         }
+        let mut tx = Tx::default();
+        let placed = self.place(state, &mut tx, due, now);
+        let n = placed.len();
+        if n == 0 {
+            return 0;
+        }
+        if let Err(e) = self.commit(state, tx).await {
+            tracing::error!("storing placements: {e}");
+            return 0;
+        }
+        self.dispatch(state, placed);
+        self.metrics
+            .scheduling_pass
+            .observe(started.elapsed().as_secs_f64());
+        n
+    }
+
+    /// Places the given pending tasks where they fit, recording each placement in `tx`
+    /// and the reasons for those that fit nowhere. Returns the placements; the caller
+    /// commits them and then sends the Start commands.
+    pub(crate) fn place(
+        &self,
+        state: &mut State,
+        tx: &mut Tx,
+        due: Vec<TaskId>,
+        now: i64,
+    ) -> Vec<(NodeId, Task)> {
         let mut ready: Vec<NodeId> = state
             .nodes
             .values()
@@ -105,7 +131,6 @@ impl Inner {
             .map(|e| e.node.id.clone())
             .collect();
         ready.sort();
-        let mut tx = Tx::default();
         let mut placed: Vec<(NodeId, Task)> = Vec::new();
         // How many live tasks each job has on each node, filled in per job on first use.
         let mut spread: HashMap<JobId, HashMap<NodeId, u32>> = HashMap::new();
@@ -142,7 +167,7 @@ impl Inner {
             let mut seen = 0;
             let mut why: HashMap<Misfit, u32> = HashMap::new();
             for k in 0..ready.len() {
-                let node_id = &ready[(*cursor + k) % ready.len()];
+                let node_id = &ready[(state.cursor + k) % ready.len()];
                 let Some(entry) = state.nodes.get(node_id) else {
                     continue;
                 };
@@ -168,7 +193,7 @@ impl Inner {
             }
             match best {
                 Some((_, _, node_id)) => {
-                    *cursor = cursor.wrapping_add(1);
+                    state.cursor = state.cursor.wrapping_add(1);
                     *counts.entry(node_id.clone()).or_insert(0) += 1;
                     let mut t = task;
                     let ready_at = t.not_before.max(t.created_at);
@@ -195,24 +220,17 @@ impl Inner {
             let reason = pending_reason(state, &job_id, &why, ready.len());
             state.pending_reasons.insert(job_id, reason);
         }
-        let n = placed.len();
-        if n == 0 {
-            return 0;
-        }
-        if let Err(e) = self.commit(state, tx).await {
-            tracing::error!("storing placements: {e}");
-            return 0;
-        }
+        placed
+    }
+
+    /// Queues and sends the Start commands of committed placements.
+    pub(crate) fn dispatch(&self, state: &mut State, placed: Vec<(NodeId, Task)>) {
         for (node, t) in placed {
             if let Some(cmd) = crate::ops::start_command(state, &t) {
                 self.enqueue(state, &node, cmd);
             }
         }
         self.flush_all(state);
-        self.metrics
-            .scheduling_pass
-            .observe(started.elapsed().as_secs_f64());
-        n
     }
 }
 

@@ -37,6 +37,8 @@ pub struct State {
     /// not walk every command still waiting for an ack.
     pub unsent: HashMap<NodeId, std::collections::VecDeque<u64>>,
     pub next_cmd_seq: u64,
+    /// Where the scheduler's rotating window over the nodes starts next.
+    pub cursor: usize,
 }
 
 /// A command waiting for an agent's acknowledgement.
