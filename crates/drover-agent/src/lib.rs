@@ -327,7 +327,15 @@ impl Connection {
         }
         let connect = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async_with_config(req, None, true),
+            tokio_tungstenite::connect_async_with_config(
+                req,
+                // A small read buffer: tungstenite zeroes it before every read.
+                Some(
+                    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                        .read_buffer_size(8 * 1024),
+                ),
+                true,
+            ),
         );
         let ws = tokio::select! {
             _ = self.shutdown.cancelled() => return (SessionEnd::Shutdown, false),

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub scheduling_latency: Histogram,
     /// Seconds one scheduling pass takes.
     pub scheduling_pass: Histogram,
+    /// Seconds spent choosing nodes for a batch of tasks (without the commit).
+    pub placement: Histogram,
 }
 
 impl Metrics {
@@ -33,6 +35,7 @@ impl Metrics {
         ];
         let scheduling_latency = Histogram::new(buckets);
         let scheduling_pass = Histogram::new(buckets);
+        let placement = Histogram::new(buckets);
         registry.register("tasks", "Tasks by state", tasks.clone());
         registry.register(
             "connected_agents",
@@ -54,6 +57,11 @@ impl Metrics {
             "Duration of one scheduling pass",
             scheduling_pass.clone(),
         );
+        registry.register(
+            "placement_seconds",
+            "Time spent choosing nodes for a batch of tasks, without the commit",
+            placement.clone(),
+        );
         Metrics {
             registry,
             tasks,
@@ -61,6 +69,7 @@ impl Metrics {
             nodes_ready,
             scheduling_latency,
             scheduling_pass,
+            placement,
         }
     }
 

@@ -124,6 +124,7 @@ impl Inner {
         due: Vec<TaskId>,
         now: i64,
     ) -> Vec<(NodeId, Task)> {
+        let started = Instant::now();
         let mut ready: Vec<NodeId> = state
             .nodes
             .values()
@@ -220,6 +221,9 @@ impl Inner {
             let reason = pending_reason(state, &job_id, &why, ready.len());
             state.pending_reasons.insert(job_id, reason);
         }
+        self.metrics
+            .placement
+            .observe(started.elapsed().as_secs_f64());
         placed
     }
 
