@@ -19,11 +19,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// The controller allocates and frees many small objects (tasks, messages, JSON); in
-/// the scheduling benchmark glibc's malloc and free were the largest costs.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit codes that mean something to scripts.
 mod code {
     /// The command failed: bad input, an error from the server, an unreachable server.
