@@ -64,7 +64,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let node_id = hello.node_id.clone();
-    let (tx, mut rx) = mpsc::channel::<ControllerMessage>(QUEUE);
+    let (tx, mut rx) = mpsc::channel::<std::sync::Arc<str>>(QUEUE);
     match inner.on_hello(&hello, conn_id, tx.clone()).await {
         Ok(()) => {}
         Err(e) => {
@@ -82,11 +82,27 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
 
     let (mut sink, mut stream) = ws.split();
     let writer = tokio::spawn(async move {
-        while let Some(msg) = rx.recv().await {
-            let Ok(text) = serde_json::to_string(&msg) else {
-                continue;
-            };
-            if sink.send(Message::Text(text.into())).await.is_err() {
+        while let Some(text) = rx.recv().await {
+            // Feed what is queued and flush once, rather than a flush per message.
+            if sink
+                .feed(Message::Text(text.as_ref().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            let mut failed = false;
+            while let Ok(more) = rx.try_recv() {
+                if sink
+                    .feed(Message::Text(more.as_ref().into()))
+                    .await
+                    .is_err()
+                {
+                    failed = true;
+                    break;
+                }
+            }
+            if failed || sink.flush().await.is_err() {
                 break;
             }
         }
@@ -129,7 +145,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
 async fn handle_batch(
     inner: &Arc<Inner>,
     node_id: &NodeId,
-    tx: &mpsc::Sender<ControllerMessage>,
+    tx: &mpsc::Sender<std::sync::Arc<str>>,
     batch: Vec<Message>,
 ) -> bool {
     let mut events: Vec<AgentEvent> = Vec::new();
@@ -161,11 +177,11 @@ async fn handle_batch(
                     Ok(crate::logs::Appended::Stored) => inner.bump(),
                     Ok(crate::logs::Appended::Duplicate) => {}
                     Ok(crate::logs::Appended::Gap { have }) => {
-                        let _ = tx.try_send(ControllerMessage::LogResync {
+                        let _ = tx.try_send(crate::frame(&ControllerMessage::LogResync {
                             task_id: task,
                             stream: chunk.stream,
                             offset: have,
-                        });
+                        }));
                     }
                     Err(e) => tracing::warn!(task = %task, "storing log chunk: {e}"),
                 }
@@ -180,7 +196,9 @@ async fn handle_batch(
         match inner.on_events(node_id, &events).await {
             // The ack goes out only after the commit, so an acknowledged event is stored.
             Ok(seq) => {
-                let _ = tx.send(ControllerMessage::EventAck { seq }).await;
+                let _ = tx
+                    .send(crate::frame(&ControllerMessage::EventAck { seq }))
+                    .await;
             }
             Err(e) => {
                 tracing::error!(node = %node_id, "storing agent events: {e}; the agent will replay them")

@@ -78,7 +78,7 @@ pub enum ControllerError {
 /// An open agent connection.
 struct Session {
     conn_id: u64,
-    tx: mpsc::Sender<ControllerMessage>,
+    tx: mpsc::Sender<Arc<str>>,
 }
 
 pub(crate) struct Inner {
@@ -211,6 +211,12 @@ impl Controller {
     pub fn connected_agents(&self) -> usize {
         self.inner.sessions_lock().len()
     }
+}
+
+/// A controller message as the text frame that goes on the wire.
+pub(crate) fn frame(msg: &ControllerMessage) -> Arc<str> {
+    // These plain types always serialise; an empty frame would be ignored by the agent.
+    serde_json::to_string(msg).unwrap_or_default().into()
 }
 
 impl Inner {

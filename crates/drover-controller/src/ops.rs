@@ -266,7 +266,7 @@ impl Inner {
         &self,
         hello: &Hello,
         conn_id: u64,
-        out: tokio::sync::mpsc::Sender<ControllerMessage>,
+        out: tokio::sync::mpsc::Sender<std::sync::Arc<str>>,
     ) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
@@ -361,12 +361,12 @@ impl Inner {
         }
         // The welcome must be the first message the agent reads, before any command, so
         // it is queued before the session becomes visible to senders.
-        let _ = out.try_send(ControllerMessage::Welcome {
+        let _ = out.try_send(crate::frame(&ControllerMessage::Welcome {
             protocol_version: drover_core::protocol::PROTOCOL_VERSION,
             node_id: node_id.clone(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
             last_event_seq,
-        });
+        }));
         {
             let mut sessions = self.sessions_lock();
             sessions.insert(node_id.clone(), crate::Session { conn_id, tx: out });
@@ -465,10 +465,11 @@ impl Inner {
     pub(crate) fn enqueue(&self, state: &mut State, node: &NodeId, command: Command) {
         state.next_cmd_seq += 1;
         let seq = state.next_cmd_seq;
+        let frame = crate::frame(&ControllerMessage::Command { seq, command });
         state.outbox.entry(node.clone()).or_default().insert(
             seq,
             OutCommand {
-                command,
+                frame,
                 sent_at: None,
             },
         );
@@ -492,13 +493,9 @@ impl Inner {
                     seqs.pop_front();
                     continue;
                 };
-                let msg = ControllerMessage::Command {
-                    seq,
-                    command: cmd.command.clone(),
-                };
                 // A full connection queue is not an error: the command stays queued
                 // and goes with the next flush or the resend timer.
-                if session.tx.try_send(msg).is_err() {
+                if session.tx.try_send(cmd.frame.clone()).is_err() {
                     break;
                 }
                 cmd.sent_at = Some(Instant::now());
@@ -516,15 +513,11 @@ impl Inner {
             let Some(session) = sessions.get(node) else {
                 continue;
             };
-            for (seq, cmd) in queue.iter_mut() {
+            for cmd in queue.values_mut() {
                 if cmd.sent_at.is_none_or(|t| t.elapsed() < resend) {
                     continue;
                 }
-                let msg = ControllerMessage::Command {
-                    seq: *seq,
-                    command: cmd.command.clone(),
-                };
-                if session.tx.try_send(msg).is_err() {
+                if session.tx.try_send(cmd.frame.clone()).is_err() {
                     break;
                 }
                 cmd.sent_at = Some(Instant::now());

@@ -41,10 +41,11 @@ pub struct State {
     pub cursor: usize,
 }
 
-/// A command waiting for an agent's acknowledgement.
+/// A command waiting for an agent's acknowledgement, serialised once when queued so
+/// that sending (and resending) it copies no structures.
 #[derive(Clone, Debug)]
 pub struct OutCommand {
-    pub command: drover_core::protocol::Command,
+    pub frame: std::sync::Arc<str>,
     /// When it was last handed to the connection; `None` if never.
     pub sent_at: Option<std::time::Instant>,
 }
