@@ -386,6 +386,21 @@ impl TaskManager {
         }
     }
 
+    /// Ends the task as stopped if a stop arrived before it was started; returns
+    /// whether it did.
+    fn stopped_before_start(
+        &self,
+        id: &TaskId,
+        stop: &watch::Receiver<Option<StopRequest>>,
+    ) -> bool {
+        let Some(req) = stop.borrow().clone() else {
+            return false;
+        };
+        let reason = format!("{} before it started", req.reason);
+        self.finish(id, TaskState::Stopped, &reason, None);
+        true
+    }
+
     fn runtime(&self, kind: &RuntimeKind) -> Option<Arc<dyn Runtime>> {
         self.runtimes.get(kind).cloned()
     }
@@ -404,16 +419,9 @@ impl TaskManager {
             self.finish(&id, TaskState::Failed, &reason, None);
             return;
         };
-        let stop_requested = |rx: &watch::Receiver<Option<StopRequest>>| rx.borrow().clone();
         if !adopted {
             self.emit(&id, TaskState::Preparing, "", None);
-            if let Some(req) = stop_requested(&stop_rx) {
-                self.finish(
-                    &id,
-                    TaskState::Stopped,
-                    &format!("{} before it started", req.reason),
-                    None,
-                );
+            if self.stopped_before_start(&id, &stop_rx) {
                 return;
             }
             match tokio::time::timeout(self.limits.prepare_timeout, rt.prepare(&ctx)).await {
@@ -430,13 +438,7 @@ impl TaskManager {
                 }
             }
             self.emit(&id, TaskState::Starting, "", None);
-            if let Some(req) = stop_requested(&stop_rx) {
-                self.finish(
-                    &id,
-                    TaskState::Stopped,
-                    &format!("{} before it started", req.reason),
-                    None,
-                );
+            if self.stopped_before_start(&id, &stop_rx) {
                 return;
             }
             match tokio::time::timeout(self.limits.start_timeout, rt.start(&ctx)).await {
