@@ -37,6 +37,8 @@ pub fn init_logging() {
 pub struct ClusterOptions {
     pub heartbeat: Duration,
     pub node_lost_after: Duration,
+    /// How long a placed task may take to reach running.
+    pub start_deadline: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -44,6 +46,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             heartbeat: Duration::from_millis(200),
             node_lost_after: Duration::from_secs(2),
+            start_deadline: Duration::from_secs(300),
         }
     }
 }
@@ -116,6 +119,7 @@ impl TestCluster {
         let mut cfg = ControllerConfig::new(dir.path().join("controller"));
         cfg.heartbeat_interval = opts.heartbeat;
         cfg.node_lost_after = opts.node_lost_after;
+        cfg.start_deadline = opts.start_deadline;
         cfg.command_resend_after = Duration::from_millis(500);
         cfg.bootstrap_tokens = vec![
             BootstrapToken {

@@ -265,3 +265,67 @@ async fn the_agent_handshake_is_checked() {
     ));
     assert_eq!(c.controller.connected_agents(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_an_agent_never_starts_fails_at_the_controllers_deadline_and_is_forgotten() {
+    let c = TestCluster::start_with(drover_testkit::ClusterOptions {
+        start_deadline: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let api = c.api();
+    // An agent that acknowledges the start and then never reports anything.
+    let mut agent = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
+    agent.send(&FakeAgent::hello(PROTOCOL_VERSION)).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(ControllerMessage::Welcome { .. })
+    ));
+    api.apply_yaml("name: ignored\nruntime: mock\nrestart: { attempts: 0 }\n")
+        .await
+        .unwrap();
+    let task = loop {
+        match agent.recv().await.expect("a command") {
+            ControllerMessage::Command {
+                seq,
+                command: Command::Start(a),
+            } => {
+                agent.send(&AgentMessage::CommandAck { seq }).await;
+                break a.task_id;
+            }
+            _ => continue,
+        }
+    };
+    // Heartbeats keep the node alive, so only the start deadline can end the task.
+    let forgotten = loop {
+        agent.send(&AgentMessage::Heartbeat { at: 0 }).await;
+        match tokio::time::timeout(Duration::from_millis(200), agent.ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                if let ControllerMessage::Command {
+                    command: Command::Forget { task_id },
+                    ..
+                } = serde_json::from_str(&t).unwrap()
+                {
+                    break task_id;
+                }
+            }
+            Ok(None) | Ok(Some(Err(_))) => panic!("connection closed"),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        forgotten, task,
+        "the agent is told to drop the task it never started"
+    );
+    let (job, tasks) = api.wait_final("ignored", T).await.unwrap();
+    assert_eq!(job.job.status, drover_core::state::JobStatus::Failed);
+    assert!(
+        tasks[0]
+            .task
+            .reason
+            .contains("deadline exceeded in state scheduled"),
+        "{}",
+        tasks[0].task.reason
+    );
+}
