@@ -38,7 +38,9 @@ mod code {
         One binary is the controller, the agent and this client. To try it, run a command\n\
         with no setup at all:\n\n    drover run -- sh -c 'echo hello'\n\n\
         For a cluster that stays up, run `drover up` in one shell and use `drover job`,\n\
-        `drover task`, `drover logs` and `drover node` from another.",
+        `drover task`, `drover logs` and `drover node` from another.\n\n\
+        Logs go to stderr; DROVER_LOG sets the level (e.g. debug, or drover_agent=debug) and\n\
+        DROVER_LOG_FORMAT=json makes them one JSON object per line.",
     after_help = "Server and token come from --server/--token, then DROVER_SERVER/DROVER_TOKEN, then\n\
         the config file `drover up` writes ($XDG_CONFIG_HOME/drover/config.yaml)."
 )]
@@ -281,10 +283,14 @@ fn init_tracing(cmd: &Cmd) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    // DROVER_LOG_FORMAT=json gives one JSON object per line, for log collectors.
+    let _ = match std::env::var("DROVER_LOG_FORMAT").as_deref() {
+        Ok("json") => builder.json().try_init(),
+        _ => builder.try_init(),
+    };
 }
 
 /// The server and token to talk to, if any is configured.

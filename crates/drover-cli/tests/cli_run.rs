@@ -221,3 +221,24 @@ fn run_service_keeps_restarting_until_interrupted() {
         .unwrap();
     assert_eq!(status.code(), Some(130));
 }
+
+#[test]
+fn server_logs_can_be_json_lines() {
+    let home = Home::new();
+    let mut cmd = home.cmd(&["up", "--listen", "127.0.0.1:0"]);
+    cmd.env("DROVER_LOG_FORMAT", "json")
+        .env("DROVER_LOG", "info");
+    let (mut up, _) = spawn_cmd(cmd, "drover is up at");
+    wait_until(
+        "a structured log line about the agent",
+        Duration::from_secs(20),
+        || {
+            up.log().lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| {
+                    v["fields"]["message"] == "agent connected" && v["level"] == "INFO"
+                })
+            })
+        },
+    );
+    up.terminate();
+}
