@@ -198,15 +198,7 @@ async fn launch() -> Result<()> {
     for i in 0..n {
         let spec = serde_json::json!({ "name": format!("l{i}"), "command": ["true"] });
         let t0 = Instant::now();
-        let resp = http
-            .post(format!("{}/v1/jobs", server.url))
-            .bearer_auth(&token)
-            .json(&spec)
-            .send()
-            .await?;
-        if !resp.status().is_success() {
-            bail!("submit failed: {}", resp.text().await?);
-        }
+        submit(&http, &server.url, &token, &spec).await?;
         let (r, e) = stream_until_done(&http, &server.url, &token, &format!("l{i}"), t0).await?;
         to_running.push(r);
         to_exit.push(e);
@@ -228,15 +220,7 @@ async fn launch() -> Result<()> {
     let count = 2000;
     let spec = serde_json::json!({ "name": "burst", "count": count, "command": ["true"], "resources": { "cpu": 0.001, "memory": "1Mi" } });
     let t0 = Instant::now();
-    let resp = http
-        .post(format!("{}/v1/jobs", server.url))
-        .bearer_auth(&token)
-        .json(&spec)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!("submit failed: {}", resp.text().await?);
-    }
+    submit(&http, &server.url, &token, &spec).await?;
     stream_until_done(&http, &server.url, &token, "burst", t0).await?;
     let secs = t0.elapsed().as_secs_f64();
     println!(
@@ -271,6 +255,25 @@ async fn launch() -> Result<()> {
     println!(
         "  `drover run -- echo hi` (whole CLI process)  p50 {c50:6.1} ms  p99 {c99:6.1} ms   raw `echo hi` p50 {x50:.2} ms"
     );
+    Ok(())
+}
+
+/// Submits a job spec over the API, failing on any non-success answer.
+async fn submit(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    spec: &serde_json::Value,
+) -> Result<()> {
+    let resp = http
+        .post(format!("{url}/v1/jobs"))
+        .bearer_auth(token)
+        .json(spec)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("submit failed: {}", resp.text().await?);
+    }
     Ok(())
 }
 

@@ -64,10 +64,13 @@ impl Client {
         )
     }
 
-    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let resp = self
-            .http
-            .get(format!("{}{path}", self.base))
+    /// Sends a request with the token and a timeout, and decodes a JSON answer.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        req: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<T> {
+        let resp = req
             .bearer_auth(&self.token)
             .timeout(std::time::Duration::from_secs(30))
             .send()
@@ -76,24 +79,21 @@ impl Client {
         let resp = self.check(resp).await?;
         resp.json()
             .await
-            .with_context(|| format!("decoding the answer to GET {path}"))
+            .with_context(|| format!("decoding the answer to {what}"))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let req = self.http.get(format!("{}{path}", self.base));
+        self.call(req, &format!("GET {path}")).await
     }
 
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T> {
-        let resp = self
+        let req = self
             .http
             .post(format!("{}{path}", self.base))
-            .bearer_auth(&self.token)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .timeout(std::time::Duration::from_secs(30))
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.connect_error(e))?;
-        let resp = self.check(resp).await?;
-        resp.json()
-            .await
-            .with_context(|| format!("decoding the answer to POST {path}"))
+            .body(body);
+        self.call(req, &format!("POST {path}")).await
     }
 
     pub async fn apply(&self, spec: &JobSpec) -> Result<ApplyResponse> {

@@ -133,12 +133,8 @@ struct UpArgs {
     /// The address the API listens on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// How often agents must send a heartbeat.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    heartbeat_interval: std::time::Duration,
-    /// How long a silent node has before it is marked lost and its tasks rescheduled.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    node_lost_after: std::time::Duration,
+    #[command(flatten)]
+    timing: TimingArgs,
 }
 
 #[derive(Args)]
@@ -147,15 +143,22 @@ struct ServerArgs {
     data_dir: Option<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    #[command(flatten)]
+    timing: TimingArgs,
+    /// The token agents must present (default: generated once and kept in the data dir).
+    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
+    join_token: Option<String>,
+}
+
+/// Liveness settings shared by `drover up` and `drover server`.
+#[derive(Args)]
+struct TimingArgs {
     /// How often agents must send a heartbeat.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     heartbeat_interval: std::time::Duration,
     /// How long a silent node has before it is marked lost and its tasks rescheduled.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     node_lost_after: std::time::Duration,
-    /// The token agents must present (default: generated once and kept in the data dir).
-    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
-    join_token: Option<String>,
 }
 
 #[derive(Args)]
@@ -539,8 +542,8 @@ async fn up(a: &UpArgs) -> Result<i32> {
         admin_token: admin.clone(),
         join_token: join.clone(),
         durability: drover_store::Durability::Full,
-        heartbeat_interval: a.heartbeat_interval,
-        node_lost_after: a.node_lost_after,
+        heartbeat_interval: a.timing.heartbeat_interval,
+        node_lost_after: a.timing.node_lost_after,
     })
     .await?;
     let url = server.url();
@@ -591,8 +594,8 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         admin_token: admin,
         join_token: join,
         durability: drover_store::Durability::Full,
-        heartbeat_interval: a.heartbeat_interval,
-        node_lost_after: a.node_lost_after,
+        heartbeat_interval: a.timing.heartbeat_interval,
+        node_lost_after: a.timing.node_lost_after,
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());

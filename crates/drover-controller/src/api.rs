@@ -188,7 +188,6 @@ async fn health(State(inner): Shared) -> Json<Health> {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         nodes_ready: ready,
-        node_id: None,
     })
 }
 

@@ -37,14 +37,27 @@ struct Follower {
     done: bool,
 }
 
+/// What a follower needs of a task: id, index, state, reason and exit.
+type Seen = (
+    TaskId,
+    u32,
+    TaskState,
+    String,
+    Option<drover_core::state::Exit>,
+);
+
+fn seen(t: &drover_core::state::Task) -> Seen {
+    (
+        t.id.clone(),
+        t.index,
+        t.state,
+        t.reason.clone(),
+        t.exit.clone(),
+    )
+}
+
 struct Snapshot {
-    tasks: Vec<(
-        TaskId,
-        u32,
-        TaskState,
-        String,
-        Option<drover_core::state::Exit>,
-    )>,
+    tasks: Vec<Seen>,
     finished: Option<StreamEvent>,
 }
 
@@ -58,13 +71,7 @@ impl Follower {
                 let mut all_terminal = true;
                 for t in state.job_tasks(job_id) {
                     all_terminal &= t.state.is_terminal();
-                    tasks.push((
-                        t.id.clone(),
-                        t.index,
-                        t.state,
-                        t.reason.clone(),
-                        t.exit.clone(),
-                    ));
+                    tasks.push(seen(t));
                 }
                 if let Some(job) = state.jobs.get(job_id)
                     && job.status.is_final()
@@ -80,13 +87,7 @@ impl Follower {
             }
             Target::Task(id) => {
                 if let Some(t) = state.tasks.get(id) {
-                    tasks.push((
-                        t.id.clone(),
-                        t.index,
-                        t.state,
-                        t.reason.clone(),
-                        t.exit.clone(),
-                    ));
+                    tasks.push(seen(t));
                     if t.state.is_terminal() {
                         let status = if t.state == TaskState::Succeeded {
                             JobStatus::Complete

@@ -2,7 +2,7 @@
 //! the CLI so the two cannot drift apart.
 
 use crate::Millis;
-use crate::ids::{JobId, NodeId, TaskId};
+use crate::ids::{JobId, TaskId};
 use crate::protocol::LogStream;
 use crate::spec::Resources;
 use crate::state::{Exit, Job, JobStatus, Node, Task, TaskState};
@@ -35,12 +35,6 @@ pub struct JobView {
     /// Why tasks are still pending, when they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_reason: Option<String>,
-}
-
-impl JobView {
-    pub fn status(&self) -> JobStatus {
-        self.job.status
-    }
 }
 
 /// A task with its node's name.
@@ -110,6 +104,4 @@ pub struct Health {
     pub status: String,
     pub version: String,
     pub nodes_ready: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_id: Option<NodeId>,
 }

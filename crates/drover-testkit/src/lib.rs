@@ -340,11 +340,3 @@ pub async fn wait_for(
     }
     Ok(())
 }
-
-/// Whether a process with this pid exists.
-pub fn pid_alive(pid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-}

@@ -150,6 +150,20 @@ impl FakeAgent {
         }
     }
 
+    /// Waits for the next Start command, acknowledges it and returns its task.
+    async fn next_start(&mut self) -> TaskId {
+        loop {
+            if let ControllerMessage::Command {
+                seq,
+                command: Command::Start(a),
+            } = self.recv().await.expect("a command")
+            {
+                self.send(&AgentMessage::CommandAck { seq }).await;
+                return a.task_id;
+            }
+        }
+    }
+
     fn hello(version: u32) -> AgentMessage {
         AgentMessage::Hello(Hello {
             protocol_version: version,
@@ -200,18 +214,7 @@ async fn duplicate_and_stale_agent_events_change_nothing() {
     api.apply_yaml("name: fake-job\nruntime: mock\n")
         .await
         .unwrap();
-    let task = loop {
-        match agent.recv().await.expect("a command") {
-            ControllerMessage::Command {
-                seq,
-                command: Command::Start(a),
-            } => {
-                agent.send(&AgentMessage::CommandAck { seq }).await;
-                break a.task_id;
-            }
-            _ => continue,
-        }
-    };
+    let task = agent.next_start().await;
     agent.send(&event(1, &task, TaskState::Running, None)).await;
     agent
         .send(&event(2, &task, TaskState::Failed, Some(9)))
@@ -285,18 +288,7 @@ async fn a_task_an_agent_never_starts_fails_at_the_controllers_deadline_and_is_f
     api.apply_yaml("name: ignored\nruntime: mock\nrestart: { attempts: 0 }\n")
         .await
         .unwrap();
-    let task = loop {
-        match agent.recv().await.expect("a command") {
-            ControllerMessage::Command {
-                seq,
-                command: Command::Start(a),
-            } => {
-                agent.send(&AgentMessage::CommandAck { seq }).await;
-                break a.task_id;
-            }
-            _ => continue,
-        }
-    };
+    let task = agent.next_start().await;
     // Heartbeats keep the node alive, so only the start deadline can end the task.
     let forgotten = loop {
         agent.send(&AgentMessage::Heartbeat { at: 0 }).await;
