@@ -163,6 +163,7 @@ mod tests {
             reason: String::new(),
             exit: None,
             at: 1,
+            ports: Vec::new(),
         }
     }
 

@@ -219,14 +219,22 @@ impl TaskManager {
         reason: &str,
         exit: Option<Exit>,
     ) -> Option<u64> {
-        let ev = AgentEvent {
+        self.record(AgentEvent {
             seq: 0,
             task_id: task.clone(),
             state,
             reason: reason.to_string(),
             exit,
             at: now_millis(),
-        };
+            ports: Vec::new(),
+        })
+    }
+
+    /// Puts an event in the outbox (which gives it its sequence number) and wakes the
+    /// connection that sends it.
+    fn record(&self, ev: AgentEvent) -> Option<u64> {
+        let task = ev.task_id.clone();
+        let state = ev.state;
         let ev = match self.outbox().push(ev) {
             Ok(ev) => ev,
             Err(e) => {
@@ -441,8 +449,16 @@ impl TaskManager {
             if self.stopped_before_start(&id, &stop_rx) {
                 return;
             }
-            match tokio::time::timeout(self.limits.start_timeout, rt.start(&ctx)).await {
-                Ok(Ok(())) => {}
+            // A health check may legitimately keep the start going until its own deadline.
+            let start_timeout = match &a.spec.health {
+                Some(h) => self
+                    .limits
+                    .start_timeout
+                    .max(h.start_deadline.0 + Duration::from_secs(5)),
+                None => self.limits.start_timeout,
+            };
+            let started = match tokio::time::timeout(start_timeout, rt.start(&ctx)).await {
+                Ok(Ok(started)) => started,
                 Ok(Err(e)) => {
                     shipper.tick();
                     return self.finish(&id, TaskState::Failed, &e.to_string(), None);
@@ -451,14 +467,20 @@ impl TaskManager {
                     // The start may still complete behind our back; make sure it ends.
                     let _ = rt.stop(&id, Duration::ZERO).await;
                     let _ = rt.destroy(&id).await;
-                    let reason = format!(
-                        "start did not finish within {}s",
-                        self.limits.start_timeout.as_secs()
-                    );
+                    let reason =
+                        format!("start did not finish within {}s", start_timeout.as_secs());
                     return self.finish(&id, TaskState::Failed, &reason, None);
                 }
-            }
-            self.emit(&id, TaskState::Running, "", None);
+            };
+            self.record(AgentEvent {
+                seq: 0,
+                task_id: id.clone(),
+                state: TaskState::Running,
+                reason: String::new(),
+                exit: None,
+                at: now_millis(),
+                ports: started.ports,
+            });
         }
 
         // Ship logs while it runs.
@@ -538,6 +560,14 @@ impl TaskManager {
             (Ok(st @ ExitStatus::Signaled(sig)), None) => {
                 (TaskState::Failed, format!("killed by {sig}"), exit_of(st))
             }
+            (Ok(st @ ExitStatus::OutOfMemory(_)), None) => (
+                TaskState::Failed,
+                format!(
+                    "oom: killed for exceeding its memory limit of {}",
+                    a.spec.resources.memory
+                ),
+                exit_of(st),
+            ),
             (Ok(ExitStatus::Unknown(why)), None) => (TaskState::Failed, why.clone(), None),
             (Err(e), _) => (
                 TaskState::Failed,
@@ -598,6 +628,10 @@ impl TaskManager {
                             TaskState::Failed,
                             format!("killed by {s} while the agent was restarting"),
                         ),
+                        ExitStatus::OutOfMemory(_) => (
+                            TaskState::Failed,
+                            "oom: killed for exceeding its memory limit while the agent was restarting".to_string(),
+                        ),
                         ExitStatus::Unknown(w) => (TaskState::Failed, w.clone()),
                     };
                     self.finish(&a.task_id, state, &reason, exit_of(&st));
@@ -621,6 +655,10 @@ fn exit_of(st: &ExitStatus) -> Option<Exit> {
         ExitStatus::Signaled(s) => Some(Exit {
             code: None,
             signal: Some(s.clone()),
+        }),
+        ExitStatus::OutOfMemory(code) => Some(Exit {
+            code: *code,
+            signal: code.is_none().then(|| "SIGKILL".to_string()),
         }),
         ExitStatus::Unknown(_) => None,
     }

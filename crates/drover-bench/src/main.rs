@@ -358,7 +358,7 @@ async fn mock_node(
                     for id in mine.drain(..) {
                         for state in [TaskState::Running, TaskState::Succeeded] {
                             seq += 1;
-                            let ev = AgentMessage::Event(AgentEvent { seq, task_id: id.clone(), state, reason: String::new(), exit: Some(Exit { code: Some(0), signal: None }), at: 0 });
+                            let ev = AgentMessage::Event(AgentEvent { seq, task_id: id.clone(), state, reason: String::new(), exit: Some(Exit { code: Some(0), signal: None }), at: 0, ports: Vec::new() });
                             tx.send(Message::Text(serde_json::to_string(&ev)?.into())).await?;
                         }
                         finished.fetch_add(1, Ordering::Relaxed);

@@ -368,25 +368,19 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         .name
         .clone()
         .unwrap_or_else(|| format!("run-{}", hex::encode(rand::random::<[u8; 4]>())));
-    let spec = JobSpec {
-        name,
-        kind: if a.service {
-            JobKind::Service
-        } else {
-            JobKind::Batch
-        },
-        count: a.count,
-        runtime,
-        command: a.command.clone(),
-        env: a.env.iter().cloned().collect(),
-        resources,
-        constraints: Vec::new(),
-        restart: drover_core::spec::RestartPolicy {
-            attempts: a.retries,
-            ..Default::default()
-        },
-        stop_grace: drover_core::quantity::Dur::from_secs(5),
-        mock: None,
+    let mut spec = JobSpec::new(name, a.command.clone());
+    spec.kind = if a.service {
+        JobKind::Service
+    } else {
+        JobKind::Batch
+    };
+    spec.count = a.count;
+    spec.runtime = runtime;
+    spec.env = a.env.iter().cloned().collect();
+    spec.resources = resources;
+    spec.restart = drover_core::spec::RestartPolicy {
+        attempts: a.retries,
+        ..Default::default()
     };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;

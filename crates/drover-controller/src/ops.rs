@@ -400,6 +400,13 @@ impl Inner {
                 .get(&ev.task_id)
                 .is_some_and(|t| t.node_id.as_ref() == Some(node_id));
             if owned {
+                if !ev.ports.is_empty()
+                    && let Some(t) = state.tasks.get_mut(&ev.task_id)
+                    && t.state.can_move_to(ev.state)
+                {
+                    // Stored with the state change below, in the same transaction.
+                    t.ports = ev.ports.clone();
+                }
                 self.advance_task(
                     state,
                     &mut tx,
@@ -636,6 +643,7 @@ pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before
         not_before,
         created_at: now,
         updated_at: now,
+        ports: Vec::new(),
     }
 }
 

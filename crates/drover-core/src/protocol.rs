@@ -10,7 +10,7 @@
 use crate::Millis;
 use crate::ids::{JobId, NodeId, ProjectId, TaskId};
 use crate::spec::JobSpec;
-use crate::state::{Exit, NodeInfo, TaskState};
+use crate::state::{Exit, NodeInfo, PortBinding, TaskState};
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -54,6 +54,9 @@ pub struct AgentEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<Exit>,
     pub at: Millis,
+    /// Host ports the runtime published, sent with the `running` event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortBinding>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

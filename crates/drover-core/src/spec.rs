@@ -264,6 +264,99 @@ pub struct MockScript {
     pub ignore_stop: bool,
 }
 
+/// When the Docker runtime pulls a job's image.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PullPolicy {
+    /// Never pull; a missing image fails the task.
+    Never,
+    /// Pull only when the engine does not have the image.
+    #[default]
+    IfNotPresent,
+    /// Pull before every start.
+    Always,
+}
+
+/// An HTTP health probe: healthy when `GET path` on the port answers 2xx or 3xx.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    /// The container port (for Docker, the host port mapped to it is probed).
+    pub port: u16,
+    #[serde(default = "default_probe_path")]
+    pub path: String,
+}
+
+fn default_probe_path() -> String {
+    "/".into()
+}
+
+/// A TCP health probe: healthy when the port accepts a connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpProbe {
+    pub port: u16,
+}
+
+/// How a service task shows it is ready. Exactly one of `http`, `tcp` or `command`.
+/// A task with a health check becomes `running` only once a probe passes; it fails if
+/// none passes before `start_deadline`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpProbe>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpProbe>,
+    /// A command run inside the task's environment (for Docker, inside the container);
+    /// exit code 0 means healthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    #[serde(default = "default_probe_interval")]
+    pub interval: Dur,
+    #[serde(default = "default_probe_timeout")]
+    pub timeout: Dur,
+    #[serde(default = "default_probe_deadline")]
+    pub start_deadline: Dur,
+}
+
+fn default_probe_interval() -> Dur {
+    Dur::from_secs(1)
+}
+
+fn default_probe_timeout() -> Dur {
+    Dur::from_secs(1)
+}
+
+fn default_probe_deadline() -> Dur {
+    Dur::from_secs(60)
+}
+
+impl HealthCheck {
+    fn validate(&self) -> Result<(), String> {
+        let n =
+            self.http.is_some() as u8 + self.tcp.is_some() as u8 + !self.command.is_empty() as u8;
+        if n != 1 {
+            return Err("health: give exactly one of http, tcp or command".into());
+        }
+        if self.interval.as_millis() == 0 || self.timeout.as_millis() == 0 {
+            return Err("health: interval and timeout must be positive".into());
+        }
+        if self.start_deadline.as_millis() == 0 {
+            return Err("health.start_deadline: must be positive".into());
+        }
+        if let Some(h) = &self.http
+            && !h.path.starts_with('/')
+        {
+            return Err(format!(
+                "health.http.path: expected a path starting with '/', got {:?}",
+                h.path
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A job as the user declares it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +384,45 @@ pub struct JobSpec {
     pub stop_grace: Dur,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock: Option<MockScript>,
+    /// The container image (runtime `docker`, and plugins that run images).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// For `docker`: arguments that replace the image's CMD. `command`, when given,
+    /// replaces the image's ENTRYPOINT (as in Kubernetes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Container ports to publish; the agent picks a free host port for each and reports
+    /// the mapping in the task's status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub pull: PullPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+}
+
+impl JobSpec {
+    /// A spec with the given name and command and every other field at its default.
+    pub fn new(name: impl Into<String>, command: Vec<String>) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            kind: JobKind::default(),
+            count: 1,
+            runtime: RuntimeKind::default(),
+            command,
+            env: BTreeMap::new(),
+            resources: Resources::default(),
+            constraints: Vec::new(),
+            restart: RestartPolicy::default(),
+            stop_grace: default_stop_grace(),
+            mock: None,
+            image: None,
+            args: Vec::new(),
+            ports: Vec::new(),
+            pull: PullPolicy::default(),
+            health: None,
+        }
+    }
 }
 
 fn default_count() -> u32 {
@@ -441,6 +573,12 @@ impl JobSpec {
         }
         match self.runtime {
             RuntimeKind::Mock => {}
+            RuntimeKind::Docker if self.image.as_deref().is_none_or(str::is_empty) => {
+                return Err(
+                    "image: required for runtime docker, e.g. image: local/busybox:1".into(),
+                );
+            }
+            RuntimeKind::Docker => {}
             _ if self.command.is_empty() => {
                 return Err(format!(
                     "command: required for runtime {}; give the program and its arguments as a list, e.g. [\"sh\", \"-c\", \"echo hi\"]",
@@ -486,6 +624,31 @@ impl JobSpec {
         }
         if self.mock.is_some() && self.runtime != RuntimeKind::Mock {
             return Err("mock: only allowed with runtime: mock".into());
+        }
+        if self.image.is_some() && matches!(self.runtime, RuntimeKind::Process | RuntimeKind::Mock)
+        {
+            return Err(format!(
+                "image: not used by runtime {}; use runtime: docker",
+                self.runtime
+            ));
+        }
+        if !self.args.is_empty() && self.runtime != RuntimeKind::Docker {
+            return Err("args: only used by runtime docker; put arguments in command".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, p) in self.ports.iter().enumerate() {
+            if *p == 0 {
+                return Err(format!("ports[{i}]: expected a port from 1 to 65535"));
+            }
+            if !seen.insert(*p) {
+                return Err(format!("ports[{i}]: port {p} is listed twice"));
+            }
+        }
+        if let Some(h) = &self.health {
+            h.validate()?;
+            if self.kind != JobKind::Service {
+                return Err("health: only service jobs have health checks".into());
+            }
         }
         Ok(())
     }
@@ -568,6 +731,20 @@ stop_grace: 2s
                 "unknown constraint key",
             ),
             ("name: [a\n", ""),
+            ("name: a\nruntime: docker\n", "image: required"),
+            ("name: a\ncommand: [x]\nimage: busybox\n", "image: not used"),
+            (
+                "name: a\nruntime: docker\nimage: i\nports: [80, 80]\n",
+                "ports[1]",
+            ),
+            (
+                "name: a\nkind: service\nruntime: docker\nimage: i\nhealth: { interval: 1s }\n",
+                "exactly one of",
+            ),
+            (
+                "name: a\nruntime: docker\nimage: i\npull: sometimes\n",
+                "sometimes",
+            ),
         ];
         for (yaml, needle) in cases {
             let err = JobSpec::from_yaml(yaml, "job.yaml").unwrap_err();
@@ -578,6 +755,19 @@ stop_grace: 2s
                 "{yaml:?} -> {text} (wanted {needle:?})"
             );
         }
+    }
+
+    #[test]
+    fn a_docker_service_spec_parses() {
+        let yaml = "name: web\nkind: service\nruntime: docker\nimage: local/busybox:1\npull: never\ncommand: [/bin/busybox, httpd, -f, -p, '8080']\nports: [8080]\nhealth: { http: { port: 8080, path: / }, interval: 1s, timeout: 1s, start_deadline: 30s }\n";
+        let spec = JobSpec::from_yaml(yaml, "web.yaml").unwrap();
+        assert_eq!(spec.pull, PullPolicy::Never);
+        assert_eq!(spec.ports, vec![8080]);
+        let h = spec.health.as_ref().unwrap();
+        assert_eq!(h.http.as_ref().unwrap().port, 8080);
+        assert_eq!(h.start_deadline, Dur::from_secs(30));
+        let json = serde_json::to_vec(&spec).unwrap();
+        assert_eq!(JobSpec::from_json(&json).unwrap(), spec);
     }
 
     #[test]

@@ -99,6 +99,19 @@ pub struct Exit {
     pub signal: Option<String>,
 }
 
+/// A container port published on a host port of the task's node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PortBinding {
+    pub container: u16,
+    pub host: u16,
+}
+
+impl fmt::Display for PortBinding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}->{}", self.host, self.container)
+    }
+}
+
 /// One placed instance of a job, as the controller stores it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -126,6 +139,9 @@ pub struct Task {
     pub not_before: Millis,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// Ports the runtime published for the task, reported when it started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<PortBinding>,
 }
 
 impl Task {
@@ -302,6 +318,7 @@ mod tests {
             not_before: 0,
             created_at: 0,
             updated_at: 1,
+            ports: Vec::new(),
         };
         assert!(t.advance(
             TaskState::Failed,

@@ -11,6 +11,7 @@ pub mod shim;
 use async_trait::async_trait;
 use drover_core::TaskId;
 use drover_core::spec::{JobSpec, RuntimeKind};
+use drover_core::state::PortBinding;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -38,6 +39,9 @@ pub enum ExitStatus {
     Exited(i32),
     /// Ended by a signal, named like `SIGKILL`.
     Signaled(String),
+    /// Killed by the kernel or engine for exceeding its memory limit; the exit code when
+    /// one is known.
+    OutOfMemory(Option<i32>),
     /// It ended but how cannot be known (e.g. it ended while nobody was watching and left
     /// no status); the string says why.
     Unknown(String),
@@ -63,6 +67,22 @@ pub enum Recovered {
     Exited(ExitStatus),
     /// Nothing of it is left (or a different process holds its old pid).
     Gone,
+}
+
+/// What a runtime reports once a task has started.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Started {
+    /// Ports published on the node's host, e.g. a container's 8080 on host port 32768.
+    pub ports: Vec<PortBinding>,
+}
+
+/// A sample of what a running task uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TaskStats {
+    /// CPU time used so far, in seconds (user plus system).
+    pub cpu_seconds: f64,
+    /// Resident memory now, in bytes.
+    pub memory_bytes: u64,
 }
 
 /// What a runtime offers on this node.
@@ -96,8 +116,9 @@ pub trait Runtime: Send + Sync {
     /// Gets ready to start (fetches, builds, checks). May be slow; bounded by the agent.
     async fn prepare(&self, ctx: &TaskContext) -> Result<(), RuntimeError>;
 
-    /// Starts the task and returns once it is running.
-    async fn start(&self, ctx: &TaskContext) -> Result<(), RuntimeError>;
+    /// Starts the task and returns once it is running (for a task with a health check,
+    /// once it is healthy; the runtime enforces `health.start_deadline` itself).
+    async fn start(&self, ctx: &TaskContext) -> Result<Started, RuntimeError>;
 
     /// Resolves when the task has ended. Safe to call more than once and concurrently
     /// with `stop`; every caller sees the same status.
@@ -112,4 +133,17 @@ pub trait Runtime: Send + Sync {
 
     /// After an agent restart: re-attach to a task started by a previous agent process.
     async fn recover(&self, ctx: &TaskContext) -> Result<Recovered, RuntimeError>;
+
+    /// What the task uses now. Runtimes that cannot tell say `Unavailable`.
+    async fn stats(&self, id: &TaskId) -> Result<TaskStats, RuntimeError> {
+        Err(RuntimeError::Unavailable(format!("no stats for task {id}")))
+    }
+
+    /// The tasks this runtime holds anything for on this node (running or not), found
+    /// from the runtime's own records (e.g. container labels). After a restart the agent
+    /// destroys those it has no record of, so nothing is orphaned. Runtimes whose every
+    /// trace lives in the task's directory return an empty list.
+    async fn list(&self) -> Result<Vec<TaskId>, RuntimeError> {
+        Ok(Vec::new())
+    }
 }

@@ -4,7 +4,9 @@
 //! and no task or thread of its own: its scripted exit is computed lazily from a
 //! deadline by whoever looks at it, with tokio timers for those who wait.
 
-use crate::{ExitStatus, Fingerprint, Recovered, Runtime, RuntimeError, StopOutcome, TaskContext};
+use crate::{
+    ExitStatus, Fingerprint, Recovered, Runtime, RuntimeError, Started, StopOutcome, TaskContext,
+};
 use async_trait::async_trait;
 use drover_core::TaskId;
 use drover_core::spec::{MockScript, RuntimeKind};
@@ -109,7 +111,7 @@ impl Runtime for MockRuntime {
         Ok(())
     }
 
-    async fn start(&self, ctx: &TaskContext) -> Result<(), RuntimeError> {
+    async fn start(&self, ctx: &TaskContext) -> Result<Started, RuntimeError> {
         let script = ctx.spec.mock.clone().unwrap_or_default();
         let MockScript {
             start_latency,
@@ -131,7 +133,7 @@ impl Runtime for MockRuntime {
             ignore_stop,
         };
         self.tasks().insert(ctx.task_id.clone(), Arc::new(task));
-        Ok(())
+        Ok(Started::default())
     }
 
     async fn wait(&self, id: &TaskId) -> Result<ExitStatus, RuntimeError> {

@@ -9,7 +9,9 @@
 //! `<dir>/exit-status` so that it is known even if the agent was away when it ended.
 
 use crate::shim;
-use crate::{ExitStatus, Fingerprint, Recovered, Runtime, RuntimeError, StopOutcome, TaskContext};
+use crate::{
+    ExitStatus, Fingerprint, Recovered, Runtime, RuntimeError, Started, StopOutcome, TaskContext,
+};
 use async_trait::async_trait;
 use drover_core::TaskId;
 use drover_core::spec::RuntimeKind;
@@ -235,7 +237,7 @@ impl Runtime for ProcessRuntime {
         resolve_program(ctx).map(|_| ())
     }
 
-    async fn start(&self, ctx: &TaskContext) -> Result<(), RuntimeError> {
+    async fn start(&self, ctx: &TaskContext) -> Result<Started, RuntimeError> {
         if let Some(existing) = self.tasks().get(&ctx.task_id)
             && existing.status.borrow().is_none()
         {
@@ -304,7 +306,7 @@ impl Runtime for ProcessRuntime {
                 control: Control::Child(requests_tx),
             }),
         );
-        Ok(())
+        Ok(Started::default())
     }
 
     async fn wait(&self, id: &TaskId) -> Result<ExitStatus, RuntimeError> {

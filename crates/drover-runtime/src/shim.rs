@@ -177,6 +177,12 @@ pub fn write_status(path: &Path, status: &ExitStatus) -> io::Result<()> {
             signal: Some(name.clone()),
             ..StatusRecord::default()
         },
+        // The shim sees a memory kill only as SIGKILL; this arm exists for completeness.
+        ExitStatus::OutOfMemory(code) => StatusRecord {
+            code: *code,
+            signal: code.is_none().then(|| "SIGKILL".to_string()),
+            ..StatusRecord::default()
+        },
         ExitStatus::Unknown(why) => StatusRecord {
             error: Some(why.clone()),
             ..StatusRecord::default()

@@ -246,6 +246,7 @@ mod tests {
             not_before: 0,
             created_at: 1,
             updated_at: 1,
+            ports: Vec::new(),
         }
     }
 
@@ -375,6 +376,7 @@ mod timing {
                         not_before: 0,
                         created_at: 1,
                         updated_at: 1,
+                        ports: Vec::new(),
                     })
                 })
                 .collect();

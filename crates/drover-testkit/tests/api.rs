@@ -195,6 +195,7 @@ fn event(seq: u64, task: &TaskId, state: TaskState, code: Option<i32>) -> AgentM
             signal: None,
         }),
         at: 0,
+        ports: Vec::new(),
     })
 }
 
