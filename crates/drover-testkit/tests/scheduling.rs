@@ -122,7 +122,7 @@ async fn a_task_that_fits_nowhere_stays_pending_with_a_reason_until_resources_fr
             .unwrap()
             .contains("1 node fail the constraints")
     );
-    api.apply_yaml("name: nodocker\nruntime: docker\ncommand: [x]\n")
+    api.apply_yaml("name: nodocker\nruntime: docker\nimage: local/x:1\n")
         .await
         .unwrap();
     let (job, _) = api
