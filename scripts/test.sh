@@ -18,4 +18,13 @@ if ! command -v pkill >/dev/null 2>&1; then
     fi
 fi
 
+# The Docker runtime's tests build their image from Debian's static busybox, since the
+# machines cannot pull images from a registry. A dynamically linked busybox (Debian's
+# plain `busybox` package) cannot run in an image without a libc, so it is replaced.
+if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq busybox-static
+    fi
+fi
+
 cargo nextest run --workspace --no-fail-fast "$@"

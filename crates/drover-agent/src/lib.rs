@@ -128,7 +128,11 @@ pub fn detect_capacity() -> Resources {
     }
 }
 
-fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
+/// The node id an agent with this data directory has (created on first use). Runtimes
+/// that label what they create with the node, like Docker, are built with it before the
+/// agent starts.
+pub fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
+    std::fs::create_dir_all(dir)?;
     let path = dir.join("node-id");
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => Ok(NodeId(s.trim().to_string())),
@@ -174,6 +178,7 @@ impl Agent {
         )
         .map_err(dd)?;
         manager.recover().await;
+        manager.remove_orphans().await;
         {
             let manager = manager.clone();
             let stop = shutdown.clone();

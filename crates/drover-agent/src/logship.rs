@@ -5,8 +5,9 @@
 //! the task ever wrote to the stream. When a file grows past the size cap and has been
 //! fully shipped, it is rotated copy-then-truncate: its content moves to `NAME.1` and
 //! the file starts again at zero, with the logical offset carried on in `logpos.json`.
-//! Bytes written in the instant between the copy and the truncation can be lost, the
-//! known price of rotating a file that another process keeps open.
+//! A rotation is skipped when the file grew during the copy, so only bytes written in
+//! the instant between a size check and the truncation can be lost: the known price of
+//! rotating a file that another process keeps open.
 
 use crate::link::Link;
 use drover_core::TaskId;
@@ -127,6 +128,12 @@ impl LogShipper {
             // Everything in the file has been shipped: rotate it.
             std::fs::copy(&path, path.with_extension("log.1"))?;
             let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            // Bytes the task wrote while the copy ran would be lost by the truncation:
+            // when there are any, ship them first and rotate on a later tick. This
+            // shrinks the unavoidable window to the two calls below.
+            if f.metadata()?.len() != size {
+                return Ok(false);
+            }
             f.set_len(0)?;
             p.base += size;
             p.sent = p.base;

@@ -461,7 +461,11 @@ impl TaskManager {
                 Ok(Ok(started)) => started,
                 Ok(Err(e)) => {
                     shipper.tick();
-                    return self.finish(&id, TaskState::Failed, &e.to_string(), None);
+                    self.finish(&id, TaskState::Failed, &e.to_string(), None);
+                    // A failed start may have left something behind (a created container,
+                    // a process a crashed plugin started); release it.
+                    let _ = rt.destroy(&id).await;
+                    return;
                 }
                 Err(_) => {
                     // The start may still complete behind our back; make sure it ends.
@@ -635,6 +639,10 @@ impl TaskManager {
                         ExitStatus::Unknown(w) => (TaskState::Failed, w.clone()),
                     };
                     self.finish(&a.task_id, state, &reason, exit_of(&st));
+                    // What the runtime still holds for it (a stopped container) goes now.
+                    if let Err(e) = rt.destroy(&a.task_id).await {
+                        tracing::warn!(task = %a.task_id, "cleaning up after recovery: {e}");
+                    }
                 }
                 Ok(Recovered::Gone) | Err(_) => {
                     shipper.tick();
@@ -645,6 +653,45 @@ impl TaskManager {
         }
     }
 }
+
+impl TaskManager {
+    /// After recovery: anything a runtime still holds for a task this agent has no
+    /// record of (a container whose task directory is gone, say) is stopped and
+    /// removed, so nothing runs or lingers untracked.
+    pub async fn remove_orphans(&self) {
+        let known: std::collections::HashSet<TaskId> = self.known().into_iter().collect();
+        for rt in self.runtimes.values() {
+            let held = match tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.list()).await {
+                Ok(Ok(held)) => held,
+                Ok(Err(e)) => {
+                    tracing::warn!("runtime {}: listing its tasks: {e}", rt.kind());
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("runtime {}: listing its tasks timed out", rt.kind());
+                    continue;
+                }
+            };
+            for id in held.into_iter().filter(|id| !known.contains(id)) {
+                tracing::info!(task = %id, runtime = %rt.kind(), "removing an orphaned task");
+                let _ =
+                    tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.stop(&id, Duration::ZERO)).await;
+                if let Err(e) = tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.destroy(&id))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(drover_runtime::RuntimeError::Other("timed out".into()))
+                    })
+                {
+                    tracing::warn!(task = %id, "removing an orphaned task: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The longest a runtime call made while cleaning up orphans may take, so a stuck
+/// engine cannot hold up the agent's start.
+const ORPHAN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn exit_of(st: &ExitStatus) -> Option<Exit> {
     match st {

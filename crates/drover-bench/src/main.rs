@@ -143,6 +143,19 @@ async fn stream_until_done(
     job: &str,
     t0: Instant,
 ) -> Result<(f64, f64)> {
+    stream_until(http, url, token, job, t0, false).await
+}
+
+/// Follows a job's stream and returns the milliseconds since `t0` at which its first
+/// task was running and at which it ended; with `until_running`, returns at running.
+async fn stream_until(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    job: &str,
+    t0: Instant,
+    until_running: bool,
+) -> Result<(f64, f64)> {
     let resp = http
         .get(format!("{url}/v1/jobs/{job}/logs?follow=true"))
         .bearer_auth(token)
@@ -159,7 +172,10 @@ async fn stream_until_done(
                 StreamEvent::Task { state, .. }
                     if state == TaskState::Running && running.is_nan() =>
                 {
-                    running = ms(t0)
+                    running = ms(t0);
+                    if until_running {
+                        return Ok((running, f64::NAN));
+                    }
                 }
                 StreamEvent::Task { state, .. } if state.is_terminal() => {
                     if running.is_nan() {
@@ -254,6 +270,71 @@ async fn launch() -> Result<()> {
     let (x50, _) = summary(echo);
     println!(
         "  `drover run -- echo hi` (whole CLI process)  p50 {c50:6.1} ms  p99 {c99:6.1} ms   raw `echo hi` p50 {x50:.2} ms"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Docker: submit -> running for a container task, against `docker run -d` of the same
+// image in the same run.
+
+async fn docker(n: usize) -> Result<()> {
+    let image = drover_testkit::images::busybox_image()?;
+    let cmd = ["/bin/sleep", "600"];
+    // Baseline: what a user of the engine does by hand. `docker run -d` returns once the
+    // container has started, the same point at which Drover reports `running`.
+    let mut raw = Vec::new();
+    for i in 0..n {
+        let name = format!("drover-bench-raw-{}-{i}", std::process::id());
+        let t0 = Instant::now();
+        let out = std::process::Command::new("docker")
+            .args(["run", "-d", "--name", &name, &image])
+            .args(cmd)
+            .output()?;
+        raw.push(ms(t0));
+        if !out.status.success() {
+            bail!(
+                "docker run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::process::Command::new("docker")
+            .args(["rm", "-f", &name])
+            .output()?;
+    }
+    let server = Server::start("up")?;
+    let token = server.token("admin-token")?;
+    let http = reqwest::Client::new();
+    wait_ready(&http, &server.url, &token).await?;
+    let mut drover = Vec::new();
+    for i in 0..n {
+        let job = format!("d{i}");
+        let spec = serde_json::json!({
+            "name": job, "kind": "service", "runtime": "docker", "image": image,
+            "pull": "never", "command": cmd,
+        });
+        let t0 = Instant::now();
+        submit(&http, &server.url, &token, &spec).await?;
+        let (running, _) = stream_until(&http, &server.url, &token, &job, t0, true).await?;
+        drover.push(running);
+        let r = http
+            .post(format!("{}/v1/jobs/{job}/stop", server.url))
+            .bearer_auth(&token)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("stopping {job}: {}", r.text().await?);
+        }
+        // Wait for the container to be gone, so none outlives the benchmark.
+        stream_until_done(&http, &server.url, &token, &job, Instant::now()).await?;
+    }
+    let (raw50, raw99) = summary(raw);
+    let (d50, d99) = summary(drover);
+    println!("docker (n={n}, {image}, `sleep 600`):");
+    println!("  docker run -d            p50 {raw50:7.1} ms  p99 {raw99:7.1} ms   (baseline)");
+    println!(
+        "  drover submit -> running p50 {d50:7.1} ms  p99 {d99:7.1} ms   {:.2}x the baseline",
+        d50 / raw50
     );
     Ok(())
 }
@@ -545,11 +626,15 @@ async fn main() -> Result<()> {
         "launch" => launch().await,
         "scheduling" => scheduling(nodes, jobs, per_job).await,
         "memory" => memory().await,
+        "docker" => docker(if quick { 5 } else { 20 }).await,
         "all" => {
             memory().await?;
             launch().await?;
+            docker(if quick { 5 } else { 20 }).await?;
             scheduling(nodes, jobs, per_job).await
         }
-        other => bail!("unknown benchmark {other:?}; expected launch, scheduling, memory or all"),
+        other => {
+            bail!("unknown benchmark {other:?}; expected launch, scheduling, memory, docker or all")
+        }
     }
 }

@@ -83,7 +83,7 @@ pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
         return json(&tasks);
     }
     let mut t = table(&[
-        "ID", "JOB", "INDEX", "STATE", "NODE", "EXIT", "AGE", "REASON",
+        "ID", "JOB", "INDEX", "STATE", "NODE", "PORTS", "EXIT", "AGE", "REASON",
     ]);
     for v in tasks {
         let task = &v.task;
@@ -93,6 +93,11 @@ pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
             task.index.to_string(),
             task.state.to_string(),
             v.node_name.clone().unwrap_or_default(),
+            task.ports
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             exit_text(&task.exit),
             age(task.created_at),
             task.reason.clone(),

@@ -51,6 +51,9 @@ pub struct ControllerConfig {
     pub command_resend_after: Duration,
     /// A task must reach `running` within this long of being scheduled.
     pub start_deadline: Duration,
+    /// A task asked to stop must have ended this long after its `stop_grace`; if its
+    /// agent never says so, the task is marked lost and the agent told to forget it.
+    pub stop_deadline: Duration,
     pub bootstrap_tokens: Vec<BootstrapToken>,
 }
 
@@ -62,6 +65,7 @@ impl ControllerConfig {
             node_lost_after: Duration::from_secs(15),
             command_resend_after: Duration::from_secs(3),
             start_deadline: Duration::from_secs(300),
+            stop_deadline: Duration::from_secs(30),
             bootstrap_tokens: Vec::new(),
         }
     }

@@ -565,42 +565,56 @@ impl Inner {
             self.sessions_lock().remove(&id);
         }
         let start_deadline = self.cfg.start_deadline.as_millis() as i64;
-        let overdue: Vec<(TaskId, TaskState, Option<NodeId>)> = state
+        let stop_deadline = self.cfg.stop_deadline.as_millis() as i64;
+        let overdue: Vec<(TaskId, TaskState, Option<NodeId>, bool)> = state
             .tasks
             .values()
             .filter(|t| {
-                let limit = match t.state {
-                    TaskState::Scheduled | TaskState::Preparing | TaskState::Starting => {
-                        start_deadline
+                let spec = state.jobs.get(&t.job_id).map(|j| &j.spec);
+                let limit = if t.state == TaskState::Stopping
+                    || (t.desired_stop && !t.state.is_terminal() && t.node_id.is_some())
+                {
+                    // A stop request, or the agent's report that it is stopping, sets
+                    // `updated_at`; the task then has its grace plus the margin.
+                    let grace = spec.map_or(5000, |s| s.stop_grace.as_millis() as i64);
+                    grace + stop_deadline
+                } else {
+                    match t.state {
+                        TaskState::Scheduled | TaskState::Preparing | TaskState::Starting => {
+                            // A health check may keep a start going up to its own deadline.
+                            let health = spec
+                                .and_then(|s| s.health.as_ref())
+                                .map_or(0, |h| h.start_deadline.as_millis() as i64 + 30_000);
+                            start_deadline.max(health)
+                        }
+                        _ => return false,
                     }
-                    TaskState::Stopping => {
-                        let grace = state
-                            .jobs
-                            .get(&t.job_id)
-                            .map(|j| j.spec.stop_grace.as_millis() as i64)
-                            .unwrap_or(5000);
-                        grace + 30_000
-                    }
-                    _ => return false,
                 };
                 now - t.updated_at > limit
             })
-            .map(|t| (t.id.clone(), t.state, t.node_id.clone()))
+            .map(|t| {
+                let stopping = t.state == TaskState::Stopping || t.desired_stop;
+                (t.id.clone(), t.state, t.node_id.clone(), stopping)
+            })
             .collect();
-        for (id, st, node) in overdue {
-            let reason = format!("deadline exceeded in state {st}");
-            self.advance_task(
-                state,
-                &mut tx,
-                &id,
-                if st == TaskState::Stopping {
-                    TaskState::Lost
-                } else {
-                    TaskState::Failed
-                },
-                &reason,
-                None,
-            );
+        for (id, st, node, stopping) in overdue {
+            // A task that was asked to stop but never reported its end may still be
+            // running somewhere: it is lost, not failed, and its agent is told to kill it.
+            let (next, reason) = if stopping {
+                (
+                    TaskState::Lost,
+                    format!(
+                        "deadline exceeded in state {st}: the agent did not report the stop within the grace period plus {}s",
+                        stop_deadline / 1000
+                    ),
+                )
+            } else {
+                (
+                    TaskState::Failed,
+                    format!("deadline exceeded in state {st}"),
+                )
+            };
+            self.advance_task(state, &mut tx, &id, next, &reason, None);
             if let Some(node) = node {
                 self.enqueue(state, &node, Command::Forget { task_id: id });
             }

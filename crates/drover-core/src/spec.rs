@@ -251,6 +251,8 @@ impl RestartPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MockScript {
+    /// How long preparing takes.
+    pub prepare_latency: Dur,
     /// How long starting takes.
     pub start_latency: Dur,
     /// Exit after this long; absent means run until stopped.

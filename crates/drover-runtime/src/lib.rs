@@ -4,7 +4,9 @@
 //! for, stops and cleans up the thing that runs a task. Runtimes never set task states.
 //! The rest of the system sees a runtime only as `Arc<dyn Runtime>`.
 
+pub mod docker;
 pub mod mock;
+pub mod plugin;
 pub mod process;
 pub mod shim;
 

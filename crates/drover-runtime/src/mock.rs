@@ -107,13 +107,19 @@ impl Runtime for MockRuntime {
         })
     }
 
-    async fn prepare(&self, _ctx: &TaskContext) -> Result<(), RuntimeError> {
+    async fn prepare(&self, ctx: &TaskContext) -> Result<(), RuntimeError> {
+        if let Some(script) = &ctx.spec.mock
+            && !script.prepare_latency.0.is_zero()
+        {
+            tokio::time::sleep(script.prepare_latency.0).await;
+        }
         Ok(())
     }
 
     async fn start(&self, ctx: &TaskContext) -> Result<Started, RuntimeError> {
         let script = ctx.spec.mock.clone().unwrap_or_default();
         let MockScript {
+            prepare_latency: _,
             start_latency,
             exit_after,
             exit_code,

@@ -4,6 +4,8 @@
 //! by the OS) and real agents in the test's process; [`Api`] talks to it over HTTP like
 //! the CLI does. Every wait takes a timeout and fails the test with what it last saw.
 
+pub mod images;
+
 use anyhow::{Context, Result, bail};
 use drover_agent::{Agent, AgentConfig};
 use drover_controller::{BootstrapToken, Controller, ControllerConfig};
@@ -11,11 +13,13 @@ use drover_core::JobSpec;
 use drover_core::api::{ApplyResponse, JobView, NodeView, StreamEvent, TaskView};
 use drover_core::spec::Resources;
 use drover_runtime::Runtime;
+use drover_runtime::docker::{DockerConfig, DockerRuntime};
 use drover_runtime::mock::MockRuntime;
+use drover_runtime::plugin::{PluginConfig, PluginRuntime};
 use drover_runtime::process::{ProcessConfig, ProcessRuntime};
 use drover_store::{Durability, Role, SqliteConfig, SqliteStore};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,6 +43,8 @@ pub struct ClusterOptions {
     pub node_lost_after: Duration,
     /// How long a placed task may take to reach running.
     pub start_deadline: Duration,
+    /// How long past its grace a task asked to stop may take to end.
+    pub stop_deadline: Duration,
 }
 
 impl Default for ClusterOptions {
@@ -47,6 +53,7 @@ impl Default for ClusterOptions {
             heartbeat: Duration::from_millis(200),
             node_lost_after: Duration::from_secs(2),
             start_deadline: Duration::from_secs(300),
+            stop_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -70,6 +77,10 @@ pub struct AgentOptions {
     pub shim: Option<PathBuf>,
     /// Task limits; the defaults, with fast log shipping, when `None`.
     pub limits: Option<drover_agent::TaskLimits>,
+    /// Offer the Docker runtime, on this machine's engine.
+    pub docker: bool,
+    /// Plugin runtimes, by name and executable.
+    pub plugins: Vec<(String, PathBuf)>,
 }
 
 impl AgentOptions {
@@ -85,6 +96,8 @@ impl AgentOptions {
             mock: true,
             shim: None,
             limits: None,
+            docker: false,
+            plugins: Vec::new(),
         }
     }
 
@@ -120,6 +133,7 @@ impl TestCluster {
         cfg.heartbeat_interval = opts.heartbeat;
         cfg.node_lost_after = opts.node_lost_after;
         cfg.start_deadline = opts.start_deadline;
+        cfg.stop_deadline = opts.stop_deadline;
         cfg.command_resend_after = Duration::from_millis(500);
         cfg.bootstrap_tokens = vec![
             BootstrapToken {
@@ -174,6 +188,14 @@ pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Re
     if opts.mock {
         runtimes.push(Arc::new(MockRuntime::new()));
     }
+    if opts.docker {
+        let node_id = drover_agent::load_node_id(&data_dir)?;
+        runtimes.push(Arc::new(DockerRuntime::new(DockerConfig::new(node_id))?));
+    }
+    for (name, path) in &opts.plugins {
+        let cfg = PluginConfig::new(name.clone(), path.clone(), data_dir.join("plugins"));
+        runtimes.push(Arc::new(PluginRuntime::new(cfg)));
+    }
     let mut cfg = AgentConfig::new(url.to_string(), JOIN_TOKEN.to_string(), data_dir, runtimes);
     cfg.name = opts.name;
     cfg.labels = opts.labels;
@@ -184,6 +206,14 @@ pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Re
     }
     cfg.limits.log_interval = Duration::from_millis(50);
     Ok(Agent::start(cfg).await?)
+}
+
+/// The path of an example plugin shipped in `examples/plugins/NAME/drover-plugin-NAME`.
+pub fn example_plugin(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/plugins")
+        .join(name)
+        .join(format!("drover-plugin-{name}"))
 }
 
 /// A minimal HTTP client for the API, as a user's script would use it.

@@ -164,6 +164,33 @@ impl FakeAgent {
         }
     }
 
+    /// Sends heartbeats (so the node stays alive) until a Forget command arrives, and
+    /// returns its task.
+    async fn heartbeat_until_forget(&mut self) -> TaskId {
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no Forget within {T:?}"
+            );
+            self.send(&AgentMessage::Heartbeat { at: 0 }).await;
+            match tokio::time::timeout(Duration::from_millis(200), self.ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if let ControllerMessage::Command {
+                        seq,
+                        command: Command::Forget { task_id },
+                    } = serde_json::from_str(&t).unwrap()
+                    {
+                        self.send(&AgentMessage::CommandAck { seq }).await;
+                        return task_id;
+                    }
+                }
+                Ok(None) | Ok(Some(Err(_))) => panic!("connection closed"),
+                _ => {}
+            }
+        }
+    }
+
     fn hello(version: u32) -> AgentMessage {
         AgentMessage::Hello(Hello {
             protocol_version: version,
@@ -291,22 +318,7 @@ async fn a_task_an_agent_never_starts_fails_at_the_controllers_deadline_and_is_f
         .unwrap();
     let task = agent.next_start().await;
     // Heartbeats keep the node alive, so only the start deadline can end the task.
-    let forgotten = loop {
-        agent.send(&AgentMessage::Heartbeat { at: 0 }).await;
-        match tokio::time::timeout(Duration::from_millis(200), agent.ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                if let ControllerMessage::Command {
-                    command: Command::Forget { task_id },
-                    ..
-                } = serde_json::from_str(&t).unwrap()
-                {
-                    break task_id;
-                }
-            }
-            Ok(None) | Ok(Some(Err(_))) => panic!("connection closed"),
-            _ => {}
-        }
-    };
+    let forgotten = agent.heartbeat_until_forget().await;
     assert_eq!(
         forgotten, task,
         "the agent is told to drop the task it never started"
@@ -318,6 +330,68 @@ async fn a_task_an_agent_never_starts_fails_at_the_controllers_deadline_and_is_f
             .task
             .reason
             .contains("deadline exceeded in state scheduled"),
+        "{}",
+        tasks[0].task.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_whose_stop_is_never_reported_is_lost_at_the_stop_deadline_and_forgotten() {
+    let c = TestCluster::start_with(drover_testkit::ClusterOptions {
+        stop_deadline: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let api = c.api();
+    let mut agent = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
+    agent.send(&FakeAgent::hello(PROTOCOL_VERSION)).await;
+    assert!(matches!(
+        agent.recv().await,
+        Some(ControllerMessage::Welcome { .. })
+    ));
+    api.apply_yaml("name: stuck\nkind: service\nruntime: mock\nstop_grace: 100ms\n")
+        .await
+        .unwrap();
+    let task = agent.next_start().await;
+    agent.send(&event(1, &task, TaskState::Running, None)).await;
+    api.wait_job("stuck", T, |_, t| t[0].task.state == TaskState::Running)
+        .await
+        .unwrap();
+    api.stop("stuck").await.unwrap();
+    // The agent acknowledges the stop, says it is stopping, and then never reports the end.
+    loop {
+        if let Some(ControllerMessage::Command {
+            seq,
+            command: Command::Stop { task_id, .. },
+        }) = agent.recv().await
+        {
+            assert_eq!(task_id, task);
+            agent.send(&AgentMessage::CommandAck { seq }).await;
+            break;
+        }
+    }
+    agent
+        .send(&event(2, &task, TaskState::Stopping, None))
+        .await;
+    let started = std::time::Instant::now();
+    let forgotten = agent.heartbeat_until_forget().await;
+    assert_eq!(
+        forgotten, task,
+        "the agent is told to kill and drop the task"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the task had its grace plus the deadline: {:?}",
+        started.elapsed()
+    );
+    let (_, tasks) = api.wait_final("stuck", T).await.unwrap();
+    assert_eq!(tasks[0].task.state, TaskState::Lost);
+    assert!(
+        tasks[0]
+            .task
+            .reason
+            .contains("deadline exceeded in state stopping"),
         "{}",
         tasks[0].task.reason
     );

@@ -326,33 +326,54 @@ stop_grace: 3s
     }
 }
 
+/// A prepare or start that overruns the agent's limit fails the task with a reason
+/// naming the step, well before the step itself would have finished.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_start_that_overruns_its_deadline_fails_the_task() {
+async fn a_prepare_or_start_that_overruns_its_deadline_fails_the_task() {
+    let short = Duration::from_millis(300);
+    let cases = [
+        (
+            drover_agent::TaskLimits {
+                prepare_timeout: short,
+                ..Default::default()
+            },
+            "prepare_latency: 5s",
+            "prepare did not finish within",
+        ),
+        (
+            drover_agent::TaskLimits {
+                start_timeout: short,
+                ..Default::default()
+            },
+            "start_latency: 5s",
+            "start did not finish within",
+        ),
+    ];
     let c = TestCluster::start().await.unwrap();
-    let mut opts = AgentOptions::named("slow");
-    opts.limits = Some(drover_agent::TaskLimits {
-        start_timeout: Duration::from_millis(300),
-        ..Default::default()
-    });
-    let _a = c.agent(opts).await.unwrap();
     let api = c.api();
-    api.apply_yaml(
-        "name: hangs\nruntime: mock\nmock: { start_latency: 5s }\nrestart: { attempts: 0 }\n",
-    )
-    .await
-    .unwrap();
-    let started = std::time::Instant::now();
-    let (job, tasks) = api.wait_final("hangs", T).await.unwrap();
-    assert_eq!(job.job.status, JobStatus::Failed);
-    assert!(
-        tasks[0].task.reason.contains("start did not finish within"),
-        "{}",
-        tasks[0].task.reason
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(4),
-        "the deadline, not the start, ended it"
-    );
+    for (i, (limits, script, want)) in cases.into_iter().enumerate() {
+        let mut opts = AgentOptions::named(&format!("slow-{i}")).label("case", &i.to_string());
+        opts.limits = Some(limits);
+        let _a = c.agent(opts).await.unwrap();
+        let name = format!("hangs-{i}");
+        api.apply_yaml(&format!(
+            "name: {name}\nruntime: mock\nmock: {{ {script} }}\nrestart: {{ attempts: 0 }}\nconstraints: [{{ key: label.case, value: '{i}' }}]\n"
+        ))
+        .await
+        .unwrap();
+        let started = std::time::Instant::now();
+        let (job, tasks) = api.wait_final(&name, T).await.unwrap();
+        assert_eq!(job.job.status, JobStatus::Failed, "{script}");
+        assert!(
+            tasks[0].task.reason.contains(want),
+            "{script}: {}",
+            tasks[0].task.reason
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{script}: the deadline, not the step, ended it"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
