@@ -128,6 +128,9 @@ pub fn detect_capacity() -> Resources {
     }
 }
 
+/// The longest a runtime's fingerprint may take before the runtime is not offered.
+const FINGERPRINT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The node id an agent with this data directory has (created on first use). Runtimes
 /// that label what they create with the node, like Docker, are built with it before the
 /// agent starts.
@@ -157,13 +160,29 @@ impl Agent {
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let url = connect_url(&cfg.server)?;
         let node_id = load_node_id(&cfg.data_dir).map_err(dd)?;
+        // Fingerprints run side by side, each bounded, so one slow engine or plugin
+        // neither delays the others nor holds up the agent.
+        let prints = futures_util::future::join_all(cfg.runtimes.iter().map(|rt| async move {
+            let r = tokio::time::timeout(FINGERPRINT_TIMEOUT, rt.fingerprint()).await;
+            (rt, r)
+        }))
+        .await;
         let mut runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>> = HashMap::new();
-        for rt in &cfg.runtimes {
-            match rt.fingerprint().await {
-                Ok(_) => {
+        let mut attributes = BTreeMap::new();
+        for (rt, r) in prints {
+            match r {
+                Ok(Ok(fp)) => {
+                    for (k, v) in fp.attributes {
+                        attributes.insert(format!("{}.{k}", rt.kind()), v);
+                    }
                     runtimes.insert(rt.kind(), rt.clone());
                 }
-                Err(e) => tracing::warn!("runtime {} is not offered: {e}", rt.kind()),
+                Ok(Err(e)) => tracing::warn!("runtime {} is not offered: {e}", rt.kind()),
+                Err(_) => tracing::warn!(
+                    "runtime {} is not offered: its fingerprint took over {}s",
+                    rt.kind(),
+                    FINGERPRINT_TIMEOUT.as_secs()
+                ),
             }
         }
         let shutdown = CancellationToken::new();
@@ -194,6 +213,21 @@ impl Agent {
                 }
             });
         }
+        {
+            // Resource samples for heartbeats, taken apart from the connection so a slow
+            // runtime never delays a heartbeat.
+            let manager = manager.clone();
+            let stop = shutdown.clone();
+            let every = cfg.limits.stats_interval;
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(every) => manager.sample_usage().await,
+                    }
+                }
+            });
+        }
         let mut kinds: Vec<RuntimeKind> = runtimes.keys().cloned().collect();
         kinds.sort();
         let info = NodeInfo {
@@ -203,6 +237,7 @@ impl Agent {
             runtimes: kinds,
             capacity: cfg.capacity.unwrap_or_else(detect_capacity),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            attributes,
         };
         let conn = Connection {
             url,
@@ -464,7 +499,8 @@ impl Connection {
                     if last_heard.elapsed() > silence {
                         return SessionEnd::Dropped(format!("nothing from the controller for {}s", silence.as_secs()));
                     }
-                    if let Err(e) = send(sink, &AgentMessage::Heartbeat { at: now_millis() }).await {
+                    let beat = AgentMessage::Heartbeat { at: now_millis(), usage: self.manager.usage_samples() };
+                    if let Err(e) = send(sink, &beat).await {
                         return SessionEnd::Dropped(e);
                     }
                     let unacked = self.manager.unacked();

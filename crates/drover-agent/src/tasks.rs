@@ -8,9 +8,9 @@
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
-use drover_core::protocol::{AgentEvent, Command, LogStream, TaskAssignment};
+use drover_core::protocol::{AgentEvent, Command, LogStream, TaskAssignment, UsageSample};
 use drover_core::spec::RuntimeKind;
-use drover_core::state::Exit;
+use drover_core::state::{Exit, TaskUsage};
 use drover_core::{NodeId, TaskId, TaskState, now_millis};
 use drover_runtime::{ExitStatus, Recovered, Runtime, StopOutcome, TaskContext};
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,8 @@ pub struct TaskLimits {
     pub log_max_bytes: u64,
     /// How often running tasks' logs are shipped.
     pub log_interval: Duration,
+    /// How often running tasks' resource use is sampled (sent with heartbeats).
+    pub stats_interval: Duration,
 }
 
 impl Default for TaskLimits {
@@ -42,6 +44,7 @@ impl Default for TaskLimits {
             start_timeout: Duration::from_secs(60),
             log_max_bytes: 16 << 20,
             log_interval: Duration::from_millis(100),
+            stats_interval: Duration::from_secs(10),
         }
     }
 }
@@ -59,6 +62,7 @@ struct Entry {
     shipper: Arc<LogShipper>,
     /// The outbox seq of its terminal event, once sent; the entry goes when it is acked.
     terminal_seq: Option<u64>,
+    runtime: RuntimeKind,
 }
 
 /// What is kept in a task's directory so a restarted agent knows the task.
@@ -80,6 +84,8 @@ pub struct TaskManager {
     /// Woken whenever an event is written to the outbox.
     pub(crate) events_ready: tokio::sync::Notify,
     shutdown: CancellationToken,
+    /// The latest resource sample of each running task.
+    usage: Mutex<HashMap<TaskId, TaskUsage>>,
 }
 
 impl TaskManager {
@@ -105,6 +111,7 @@ impl TaskManager {
             link,
             events_ready: tokio::sync::Notify::new(),
             shutdown,
+            usage: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -372,6 +379,7 @@ impl TaskManager {
                 stop,
                 shipper: shipper.clone(),
                 terminal_seq: None,
+                runtime: a.spec.runtime.clone(),
             },
         );
         (stop_rx, shipper)
@@ -655,6 +663,46 @@ impl TaskManager {
 }
 
 impl TaskManager {
+    /// Samples every running task's resource use through its runtime. Each call is
+    /// bounded, and a runtime that cannot tell is skipped.
+    pub async fn sample_usage(&self) {
+        let running: Vec<(TaskId, RuntimeKind)> = self
+            .entries()
+            .iter()
+            .filter(|(_, e)| e.terminal_seq.is_none())
+            .map(|(id, e)| (id.clone(), e.runtime.clone()))
+            .collect();
+        let mut fresh = HashMap::new();
+        for (id, kind) in running {
+            let Some(rt) = self.runtime(&kind) else {
+                continue;
+            };
+            if let Ok(Ok(s)) = tokio::time::timeout(STATS_CALL_TIMEOUT, rt.stats(&id)).await {
+                fresh.insert(
+                    id,
+                    TaskUsage {
+                        cpu_seconds: s.cpu_seconds,
+                        memory_bytes: s.memory_bytes,
+                    },
+                );
+            }
+        }
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
+    }
+
+    /// The latest samples, for the next heartbeat.
+    pub fn usage_samples(&self) -> Vec<UsageSample> {
+        self.usage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(id, u)| UsageSample {
+                task_id: id.clone(),
+                usage: *u,
+            })
+            .collect()
+    }
+
     /// After recovery: anything a runtime still holds for a task this agent has no
     /// record of (a container whose task directory is gone, say) is stopped and
     /// removed, so nothing runs or lingers untracked.
@@ -688,6 +736,9 @@ impl TaskManager {
         }
     }
 }
+
+/// The longest one task's resource sample may take.
+const STATS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The longest a runtime call made while cleaning up orphans may take, so a stuck
 /// engine cannot hold up the agent's start.

@@ -1,8 +1,9 @@
 //! Drover's benchmarks. Run them all with `bash scripts/bench.sh` (which builds the
 //! release binary first), or one with `cargo run --release -p drover-bench -- NAME`.
 //!
-//! Each benchmark drives the real `drover` binary as a user would and prints its figures
-//! next to a baseline measured in the same run.
+//! Each benchmark drives the real `drover` binary as a user would (the plugin one drives
+//! the plugin runtime directly) and prints its figures next to a baseline measured in the
+//! same run.
 
 use anyhow::{Context, Result, bail};
 use drover_core::api::StreamEvent;
@@ -10,9 +11,11 @@ use drover_core::protocol::{
     AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello,
     JOIN_TOKEN_HEADER, PROTOCOL_VERSION,
 };
-use drover_core::spec::{Resources, RuntimeKind};
+use drover_core::spec::{JobSpec, Resources, RuntimeKind};
 use drover_core::state::{Exit, NodeInfo};
-use drover_core::{NodeId, TaskState};
+use drover_core::{NodeId, TaskId, TaskState};
+use drover_runtime::plugin::{PluginConfig, PluginRuntime};
+use drover_runtime::{ExitStatus, Runtime, TaskContext};
 use futures_util::{SinkExt, StreamExt};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -413,6 +416,7 @@ async fn mock_node(
                 memory: drover_core::quantity::ByteSize(1 << 40),
             },
             agent_version: "bench".into(),
+            attributes: Default::default(),
         },
         known_tasks: vec![],
     });
@@ -434,7 +438,7 @@ async fn mock_node(
                 }
             }
             _ = beat.tick() => {
-                tx.send(Message::Text(serde_json::to_string(&AgentMessage::Heartbeat { at: 0 })?.into())).await?;
+                tx.send(Message::Text(serde_json::to_string(&AgentMessage::Heartbeat { at: 0, usage: Vec::new() })?.into())).await?;
                 if finish.load(Ordering::Relaxed) && !mine.is_empty() {
                     for id in mine.drain(..) {
                         for state in [TaskState::Running, TaskState::Succeeded] {
@@ -613,6 +617,263 @@ async fn memory() -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// Plugin: the per-request round trip through the plugin runtime, against a raw round trip
+// of one JSON line to a minimal Python asyncio echo server in the same run.
+
+/// The baseline server: what the example plugin does for each request, minus Drover's
+/// protocol (asyncio Unix server, read a line, decode it, write a reply line, drain).
+const ECHO_SERVER: &str = r#"
+import asyncio, json, sys
+
+async def main():
+    done = asyncio.Event()
+
+    async def on_connection(reader, writer):
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                request = json.loads(line)
+                writer.write((json.dumps({"id": request["id"], "result": {"tasks": []}}) + "\n").encode())
+                await writer.drain()
+        finally:
+            done.set()
+
+    server = await asyncio.start_unix_server(on_connection, path=sys.argv[1], limit=16 << 20)
+    print("ready", flush=True)
+    await done.wait()
+    server.close()
+
+asyncio.run(main())
+"#;
+
+/// The example plugin, found from this crate's source directory.
+fn exec_plugin() -> Result<PathBuf> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/plugins/exec/drover-plugin-exec");
+    if !path.exists() {
+        bail!("the example plugin is not at {}", path.display());
+    }
+    Ok(path)
+}
+
+/// The baseline echo server and one connection to it.
+struct Echo {
+    child: Child,
+    read: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    reply: String,
+    next_id: u64,
+}
+
+impl Echo {
+    /// Starts the server like the agent starts a plugin (a child process listening on a
+    /// socket in a directory of its own) and connects to it.
+    async fn start(dir: &std::path::Path) -> Result<Echo> {
+        let socket = dir.join("echo.sock");
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(ECHO_SERVER)
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting python3")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut line = String::new();
+        let ready = BufReader::new(stdout).read_line(&mut line);
+        let stream = match ready {
+            Ok(_) if line.trim() == "ready" => tokio::net::UnixStream::connect(&socket).await,
+            _ => Err(std::io::Error::other("the echo server did not start")),
+        };
+        let stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e.into());
+            }
+        };
+        let (read, write) = stream.into_split();
+        Ok(Echo {
+            child,
+            read: tokio::io::BufReader::new(read),
+            write,
+            reply: String::new(),
+            next_id: 0,
+        })
+    }
+
+    /// One round trip of a small JSON line, in microseconds.
+    async fn round_trip(&mut self) -> Result<f64> {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        self.next_id += 1;
+        let line = format!(
+            "{}\n",
+            serde_json::json!({ "id": self.next_id, "method": "list", "params": {} })
+        );
+        let t0 = Instant::now();
+        self.write.write_all(line.as_bytes()).await?;
+        self.reply.clear();
+        if self.read.read_line(&mut self.reply).await? == 0 {
+            bail!("the echo server closed the connection");
+        }
+        Ok(ms(t0) * 1000.0)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A task context like the agent builds for a plugin task.
+fn plugin_task(base: &std::path::Path, command: &[&str]) -> Result<TaskContext> {
+    let task_id = TaskId::generate();
+    let dir = base.join(task_id.as_str());
+    std::fs::create_dir_all(&dir)?;
+    let mut spec = JobSpec::new("bench", command.iter().map(|s| s.to_string()).collect());
+    spec.runtime = RuntimeKind::Plugin("exec".into());
+    let env = [
+        ("DROVER_TASK_ID".to_string(), task_id.to_string()),
+        ("DROVER_JOB".to_string(), "bench".to_string()),
+        ("DROVER_TASK_INDEX".to_string(), "0".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    Ok(TaskContext {
+        task_id,
+        job_name: "bench".into(),
+        index: 0,
+        spec,
+        stdout_path: dir.join("stdout.log"),
+        stderr_path: dir.join("stderr.log"),
+        dir,
+        env,
+    })
+}
+
+async fn plugin(n: usize, tasks: usize) -> Result<()> {
+    let warmup = (n / 10).max(20);
+    let tmp = tempfile::tempdir()?;
+    let echo = Echo::start(tmp.path()).await?;
+    let cfg = PluginConfig::new("exec", exec_plugin()?, tmp.path().join("state"));
+    let rt = PluginRuntime::new(cfg);
+    let result = plugin_measure(&rt, echo, tmp.path(), warmup, n, tasks).await;
+    rt.shutdown().await;
+    let m = result?;
+    let (raw50, raw99) = summary(m.echo);
+    let (p50, p99) = summary(m.list);
+    let (s50, s99) = summary(m.spawn);
+    let (t50, t99) = summary(m.task);
+
+    println!(
+        "plugin (n={n} sequential requests after {warmup} warm-up, interleaved with the baseline; example exec plugin, Python {}):",
+        python_version()
+    );
+    println!(
+        "  raw JSON line round trip  p50 {raw50:7.1} us  p99 {raw99:7.1} us   (baseline: asyncio echo server over a Unix socket)"
+    );
+    println!(
+        "  PluginRuntime::list       p50 {p50:7.1} us  p99 {p99:7.1} us   overhead p50 {:.1} us ({:.2}x raw)",
+        p50 - raw50,
+        p50 / raw50
+    );
+    println!("  whole task of `true` (n={tasks}, start + wait for exited):");
+    println!("  raw spawn+wait            p50 {s50:7.2} ms  p99 {s99:7.2} ms   (baseline)");
+    println!(
+        "  plugin start -> exited    p50 {t50:7.2} ms  p99 {t99:7.2} ms   overhead p50 {:.2} ms ({:.1}x raw)",
+        t50 - s50,
+        t50 / s50
+    );
+    Ok(())
+}
+
+/// What the plugin benchmark measured: round trips in microseconds, tasks in milliseconds.
+struct PluginTimes {
+    echo: Vec<f64>,
+    list: Vec<f64>,
+    spawn: Vec<f64>,
+    task: Vec<f64>,
+}
+
+async fn plugin_measure(
+    rt: &PluginRuntime,
+    mut echo: Echo,
+    base: &std::path::Path,
+    warmup: usize,
+    n: usize,
+    tasks: usize,
+) -> Result<PluginTimes> {
+    // The first request starts the plugin; the warm-up keeps that out of the figures.
+    rt.fingerprint().await?;
+    let mut times = PluginTimes {
+        echo: Vec::with_capacity(n),
+        list: Vec::with_capacity(n),
+        spawn: Vec::with_capacity(tasks),
+        task: Vec::with_capacity(tasks),
+    };
+    // Alternating the two, so that whatever else the machine does weighs on both alike.
+    // `list` goes to the plugin and back on every call (nothing is cached).
+    for i in 0..warmup + n {
+        let raw = echo.round_trip().await?;
+        let t0 = Instant::now();
+        let listed = rt.list().await?;
+        let through = ms(t0) * 1000.0;
+        if !listed.is_empty() {
+            bail!("the plugin lists {} tasks, expected none", listed.len());
+        }
+        if i >= warmup {
+            times.echo.push(raw);
+            times.list.push(through);
+        }
+    }
+    // Ends the echo server, which the rest does not need.
+    drop(echo);
+
+    let task_warmup = 5;
+    for i in 0..task_warmup + tasks {
+        let t0 = Instant::now();
+        std::process::Command::new("true").status()?;
+        let spawn = ms(t0);
+
+        let ctx = plugin_task(base, &["true"])?;
+        let t0 = Instant::now();
+        rt.start(&ctx).await?;
+        let status = tokio::time::timeout(Duration::from_secs(30), rt.wait(&ctx.task_id))
+            .await
+            .context("a plugin task did not end")??;
+        let run = ms(t0);
+        rt.destroy(&ctx.task_id).await?;
+        let _ = std::fs::remove_dir_all(&ctx.dir);
+        if status != ExitStatus::Exited(0) {
+            bail!("a plugin task of `true` ended with {status:?}");
+        }
+        if i >= task_warmup {
+            times.spawn.push(spawn);
+            times.task.push(run);
+        }
+    }
+    Ok(times)
+}
+
+fn python_version() -> String {
+    std::process::Command::new("python3")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .replace("Python ", "")
+        })
+        .unwrap_or_default()
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
@@ -622,19 +883,24 @@ async fn main() -> Result<()> {
     } else {
         (1000, 100, 1000)
     };
+    let (plugin_n, plugin_tasks) = if quick { (200, 20) } else { (2000, 100) };
     match what.as_str() {
         "launch" => launch().await,
         "scheduling" => scheduling(nodes, jobs, per_job).await,
         "memory" => memory().await,
         "docker" => docker(if quick { 5 } else { 20 }).await,
+        "plugin" => plugin(plugin_n, plugin_tasks).await,
         "all" => {
             memory().await?;
             launch().await?;
             docker(if quick { 5 } else { 20 }).await?;
+            plugin(plugin_n, plugin_tasks).await?;
             scheduling(nodes, jobs, per_job).await
         }
         other => {
-            bail!("unknown benchmark {other:?}; expected launch, scheduling, memory, docker or all")
+            bail!(
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin or all"
+            )
         }
     }
 }

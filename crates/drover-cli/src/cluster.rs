@@ -6,22 +6,61 @@ use drover_agent::{Agent, AgentConfig};
 use drover_controller::{BootstrapToken, Controller, ControllerConfig};
 use drover_core::spec::Resources;
 use drover_runtime::Runtime;
+use drover_runtime::docker::{DockerConfig, DockerRuntime};
 use drover_runtime::mock::MockRuntime;
+use drover_runtime::plugin::{PluginConfig, PluginRuntime};
 use drover_runtime::process::{ProcessConfig, ProcessRuntime};
 use drover_store::{Durability, Role, SqliteConfig, SqliteStore};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Which runtimes beyond `process` and `mock` an agent offers.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeOptions {
+    /// Offer `docker` (when the engine answers).
+    pub docker: bool,
+    /// The engine's address (`unix://...` or `tcp://...`); the local socket when `None`.
+    pub docker_host: Option<String>,
+    /// External plugins, by name and executable.
+    pub plugins: Vec<(String, PathBuf)>,
+}
+
 /// The runtimes an agent in this binary offers. The process runtime uses this very
-/// binary as its shim, so exit statuses survive an agent restart.
-pub fn default_runtimes() -> Vec<Arc<dyn Runtime>> {
+/// binary as its shim, so exit statuses survive an agent restart. Docker and plugins are
+/// offered only if their fingerprint succeeds when the agent starts.
+pub fn runtimes(data_dir: &Path, opts: &RuntimeOptions) -> Result<Vec<Arc<dyn Runtime>>> {
     let shim = std::env::current_exe().ok();
-    vec![
-        Arc::new(ProcessRuntime::new(ProcessConfig { shim })) as Arc<dyn Runtime>,
+    let mut out: Vec<Arc<dyn Runtime>> = vec![
+        Arc::new(ProcessRuntime::new(ProcessConfig { shim })),
         Arc::new(MockRuntime::new()),
-    ]
+    ];
+    if opts.docker {
+        let node_id = drover_agent::load_node_id(data_dir)
+            .with_context(|| format!("reading the node id in {}", data_dir.display()))?;
+        let mut cfg = DockerConfig::new(node_id);
+        cfg.host = opts.docker_host.clone();
+        out.push(Arc::new(DockerRuntime::new(cfg).context("--docker-host")?));
+    }
+    for (name, path) in &opts.plugins {
+        let meta = std::fs::metadata(path).with_context(|| {
+            format!(
+                "--plugin {name}={}: cannot read the executable",
+                path.display()
+            )
+        })?;
+        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+            anyhow::bail!(
+                "--plugin {name}={}: expected an executable file",
+                path.display()
+            );
+        }
+        let cfg = PluginConfig::new(name.clone(), path.clone(), data_dir.join("plugins"));
+        out.push(Arc::new(PluginRuntime::new(cfg)));
+    }
+    Ok(out)
 }
 
 pub struct ServerOptions {
@@ -106,15 +145,12 @@ pub struct AgentOptions {
     pub name: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub capacity: Option<Resources>,
+    pub runtimes: RuntimeOptions,
 }
 
 pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
-    let mut cfg = AgentConfig::new(
-        opts.server,
-        opts.join_token,
-        opts.data_dir,
-        default_runtimes(),
-    );
+    let runtimes = runtimes(&opts.data_dir, &opts.runtimes)?;
+    let mut cfg = AgentConfig::new(opts.server, opts.join_token, opts.data_dir, runtimes);
     if let Some(n) = opts.name {
         cfg.name = n;
     }
@@ -158,6 +194,10 @@ impl Ephemeral {
             name: None,
             labels: BTreeMap::new(),
             capacity: None,
+            runtimes: RuntimeOptions {
+                docker: true,
+                ..Default::default()
+            },
         })
         .await?;
         Ok(Ephemeral {

@@ -108,9 +108,13 @@ struct RunArgs {
     /// The job's name (default: run-<random>).
     #[arg(long)]
     name: Option<String>,
-    /// The runtime: process, mock, docker or plugin:NAME.
-    #[arg(long, default_value = "process")]
-    runtime: String,
+    /// The runtime: process, mock, docker or plugin:NAME (docker when --image is given).
+    #[arg(long)]
+    runtime: Option<String>,
+    /// Run the command in a container of this image (implies --runtime docker); the
+    /// command replaces the image's entrypoint.
+    #[arg(long)]
+    image: Option<String>,
     /// How many times a failed task is retried (like `docker run`, none by default).
     #[arg(long, default_value_t = 0)]
     retries: u32,
@@ -135,6 +139,8 @@ struct UpArgs {
     listen: SocketAddr,
     #[command(flatten)]
     timing: TimingArgs,
+    #[command(flatten)]
+    runtimes: RuntimeArgs,
 }
 
 #[derive(Args)]
@@ -148,6 +154,48 @@ struct ServerArgs {
     /// The token agents must present (default: generated once and kept in the data dir).
     #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
+}
+
+/// The runtimes an agent offers besides `process` and `mock`; shared by `drover up` and
+/// `drover agent`.
+#[derive(Args)]
+struct RuntimeArgs {
+    /// An external runtime plugin, NAME=PATH; repeatable. Jobs use it with
+    /// `runtime: plugin:NAME`. The protocol is in docs/plugin-protocol.md.
+    #[arg(long = "plugin", value_parser = parse_plugin, value_name = "NAME=PATH")]
+    plugins: Vec<(String, PathBuf)>,
+    /// The Docker engine to run `runtime: docker` tasks on (default: the local socket).
+    #[arg(long, env = "DOCKER_HOST", value_name = "URL")]
+    docker_host: Option<String>,
+    /// Do not offer the docker runtime even when an engine answers.
+    #[arg(long)]
+    no_docker: bool,
+}
+
+impl RuntimeArgs {
+    fn options(&self) -> cluster::RuntimeOptions {
+        cluster::RuntimeOptions {
+            docker: !self.no_docker,
+            docker_host: self.docker_host.clone(),
+            plugins: self.plugins.clone(),
+        }
+    }
+}
+
+fn parse_plugin(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, path) = parse_kv(s)?;
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "plugin name {name:?}: expected letters, digits, '-' or '_'"
+        ));
+    }
+    if path.is_empty() {
+        return Err(format!("plugin {name}: expected a path after '='"));
+    }
+    Ok((name, PathBuf::from(path)))
 }
 
 /// Liveness settings shared by `drover up` and `drover server`.
@@ -181,6 +229,8 @@ struct AgentArgs {
     /// Memory offered to tasks, e.g. 8Gi (default: all).
     #[arg(long)]
     memory: Option<String>,
+    #[command(flatten)]
+    runtimes: RuntimeArgs,
 }
 
 #[derive(Subcommand)]
@@ -356,7 +406,11 @@ fn parse_memory(s: &Option<String>, flag: &str) -> Result<Option<ByteSize>> {
 }
 
 async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
-    let runtime = RuntimeKind::parse(&a.runtime).map_err(|e| anyhow::anyhow!("--runtime: {e}"))?;
+    let runtime = match (&a.runtime, &a.image) {
+        (Some(r), _) => RuntimeKind::parse(r).map_err(|e| anyhow::anyhow!("--runtime: {e}"))?,
+        (None, Some(_)) => RuntimeKind::Docker,
+        (None, None) => RuntimeKind::Process,
+    };
     let mut resources = Resources::default();
     if let Some(c) = a.cpu {
         resources.cpu = c;
@@ -376,6 +430,7 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     };
     spec.count = a.count;
     spec.runtime = runtime;
+    spec.image = a.image.clone();
     spec.env = a.env.iter().cloned().collect();
     spec.resources = resources;
     spec.restart = drover_core::spec::RestartPolicy {
@@ -552,6 +607,7 @@ async fn up(a: &UpArgs) -> Result<i32> {
         name: None,
         labels: BTreeMap::new(),
         capacity: None,
+        runtimes: a.runtimes.options(),
     })
     .await?;
     eprintln!("drover is up at {url} (data in {})", data_dir.display());
@@ -630,6 +686,7 @@ async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
         name: a.name.clone(),
         labels: a.labels.iter().cloned().collect(),
         capacity,
+        runtimes: a.runtimes.options(),
     })
     .await?;
     eprintln!("drover agent {} dialling {server}", agent.node_id());

@@ -116,7 +116,15 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
     ]);
     for n in nodes {
         let info = &n.node.info;
-        let runtimes: Vec<String> = info.runtimes.iter().map(|r| r.to_string()).collect();
+        // A runtime's version, when its fingerprint gave one, says which engine runs it.
+        let runtimes: Vec<String> = info
+            .runtimes
+            .iter()
+            .map(|r| match info.attributes.get(&format!("{r}.version")) {
+                Some(v) => format!("{r} {v}"),
+                None => r.to_string(),
+            })
+            .collect();
         let labels: Vec<String> = info
             .labels
             .iter()

@@ -151,6 +151,7 @@ async fn handle_batch(
     let mut events: Vec<AgentEvent> = Vec::new();
     let mut acks: Vec<u64> = Vec::new();
     let mut heartbeat = false;
+    let mut usage = Vec::new();
     for m in batch {
         let text = match m {
             Message::Text(t) => t,
@@ -165,7 +166,10 @@ async fn handle_batch(
             }
         };
         match msg {
-            AgentMessage::Heartbeat { .. } => heartbeat = true,
+            AgentMessage::Heartbeat { usage: u, .. } => {
+                heartbeat = true;
+                usage = u;
+            }
             AgentMessage::Event(e) => events.push(e),
             AgentMessage::CommandAck { seq } => acks.push(seq),
             AgentMessage::Log(chunk) => {
@@ -204,8 +208,9 @@ async fn handle_batch(
                 tracing::error!(node = %node_id, "storing agent events: {e}; the agent will replay them")
             }
         }
-    } else if heartbeat {
-        inner.on_heartbeat(node_id).await;
+    }
+    if heartbeat && (events.is_empty() || !usage.is_empty()) {
+        inner.on_heartbeat(node_id, usage).await;
     }
     true
 }

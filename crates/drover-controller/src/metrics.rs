@@ -5,14 +5,24 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StateLabel {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabel {
+    pub job: String,
+}
+
 pub struct Metrics {
     registry: Registry,
+    /// CPU seconds used by each job's running tasks, summed, as last sampled.
+    pub job_cpu_seconds: Family<JobLabel, Gauge<f64, AtomicU64>>,
+    /// Resident memory of each job's running tasks, summed, as last sampled.
+    pub job_memory_bytes: Family<JobLabel, Gauge>,
     pub tasks: Family<StateLabel, Gauge>,
     pub connected_agents: Gauge,
     pub nodes_ready: Gauge,
@@ -62,14 +72,43 @@ impl Metrics {
             "Time spent choosing nodes for a batch of tasks, without the commit",
             placement.clone(),
         );
+        let job_cpu_seconds = Family::<JobLabel, Gauge<f64, AtomicU64>>::default();
+        let job_memory_bytes = Family::<JobLabel, Gauge>::default();
+        registry.register(
+            "job_cpu_seconds",
+            "CPU time used by a job's running tasks, summed over them, whatever their runtime",
+            job_cpu_seconds.clone(),
+        );
+        registry.register(
+            "job_memory_bytes",
+            "Resident memory of a job's running tasks, summed over them, whatever their runtime",
+            job_memory_bytes.clone(),
+        );
         Metrics {
             registry,
+            job_cpu_seconds,
+            job_memory_bytes,
             tasks,
             connected_agents,
             nodes_ready,
             scheduling_latency,
             scheduling_pass,
             placement,
+        }
+    }
+
+    /// Replaces the per-job usage gauges, so a job without running tasks drops out.
+    pub fn publish_usage(&self, per_job: &std::collections::HashMap<&str, (f64, u64)>) {
+        self.job_cpu_seconds.clear();
+        self.job_memory_bytes.clear();
+        for (job, (cpu, mem)) in per_job {
+            let l = JobLabel {
+                job: job.to_string(),
+            };
+            self.job_cpu_seconds.get_or_create(&l).set(*cpu);
+            self.job_memory_bytes
+                .get_or_create(&l)
+                .set(i64::try_from(*mem).unwrap_or(i64::MAX));
         }
     }
 

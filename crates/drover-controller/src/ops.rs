@@ -4,11 +4,13 @@
 use crate::state::{OutCommand, State};
 use crate::{Inner, Tx};
 use drover_core::api::ApplyResponse;
-use drover_core::protocol::{AgentEvent, Command, ControllerMessage, Hello, TaskAssignment};
+use drover_core::protocol::{
+    AgentEvent, Command, ControllerMessage, Hello, TaskAssignment, UsageSample,
+};
 use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
 use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
 use drover_store::{Change, StoreError};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -257,6 +259,7 @@ impl Inner {
         }
         tx.put(state, Change::Task(t.clone()));
         if t.state.is_terminal() {
+            state.usage_dirty |= state.usage.remove(&t.id).is_some();
             self.on_task_terminal(state, tx, &t);
         }
     }
@@ -425,12 +428,47 @@ impl Inner {
         Ok(seq)
     }
 
-    pub(crate) async fn on_heartbeat(&self, node_id: &NodeId) {
+    pub(crate) async fn on_heartbeat(&self, node_id: &NodeId, usage: Vec<UsageSample>) {
         let mut state = self.state.lock().await;
+        let state = &mut *state;
         let now = self.now();
         if let Some(e) = state.nodes.get_mut(node_id) {
             e.node.last_seen = now;
         }
+        if usage.is_empty() {
+            return;
+        }
+        for s in usage {
+            // Only samples of running tasks this node owns count; a late sample of a task
+            // that ended or moved would otherwise linger.
+            let owned = state
+                .tasks
+                .get(&s.task_id)
+                .is_some_and(|t| t.node_id.as_ref() == Some(node_id) && !t.state.is_terminal());
+            if owned {
+                state.usage.insert(s.task_id, s.usage);
+                state.usage_dirty = true;
+            }
+        }
+    }
+
+    /// Sets the per-job usage gauges from the latest samples. Called from the liveness
+    /// pass, not per heartbeat, so a large fleet's heartbeats do not each walk every
+    /// running task.
+    fn publish_usage(&self, state: &mut State) {
+        if !state.usage_dirty {
+            return;
+        }
+        state.usage_dirty = false;
+        let mut per_job: HashMap<&str, (f64, u64)> = HashMap::new();
+        for (id, u) in &state.usage {
+            if let Some(t) = state.tasks.get(id) {
+                let e = per_job.entry(t.job_name.as_str()).or_default();
+                e.0 += u.cpu_seconds;
+                e.1 += u.memory_bytes;
+            }
+        }
+        self.metrics.publish_usage(&per_job);
     }
 
     pub(crate) async fn on_command_acks(&self, node_id: &NodeId, seqs: &[u64]) {
@@ -624,6 +662,7 @@ impl Inner {
         }
         self.flush_all(state);
         self.resend_stale(state);
+        self.publish_usage(state);
         let ready = state.ready_nodes();
         self.metrics.nodes_ready.set(ready as i64);
     }

@@ -39,6 +39,11 @@ pub struct State {
     pub next_cmd_seq: u64,
     /// Where the scheduler's rotating window over the nodes starts next.
     pub cursor: usize,
+    /// The latest resource sample of each running task, from its agent's heartbeats.
+    /// Kept in memory only: a sample is stale within seconds anyway.
+    pub usage: HashMap<TaskId, drover_core::state::TaskUsage>,
+    /// Whether `usage` changed since the metrics last showed it.
+    pub usage_dirty: bool,
 }
 
 /// A command waiting for an agent's acknowledgement, serialised once when queued so
@@ -199,6 +204,7 @@ impl State {
                 .as_ref()
                 .and_then(|n| self.nodes.get(n))
                 .map(|n| n.node.info.name.clone()),
+            usage: self.usage.get(&t.id).copied(),
         }
     }
 

@@ -44,6 +44,9 @@ pub struct TaskView {
     pub task: Task,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_name: Option<String>,
+    /// The latest resource sample of a running task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::state::TaskUsage>,
 }
 
 /// A node with what is allocated on it.

@@ -10,7 +10,7 @@
 use crate::Millis;
 use crate::ids::{JobId, NodeId, ProjectId, TaskId};
 use crate::spec::JobSpec;
-use crate::state::{Exit, NodeInfo, PortBinding, TaskState};
+use crate::state::{Exit, NodeInfo, PortBinding, TaskState, TaskUsage};
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -27,10 +27,25 @@ pub const JOIN_TOKEN_HEADER: &str = "x-drover-join-token";
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentMessage {
     Hello(Hello),
-    Heartbeat { at: Millis },
+    Heartbeat {
+        at: Millis,
+        /// The latest resource samples of the node's running tasks.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        usage: Vec<UsageSample>,
+    },
     Event(AgentEvent),
-    CommandAck { seq: u64 },
+    CommandAck {
+        seq: u64,
+    },
     Log(LogChunk),
+}
+
+/// One task's resource use, sent with heartbeats.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageSample {
+    pub task_id: TaskId,
+    #[serde(flatten)]
+    pub usage: TaskUsage,
 }
 
 /// The first message on every connection.

@@ -112,6 +112,15 @@ impl fmt::Display for PortBinding {
     }
 }
 
+/// What a running task uses, as its runtime last sampled it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskUsage {
+    /// CPU time used so far, in seconds.
+    pub cpu_seconds: f64,
+    /// Resident memory, in bytes.
+    pub memory_bytes: u64,
+}
+
 /// One placed instance of a job, as the controller stores it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Task {
@@ -255,6 +264,9 @@ pub struct NodeInfo {
     pub capacity: Resources,
     #[serde(default)]
     pub agent_version: String,
+    /// What the runtimes' fingerprints found, as `RUNTIME.KEY` (e.g. `docker.version`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attributes: BTreeMap<String, String>,
 }
 
 impl NodeInfo {

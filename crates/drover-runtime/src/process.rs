@@ -101,6 +101,12 @@ struct ProcStat {
     state: char,
     /// Clock ticks after boot at which the process started.
     starttime: u64,
+    /// The process group.
+    pgrp: i32,
+    /// User plus system CPU time, in clock ticks.
+    cpu_ticks: u64,
+    /// Resident pages.
+    rss_pages: u64,
 }
 
 impl ProcessRuntime {
@@ -307,6 +313,19 @@ impl Runtime for ProcessRuntime {
             }),
         );
         Ok(Started::default())
+    }
+
+    async fn stats(&self, id: &TaskId) -> Result<crate::TaskStats, RuntimeError> {
+        let entry = self.entry(id)?;
+        if entry.status.borrow().is_some() {
+            return Err(RuntimeError::Other(format!("task {id} has ended")));
+        }
+        // The task leads its own process group, so its pid is the group's id. Scanning
+        // /proc is blocking work, kept off the async threads.
+        let pgid = entry.pid;
+        tokio::task::spawn_blocking(move || group_usage(pgid))
+            .await
+            .map_err(|e| RuntimeError::Other(format!("sampling task {id}: {e}")))
     }
 
     async fn wait(&self, id: &TaskId) -> Result<ExitStatus, RuntimeError> {
@@ -608,11 +627,43 @@ fn read_proc_stat(pid: i32) -> Option<ProcStat> {
 /// contain spaces and parentheses, so the fields are counted from the last `)`.
 fn parse_proc_stat(text: &str) -> Option<ProcStat> {
     let rest = &text[text.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // The state was field 3; field 22 is 18 fields further on.
-    let starttime = fields.nth(18)?.parse().ok()?;
-    Some(ProcStat { state, starttime })
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // f[0] is field 3 (the state), so field n is f[n - 3].
+    let field = |n: usize| f.get(n - 3).copied();
+    let num = |n: usize| field(n).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        state: field(3)?.chars().next()?,
+        pgrp: field(5)?.parse().ok()?,
+        cpu_ticks: num(14)? + num(15)?,
+        starttime: num(22)?,
+        rss_pages: num(24)?,
+    })
+}
+
+/// Sums the CPU time and resident memory of every process in a process group: a task
+/// is its whole group, children included.
+fn group_usage(pgid: i32) -> crate::TaskStats {
+    // SAFETY: sysconf has no preconditions; it only reads system configuration.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as u64;
+    let mut out = crate::TaskStats::default();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if let Some(st) = read_proc_stat(pid)
+            && st.pgrp == pgid
+        {
+            out.cpu_seconds += st.cpu_ticks as f64 / ticks;
+            out.memory_bytes += st.rss_pages * page;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -712,7 +763,10 @@ mod tests {
                 parse_proc_stat(&text),
                 Some(ProcStat {
                     state: 'S',
-                    starttime: 987654
+                    starttime: 987654,
+                    pgrp: 2,
+                    cpu_ticks: 23,
+                    rss_pages: 21,
                 }),
                 "{comm}"
             );
@@ -720,6 +774,35 @@ mod tests {
         assert_eq!(parse_proc_stat("123 (x) S 1 2"), None);
         let me = read_proc_stat(std::process::id() as i32).unwrap();
         assert!(me.starttime > 0);
+    }
+
+    /// A task's usage covers its whole process group: a child that burns CPU and holds
+    /// memory shows up in the sample.
+    #[tokio::test]
+    async fn stats_sum_the_task_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = ProcessRuntime::new(ProcessConfig { shim: None });
+        // The shell forks a child that fills 32 MiB and spins; the sample must see it.
+        let ctx = context(
+            dir.path(),
+            &[
+                "sh",
+                "-c",
+                "python3 -c 'x = bytearray(32 << 20); [0 for _ in iter(int, 1)]' & wait",
+            ],
+        );
+        rt.start(&ctx).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stats = loop {
+            let s = rt.stats(&ctx.task_id).await.unwrap();
+            if (s.memory_bytes > 32 << 20 && s.cpu_seconds > 0.2) || Instant::now() > deadline {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        rt.stop(&ctx.task_id, Duration::ZERO).await.unwrap();
+        assert!(stats.memory_bytes > 32 << 20, "{stats:?}");
+        assert!(stats.cpu_seconds > 0.2, "{stats:?}");
     }
 
     #[tokio::test]

@@ -205,6 +205,7 @@ pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Re
         cfg.limits = l;
     }
     cfg.limits.log_interval = Duration::from_millis(50);
+    cfg.limits.stats_interval = Duration::from_millis(200);
     Ok(Agent::start(cfg).await?)
 }
 
@@ -292,6 +293,20 @@ impl Api {
     pub async fn tasks(&self, job: &str) -> Result<Vec<TaskView>> {
         self.json(reqwest::Method::GET, &format!("/v1/tasks?job={job}"), None)
             .await
+    }
+
+    /// The Prometheus text at `/metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        let resp = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            bail!("GET /metrics: {}", resp.status());
+        }
+        Ok(resp.text().await?)
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeView>> {

@@ -173,7 +173,11 @@ impl FakeAgent {
                 tokio::time::Instant::now() < deadline,
                 "no Forget within {T:?}"
             );
-            self.send(&AgentMessage::Heartbeat { at: 0 }).await;
+            self.send(&AgentMessage::Heartbeat {
+                at: 0,
+                usage: Vec::new(),
+            })
+            .await;
             match tokio::time::timeout(Duration::from_millis(200), self.ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => {
                     if let ControllerMessage::Command {
@@ -205,6 +209,7 @@ impl FakeAgent {
                     memory: drover_core::quantity::ByteSize(1 << 30),
                 },
                 agent_version: "test".into(),
+                attributes: Default::default(),
             },
             known_tasks: vec![],
         })

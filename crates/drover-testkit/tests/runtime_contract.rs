@@ -61,7 +61,8 @@ struct Case {
     name: &'static str,
     /// The spec lines after the runtime's; `/bin/sh` exists in every runtime's world.
     spec: &'static str,
-    /// Stop the job once its logs contain this line.
+    /// Stop the job once its logs contain this line (and, for a running task, its
+    /// resource use is sampled and exported in the runtime-neutral metrics).
     stop_when: Option<&'static str>,
     expect: Expect,
 }
@@ -147,6 +148,20 @@ async fn keeps_the_contract(flavor: Flavor) {
                 &format!("{flavor:?}/{}: {line:?}", case.name),
                 T,
                 async || api.logs(&job).await.is_ok_and(|l| l.contains(line)),
+            )
+            .await
+            .unwrap();
+            wait_for(
+                &format!("{flavor:?}/{}: usage in metrics", case.name),
+                T,
+                async || {
+                    let sampled = api.tasks(&job).await.is_ok_and(|t| {
+                        t.iter()
+                            .any(|t| t.usage.is_some_and(|u| u.memory_bytes > 0))
+                    });
+                    let metric = format!("drover_job_memory_bytes{{job=\"{job}\"}}");
+                    sampled && api.metrics().await.is_ok_and(|m| m.contains(&metric))
+                },
             )
             .await
             .unwrap();
