@@ -554,7 +554,17 @@ async fn docker_is_offered_with_the_engines_version() {
         "{:?}",
         me.node.info
     );
-    // NodeInfo has no attributes map yet, so the engine's version (which the runtime's
-    // fingerprint reads) is not reported to the controller; assert `docker.version`
-    // here once it is.
+    // What the runtime's fingerprint read from the engine, as `RUNTIME.KEY`.
+    let version = me.node.info.attributes.get("docker.version");
+    assert!(
+        version.is_some_and(|v| !v.trim().is_empty()),
+        "no docker.version in {:?}",
+        me.node.info.attributes
+    );
+    let engine = Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .output()
+        .expect("the docker CLI");
+    let engine = String::from_utf8_lossy(&engine.stdout).trim().to_string();
+    assert_eq!(version.map(String::as_str), Some(engine.as_str()));
 }
