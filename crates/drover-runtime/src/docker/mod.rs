@@ -410,8 +410,12 @@ impl Runtime for DockerRuntime {
         reference::pull_reference(image).map_err(RuntimeError::Other)?;
         let docker = self.docker().await.map_err(|e| e.other("preparing"))?;
         let policy = pull_policy_name(ctx.spec.pull);
-        if ctx.spec.pull == PullPolicy::Always {
-            return self.pull(&docker, image, policy).await;
+        match ctx.spec.pull {
+            PullPolicy::Always => return self.pull(&docker, image, policy).await,
+            // Nothing would be pulled either way, and the create in `start` reports a
+            // missing image as clearly, so the lookup is skipped.
+            PullPolicy::Never => return Ok(()),
+            PullPolicy::IfNotPresent => {}
         }
         match self.request(docker.inspect_image(image)).await {
             Ok(_) => Ok(()),
@@ -447,17 +451,6 @@ impl Runtime for DockerRuntime {
             .await
             .map_err(|e| e.start(format!("starting task {id}")))?;
 
-        // A container left from an earlier start of this task (e.g. by an agent that died
-        // half-way) would hold the name and be mistaken for this one.
-        for old in self
-            .find_containers(&docker, id)
-            .await
-            .map_err(|e| e.start("looking for an earlier container of the task"))?
-        {
-            self.remove(&docker, &old)
-                .await
-                .map_err(|e| e.start(format!("removing the earlier container {}", short(&old))))?;
-        }
         // An earlier run's log position would make the copier skip this run's output.
         let position = ctx.dir.join(logs::POSITION_FILE);
         if let Err(e) = std::fs::remove_file(&position)
@@ -470,17 +463,35 @@ impl Runtime for DockerRuntime {
         }
 
         let name = container_name(id);
-        let options = CreateContainerOptionsBuilder::new().name(&name).build();
-        let body = self.container_body(ctx, image);
-        let created = self
-            .request(docker.create_container(Some(options), body))
-            .await
-            .map_err(|e| match e {
-                EngineError::NotFound(m) => RuntimeError::Start(format!(
-                    "image {image} is not present on this node ({m}); prepare pulls it unless the pull policy is never"
-                )),
-                e => e.start(format!("creating container {name} from image {image}")),
-            })?;
+        let create = || {
+            let options = CreateContainerOptionsBuilder::new().name(&name).build();
+            self.request(docker.create_container(Some(options), self.container_body(ctx, image)))
+        };
+        let created = match create().await {
+            // A container left from an earlier start of this task (e.g. by an agent that
+            // died half-way) holds the name: remove it and create again. Looking for one
+            // only on a conflict keeps a list call off every start.
+            Err(EngineError::Conflict(_)) => {
+                for old in self
+                    .find_containers(&docker, id)
+                    .await
+                    .map_err(|e| e.start("looking for an earlier container of the task"))?
+                {
+                    self.remove(&docker, &old).await.map_err(|e| {
+                        e.start(format!("removing the earlier container {}", short(&old)))
+                    })?;
+                }
+                create().await
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            EngineError::NotFound(m) => RuntimeError::Start(format!(
+                "image {image} is not present on this node ({m}) and the job's pull policy is {}; load the image on the node or set pull: if_not_present",
+                pull_policy_name(ctx.spec.pull)
+            )),
+            e => e.start(format!("creating container {name} from image {image}")),
+        })?;
         let container = created.id;
         if let Err(e) = self.request(docker.start_container(&container, None)).await {
             let _ = self.remove(&docker, &container).await;
@@ -492,17 +503,21 @@ impl Runtime for DockerRuntime {
         tracing::debug!(task = %id, container = %short(&container), "started container");
         let entry = self.watch(&docker, ctx, &container, Resume::default());
 
-        let info = match self
-            .request(docker.inspect_container(&container, None))
-            .await
-        {
-            Ok(info) => info,
-            Err(e) => {
-                self.abandon(&docker, id, &entry).await;
-                return Err(e.start(format!("inspecting container {name}")));
+        // Only published ports need reading back; without any, the inspect is skipped.
+        let ports = if ctx.spec.ports.is_empty() {
+            Vec::new()
+        } else {
+            match self
+                .request(docker.inspect_container(&container, None))
+                .await
+            {
+                Ok(info) => published_ports(&info, &ctx.spec.ports),
+                Err(e) => {
+                    self.abandon(&docker, id, &entry).await;
+                    return Err(e.start(format!("inspecting container {name}")));
+                }
             }
         };
-        let ports = published_ports(&info, &ctx.spec.ports);
 
         if let Some(check) = &ctx.spec.health {
             let probe_ip = probe_ip(self.config.publish_ip);
