@@ -304,7 +304,10 @@ async fn docker(n: usize) -> Result<()> {
             .output()?;
         raw.push(ms(t0));
         if !out.status.success() {
-            bail!("docker run failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "docker run failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::process::Command::new("docker")
             .args(["rm", "-f", &name])

@@ -615,9 +615,11 @@ async fn prepare_reports_missing_and_malformed_images_clearly() {
         s.image = Some(missing.clone());
         s.pull = PullPolicy::Never;
     });
-    let err = f.rt.prepare(&ctx).await.unwrap_err().to_string();
+    // With pull: never there is nothing to prepare; the start reports the missing image.
+    f.rt.prepare(&ctx).await.unwrap();
+    let err = f.rt.start(&ctx).await.unwrap_err().to_string();
     assert!(err.contains(&missing), "{err}");
-    assert!(err.contains("never"), "{err}");
+    assert!(err.contains("pull policy is never"), "{err}");
 
     let ctx = f.task("bad-name", &sh("true"), |s| {
         s.image = Some("Not A/Valid:image!".into());
