@@ -5,6 +5,7 @@
 //! directories in its data dir, so a restarted agent is the same node, replays what the
 //! controller has not acknowledged and re-adopts the tasks it left running.
 
+mod dirpool;
 mod link;
 mod logship;
 mod outbox;
@@ -205,9 +206,13 @@ impl Agent {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {
-                            let m = manager.clone();
-                            let _ = tokio::task::spawn_blocking(move || m.collect_garbage()).await;
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                            // Recycled often, so a burst of short tasks soon reuses the
+                            // directories of its own first tasks; idle, this costs nothing.
+                            if manager.has_retired() {
+                                let m = manager.clone();
+                                let _ = tokio::task::spawn_blocking(move || m.collect_garbage()).await;
+                            }
                         }
                     }
                 }

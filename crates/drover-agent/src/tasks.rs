@@ -5,6 +5,7 @@
 //! outbox before it is sent. A task's directory holds `task.json` (its assignment), so
 //! a restarted agent finds its tasks again and asks the runtime to re-adopt them.
 
+use crate::dirpool::DirPool;
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
@@ -21,8 +22,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// How long a finished task's directory stays before it is removed.
-const GC_AFTER: Duration = Duration::from_secs(10);
+/// How many emptied task directories are kept for reuse.
+const POOL_CAP: usize = 4096;
 
 /// Limits the task manager enforces.
 #[derive(Clone, Debug)]
@@ -35,6 +36,9 @@ pub struct TaskLimits {
     pub log_interval: Duration,
     /// How often running tasks' resource use is sampled (sent with heartbeats).
     pub stats_interval: Duration,
+    /// How long a finished task's directory stays before it is recycled, so that
+    /// anything still finishing with it (a log copier's last write, say) is done.
+    pub keep_finished_for: Duration,
 }
 
 impl Default for TaskLimits {
@@ -45,6 +49,7 @@ impl Default for TaskLimits {
             log_max_bytes: 16 << 20,
             log_interval: Duration::from_millis(100),
             stats_interval: Duration::from_secs(10),
+            keep_finished_for: Duration::from_millis(200),
         }
     }
 }
@@ -78,8 +83,9 @@ pub struct TaskManager {
     limits: TaskLimits,
     entries: Mutex<HashMap<TaskId, Entry>>,
     outbox: Mutex<Outbox>,
-    /// Directories of finished tasks waiting to be removed, oldest first.
+    /// Directories of finished tasks waiting to be recycled, oldest first.
     retired: Mutex<std::collections::VecDeque<(std::time::Instant, PathBuf)>>,
+    pool: DirPool,
     pub(crate) link: Link,
     /// Woken whenever an event is written to the outbox.
     pub(crate) events_ready: tokio::sync::Notify,
@@ -100,6 +106,7 @@ impl TaskManager {
         let tasks_dir = data_dir.join("tasks");
         std::fs::create_dir_all(&tasks_dir)?;
         let outbox = Outbox::open(&data_dir)?;
+        let pool = DirPool::open(&tasks_dir, POOL_CAP)?;
         Ok(Arc::new(TaskManager {
             node_id,
             tasks_dir,
@@ -108,6 +115,7 @@ impl TaskManager {
             entries: Mutex::new(HashMap::new()),
             outbox: Mutex::new(outbox),
             retired: Mutex::new(Default::default()),
+            pool,
             link,
             events_ready: tokio::sync::Notify::new(),
             shutdown,
@@ -197,16 +205,24 @@ impl TaskManager {
             .push_back((std::time::Instant::now(), self.tasks_dir.join(id.as_str())));
     }
 
-    /// Removes the directories of tasks that finished more than `GC_AFTER` ago.
-    ///
-    /// Deleting right away, in the middle of a burst of task starts, makes ext4 scan
-    /// past every recently freed inode for each new file: a burst of 2,000 short tasks
-    /// ran five times slower. Deleting in batches, after the burst, avoids that.
+    pub fn has_retired(&self) -> bool {
+        !self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Recycles the directories of tasks that finished more than `keep_finished_for` ago (see
+    /// [`DirPool`] for why they are not simply deleted).
     pub fn collect_garbage(&self) {
         let due: Vec<PathBuf> = {
             let mut q = self.retired.lock().unwrap_or_else(|p| p.into_inner());
             let mut due = Vec::new();
-            while q.front().is_some_and(|(at, _)| at.elapsed() >= GC_AFTER) {
+            while q
+                .front()
+                .is_some_and(|(at, _)| at.elapsed() >= self.limits.keep_finished_for)
+            {
                 if let Some((_, p)) = q.pop_front() {
                     due.push(p);
                 }
@@ -214,7 +230,7 @@ impl TaskManager {
             due
         };
         for p in due {
-            let _ = std::fs::remove_dir_all(p);
+            self.pool.give(&p);
         }
     }
 
@@ -285,13 +301,13 @@ impl TaskManager {
         let file = TaskFile {
             assignment: a.clone(),
         };
+        // One write to a new file, without a temporary file and rename: the file is
+        // written once, before the task starts, and recovery treats an unreadable one
+        // as a start that never happened (which it then was). Each inode operation
+        // saved here is time every short task saves.
         let write = || -> std::io::Result<()> {
-            let tmp = dir.join("task.json.tmp");
-            std::fs::write(
-                &tmp,
-                serde_json::to_vec(&file).map_err(std::io::Error::other)?,
-            )?;
-            std::fs::rename(tmp, dir.join("task.json"))
+            let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+            std::fs::write(dir.join("task.json"), bytes)
         };
         if let Err(e) = write() {
             tracing::error!(task = %a.task_id, "writing task.json: {e}");
@@ -345,7 +361,7 @@ impl TaskManager {
             return;
         }
         let ctx = self.context(&a);
-        if let Err(e) = std::fs::create_dir_all(&ctx.dir) {
+        if let Err(e) = self.pool.take(&ctx.dir) {
             self.register(&a, &ctx);
             self.finish(
                 &a.task_id,
@@ -598,6 +614,10 @@ impl TaskManager {
             return;
         };
         for d in dirs.flatten() {
+            if d.file_name().to_str().is_none_or(|n| n.starts_with('.')) {
+                // The directory pool, or nothing of ours.
+                continue;
+            }
             let path = d.path();
             let file: TaskFile = match std::fs::read(path.join("task.json"))
                 .ok()

@@ -26,6 +26,15 @@ use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+/// A temporary directory for a benchmark's servers and agents: under `DROVER_BENCH_DIR`
+/// when set (e.g. a tmpfs, to take the disk out of the figures), else the system's.
+fn bench_tempdir() -> std::io::Result<tempfile::TempDir> {
+    match std::env::var_os("DROVER_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir),
+        None => tempfile::tempdir(),
+    }
+}
+
 fn drover_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe
@@ -51,7 +60,7 @@ struct Server {
 
 impl Server {
     fn start(subcommand: &str) -> Result<Server> {
-        let home = tempfile::tempdir()?;
+        let home = bench_tempdir()?;
         let data = home.path().join("data");
         let mut cmd = std::process::Command::new(drover_bin()?);
         cmd.arg(subcommand)
@@ -607,7 +616,7 @@ fn histogram_quantiles(text: &str, name: &str) -> (String, String) {
 async fn memory() -> Result<()> {
     let server = Server::start("server")?;
     let join = server.token("join-token")?;
-    let dir = tempfile::tempdir()?;
+    let dir = bench_tempdir()?;
     let mut agent = std::process::Command::new(drover_bin()?)
         .args([
             "agent",
@@ -776,7 +785,7 @@ fn plugin_task(base: &std::path::Path, command: &[&str]) -> Result<TaskContext> 
 
 async fn plugin(n: usize, tasks: usize) -> Result<()> {
     let warmup = (n / 10).max(20);
-    let tmp = tempfile::tempdir()?;
+    let tmp = bench_tempdir()?;
     let echo = Echo::start(tmp.path()).await?;
     let cfg = PluginConfig::new("exec", exec_plugin()?, tmp.path().join("state"));
     let rt = PluginRuntime::new(cfg);

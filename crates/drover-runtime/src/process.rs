@@ -263,8 +263,10 @@ impl Runtime for ProcessRuntime {
         let program = resolve_program(ctx)?;
         let status_file = ctx.dir.join(STATUS_FILE);
         // A status left by an earlier run in this directory would be taken for this one's.
-        remove_if_exists(&status_file).map_err(|e| {
-            RuntimeError::Start(format!("cannot remove {}: {e}", status_file.display()))
+        // Emptied rather than removed, so the shim reuses the file's inode (an empty
+        // status reads as none).
+        empty_if_exists(&status_file).map_err(|e| {
+            RuntimeError::Start(format!("cannot empty {}: {e}", status_file.display()))
         })?;
 
         let mut cmd = tokio::process::Command::from(self.command(ctx, &program)?);
@@ -581,10 +583,12 @@ fn open_log(path: &Path) -> Result<std::fs::File, RuntimeError> {
         .map_err(|e| RuntimeError::Start(format!("cannot open log file {}: {e}", path.display())))
 }
 
-fn remove_if_exists(path: &Path) -> io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+fn empty_if_exists(path: &Path) -> io::Result<()> {
+    match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(f) if f.metadata()?.len() > 0 => f.set_len(0),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -592,7 +596,7 @@ fn remove_if_exists(path: &Path) -> io::Result<()> {
 /// unavailable, and such a task is then never adopted.
 fn write_pid_file(dir: &Path, pid: i32, starttime: Option<u64>) -> io::Result<()> {
     let starttime = starttime.map_or_else(|| "-".to_string(), |t| t.to_string());
-    shim::write_atomically(
+    shim::write_record_file(
         &dir.join(PID_FILE),
         format!("{pid} {starttime}\n").as_bytes(),
     )

@@ -382,6 +382,8 @@ async fn output_past_the_log_size_cap_is_rotated_on_the_node_and_kept_whole_on_t
     let mut opts = AgentOptions::named("n1");
     opts.limits = Some(drover_agent::TaskLimits {
         log_max_bytes: 4096,
+        // The node's copy of the logs is inspected after the task ends.
+        keep_finished_for: Duration::from_secs(60),
         ..Default::default()
     });
     let _a = c.agent(opts).await.unwrap();
