@@ -44,6 +44,8 @@ pub struct State {
     pub usage: HashMap<TaskId, drover_core::state::TaskUsage>,
     /// Whether `usage` changed since the metrics last showed it.
     pub usage_dirty: bool,
+    /// How many tasks of each job have succeeded.
+    pub succeeded: HashMap<JobId, u32>,
 }
 
 /// A command waiting for an agent's acknowledgement, serialised once when queued so
@@ -106,6 +108,16 @@ impl State {
             },
             Change::Task(t) => {
                 let old = self.tasks.get(&t.id).cloned();
+                // At most one task per index of a batch job can succeed (a replacement
+                // exists only after a failure or loss, which is final), so this counts
+                // the job's succeeded indexes.
+                let newly_succeeded = t.state == TaskState::Succeeded
+                    && old.as_ref().is_none_or(|o| {
+                        o.state != TaskState::Succeeded && o.state.can_move_to(t.state)
+                    });
+                if newly_succeeded {
+                    *self.succeeded.entry(t.job_id.clone()).or_default() += 1;
+                }
                 if let Some(old) = &old {
                     // The same forward-only rule the store enforces; a change the store
                     // skipped must be skipped here too.

@@ -646,6 +646,22 @@ impl JobSpec {
                 return Err(format!("ports[{i}]: port {p} is listed twice"));
             }
         }
+        // The process runtime publishes no ports and runs no probes; accepting either
+        // would let a user believe a check guards the task when none does.
+        if matches!(self.runtime, RuntimeKind::Process | RuntimeKind::Mock) {
+            if !self.ports.is_empty() {
+                return Err(format!(
+                    "ports: runtime {} does not publish ports (a process binds the node's ports directly); use runtime: docker",
+                    self.runtime
+                ));
+            }
+            if self.health.is_some() {
+                return Err(format!(
+                    "health: runtime {} does not run health checks; use runtime: docker or a plugin that does",
+                    self.runtime
+                ));
+            }
+        }
         if let Some(h) = &self.health {
             h.validate()?;
             if self.kind != JobKind::Service {
