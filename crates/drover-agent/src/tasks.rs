@@ -287,6 +287,7 @@ impl TaskManager {
         TaskContext {
             task_id: a.task_id.clone(),
             job_name: a.job_name.clone(),
+            job_id: a.job_id.clone(),
             index: a.index,
             spec: a.spec.clone(),
             stdout_path: log_path(&dir, LogStream::Stdout),

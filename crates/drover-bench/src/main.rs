@@ -774,6 +774,7 @@ fn plugin_task(base: &std::path::Path, command: &[&str]) -> Result<TaskContext> 
     Ok(TaskContext {
         task_id,
         job_name: "bench".into(),
+        job_id: drover_core::JobId::from("job-bench"),
         index: 0,
         spec,
         stdout_path: dir.join("stdout.log"),

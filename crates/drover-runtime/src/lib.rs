@@ -11,9 +11,9 @@ pub mod process;
 pub mod shim;
 
 use async_trait::async_trait;
-use drover_core::TaskId;
 use drover_core::spec::{JobSpec, RuntimeKind};
 use drover_core::state::PortBinding;
+use drover_core::{JobId, TaskId};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +23,7 @@ use std::time::Duration;
 #[derive(Clone, Debug)]
 pub struct TaskContext {
     pub task_id: TaskId,
+    pub job_id: JobId,
     pub job_name: String,
     pub index: u32,
     pub spec: JobSpec,

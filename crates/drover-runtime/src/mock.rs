@@ -224,6 +224,7 @@ mod tests {
         TaskContext {
             task_id: TaskId::generate(),
             job_name: "m".into(),
+            job_id: drover_core::JobId::from("job-m"),
             index: 0,
             spec,
             dir: "/nonexistent".into(),

@@ -688,6 +688,7 @@ mod tests {
         TaskContext {
             task_id: TaskId::generate(),
             job_name: "t".into(),
+            job_id: drover_core::JobId::from("job-t"),
             index: 0,
             spec: spec(command),
             dir: dir.to_path_buf(),

@@ -63,6 +63,7 @@ impl Fixture {
         TaskContext {
             task_id,
             job_name,
+            job_id: drover_core::JobId::generate(),
             index: 0,
             stdout_path: dir.join("stdout"),
             stderr_path: dir.join("stderr"),
@@ -165,11 +166,15 @@ async fn a_batch_container_succeeds_with_its_output_and_only_the_task_environmen
     let labels = docker_inspect(
         &format!("drover-{}", ctx.task_id),
         "{{index .Config.Labels \"drover.task\"}} {{index .Config.Labels \"drover.job\"}} \
-         {{index .Config.Labels \"drover.node\"}} {{index .Config.Labels \"drover.managed\"}}",
+         {{index .Config.Labels \"drover.job-id\"}} {{index .Config.Labels \"drover.node\"}} \
+         {{index .Config.Labels \"drover.managed\"}}",
     );
     assert_eq!(
         labels,
-        format!("{} {} {} true", ctx.task_id, ctx.job_name, f.node)
+        format!(
+            "{} {} {} {} true",
+            ctx.task_id, ctx.job_name, ctx.job_id, f.node
+        )
     );
 
     assert_eq!(wait(&f.rt, &ctx.task_id).await, ExitStatus::Exited(0));
@@ -674,6 +679,7 @@ async fn an_engine_that_is_down_or_hung_is_reported_not_waited_for() {
     let ctx = TaskContext {
         task_id: TaskId::generate(),
         job_name: "down".into(),
+        job_id: drover_core::JobId::generate(),
         index: 0,
         spec,
         dir: dir.path().to_path_buf(),

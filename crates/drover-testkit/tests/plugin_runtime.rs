@@ -98,6 +98,7 @@ fn context(base: &Path, command: &[&str], declared: &[(&str, &str)]) -> TaskCont
     TaskContext {
         task_id,
         job_name: "job".into(),
+        job_id: drover_core::JobId::from("job-1"),
         index: 0,
         spec,
         stdout_path: dir.join("stdout.log"),

@@ -47,6 +47,8 @@ use tokio::task::AbortHandle;
 pub const LABEL_TASK: &str = "drover.task";
 /// The label holding the job name of a container.
 pub const LABEL_JOB: &str = "drover.job";
+/// The label holding the job id of a container.
+pub const LABEL_JOB_ID: &str = "drover.job-id";
 /// The label holding the id of the node whose agent started a container.
 pub const LABEL_NODE: &str = "drover.node";
 /// The label marking a container as Drover's (`true`).
@@ -767,6 +769,7 @@ impl DockerRuntime {
         let labels = HashMap::from([
             (LABEL_TASK.to_string(), ctx.task_id.to_string()),
             (LABEL_JOB.to_string(), ctx.job_name.clone()),
+            (LABEL_JOB_ID.to_string(), ctx.job_id.to_string()),
             (LABEL_NODE.to_string(), self.config.node_id.to_string()),
             (LABEL_MANAGED.to_string(), "true".to_string()),
         ]);
