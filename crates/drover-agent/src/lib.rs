@@ -9,6 +9,7 @@ mod dirpool;
 mod link;
 mod logship;
 mod outbox;
+pub mod platform;
 mod tasks;
 
 pub use tasks::TaskLimits;
@@ -96,17 +97,6 @@ pub fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
-}
-
-/// The normalised platform of this machine, `os/arch` in containerd's spelling.
-pub fn platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
-    };
-    format!("{}/{}", std::env::consts::OS, arch)
 }
 
 /// The machine's cores and memory.
@@ -235,14 +225,18 @@ impl Agent {
         }
         let mut kinds: Vec<RuntimeKind> = runtimes.keys().cloned().collect();
         kinds.sort();
+        let machine = platform::detect();
         let info = NodeInfo {
             name: cfg.name.clone(),
-            platform: platform(),
+            platform: machine.platform,
             labels: cfg.labels.clone(),
             runtimes: kinds,
             capacity: cfg.capacity.unwrap_or_else(detect_capacity),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             attributes,
+            libc: Some(machine.libc),
+            uname: machine.uname.map(Box::new),
+            agent_arch: machine.agent_arch,
         };
         let conn = Connection {
             url,

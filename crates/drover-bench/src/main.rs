@@ -443,6 +443,9 @@ async fn mock_node(
             },
             agent_version: "bench".into(),
             attributes: Default::default(),
+            libc: None,
+            uname: None,
+            agent_arch: String::new(),
         },
         known_tasks: vec![],
     });

@@ -112,7 +112,7 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
         return json(&nodes);
     }
     let mut t = table(&[
-        "ID", "NAME", "STATUS", "PLATFORM", "RUNTIMES", "CPU", "MEMORY", "TASKS", "LABELS",
+        "ID", "NAME", "STATUS", "PLATFORM", "LIBC", "RUNTIMES", "CPU", "MEMORY", "TASKS", "LABELS",
     ]);
     for n in nodes {
         let info = &n.node.info;
@@ -135,6 +135,10 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
             info.name.clone(),
             n.node.status.to_string(),
             info.platform.clone(),
+            // Agents that predate libc reporting leave it out.
+            info.libc
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |l| l.to_string()),
             runtimes.join(","),
             format!("{:.1}/{:.1}", n.allocated.cpu, info.capacity.cpu),
             format!("{}/{}", n.allocated.memory, info.capacity.memory),

@@ -7,8 +7,9 @@
 
 use crate::state::{NodeEntry, State};
 use crate::{Inner, Tx};
-use drover_core::spec::{ConstraintKey, JobSpec};
-use drover_core::state::{NodeStatus, Task};
+use drover_core::platform::Platform;
+use drover_core::spec::{Constraint, ConstraintKey, ConstraintOp, JobSpec};
+use drover_core::state::{NodeInfo, NodeStatus, Task};
 use drover_core::{JobId, NodeId, TaskId, TaskState};
 use drover_store::Change;
 use std::collections::HashMap;
@@ -50,6 +51,34 @@ fn attribute<'a>(node: &'a NodeEntry, key: &ConstraintKey) -> Option<&'a str> {
     }
 }
 
+/// Whether a node satisfies a constraint. A `platform` constraint asks whether the node
+/// can run that platform, so `linux/amd64` matches every amd64 Linux node whatever its
+/// level, and `linux/amd64/v2` a node at v2 or above; other keys compare text.
+fn holds(node: &NodeEntry, c: &Constraint) -> bool {
+    if c.key != ConstraintKey::Platform {
+        return c.matches(attribute(node, &c.key));
+    }
+    let info = &node.node.info;
+    let runs = |want: &str| node_runs(info, want);
+    match c.op {
+        ConstraintOp::Eq => c.value.as_deref().is_some_and(runs),
+        ConstraintOp::Ne => !c.value.as_deref().is_some_and(runs),
+        ConstraintOp::In => c.values.iter().any(|v| runs(v)),
+        ConstraintOp::NotIn => !c.values.iter().any(|v| runs(v)),
+        ConstraintOp::Exists => true,
+    }
+}
+
+fn node_runs(info: &NodeInfo, want: &str) -> bool {
+    if info.platform == want || info.os_arch() == want {
+        return true;
+    }
+    match (info.parsed_platform(), want.parse::<Platform>()) {
+        (Some(node), Ok(want)) => node.fallbacks().contains(&want),
+        _ => false,
+    }
+}
+
 /// Why a node cannot take a task, for the pending reason.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Misfit {
@@ -62,11 +91,7 @@ fn fits(node: &NodeEntry, spec: &JobSpec) -> Result<(), Misfit> {
     if !node.node.info.runtimes.contains(&spec.runtime) {
         return Err(Misfit::Runtime);
     }
-    if !spec
-        .constraints
-        .iter()
-        .all(|c| c.matches(attribute(node, &c.key)))
-    {
+    if !spec.constraints.iter().all(|c| holds(node, c)) {
         return Err(Misfit::Constraint);
     }
     let cap = node.node.info.capacity;

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod ids;
+pub mod platform;
 pub mod protocol;
 pub mod quantity;
 pub mod spec;

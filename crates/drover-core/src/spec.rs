@@ -196,6 +196,19 @@ impl Constraint {
     }
 
     fn validate(&self, at: &str) -> Result<(), String> {
+        if self.key == ConstraintKey::Platform {
+            let values = self.value.iter().chain(self.values.iter());
+            for (i, v) in values.enumerate() {
+                if let Err(e) = v.parse::<crate::platform::Platform>() {
+                    let field = if self.value.is_some() && i == 0 {
+                        "value".to_string()
+                    } else {
+                        format!("values[{}]", i - usize::from(self.value.is_some()))
+                    };
+                    return Err(format!("{at}.{field}: {e}"));
+                }
+            }
+        }
         match self.op {
             ConstraintOp::Eq | ConstraintOp::Ne if self.value.is_none() => {
                 Err(format!("{at}.value: required for op == and !="))
@@ -747,6 +760,10 @@ stop_grace: 2s
             (
                 "name: a\ncommand: [x]\nconstraints: [{ key: colour, value: x }]\n",
                 "unknown constraint key",
+            ),
+            (
+                "name: a\ncommand: [x]\nconstraints: [{ key: platform, value: linux/sparc }]\n",
+                "constraints[0].value",
             ),
             ("name: [a\n", ""),
             ("name: a\nruntime: docker\n", "image: required"),

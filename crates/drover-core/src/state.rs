@@ -6,6 +6,7 @@
 
 use crate::Millis;
 use crate::ids::{JobId, NodeId, ProjectId, TaskId};
+use crate::platform::{Libc, Platform, Uname};
 use crate::spec::{JobSpec, Resources, RuntimeKind};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -255,7 +256,8 @@ impl fmt::Display for NodeStatus {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub name: String,
-    /// `os/arch`, normalised (`linux/amd64`).
+    /// `os/arch[/variant]`, normalised (`linux/amd64/v3`, `linux/arm64/v8.2`); see
+    /// [`crate::platform::Platform`].
     pub platform: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
@@ -267,6 +269,17 @@ pub struct NodeInfo {
     /// What the runtimes' fingerprints found, as `RUNTIME.KEY` (e.g. `docker.version`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
+    /// The machine's C library; absent from agents that predate its reporting.
+    #[serde(default)]
+    pub libc: Option<Libc>,
+    /// The raw `uname` values the platform was derived from. Boxed because they are
+    /// rarely read and would otherwise make every agent `Hello` message much larger.
+    #[serde(default)]
+    pub uname: Option<Box<Uname>>,
+    /// The architecture the agent binary itself was built for (`amd64`), which can differ
+    /// from the machine's (a 32-bit agent on a 64-bit kernel, or under emulation).
+    #[serde(default)]
+    pub agent_arch: String,
 }
 
 impl NodeInfo {
@@ -274,8 +287,28 @@ impl NodeInfo {
         self.platform.split('/').next().unwrap_or("")
     }
 
+    /// The architecture alone, without the variant (`amd64` for `linux/amd64/v3`).
     pub fn arch(&self) -> &str {
         self.platform.split('/').nth(1).unwrap_or("")
+    }
+
+    /// The variant, if the node reported one (`v3` for `linux/amd64/v3`).
+    pub fn variant(&self) -> Option<&str> {
+        self.platform.split('/').nth(2)
+    }
+
+    /// The platform without its variant (`linux/amd64` for `linux/amd64/v3`).
+    pub fn os_arch(&self) -> &str {
+        match self.platform.match_indices('/').nth(1) {
+            Some((i, _)) => &self.platform[..i],
+            None => &self.platform,
+        }
+    }
+
+    /// The platform parsed, for matching binaries; `None` if the node sent one this
+    /// controller does not know.
+    pub fn parsed_platform(&self) -> Option<Platform> {
+        self.platform.parse().ok()
     }
 }
 
@@ -345,5 +378,34 @@ mod tests {
         assert!(!t.advance(TaskState::Running, "", None, 9));
         assert!(!t.advance(TaskState::Succeeded, "late", None, 9));
         assert_eq!(t, before);
+    }
+
+    #[test]
+    fn node_platform_helpers_split_os_arch_and_variant() {
+        let json = serde_json::json!({
+            "name": "n1",
+            "platform": "linux/amd64/v3",
+            "runtimes": ["process"],
+            "capacity": {"cpu": 1.0, "memory": "1Gi"},
+        });
+        // A registration from an agent that reports no libc, uname or agent arch.
+        let mut info: NodeInfo = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            (info.os(), info.arch(), info.variant()),
+            ("linux", "amd64", Some("v3"))
+        );
+        assert_eq!(info.os_arch(), "linux/amd64");
+        assert_eq!(
+            info.parsed_platform().unwrap().to_string(),
+            "linux/amd64/v3"
+        );
+        assert_eq!((info.libc.clone(), info.uname.clone()), (None, None));
+        assert_eq!(info.agent_arch, "");
+        info.platform = "linux/arm64".into();
+        assert_eq!(
+            (info.os(), info.arch(), info.variant()),
+            ("linux", "arm64", None)
+        );
+        assert_eq!(info.os_arch(), "linux/arm64");
     }
 }

@@ -210,6 +210,9 @@ impl FakeAgent {
                 },
                 agent_version: "test".into(),
                 attributes: Default::default(),
+                libc: None,
+                uname: None,
+                agent_arch: String::new(),
             },
             known_tasks: vec![],
         })
