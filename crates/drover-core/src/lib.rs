@@ -6,6 +6,7 @@
 //! without starting anything.
 
 pub mod api;
+pub mod artifact;
 pub mod ids;
 pub mod platform;
 pub mod protocol;

@@ -414,6 +414,10 @@ pub struct JobSpec {
     pub pull: PullPolicy,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthCheck>,
+    /// An artifact (`NAME:VERSION`) whose variant for the node is placed, executable, in
+    /// the task's directory under the artifact's name; with no `command`, it is run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<crate::artifact::ArtifactRef>,
 }
 
 impl JobSpec {
@@ -436,6 +440,7 @@ impl JobSpec {
             ports: Vec::new(),
             pull: PullPolicy::default(),
             health: None,
+            artifact: None,
         }
     }
 }
@@ -594,6 +599,7 @@ impl JobSpec {
                 );
             }
             RuntimeKind::Docker => {}
+            RuntimeKind::Process if self.artifact.is_some() => {}
             _ if self.command.is_empty() => {
                 return Err(format!(
                     "command: required for runtime {}; give the program and its arguments as a list, e.g. [\"sh\", \"-c\", \"echo hi\"]",
@@ -636,6 +642,9 @@ impl JobSpec {
                 "restart.backoff: expected a factor of at least 1.0, got {}",
                 self.restart.backoff
             ));
+        }
+        if self.artifact.is_some() && matches!(self.runtime, RuntimeKind::Docker) {
+            return Err("artifact: not used by runtime docker; ship code in the image".into());
         }
         if self.mock.is_some() && self.runtime != RuntimeKind::Mock {
             return Err("mock: only allowed with runtime: mock".into());
