@@ -713,5 +713,6 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
         index: t.index,
         attempt: t.attempt,
         spec: job.spec.clone(),
+        artifact: None,
     })))
 }

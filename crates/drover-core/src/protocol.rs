@@ -154,6 +154,16 @@ pub struct TaskAssignment {
     pub index: u32,
     pub attempt: u32,
     pub spec: JobSpec,
+    /// The build of the job's artifact chosen for this node, when the job has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<AssignedArtifact>,
+}
+
+/// The variant of an artifact the scheduler chose for a task's node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignedArtifact {
+    pub reference: crate::artifact::ArtifactRef,
+    pub variant: crate::artifact::Variant,
 }
 
 mod b64 {
