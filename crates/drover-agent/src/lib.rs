@@ -5,6 +5,7 @@
 //! directories in its data dir, so a restarted agent is the same node, replays what the
 //! controller has not acknowledged and re-adopts the tasks it left running.
 
+pub mod artifacts;
 mod dirpool;
 mod link;
 mod logship;
@@ -49,6 +50,9 @@ pub struct AgentConfig {
     pub limits: TaskLimits,
     /// The longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Cached artifact blobs not used by a running task are evicted, least recently used
+    /// first, past this many bytes.
+    pub artifact_cache_bytes: u64,
 }
 
 impl AgentConfig {
@@ -68,6 +72,7 @@ impl AgentConfig {
             runtimes,
             limits: TaskLimits::default(),
             max_backoff: Duration::from_secs(10),
+            artifact_cache_bytes: 10 << 30,
         }
     }
 }
@@ -178,6 +183,24 @@ impl Agent {
         }
         let shutdown = CancellationToken::new();
         let link = link::Link::default();
+        let machine = platform::detect();
+        let cache = artifacts::ArtifactCache::open(artifacts::CacheConfig {
+            dir: cfg.data_dir.join("artifacts"),
+            limit_bytes: cfg.artifact_cache_bytes,
+            server: cfg.server.trim_end_matches('/').to_string(),
+            token: cfg.join_token.clone(),
+            timeout: Duration::from_secs(30),
+        })
+        .map_err(dd)?;
+        let node_platform =
+            machine
+                .platform
+                .parse()
+                .ok()
+                .map(|platform| drover_core::platform::NodePlatform {
+                    platform,
+                    libc: machine.libc.clone(),
+                });
         let manager = TaskManager::new(
             node_id.clone(),
             cfg.data_dir.clone(),
@@ -185,6 +208,10 @@ impl Agent {
             cfg.limits.clone(),
             link,
             shutdown.clone(),
+            tasks::ArtifactSupport {
+                cache,
+                node: node_platform,
+            },
         )
         .map_err(dd)?;
         manager.recover().await;
@@ -225,7 +252,6 @@ impl Agent {
         }
         let mut kinds: Vec<RuntimeKind> = runtimes.keys().cloned().collect();
         kinds.sort();
-        let machine = platform::detect();
         let info = NodeInfo {
             name: cfg.name.clone(),
             platform: machine.platform,

@@ -5,11 +5,15 @@
 //! outbox before it is sent. A task's directory holds `task.json` (its assignment), so
 //! a restarted agent finds its tasks again and asks the runtime to re-adopt them.
 
+use crate::artifacts::{ArtifactCache, Lease};
 use crate::dirpool::DirPool;
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
-use drover_core::protocol::{AgentEvent, Command, LogStream, TaskAssignment, UsageSample};
+use drover_core::platform::{BinaryPlatform, NodePlatform, detect_executable, runs_on};
+use drover_core::protocol::{
+    AgentEvent, AssignedArtifact, Command, LogStream, TaskAssignment, UsageSample,
+};
 use drover_core::spec::RuntimeKind;
 use drover_core::state::{Exit, TaskUsage};
 use drover_core::{NodeId, TaskId, TaskState, now_millis};
@@ -92,6 +96,15 @@ pub struct TaskManager {
     shutdown: CancellationToken,
     /// The latest resource sample of each running task.
     usage: Mutex<HashMap<TaskId, TaskUsage>>,
+    artifacts: ArtifactSupport,
+}
+
+/// What the task manager needs to give tasks their artifacts.
+pub struct ArtifactSupport {
+    pub cache: Arc<ArtifactCache>,
+    /// This node's platform, to check a file before it is run; `None` when the machine
+    /// is one Drover does not know, and then no check is made.
+    pub node: Option<NodePlatform>,
 }
 
 impl TaskManager {
@@ -102,6 +115,7 @@ impl TaskManager {
         limits: TaskLimits,
         link: Link,
         shutdown: CancellationToken,
+        artifacts: ArtifactSupport,
     ) -> std::io::Result<Arc<TaskManager>> {
         let tasks_dir = data_dir.join("tasks");
         std::fs::create_dir_all(&tasks_dir)?;
@@ -120,6 +134,7 @@ impl TaskManager {
             events_ready: tokio::sync::Notify::new(),
             shutdown,
             usage: Mutex::new(HashMap::new()),
+            artifacts,
         }))
     }
 
@@ -284,12 +299,21 @@ impl TaskManager {
         env.insert("DROVER_NODE_ID".into(), self.node_id.to_string());
         env.insert("DROVER_PROJECT".into(), a.project.to_string());
         env.insert("DROVER_TASK_DIR".into(), dir.display().to_string());
+        let mut spec = a.spec.clone();
+        if let Some(art) = &a.artifact {
+            let path = dir.join(&art.reference.name);
+            env.insert("DROVER_ARTIFACT".into(), path.display().to_string());
+            // With no command, the job runs its artifact.
+            if spec.command.is_empty() {
+                spec.command = vec![path.display().to_string()];
+            }
+        }
         TaskContext {
             task_id: a.task_id.clone(),
             job_name: a.job_name.clone(),
             job_id: a.job_id.clone(),
             index: a.index,
-            spec: a.spec.clone(),
+            spec,
             stdout_path: log_path(&dir, LogStream::Stdout),
             stderr_path: log_path(&dir, LogStream::Stderr),
             dir,
@@ -452,15 +476,28 @@ impl TaskManager {
             self.finish(&id, TaskState::Failed, &reason, None);
             return;
         };
+        let _lease: Option<Lease>;
         if !adopted {
             self.emit(&id, TaskState::Preparing, "", None);
             if self.stopped_before_start(&id, &stop_rx) {
                 return;
             }
-            match tokio::time::timeout(self.limits.prepare_timeout, rt.prepare(&ctx)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    return self.finish(&id, TaskState::Failed, &format!("prepare: {e}"), None);
+            // The artifact is fetched, checked and installed as part of preparing, under
+            // the same deadline; its lease keeps the cached blob until the task ends.
+            let prepare = async {
+                let lease = match &a.artifact {
+                    Some(art) => Some(self.install_artifact(art, &ctx).await?),
+                    None => None,
+                };
+                rt.prepare(&ctx)
+                    .await
+                    .map_err(|e| format!("prepare: {e}"))?;
+                Ok::<_, String>(lease)
+            };
+            _lease = match tokio::time::timeout(self.limits.prepare_timeout, prepare).await {
+                Ok(Ok(lease)) => lease,
+                Ok(Err(reason)) => {
+                    return self.finish(&id, TaskState::Failed, &reason, None);
                 }
                 Err(_) => {
                     let reason = format!(
@@ -469,7 +506,7 @@ impl TaskManager {
                     );
                     return self.finish(&id, TaskState::Failed, &reason, None);
                 }
-            }
+            };
             self.emit(&id, TaskState::Starting, "", None);
             if self.stopped_before_start(&id, &stop_rx) {
                 return;
@@ -684,6 +721,51 @@ impl TaskManager {
 }
 
 impl TaskManager {
+    /// Fetches the task's artifact variant into the cache (or finds it there), checks
+    /// that this node can run it, and installs it in the task's directory under the
+    /// artifact's name. The error is the task's failure reason.
+    async fn install_artifact(
+        &self,
+        art: &AssignedArtifact,
+        ctx: &TaskContext,
+    ) -> Result<Lease, String> {
+        let r = &art.reference;
+        let lease = self
+            .artifacts
+            .cache
+            .get(&art.variant.digest, art.variant.size)
+            .await
+            .map_err(|e| format!("artifact {r}: {e}"))?;
+        if let (Some(node), BinaryPlatform::Native { .. }) =
+            (&self.artifacts.node, &art.variant.platform)
+        {
+            // Checked here so a wrong build fails with a reason, not "exec format error".
+            let head = read_head(lease.path()).map_err(|e| format!("artifact {r}: {e}"))?;
+            match detect_executable(&head) {
+                Ok(exe) if exe.platforms.iter().any(|p| runs_on(p, node).is_some()) => {}
+                Ok(exe) => {
+                    let built: Vec<String> = exe.platforms.iter().map(|p| p.to_string()).collect();
+                    return Err(format!(
+                        "artifact {r}: the file is built for {}, which this node ({}+{}) cannot run",
+                        built.join(", "),
+                        node.platform,
+                        node.libc.kind
+                    ));
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "artifact {r}: declared {} but the file is not an executable this node can run: {e}",
+                        art.variant.platform
+                    ));
+                }
+            }
+        }
+        let dest = ctx.dir.join(&r.name);
+        crate::artifacts::install(&lease, &dest)
+            .map_err(|e| format!("artifact {r}: installing {}: {e}", dest.display()))?;
+        Ok(lease)
+    }
+
     /// Samples every running task's resource use through its runtime. Each call is
     /// bounded, and a runtime that cannot tell is skipped.
     pub async fn sample_usage(&self) {
@@ -764,6 +846,16 @@ const STATS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a runtime call made while cleaning up orphans may take, so a stuck
 /// engine cannot hold up the agent's start.
 const ORPHAN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The first 64 KiB of a file: enough for every executable header format.
+fn read_head(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let mut head = Vec::with_capacity(64 << 10);
+    std::fs::File::open(path)?
+        .take(64 << 10)
+        .read_to_end(&mut head)?;
+    Ok(head)
+}
 
 fn exit_of(st: &ExitStatus) -> Option<Exit> {
     match st {

@@ -3,8 +3,18 @@
 use anyhow::{Context, Result, anyhow, bail};
 use drover_core::JobSpec;
 use drover_core::api::{ApplyResponse, ErrorBody, JobView, NodeView, StreamEvent, TaskView};
-use futures_util::StreamExt;
+use drover_core::artifact::{Artifact, ArtifactRef, Digest, NewArtifact};
+use futures_util::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
+use std::path::Path;
+use std::time::Duration;
+
+/// What `HEAD /v1/blobs/{digest}` says.
+pub struct BlobCheck {
+    pub exists: bool,
+    /// The controller's limit on one blob, when it says.
+    pub max_size: Option<u64>,
+}
 
 #[derive(Clone)]
 pub struct Client {
@@ -96,6 +106,11 @@ impl Client {
         self.call(req, &format!("POST {path}")).await
     }
 
+    async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let req = self.http.delete(format!("{}{path}", self.base));
+        self.call(req, &format!("DELETE {path}")).await
+    }
+
     pub async fn apply(&self, spec: &JobSpec) -> Result<ApplyResponse> {
         self.post("/v1/jobs", serde_json::to_vec(spec)?).await
     }
@@ -126,6 +141,97 @@ impl Client {
 
     pub async fn nodes(&self) -> Result<Vec<NodeView>> {
         self.get("/v1/nodes").await
+    }
+
+    pub async fn artifacts(&self) -> Result<Vec<Artifact>> {
+        self.get("/v1/artifacts").await
+    }
+
+    pub async fn artifact(&self, r: &ArtifactRef) -> Result<Artifact> {
+        self.get(&artifact_path(r)).await
+    }
+
+    pub async fn delete_artifact(&self, r: &ArtifactRef) -> Result<Artifact> {
+        self.delete(&artifact_path(r)).await
+    }
+
+    pub async fn create_artifact(&self, new: &NewArtifact) -> Result<Artifact> {
+        self.post("/v1/artifacts", serde_json::to_vec(new)?).await
+    }
+
+    /// Whether the controller already has the blob, so its upload can be skipped, and
+    /// the largest blob it accepts.
+    pub async fn blob_check(&self, digest: &Digest) -> Result<BlobCheck> {
+        let resp = self
+            .http
+            .head(format!("{}/v1/blobs/{digest}", self.base))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| self.connect_error(e))?;
+        let max_size = resp
+            .headers()
+            .get(drover_controller::MAX_BLOB_SIZE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        match resp.status().as_u16() {
+            200 => Ok(BlobCheck {
+                exists: true,
+                max_size,
+            }),
+            404 => Ok(BlobCheck {
+                exists: false,
+                max_size,
+            }),
+            // A HEAD answer has no body to explain itself, so the status has to.
+            status => Err(ApiError {
+                status,
+                code: "http".into(),
+                message: match status {
+                    401 => "the server refused the token (HTTP 401)".into(),
+                    403 => "this token may not read blobs (HTTP 403)".into(),
+                    _ => format!("checking blob {digest}: HTTP {status}"),
+                },
+            }
+            .into()),
+        }
+    }
+
+    /// Streams a file to the blob store as `digest`; `on_chunk` is told how many bytes
+    /// each piece had, for a progress bar. The server checks the digest and keeps
+    /// nothing if the bytes do not match it.
+    pub async fn upload_blob(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        size: u64,
+        on_chunk: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<()> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("opening {}", path.display()))?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10)
+            .inspect_ok(move |chunk| on_chunk(chunk.len() as u64));
+        // Generous enough for a slow link (a minute plus 256 KiB/s), yet finite.
+        let timeout = Duration::from_secs(60 + size / (256 << 10));
+        let resp = self
+            .http
+            .put(format!("{}/v1/blobs/{digest}", self.base))
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_LENGTH, size)
+            .timeout(timeout)
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .map_err(|e| {
+                // The server was reachable a moment ago (the blob was checked first), so
+                // this is the upload itself failing: say so, with the cause.
+                anyhow::Error::new(e).context(format!("uploading {}", path.display()))
+            })?;
+        self.check(resp).await?;
+        Ok(())
     }
 
     /// Streams a job's or task's log and state events to `on_event` until the stream
@@ -165,6 +271,10 @@ impl Client {
         }
         Ok(())
     }
+}
+
+fn artifact_path(r: &ArtifactRef) -> String {
+    format!("/v1/artifacts/{}/{}", enc(&r.name), enc(&r.version))
 }
 
 fn enc(s: &str) -> String {

@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use client::Client;
 use drover_core::api::StreamEvent;
+use drover_core::artifact::{ArtifactRef, Digest, NewArtifact, Variant};
+use drover_core::platform::BinaryPlatform;
 use drover_core::protocol::LogStream;
 use drover_core::quantity::ByteSize;
 use drover_core::spec::{JobKind, JobSpec, Resources, RuntimeKind};
@@ -17,7 +19,7 @@ use output::Output;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Exit codes that mean something to scripts.
 mod code {
@@ -87,6 +89,26 @@ enum Cmd {
     Node(NodeCmd),
     /// Print the output of a job's tasks or of one task.
     Logs(LogsArgs),
+    /// Push, list, inspect and remove artifacts: builds for every platform under one name.
+    #[command(
+        subcommand,
+        long_about = "Push, list, inspect and remove artifacts.\n\n\
+            An artifact is a named, immutable version (NAME:VERSION) holding one file per\n\
+            platform: the same program built for linux/amd64, linux/arm64, darwin/arm64...,\n\
+            or a script that runs anywhere. A job names it with `artifact: NAME:VERSION`;\n\
+            each node then gets the variant that runs there, and a node for which there is\n\
+            none is not given the task.\n\n\
+            Files are stored by their SHA-256, so bytes shared by several artifacts are\n\
+            stored, and uploaded, once. Removing an artifact deletes the files no other\n\
+            artifact uses.",
+        after_help = "Examples:\n  \
+            drover artifact push app:1.0 target/x86_64-unknown-linux-gnu/release/app target/aarch64-unknown-linux-gnu/release/app\n  \
+            drover artifact push tool:2 tool.sh\n  \
+            drover artifact ls\n  \
+            drover artifact inspect app:1.0 -o json\n  \
+            drover artifact rm app:1.0"
+    )]
+    Artifact(ArtifactCmd),
     /// Print shell completions, e.g. `drover completions bash > /etc/bash_completion.d/drover`.
     Completions {
         #[arg(value_enum)]
@@ -263,6 +285,50 @@ enum NodeCmd {
     Ls,
 }
 
+#[derive(Subcommand)]
+enum ArtifactCmd {
+    /// Upload files as a new artifact version, one variant per platform.
+    #[command(
+        long_about = "Upload files as a new artifact version, one variant per platform.\n\n\
+            Each file's platform is read from its header: an ELF, Mach-O or PE executable\n\
+            names its OS, architecture and (for Linux) C library; a universal Mach-O gives\n\
+            one variant per architecture inside it; a `#!` script is `any`. When a file\n\
+            says nothing (data, an archive) or says it wrongly, name the platform after\n\
+            '@': FILE@linux/arm64, FILE@linux/amd64/v2+gnu, FILE@darwin/arm64, FILE@any.\n\n\
+            Platforms are OS/ARCH[/VARIANT][+LIBC]: +gnu or +musl for a dynamically\n\
+            linked Linux binary, nothing for a static one; VARIANT is an amd64 level\n\
+            (v1-v4) or an arm version (v7, v8...).\n\n\
+            Files the controller already has (same SHA-256) are not sent again. Versions\n\
+            are immutable: pushing an existing NAME:VERSION fails; push a new version.",
+        after_help = "Examples:\n  \
+            drover artifact push app:1.0 build/app-amd64 build/app-arm64\n  \
+            drover artifact push app:1.1 build/app@linux/amd64/v3+gnu build/app-v1@linux/amd64+gnu\n  \
+            drover artifact push model:7 weights.bin@any"
+    )]
+    Push {
+        /// The artifact's name and version, e.g. app:1.2.0.
+        #[arg(value_name = "NAME:VERSION")]
+        reference: ArtifactRef,
+        /// A file to upload, optionally with the platform it runs on after '@'.
+        #[arg(value_name = "FILE[@PLATFORM]", required = true)]
+        files: Vec<String>,
+    },
+    /// List artifact versions.
+    Ls,
+    /// Show an artifact version: its variants, their platforms, digests and sizes.
+    Inspect {
+        #[arg(value_name = "NAME:VERSION")]
+        reference: ArtifactRef,
+    },
+    /// Remove an artifact version, and the stored files no other artifact uses.
+    ///
+    /// An artifact that a running job uses cannot be removed; stop the job first.
+    Rm {
+        #[arg(value_name = "NAME:VERSION")]
+        reference: ArtifactRef,
+    },
+}
+
 #[derive(Args)]
 struct LogsArgs {
     /// A job name or a task id (a unique prefix is enough).
@@ -386,6 +452,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Logs(a) => {
             let c = require(&cli)?;
             logs(&c, a).await
+        }
+        Cmd::Artifact(a) => {
+            let c = require(&cli)?;
+            artifact(&c, cli.output, a).await
         }
         Cmd::Completions { shell } => {
             clap_complete::generate(
@@ -578,6 +648,239 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+async fn artifact(c: &Client, out: Output, cmd: &ArtifactCmd) -> Result<i32> {
+    match cmd {
+        ArtifactCmd::Push { reference, files } => push(c, out, reference, files).await,
+        ArtifactCmd::Ls => {
+            output::artifacts(out, &c.artifacts().await?)?;
+            Ok(0)
+        }
+        ArtifactCmd::Inspect { reference } => {
+            output::artifact(out, &c.artifact(reference).await?)?;
+            Ok(0)
+        }
+        ArtifactCmd::Rm { reference } => {
+            let removed = c.delete_artifact(reference).await?;
+            match out {
+                Output::Json => output::json(&removed)?,
+                Output::Table => println!("artifact {reference} removed"),
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// Enough of a file to read any executable header Drover understands.
+const HEADER_BYTES: u64 = 64 << 10;
+
+/// Files above this size get a progress bar while they upload (on a terminal).
+const PROGRESS_ABOVE: u64 = 1 << 20;
+
+/// One file of a push, once read and hashed.
+struct PushFile {
+    path: PathBuf,
+    platforms: Vec<BinaryPlatform>,
+    digest: Digest,
+    size: u64,
+}
+
+/// Splits `FILE[@PLATFORM]`. The platform is whatever follows the last '@' when it parses
+/// as one and the part before it is a file; a file whose own name has an '@' in it is
+/// taken whole.
+fn split_file_arg(arg: &str) -> Result<(PathBuf, Option<BinaryPlatform>)> {
+    if let Some((file, platform)) = arg.rsplit_once('@') {
+        match platform.parse::<BinaryPlatform>() {
+            Ok(p) if Path::new(file).is_file() => return Ok((PathBuf::from(file), Some(p))),
+            Ok(_) => {}
+            Err(e) if !Path::new(arg).exists() => {
+                bail!(
+                    "{arg}: {platform:?} is not a platform ({e}); write FILE@OS/ARCH, e.g. {file}@linux/amd64, or {file}@any"
+                )
+            }
+            Err(_) => {}
+        }
+    }
+    Ok((PathBuf::from(arg), None))
+}
+
+/// The platforms a file's header says it runs on.
+fn detect_platforms(path: &Path) -> Result<Vec<BinaryPlatform>> {
+    use std::io::Read;
+    let name = path.display();
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(HEADER_BYTES).read_to_end(&mut head))
+        .with_context(|| format!("reading {name}"))?;
+    match drover_core::platform::detect_executable(&head) {
+        Ok(exe) => Ok(exe.platforms),
+        Err(e) => bail!(
+            "{name}: cannot tell which platform it runs on: {e}. Name it after '@', e.g. {name}@linux/amd64 for a binary, or {name}@any for a script or data"
+        ),
+    }
+}
+
+/// The SHA-256 and size of a file, read in pieces so a large file is never in memory.
+async fn hash_file(path: &Path) -> Result<(Digest, u64)> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<(Digest, u64)> {
+        use sha2::Digest as _;
+        use std::io::Read;
+        let mut f =
+            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0u64;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        let digest = Digest::of_hex(&hex::encode(hasher.finalize())).map_err(anyhow::Error::msg)?;
+        Ok((digest, size))
+    })
+    .await
+    .context("hashing a file")?
+}
+
+/// A progress bar on stderr for a large upload, when a person is watching.
+fn upload_bar(file: &str, size: u64) -> Result<Option<indicatif::ProgressBar>> {
+    use std::io::IsTerminal;
+    if size <= PROGRESS_ABOVE || !std::io::stderr().is_terminal() {
+        return Ok(None);
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(size),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{bar:24}] {binary_bytes}/{binary_total_bytes} ({binary_bytes_per_sec}, {eta}) {wide_msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message(file.to_string());
+    Ok(Some(bar))
+}
+
+async fn push(c: &Client, out: Output, r: &ArtifactRef, args: &[String]) -> Result<i32> {
+    // What each file is for comes first: a mistake there needs no server to report.
+    let mut targets = Vec::with_capacity(args.len());
+    for arg in args {
+        let (path, platform) = split_file_arg(arg)?;
+        let meta =
+            std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("{}: not a regular file", path.display());
+        }
+        let platforms = match platform {
+            Some(p) => vec![p],
+            None => detect_platforms(&path)?,
+        };
+        // One variant per platform: two files for one platform is a mistake to name
+        // here, with both files, before anything is sent.
+        for p in &platforms {
+            if let Some((other, _)) = targets
+                .iter()
+                .find(|(_, ps): &&(PathBuf, Vec<BinaryPlatform>)| ps.contains(p))
+            {
+                bail!(
+                    "{} and {} are both for {p}; an artifact has one file per platform (name another platform with FILE@PLATFORM)",
+                    other.display(),
+                    path.display()
+                );
+            }
+        }
+        targets.push((path, platforms));
+    }
+    // Versions are immutable; finding out now saves hashing and uploading for nothing.
+    // (The server checks again when the artifact is created.)
+    match c.artifact(r).await {
+        Ok(_) => {
+            bail!("artifact {r} already exists; versions are immutable, so push a new version")
+        }
+        Err(e)
+            if e.downcast_ref::<client::ApiError>()
+                .is_some_and(|a| a.status == 404) => {}
+        Err(e) => return Err(e),
+    }
+    let mut files = Vec::with_capacity(targets.len());
+    for (path, platforms) in targets {
+        let (digest, size) = hash_file(&path).await?;
+        files.push(PushFile {
+            path,
+            platforms,
+            digest,
+            size,
+        });
+    }
+    let mut variants: Vec<output::Pushed> = Vec::new();
+    for f in &files {
+        for p in &f.platforms {
+            variants.push(output::Pushed {
+                variant: Variant {
+                    platform: p.clone(),
+                    digest: f.digest.clone(),
+                    size: f.size,
+                },
+                file: f.path.display().to_string(),
+                uploaded: false,
+            });
+        }
+    }
+    let new = NewArtifact {
+        name: r.name.clone(),
+        version: r.version.clone(),
+        variants: variants.iter().map(|v| v.variant.clone()).collect(),
+    };
+    new.validate()
+        .map_err(|e| anyhow::anyhow!("artifact {r}: {e}"))?;
+    let mut sent = std::collections::HashSet::new();
+    for f in &files {
+        if sent.contains(&f.digest) {
+            continue;
+        }
+        let check = c.blob_check(&f.digest).await?;
+        if check.exists {
+            continue;
+        }
+        let name = f.path.display().to_string();
+        if let Some(max) = check.max_size.filter(|max| f.size > *max) {
+            bail!(
+                "{name} is {}, more than the controller accepts for one file ({})",
+                output::size(f.size),
+                output::size(max)
+            );
+        }
+        let bar = upload_bar(&name, f.size)?;
+        let progress = bar.clone();
+        let result = c
+            .upload_blob(&f.digest, &f.path, f.size, move |n| {
+                if let Some(b) = &progress {
+                    b.inc(n);
+                }
+            })
+            .await;
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        result.with_context(|| {
+            format!("uploading {name} (if it changed since it was hashed, push again)")
+        })?;
+        sent.insert(f.digest.clone());
+    }
+    for v in &mut variants {
+        v.uploaded = sent.contains(&v.variant.digest);
+    }
+    let created = c.create_artifact(&new).await?;
+    output::pushed(out, &created, &variants)?;
+    Ok(0)
 }
 
 async fn up(a: &UpArgs) -> Result<i32> {

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::ValueEnum;
 use comfy_table::{Table, presets};
 use drover_core::api::{JobView, NodeView, TaskView};
+use drover_core::artifact::{Artifact, Digest, Variant};
 use drover_core::state::Exit;
 use drover_core::{Millis, now_millis};
 use serde::Serialize;
@@ -182,4 +183,123 @@ pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<
     }
     println!();
     tasks(out, task_list)
+}
+
+/// A byte count for people: `512 B`, `38.9 KiB`, `1.5 GiB`.
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// A digest short enough for a table, like a short commit hash: `sha256:` and 12 digits.
+pub fn short_digest(d: &Digest) -> String {
+    format!("sha256:{}", &d.hex()[..12])
+}
+
+/// The bytes an artifact stores: each distinct blob counted once, since the variants of a
+/// universal binary share one.
+fn stored_size(a: &Artifact) -> u64 {
+    let mut seen = std::collections::HashSet::new();
+    a.variants
+        .iter()
+        .filter(|v| seen.insert(&v.digest))
+        .map(|v| v.size)
+        .sum()
+}
+
+pub fn artifacts(out: Output, list: &[Artifact]) -> Result<()> {
+    if out == Output::Json {
+        return json(&list);
+    }
+    let mut t = table(&["NAME", "VERSION", "PLATFORMS", "SIZE", "AGE"]);
+    for a in list {
+        let platforms: Vec<String> = a.variants.iter().map(|v| v.platform.to_string()).collect();
+        t.add_row(vec![
+            a.name.clone(),
+            a.version.clone(),
+            platforms.join(","),
+            size(stored_size(a)),
+            age(a.created_at),
+        ]);
+    }
+    print(t);
+    Ok(())
+}
+
+pub fn artifact(out: Output, a: &Artifact) -> Result<()> {
+    if out == Output::Json {
+        return json(a);
+    }
+    println!("name:     {}", a.name);
+    println!("version:  {}", a.version);
+    println!("project:  {}", a.project);
+    println!("created:  {} ago", age(a.created_at));
+    println!("size:     {}", size(stored_size(a)));
+    println!();
+    let mut t = table(&["PLATFORM", "DIGEST", "SIZE"]);
+    for v in &a.variants {
+        t.add_row(vec![
+            v.platform.to_string(),
+            v.digest.to_string(),
+            size(v.size),
+        ]);
+    }
+    print(t);
+    Ok(())
+}
+
+/// One variant of a push, for its summary.
+pub struct Pushed {
+    pub variant: Variant,
+    pub file: String,
+    /// Whether this push sent the bytes, or the controller had them already.
+    pub uploaded: bool,
+}
+
+pub fn pushed(out: Output, a: &Artifact, variants: &[Pushed]) -> Result<()> {
+    if out == Output::Json {
+        return json(a);
+    }
+    let mut t = table(&["PLATFORM", "DIGEST", "SIZE", "FILE", "UPLOAD"]);
+    for p in variants {
+        t.add_row(vec![
+            p.variant.platform.to_string(),
+            short_digest(&p.variant.digest),
+            size(p.variant.size),
+            p.file.clone(),
+            if p.uploaded { "sent" } else { "already stored" }.to_string(),
+        ]);
+    }
+    print(t);
+    println!(
+        "pushed {} ({} variant{})",
+        a.reference(),
+        a.variants.len(),
+        if a.variants.len() == 1 { "" } else { "s" }
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_people_write_them() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(39_800), "38.9 KiB");
+        assert_eq!(size(3 << 30), "3.0 GiB");
+    }
 }

@@ -1,13 +1,13 @@
 //! The HTTP API. Every route needs a bearer token except `/health` and the agent
 //! connect route, which takes a join token instead.
 
-use crate::Inner;
 use crate::follow::{self, Target};
+use crate::{Inner, artifacts};
 use axum::extract::{Path, Query, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use drover_core::api::{ErrorBody, Health, JobView, NodeView, TaskView};
 use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
@@ -24,11 +24,11 @@ pub struct Principal {
 }
 
 impl Principal {
-    fn sees(&self, project: &ProjectId) -> bool {
+    pub(crate) fn sees(&self, project: &ProjectId) -> bool {
         self.role == Role::Admin || &self.project == project
     }
 
-    fn require_write(&self) -> Result<(), ApiError> {
+    pub(crate) fn require_write(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Admin | Role::Write => Ok(()),
             _ => Err(ApiError::new(
@@ -39,14 +39,22 @@ impl Principal {
         }
     }
 
-    fn require_read(&self) -> Result<(), ApiError> {
+    pub(crate) fn require_read(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Admin | Role::Write | Role::Read => Ok(()),
             Role::Agent => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                "a join token can only connect agents",
+                "a join token can only connect agents and download blobs",
             )),
+        }
+    }
+
+    /// Reading blobs is open to agents too: they fetch the artifacts of their tasks with
+    /// their join token.
+    pub(crate) fn require_blob_read(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin | Role::Write | Role::Read | Role::Agent => Ok(()),
         }
     }
 }
@@ -59,7 +67,7 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -67,7 +75,7 @@ impl ApiError {
         }
     }
 
-    fn not_found(what: &str) -> Self {
+    pub(crate) fn not_found(what: &str) -> Self {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
@@ -78,6 +86,9 @@ impl ApiError {
 
 impl From<drover_store::StoreError> for ApiError {
     fn from(e: drover_store::StoreError) -> Self {
+        if let drover_store::StoreError::Conflict(m) = e {
+            return ApiError::new(StatusCode::CONFLICT, "exists", m);
+        }
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -99,7 +110,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 type Shared = State<Arc<Inner>>;
 
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
@@ -112,6 +123,20 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/logs", get(task_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route(
+            "/v1/blobs/{digest}",
+            put(artifacts::put_blob)
+                .head(artifacts::head_blob)
+                .get(artifacts::get_blob),
+        )
+        .route(
+            "/v1/artifacts",
+            post(artifacts::create_artifact).get(artifacts::list_artifacts),
+        )
+        .route(
+            "/v1/artifacts/{name}/{version}",
+            get(artifacts::get_artifact).delete(artifacts::delete_artifact),
+        )
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(inner.clone(), auth));
     Router::new()

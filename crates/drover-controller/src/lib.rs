@@ -8,6 +8,8 @@
 //! never disagree about anything that was acknowledged.
 
 mod api;
+mod artifacts;
+pub mod blobs;
 mod follow;
 mod gateway;
 pub mod logs;
@@ -29,6 +31,7 @@ use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use api::Principal;
+pub use artifacts::MAX_BLOB_SIZE_HEADER;
 
 /// A token the controller makes sure exists at start-up (the admin and join tokens of
 /// `drover up`).
@@ -41,7 +44,7 @@ pub struct BootstrapToken {
 
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
-    /// Where task logs are kept.
+    /// Where task logs (`logs/`) and artifact blobs (`blobs/sha256/`) are kept.
     pub data_dir: PathBuf,
     /// How often agents must send a heartbeat.
     pub heartbeat_interval: Duration,
@@ -55,6 +58,11 @@ pub struct ControllerConfig {
     /// agent never says so, the task is marked lost and the agent told to forget it.
     pub stop_deadline: Duration,
     pub bootstrap_tokens: Vec<BootstrapToken>,
+    /// The largest blob an upload may store; larger ones are refused with 413.
+    pub max_blob_size: u64,
+    /// A blob no artifact references is kept this long after it was last written, since
+    /// it may belong to a push whose artifact is not created yet.
+    pub blob_grace: Duration,
 }
 
 impl ControllerConfig {
@@ -67,6 +75,8 @@ impl ControllerConfig {
             start_deadline: Duration::from_secs(300),
             stop_deadline: Duration::from_secs(30),
             bootstrap_tokens: Vec::new(),
+            max_blob_size: 2 << 30,
+            blob_grace: Duration::from_secs(3600),
         }
     }
 }
@@ -95,6 +105,7 @@ pub(crate) struct Inner {
     changed: watch::Sender<u64>,
     schedule: Notify,
     logs: logs::LogStore,
+    blobs: blobs::BlobStore,
     metrics: metrics::Metrics,
     tokens: std::sync::Mutex<HashMap<String, TokenRecord>>,
     shutdown: CancellationToken,
@@ -159,6 +170,8 @@ impl Controller {
         }
         store.commit(&changes).await?;
         let logs = logs::LogStore::new(cfg.data_dir.join("logs"))?;
+        let blobs =
+            blobs::BlobStore::open(cfg.data_dir.join("blobs").join("sha256"), cfg.max_blob_size)?;
         let (changed, _) = watch::channel(0);
         let inner = Arc::new(Inner {
             cfg,
@@ -169,6 +182,7 @@ impl Controller {
             changed,
             schedule: Notify::new(),
             logs,
+            blobs,
             metrics: metrics::Metrics::new(),
             tokens: std::sync::Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -176,6 +190,7 @@ impl Controller {
         let c = Controller { inner };
         tokio::spawn(scheduler::run(c.inner.clone()));
         tokio::spawn(ops::liveness_loop(c.inner.clone()));
+        tokio::spawn(artifacts::gc_loop(c.inner.clone()));
         Ok(c)
     }
 

@@ -3,6 +3,7 @@
 //! committed to the store, so memory never holds anything the store would not give back.
 
 use drover_core::api::{JobView, NodeView, TaskView};
+use drover_core::artifact::Artifact;
 use drover_core::spec::Resources;
 use drover_core::state::{Job, Node, NodeStatus, Task};
 use drover_core::{JobId, NodeId, ProjectId, TaskId, TaskState};
@@ -46,6 +47,8 @@ pub struct State {
     pub usage_dirty: bool,
     /// How many tasks of each job have succeeded.
     pub succeeded: HashMap<JobId, u32>,
+    /// Artifact versions by project, name and version.
+    pub artifacts: HashMap<(ProjectId, String, String), Artifact>,
 }
 
 /// A command waiting for an agent's acknowledgement, serialised once when queued so
@@ -72,6 +75,9 @@ impl State {
         }
         for t in snap.tasks {
             s.apply(Change::Task(t));
+        }
+        for a in snap.artifacts {
+            s.apply(Change::Artifact(a));
         }
         s
     }
@@ -146,6 +152,17 @@ impl State {
                 self.tasks.insert(t.id.clone(), t);
             }
             Change::Token(_) => {}
+            Change::Artifact(a) => {
+                let key = (a.project.clone(), a.name.clone(), a.version.clone());
+                self.artifacts.insert(key, a);
+            }
+            Change::DeleteArtifact {
+                project,
+                name,
+                version,
+            } => {
+                self.artifacts.remove(&(project, name, version));
+            }
         }
     }
 

@@ -11,6 +11,7 @@ mod sqlite;
 pub use sqlite::{Durability, SqliteConfig, SqliteStore};
 
 use async_trait::async_trait;
+use drover_core::artifact::Artifact;
 use drover_core::state::{Job, Node, Task};
 use drover_core::{Millis, ProjectId};
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("store: corrupt record {id}: {error}")]
     Corrupt { id: String, error: String },
+    /// The commit would overwrite something that may only be written once (an artifact
+    /// version); nothing in the commit was written.
+    #[error("store: {0}")]
+    Conflict(String),
     #[error("store: {0}")]
     Other(String),
 }
@@ -37,6 +42,15 @@ pub enum Change {
     Task(Task),
     Node(Node),
     Token(TokenRecord),
+    /// A new artifact version. Artifacts are immutable: if the same project, name and
+    /// version is already stored, the whole commit fails with [`StoreError::Conflict`].
+    Artifact(Artifact),
+    /// Removes an artifact version; removing one that is not stored changes nothing.
+    DeleteArtifact {
+        project: ProjectId,
+        name: String,
+        version: String,
+    },
 }
 
 /// Everything the controller needs to rebuild its state at start-up.
@@ -45,6 +59,7 @@ pub struct Snapshot {
     pub jobs: Vec<Job>,
     pub tasks: Vec<Task>,
     pub nodes: Vec<Node>,
+    pub artifacts: Vec<Artifact>,
 }
 
 /// What a token may do.

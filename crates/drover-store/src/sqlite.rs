@@ -2,6 +2,7 @@
 
 use crate::{Change, Snapshot, Store, StoreError, TokenRecord};
 use async_trait::async_trait;
+use drover_core::artifact::Artifact;
 use drover_core::state::{Job, Node, Task};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlitePool};
@@ -102,6 +103,18 @@ impl Store for SqliteStore {
             let id: String = row.get(0);
             snap.nodes.push(from_json::<Node>(&id, row.get(1))?);
         }
+        for row in sqlx::query(
+            "SELECT project, name, version, data FROM artifacts \
+             ORDER BY project, name, created_at, version",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        {
+            let (project, name, version): (String, String, String) =
+                (row.get(0), row.get(1), row.get(2));
+            let id = format!("artifact {project}/{name}:{version}");
+            snap.artifacts.push(from_json::<Artifact>(&id, row.get(3))?);
+        }
         Ok(snap)
     }
 
@@ -151,6 +164,46 @@ impl Store for SqliteStore {
                     .bind(t.project.as_str())
                     .bind(t.role.as_str())
                     .bind(to_json(t)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Artifact(a) => {
+                    // No upsert: an artifact version is written once. A second insert
+                    // fails the statement, and dropping the transaction rolls back the
+                    // whole commit.
+                    let inserted = sqlx::query(
+                        "INSERT INTO artifacts (project, name, version, data, created_at) \
+                         VALUES (?, ?, ?, ?, ?)",
+                    )
+                    .bind(a.project.as_str())
+                    .bind(&a.name)
+                    .bind(&a.version)
+                    .bind(to_json(a)?)
+                    .bind(a.created_at)
+                    .execute(&mut *tx)
+                    .await;
+                    match inserted {
+                        Ok(_) => {}
+                        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                            return Err(StoreError::Conflict(format!(
+                                "artifact {}:{} already exists in project {}; artifact versions are immutable",
+                                a.name, a.version, a.project
+                            )));
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Change::DeleteArtifact {
+                    project,
+                    name,
+                    version,
+                } => {
+                    sqlx::query(
+                        "DELETE FROM artifacts WHERE project = ? AND name = ? AND version = ?",
+                    )
+                    .bind(project.as_str())
+                    .bind(name)
+                    .bind(version)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -340,6 +393,116 @@ mod tests {
         let mut stored = store.load().await.unwrap().tasks;
         stored.sort_by(|a, b| a.id.cmp(&b.id));
         assert_eq!(stored, vec![done, other]);
+    }
+
+    fn artifact(project: &str, name: &str, version: &str) -> Artifact {
+        use drover_core::artifact::{Digest, Variant};
+        Artifact {
+            project: ProjectId(project.to_string()),
+            name: name.into(),
+            version: version.into(),
+            variants: vec![
+                Variant {
+                    platform: "linux/amd64+gnu".parse().unwrap(),
+                    digest: Digest::of_hex(&"a".repeat(64)).unwrap(),
+                    size: 10,
+                },
+                Variant {
+                    platform: "any".parse().unwrap(),
+                    digest: Digest::of_hex(&"b".repeat(64)).unwrap(),
+                    size: 20,
+                },
+            ],
+            created_at: 5,
+        }
+    }
+
+    #[tokio::test]
+    async fn artifacts_are_stored_listed_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let a1 = artifact("default", "app", "1");
+        let a2 = artifact("default", "app", "2");
+        // The same name and version in another project is another artifact.
+        let other = artifact("other", "app", "1");
+        {
+            let store = open(&dir).await;
+            store
+                .commit(&[
+                    Change::Artifact(a1.clone()),
+                    Change::Artifact(a2.clone()),
+                    Change::Artifact(other.clone()),
+                ])
+                .await
+                .unwrap();
+        }
+        let store = open(&dir).await;
+        assert_eq!(
+            store.load().await.unwrap().artifacts,
+            vec![a1.clone(), a2.clone(), other.clone()]
+        );
+        store
+            .commit(&[Change::DeleteArtifact {
+                project: ProjectId::default(),
+                name: "app".into(),
+                version: "1".into(),
+            }])
+            .await
+            .unwrap();
+        // Deleting what is not there changes nothing and is no error.
+        store
+            .commit(&[Change::DeleteArtifact {
+                project: ProjectId::default(),
+                name: "nope".into(),
+                version: "1".into(),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(store.load().await.unwrap().artifacts, vec![a2, other]);
+    }
+
+    #[tokio::test]
+    async fn an_existing_artifact_version_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir).await;
+        let first = artifact("default", "app", "1");
+        store
+            .commit(&[Change::Artifact(first.clone())])
+            .await
+            .unwrap();
+        let mut second = first.clone();
+        second.variants.truncate(1);
+        second.created_at = 9;
+        // The conflict fails the whole commit: the task beside it is not written either.
+        let err = store
+            .commit(&[
+                Change::Task(task(TaskState::Pending)),
+                Change::Artifact(second),
+            ])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("artifact app:1 already exists"),
+            "{err}"
+        );
+        let snap = store.load().await.unwrap();
+        assert_eq!(snap.artifacts, vec![first]);
+        assert!(snap.tasks.is_empty());
+        // A delete and a new insert of the same version in one commit is a replacement
+        // the controller chose to make, and is allowed.
+        let again = artifact("default", "app", "1");
+        store
+            .commit(&[
+                Change::DeleteArtifact {
+                    project: ProjectId::default(),
+                    name: "app".into(),
+                    version: "1".into(),
+                },
+                Change::Artifact(again.clone()),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(store.load().await.unwrap().artifacts, vec![again]);
     }
 }
 

@@ -385,3 +385,94 @@ pub async fn wait_for(
     }
     Ok(())
 }
+
+/// The content address of `bytes`, as the blob routes name it: `sha256:` and hex.
+pub fn digest_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+impl TestCluster {
+    /// Where the controller keeps blobs, one file per digest.
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("controller")
+            .join("blobs")
+            .join("sha256")
+    }
+
+    /// The names of every file in the blob directory, temporary uploads included, sorted.
+    pub fn blob_files(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(self.blobs_dir())? {
+            names.push(entry?.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// Blob and artifact calls, answering the status and body as the server gave them so
+/// tests can check refusals as closely as successes.
+impl Api {
+    /// Uploads a blob in one piece.
+    pub async fn put_blob(&self, digest: &str, body: Vec<u8>) -> Result<(u16, String)> {
+        self.put_blob_body(digest, reqwest::Body::from(body)).await
+    }
+
+    /// Uploads a blob from any body, e.g. a stream that breaks off part-way.
+    pub async fn put_blob_body(&self, digest: &str, body: reqwest::Body) -> Result<(u16, String)> {
+        let resp = self
+            .http
+            .put(format!("{}/v1/blobs/{digest}", self.url))
+            .bearer_auth(&self.token)
+            .header("content-type", "application/octet-stream")
+            .timeout(Duration::from_secs(60))
+            .body(body)
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.text().await?))
+    }
+
+    /// The status of `HEAD /v1/blobs/{digest}` and its Content-Length, if any.
+    pub async fn head_blob(&self, digest: &str) -> Result<(u16, Option<u64>)> {
+        let resp = self
+            .http
+            .head(format!("{}/v1/blobs/{digest}", self.url))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await?;
+        let len = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        Ok((resp.status().as_u16(), len))
+    }
+
+    /// Downloads a blob whole.
+    pub async fn get_blob(&self, digest: &str) -> Result<(u16, Vec<u8>)> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/blobs/{digest}", self.url))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        Ok((status, resp.bytes().await?.to_vec()))
+    }
+
+    /// `POST /v1/artifacts` with a JSON body.
+    pub async fn create_artifact(&self, body: &serde_json::Value) -> Result<(u16, String)> {
+        self.raw(
+            reqwest::Method::POST,
+            "/v1/artifacts",
+            Some(serde_json::to_vec(body)?),
+        )
+        .await
+    }
+}
