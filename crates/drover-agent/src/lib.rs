@@ -285,6 +285,11 @@ impl Agent {
         &self.node_id
     }
 
+    /// How many artifact blobs this agent has downloaded; a cache hit makes none.
+    pub fn artifact_downloads(&self) -> u64 {
+        self.manager.artifact_downloads()
+    }
+
     pub fn is_connected(&self) -> bool {
         self.manager.link.is_connected()
     }

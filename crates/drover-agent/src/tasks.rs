@@ -721,6 +721,11 @@ impl TaskManager {
 }
 
 impl TaskManager {
+    /// How many artifact blobs this agent has downloaded (a cache hit makes none).
+    pub fn artifact_downloads(&self) -> u64 {
+        self.artifacts.cache.downloads()
+    }
+
     /// Fetches the task's artifact variant into the cache (or finds it there), checks
     /// that this node can run it, and installs it in the task's directory under the
     /// artifact's name. The error is the task's failure reason.

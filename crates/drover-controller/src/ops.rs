@@ -5,7 +5,7 @@ use crate::state::{OutCommand, State};
 use crate::{Inner, Tx};
 use drover_core::api::ApplyResponse;
 use drover_core::protocol::{
-    AgentEvent, Command, ControllerMessage, Hello, TaskAssignment, UsageSample,
+    AgentEvent, AssignedArtifact, Command, ControllerMessage, Hello, TaskAssignment, UsageSample,
 };
 use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
 use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
@@ -705,6 +705,19 @@ pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before
 
 pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
     let job = state.jobs.get(&t.job_id)?;
+    let artifact = match &job.spec.artifact {
+        Some(r) => {
+            // The scheduler placed the task only where a variant matches, so one does;
+            // should the artifact have been deleted since, the task is not started.
+            let node = state.nodes.get(t.node_id.as_ref()?)?;
+            let variant = crate::scheduler::variant_for(state, &job.project, r, &node.node.info)?;
+            Some(AssignedArtifact {
+                reference: r.clone(),
+                variant,
+            })
+        }
+        None => None,
+    };
     Some(Command::Start(Box::new(TaskAssignment {
         task_id: t.id.clone(),
         job_id: job.id.clone(),
@@ -713,6 +726,6 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
         index: t.index,
         attempt: t.attempt,
         spec: job.spec.clone(),
-        artifact: None,
+        artifact,
     })))
 }

@@ -7,10 +7,11 @@
 
 use crate::state::{NodeEntry, State};
 use crate::{Inner, Tx};
-use drover_core::platform::Platform;
+use drover_core::artifact::{ArtifactRef, Variant};
+use drover_core::platform::{BinaryPlatform, Libc, LibcKind, NodePlatform, Platform, select};
 use drover_core::spec::{Constraint, ConstraintKey, ConstraintOp, JobSpec};
 use drover_core::state::{NodeInfo, NodeStatus, Task};
-use drover_core::{JobId, NodeId, TaskId, TaskState};
+use drover_core::{JobId, NodeId, ProjectId, TaskId, TaskState};
 use drover_store::Change;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -79,17 +80,50 @@ fn node_runs(info: &NodeInfo, want: &str) -> bool {
     }
 }
 
+/// The variant of an artifact a node gets: the best match for its platform and libc.
+pub(crate) fn variant_for(
+    state: &State,
+    project: &ProjectId,
+    r: &ArtifactRef,
+    info: &NodeInfo,
+) -> Option<Variant> {
+    let a = state
+        .artifacts
+        .get(&(project.clone(), r.name.clone(), r.version.clone()))?;
+    pick(&a.variants, info).cloned()
+}
+
+fn pick<'a>(variants: &'a [Variant], info: &NodeInfo) -> Option<&'a Variant> {
+    let node = NodePlatform {
+        platform: info.parsed_platform()?,
+        libc: info.libc.clone().unwrap_or(Libc {
+            kind: LibcKind::Unknown,
+            version: None,
+        }),
+    };
+    let offered: Vec<BinaryPlatform> = variants.iter().map(|v| v.platform.clone()).collect();
+    let chosen = select(&offered, &node)?;
+    variants.iter().find(|v| &v.platform == chosen)
+}
+
 /// Why a node cannot take a task, for the pending reason.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Misfit {
     Runtime,
+    /// No variant of the job's artifact runs on the node.
+    Platform,
     Constraint,
     Resources,
 }
 
-fn fits(node: &NodeEntry, spec: &JobSpec) -> Result<(), Misfit> {
+fn fits(node: &NodeEntry, spec: &JobSpec, variants: Option<&[Variant]>) -> Result<(), Misfit> {
     if !node.node.info.runtimes.contains(&spec.runtime) {
         return Err(Misfit::Runtime);
+    }
+    if let Some(vs) = variants
+        && pick(vs, &node.node.info).is_none()
+    {
+        return Err(Misfit::Platform);
     }
     if !spec.constraints.iter().all(|c| holds(node, c)) {
         return Err(Misfit::Constraint);
@@ -162,6 +196,9 @@ impl Inner {
         let mut spread: HashMap<JobId, HashMap<NodeId, u32>> = HashMap::new();
         let mut misfits: HashMap<JobId, HashMap<Misfit, u32>> = HashMap::new();
         let mut specs: HashMap<JobId, std::sync::Arc<JobSpec>> = HashMap::new();
+        // The variants of each job's artifact, looked up once per pass; an artifact that
+        // no longer exists offers none.
+        let mut offers: HashMap<JobId, Option<std::sync::Arc<Vec<Variant>>>> = HashMap::new();
         for id in due {
             let Some(task) = state.tasks.get(&id).cloned() else {
                 continue;
@@ -178,6 +215,21 @@ impl Inner {
                     None => continue,
                 },
             };
+            let variants = offers
+                .entry(task.job_id.clone())
+                .or_insert_with(|| {
+                    let job = state.jobs.get(&task.job_id)?;
+                    let r = spec.artifact.as_ref()?;
+                    let key = (job.project.clone(), r.name.clone(), r.version.clone());
+                    Some(std::sync::Arc::new(
+                        state
+                            .artifacts
+                            .get(&key)
+                            .map(|a| a.variants.clone())
+                            .unwrap_or_default(),
+                    ))
+                })
+                .clone();
             let counts = spread.entry(task.job_id.clone()).or_insert_with(|| {
                 let mut m = HashMap::new();
                 for t in state.job_tasks(&task.job_id) {
@@ -197,7 +249,7 @@ impl Inner {
                 let Some(entry) = state.nodes.get(node_id) else {
                     continue;
                 };
-                match fits(entry, &spec) {
+                match fits(entry, &spec, variants.as_deref().map(Vec::as_slice)) {
                     Ok(()) => {
                         let cap = entry.node.info.capacity;
                         let load = entry.allocated.cpu / cap.cpu.max(1e-9)
@@ -263,6 +315,38 @@ impl Inner {
     }
 }
 
+/// Names what a job's artifact offers and what the ready nodes are, e.g.
+/// "artifact app:1.2 has linux/arm64, darwin/arm64; nodes: linux/amd64/v3+gnu ×3".
+fn artifact_misfit(state: &State, job: &drover_core::state::Job) -> String {
+    let Some(r) = &job.spec.artifact else {
+        return String::new();
+    };
+    let key = (job.project.clone(), r.name.clone(), r.version.clone());
+    let offered = match state.artifacts.get(&key) {
+        Some(a) => a
+            .variants
+            .iter()
+            .map(|v| v.platform.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        None => return format!("artifact {r} does not exist"),
+    };
+    let mut nodes: std::collections::BTreeMap<String, u32> = Default::default();
+    for e in state.nodes.values() {
+        if e.node.status == NodeStatus::Ready {
+            let info = &e.node.info;
+            let libc = info
+                .libc
+                .as_ref()
+                .map(|l| format!("+{}", l.kind))
+                .unwrap_or_default();
+            *nodes.entry(format!("{}{libc}", info.platform)).or_default() += 1;
+        }
+    }
+    let nodes: Vec<String> = nodes.iter().map(|(p, n)| format!("{p} ×{n}")).collect();
+    format!("artifact {r} has {offered}; nodes: {}", nodes.join(", "))
+}
+
 fn pending_reason(
     state: &State,
     job_id: &JobId,
@@ -286,6 +370,7 @@ fn pending_reason(
         parts.push(match m {
             Misfit::Runtime => format!("{n} {} lack runtime {}", plural(*n), spec.runtime),
             Misfit::Constraint => format!("{n} {} fail the constraints", plural(*n)),
+            Misfit::Platform => artifact_misfit(state, job),
             Misfit::Resources => format!(
                 "{n} {} lack free resources (the task needs cpu {}, memory {})",
                 plural(*n),
