@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use client::Client;
 use drover_core::api::StreamEvent;
-use drover_core::artifact::{ArtifactRef, Digest, NewArtifact, Variant};
+use drover_core::artifact::{Artifact, ArtifactRef, Digest, NewArtifact, Variant};
 use drover_core::platform::BinaryPlatform;
 use drover_core::protocol::LogStream;
 use drover_core::quantity::ByteSize;
@@ -146,8 +146,13 @@ struct RunArgs {
     /// Memory each task reserves, e.g. 256Mi.
     #[arg(long)]
     memory: Option<String>,
-    /// The program and its arguments.
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    /// A local executable to run: it is uploaded as an artifact (its platform read from
+    /// its header) and each node gets it in the task's directory. Arguments for it go
+    /// after `--`.
+    #[arg(value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// The program and its arguments (or, with FILE, the arguments for it).
+    #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
@@ -492,6 +497,13 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         .name
         .clone()
         .unwrap_or_else(|| format!("run-{}", hex::encode(rand::random::<[u8; 4]>())));
+    if a.file.is_none() && a.command.is_empty() {
+        // A usage mistake, so the usage exit code, as clap gives for its own.
+        eprintln!(
+            "error: drover run needs a command after `--` (e.g. drover run -- echo hi), or a local executable (drover run ./app -- args)"
+        );
+        return Ok(2);
+    }
     let mut spec = JobSpec::new(name, a.command.clone());
     spec.kind = if a.service {
         JobKind::Service
@@ -507,17 +519,89 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         attempts: a.retries,
         ..Default::default()
     };
+    let local = match &a.file {
+        Some(path) => {
+            let (r, name) = local_artifact(path).await?;
+            spec.artifact = Some(r.clone());
+            // The arguments go to the uploaded program, found in the task's directory.
+            if !a.command.is_empty() {
+                spec.command = std::iter::once(format!("./{name}"))
+                    .chain(a.command.iter().cloned())
+                    .collect();
+            }
+            Some((r, path.clone()))
+        }
+        None => None,
+    };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
+    let go = async |c: &Client| -> Result<i32> {
+        if let Some((r, path)) = &local {
+            upload_if_missing(c, r, path).await?;
+        }
+        run_on(c, &spec).await
+    };
     match resolve(cli)? {
-        Some(c) => run_on(&c, &spec).await,
+        Some(c) => go(&c).await,
         None => {
             let cluster = cluster::Ephemeral::start().await?;
             let c = Client::new(&cluster.server.url(), &cluster.token)?;
-            let result = run_on(&c, &spec).await;
+            let result = go(&c).await;
             cluster.stop().await;
             result
         }
+    }
+}
+
+/// The artifact a local file is run as: named after the file, versioned by its content,
+/// so running the same build again uploads nothing and a rebuilt one is a new version.
+async fn local_artifact(path: &Path) -> Result<(ArtifactRef, String)> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("program");
+    let name: String = file_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches(['-', '_', '.'])
+        .chars()
+        .take(100)
+        .collect();
+    let name = if name.is_empty() {
+        "program".to_string()
+    } else {
+        name
+    };
+    let (digest, _) = hash_file(path).await?;
+    let r: ArtifactRef = format!("{name}:{}", &digest.hex()[..16])
+        .parse()
+        .map_err(anyhow::Error::msg)?;
+    Ok((r, name))
+}
+
+/// Pushes a local file as artifact `r` unless that version is already there.
+async fn upload_if_missing(c: &Client, r: &ArtifactRef, path: &Path) -> Result<()> {
+    match c.artifact(r).await {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.downcast_ref::<client::ApiError>()
+                .is_some_and(|a| a.status == 404) =>
+        {
+            push_files(c, r, &[path.display().to_string()]).await?;
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -770,6 +854,18 @@ fn upload_bar(file: &str, size: u64) -> Result<Option<indicatif::ProgressBar>> {
 }
 
 async fn push(c: &Client, out: Output, r: &ArtifactRef, args: &[String]) -> Result<i32> {
+    let (created, variants) = push_files(c, r, args).await?;
+    output::pushed(out, &created, &variants)?;
+    Ok(0)
+}
+
+/// Uploads the files (`FILE[@PLATFORM]`) that the controller lacks and creates the
+/// artifact version; returns it and what was done for each variant.
+async fn push_files(
+    c: &Client,
+    r: &ArtifactRef,
+    args: &[String],
+) -> Result<(Artifact, Vec<output::Pushed>)> {
     // What each file is for comes first: a mistake there needs no server to report.
     let mut targets = Vec::with_capacity(args.len());
     for arg in args {
@@ -879,8 +975,7 @@ async fn push(c: &Client, out: Output, r: &ArtifactRef, args: &[String]) -> Resu
         v.uploaded = sent.contains(&v.variant.digest);
     }
     let created = c.create_artifact(&new).await?;
-    output::pushed(out, &created, &variants)?;
-    Ok(0)
+    Ok((created, variants))
 }
 
 async fn up(a: &UpArgs) -> Result<i32> {

@@ -213,3 +213,38 @@ fn artifact_help_teaches_the_platform_syntax() {
         assert!(text.contains(needle), "{needle} not in:\n{text}");
     }
 }
+
+/// `drover run ./binary -- args` from a shell with no CLI config, only the server and a
+/// token in the environment: the binary is uploaded once (by content) and run.
+#[test]
+fn run_uploads_a_local_binary_and_runs_it_with_its_arguments() {
+    let server = Home::new();
+    let (mut up, line) = server.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
+    let url = url_in(&line);
+    let token = std::fs::read_to_string(server.path().join("data/drover/admin-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let user = Home::new();
+    let prog = user.path().join("greet");
+    std::fs::write(&prog, "#!/bin/sh\necho \"greetings, $1\"\nexit ${2:-0}\n").unwrap();
+    let run = |args: &[&str]| {
+        let mut cmd = user.cmd(args);
+        cmd.env("DROVER_SERVER", &url).env("DROVER_TOKEN", &token);
+        run_with_timeout(cmd, std::time::Duration::from_secs(60))
+    };
+    // A `#!` script is detected as platform-independent, so any node may run it.
+    let prog_arg = prog.to_str().unwrap();
+    let out = run(&["run", prog_arg, "--", "world"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "greetings, world\n");
+    let out = run(&["run", prog_arg, "--", "again", "3"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "greetings, again\n");
+    // The same content was uploaded once: one artifact version, one blob.
+    let list = run(&["artifact", "ls", "-o", "json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(blob_files(&server).len(), 1);
+    up.terminate();
+}
