@@ -27,4 +27,12 @@ if [ ! -x /bin/busybox ] || ldd /bin/busybox >/dev/null 2>&1; then
     fi
 fi
 
+# The emulation tests build a static arm64 program with the cross compiler and run it
+# through qemu's user-mode emulator.
+if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch64-static >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user-static
+    fi
+fi
+
 cargo nextest run --workspace --no-fail-fast "$@"

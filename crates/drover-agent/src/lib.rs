@@ -53,6 +53,10 @@ pub struct AgentConfig {
     /// Cached artifact blobs not used by a running task are evicted, least recently used
     /// first, past this many bytes.
     pub artifact_cache_bytes: u64,
+    /// Platforms this node runs through an emulator, each with the emulator's
+    /// executable (a path, or a bare name looked up in `PATH` when the agent starts).
+    /// The emulator is run with the artifact's path and arguments after it.
+    pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
 }
 
 impl AgentConfig {
@@ -73,6 +77,7 @@ impl AgentConfig {
             limits: TaskLimits::default(),
             max_backoff: Duration::from_secs(10),
             artifact_cache_bytes: 10 << 30,
+            emulate: Vec::new(),
         }
     }
 }
@@ -86,6 +91,47 @@ pub enum AgentError {
     },
     #[error("bad server URL {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     ServerUrl(String),
+    #[error("emulator {interpreter:?} for {platform}: {why}")]
+    Emulator {
+        platform: drover_core::platform::Platform,
+        interpreter: PathBuf,
+        why: String,
+    },
+}
+
+/// Finds an emulator's executable: a path as given, a bare name in the agent's `PATH`.
+/// The agent's own `PATH` is read here because the emulator is the agent's tool, chosen
+/// by its operator; tasks never see it.
+fn resolve_emulator(
+    platform: &drover_core::platform::Platform,
+    interpreter: &std::path::Path,
+) -> Result<PathBuf, AgentError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |why: String| AgentError::Emulator {
+        platform: platform.clone(),
+        interpreter: interpreter.to_path_buf(),
+        why,
+    };
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if interpreter.components().count() > 1 || interpreter.is_absolute() {
+        return if executable(interpreter) {
+            Ok(interpreter.to_path_buf())
+        } else {
+            Err(fail("not an executable file".into()))
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(interpreter))
+        .find(|p| executable(p))
+        .ok_or_else(|| {
+            fail(format!(
+                "not found in PATH ({}); install it or give its full path",
+                path.to_string_lossy()
+            ))
+        })
 }
 
 /// A running agent. Dropping it does not stop it; call [`Agent::shutdown`].
@@ -155,6 +201,11 @@ impl Agent {
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let url = connect_url(&cfg.server)?;
+        let emulate = cfg
+            .emulate
+            .iter()
+            .map(|(p, i)| Ok((p.clone(), resolve_emulator(p, i)?)))
+            .collect::<Result<Vec<_>, AgentError>>()?;
         let node_id = load_node_id(&cfg.data_dir).map_err(dd)?;
         // Fingerprints run side by side, each bounded, so one slow engine or plugin
         // neither delays the others nor holds up the agent.
@@ -211,6 +262,7 @@ impl Agent {
             tasks::ArtifactSupport {
                 cache,
                 node: node_platform,
+                emulate: emulate.clone(),
             },
         )
         .map_err(dd)?;
@@ -263,6 +315,7 @@ impl Agent {
             libc: Some(machine.libc),
             uname: machine.uname.map(Box::new),
             agent_arch: machine.agent_arch,
+            emulates: emulate.iter().map(|(p, _)| p.clone()).collect(),
         };
         let conn = Connection {
             url,

@@ -10,7 +10,9 @@ use crate::dirpool::DirPool;
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
-use drover_core::platform::{BinaryPlatform, NodePlatform, detect_executable, runs_on};
+use drover_core::platform::{
+    BinaryPlatform, NodePlatform, Platform, detect_executable, runs_emulated, runs_on,
+};
 use drover_core::protocol::{
     AgentEvent, AssignedArtifact, Command, LogStream, TaskAssignment, UsageSample,
 };
@@ -105,6 +107,41 @@ pub struct ArtifactSupport {
     /// This node's platform, to check a file before it is run; `None` when the machine
     /// is one Drover does not know, and then no check is made.
     pub node: Option<NodePlatform>,
+    /// The platforms this node runs through an emulator, each with the emulator's
+    /// resolved executable.
+    pub emulate: Vec<(Platform, PathBuf)>,
+}
+
+impl ArtifactSupport {
+    /// The emulator a binary needs here: `None` when the node runs it natively (or it
+    /// runs nowhere here, which the format check reports), else the emulated platform
+    /// and its emulator.
+    fn emulator(&self, binary: &BinaryPlatform) -> Option<(&Platform, &PathBuf)> {
+        if self
+            .node
+            .as_ref()
+            .is_some_and(|n| runs_on(binary, n).is_some())
+        {
+            return None;
+        }
+        let platforms: Vec<Platform> = self.emulate.iter().map(|(p, _)| p.clone()).collect();
+        let found = runs_emulated(binary, &platforms)?;
+        self.emulate
+            .iter()
+            .find(|(p, _)| p == found)
+            .map(|(p, i)| (p, i))
+    }
+
+    /// What a task's status says when its artifact runs under emulation.
+    fn emulation_note(&self, a: &TaskAssignment, verb: &str) -> Option<String> {
+        let art = a.artifact.as_ref()?;
+        let (platform, interpreter) = self.emulator(&art.variant.platform)?;
+        let name = interpreter
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| interpreter.display().to_string());
+        Some(format!("{verb} {platform} under emulation ({name})"))
+    }
 }
 
 impl TaskManager {
@@ -306,6 +343,21 @@ impl TaskManager {
             // With no command, the job runs its artifact.
             if spec.command.is_empty() {
                 spec.command = vec![path.display().to_string()];
+            }
+            // A build for an emulated platform runs through the emulator, when the
+            // command runs the artifact itself; a command that runs something else (a
+            // script calling it, say) is left as written.
+            if let Some((_, interpreter)) = self.artifacts.emulator(&art.variant.platform) {
+                let relative = format!("./{}", art.reference.name);
+                let absolute = path.display().to_string();
+                if spec
+                    .command
+                    .first()
+                    .is_some_and(|c| *c == relative || *c == absolute)
+                {
+                    spec.command[0] = absolute;
+                    spec.command.insert(0, interpreter.display().to_string());
+                }
             }
         }
         TaskContext {
@@ -542,7 +594,10 @@ impl TaskManager {
                 seq: 0,
                 task_id: id.clone(),
                 state: TaskState::Running,
-                reason: String::new(),
+                reason: self
+                    .artifacts
+                    .emulation_note(&a, "running")
+                    .unwrap_or_default(),
                 exit: None,
                 at: now_millis(),
                 ports: started.ports,
@@ -613,9 +668,11 @@ impl TaskManager {
                     exit_of(st),
                 )
             }
+            // An emulated run says so to the end, since a success reason is otherwise
+            // empty and would clear the running one.
             (Ok(ExitStatus::Exited(0)), None) => (
                 TaskState::Succeeded,
-                String::new(),
+                self.artifacts.emulation_note(&a, "ran").unwrap_or_default(),
                 exit_of(&ExitStatus::Exited(0)),
             ),
             (Ok(st @ ExitStatus::Exited(code)), None) => (
@@ -747,7 +804,10 @@ impl TaskManager {
             // Checked here so a wrong build fails with a reason, not "exec format error".
             let head = read_head(lease.path()).map_err(|e| format!("artifact {r}: {e}"))?;
             match detect_executable(&head) {
-                Ok(exe) if exe.platforms.iter().any(|p| runs_on(p, node).is_some()) => {}
+                Ok(exe)
+                    if exe.platforms.iter().any(|p| {
+                        runs_on(p, node).is_some() || self.artifacts.emulator(p).is_some()
+                    }) => {}
                 Ok(exe) => {
                     let built: Vec<String> = exe.platforms.iter().map(|p| p.to_string()).collect();
                     return Err(format!(

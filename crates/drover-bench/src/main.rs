@@ -446,6 +446,7 @@ async fn mock_node(
             libc: None,
             uname: None,
             agent_arch: String::new(),
+            emulates: Vec::new(),
         },
         known_tasks: vec![],
     });

@@ -26,6 +26,8 @@ pub struct RuntimeOptions {
     pub docker_host: Option<String>,
     /// External plugins, by name and executable.
     pub plugins: Vec<(String, PathBuf)>,
+    /// Platforms the agent runs through an emulator, with the emulator's executable.
+    pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
 }
 
 /// The runtimes an agent in this binary offers. The process runtime uses this very
@@ -156,6 +158,7 @@ pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
     }
     cfg.labels = opts.labels;
     cfg.capacity = opts.capacity;
+    cfg.emulate = opts.runtimes.emulate.clone();
     Agent::start(cfg).await.context("starting the agent")
 }
 

@@ -197,6 +197,11 @@ struct RuntimeArgs {
     /// Do not offer the docker runtime even when an engine answers.
     #[arg(long)]
     no_docker: bool,
+    /// Run another platform's binaries through an emulator, PLATFORM=INTERPRETER (e.g.
+    /// linux/arm64=qemu-aarch64-static); repeatable. Such builds are placed here only
+    /// when no node runs one of the artifact's builds natively.
+    #[arg(long = "emulate", value_parser = parse_emulate, value_name = "PLATFORM=INTERPRETER")]
+    emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
 }
 
 impl RuntimeArgs {
@@ -205,8 +210,25 @@ impl RuntimeArgs {
             docker: !self.no_docker,
             docker_host: self.docker_host.clone(),
             plugins: self.plugins.clone(),
+            emulate: self.emulate.clone(),
         }
     }
+}
+
+fn parse_emulate(s: &str) -> Result<(drover_core::platform::Platform, PathBuf), String> {
+    let (platform, interpreter) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--emulate {s:?}: expected PLATFORM=INTERPRETER"))?;
+    let platform = platform
+        .trim()
+        .parse()
+        .map_err(|e| format!("--emulate {s:?}: platform {platform:?}: {e}"))?;
+    if interpreter.trim().is_empty() {
+        return Err(format!(
+            "--emulate {s:?}: expected an interpreter (a path or a name in PATH) after '='"
+        ));
+    }
+    Ok((platform, PathBuf::from(interpreter.trim())))
 }
 
 fn parse_plugin(s: &str) -> Result<(String, PathBuf), String> {

@@ -8,7 +8,9 @@
 use crate::state::{NodeEntry, State};
 use crate::{Inner, Tx};
 use drover_core::artifact::{ArtifactRef, Variant};
-use drover_core::platform::{BinaryPlatform, Libc, LibcKind, NodePlatform, Platform, select};
+use drover_core::platform::{
+    BinaryPlatform, Libc, LibcKind, NodePlatform, Platform, select, select_emulated,
+};
 use drover_core::spec::{Constraint, ConstraintKey, ConstraintOp, JobSpec};
 use drover_core::state::{NodeInfo, NodeStatus, Task};
 use drover_core::{JobId, NodeId, ProjectId, TaskId, TaskState};
@@ -80,7 +82,10 @@ fn node_runs(info: &NodeInfo, want: &str) -> bool {
     }
 }
 
-/// The variant of an artifact a node gets: the best match for its platform and libc.
+/// The variant of an artifact a node gets: the best match for its platform and libc, or
+/// else the best one for a platform it emulates. The scheduler only places a task on a
+/// node through emulation when the node runs no variant natively, so this is always the
+/// variant the scheduler chose.
 pub(crate) fn variant_for(
     state: &State,
     project: &ProjectId,
@@ -90,7 +95,9 @@ pub(crate) fn variant_for(
     let a = state
         .artifacts
         .get(&(project.clone(), r.name.clone(), r.version.clone()))?;
-    pick(&a.variants, info).cloned()
+    pick(&a.variants, info)
+        .or_else(|| pick_emulated(&a.variants, info))
+        .cloned()
 }
 
 fn pick<'a>(variants: &'a [Variant], info: &NodeInfo) -> Option<&'a Variant> {
@@ -106,6 +113,24 @@ fn pick<'a>(variants: &'a [Variant], info: &NodeInfo) -> Option<&'a Variant> {
     variants.iter().find(|v| &v.platform == chosen)
 }
 
+/// The variant a node runs through one of its emulators, if it has any.
+fn pick_emulated<'a>(variants: &'a [Variant], info: &NodeInfo) -> Option<&'a Variant> {
+    if info.emulates.is_empty() {
+        return None;
+    }
+    let offered: Vec<BinaryPlatform> = variants.iter().map(|v| v.platform.clone()).collect();
+    let chosen = select_emulated(&offered, &info.emulates)?;
+    variants.iter().find(|v| &v.platform == chosen)
+}
+
+/// How a node may run a job's artifact: natively, or (in the scheduler's second pass,
+/// when no node runs it natively) through an emulator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Execution {
+    Native,
+    Emulated,
+}
+
 /// Why a node cannot take a task, for the pending reason.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Misfit {
@@ -116,14 +141,24 @@ enum Misfit {
     Resources,
 }
 
-fn fits(node: &NodeEntry, spec: &JobSpec, variants: Option<&[Variant]>) -> Result<(), Misfit> {
+fn fits(
+    node: &NodeEntry,
+    spec: &JobSpec,
+    variants: Option<&[Variant]>,
+    how: Execution,
+) -> Result<(), Misfit> {
     if !node.node.info.runtimes.contains(&spec.runtime) {
         return Err(Misfit::Runtime);
     }
-    if let Some(vs) = variants
-        && pick(vs, &node.node.info).is_none()
-    {
-        return Err(Misfit::Platform);
+    if let Some(vs) = variants {
+        let info = &node.node.info;
+        let runs = match how {
+            Execution::Native => pick(vs, info).is_some(),
+            Execution::Emulated => pick(vs, info).is_none() && pick_emulated(vs, info).is_some(),
+        };
+        if !runs {
+            return Err(Misfit::Platform);
+        }
     }
     if !spec.constraints.iter().all(|c| holds(node, c)) {
         return Err(Misfit::Constraint);
@@ -242,31 +277,40 @@ impl Inner {
                 m
             });
             let mut best: Option<(u32, f64, NodeId)> = None;
-            let mut seen = 0;
             let mut why: HashMap<Misfit, u32> = HashMap::new();
+            let variants = variants.as_deref().map(Vec::as_slice);
+            // Nodes that run no variant natively; they are looked at again, for an
+            // emulated variant, only when no node at all runs one natively.
+            let mut foreign: Vec<NodeId> = Vec::new();
+            let mut seen = 0;
             for k in 0..ready.len() {
                 let node_id = &ready[(state.cursor + k) % ready.len()];
                 let Some(entry) = state.nodes.get(node_id) else {
                     continue;
                 };
-                match fits(entry, &spec, variants.as_deref().map(Vec::as_slice)) {
+                match fits(entry, &spec, variants, Execution::Native) {
                     Ok(()) => {
-                        let cap = entry.node.info.capacity;
-                        let load = entry.allocated.cpu / cap.cpu.max(1e-9)
-                            + entry.allocated.memory.0 as f64 / (cap.memory.0.max(1) as f64);
-                        let same_job = counts.get(node_id).copied().unwrap_or(0);
-                        if best
-                            .as_ref()
-                            .is_none_or(|(c, l, _)| (same_job, load) < (*c, *l))
-                        {
-                            best = Some((same_job, load, node_id.clone()));
-                        }
+                        consider(entry, node_id, counts, &mut best);
                         seen += 1;
-                        if seen >= CANDIDATES || (same_job == 0 && load == 0.0) {
+                        if seen >= CANDIDATES
+                            || best.as_ref().is_some_and(|b| b.0 == 0 && b.1 == 0.0)
+                        {
                             break;
                         }
                     }
+                    Err(Misfit::Platform) => foreign.push(node_id.clone()),
                     Err(m) => *why.entry(m).or_insert(0) += 1,
+                }
+            }
+            if best.is_none() {
+                for node_id in &foreign {
+                    let Some(entry) = state.nodes.get(node_id) else {
+                        continue;
+                    };
+                    match fits(entry, &spec, variants, Execution::Emulated) {
+                        Ok(()) => consider(entry, node_id, counts, &mut best),
+                        Err(m) => *why.entry(m).or_insert(0) += 1,
+                    }
                 }
             }
             match best {
@@ -315,8 +359,29 @@ impl Inner {
     }
 }
 
+/// Scores a node that fits a task and keeps it in `best` if it is the best so far: fewest
+/// tasks of the same job, then least loaded.
+fn consider(
+    entry: &NodeEntry,
+    node_id: &NodeId,
+    counts: &HashMap<NodeId, u32>,
+    best: &mut Option<(u32, f64, NodeId)>,
+) {
+    let cap = entry.node.info.capacity;
+    let load = entry.allocated.cpu / cap.cpu.max(1e-9)
+        + entry.allocated.memory.0 as f64 / (cap.memory.0.max(1) as f64);
+    let same_job = counts.get(node_id).copied().unwrap_or(0);
+    if best
+        .as_ref()
+        .is_none_or(|(c, l, _)| (same_job, load) < (*c, *l))
+    {
+        *best = Some((same_job, load, node_id.clone()));
+    }
+}
+
 /// Names what a job's artifact offers and what the ready nodes are, e.g.
-/// "artifact app:1.2 has linux/arm64, darwin/arm64; nodes: linux/amd64/v3+gnu ×3".
+/// "artifact app:1.2 has linux/arm64, darwin/arm64; nodes: linux/amd64/v3+gnu ×3", with
+/// the platforms a node emulates after its count ("(emulates linux/riscv64)").
 fn artifact_misfit(state: &State, job: &drover_core::state::Job) -> String {
     let Some(r) = &job.spec.artifact else {
         return String::new();
@@ -331,7 +396,7 @@ fn artifact_misfit(state: &State, job: &drover_core::state::Job) -> String {
             .join(", "),
         None => return format!("artifact {r} does not exist"),
     };
-    let mut nodes: std::collections::BTreeMap<String, u32> = Default::default();
+    let mut nodes: std::collections::BTreeMap<(String, String), u32> = Default::default();
     for e in state.nodes.values() {
         if e.node.status == NodeStatus::Ready {
             let info = &e.node.info;
@@ -340,10 +405,21 @@ fn artifact_misfit(state: &State, job: &drover_core::state::Job) -> String {
                 .as_ref()
                 .map(|l| format!("+{}", l.kind))
                 .unwrap_or_default();
-            *nodes.entry(format!("{}{libc}", info.platform)).or_default() += 1;
+            let emulates = if info.emulates.is_empty() {
+                String::new()
+            } else {
+                let list: Vec<String> = info.emulates.iter().map(Platform::to_string).collect();
+                format!(" (emulates {})", list.join(", "))
+            };
+            *nodes
+                .entry((format!("{}{libc}", info.platform), emulates))
+                .or_default() += 1;
         }
     }
-    let nodes: Vec<String> = nodes.iter().map(|(p, n)| format!("{p} ×{n}")).collect();
+    let nodes: Vec<String> = nodes
+        .iter()
+        .map(|((p, emulates), n)| format!("{p} ×{n}{emulates}"))
+        .collect();
     format!("artifact {r} has {offered}; nodes: {}", nodes.join(", "))
 }
 
@@ -383,5 +459,85 @@ fn pending_reason(
         format!("waiting for a node ({ready} ready)")
     } else {
         format!("no node can run it: {}", parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(platform: &str, emulates: &[&str]) -> NodeInfo {
+        let mut info: NodeInfo = serde_json::from_value(serde_json::json!({
+            "name": "n",
+            "platform": platform,
+            "runtimes": ["process"],
+            "capacity": {"cpu": 1.0, "memory": "1Gi"},
+        }))
+        .unwrap();
+        info.emulates = emulates.iter().map(|p| p.parse().unwrap()).collect();
+        info
+    }
+
+    fn variants(platforms: &[&str]) -> Vec<Variant> {
+        platforms
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Variant {
+                platform: p.parse().unwrap(),
+                digest: drover_core::artifact::Digest::of_hex(&format!("{i:064x}")).unwrap(),
+                size: 1,
+            })
+            .collect()
+    }
+
+    fn chosen(vs: &[Variant], info: &NodeInfo) -> Option<String> {
+        pick(vs, info)
+            .or_else(|| pick_emulated(vs, info))
+            .map(|v| v.platform.to_string())
+    }
+
+    #[test]
+    fn a_native_variant_is_preferred_over_an_emulated_one() {
+        let emu = node("linux/amd64/v3", &["linux/arm64"]);
+        let both = variants(&["linux/arm64", "linux/amd64"]);
+        assert_eq!(chosen(&both, &emu).as_deref(), Some("linux/amd64"));
+        // The emulated variant is the only choice when none runs natively, and then
+        // only in the scheduler's second pass.
+        let arm = variants(&["linux/arm64"]);
+        assert_eq!(chosen(&arm, &emu).as_deref(), Some("linux/arm64"));
+        assert!(pick(&arm, &emu).is_none());
+        // Without an emulator, or for a build that needs the emulated machine's libc,
+        // nothing runs.
+        assert_eq!(chosen(&arm, &node("linux/amd64/v3", &[])), None);
+        assert_eq!(chosen(&variants(&["linux/arm64+gnu"]), &emu), None);
+    }
+
+    #[test]
+    fn an_emulating_node_fits_only_when_no_variant_runs_natively() {
+        let entry = |info: NodeInfo| NodeEntry {
+            node: drover_core::state::Node {
+                id: NodeId::from("n"),
+                info,
+                status: NodeStatus::Ready,
+                last_seen: 0,
+                last_event_seq: 0,
+                registered_at: 0,
+            },
+            allocated: Default::default(),
+            tasks: Default::default(),
+        };
+        let spec: JobSpec = serde_json::from_value(serde_json::json!({
+            "name": "j",
+            "runtime": "process",
+            "artifact": "a:1",
+        }))
+        .unwrap();
+        let emu = entry(node("linux/amd64/v3", &["linux/arm64"]));
+        let arm = variants(&["linux/arm64"]);
+        let both = variants(&["linux/arm64", "linux/amd64"]);
+        assert!(fits(&emu, &spec, Some(&arm), Execution::Native).is_err());
+        assert!(fits(&emu, &spec, Some(&arm), Execution::Emulated).is_ok());
+        assert!(fits(&emu, &spec, Some(&both), Execution::Native).is_ok());
+        assert!(fits(&emu, &spec, Some(&both), Execution::Emulated).is_err());
     }
 }

@@ -623,6 +623,42 @@ pub fn select<'a>(
         .map(|(_, b)| b)
 }
 
+/// The node platform an emulated platform offers binaries. An emulator brings no C
+/// library of the emulated machine with it, so only binaries that need none (static
+/// ones) run under it.
+fn emulated_node(platform: &Platform) -> NodePlatform {
+    NodePlatform {
+        platform: platform.clone(),
+        libc: Libc::new(LibcKind::Unknown, None),
+    }
+}
+
+/// The first of a node's emulated platforms that runs a binary, if any. A
+/// platform-independent binary never needs an emulator, so it gives `None`.
+pub fn runs_emulated<'a>(
+    binary: &BinaryPlatform,
+    emulated: &'a [Platform],
+) -> Option<&'a Platform> {
+    if matches!(binary, BinaryPlatform::Any) {
+        return None;
+    }
+    emulated
+        .iter()
+        .find(|e| runs_on(binary, &emulated_node(e)).is_some())
+}
+
+/// The best binary for a node that runs none of those offered natively but emulates
+/// other platforms: the best one (as [`select`] ranks them) for the first emulated
+/// platform that runs any.
+pub fn select_emulated<'a>(
+    offered: &'a [BinaryPlatform],
+    emulated: &[Platform],
+) -> Option<&'a BinaryPlatform> {
+    emulated.iter().find_map(|e| {
+        select(offered, &emulated_node(e)).filter(|b| !matches!(b, BinaryPlatform::Any))
+    })
+}
+
 // ---------------------------------------------------------------------------------------
 // Executable format detection.
 // ---------------------------------------------------------------------------------------

@@ -280,6 +280,10 @@ pub struct NodeInfo {
     /// from the machine's (a 32-bit agent on a 64-bit kernel, or under emulation).
     #[serde(default)]
     pub agent_arch: String,
+    /// Platforms the node runs through an emulator it was explicitly given (`qemu-user`,
+    /// say). The scheduler uses them only when no node runs a job's artifact natively.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emulates: Vec<Platform>,
 }
 
 impl NodeInfo {

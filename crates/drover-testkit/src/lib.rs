@@ -81,6 +81,8 @@ pub struct AgentOptions {
     pub docker: bool,
     /// Plugin runtimes, by name and executable.
     pub plugins: Vec<(String, PathBuf)>,
+    /// Platforms the agent runs through an emulator, with the emulator's executable.
+    pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
 }
 
 impl AgentOptions {
@@ -98,6 +100,7 @@ impl AgentOptions {
             limits: None,
             docker: false,
             plugins: Vec::new(),
+            emulate: Vec::new(),
         }
     }
 
@@ -200,6 +203,7 @@ pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Re
     cfg.name = opts.name;
     cfg.labels = opts.labels;
     cfg.capacity = Some(opts.capacity);
+    cfg.emulate = opts.emulate;
     cfg.max_backoff = Duration::from_millis(500);
     if let Some(l) = opts.limits {
         cfg.limits = l;

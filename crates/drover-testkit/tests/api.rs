@@ -228,6 +228,7 @@ impl FakeAgent {
                 libc: None,
                 uname: None,
                 agent_arch: String::new(),
+                emulates: Vec::new(),
             },
             known_tasks: vec![],
         })
