@@ -471,6 +471,28 @@ impl Api {
     }
 
     /// `POST /v1/artifacts` with a JSON body.
+    /// Uploads `files` (platform, bytes) and creates them as version 1 of artifact
+    /// `name`; any answer but success is an error.
+    pub async fn push_artifact(&self, name: &str, files: &[(&str, &[u8])]) -> Result<()> {
+        let mut variants = Vec::new();
+        for (platform, bytes) in files {
+            let digest = digest_of(bytes);
+            let (status, body) = self.put_blob(&digest, bytes.to_vec()).await?;
+            if status != 200 && status != 201 {
+                bail!("uploading {digest}: {status} {body}");
+            }
+            variants.push(serde_json::json!({
+                "platform": platform, "digest": digest, "size": bytes.len(),
+            }));
+        }
+        let body = serde_json::json!({ "name": name, "version": "1", "variants": variants });
+        let (status, answer) = self.create_artifact(&body).await?;
+        if status != 201 {
+            bail!("creating artifact {name}:1: {status} {answer}");
+        }
+        Ok(())
+    }
+
     pub async fn create_artifact(&self, body: &serde_json::Value) -> Result<(u16, String)> {
         self.raw(
             reqwest::Method::POST,

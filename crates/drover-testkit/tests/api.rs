@@ -165,6 +165,17 @@ impl FakeAgent {
         }
     }
 
+    /// Connects with the join token and says hello; returns once welcomed.
+    async fn joined(url: &str) -> FakeAgent {
+        let mut agent = FakeAgent::connect(url, JOIN_TOKEN).await.unwrap();
+        agent.send(&FakeAgent::hello(PROTOCOL_VERSION)).await;
+        assert!(matches!(
+            agent.recv().await,
+            Some(ControllerMessage::Welcome { .. })
+        ));
+        agent
+    }
+
     /// Waits for the next Start command, acknowledges it and returns its task.
     async fn next_start(&mut self) -> TaskId {
         loop {
@@ -331,12 +342,7 @@ async fn a_task_an_agent_never_starts_fails_at_the_controllers_deadline_and_is_f
     .unwrap();
     let api = c.api();
     // An agent that acknowledges the start and then never reports anything.
-    let mut agent = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
-    agent.send(&FakeAgent::hello(PROTOCOL_VERSION)).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(ControllerMessage::Welcome { .. })
-    ));
+    let mut agent = FakeAgent::joined(&c.url).await;
     api.apply_yaml("name: ignored\nruntime: mock\nrestart: { attempts: 0 }\n")
         .await
         .unwrap();
@@ -368,12 +374,7 @@ async fn a_task_whose_stop_is_never_reported_is_lost_at_the_stop_deadline_and_fo
     .await
     .unwrap();
     let api = c.api();
-    let mut agent = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
-    agent.send(&FakeAgent::hello(PROTOCOL_VERSION)).await;
-    assert!(matches!(
-        agent.recv().await,
-        Some(ControllerMessage::Welcome { .. })
-    ));
+    let mut agent = FakeAgent::joined(&c.url).await;
     api.apply_yaml("name: stuck\nkind: service\nruntime: mock\nstop_grace: 100ms\n")
         .await
         .unwrap();

@@ -3,27 +3,10 @@
 
 use drover_core::TaskState;
 use drover_core::state::JobStatus;
-use drover_testkit::{AgentOptions, Api, TestCluster, digest_of};
-use serde_json::json;
+use drover_testkit::{AgentOptions, TestCluster};
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(30);
-
-/// Uploads `files` (platform, bytes) as one artifact version.
-async fn push(api: &Api, name: &str, files: &[(&str, Vec<u8>)]) {
-    let mut variants = Vec::new();
-    for (platform, bytes) in files {
-        let digest = digest_of(bytes);
-        let (status, body) = api.put_blob(&digest, bytes.clone()).await.unwrap();
-        assert!(status == 200 || status == 201, "{status} {body}");
-        variants.push(json!({ "platform": platform, "digest": digest, "size": bytes.len() }));
-    }
-    let (status, body) = api
-        .create_artifact(&json!({ "name": name, "version": "1", "variants": variants }))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-}
 
 /// A static amd64 ELF with its machine field changed to arm64: a file this node must
 /// refuse to run, found by its header.
@@ -39,7 +22,9 @@ async fn jobs_run_the_variant_for_their_node_from_the_cache_or_wait_with_a_reaso
     let agent = c.agent(AgentOptions::named("n1")).await.unwrap();
     let api = c.api();
     let script = b"#!/bin/sh\necho \"hello from $(basename $DROVER_ARTIFACT) arg=$1\"\n".to_vec();
-    push(&api, "hello", &[("any", script)]).await;
+    api.push_artifact("hello", &[("any", script.as_slice())])
+        .await
+        .unwrap();
 
     // With no command the artifact itself runs; with one, the command can call it.
     api.apply_yaml("name: run-it\ncount: 2\nartifact: hello:1\n")
@@ -67,12 +52,15 @@ async fn jobs_run_the_variant_for_their_node_from_the_cache_or_wait_with_a_reaso
     );
 
     // The node's own build: /bin/true is a glibc amd64 executable.
-    push(
-        &api,
+    api.push_artifact(
         "native",
-        &[("linux/amd64+gnu", std::fs::read("/bin/true").unwrap())],
+        &[(
+            "linux/amd64+gnu",
+            std::fs::read("/bin/true").unwrap().as_slice(),
+        )],
     )
-    .await;
+    .await
+    .unwrap();
     api.apply_yaml("name: native\nartifact: native:1\nrestart: { attempts: 0 }\n")
         .await
         .unwrap();
@@ -80,12 +68,12 @@ async fn jobs_run_the_variant_for_their_node_from_the_cache_or_wait_with_a_reaso
     assert_eq!(job.job.status, JobStatus::Complete, "{:?}", job.job);
 
     // Only a build for another machine: nothing can run it, and the reason says why.
-    push(
-        &api,
+    api.push_artifact(
         "mac",
-        &[("darwin/arm64", b"\xcf\xfa\xed\xfe not really".to_vec())],
+        &[("darwin/arm64", &b"\xcf\xfa\xed\xfe not really"[..])],
     )
-    .await;
+    .await
+    .unwrap();
     api.apply_yaml("name: mac\nartifact: mac:1\n")
         .await
         .unwrap();
@@ -101,7 +89,9 @@ async fn jobs_run_the_variant_for_their_node_from_the_cache_or_wait_with_a_reaso
 
     // A file whose header contradicts its declared platform fails with a clear reason
     // instead of "exec format error".
-    push(&api, "liar", &[("linux/amd64", arm64_elf())]).await;
+    api.push_artifact("liar", &[("linux/amd64", arm64_elf().as_slice())])
+        .await
+        .unwrap();
     api.apply_yaml("name: liar\nartifact: liar:1\nrestart: { attempts: 0 }\n")
         .await
         .unwrap();

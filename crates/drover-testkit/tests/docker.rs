@@ -5,6 +5,7 @@
 //! from those of tests running at the same time; each checks that none of its containers
 //! is left when it ends, and removes any that are (passed or not) when it is dropped.
 
+use drover_agent::Agent;
 use drover_core::state::JobStatus;
 use drover_core::{NodeId, TaskId, TaskState};
 use drover_testkit::images::{BUSYBOX_INDEX_HTML, busybox_image};
@@ -22,6 +23,16 @@ fn docker_agent(name: &str) -> AgentOptions {
     opts.mock = false;
     opts.docker = true;
     opts
+}
+
+/// A cluster with one docker-only agent, its node id, and a guard that removes the
+/// node's containers when the test ends, whatever happened.
+async fn docker_cluster(name: &str) -> (TestCluster, Agent, NodeId, Cleanup) {
+    let c = TestCluster::start().await.unwrap();
+    let agent = c.agent(docker_agent(name)).await.unwrap();
+    let node = agent.node_id().clone();
+    let cleanup = Cleanup(node.clone());
+    (c, agent, node, cleanup)
 }
 
 /// The test image, built if needed.
@@ -141,10 +152,7 @@ fn ticks(text: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_httpd_service_is_running_only_once_its_health_check_passes() {
     let image = image();
-    let c = TestCluster::start().await.unwrap();
-    let agent = c.agent(docker_agent("web")).await.unwrap();
-    let node = agent.node_id().clone();
-    let _cleanup = Cleanup(node.clone());
+    let (c, _agent, node, _cleanup) = docker_cluster("web").await;
     let api = c.api();
     api.apply_yaml(&format!(
         r#"
@@ -229,10 +237,7 @@ health:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_whose_health_check_never_passes_fails_without_ever_running() {
     let image = image();
-    let c = TestCluster::start().await.unwrap();
-    let agent = c.agent(docker_agent("web")).await.unwrap();
-    let node = agent.node_id().clone();
-    let _cleanup = Cleanup(node.clone());
+    let (c, _agent, node, _cleanup) = docker_cluster("web").await;
     let api = c.api();
     // Port 8080 is published, but nothing in the container listens on it.
     api.apply_yaml(&format!(
@@ -294,10 +299,7 @@ health:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_container_past_its_memory_limit_fails_with_reason_oom() {
     let image = image();
-    let c = TestCluster::start().await.unwrap();
-    let agent = c.agent(docker_agent("oom")).await.unwrap();
-    let node = agent.node_id().clone();
-    let _cleanup = Cleanup(node.clone());
+    let (c, _agent, node, _cleanup) = docker_cluster("oom").await;
     let api = c.api();
     // The shell doubles a string until the 16 MiB limit (with no swap) is hit.
     api.apply_yaml(&format!(
@@ -500,10 +502,7 @@ async fn a_container_left_by_a_deleted_task_is_removed_when_the_agent_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_image_with_pull_never_fails_the_task_with_a_clear_reason() {
-    let c = TestCluster::start().await.unwrap();
-    let agent = c.agent(docker_agent("noimage")).await.unwrap();
-    let node = agent.node_id().clone();
-    let _cleanup = Cleanup(node.clone());
+    let (c, _agent, node, _cleanup) = docker_cluster("noimage").await;
     let api = c.api();
     let start = Instant::now();
     api.apply_yaml(

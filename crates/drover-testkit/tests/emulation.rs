@@ -3,8 +3,7 @@
 //! under emulation.
 
 use drover_core::state::JobStatus;
-use drover_testkit::{AgentOptions, Api, TestCluster, digest_of};
-use serde_json::json;
+use drover_testkit::{AgentOptions, TestCluster};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -46,22 +45,6 @@ fn compile(compiler: &str, dir: &Path, out: &str) -> Vec<u8> {
     std::fs::read(bin).unwrap()
 }
 
-/// Uploads `files` (platform, bytes) as version 1 of an artifact.
-async fn push(api: &Api, name: &str, files: &[(&str, &[u8])]) {
-    let mut variants = Vec::new();
-    for (platform, bytes) in files {
-        let digest = digest_of(bytes);
-        let (status, body) = api.put_blob(&digest, bytes.to_vec()).await.unwrap();
-        assert!(status == 200 || status == 201, "{status} {body}");
-        variants.push(json!({ "platform": platform, "digest": digest, "size": bytes.len() }));
-    }
-    let (status, body) = api
-        .create_artifact(&json!({ "name": name, "version": "1", "variants": variants }))
-        .await
-        .unwrap();
-    assert_eq!(status, 201, "{body}");
-}
-
 fn emulating(name: &str) -> AgentOptions {
     let mut opts = AgentOptions::named(name).label("kind", name);
     opts.emulate = vec![(
@@ -99,16 +82,15 @@ async fn arm64_builds_run_under_emulation_only_where_no_native_build_fits() {
         .unwrap();
     let emu = c.agent(emulating("emu")).await.unwrap();
     let api = c.api();
-    push(
-        &api,
-        "hello",
-        &[("linux/arm64", &arm), ("linux/amd64", &amd)],
-    )
-    .await;
+    api.push_artifact("hello", &[("linux/arm64", &arm), ("linux/amd64", &amd)])
+        .await
+        .unwrap();
     // A byte more than `hello`'s arm64 build, so its blob is new: re-sending a blob the
     // server already has can close the client's pooled connection under the next request.
     let arm_only = [arm.as_slice(), &[0]].concat();
-    push(&api, "armonly", &[("linux/arm64", &arm_only)]).await;
+    api.push_artifact("armonly", &[("linux/arm64", &arm_only)])
+        .await
+        .unwrap();
 
     // (a) The native node runs the amd64 build.
     api.apply_yaml(
@@ -150,7 +132,9 @@ async fn arm64_builds_run_under_emulation_only_where_no_native_build_fits() {
 
     // A build nobody runs: the reason shows what the nodes emulate.
     // Bytes of its own, for the same reason.
-    push(&api, "riscv", &[("linux/riscv64", b"#!/bin/false\n")]).await;
+    api.push_artifact("riscv", &[("linux/riscv64", b"#!/bin/false\n")])
+        .await
+        .unwrap();
     api.apply_yaml("name: riscv\nartifact: riscv:1\n")
         .await
         .unwrap();
@@ -167,7 +151,9 @@ async fn arm64_builds_run_under_emulation_only_where_no_native_build_fits() {
     let c = TestCluster::start().await.unwrap();
     let native = c.agent(AgentOptions::named("native")).await.unwrap();
     let api = c.api();
-    push(&api, "armonly", &[("linux/arm64", &arm_only)]).await;
+    api.push_artifact("armonly", &[("linux/arm64", &arm_only)])
+        .await
+        .unwrap();
     api.apply_yaml("name: arm\nartifact: armonly:1\n")
         .await
         .unwrap();
