@@ -9,6 +9,7 @@ pub mod mock;
 pub mod plugin;
 pub mod process;
 pub mod shim;
+mod status;
 
 use async_trait::async_trait;
 use drover_core::spec::{JobSpec, RuntimeKind};

@@ -16,6 +16,7 @@
 
 use crate::process::DEFAULT_PATH;
 use crate::shim::signal_name;
+use crate::status::{settle, wait_status};
 use crate::{
     ExitStatus, Fingerprint, Recovered, Runtime, RuntimeError, Started, StopOutcome, TaskContext,
     TaskStats,
@@ -1075,7 +1076,7 @@ impl Runtime for PluginRuntime {
 
     async fn wait(&self, id: &TaskId) -> Result<ExitStatus, RuntimeError> {
         let mut status = self.shared.entry(id)?.status.subscribe();
-        wait_status(&mut status, id).await
+        wait_status(&mut status).await
     }
 
     async fn stop(&self, id: &TaskId, grace: Duration) -> Result<StopOutcome, RuntimeError> {
@@ -1089,7 +1090,7 @@ impl Runtime for PluginRuntime {
         if conn.generation != entry.generation {
             // The plugin that ran the task has died, which ends the task's wait (the
             // supervisor is about to record it, if it has not yet).
-            wait_status_for(&mut status, id, STOP_SETTLE).await?;
+            settle(&mut status, STOP_SETTLE, &format!("task {id}")).await?;
             return Ok(StopOutcome::AlreadyExited);
         }
         let params = json!({
@@ -1114,7 +1115,10 @@ impl Runtime for PluginRuntime {
                 )));
             }
         };
-        if wait_status_for(&mut status, id, STOP_SETTLE).await.is_err() {
+        if settle(&mut status, STOP_SETTLE, &format!("task {id}"))
+            .await
+            .is_err()
+        {
             // A stop returns once the task has ended, so it has; only how is unknown.
             entry.finish(ExitStatus::Unknown(format!(
                 "plugin {} stopped the task but reported no exit status",
@@ -1468,36 +1472,6 @@ fn parse_status(value: Value) -> Result<ExitStatus, String> {
         (None, Some(code), _) => Ok(ExitStatus::Exited(code)),
         (None, None, Some(why)) => Ok(ExitStatus::Unknown(why)),
         (None, None, None) => Err(format!("no code, signal, oom or unknown in {text}")),
-    }
-}
-
-/// Waits until the task's status is known.
-async fn wait_status(
-    status: &mut watch::Receiver<Option<ExitStatus>>,
-    id: &TaskId,
-) -> Result<ExitStatus, RuntimeError> {
-    match status.wait_for(Option::is_some).await {
-        Ok(value) => Ok(value.clone().unwrap_or_else(|| {
-            // `wait_for` only returns once the predicate holds.
-            ExitStatus::Unknown("no status".into())
-        })),
-        Err(_) => Err(RuntimeError::Other(format!(
-            "task {id} was destroyed while being waited for"
-        ))),
-    }
-}
-
-/// Waits, bounded, for the status of a task known to have ended.
-async fn wait_status_for(
-    status: &mut watch::Receiver<Option<ExitStatus>>,
-    id: &TaskId,
-    limit: Duration,
-) -> Result<ExitStatus, RuntimeError> {
-    match tokio::time::timeout(limit, wait_status(status, id)).await {
-        Ok(result) => result,
-        Err(_) => Err(RuntimeError::Other(format!(
-            "task {id} ended but its status was not reported in time"
-        ))),
     }
 }
 

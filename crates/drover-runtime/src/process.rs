@@ -9,6 +9,7 @@
 //! `<dir>/exit-status` so that it is known even if the agent was away when it ended.
 
 use crate::shim;
+use crate::status::{settle, wait_status};
 use crate::{
     ExitStatus, Fingerprint, Recovered, Runtime, RuntimeError, Started, StopOutcome, TaskContext,
 };
@@ -342,7 +343,7 @@ impl Runtime for ProcessRuntime {
             return Ok(StopOutcome::AlreadyExited);
         }
         if !self.signal(&entry, Signal::SIGTERM).await {
-            settle(&mut status).await?;
+            settle(&mut status, SETTLE_TIMEOUT, "the task").await?;
             return Ok(StopOutcome::AlreadyExited);
         }
         if tokio::time::timeout(grace, wait_status(&mut status))
@@ -353,7 +354,7 @@ impl Runtime for ProcessRuntime {
         }
         if !self.signal(&entry, Signal::SIGKILL).await {
             // It ended on its own between the grace running out and the kill.
-            settle(&mut status).await?;
+            settle(&mut status, SETTLE_TIMEOUT, "the task").await?;
             return Ok(StopOutcome::Graceful);
         }
         match tokio::time::timeout(KILL_TIMEOUT, wait_status(&mut status)).await {
@@ -479,31 +480,6 @@ async fn watch_adopted(
     let status = shim::read_status(&status_file)
         .unwrap_or_else(|| ExitStatus::Unknown(ADOPTED_UNKNOWN.to_string()));
     status_tx.send_replace(Some(status));
-}
-
-/// Waits until the task's status is known.
-async fn wait_status(
-    status: &mut watch::Receiver<Option<ExitStatus>>,
-) -> Result<ExitStatus, RuntimeError> {
-    match status.wait_for(Option::is_some).await {
-        Ok(value) => Ok(value.clone().unwrap_or_else(|| {
-            // `wait_for` only returns once the predicate holds.
-            ExitStatus::Unknown("no status".into())
-        })),
-        Err(_) => Err(RuntimeError::Other(
-            "the task's watcher ended without reporting a status".into(),
-        )),
-    }
-}
-
-/// Waits, bounded, for the status of a task known to have ended to be published.
-async fn settle(status: &mut watch::Receiver<Option<ExitStatus>>) -> Result<(), RuntimeError> {
-    match tokio::time::timeout(SETTLE_TIMEOUT, wait_status(status)).await {
-        Ok(result) => result.map(|_| ()),
-        Err(_) => Err(RuntimeError::Other(
-            "the task ended but its status was not recorded in time".into(),
-        )),
-    }
 }
 
 /// Converts a std exit status, naming the signal when there was one.

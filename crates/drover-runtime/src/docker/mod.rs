@@ -13,6 +13,7 @@ mod logs;
 mod reference;
 
 use crate::shim::signal_name;
+use crate::status::{settle, wait_status};
 use crate::{
     ExitStatus, Fingerprint, Recovered, Runtime, RuntimeError, Started, StopOutcome, TaskContext,
     TaskStats,
@@ -42,6 +43,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+
+/// How long the status of a container the engine says has ended may take to be
+/// published: the watcher publishes once the output is copied, which it bounds itself.
+const SETTLE_LIMIT: Duration = Duration::from_secs(LOG_DRAIN_TIMEOUT.as_secs() + 10);
 
 /// The label holding the task id of a container.
 pub const LABEL_TASK: &str = "drover.task";
@@ -560,7 +565,7 @@ impl Runtime for DockerRuntime {
         // The kill API rather than the engine's stop: its timeout counts whole seconds,
         // and a grace below one second must be honoured too.
         if !self.kill(&docker, &entry, Signal::SIGTERM).await? {
-            settle(&mut status).await?;
+            settle(&mut status, SETTLE_LIMIT, "the container").await?;
             return Ok(StopOutcome::AlreadyExited);
         }
         if tokio::time::timeout(grace, wait_status(&mut status))
@@ -571,7 +576,7 @@ impl Runtime for DockerRuntime {
         }
         if !self.kill(&docker, &entry, Signal::SIGKILL).await? {
             // It ended on its own between the grace running out and the kill.
-            settle(&mut status).await?;
+            settle(&mut status, SETTLE_LIMIT, "the container").await?;
             return Ok(StopOutcome::Graceful);
         }
         match tokio::time::timeout(KILL_TIMEOUT, wait_status(&mut status)).await {
@@ -960,33 +965,6 @@ fn ended_status(info: &ContainerInspectResponse, signals: &SentSignals) -> Optio
         return Some(ExitStatus::Signaled(signal_name((code - 128) as i32)));
     }
     Some(ExitStatus::Exited(i32::try_from(code).unwrap_or(-1)))
-}
-
-async fn wait_status(
-    status: &mut watch::Receiver<Option<ExitStatus>>,
-) -> Result<ExitStatus, RuntimeError> {
-    match status.wait_for(|s| s.is_some()).await {
-        Ok(s) => match s.as_ref() {
-            Some(st) => Ok(st.clone()),
-            // `wait_for` only returns once the predicate holds.
-            None => Err(RuntimeError::Other("the task's status vanished".into())),
-        },
-        Err(_) => Err(RuntimeError::Other(
-            "the task was destroyed before it ended".into(),
-        )),
-    }
-}
-
-/// Waits briefly for the status of a container the engine says is no longer running.
-async fn settle(status: &mut watch::Receiver<Option<ExitStatus>>) -> Result<(), RuntimeError> {
-    // The watcher publishes once the output is copied, which it bounds itself.
-    let limit = LOG_DRAIN_TIMEOUT + Duration::from_secs(10);
-    match tokio::time::timeout(limit, wait_status(status)).await {
-        Ok(r) => r.map(|_| ()),
-        Err(_) => Err(RuntimeError::Other(
-            "the container ended but its status was not read in time".into(),
-        )),
-    }
 }
 
 fn image_of(ctx: &TaskContext) -> Result<&str, RuntimeError> {
