@@ -250,21 +250,24 @@ impl Inner {
                     None => continue,
                 },
             };
-            let variants = offers
-                .entry(task.job_id.clone())
-                .or_insert_with(|| {
-                    let job = state.jobs.get(&task.job_id)?;
-                    let r = spec.artifact.as_ref()?;
-                    let key = (job.project.clone(), r.name.clone(), r.version.clone());
-                    Some(std::sync::Arc::new(
-                        state
-                            .artifacts
-                            .get(&key)
-                            .map(|a| a.variants.clone())
-                            .unwrap_or_default(),
-                    ))
-                })
-                .clone();
+            // Jobs without an artifact, the common case, skip the lookup entirely.
+            let variants = match &spec.artifact {
+                None => None,
+                Some(r) => offers
+                    .entry(task.job_id.clone())
+                    .or_insert_with(|| {
+                        let job = state.jobs.get(&task.job_id)?;
+                        let key = (job.project.clone(), r.name.clone(), r.version.clone());
+                        Some(std::sync::Arc::new(
+                            state
+                                .artifacts
+                                .get(&key)
+                                .map(|a| a.variants.clone())
+                                .unwrap_or_default(),
+                        ))
+                    })
+                    .clone(),
+            };
             let counts = spread.entry(task.job_id.clone()).or_insert_with(|| {
                 let mut m = HashMap::new();
                 for t in state.job_tasks(&task.job_id) {
