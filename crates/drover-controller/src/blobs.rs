@@ -168,6 +168,15 @@ impl BlobStore {
             // A fresh modification time marks the blob as wanted by a push in progress,
             // which garbage collection leaves alone until its artifact is created.
             touch(&dest).await?;
+            // The body is read and dropped: answering before the client has finished
+            // sending would leave its pooled connection broken for its next request.
+            let mut seen = 0u64;
+            while let Ok(Some(Ok(chunk))) = tokio::time::timeout(IDLE_TIMEOUT, body.next()).await {
+                seen += chunk.len() as u64;
+                if seen > self.max_size {
+                    break;
+                }
+            }
             return Ok(Stored::Existed);
         }
         let temp_path = self.dir.join(format!(
