@@ -172,7 +172,9 @@ pub struct Ephemeral {
 }
 
 impl Ephemeral {
-    pub async fn start() -> Result<Ephemeral> {
+    /// Starts it with the runtimes the one job needs: the Docker engine is asked only
+    /// when `docker` is set, so a plain `drover run` never waits on it.
+    pub async fn start(runtimes: RuntimeOptions) -> Result<Ephemeral> {
         let dir = tempfile::Builder::new()
             .prefix("drover-run-")
             .tempdir()
@@ -197,10 +199,7 @@ impl Ephemeral {
             name: None,
             labels: BTreeMap::new(),
             capacity: None,
-            runtimes: RuntimeOptions {
-                docker: true,
-                ..Default::default()
-            },
+            runtimes,
         })
         .await?;
         Ok(Ephemeral {

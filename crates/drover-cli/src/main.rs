@@ -566,7 +566,11 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     match resolve(cli)? {
         Some(c) => go(&c).await,
         None => {
-            let cluster = cluster::Ephemeral::start().await?;
+            let cluster = cluster::Ephemeral::start(cluster::RuntimeOptions {
+                docker: spec.runtime == RuntimeKind::Docker,
+                ..Default::default()
+            })
+            .await?;
             let c = Client::new(&cluster.server.url(), &cluster.token)?;
             let result = go(&c).await;
             cluster.stop().await;
