@@ -905,6 +905,211 @@ fn python_version() -> String {
         .unwrap_or_default()
 }
 
+// ---------------------------------------------------------------------------------------
+// Artifacts: how fast an agent fetches a blob it does not hold (against a raw copy of the
+// same bytes, in the same run), and what a cache hit adds to a task's start.
+
+/// Bytes that do not compress or repeat, made quickly (xorshift), different per `seed`.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Copies `from` into a new file at `to` through user space and syncs it: what the
+/// agent's download does to the disk, without the network and the hashing.
+fn raw_file_copy(from: &std::path::Path, to: &std::path::Path) -> Result<f64> {
+    let t0 = Instant::now();
+    let mut src = std::fs::File::open(from)?;
+    let mut dst = std::fs::File::create(to)?;
+    std::io::copy(&mut src, &mut dst)?;
+    dst.sync_all()?;
+    let took = ms(t0);
+    std::fs::remove_file(to)?;
+    Ok(took)
+}
+
+/// Sends `from` over a loopback TCP connection into a new file at `to` and syncs it: the
+/// agent's download with neither HTTP nor hashing.
+fn raw_loopback_copy(from: &std::path::Path, to: &std::path::Path) -> Result<f64> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let from = from.to_path_buf();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut sock, _) = listener.accept()?;
+        let mut src = std::fs::File::open(from)?;
+        std::io::copy(&mut src, &mut sock)?;
+        Ok(())
+    });
+    let t0 = Instant::now();
+    let mut sock = std::net::TcpStream::connect(addr)?;
+    let mut dst = std::fs::File::create(to)?;
+    std::io::copy(&mut sock, &mut dst)?;
+    dst.sync_all()?;
+    let took = ms(t0);
+    sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the sender thread panicked"))??;
+    std::fs::remove_file(to)?;
+    Ok(took)
+}
+
+async fn push_any(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    name: &str,
+    bytes: Vec<u8>,
+) -> Result<()> {
+    let digest = drover_testkit::digest_of(&bytes);
+    let size = bytes.len();
+    let resp = http
+        .put(format!("{url}/v1/blobs/{digest}"))
+        .bearer_auth(token)
+        .body(bytes)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("uploading {name}: {}", resp.text().await?);
+    }
+    let body = serde_json::json!({
+        "name": name, "version": "1",
+        "variants": [{ "platform": "any", "digest": digest, "size": size }],
+    });
+    let resp = http
+        .post(format!("{url}/v1/artifacts"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        bail!("creating artifact {name}:1: {}", resp.text().await?);
+    }
+    Ok(())
+}
+
+/// Submits a one-task job and returns the milliseconds to its end.
+async fn timed_job(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    spec: serde_json::Value,
+) -> Result<f64> {
+    let name = spec["name"].as_str().unwrap_or_default().to_string();
+    let t0 = Instant::now();
+    submit(http, url, token, &spec).await?;
+    let (_, exited) = stream_until_done(http, url, token, &name, t0).await?;
+    Ok(exited)
+}
+
+async fn artifacts(size_mib: usize, rounds: usize, hits: usize) -> Result<()> {
+    let size = size_mib << 20;
+    let scratch = bench_tempdir()?;
+    let server = Server::start("up")?;
+    let token = server.token("admin-token")?;
+    let http = reqwest::Client::new();
+    wait_ready(&http, &server.url, &token).await?;
+
+    let (mut file_copy, mut loopback, mut fetch) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let bytes = noise(size, round as u64 + 1);
+        let path = scratch.path().join("blob");
+        std::fs::write(&path, &bytes)?;
+        file_copy.push(raw_file_copy(&path, &scratch.path().join("copy"))?);
+        loopback.push(raw_loopback_copy(&path, &scratch.path().join("copy"))?);
+        std::fs::remove_file(&path)?;
+        let name = format!("big{round}");
+        push_any(&http, &server.url, &token, &name, bytes).await?;
+        // The first task downloads the blob; the second finds it cached. The difference
+        // is the fetch (request, transfer, hashing, sync, rename).
+        let cold = timed_job(&http, &server.url, &token, serde_json::json!({
+            "name": format!("cold{round}"), "artifact": format!("{name}:1"), "command": ["true"],
+        }))
+        .await?;
+        let warm = timed_job(&http, &server.url, &token, serde_json::json!({
+            "name": format!("warm{round}"), "artifact": format!("{name}:1"), "command": ["true"],
+        }))
+        .await?;
+        fetch.push(cold - warm);
+    }
+    let mb = size as f64 / (1 << 20) as f64;
+    let rate = |ms: f64| mb / (ms / 1000.0);
+    let (copy50, _) = summary(file_copy);
+    let (loop50, _) = summary(loopback);
+    let (fetch50, _) = summary(fetch);
+    println!(
+        "artifacts ({size_mib} MiB blob, {rounds} rounds, `drover up`, each copy synced to disk):"
+    );
+    println!(
+        "  raw file copy           p50 {copy50:8.1} ms  {:7.0} MiB/s   (baseline)",
+        rate(copy50)
+    );
+    println!(
+        "  raw loopback TCP copy   p50 {loop50:8.1} ms  {:7.0} MiB/s   (baseline)",
+        rate(loop50)
+    );
+    println!(
+        "  agent fetch (HTTP, sha256 verified)  p50 {fetch50:8.1} ms  {:7.0} MiB/s   = {:.0}% of file copy, {:.0}% of loopback copy",
+        rate(fetch50),
+        100.0 * copy50 / fetch50,
+        100.0 * loop50 / fetch50
+    );
+
+    // A cache hit against no artifact at all, interleaved so drift hits both alike.
+    push_any(&http, &server.url, &token, "small", noise(1 << 20, 99)).await?;
+    timed_job(
+        &http,
+        &server.url,
+        &token,
+        serde_json::json!({
+            "name": "prime", "artifact": "small:1", "command": ["true"],
+        }),
+    )
+    .await?;
+    let (mut hit, mut plain) = (Vec::new(), Vec::new());
+    for i in 0..hits {
+        hit.push(
+            timed_job(
+                &http,
+                &server.url,
+                &token,
+                serde_json::json!({
+                    "name": format!("hit{i}"), "artifact": "small:1", "command": ["true"],
+                }),
+            )
+            .await?,
+        );
+        plain.push(
+            timed_job(
+                &http,
+                &server.url,
+                &token,
+                serde_json::json!({
+                    "name": format!("plain{i}"), "command": ["true"],
+                }),
+            )
+            .await?,
+        );
+    }
+    let (hit50, hit99) = summary(hit);
+    let (plain50, plain99) = summary(plain);
+    println!(
+        "  task without artifact   p50 {plain50:7.2} ms  p99 {plain99:7.2} ms   (baseline, submit -> exited)"
+    );
+    println!(
+        "  task with cached artifact  p50 {hit50:7.2} ms  p99 {hit99:7.2} ms   cache-hit overhead p50 {:.2} ms",
+        hit50 - plain50
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
@@ -915,22 +1120,26 @@ async fn main() -> Result<()> {
         (1000, 100, 1000)
     };
     let (plugin_n, plugin_tasks) = if quick { (200, 20) } else { (2000, 100) };
+    let (artifact_mib, artifact_rounds, artifact_hits) =
+        if quick { (32, 2, 20) } else { (256, 5, 100) };
     match what.as_str() {
         "launch" => launch().await,
         "scheduling" => scheduling(nodes, jobs, per_job).await,
         "memory" => memory().await,
         "docker" => docker(if quick { 5 } else { 20 }).await,
         "plugin" => plugin(plugin_n, plugin_tasks).await,
+        "artifacts" => artifacts(artifact_mib, artifact_rounds, artifact_hits).await,
         "all" => {
             memory().await?;
             launch().await?;
             docker(if quick { 5 } else { 20 }).await?;
             plugin(plugin_n, plugin_tasks).await?;
+            artifacts(artifact_mib, artifact_rounds, artifact_hits).await?;
             scheduling(nodes, jobs, per_job).await
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin or all"
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts or all"
             )
         }
     }

@@ -28,6 +28,8 @@ pub struct RuntimeOptions {
     pub plugins: Vec<(String, PathBuf)>,
     /// Platforms the agent runs through an emulator, with the emulator's executable.
     pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
+    /// The artifact cache's size limit; the agent's default when `None`.
+    pub artifact_cache_bytes: Option<u64>,
 }
 
 /// The runtimes an agent in this binary offers. The process runtime uses this very
@@ -159,6 +161,9 @@ pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
     cfg.labels = opts.labels;
     cfg.capacity = opts.capacity;
     cfg.emulate = opts.runtimes.emulate.clone();
+    if let Some(bytes) = opts.runtimes.artifact_cache_bytes {
+        cfg.artifact_cache_bytes = bytes;
+    }
     Agent::start(cfg).await.context("starting the agent")
 }
 

@@ -202,6 +202,14 @@ struct RuntimeArgs {
     /// when no node runs one of the artifact's builds natively.
     #[arg(long = "emulate", value_parser = parse_emulate, value_name = "PLATFORM=INTERPRETER")]
     emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
+    /// How much disk the node's artifact cache may use, e.g. 2Gi; blobs no running task
+    /// uses are evicted, least recently used first, past it.
+    #[arg(long, default_value = "10Gi", value_parser = parse_byte_size, value_name = "SIZE")]
+    artifact_cache_size: ByteSize,
+}
+
+fn parse_byte_size(s: &str) -> Result<ByteSize, String> {
+    ByteSize::parse(s)
 }
 
 impl RuntimeArgs {
@@ -211,6 +219,7 @@ impl RuntimeArgs {
             docker_host: self.docker_host.clone(),
             plugins: self.plugins.clone(),
             emulate: self.emulate.clone(),
+            artifact_cache_bytes: Some(self.artifact_cache_size.0),
         }
     }
 }

@@ -51,6 +51,16 @@ fn run_rejects_bad_flags_clearly() {
     let out = home.run(&["run", "--memory", "12Zb", "--", "true"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--memory"), "{}", stderr(&out));
+    for cmd in [&["up"][..], &["agent", "--join-token", "x"]] {
+        let args = [cmd, &["--artifact-cache-size", "lots"]].concat();
+        let out = home.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("--artifact-cache-size") && err.contains("expected a size like"),
+            "{cmd:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -209,6 +209,82 @@ fn is_dynamically_linked(path: &Path) -> Result<bool> {
     }
 }
 
+/// Makes sure an image that claims to be built for `os`/`arch` exists and returns its
+/// tag. It holds one text file and would not run anywhere; it exists to be refused by
+/// the platform check. Made with `docker load` of a hand-written image archive, since
+/// this engine's `docker import --platform` ignores the platform.
+pub fn foreign_image(os: &str, arch: &str) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let tag = format!("drover-test/foreign-{os}-{arch}:1");
+    if image_exists(&tag)? {
+        return Ok(tag);
+    }
+    let work = tempfile::tempdir().context("cannot create a temporary build directory")?;
+    let pack = |dir: &Path, out: &Path| -> Result<()> {
+        let tar = Command::new("tar")
+            .arg("-C")
+            .arg(dir)
+            .arg("-cf")
+            .arg(out)
+            .arg(".")
+            .output()
+            .context("cannot run tar")?;
+        if !tar.status.success() {
+            bail!(
+                "tar failed: {}",
+                String::from_utf8_lossy(&tar.stderr).trim()
+            );
+        }
+        Ok(())
+    };
+    let layer_root = work.path().join("layer");
+    std::fs::create_dir_all(&layer_root)?;
+    std::fs::write(
+        layer_root.join("README"),
+        format!("an image for {os}/{arch}\n"),
+    )?;
+    let archive = work.path().join("archive");
+    std::fs::create_dir_all(&archive)?;
+    let layer_tar = work.path().join("layer.tar");
+    pack(&layer_root, &layer_tar)?;
+    let layer = std::fs::read(&layer_tar)?;
+    let layer_digest = format!("{:x}", Sha256::digest(&layer));
+    std::fs::create_dir_all(archive.join(&layer_digest))?;
+    std::fs::write(archive.join(&layer_digest).join("layer.tar"), &layer)?;
+    let config = serde_json::json!({
+        "os": os,
+        "architecture": arch,
+        "config": { "Cmd": ["/README"] },
+        "rootfs": { "type": "layers", "diff_ids": [format!("sha256:{layer_digest}")] },
+    })
+    .to_string();
+    let config_digest = format!("{:x}", Sha256::digest(config.as_bytes()));
+    std::fs::write(archive.join(format!("{config_digest}.json")), &config)?;
+    let manifest = serde_json::json!([{
+        "Config": format!("{config_digest}.json"),
+        "RepoTags": [tag],
+        "Layers": [format!("{layer_digest}/layer.tar")],
+    }])
+    .to_string();
+    std::fs::write(archive.join("manifest.json"), manifest)?;
+    let image_tar = work.path().join("image.tar");
+    pack(&archive, &image_tar)?;
+    let load = Command::new("docker")
+        .arg("load")
+        .arg("-i")
+        .arg(&image_tar)
+        .stdin(Stdio::null())
+        .output()
+        .context("cannot run the docker CLI (is Docker installed?)")?;
+    if !load.status.success() {
+        bail!(
+            "docker load of {tag} failed: {}",
+            String::from_utf8_lossy(&load.stderr).trim()
+        );
+    }
+    Ok(tag)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -178,6 +178,11 @@ impl FakeAgent {
 
     /// Waits for the next Start command, acknowledges it and returns its task.
     async fn next_start(&mut self) -> TaskId {
+        self.next_assignment().await.task_id
+    }
+
+    /// Waits for the next Start command, acknowledges it and returns it.
+    async fn next_assignment(&mut self) -> drover_core::protocol::TaskAssignment {
         loop {
             if let ControllerMessage::Command {
                 seq,
@@ -185,7 +190,7 @@ impl FakeAgent {
             } = self.recv().await.expect("a command")
             {
                 self.send(&AgentMessage::CommandAck { seq }).await;
-                return a.task_id;
+                return *a;
             }
         }
     }
@@ -222,14 +227,19 @@ impl FakeAgent {
     }
 
     fn hello(version: u32) -> AgentMessage {
+        FakeAgent::hello_as(version, "linux/amd64", RuntimeKind::Mock)
+    }
+
+    /// A hello from a node of `platform` offering `runtime`.
+    fn hello_as(version: u32, platform: &str, runtime: RuntimeKind) -> AgentMessage {
         AgentMessage::Hello(Hello {
             protocol_version: version,
-            node_id: NodeId::from("node-fake"),
+            node_id: NodeId::from(format!("node-fake-{}", platform.replace('/', "-")).as_str()),
             info: NodeInfo {
                 name: "fake".into(),
-                platform: "linux/amd64".into(),
+                platform: platform.into(),
                 labels: Default::default(),
-                runtimes: vec![RuntimeKind::Mock],
+                runtimes: vec![runtime],
                 capacity: Resources {
                     cpu: 4.0,
                     memory: drover_core::quantity::ByteSize(1 << 30),
@@ -419,5 +429,65 @@ async fn a_task_whose_stop_is_never_reported_is_lost_at_the_stop_deadline_and_fo
             .contains("deadline exceeded in state stopping"),
         "{}",
         tasks[0].task.reason
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_artifact_no_node_runs_waits_and_is_placed_when_a_matching_node_joins() {
+    let c = TestCluster::start().await.unwrap();
+    let api = c.api();
+    let _linux = c.agent(AgentOptions::named("linux")).await.unwrap();
+    let macho = b"\xcf\xfa\xed\xfe a darwin build".to_vec();
+    api.push_artifact("mac", &[("darwin/arm64", macho.as_slice())])
+        .await
+        .unwrap();
+    api.apply_yaml("name: mac\nartifact: mac:1\nrestart: { attempts: 0 }\n")
+        .await
+        .unwrap();
+    let (job, _) = api
+        .wait_job("mac", T, |j, _| j.pending_reason.is_some())
+        .await
+        .unwrap();
+    let reason = job.pending_reason.unwrap();
+    assert!(
+        reason.contains("artifact mac:1 has darwin/arm64; nodes: linux/"),
+        "{reason}"
+    );
+
+    // A darwin/arm64 node joins (this Linux machine cannot run a real one, so it is
+    // spoken for by the protocol): the waiting task is placed there, with that build.
+    let mut mac = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
+    mac.send(&FakeAgent::hello_as(
+        PROTOCOL_VERSION,
+        "darwin/arm64",
+        RuntimeKind::Process,
+    ))
+    .await;
+    assert!(matches!(
+        mac.recv().await,
+        Some(ControllerMessage::Welcome { .. })
+    ));
+    let a = mac.next_assignment().await;
+    let artifact = a.artifact.expect("the assignment names the artifact");
+    assert_eq!(artifact.reference.to_string(), "mac:1");
+    assert_eq!(artifact.variant.platform.to_string(), "darwin/arm64");
+    assert_eq!(
+        artifact.variant.digest.to_string(),
+        drover_testkit::digest_of(&macho)
+    );
+    mac.send(&event(1, &a.task_id, TaskState::Running, None))
+        .await;
+    mac.send(&event(2, &a.task_id, TaskState::Succeeded, Some(0)))
+        .await;
+    let (job, tasks) = api.wait_final("mac", T).await.unwrap();
+    assert_eq!(
+        job.job.status,
+        drover_core::state::JobStatus::Complete,
+        "{:?}",
+        job.job
+    );
+    assert_eq!(
+        tasks[0].task.node_id.as_ref().map(|n| n.as_str()),
+        Some("node-fake-darwin-arm64")
     );
 }

@@ -8,7 +8,7 @@
 use drover_agent::Agent;
 use drover_core::state::JobStatus;
 use drover_core::{NodeId, TaskId, TaskState};
-use drover_testkit::images::{BUSYBOX_INDEX_HTML, busybox_image};
+use drover_testkit::images::{BUSYBOX_INDEX_HTML, busybox_image, foreign_image};
 use drover_testkit::{AgentOptions, Api, ClusterOptions, TestCluster, start_agent, wait_for};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -532,6 +532,48 @@ restart: { attempts: 0 }
         );
     }
     assert!(t.ports.is_empty() && t.exit.is_none(), "{t:?}");
+    assert!(containers_of(&node).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_for_another_architecture_fails_with_both_platforms_named() {
+    let (c, _agent, node, _cleanup) = docker_cluster("foreign").await;
+    let api = c.api();
+    // An image for the other of the two common architectures than this machine's.
+    let other = if std::env::consts::ARCH == "aarch64" {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    let native = if other == "amd64" { "arm64" } else { "amd64" };
+    let image = foreign_image("linux", other).expect("the foreign test image");
+    for pull in ["never", "if_not_present"] {
+        let name = format!("foreign-{}", pull.replace('_', "-"));
+        api.apply_yaml(&format!(
+            "name: {name}\nruntime: docker\nimage: {image}\npull: {pull}\n\
+             command: [\"/README\"]\nrestart: {{ attempts: 0 }}\n"
+        ))
+        .await
+        .unwrap();
+        let (job, tasks) = api.wait_final(&name, T).await.unwrap();
+        assert_eq!(job.job.status, JobStatus::Failed, "{:?}", job.job);
+        let t = &tasks[0].task;
+        assert_eq!(t.state, TaskState::Failed, "{t:?}");
+        for needle in [
+            format!("{image} is built for linux/{other}"),
+            format!("runs linux/{native}"),
+        ] {
+            assert!(
+                t.reason.contains(&needle),
+                "reason lacks {needle:?}: {}",
+                t.reason
+            );
+        }
+        assert!(
+            t.exit.is_none(),
+            "it must fail before any container runs: {t:?}"
+        );
+    }
     assert!(containers_of(&node).is_empty());
 }
 

@@ -130,6 +130,8 @@ pub struct DockerRuntime {
     /// runtime can be created while the engine is down.
     client: tokio::sync::Mutex<Option<Docker>>,
     tasks: Mutex<HashMap<TaskId, Arc<TaskEntry>>>,
+    /// The engine's `os` and `arch`, asked once: images are checked against them.
+    engine_platform: tokio::sync::OnceCell<(String, String)>,
 }
 
 /// What the runtime keeps for one task.
@@ -189,6 +191,7 @@ impl DockerRuntime {
             address,
             client: tokio::sync::Mutex::new(None),
             tasks: Mutex::new(HashMap::new()),
+            engine_platform: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -360,6 +363,19 @@ impl DockerRuntime {
         self.tasks().remove(id);
     }
 
+    /// The engine's os and architecture, asked on first use and kept.
+    async fn engine_platform(&self, docker: &Docker) -> Result<&(String, String), RuntimeError> {
+        self.engine_platform
+            .get_or_try_init(|| async {
+                let v = self
+                    .request(docker.version())
+                    .await
+                    .map_err(|e| e.other("asking the engine for its platform"))?;
+                Ok((v.os.unwrap_or_default(), v.arch.unwrap_or_default()))
+            })
+            .await
+    }
+
     /// Pulls `image`, bounded by the pull timeout.
     async fn pull(&self, docker: &Docker, image: &str, policy: &str) -> Result<(), RuntimeError> {
         let reference = reference::pull_reference(image).map_err(RuntimeError::Other)?;
@@ -417,24 +433,42 @@ impl Runtime for DockerRuntime {
         reference::pull_reference(image).map_err(RuntimeError::Other)?;
         let docker = self.docker().await.map_err(|e| e.other("preparing"))?;
         let policy = pull_policy_name(ctx.spec.pull);
-        match ctx.spec.pull {
-            PullPolicy::Always => return self.pull(&docker, image, policy).await,
-            // Nothing would be pulled either way, and the create in `start` reports a
-            // missing image as clearly, so the lookup is skipped.
-            PullPolicy::Never => return Ok(()),
-            PullPolicy::IfNotPresent => {}
-        }
-        match self.request(docker.inspect_image(image)).await {
-            Ok(_) => Ok(()),
-            Err(EngineError::NotFound(_)) if ctx.spec.pull == PullPolicy::Never => {
-                Err(RuntimeError::Other(format!(
-                    "image {image} is not present on this node and the job's pull policy is \
-                     never; load the image on the node or set pull: if_not_present"
-                )))
+        let lookup = || async {
+            self.request(docker.inspect_image(image))
+                .await
+                .map_err(|e| e.other(format!("looking up image {image}")))
+        };
+        let inspected = match ctx.spec.pull {
+            PullPolicy::Always => {
+                self.pull(&docker, image, policy).await?;
+                lookup().await?
             }
-            Err(EngineError::NotFound(_)) => self.pull(&docker, image, policy).await,
-            Err(e) => Err(e.other(format!("looking up image {image}"))),
-        }
+            PullPolicy::Never | PullPolicy::IfNotPresent => {
+                match self.request(docker.inspect_image(image)).await {
+                    Ok(found) => found,
+                    Err(EngineError::NotFound(_)) if ctx.spec.pull == PullPolicy::Never => {
+                        return Err(RuntimeError::Other(format!(
+                            "image {image} is not present on this node and the job's pull \
+                             policy is never; load the image on the node or set pull: \
+                             if_not_present"
+                        )));
+                    }
+                    Err(EngineError::NotFound(_)) => {
+                        self.pull(&docker, image, policy).await?;
+                        lookup().await?
+                    }
+                    Err(e) => return Err(e.other(format!("looking up image {image}"))),
+                }
+            }
+        };
+        let engine = self.engine_platform(&docker).await?;
+        check_image_platform(
+            image,
+            inspected.os.as_deref(),
+            inspected.architecture.as_deref(),
+            engine,
+        )
+        .map_err(RuntimeError::Other)
     }
 
     async fn start(&self, ctx: &TaskContext) -> Result<Started, RuntimeError> {
@@ -976,6 +1010,45 @@ fn image_of(ctx: &TaskContext) -> Result<&str, RuntimeError> {
     })
 }
 
+/// Refuses an image built for another os or architecture than the engine's, so the
+/// task fails with a message that names both instead of the container's "exec format
+/// error". Names are compared after normalising (`x86_64` is `amd64`); a value the
+/// image does not state is not held against it. The architecture variant is not
+/// compared: engines do not report theirs.
+fn check_image_platform(
+    image: &str,
+    os: Option<&str>,
+    arch: Option<&str>,
+    engine: &(String, String),
+) -> Result<(), String> {
+    use drover_core::platform::{Arch, Os};
+    fn same<T: std::str::FromStr + PartialEq>(a: &str, b: &str) -> bool {
+        match (a.parse::<T>(), b.parse::<T>()) {
+            (Ok(x), Ok(y)) => x == y,
+            _ => a.eq_ignore_ascii_case(b),
+        }
+    }
+    let (engine_os, engine_arch) = engine;
+    let os_ok = match os {
+        Some(o) if !o.is_empty() && !engine_os.is_empty() => same::<Os>(o, engine_os),
+        _ => true,
+    };
+    let arch_ok = match arch {
+        Some(a) if !a.is_empty() && !engine_arch.is_empty() => same::<Arch>(a, engine_arch),
+        _ => true,
+    };
+    if os_ok && arch_ok {
+        return Ok(());
+    }
+    Err(format!(
+        "image {image} is built for {}/{}, but this node's Docker engine runs {engine_os}/{engine_arch}; \
+         use an image (or a multi-platform tag) built for {engine_os}/{engine_arch}, or constrain \
+         the job to nodes of the image's platform",
+        os.unwrap_or("?"),
+        arch.unwrap_or("?"),
+    ))
+}
+
 fn pull_policy_name(p: PullPolicy) -> &'static str {
     match p {
         PullPolicy::Never => "never",
@@ -1066,6 +1139,32 @@ fn describe_status(status: &ExitStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_platforms_are_compared_after_normalising() {
+        let engine = ("linux".to_string(), "amd64".to_string());
+        let check =
+            |os: Option<&str>, arch: Option<&str>| check_image_platform("img:1", os, arch, &engine);
+        assert_eq!(check(Some("linux"), Some("amd64")), Ok(()));
+        assert_eq!(check(Some("Linux"), Some("x86_64")), Ok(()));
+        // An image that does not say is given the benefit of the doubt.
+        assert_eq!(check(None, None), Ok(()));
+        assert_eq!(check(Some(""), Some("")), Ok(()));
+        let err = check(Some("linux"), Some("arm64")).unwrap_err();
+        assert!(
+            err.contains("img:1 is built for linux/arm64")
+                && err.contains("engine runs linux/amd64"),
+            "{err}"
+        );
+        assert!(check(Some("windows"), Some("amd64")).is_err());
+        // Unknown names compare as text.
+        assert!(check(Some("linux"), Some("riscv64")).is_err());
+        let odd = ("linux".to_string(), "riscv64".to_string());
+        assert_eq!(
+            check_image_platform("i", Some("linux"), Some("RISCV64"), &odd),
+            Ok(())
+        );
+    }
 
     #[test]
     fn container_names_keep_only_allowed_characters() {
