@@ -11,7 +11,9 @@ mod link;
 mod logship;
 mod outbox;
 pub mod platform;
+pub mod pyenv;
 mod tasks;
+pub mod unpack;
 
 pub use tasks::TaskLimits;
 

@@ -4,6 +4,7 @@ mod client;
 mod cluster;
 mod config;
 mod output;
+mod pack;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};

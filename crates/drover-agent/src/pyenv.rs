@@ -1,0 +1,1 @@
+//! Per-node Python virtual environments for `runtime_env.python` (being written).

@@ -1,0 +1,1 @@
+//! Safe unpacking of `runtime_env.working_dir` archives (being written).

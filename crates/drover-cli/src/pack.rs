@@ -1,0 +1,1 @@
+//! Packing a local `working_dir` into a deterministic archive (being written).
