@@ -97,6 +97,15 @@ pub enum CacheError {
     Abandoned { digest: Digest },
 }
 
+/// What a download must deliver.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Exactly this many bytes (an artifact variant states its size).
+    Exactly(u64),
+    /// What the controller says, up to this many bytes.
+    AtMost(u64),
+}
+
 /// One blob in the cache.
 struct Blob {
     size: u64,
@@ -202,6 +211,25 @@ impl ArtifactCache {
     /// The download runs in its own task: a caller that gives up does not cut it short
     /// for the others, and what it fetched is cached all the same.
     pub async fn get(self: &Arc<Self>, digest: &Digest, size: u64) -> Result<Lease, CacheError> {
+        self.get_expecting(digest, Expect::Exactly(size)).await
+    }
+
+    /// Like [`ArtifactCache::get`] for a blob whose size the caller does not know (a
+    /// job's working_dir archive): the controller's answer says it, and it may be at
+    /// most `max` bytes.
+    pub async fn get_up_to(
+        self: &Arc<Self>,
+        digest: &Digest,
+        max: u64,
+    ) -> Result<Lease, CacheError> {
+        self.get_expecting(digest, Expect::AtMost(max)).await
+    }
+
+    async fn get_expecting(
+        self: &Arc<Self>,
+        digest: &Digest,
+        size: Expect,
+    ) -> Result<Lease, CacheError> {
         let rx = {
             let mut st = self.lock();
             if let Some(lease) = st.lease(self, digest) {
@@ -235,7 +263,7 @@ impl ArtifactCache {
     }
 
     /// Downloads a blob and hands the outcome to everyone waiting for it.
-    async fn download(self: Arc<Self>, digest: Digest, size: u64) {
+    async fn download(self: Arc<Self>, digest: Digest, size: Expect) {
         // Should this task panic or be dropped with its runtime, the guard takes the
         // waiters out so they fail rather than wait forever.
         let mut guard = PendingGuard {
@@ -248,7 +276,7 @@ impl ArtifactCache {
             let waiters = st.pending.remove(&digest).unwrap_or_default();
             guard.digest = None;
             match result {
-                Ok(()) => {
+                Ok(size) => {
                     st.bytes += size;
                     st.clock += 1;
                     // Used now even when every caller gave up meanwhile: it is the most
@@ -282,8 +310,8 @@ impl ArtifactCache {
     }
 
     /// Streams the blob into a temporary file while hashing it, and moves the file into
-    /// place only when size and digest match.
-    async fn fetch(&self, digest: &Digest, size: u64) -> Result<(), CacheError> {
+    /// place only when size and digest match. Returns its size.
+    async fn fetch(&self, digest: &Digest, expect: Expect) -> Result<u64, CacheError> {
         let after = self.cfg.timeout;
         let timeout = |what| CacheError::Timeout {
             digest: digest.clone(),
@@ -312,22 +340,38 @@ impl ArtifactCache {
                 message: error_message(resp, after).await,
             });
         }
-        match resp.content_length() {
-            Some(len) if len > size => {
+        let size = match (expect, resp.content_length()) {
+            (Expect::Exactly(size), Some(len)) if len > size => {
                 return Err(CacheError::TooLarge {
                     digest: digest.clone(),
                     expected: size,
                 });
             }
-            Some(len) if len < size => {
+            (Expect::Exactly(size), Some(len)) if len < size => {
                 return Err(CacheError::TooSmall {
                     digest: digest.clone(),
                     expected: size,
                     got: len,
                 });
             }
-            _ => {}
-        }
+            (Expect::Exactly(size), _) => size,
+            (Expect::AtMost(max), Some(len)) if len > max => {
+                return Err(CacheError::TooLarge {
+                    digest: digest.clone(),
+                    expected: max,
+                });
+            }
+            (Expect::AtMost(_), Some(len)) => len,
+            // The controller always says how long a blob is; without it, the download
+            // would have no bound to be checked against.
+            (Expect::AtMost(_), None) => {
+                return Err(CacheError::Http {
+                    digest: digest.clone(),
+                    what: "reading the controller's answer",
+                    message: "it did not give the blob's length".into(),
+                });
+            }
+        };
 
         let n = self.partials.fetch_add(1, Ordering::Relaxed);
         let partial = Partial(
@@ -398,7 +442,7 @@ impl ArtifactCache {
             .await
             .map_err(|e| io_err("moving the download to", &path, e))?;
         partial.keep();
-        Ok(())
+        Ok(size)
     }
 }
 

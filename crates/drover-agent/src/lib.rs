@@ -59,6 +59,12 @@ pub struct AgentConfig {
     /// executable (a path, or a bare name looked up in `PATH` when the agent starts).
     /// The emulator is run with the artifact's path and arguments after it.
     pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
+    /// The interpreter `runtime_env.python` environments are built with (a path, or a
+    /// name looked up in the agent's `PATH` when the first one is built).
+    pub python: PathBuf,
+    /// Python environments no running task uses are evicted, least recently used
+    /// first, past this many bytes.
+    pub env_cache_bytes: u64,
 }
 
 impl AgentConfig {
@@ -80,6 +86,8 @@ impl AgentConfig {
             max_backoff: Duration::from_secs(10),
             artifact_cache_bytes: 10 << 30,
             emulate: Vec::new(),
+            python: PathBuf::from("python3"),
+            env_cache_bytes: 5 << 30,
         }
     }
 }
@@ -245,6 +253,12 @@ impl Agent {
             timeout: Duration::from_secs(30),
         })
         .map_err(dd)?;
+        let python = {
+            let mut pc = pyenv::PythonEnvConfig::new(cfg.data_dir.join("envs").join("python"));
+            pc.python = cfg.python.clone();
+            pc.max_bytes = cfg.env_cache_bytes;
+            pyenv::PythonEnvs::new(pc).map_err(dd)?
+        };
         let node_platform =
             machine
                 .platform
@@ -263,6 +277,7 @@ impl Agent {
             shutdown.clone(),
             tasks::ArtifactSupport {
                 cache,
+                python,
                 node: node_platform,
                 emulate: emulate.clone(),
             },
@@ -343,6 +358,11 @@ impl Agent {
     /// How many artifact blobs this agent has downloaded; a cache hit makes none.
     pub fn artifact_downloads(&self) -> u64 {
         self.manager.artifact_downloads()
+    }
+
+    /// The node's Python environments (`runtime_env.python`).
+    pub fn python_envs(&self) -> &Arc<pyenv::PythonEnvs> {
+        self.manager.python_envs()
     }
 
     pub fn is_connected(&self) -> bool {

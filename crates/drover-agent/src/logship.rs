@@ -33,16 +33,17 @@ pub struct LogShipper {
     task_id: TaskId,
     dir: PathBuf,
     max_bytes: u64,
-    pos: Mutex<[Pos; 2]>,
+    pos: Mutex<[Pos; 3]>,
     link: Link,
 }
 
-const STREAMS: [LogStream; 2] = [LogStream::Stdout, LogStream::Stderr];
+const STREAMS: [LogStream; 3] = [LogStream::Stdout, LogStream::Stderr, LogStream::Prepare];
 
 fn idx(s: LogStream) -> usize {
     match s {
         LogStream::Stdout => 0,
         LogStream::Stderr => 1,
+        LogStream::Prepare => 2,
     }
 }
 
@@ -54,7 +55,9 @@ impl LogShipper {
     /// A shipper that starts from the beginning of what is on disk; the controller drops
     /// what it already has.
     pub fn new(task_id: TaskId, dir: PathBuf, max_bytes: u64, link: Link) -> LogShipper {
-        let saved: [Pos; 2] = std::fs::read(dir.join("logpos.json"))
+        // A position file of an older agent (two streams) does not parse; shipping
+        // then starts from the beginning, and the controller drops what it has.
+        let saved: [Pos; 3] = std::fs::read(dir.join("logpos.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -71,7 +74,7 @@ impl LogShipper {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, [Pos; 2]> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, [Pos; 3]> {
         self.pos.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -137,7 +140,7 @@ impl LogShipper {
             f.set_len(0)?;
             p.base += size;
             p.sent = p.base;
-            let bases: [Pos; 2] = *pos;
+            let bases: [Pos; 3] = *pos;
             let _ = std::fs::write(
                 self.dir.join("logpos.json"),
                 serde_json::to_vec(&bases).unwrap_or_default(),

@@ -28,6 +28,20 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// The file in a task's directory holding its job's config, named by `DROVER_CONFIG`.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// The largest working_dir archive an agent downloads.
+const MAX_WORKING_DIR_ARCHIVE: u64 = 4 << 30;
+
+/// What a task's runtime_env put in place: kept for as long as the task runs.
+#[derive(Default)]
+struct Materialised {
+    /// Variables the task gets on top of its declared ones (the Python environment's).
+    env: BTreeMap<String, String>,
+    _python: Option<crate::pyenv::EnvLease>,
+}
+
 /// How many emptied task directories are kept for reuse.
 const POOL_CAP: usize = 4096;
 
@@ -101,9 +115,12 @@ pub struct TaskManager {
     artifacts: ArtifactSupport,
 }
 
-/// What the task manager needs to give tasks their artifacts.
+/// What the task manager needs to give tasks their artifacts and runtime environments.
 pub struct ArtifactSupport {
+    /// Artifact blobs and working_dir archives, by digest.
     pub cache: Arc<ArtifactCache>,
+    /// The node's Python environments.
+    pub python: Arc<crate::pyenv::PythonEnvs>,
     /// This node's platform, to check a file before it is run; `None` when the machine
     /// is one Drover does not know, and then no check is made.
     pub node: Option<NodePlatform>,
@@ -327,7 +344,16 @@ impl TaskManager {
 
     fn context(&self, a: &TaskAssignment) -> TaskContext {
         let dir = self.tasks_dir.join(a.task_id.as_str());
+        // The task's environment is what its job declares and Drover's own variables,
+        // never anything of the agent's.
         let mut env: BTreeMap<String, String> = a.spec.env.clone();
+        env.extend(a.spec.runtime_env.env.clone());
+        if a.config.is_some() {
+            env.insert(
+                "DROVER_CONFIG".into(),
+                dir.join(CONFIG_FILE).display().to_string(),
+            );
+        }
         env.insert("DROVER_JOB".into(), a.job_name.clone());
         env.insert("DROVER_JOB_ID".into(), a.job_id.to_string());
         env.insert("DROVER_TASK_ID".into(), a.task_id.to_string());
@@ -517,7 +543,7 @@ impl TaskManager {
     async fn drive(
         self: Arc<Self>,
         a: TaskAssignment,
-        ctx: TaskContext,
+        mut ctx: TaskContext,
         mut stop_rx: watch::Receiver<Option<StopRequest>>,
         shipper: Arc<LogShipper>,
         adopted: bool,
@@ -529,32 +555,76 @@ impl TaskManager {
             return;
         };
         let _lease: Option<Lease>;
+        let _env: Option<Materialised>;
         if !adopted {
             self.emit(&id, TaskState::Preparing, "", None);
             if self.stopped_before_start(&id, &stop_rx) {
                 return;
             }
-            // The artifact is fetched, checked and installed as part of preparing, under
-            // the same deadline; its lease keeps the cached blob until the task ends.
-            let prepare = async {
+            let renv = &a.spec.runtime_env;
+            let prepare_timeout = renv
+                .setup_timeout
+                .map(|d| Duration::from_millis(d.as_millis()))
+                .unwrap_or(self.limits.prepare_timeout);
+            // A long preparation (a Python environment's build) is shipped as it goes,
+            // so `drover logs --prepare` and the CLI's spinner show it.
+            let ticker = (renv.python.is_some() || renv.working_dir.is_some()).then(|| {
+                let shipper = shipper.clone();
+                let every = self.limits.log_interval.max(Duration::from_millis(250));
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(every).await;
+                        shipper.tick();
+                    }
+                })
+            });
+            // The runtime_env and the artifact are made ready as part of preparing,
+            // under the same deadline; their leases keep what the cache holds for the
+            // task until it ends. The runtime prepares last, with the task's whole
+            // environment (a Python environment's PATH finds its `python`).
+            let deadline = tokio::time::Instant::now() + prepare_timeout;
+            let materialised = tokio::time::timeout_at(deadline, async {
+                let env = self.materialise(&a, &ctx, prepare_timeout).await?;
                 let lease = match &a.artifact {
                     Some(art) => Some(self.install_artifact(art, &ctx).await?),
                     None => None,
                 };
-                rt.prepare(&ctx)
+                Ok::<_, String>((lease, env))
+            })
+            .await;
+            let prepared = match materialised {
+                Ok(Ok((lease, env))) => {
+                    if let Some(m) = &env {
+                        ctx.env.extend(m.env.clone());
+                    }
+                    let ctx = &ctx;
+                    let rt = &rt;
+                    tokio::time::timeout_at(deadline, async move {
+                        rt.prepare(ctx).await.map_err(|e| format!("prepare: {e}"))?;
+                        Ok::<_, String>((lease, env))
+                    })
                     .await
-                    .map_err(|e| format!("prepare: {e}"))?;
-                Ok::<_, String>(lease)
+                }
+                other => other,
             };
-            _lease = match tokio::time::timeout(self.limits.prepare_timeout, prepare).await {
-                Ok(Ok(lease)) => lease,
+            if let Some(t) = ticker {
+                t.abort();
+            }
+            shipper.tick();
+            (_lease, _env) = match prepared {
+                Ok(Ok(leases)) => leases,
                 Ok(Err(reason)) => {
                     return self.finish(&id, TaskState::Failed, &reason, None);
                 }
                 Err(_) => {
+                    let what = if renv.setup_timeout.is_some() {
+                        "runtime_env.setup_timeout"
+                    } else {
+                        "the agent's prepare timeout"
+                    };
                     let reason = format!(
-                        "prepare did not finish within {}s",
-                        self.limits.prepare_timeout.as_secs()
+                        "prepare did not finish within {}s ({what})",
+                        prepare_timeout.as_secs_f64()
                     );
                     return self.finish(&id, TaskState::Failed, &reason, None);
                 }
@@ -778,6 +848,78 @@ impl TaskManager {
 }
 
 impl TaskManager {
+    /// Puts the job's runtime_env in place for the task: its config file, its files,
+    /// its Python environment. The error is the task's failure reason.
+    async fn materialise(
+        &self,
+        a: &TaskAssignment,
+        ctx: &TaskContext,
+        timeout: Duration,
+    ) -> Result<Option<Materialised>, String> {
+        let renv = &a.spec.runtime_env;
+        if a.config.is_none() && renv.working_dir.is_none() && renv.python.is_none() {
+            return Ok(None);
+        }
+        let mut m = Materialised::default();
+        let log = log_path(&ctx.dir, LogStream::Prepare);
+        if let Some(config) = &a.config {
+            let json = config
+                .json()
+                .map_err(|e| format!("runtime_env.config: {e}"))?;
+            let path = ctx.dir.join(CONFIG_FILE);
+            tokio::fs::write(&path, json)
+                .await
+                .map_err(|e| format!("runtime_env.config: writing {}: {e}", path.display()))?;
+        }
+        if let Some(w) = &renv.working_dir {
+            let digest: drover_core::artifact::Digest = w
+                .parse()
+                .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
+            note(&log, &format!("fetching working_dir {digest}\n")).await;
+            let lease = self
+                .artifacts
+                .cache
+                .get_up_to(&digest, MAX_WORKING_DIR_ARCHIVE)
+                .await
+                .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
+            let (archive, dest) = (lease.path().to_path_buf(), ctx.dir.clone());
+            let unpacked = tokio::task::spawn_blocking(move || {
+                crate::unpack::unpack(&archive, &dest, &crate::unpack::UnpackLimits::default())
+            })
+            .await
+            .map_err(|e| format!("runtime_env.working_dir: unpacking stopped: {e}"))?
+            .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
+            note(
+                &log,
+                &format!(
+                    "unpacked working_dir: {} files, {} bytes\n",
+                    unpacked.files, unpacked.bytes
+                ),
+            )
+            .await;
+        }
+        if let Some(py) = &renv.python {
+            let lease = self
+                .artifacts
+                .python
+                .ensure(&py.requirements, &log, timeout)
+                .await
+                .map_err(|e| format!("runtime_env.python: {e}"))?;
+            let base = ctx
+                .env
+                .get("PATH")
+                .map(String::as_str)
+                .unwrap_or(drover_runtime::process::DEFAULT_PATH);
+            m.env.extend(lease.env_vars(base));
+            m._python = Some(lease);
+        }
+        Ok(Some(m))
+    }
+
+    pub fn python_envs(&self) -> &Arc<crate::pyenv::PythonEnvs> {
+        &self.artifacts.python
+    }
+
     /// How many artifact blobs this agent has downloaded (a cache hit makes none).
     pub fn artifact_downloads(&self) -> u64 {
         self.artifacts.cache.downloads()
@@ -937,5 +1079,19 @@ fn exit_of(st: &ExitStatus) -> Option<Exit> {
             signal: code.is_none().then(|| "SIGKILL".to_string()),
         }),
         ExitStatus::Unknown(_) => None,
+    }
+}
+
+/// Appends a line of the agent's own to a task's preparing log. The log only informs, so
+/// a failure to write it does not fail the task.
+async fn note(log: &std::path::Path, line: &str) {
+    use tokio::io::AsyncWriteExt;
+    let file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .await;
+    if let Ok(mut f) = file {
+        let _ = f.write_all(line.as_bytes()).await;
     }
 }

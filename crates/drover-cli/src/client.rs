@@ -240,9 +240,10 @@ impl Client {
         &self,
         path: &str,
         follow: bool,
+        logs: &str,
         mut on_event: impl FnMut(StreamEvent) -> Result<()>,
     ) -> Result<()> {
-        let url = format!("{}{path}?follow={follow}", self.base);
+        let url = format!("{}{path}?follow={follow}&logs={logs}", self.base);
         let resp = self
             .http
             .get(url)

@@ -373,6 +373,10 @@ struct LogsArgs {
     /// Keep printing new output until the job or task ends.
     #[arg(short, long)]
     follow: bool,
+    /// Show what the agent wrote while preparing the task (downloads, unpacking, the
+    /// Python environment's build) instead of the task's output.
+    #[arg(long)]
+    prepare: bool,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -646,7 +650,11 @@ async fn run_on(c: &Client, spec: &JobSpec) -> Result<i32> {
     let applied = c.apply(spec).await?;
     let name = applied.job.job.name.clone();
     let path = format!("/v1/jobs/{name}/logs");
-    let follow = c.stream(&path, true, print_event);
+    // While the task prepares (an environment build can take a while), a terminal shows
+    // a spinner with the latest line of the preparation; the task's own output is
+    // printed as it comes, as ever.
+    let mut progress = PrepareProgress::new();
+    let follow = c.stream(&path, true, "all", move |ev| progress.event(ev));
     tokio::pin!(follow);
     let mut stopping = false;
     loop {
@@ -704,6 +712,58 @@ fn signal_number(name: &str) -> Option<i32> {
     .map(|(_, v)| *v)
 }
 
+/// Shows a job's preparation on a terminal as a spinner with its latest line; prints
+/// nothing of it elsewhere, so that piped output is the task's alone.
+struct PrepareProgress {
+    bar: Option<indicatif::ProgressBar>,
+    tty: bool,
+}
+
+impl PrepareProgress {
+    fn new() -> PrepareProgress {
+        use std::io::IsTerminal;
+        PrepareProgress {
+            bar: None,
+            tty: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn event(&mut self, ev: StreamEvent) -> Result<()> {
+        match &ev {
+            StreamEvent::Log {
+                stream: LogStream::Prepare,
+                data,
+                ..
+            } => {
+                if !self.tty {
+                    return Ok(());
+                }
+                let bar = self.bar.get_or_insert_with(|| {
+                    let bar = indicatif::ProgressBar::new_spinner();
+                    if let Ok(style) =
+                        indicatif::ProgressStyle::with_template("{spinner} preparing: {wide_msg}")
+                    {
+                        bar.set_style(style);
+                    }
+                    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+                    bar
+                });
+                if let Some(line) = data.lines().rev().find(|l| !l.trim().is_empty()) {
+                    bar.set_message(line.trim().to_string());
+                }
+                Ok(())
+            }
+            _ => {
+                // Anything else means the preparation is over (or never showed).
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_and_clear();
+                }
+                print_event(ev)
+            }
+        }
+    }
+}
+
 fn print_event(ev: StreamEvent) -> Result<()> {
     if let StreamEvent::Log { stream, data, .. } = ev {
         // A closed stdout (e.g. piped into `head`) ends the output quietly.
@@ -711,7 +771,7 @@ fn print_event(ev: StreamEvent) -> Result<()> {
             LogStream::Stdout => std::io::stdout()
                 .write_all(data.as_bytes())
                 .and_then(|_| std::io::stdout().flush()),
-            LogStream::Stderr => std::io::stderr().write_all(data.as_bytes()),
+            LogStream::Stderr | LogStream::Prepare => std::io::stderr().write_all(data.as_bytes()),
         };
     }
     Ok(())
@@ -729,7 +789,8 @@ async fn logs(c: &Client, a: &LogsArgs) -> Result<i32> {
             },
         }
     };
-    c.stream(&path, a.follow, print_event).await?;
+    let logs = if a.prepare { "prepare" } else { "output" };
+    c.stream(&path, a.follow, logs, print_event).await?;
     Ok(0)
 }
 
@@ -738,7 +799,12 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
         JobCmd::Apply { file } => {
             let name = file.display().to_string();
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {name}"))?;
-            let spec = JobSpec::from_yaml(&text, &name)?;
+            let mut spec = JobSpec::from_yaml(&text, &name)?;
+            let base = file
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            resolve_working_dir(c, &mut spec, &base).await?;
             let res = c.apply(&spec).await?;
             match out {
                 Output::Json => output::json(&res)?,
@@ -978,40 +1044,82 @@ async fn push_files(
         if sent.contains(&f.digest) {
             continue;
         }
-        let check = c.blob_check(&f.digest).await?;
-        if check.exists {
-            continue;
-        }
         let name = f.path.display().to_string();
-        if let Some(max) = check.max_size.filter(|max| f.size > *max) {
-            bail!(
-                "{name} is {}, more than the controller accepts for one file ({})",
-                output::size(f.size),
-                output::size(max)
-            );
+        if upload_if_absent(c, &name, &f.path, &f.digest, f.size).await? {
+            sent.insert(f.digest.clone());
         }
-        let bar = upload_bar(&name, f.size)?;
-        let progress = bar.clone();
-        let result = c
-            .upload_blob(&f.digest, &f.path, f.size, move |n| {
-                if let Some(b) = &progress {
-                    b.inc(n);
-                }
-            })
-            .await;
-        if let Some(b) = bar {
-            b.finish_and_clear();
-        }
-        result.with_context(|| {
-            format!("uploading {name} (if it changed since it was hashed, push again)")
-        })?;
-        sent.insert(f.digest.clone());
     }
     for v in &mut variants {
         v.uploaded = sent.contains(&v.variant.digest);
     }
     let created = c.create_artifact(&new).await?;
     Ok((created, variants))
+}
+
+/// Uploads a file as the blob `digest` unless the controller has it already, with a
+/// progress bar for a big one. Returns whether it was sent.
+async fn upload_if_absent(
+    c: &Client,
+    name: &str,
+    path: &Path,
+    digest: &Digest,
+    size: u64,
+) -> Result<bool> {
+    let check = c.blob_check(digest).await?;
+    if check.exists {
+        return Ok(false);
+    }
+    if let Some(max) = check.max_size.filter(|max| size > *max) {
+        bail!(
+            "{name} is {}, more than the controller accepts for one file ({})",
+            output::size(size),
+            output::size(max)
+        );
+    }
+    let bar = upload_bar(name, size)?;
+    let progress = bar.clone();
+    let result = c
+        .upload_blob(digest, path, size, move |n| {
+            if let Some(b) = &progress {
+                b.inc(n);
+            }
+        })
+        .await;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    result.with_context(|| {
+        format!("uploading {name} (if it changed since it was read, try again)")
+    })?;
+    Ok(true)
+}
+
+/// Replaces a local `runtime_env.working_dir` (relative to `base`, the job file's
+/// directory) with the digest of its packed archive, uploading the archive unless the
+/// controller has it. A value that already is a digest is left as it is.
+async fn resolve_working_dir(c: &Client, spec: &mut JobSpec, base: &Path) -> Result<()> {
+    let Some(w) = spec.runtime_env.working_dir.clone() else {
+        return Ok(());
+    };
+    if w.parse::<Digest>().is_ok() {
+        return Ok(());
+    }
+    let dir = base.join(&w);
+    let packed = pack::pack_dir(&dir, &pack::PackLimits::default())
+        .with_context(|| format!("runtime_env.working_dir {w:?}"))?;
+    let digest: Digest = packed
+        .digest
+        .parse()
+        .map_err(|e| anyhow::anyhow!("the archive's digest {}: {e}", packed.digest))?;
+    let name = format!(
+        "working_dir {} ({} files, {})",
+        dir.display(),
+        packed.files,
+        output::size(packed.bytes)
+    );
+    upload_if_absent(c, &name, packed.file.path(), &digest, packed.size).await?;
+    spec.runtime_env.working_dir = Some(digest.to_string());
+    Ok(())
 }
 
 async fn up(a: &UpArgs) -> Result<i32> {

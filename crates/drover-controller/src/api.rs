@@ -259,6 +259,36 @@ async fn apply_job(
             format!("invalid job spec: {e}"),
         )
     })?;
+    // Shared with other submissions, exclusive of blob collection: the working_dir
+    // archive found below stays until the job naming it is stored.
+    let _gc = inner.blobs.gc_lock.read().await;
+    if let Some(w) = &spec.runtime_env.working_dir {
+        let digest: drover_core::artifact::Digest = w.parse().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_spec",
+                format!(
+                    "invalid job spec: runtime_env.working_dir: expected the digest of an uploaded archive (sha256:<64 hex digits>), got {w:?}; the CLI packs and uploads a local directory for you (drover job apply -f FILE)"
+                ),
+            )
+        })?;
+        let size = inner.blobs.size(&digest).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "io",
+                format!("reading blob {digest}: {e}"),
+            )
+        })?;
+        if size.is_none() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "missing_blob",
+                format!(
+                    "invalid job spec: runtime_env.working_dir: blob {digest} has not been uploaded (PUT /v1/blobs/{digest})"
+                ),
+            ));
+        }
+    }
     let res = inner.apply_job(p.project.clone(), spec).await?;
     let status = if res.result == "created" {
         StatusCode::CREATED
@@ -323,6 +353,29 @@ async fn stop_job(
 struct FollowQuery {
     #[serde(default)]
     follow: bool,
+    /// `output` (stdout and stderr, the default), `prepare` (what the agent wrote while
+    /// preparing the task) or `all`.
+    #[serde(default)]
+    logs: LogsWanted,
+}
+
+#[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum LogsWanted {
+    #[default]
+    Output,
+    Prepare,
+    All,
+}
+
+impl LogsWanted {
+    fn streams(self) -> &'static [drover_core::protocol::LogStream] {
+        match self {
+            LogsWanted::Output => follow::OUTPUT,
+            LogsWanted::Prepare => follow::PREPARE,
+            LogsWanted::All => follow::ALL,
+        }
+    }
 }
 
 fn ndjson(body: axum::body::Body) -> Response {
@@ -341,6 +394,7 @@ async fn job_logs(
         inner.clone(),
         Target::Job(view.job.id),
         q.follow,
+        q.logs.streams(),
     )))
 }
 
@@ -386,6 +440,7 @@ async fn task_logs(
         inner.clone(),
         Target::Task(id),
         q.follow,
+        q.logs.streams(),
     )))
 }
 

@@ -385,7 +385,7 @@ impl Inner {
         Ok(artifact)
     }
 
-    /// Removes the blobs no artifact references: those of `released` (the variants of a
+    /// Removes the blobs no artifact or job references: those of `released` (the variants of a
     /// just-deleted artifact) unless written again since, and any other left unreferenced
     /// for longer than the grace period.
     pub(crate) async fn collect_blobs(
@@ -395,10 +395,18 @@ impl Inner {
         let _gc = self.blobs.gc_lock.write().await;
         let referenced: HashSet<Digest> = {
             let state = self.state.lock().await;
+            // Job versions keep their working_dir archives: a task of any stored version
+            // may still be started (a retry, a rescheduling).
+            let working_dirs = state
+                .jobs
+                .values()
+                .filter_map(|j| j.spec.runtime_env.working_dir.as_deref())
+                .filter_map(|w| w.parse::<Digest>().ok());
             state
                 .artifacts
                 .values()
                 .flat_map(|a| a.variants.iter().map(|v| v.digest.clone()))
+                .chain(working_dirs)
                 .collect()
         };
         let removed = self

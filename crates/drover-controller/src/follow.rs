@@ -31,6 +31,7 @@ struct Follower {
     inner: Arc<Inner>,
     target: Target,
     follow: bool,
+    streams: &'static [LogStream],
     offsets: HashMap<(TaskId, LogStream), u64>,
     states: HashMap<TaskId, TaskState>,
     rx: tokio::sync::watch::Receiver<u64>,
@@ -116,7 +117,7 @@ impl Follower {
         let mut out = Vec::new();
         let mut more_logs = false;
         for (id, index, state, reason, exit) in &snap.tasks {
-            for stream in [LogStream::Stdout, LogStream::Stderr] {
+            for &stream in self.streams {
                 let key = (id.clone(), stream);
                 let off = self.offsets.get(&key).copied().unwrap_or(0);
                 if self.inner.logs.size_of(id, stream) <= off {
@@ -171,12 +172,23 @@ fn encode(events: &[StreamEvent]) -> Bytes {
     Bytes::from(buf)
 }
 
-pub(crate) fn stream(inner: Arc<Inner>, target: Target, follow: bool) -> axum::body::Body {
+/// Which of a task's logs a stream carries.
+pub(crate) const OUTPUT: &[LogStream] = &[LogStream::Stdout, LogStream::Stderr];
+pub(crate) const PREPARE: &[LogStream] = &[LogStream::Prepare];
+pub(crate) const ALL: &[LogStream] = &[LogStream::Prepare, LogStream::Stdout, LogStream::Stderr];
+
+pub(crate) fn stream(
+    inner: Arc<Inner>,
+    target: Target,
+    follow: bool,
+    streams: &'static [LogStream],
+) -> axum::body::Body {
     let rx = inner.changed.subscribe();
     let f = Follower {
         inner,
         target,
         follow,
+        streams,
         offsets: HashMap::new(),
         states: HashMap::new(),
         rx,

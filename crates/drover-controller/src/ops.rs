@@ -5,7 +5,8 @@ use crate::state::{OutCommand, State};
 use crate::{Inner, Tx};
 use drover_core::api::ApplyResponse;
 use drover_core::protocol::{
-    AgentEvent, AssignedArtifact, Command, ControllerMessage, Hello, TaskAssignment, UsageSample,
+    AgentEvent, AssignedArtifact, Command, ControllerMessage, EncodedConfig, Hello, TaskAssignment,
+    UsageSample,
 };
 use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
 use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
@@ -718,6 +719,9 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
         }
         None => None,
     };
+    let mut spec = job.spec.clone();
+    // The config travels beside the spec in its versioned encoding.
+    let config = spec.runtime_env.config.take().map(EncodedConfig::encode);
     Some(Command::Start(Box::new(TaskAssignment {
         task_id: t.id.clone(),
         job_id: job.id.clone(),
@@ -725,7 +729,8 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
         job_name: job.name.clone(),
         index: t.index,
         attempt: t.attempt,
-        spec: job.spec.clone(),
+        spec,
         artifact,
+        config,
     })))
 }

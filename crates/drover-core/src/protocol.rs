@@ -79,6 +79,9 @@ pub struct AgentEvent {
 pub enum LogStream {
     Stdout,
     Stderr,
+    /// What the agent wrote while preparing the task: building its Python environment,
+    /// unpacking its files.
+    Prepare,
 }
 
 impl LogStream {
@@ -86,6 +89,7 @@ impl LogStream {
         match self {
             LogStream::Stdout => "stdout",
             LogStream::Stderr => "stderr",
+            LogStream::Prepare => "prepare",
         }
     }
 }
@@ -157,6 +161,45 @@ pub struct TaskAssignment {
     /// The build of the job's artifact chosen for this node, when the job has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<AssignedArtifact>,
+    /// The job's `runtime_env.config`, taken out of `spec` and carried here in its
+    /// versioned encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<EncodedConfig>,
+}
+
+/// The config format this build writes: the object as JSON.
+pub const CONFIG_FORMAT_JSON: u32 = 1;
+
+/// A job's config on its way to an agent: a format number, so that an agent can tell a
+/// format it does not know from a corrupt one, and the encoded object. Format 1 is the
+/// object itself, which the message's compact JSON carries at its own size. (Messages
+/// are decoded through serde's buffering of tagged enums, which rules out carrying the
+/// text unparsed.)
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EncodedConfig {
+    pub format: u32,
+    pub data: serde_json::Value,
+}
+
+impl EncodedConfig {
+    /// Encodes `config` in the current format.
+    pub fn encode(config: serde_json::Value) -> EncodedConfig {
+        EncodedConfig {
+            format: CONFIG_FORMAT_JSON,
+            data: config,
+        }
+    }
+
+    /// The config as compact JSON text, or why this agent cannot read it.
+    pub fn json(&self) -> Result<String, String> {
+        match self.format {
+            CONFIG_FORMAT_JSON => serde_json::to_string(&self.data)
+                .map_err(|e| format!("the job's config cannot be written as JSON: {e}")),
+            other => Err(format!(
+                "the job's config is in format {other}, which this agent (format {CONFIG_FORMAT_JSON}) does not know; upgrade the agent"
+            )),
+        }
+    }
 }
 
 /// The variant of an artifact the scheduler chose for a task's node.

@@ -418,6 +418,147 @@ pub struct JobSpec {
     /// the task's directory under the artifact's name; with no `command`, it is run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub artifact: Option<crate::artifact::ArtifactRef>,
+    /// What the task needs around it: variables, a config object, files, a Python
+    /// environment. Nothing on the node is shared with other jobs.
+    #[serde(default, skip_serializing_if = "RuntimeEnv::is_empty")]
+    pub runtime_env: RuntimeEnv,
+}
+
+/// A job's own environment, materialised on the node before its task starts.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeEnv {
+    /// Variables, merged over the job's `env`. The task sees these, the job's `env`
+    /// and Drover's `DROVER_*` variables, and nothing from the agent's environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Any structured object. The task finds it, as JSON, in the file named by
+    /// `DROVER_CONFIG`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
+    /// Files unpacked into the task's directory: in the API, the digest of an uploaded
+    /// gzip'd tar archive (`sha256:...`); in a YAML file given to the CLI, a local
+    /// directory (relative to the file), which the CLI packs and uploads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// A Python virtual environment built on the node with these requirements.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PythonEnv>,
+    /// The limit on materialising all of this on a node (downloads, unpacking, building
+    /// the Python environment); the agent's prepare timeout when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup_timeout: Option<Dur>,
+}
+
+/// `runtime_env.python`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PythonEnv {
+    /// pip requirement specifiers, e.g. `six==1.16.0`; no pip options.
+    pub requirements: Vec<String>,
+}
+
+/// The largest config object accepted, encoded as compact JSON. Configs travel in every
+/// task assignment; bulk data belongs in `working_dir` or an artifact.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+impl RuntimeEnv {
+    pub fn is_empty(&self) -> bool {
+        *self == RuntimeEnv::default()
+    }
+
+    fn validate(&self, runtime: &RuntimeKind) -> Result<(), String> {
+        validate_env_names("runtime_env.env", &self.env)?;
+        if let Some(config) = &self.config {
+            let len = serde_json::to_vec(config)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
+            if len > MAX_CONFIG_BYTES {
+                return Err(format!(
+                    "runtime_env.config: {len} bytes as JSON, more than the {MAX_CONFIG_BYTES} allowed; put bulk data in working_dir or an artifact"
+                ));
+            }
+        }
+        // Only the controller requires a digest here: the CLI reads a local directory
+        // from the same field and replaces it with its archive's digest.
+        if self
+            .working_dir
+            .as_deref()
+            .is_some_and(|w| w.trim().is_empty())
+        {
+            return Err("runtime_env.working_dir: expected a directory (or, in the API, an archive's digest)".into());
+        }
+        if let Some(py) = &self.python {
+            if py.requirements.is_empty() {
+                return Err("runtime_env.python.requirements: expected at least one requirement, e.g. [\"six==1.16.0\"]".into());
+            }
+            for (i, r) in py.requirements.iter().enumerate() {
+                validate_requirement(r)
+                    .map_err(|m| format!("runtime_env.python.requirements[{i}]: {m}"))?;
+            }
+        }
+        if let Some(t) = self.setup_timeout
+            && t.as_millis() == 0
+        {
+            return Err("runtime_env.setup_timeout: must be positive".into());
+        }
+        // A container brings its own files and interpreter, and the docker runtime does
+        // not mount the task directory where these would be placed.
+        if *runtime == RuntimeKind::Docker {
+            for (set, field) in [
+                (self.config.is_some(), "config"),
+                (self.working_dir.is_some(), "working_dir"),
+                (self.python.is_some(), "python"),
+            ] {
+                if set {
+                    return Err(format!(
+                        "runtime_env.{field}: not supported by runtime docker yet; build it into the image (runtime_env.env works)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks one pip requirement: a specifier, never an option (`--index-url`, `-e`), which
+/// could point pip somewhere the node's operator did not intend.
+pub fn validate_requirement(r: &str) -> Result<(), String> {
+    let t = r.trim();
+    if t.is_empty() {
+        return Err("empty; expected a requirement like six==1.16.0".into());
+    }
+    if t.starts_with('-') {
+        return Err(format!(
+            "{r:?} is a pip option; only requirement specifiers are accepted"
+        ));
+    }
+    if r.contains(['\n', '\r', '\0']) {
+        return Err(format!(
+            "{r:?} contains a line break; give one requirement per entry"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_env_names(field: &str, env: &BTreeMap<String, String>) -> Result<(), String> {
+    for key in env.keys() {
+        let ok = !key.is_empty()
+            && !key.contains('=')
+            && !key.contains('\0')
+            && !key.chars().next().is_some_and(|c| c.is_ascii_digit());
+        if !ok {
+            return Err(format!(
+                "{field}.{key}: not a valid environment variable name"
+            ));
+        }
+        if key.starts_with("DROVER_") {
+            return Err(format!(
+                "{field}.{key}: names starting with DROVER_ are set by Drover itself"
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl JobSpec {
@@ -441,6 +582,7 @@ impl JobSpec {
             pull: PullPolicy::default(),
             health: None,
             artifact: None,
+            runtime_env: RuntimeEnv::default(),
         }
     }
 }
@@ -611,20 +753,8 @@ impl JobSpec {
         if self.command.first().is_some_and(|c| c.is_empty()) {
             return Err("command[0]: the program must not be empty".into());
         }
-        for key in self.env.keys() {
-            let ok = !key.is_empty()
-                && !key.contains('=')
-                && !key.contains('\0')
-                && !key.chars().next().is_some_and(|c| c.is_ascii_digit());
-            if !ok {
-                return Err(format!("env.{key}: not a valid environment variable name"));
-            }
-            if key.starts_with("DROVER_") {
-                return Err(format!(
-                    "env.{key}: names starting with DROVER_ are set by Drover itself"
-                ));
-            }
-        }
+        validate_env_names("env", &self.env)?;
+        self.runtime_env.validate(&self.runtime)?;
         if !(self.resources.cpu > 0.0 && self.resources.cpu.is_finite()) {
             return Err(format!(
                 "resources.cpu: expected a positive number of cores, got {}",

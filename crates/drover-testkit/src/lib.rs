@@ -320,9 +320,17 @@ impl Api {
     /// The job's whole output so far, stdout and stderr concatenated per task in index
     /// order, read through the same stream `drover logs` uses.
     pub async fn logs(&self, job: &str) -> Result<String> {
-        let (status, text) = self
-            .raw(reqwest::Method::GET, &format!("/v1/jobs/{job}/logs"), None)
-            .await?;
+        self.logs_of(job, "output").await
+    }
+
+    /// What the agent wrote while preparing the job's tasks.
+    pub async fn prepare_logs(&self, job: &str) -> Result<String> {
+        self.logs_of(job, "prepare").await
+    }
+
+    async fn logs_of(&self, job: &str, which: &str) -> Result<String> {
+        let path = format!("/v1/jobs/{job}/logs?logs={which}");
+        let (status, text) = self.raw(reqwest::Method::GET, &path, None).await?;
         if status != 200 {
             bail!("logs of {job}: HTTP {status}: {text}");
         }
