@@ -35,4 +35,12 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || ! command -v qemu-aarch
     fi
 fi
 
+# runtime_env.python builds virtual environments with the node's python3 (venv and
+# ensurepip), and installs the tests' pins from the package index.
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq python3 python3-venv
+    fi
+fi
+
 cargo nextest run --workspace --no-fail-fast "$@"

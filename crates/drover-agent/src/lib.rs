@@ -596,6 +596,9 @@ impl Connection {
         // outbox has not shrunk for a few heartbeats, send what is in it again; the
         // controller ignores seqs it already applied.
         let mut stale_beats = 0u32;
+        // The environments last reported on this connection; `None` sends them on the
+        // first heartbeat, so a controller that restarted learns them again.
+        let mut last_envs: Option<Vec<pyenv::EnvInfo>> = None;
         let mut last_unacked = usize::MAX;
         loop {
             tokio::select! {
@@ -604,7 +607,16 @@ impl Connection {
                     if last_heard.elapsed() > silence {
                         return SessionEnd::Dropped(format!("nothing from the controller for {}s", silence.as_secs()));
                     }
-                    let beat = AgentMessage::Heartbeat { at: now_millis(), usage: self.manager.usage_samples() };
+                    let envs = self.manager.python_envs().list();
+                    let changed = last_envs.as_ref() != Some(&envs);
+                    let beat = AgentMessage::Heartbeat {
+                        at: now_millis(),
+                        usage: self.manager.usage_samples(),
+                        envs: changed.then(|| envs.clone()),
+                    };
+                    if changed {
+                        last_envs = Some(envs);
+                    }
                     if let Err(e) = send(sink, &beat).await {
                         return SessionEnd::Dropped(e);
                     }

@@ -237,19 +237,7 @@ pub enum EnvError {
 }
 
 /// One environment as [`PythonEnvs::list`] and [`PythonEnvs::prune`] report it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EnvInfo {
-    pub key: String,
-    pub requirements: Vec<String>,
-    /// The interpreter's version number, e.g. `3.11.7`.
-    pub python: String,
-    /// Bytes on disk.
-    pub size: u64,
-    /// Unix milliseconds of the last lease or release.
-    pub last_used_ms: u64,
-    /// Leases held on it now.
-    pub in_use: u32,
-}
+pub use drover_core::state::EnvInfo;
 
 /// The metadata file of a complete environment.
 #[derive(Debug, Serialize, Deserialize)]

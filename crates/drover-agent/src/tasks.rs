@@ -441,6 +441,13 @@ impl TaskManager {
                     });
                 }
             }
+            Command::PruneEnvs => {
+                let envs = self.artifacts.python.clone();
+                tokio::spawn(async move {
+                    let removed = envs.prune().await;
+                    tracing::info!(count = removed.len(), "pruned unused Python environments");
+                });
+            }
             Command::Forget { task_id } => {
                 let found = self.entries().get(&task_id).map(|e| {
                     e.stop.send_replace(Some(StopRequest {

@@ -468,7 +468,7 @@ async fn mock_node(
                 }
             }
             _ = beat.tick() => {
-                tx.send(Message::Text(serde_json::to_string(&AgentMessage::Heartbeat { at: 0, usage: Vec::new() })?.into())).await?;
+                tx.send(Message::Text(serde_json::to_string(&AgentMessage::Heartbeat { at: 0, usage: Vec::new(), envs: None })?.into())).await?;
                 if finish.load(Ordering::Relaxed) && !mine.is_empty() {
                     for id in mine.drain(..) {
                         for state in [TaskState::Running, TaskState::Succeeded] {

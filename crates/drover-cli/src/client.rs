@@ -143,6 +143,23 @@ impl Client {
         self.get("/v1/nodes").await
     }
 
+    /// The nodes' cached environments, of one node when `node` (a name or id) is given.
+    pub async fn envs(&self, node: Option<&str>) -> Result<Vec<drover_core::api::NodeEnvView>> {
+        match node {
+            Some(n) => self.get(&format!("/v1/envs?node={}", enc(n))).await,
+            None => self.get("/v1/envs").await,
+        }
+    }
+
+    /// Asks nodes to remove their unused environments; returns the nodes asked.
+    pub async fn prune_envs(&self, node: Option<&str>) -> Result<serde_json::Value> {
+        let path = match node {
+            Some(n) => format!("/v1/envs/prune?node={}", enc(n)),
+            None => "/v1/envs/prune".to_string(),
+        };
+        self.post(&path, Vec::new()).await
+    }
+
     pub async fn artifacts(&self) -> Result<Vec<Artifact>> {
         self.get("/v1/artifacts").await
     }

@@ -90,6 +90,9 @@ enum Cmd {
     Node(NodeCmd),
     /// Print the output of a job's tasks or of one task.
     Logs(LogsArgs),
+    /// List and prune the environments nodes keep for jobs' runtime_env (cluster admin).
+    #[command(subcommand)]
+    Env(EnvCmd),
     /// Push, list, inspect and remove artifacts: builds for every platform under one name.
     #[command(
         subcommand,
@@ -323,6 +326,24 @@ enum NodeCmd {
 }
 
 #[derive(Subcommand)]
+enum EnvCmd {
+    /// List the environments cached on nodes (runtime_env.python virtual environments):
+    /// their requirements, size, last use and how many running tasks use them.
+    Ls {
+        /// Only this node (a name or an id).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Remove cached environments no running task uses, on every node or one. The next
+    /// task that needs one builds it again.
+    Prune {
+        /// Only this node (a name or an id).
+        #[arg(long)]
+        node: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
 enum ArtifactCmd {
     /// Upload files as a new artifact version, one variant per platform.
     #[command(
@@ -488,6 +509,30 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Node(NodeCmd::Ls) => {
             let c = require(&cli)?;
             output::nodes(cli.output, &c.nodes().await?)?;
+            Ok(0)
+        }
+        Cmd::Env(EnvCmd::Ls { node }) => {
+            let c = require(&cli)?;
+            output::envs(cli.output, &c.envs(node.as_deref()).await?)?;
+            Ok(0)
+        }
+        Cmd::Env(EnvCmd::Prune { node }) => {
+            let c = require(&cli)?;
+            let asked = c.prune_envs(node.as_deref()).await?;
+            match cli.output {
+                Output::Json => output::json(&asked)?,
+                Output::Table => {
+                    let nodes: Vec<&str> = asked["nodes"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|n| n.as_str()).collect())
+                        .unwrap_or_default();
+                    eprintln!(
+                        "asked {} node(s) to remove unused environments: {}; `drover env ls` shows the result after their next heartbeat",
+                        nodes.len(),
+                        nodes.join(", ")
+                    );
+                }
+            }
             Ok(0)
         }
         Cmd::Logs(a) => {

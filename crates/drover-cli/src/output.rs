@@ -108,6 +108,36 @@ pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
     Ok(())
 }
 
+pub fn envs(out: Output, envs: &[drover_core::api::NodeEnvView]) -> Result<()> {
+    if out == Output::Json {
+        return json(&envs);
+    }
+    let mut t = table(&[
+        "NODE",
+        "KIND",
+        "KEY",
+        "PYTHON",
+        "REQUIREMENTS",
+        "SIZE",
+        "USED",
+        "IN USE",
+    ]);
+    for e in envs {
+        t.add_row(vec![
+            e.node_name.clone(),
+            e.kind.clone(),
+            e.env.key.clone(),
+            e.env.python.clone(),
+            e.env.requirements.join(" "),
+            size(e.env.size),
+            age(i64::try_from(e.env.last_used_ms).unwrap_or(i64::MAX)),
+            e.env.in_use.to_string(),
+        ]);
+    }
+    print(t);
+    Ok(())
+}
+
 pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
     if out == Output::Json {
         return json(&nodes);

@@ -9,9 +9,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
-use drover_core::api::{ErrorBody, Health, JobView, NodeView, TaskView};
+use drover_core::api::{ErrorBody, Health, JobView, NodeEnvView, NodeView, TaskView};
 use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
-use drover_core::{JobSpec, ProjectId, TaskId};
+use drover_core::{JobSpec, NodeId, ProjectId, TaskId};
 use drover_store::{Role, TokenRecord, hash_token};
 use serde::Deserialize;
 use std::sync::Arc;
@@ -35,6 +35,19 @@ impl Principal {
                 StatusCode::FORBIDDEN,
                 "forbidden",
                 "this token may only read",
+            )),
+        }
+    }
+
+    /// Node-wide things (every project's environments on a node) are the cluster
+    /// administrator's alone.
+    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Admin => Ok(()),
+            _ => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "only a cluster admin token may do this",
             )),
         }
     }
@@ -123,6 +136,8 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/logs", get(task_logs))
         .route("/v1/nodes", get(list_nodes))
+        .route("/v1/envs", get(list_envs))
+        .route("/v1/envs/prune", post(prune_envs))
         .route(
             "/v1/blobs/{digest}",
             put(artifacts::put_blob)
@@ -243,6 +258,77 @@ async fn metrics(State(inner): Shared, Extension(p): Extension<Principal>) -> Ap
         inner.metrics.encode(),
     )
         .into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct EnvQuery {
+    /// A node's name or id; every node when absent.
+    node: Option<String>,
+}
+
+/// The nodes `node` (a name or an id) names, or every node; an unknown one is an error.
+async fn nodes_named(inner: &Inner, node: Option<&str>) -> ApiResult<Vec<(NodeId, String)>> {
+    let state = inner.state.lock().await;
+    let all: Vec<(NodeId, String)> = state
+        .nodes
+        .values()
+        .map(|n| (n.node.id.clone(), n.node.info.name.clone()))
+        .collect();
+    match node {
+        None => Ok(all),
+        Some(want) => {
+            let found: Vec<_> = all
+                .into_iter()
+                .filter(|(id, name)| id.as_str() == want || name == want)
+                .collect();
+            if found.is_empty() {
+                return Err(ApiError::not_found(&format!("node {want:?}")));
+            }
+            Ok(found)
+        }
+    }
+}
+
+async fn list_envs(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Query(q): Query<EnvQuery>,
+) -> ApiResult<Json<Vec<NodeEnvView>>> {
+    p.require_admin()?;
+    let nodes = nodes_named(&inner, q.node.as_deref()).await?;
+    let envs = inner.node_envs.lock().unwrap_or_else(|e| e.into_inner());
+    let mut out = Vec::new();
+    for (id, name) in nodes {
+        for env in envs.get(&id).into_iter().flatten() {
+            out.push(NodeEnvView {
+                node_id: id.clone(),
+                node_name: name.clone(),
+                kind: "python".into(),
+                env: env.clone(),
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.node_name, &a.env.key).cmp(&(&b.node_name, &b.env.key)));
+    Ok(Json(out))
+}
+
+/// Asks nodes to remove the environments no running task uses. It answers once the
+/// request is queued for each node; the listing shows the result after the nodes'
+/// next heartbeat.
+async fn prune_envs(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Query(q): Query<EnvQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    p.require_admin()?;
+    let nodes = nodes_named(&inner, q.node.as_deref()).await?;
+    let mut state = inner.state.lock().await;
+    for (id, _) in &nodes {
+        inner.enqueue(&mut state, id, drover_core::protocol::Command::PruneEnvs);
+    }
+    inner.flush_all(&mut state);
+    let names: Vec<&str> = nodes.iter().map(|(_, n)| n.as_str()).collect();
+    Ok(Json(serde_json::json!({ "nodes": names })))
 }
 
 async fn apply_job(

@@ -166,9 +166,12 @@ async fn handle_batch(
             }
         };
         match msg {
-            AgentMessage::Heartbeat { usage: u, .. } => {
+            AgentMessage::Heartbeat { usage: u, envs, .. } => {
                 heartbeat = true;
                 usage = u;
+                if let Some(envs) = envs {
+                    inner.set_node_envs(node_id, envs);
+                }
             }
             AgentMessage::Event(e) => events.push(e),
             AgentMessage::CommandAck { seq } => acks.push(seq),

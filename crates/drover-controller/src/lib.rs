@@ -108,6 +108,9 @@ pub(crate) struct Inner {
     blobs: blobs::BlobStore,
     metrics: metrics::Metrics,
     tokens: std::sync::Mutex<HashMap<String, TokenRecord>>,
+    /// Each node's cached environments, as last reported; kept in memory only, since
+    /// agents report them again on every new connection.
+    node_envs: std::sync::Mutex<HashMap<NodeId, Vec<drover_core::state::EnvInfo>>>,
     shutdown: CancellationToken,
 }
 
@@ -185,6 +188,7 @@ impl Controller {
             blobs,
             metrics: metrics::Metrics::new(),
             tokens: std::sync::Mutex::new(HashMap::new()),
+            node_envs: std::sync::Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
         });
         let c = Controller { inner };

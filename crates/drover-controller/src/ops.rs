@@ -484,6 +484,14 @@ impl Inner {
         }
     }
 
+    /// Keeps the environments a node reported.
+    pub(crate) fn set_node_envs(&self, node: &NodeId, envs: Vec<drover_core::state::EnvInfo>) {
+        self.node_envs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.clone(), envs);
+    }
+
     /// The connection `conn_id` closed. Its node stays until the lost timeout.
     pub(crate) async fn on_disconnect(&self, node_id: &NodeId, conn_id: u64) {
         {

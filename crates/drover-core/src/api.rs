@@ -108,3 +108,14 @@ pub struct Health {
     pub version: String,
     pub nodes_ready: u32,
 }
+
+/// One cached environment on one node, as `GET /v1/envs` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeEnvView {
+    pub node_id: crate::NodeId,
+    pub node_name: String,
+    /// What kind of environment: `python`.
+    pub kind: String,
+    #[serde(flatten)]
+    pub env: crate::state::EnvInfo,
+}

@@ -32,6 +32,10 @@ pub enum AgentMessage {
         /// The latest resource samples of the node's running tasks.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         usage: Vec<UsageSample>,
+        /// The node's cached environments, sent when they changed since the last
+        /// heartbeat of this connection (and on its first).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        envs: Option<Vec<crate::state::EnvInfo>>,
     },
     Event(AgentEvent),
     CommandAck {
@@ -146,6 +150,8 @@ pub enum Command {
     },
     /// The controller no longer owns this task: kill it and drop it without reporting.
     Forget { task_id: TaskId },
+    /// Remove every cached environment no running task uses (`drover env prune`).
+    PruneEnvs,
 }
 
 /// Everything an agent needs to run one task.

@@ -413,3 +413,19 @@ mod tests {
         assert_eq!(info.os_arch(), "linux/arm64");
     }
 }
+
+/// One cached environment on a node (a `runtime_env.python` virtual environment), as
+/// its agent reports it and `drover env ls` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EnvInfo {
+    pub key: String,
+    pub requirements: Vec<String>,
+    /// The interpreter's version number, e.g. `3.11.7`.
+    pub python: String,
+    /// Bytes on disk.
+    pub size: u64,
+    /// Unix milliseconds of the last lease or release.
+    pub last_used_ms: u64,
+    /// Running tasks using it now.
+    pub in_use: u32,
+}

@@ -28,6 +28,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/tasks/x"),
     ("GET", "/v1/tasks/x/logs"),
     ("GET", "/v1/nodes"),
+    ("GET", "/v1/envs"),
+    ("POST", "/v1/envs/prune"),
     ("GET", "/metrics"),
     ("PUT", BLOB),
     ("HEAD", BLOB),
@@ -207,6 +209,7 @@ impl FakeAgent {
             self.send(&AgentMessage::Heartbeat {
                 at: 0,
                 usage: Vec::new(),
+                envs: None,
             })
             .await;
             match tokio::time::timeout(Duration::from_millis(200), self.ws.next()).await {
