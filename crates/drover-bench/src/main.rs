@@ -1110,6 +1110,56 @@ async fn artifacts(size_mib: usize, rounds: usize, hits: usize) -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------
+// Runtime environments: a Python environment's cold build and a warm (cached) start,
+// against the same task with no environment, in the same run.
+
+async fn envs(warm_runs: usize) -> Result<()> {
+    let server = Server::start("up")?;
+    let token = server.token("admin-token")?;
+    let http = reqwest::Client::new();
+    wait_ready(&http, &server.url, &token).await?;
+    let requirements = serde_json::json!(["six==1.16.0"]);
+    let command = serde_json::json!(["python3", "-c", "import sys"]);
+    let with_env = |name: String| {
+        serde_json::json!({
+            "name": name,
+            "command": ["python", "-c", "import six"],
+            "runtime_env": { "python": { "requirements": requirements.clone() }, "setup_timeout": "300s" },
+        })
+    };
+    let cold = timed_job(&http, &server.url, &token, with_env("cold".into())).await?;
+    let (mut warm, mut plain) = (Vec::new(), Vec::new());
+    for i in 0..warm_runs {
+        warm.push(timed_job(&http, &server.url, &token, with_env(format!("warm{i}"))).await?);
+        plain.push(
+            timed_job(
+                &http,
+                &server.url,
+                &token,
+                serde_json::json!({
+                    "name": format!("plain{i}"), "command": command.clone(),
+                }),
+            )
+            .await?,
+        );
+    }
+    let (w50, w99) = summary(warm);
+    let (p50, p99) = summary(plain);
+    println!("runtime_env.python (six==1.16.0, `drover up`, submit -> exited):");
+    println!(
+        "  task without environment  p50 {p50:8.1} ms  p99 {p99:8.1} ms   (baseline, `python3 -c 'import sys'`)"
+    );
+    println!(
+        "  cold build + run                    {cold:8.1} ms   (venv + pip install from the package index)"
+    );
+    println!(
+        "  warm (cached) start       p50 {w50:8.1} ms  p99 {w99:8.1} ms   overhead p50 {:.1} ms over the baseline",
+        w50 - p50
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
@@ -1129,17 +1179,19 @@ async fn main() -> Result<()> {
         "docker" => docker(if quick { 5 } else { 20 }).await,
         "plugin" => plugin(plugin_n, plugin_tasks).await,
         "artifacts" => artifacts(artifact_mib, artifact_rounds, artifact_hits).await,
+        "envs" => envs(if quick { 5 } else { 30 }).await,
         "all" => {
             memory().await?;
             launch().await?;
             docker(if quick { 5 } else { 20 }).await?;
             plugin(plugin_n, plugin_tasks).await?;
             artifacts(artifact_mib, artifact_rounds, artifact_hits).await?;
+            envs(if quick { 5 } else { 30 }).await?;
             scheduling(nodes, jobs, per_job).await
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts or all"
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs or all"
             )
         }
     }

@@ -30,6 +30,10 @@ pub struct RuntimeOptions {
     pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
     /// The artifact cache's size limit; the agent's default when `None`.
     pub artifact_cache_bytes: Option<u64>,
+    /// The environment cache's size limit; the agent's default when `None`.
+    pub env_cache_bytes: Option<u64>,
+    /// The interpreter Python environments are built with; `python3` when `None`.
+    pub python: Option<PathBuf>,
 }
 
 /// The runtimes an agent in this binary offers. The process runtime uses this very
@@ -163,6 +167,12 @@ pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
     cfg.emulate = opts.runtimes.emulate.clone();
     if let Some(bytes) = opts.runtimes.artifact_cache_bytes {
         cfg.artifact_cache_bytes = bytes;
+    }
+    if let Some(bytes) = opts.runtimes.env_cache_bytes {
+        cfg.env_cache_bytes = bytes;
+    }
+    if let Some(python) = &opts.runtimes.python {
+        cfg.python = python.clone();
     }
     Agent::start(cfg).await.context("starting the agent")
 }

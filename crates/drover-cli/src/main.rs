@@ -210,6 +210,13 @@ struct RuntimeArgs {
     /// uses are evicted, least recently used first, past it.
     #[arg(long, default_value = "10Gi", value_parser = parse_byte_size, value_name = "SIZE")]
     artifact_cache_size: ByteSize,
+    /// How much disk the node's cached runtime environments (runtime_env.python) may
+    /// use; unused ones are evicted, least recently used first, past it.
+    #[arg(long, default_value = "5Gi", value_parser = parse_byte_size, value_name = "SIZE")]
+    env_cache_size: ByteSize,
+    /// The Python interpreter runtime_env.python environments are built with.
+    #[arg(long, default_value = "python3", value_name = "PATH")]
+    python: PathBuf,
 }
 
 fn parse_byte_size(s: &str) -> Result<ByteSize, String> {
@@ -224,6 +231,8 @@ impl RuntimeArgs {
             plugins: self.plugins.clone(),
             emulate: self.emulate.clone(),
             artifact_cache_bytes: Some(self.artifact_cache_size.0),
+            env_cache_bytes: Some(self.env_cache_size.0),
+            python: Some(self.python.clone()),
         }
     }
 }

@@ -620,8 +620,11 @@ async fn prepare_reports_missing_and_malformed_images_clearly() {
         s.image = Some(missing.clone());
         s.pull = PullPolicy::Never;
     });
-    // With pull: never there is nothing to prepare; the start reports the missing image.
-    f.rt.prepare(&ctx).await.unwrap();
+    // Prepare looks the image up (its platform is checked against the engine's), so
+    // with pull: never a missing image is reported there, and by start too.
+    let err = f.rt.prepare(&ctx).await.unwrap_err().to_string();
+    assert!(err.contains(&missing), "{err}");
+    assert!(err.contains("pull policy is never"), "{err}");
     let err = f.rt.start(&ctx).await.unwrap_err().to_string();
     assert!(err.contains(&missing), "{err}");
     assert!(err.contains("pull policy is never"), "{err}");
