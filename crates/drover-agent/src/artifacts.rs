@@ -24,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
 /// The prefix of a download's temporary file; blob names are hex digits, so no blob
@@ -33,6 +32,12 @@ const PARTIAL_PREFIX: &str = ".partial-";
 
 /// How much of an error response is read for its message.
 const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// How many received pieces of a download may wait for the writer.
+const WRITE_QUEUE: usize = 16;
+
+/// The size of the writes a download makes.
+const WRITE_BUFFER: usize = 1 << 20;
 
 /// Blobs and installed executables get this mode.
 const EXECUTABLE: u32 = 0o755;
@@ -384,14 +389,37 @@ impl ArtifactCache {
             what: format!("{what} {}", path.display()),
             source: Arc::new(e),
         };
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(EXECUTABLE)
             .open(&partial.0)
             .await
-            .map_err(|e| io_err("creating", &partial.0, e))?;
-        let mut hasher = Sha256::new();
+            .map_err(|e| io_err("creating", &partial.0, e))?
+            .into_std()
+            .await;
+        // Hashing and writing run on a blocking thread fed through a bounded queue, so
+        // they overlap with receiving and each piece costs no hand-off to the blocking
+        // pool of its own; writes go out in large pieces.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<String> {
+            use std::io::Write as _;
+            let mut hasher = Sha256::new();
+            let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, &file);
+            while let Some(chunk) = rx.blocking_recv() {
+                let chunk: bytes::Bytes = chunk;
+                hasher.update(&chunk);
+                out.write_all(&chunk)?;
+            }
+            out.flush()?;
+            drop(out);
+            // The umask may have narrowed the mode given at creation.
+            file.set_permissions(std::fs::Permissions::from_mode(EXECUTABLE))?;
+            // Synced before it is named: a name must never stand for unverified bytes,
+            // even after a crash.
+            file.sync_all()?;
+            Ok(hex::encode(hasher.finalize()))
+        });
         let mut got = 0u64;
         let mut body = resp.bytes_stream();
         loop {
@@ -408,11 +436,18 @@ impl ArtifactCache {
                     expected: size,
                 });
             }
-            hasher.update(&chunk);
-            file.write_all(&chunk)
-                .await
-                .map_err(|e| io_err("writing", &partial.0, e))?;
+            // A closed queue means the writer failed; its error is read below.
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
         }
+        drop(tx);
+        let written = writer.await.map_err(|e| CacheError::Io {
+            digest: digest.clone(),
+            what: format!("writing {}", partial.0.display()),
+            source: Arc::new(io::Error::other(e.to_string())),
+        })?;
+        let actual = written.map_err(|e| io_err("writing", &partial.0, e))?;
         if got < size {
             return Err(CacheError::TooSmall {
                 digest: digest.clone(),
@@ -420,23 +455,12 @@ impl ArtifactCache {
                 got,
             });
         }
-        let actual = hex::encode(hasher.finalize());
         if actual != digest.hex() {
             return Err(CacheError::Mismatch {
                 digest: digest.clone(),
                 actual: format!("sha256:{actual}"),
             });
         }
-        // The umask may have narrowed the mode given at creation.
-        file.set_permissions(std::fs::Permissions::from_mode(EXECUTABLE))
-            .await
-            .map_err(|e| io_err("setting the mode of", &partial.0, e))?;
-        // Synced before it is named: a name must never stand for unverified bytes,
-        // even after a crash.
-        file.sync_all()
-            .await
-            .map_err(|e| io_err("syncing", &partial.0, e))?;
-        drop(file);
         let path = self.cfg.dir.join(digest.hex());
         tokio::fs::rename(&partial.0, &path)
             .await

@@ -164,7 +164,7 @@ pub(crate) async fn get_blob(
     else {
         return Err(ApiError::not_found(&format!("blob {digest}")));
     };
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 64 << 10);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20);
     Ok((blob_headers(&digest, size), Body::from_stream(stream)).into_response())
 }
 
