@@ -122,10 +122,12 @@ async fn a_nested_config_round_trips_exactly_and_each_job_sees_its_own() {
     let got: serde_json::Value = serde_json::from_str(&out).expect("the file is JSON");
     assert_eq!(got, config_json(), "the file as the task read it: {out}");
 
-    // The Python helper reads the same object in one call.
+    // The Python helper reads the same object in one call. (No bytecode is written,
+    // since the helper lives in the source tree.)
     let py = format!(
         r#"
 name: conf-py
+env: {{ PYTHONDONTWRITEBYTECODE: "1" }}
 command: ["python3", "-c", "import sys, json; sys.path.insert(0, '{}'); import drover_config; print(json.dumps(drover_config.load(), ensure_ascii=False))"]
 runtime_env:
   config:{}"#,
