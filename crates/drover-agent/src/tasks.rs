@@ -37,7 +37,8 @@ const MAX_WORKING_DIR_ARCHIVE: u64 = 4 << 30;
 /// What a task's runtime_env put in place: kept for as long as the task runs.
 #[derive(Default)]
 struct Materialised {
-    /// Variables the task gets on top of its declared ones (the Python environment's).
+    /// Variables the task gets on top of its declared ones (the Python environment's);
+    /// moved into the task's context once ready.
     env: BTreeMap<String, String>,
     _python: Option<crate::pyenv::EnvLease>,
 }
@@ -562,7 +563,7 @@ impl TaskManager {
             return;
         };
         let _lease: Option<Lease>;
-        let _env: Option<Materialised>;
+        let _env: Materialised;
         if !adopted {
             self.emit(&id, TaskState::Preparing, "", None);
             if self.stopped_before_start(&id, &stop_rx) {
@@ -600,10 +601,8 @@ impl TaskManager {
             })
             .await;
             let prepared = match materialised {
-                Ok(Ok((lease, env))) => {
-                    if let Some(m) = &env {
-                        ctx.env.extend(m.env.clone());
-                    }
+                Ok(Ok((lease, mut env))) => {
+                    ctx.env.append(&mut env.env);
                     let ctx = &ctx;
                     let rt = &rt;
                     tokio::time::timeout_at(deadline, async move {
@@ -862,11 +861,8 @@ impl TaskManager {
         a: &TaskAssignment,
         ctx: &TaskContext,
         timeout: Duration,
-    ) -> Result<Option<Materialised>, String> {
+    ) -> Result<Materialised, String> {
         let renv = &a.spec.runtime_env;
-        if a.config.is_none() && renv.working_dir.is_none() && renv.python.is_none() {
-            return Ok(None);
-        }
         let mut m = Materialised::default();
         let log = log_path(&ctx.dir, LogStream::Prepare);
         if let Some(config) = &a.config {
@@ -920,7 +916,7 @@ impl TaskManager {
             m.env.extend(lease.env_vars(base));
             m._python = Some(lease);
         }
-        Ok(Some(m))
+        Ok(m)
     }
 
     pub fn python_envs(&self) -> &Arc<crate::pyenv::PythonEnvs> {

@@ -961,38 +961,11 @@ fn raw_loopback_copy(from: &std::path::Path, to: &std::path::Path) -> Result<f64
     Ok(took)
 }
 
-async fn push_any(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-    name: &str,
-    bytes: Vec<u8>,
-) -> Result<()> {
-    let digest = drover_testkit::digest_of(&bytes);
-    let size = bytes.len();
-    let resp = http
-        .put(format!("{url}/v1/blobs/{digest}"))
-        .bearer_auth(token)
-        .body(bytes)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!("uploading {name}: {}", resp.text().await?);
-    }
-    let body = serde_json::json!({
-        "name": name, "version": "1",
-        "variants": [{ "platform": "any", "digest": digest, "size": size }],
-    });
-    let resp = http
-        .post(format!("{url}/v1/artifacts"))
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await?;
-    if !resp.status().is_success() {
-        bail!("creating artifact {name}:1: {}", resp.text().await?);
-    }
-    Ok(())
+/// Uploads `bytes` as the platform-independent artifact `NAME:1`.
+async fn push_any(url: &str, token: &str, name: &str, bytes: &[u8]) -> Result<()> {
+    drover_testkit::Api::new(url, token)
+        .push_artifact(name, &[("any", bytes)])
+        .await
 }
 
 /// Submits a one-task job and returns the milliseconds to its end.
@@ -1026,7 +999,7 @@ async fn artifacts(size_mib: usize, rounds: usize, hits: usize) -> Result<()> {
         loopback.push(raw_loopback_copy(&path, &scratch.path().join("copy"))?);
         std::fs::remove_file(&path)?;
         let name = format!("big{round}");
-        push_any(&http, &server.url, &token, &name, bytes).await?;
+        push_any(&server.url, &token, &name, &bytes).await?;
         // The first task downloads the blob; the second finds it cached. The difference
         // is the fetch (request, transfer, hashing, sync, rename).
         let cold = timed_job(&http, &server.url, &token, serde_json::json!({
@@ -1063,7 +1036,7 @@ async fn artifacts(size_mib: usize, rounds: usize, hits: usize) -> Result<()> {
     );
 
     // A cache hit against no artifact at all, interleaved so drift hits both alike.
-    push_any(&http, &server.url, &token, "small", noise(1 << 20, 99)).await?;
+    push_any(&server.url, &token, "small", &noise(1 << 20, 99)).await?;
     timed_job(
         &http,
         &server.url,

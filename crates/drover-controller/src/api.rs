@@ -346,9 +346,11 @@ async fn apply_job(
         )
     })?;
     // Shared with other submissions, exclusive of blob collection: the working_dir
-    // archive found below stays until the job naming it is stored.
-    let _gc = inner.blobs.gc_lock.read().await;
+    // archive found below stays until the job naming it is stored. Only a job with one
+    // takes it, so plain submissions never wait for a collection.
+    let mut _gc = None;
     if let Some(w) = &spec.runtime_env.working_dir {
+        _gc = Some(inner.blobs.gc_lock.read().await);
         let digest: drover_core::artifact::Digest = w.parse().map_err(|_| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

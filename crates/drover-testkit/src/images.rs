@@ -107,20 +107,7 @@ fn build_busybox_image() -> Result<()> {
     std::fs::write(root.join("etc/group"), "root:x:0:\n").context("cannot write /etc/group")?;
 
     let tarball = work.path().join("rootfs.tar");
-    let tar = Command::new("tar")
-        .arg("-C")
-        .arg(&root)
-        .arg("-cf")
-        .arg(&tarball)
-        .arg(".")
-        .output()
-        .context("cannot run tar")?;
-    if !tar.status.success() {
-        bail!(
-            "tar failed to pack the image's root: {}",
-            String::from_utf8_lossy(&tar.stderr).trim()
-        );
-    }
+    pack(&root, &tarball).context("packing the image's root")?;
     // `docker import` needs no builder and no registry, unlike `docker build FROM ...`.
     let import = Command::new("docker")
         .args([
@@ -220,23 +207,6 @@ pub fn foreign_image(os: &str, arch: &str) -> Result<String> {
         return Ok(tag);
     }
     let work = tempfile::tempdir().context("cannot create a temporary build directory")?;
-    let pack = |dir: &Path, out: &Path| -> Result<()> {
-        let tar = Command::new("tar")
-            .arg("-C")
-            .arg(dir)
-            .arg("-cf")
-            .arg(out)
-            .arg(".")
-            .output()
-            .context("cannot run tar")?;
-        if !tar.status.success() {
-            bail!(
-                "tar failed: {}",
-                String::from_utf8_lossy(&tar.stderr).trim()
-            );
-        }
-        Ok(())
-    };
     let layer_root = work.path().join("layer");
     std::fs::create_dir_all(&layer_root)?;
     std::fs::write(
@@ -283,6 +253,26 @@ pub fn foreign_image(os: &str, arch: &str) -> Result<String> {
         );
     }
     Ok(tag)
+}
+
+/// Packs the contents of `dir` into the tar file `out`.
+fn pack(dir: &Path, out: &Path) -> Result<()> {
+    let tar = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .arg("-cf")
+        .arg(out)
+        .arg(".")
+        .output()
+        .context("cannot run tar")?;
+    if !tar.status.success() {
+        bail!(
+            "tar failed to pack {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&tar.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
