@@ -235,6 +235,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_config_in_an_unknown_format_is_refused_with_a_reason() {
+        let config = serde_json::json!({ "a": [1, 2.5, "ü"] });
+        let ok = EncodedConfig::encode(config.clone());
+        assert_eq!(ok.json().unwrap(), r#"{"a":[1,2.5,"ü"]}"#);
+        let future = EncodedConfig {
+            format: 7,
+            data: config,
+        };
+        let err = future.json().unwrap_err();
+        assert!(
+            err.contains("format 7") && err.contains("upgrade the agent"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn messages_round_trip_as_tagged_json() {
         let m = AgentMessage::Log(LogChunk {
             task_id: TaskId::from("task-1"),

@@ -919,6 +919,34 @@ stop_grace: 2s
                 "name: a\nruntime: docker\nimage: i\npull: sometimes\n",
                 "sometimes",
             ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { env: { DROVER_X: y } }\n",
+                "runtime_env.env.DROVER_X",
+            ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { python: { requirements: [] } }\n",
+                "runtime_env.python.requirements: expected at least one",
+            ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { python: { requirements: [six, \"--index-url=http://x\"] } }\n",
+                "runtime_env.python.requirements[1]",
+            ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { working_dir: \"  \" }\n",
+                "runtime_env.working_dir",
+            ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { setup_timeout: 0s }\n",
+                "runtime_env.setup_timeout",
+            ),
+            (
+                "name: a\nruntime: docker\nimage: i\nruntime_env: { python: { requirements: [six] } }\n",
+                "runtime_env.python: not supported by runtime docker",
+            ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { pip: [six] }\n",
+                "pip",
+            ),
         ];
         for (yaml, needle) in cases {
             let err = JobSpec::from_yaml(yaml, "job.yaml").unwrap_err();
