@@ -18,7 +18,7 @@ use drover_runtime::plugin::{PluginConfig, PluginRuntime};
 use drover_runtime::{ExitStatus, Runtime, TaskContext};
 use futures_util::{SinkExt, StreamExt};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1129,6 +1129,70 @@ async fn envs(warm_runs: usize) -> Result<()> {
     println!(
         "  warm (cached) start       p50 {w50:8.1} ms  p99 {w99:8.1} ms   overhead p50 {:.1} ms over the baseline",
         w50 - p50
+    );
+    drop(server);
+    match std::env::var_os("DROVER_BENCH_RAY_PYTHON") {
+        Some(python) => ray_envs(Path::new(&python), warm_runs, p50, cold, w50)?,
+        None => println!(
+            "  Ray: not measured (DROVER_BENCH_RAY_PYTHON is unset; `bash scripts/bench.sh envs` installs Ray and sets it)"
+        ),
+    }
+    Ok(())
+}
+
+/// Ray's Jobs API with the same pip list, through `bench/ray_runtime_env.py`, against
+/// Drover's figures from the same run.
+fn ray_envs(
+    python: &Path,
+    warm_runs: usize,
+    drover_plain: f64,
+    drover_cold: f64,
+    drover_warm: f64,
+) -> Result<()> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../bench/ray_runtime_env.py"
+    );
+    let runs = warm_runs.min(10).to_string();
+    let out = std::process::Command::new(python)
+        .args([script, "--requirement", "six==1.16.0", "--warm-runs", &runs])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {script} with {}", python.display()))?;
+    if !out.status.success() {
+        bail!("{script} failed: {}", out.status);
+    }
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("decoding {script}'s output"))?;
+    let list = |key: &str| -> Vec<f64> {
+        t[key]
+            .as_array()
+            .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+            .unwrap_or_default()
+    };
+    let (plain, warm) = (list("plain"), list("warm"));
+    let cold = t["cold"]
+        .as_f64()
+        .context("no cold time in the Ray script's output")?;
+    if plain.is_empty() || warm.is_empty() {
+        bail!("the Ray script gave no timings: {t}");
+    }
+    let (r_plain, _) = summary(plain);
+    let (r_warm, _) = summary(warm);
+    println!("Ray 2.x Jobs API, same pip list, same machine and run (submit -> succeeded):");
+    println!(
+        "  job without runtime_env   p50 {r_plain:8.1} ms   Drover {:.1}x faster",
+        r_plain / drover_plain
+    );
+    println!(
+        "  cold pip runtime_env          {:8.1} ms   Drover {:.1}x faster",
+        cold,
+        cold / drover_cold
+    );
+    println!(
+        "  warm (cached) runtime_env p50 {r_warm:8.1} ms   Drover {:.1}x faster; Ray's overhead over its plain job {:.1} ms",
+        r_warm / drover_warm,
+        r_warm - r_plain
     );
     Ok(())
 }

@@ -23,6 +23,20 @@ pub struct Client {
     http: reqwest::Client,
 }
 
+fn http_client(project: Option<&str>) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(p) = project {
+        let value = reqwest::header::HeaderValue::from_str(p)
+            .map_err(|_| anyhow!("project {p:?}: expected a project name"))?;
+        headers.insert(drover_core::auth::PROJECT_HEADER, value);
+    }
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .default_headers(headers)
+        .build()
+        .context("building the HTTP client")
+}
+
 /// An error the server answered with; the CLI maps these to exit codes.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
@@ -38,15 +52,20 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("server {base:?} is not a URL; expected http://HOST:PORT");
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(5))
-            .build()
-            .context("building the HTTP client")?;
         Ok(Client {
             base,
             token: token.to_string(),
-            http,
+            http: http_client(None)?,
         })
+    }
+
+    /// Acts inside `project`: a cluster admin's requests then see and change only it,
+    /// and a project token's requests are refused unless it is the token's own.
+    pub fn in_project(mut self, project: Option<&str>) -> Result<Client> {
+        if project.is_some() {
+            self.http = http_client(project)?;
+        }
+        Ok(self)
     }
 
     async fn check(&self, resp: reqwest::Response) -> Result<reqwest::Response> {
@@ -158,6 +177,33 @@ impl Client {
             None => "/v1/envs/prune".to_string(),
         };
         self.post(&path, Vec::new()).await
+    }
+
+    pub async fn projects(&self) -> Result<Vec<drover_core::auth::Project>> {
+        self.get("/v1/projects").await
+    }
+
+    pub async fn create_project(&self, name: &str) -> Result<drover_core::auth::Project> {
+        let body = drover_core::auth::NewProject {
+            name: name.to_string(),
+        };
+        self.post("/v1/projects", serde_json::to_vec(&body)?).await
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<drover_core::auth::TokenView>> {
+        self.get("/v1/tokens").await
+    }
+
+    pub async fn create_token(
+        &self,
+        new: &drover_core::auth::NewToken,
+    ) -> Result<drover_core::auth::CreatedToken> {
+        self.post("/v1/tokens", serde_json::to_vec(new)?).await
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<drover_core::auth::TokenView> {
+        self.post(&format!("/v1/tokens/{}/revoke", enc(id)), Vec::new())
+            .await
     }
 
     pub async fn artifacts(&self) -> Result<Vec<Artifact>> {

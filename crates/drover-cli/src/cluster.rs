@@ -121,7 +121,7 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
     cfg.bootstrap_tokens = vec![
         BootstrapToken {
             secret: opts.admin_token.clone(),
-            role: Role::Admin,
+            role: Role::Cluster,
             name: "admin".into(),
         },
         BootstrapToken {

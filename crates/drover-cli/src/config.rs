@@ -12,6 +12,9 @@ pub struct CliConfig {
     pub server: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The project commands act in, as `--project` would set it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
 }
 
 /// `$XDG_CONFIG_HOME/drover/config.yaml`, or `~/.config/drover/config.yaml`.

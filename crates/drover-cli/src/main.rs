@@ -45,7 +45,8 @@ mod code {
         Logs go to stderr; DROVER_LOG sets the level (e.g. debug, or drover_agent=debug) and\n\
         DROVER_LOG_FORMAT=json makes them one JSON object per line.",
     after_help = "Server and token come from --server/--token, then DROVER_SERVER/DROVER_TOKEN, then\n\
-        the config file `drover up` writes ($XDG_CONFIG_HOME/drover/config.yaml)."
+        the config file `drover up` writes ($XDG_CONFIG_HOME/drover/config.yaml); the project\n\
+        from --project, then DROVER_PROJECT, then `project:` in that file."
 )]
 struct Cli {
     /// The controller's URL, e.g. http://127.0.0.1:7700.
@@ -54,6 +55,10 @@ struct Cli {
     /// The API token.
     #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The project to act in. A project token acts only in its own project; a cluster
+    /// admin token acts in every project unless this names one.
+    #[arg(long, global = true, env = "DROVER_PROJECT")]
+    project: Option<String>,
     /// Output format of listings.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -113,6 +118,31 @@ enum Cmd {
             drover artifact rm app:1.0"
     )]
     Artifact(ArtifactCmd),
+    /// Create and list projects: tenants whose jobs, tasks, artifacts and tokens no other
+    /// project can see or change (cluster admin).
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            drover project create team-a\n  \
+            drover token create --project team-a --role write > team-a.token\n  \
+            DROVER_TOKEN=$(cat team-a.token) drover job ls"
+    )]
+    Project(ProjectCmd),
+    /// Create, list and revoke API tokens.
+    #[command(
+        subcommand,
+        long_about = "Create, list and revoke API tokens.\n\n\
+            A token belongs to one project and has a role there: read (see the project's\n\
+            jobs, tasks, logs and artifacts), write (also submit, stop and push) or admin\n\
+            (also manage the project's tokens). The cluster admin token `drover up` makes\n\
+            acts in every project. Only a hash of each token is stored; a token is shown\n\
+            once, when it is created.",
+        after_help = "Examples:\n  \
+            drover token create --project team-a --role read --name dashboard\n  \
+            drover token ls\n  \
+            drover token revoke 3f9c2a7b1d04"
+    )]
+    Token(TokenCmd),
     /// Print shell completions, e.g. `drover completions bash > /etc/bash_completion.d/drover`.
     Completions {
         #[arg(value_enum)]
@@ -335,6 +365,51 @@ enum NodeCmd {
 }
 
 #[derive(Subcommand)]
+enum ProjectCmd {
+    /// Create a project (1 to 63 lowercase letters, digits and '-').
+    Create { name: String },
+    /// List projects: every one for the cluster admin, a token's own for anyone else.
+    Ls,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token for the project named by --project (else the caller's own) and
+    /// print only its secret on stdout, for scripts.
+    Create {
+        /// What the token may do in its project.
+        #[arg(long, value_enum)]
+        role: TokenRole,
+        /// A label to recognise it by in `drover token ls`.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets): a project admin sees its project's.
+    Ls,
+    /// Revoke a token by the ID `drover token ls` shows; requests with it fail from now on.
+    Revoke { id: String },
+}
+
+/// The roles `drover token create` offers; cluster and agent tokens come from the
+/// server's own configuration.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum TokenRole {
+    Admin,
+    Write,
+    Read,
+}
+
+impl TokenRole {
+    fn role(self) -> drover_core::auth::Role {
+        match self {
+            TokenRole::Admin => drover_core::auth::Role::Admin,
+            TokenRole::Write => drover_core::auth::Role::Write,
+            TokenRole::Read => drover_core::auth::Role::Read,
+        }
+    }
+}
+
+#[derive(Subcommand)]
 enum EnvCmd {
     /// List the environments cached on nodes (runtime_env.python virtual environments):
     /// their requirements, size, last use and how many running tasks use them.
@@ -488,8 +563,9 @@ fn resolve(cli: &Cli) -> Result<Option<Client>> {
     let file = config::load()?;
     let server = cli.server.clone().or(file.server);
     let token = cli.token.clone().or(file.token);
+    let project = cli.project.clone().or(file.project);
     match (server, token) {
-        (Some(s), Some(t)) => Ok(Some(Client::new(&s, &t)?)),
+        (Some(s), Some(t)) => Ok(Some(Client::new(&s, &t)?.in_project(project.as_deref())?)),
         (Some(s), None) => bail!("no token for {s}: pass --token or set DROVER_TOKEN"),
         (None, _) => Ok(None),
     }
@@ -547,6 +623,66 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Logs(a) => {
             let c = require(&cli)?;
             logs(&c, a).await
+        }
+        Cmd::Project(ProjectCmd::Create { name }) => {
+            let c = require(&cli)?;
+            let p = c.create_project(name).await?;
+            match cli.output {
+                Output::Json => output::json(&p)?,
+                Output::Table => eprintln!(
+                    "project {} created; give it a token with `drover token create --project {} --role write`",
+                    p.name, p.name
+                ),
+            }
+            Ok(0)
+        }
+        Cmd::Project(ProjectCmd::Ls) => {
+            let c = require(&cli)?;
+            output::projects(cli.output, &c.projects().await?)?;
+            Ok(0)
+        }
+        Cmd::Token(TokenCmd::Create { role, name }) => {
+            let c = require(&cli)?;
+            // With no --project the server uses the caller's own project: the token's
+            // for a project admin, `default` for the cluster admin.
+            let project = cli.project.clone().or(config::load()?.project);
+            let created = c
+                .create_token(&drover_core::auth::NewToken {
+                    project,
+                    role: role.role(),
+                    name: name.clone(),
+                })
+                .await?;
+            match cli.output {
+                Output::Json => output::json(&created)?,
+                // Only the secret goes to stdout, so `$(drover token create ...)` is the
+                // token; what it is goes to stderr.
+                Output::Table => {
+                    println!("{}", created.token);
+                    eprintln!(
+                        "created {} token {} ({}) for project {}; it is shown only now",
+                        created.view.role, created.view.id, created.view.name, created.view.project
+                    );
+                }
+            }
+            Ok(0)
+        }
+        Cmd::Token(TokenCmd::Ls) => {
+            let c = require(&cli)?;
+            output::tokens(cli.output, &c.tokens().await?)?;
+            Ok(0)
+        }
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            let c = require(&cli)?;
+            let t = c.revoke_token(id).await?;
+            match cli.output {
+                Output::Json => output::json(&t)?,
+                Output::Table => eprintln!(
+                    "revoked token {} ({}) of project {}",
+                    t.id, t.name, t.project
+                ),
+            }
+            Ok(0)
         }
         Cmd::Artifact(a) => {
             let c = require(&cli)?;
@@ -1195,6 +1331,7 @@ async fn up(a: &UpArgs) -> Result<i32> {
     let path = config::save(&config::CliConfig {
         server: Some(url.clone()),
         token: Some(admin),
+        project: None,
     })?;
     let agent = cluster::start_agent(cluster::AgentOptions {
         server: url.clone(),

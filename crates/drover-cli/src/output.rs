@@ -320,6 +320,37 @@ pub fn pushed(out: Output, a: &Artifact, variants: &[Pushed]) -> Result<()> {
     Ok(())
 }
 
+pub fn projects(out: Output, projects: &[drover_core::auth::Project]) -> Result<()> {
+    if out == Output::Json {
+        return json(&projects);
+    }
+    let mut t = table(&["NAME", "AGE"]);
+    for p in projects {
+        t.add_row(vec![p.name.to_string(), age(p.created_at)]);
+    }
+    print(t);
+    Ok(())
+}
+
+pub fn tokens(out: Output, tokens: &[drover_core::auth::TokenView]) -> Result<()> {
+    if out == Output::Json {
+        return json(&tokens);
+    }
+    let mut t = table(&["ID", "NAME", "PROJECT", "ROLE", "STATUS", "AGE"]);
+    for tok in tokens {
+        t.add_row(vec![
+            tok.id.clone(),
+            tok.name.clone(),
+            tok.project.to_string(),
+            tok.role.to_string(),
+            if tok.revoked { "revoked" } else { "active" }.to_string(),
+            age(tok.created_at),
+        ]);
+    }
+    print(t);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,14 +2,15 @@
 //! connect route, which takes a join token instead.
 
 use crate::follow::{self, Target};
-use crate::{Inner, artifacts};
+use crate::{Inner, artifacts, tenants};
 use axum::extract::{Path, Query, Request, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::get;
 use axum::{Extension, Json, Router};
 use drover_core::api::{ErrorBody, Health, JobView, NodeEnvView, NodeView, TaskView};
+use drover_core::auth::PROJECT_HEADER;
 use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
 use drover_core::{JobSpec, NodeId, ProjectId, TaskId};
 use drover_store::{Role, TokenRecord, hash_token};
@@ -19,45 +20,63 @@ use std::sync::Arc;
 /// Who is calling, from their token.
 #[derive(Clone, Debug)]
 pub struct Principal {
+    /// The project the caller acts in: its token's, or for a cluster admin the one named
+    /// by the `drover-project` header (else `default`).
     pub project: ProjectId,
     pub role: Role,
+    /// Whether a cluster admin named a project, which narrows what it sees to that one.
+    pub pinned: bool,
+}
+
+fn forbidden(message: &str) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
 }
 
 impl Principal {
+    /// Whether the caller may see an object of `project`. Everything a caller may not
+    /// see answers as if it did not exist (404), so one project cannot even learn the
+    /// names another uses.
     pub(crate) fn sees(&self, project: &ProjectId) -> bool {
-        self.role == Role::Admin || &self.project == project
+        (self.role == Role::Cluster && !self.pinned) || &self.project == project
+    }
+
+    pub(crate) fn is_cluster_admin(&self) -> bool {
+        self.role == Role::Cluster
     }
 
     pub(crate) fn require_write(&self) -> Result<(), ApiError> {
         match self.role {
-            Role::Admin | Role::Write => Ok(()),
-            _ => Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "this token may only read",
+            Role::Cluster | Role::Admin | Role::Write => Ok(()),
+            Role::Read => Err(forbidden("this token may only read")),
+            Role::Agent => Err(forbidden(
+                "a join token can only connect agents and download blobs",
             )),
         }
     }
 
-    /// Node-wide things (every project's environments on a node) are the cluster
-    /// administrator's alone.
-    pub(crate) fn require_admin(&self) -> Result<(), ApiError> {
+    /// Managing a project's tokens is for its admins and the cluster admin.
+    pub(crate) fn require_project_admin(&self) -> Result<(), ApiError> {
         match self.role {
-            Role::Admin => Ok(()),
-            _ => Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "only a cluster admin token may do this",
+            Role::Cluster | Role::Admin => Ok(()),
+            _ => Err(forbidden(
+                "only a project admin or cluster admin token may manage tokens",
             )),
+        }
+    }
+
+    /// Cluster-wide things (projects, every project's environments on a node, metrics)
+    /// are the cluster administrator's alone.
+    pub(crate) fn require_cluster(&self) -> Result<(), ApiError> {
+        match self.role {
+            Role::Cluster => Ok(()),
+            _ => Err(forbidden("only a cluster admin token may do this")),
         }
     }
 
     pub(crate) fn require_read(&self) -> Result<(), ApiError> {
         match self.role {
-            Role::Admin | Role::Write | Role::Read => Ok(()),
-            Role::Agent => Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
+            Role::Cluster | Role::Admin | Role::Write | Role::Read => Ok(()),
+            Role::Agent => Err(forbidden(
                 "a join token can only connect agents and download blobs",
             )),
         }
@@ -67,8 +86,14 @@ impl Principal {
     /// their join token.
     pub(crate) fn require_blob_read(&self) -> Result<(), ApiError> {
         match self.role {
-            Role::Admin | Role::Write | Role::Read | Role::Agent => Ok(()),
+            Role::Cluster | Role::Admin | Role::Write | Role::Read | Role::Agent => Ok(()),
         }
+    }
+
+    /// Whether the caller may read any blob rather than only its project's: agents fetch
+    /// every project's, and a cluster admin sees all.
+    pub(crate) fn reads_all_blobs(&self) -> bool {
+        matches!(self.role, Role::Agent) || (self.role == Role::Cluster && !self.pinned)
     }
 }
 
@@ -126,34 +151,69 @@ impl IntoResponse for ApiError {
 pub(crate) type ApiResult<T> = Result<T, ApiError>;
 type Shared = State<Arc<Inner>>;
 
+/// Declares the authenticated routes once, giving both the router and [`ROUTES`], the
+/// list the isolation tests walk: a route added here without a test case fails them.
+macro_rules! authed_routes {
+    ($( $path:literal => { $( $method:ident $handler:path ),+ $(,)? } )*) => {
+        /// Every route that needs a token, as (method, path pattern).
+        pub const ROUTES: &[(&str, &str)] = &[
+            $( $( (method_name!($method), $path) ),+ ),*
+        ];
+
+        fn authed_router() -> Router<Arc<Inner>> {
+            Router::new()
+                $( .route($path, axum::routing::MethodRouter::new() $( .$method($handler) )+ ) )*
+        }
+    };
+}
+
+macro_rules! method_name {
+    (get) => {
+        "GET"
+    };
+    (post) => {
+        "POST"
+    };
+    (put) => {
+        "PUT"
+    };
+    (head) => {
+        "HEAD"
+    };
+    (delete) => {
+        "DELETE"
+    };
+}
+
+authed_routes! {
+    "/v1/jobs" => { post apply_job, get list_jobs }
+    "/v1/jobs/{name}" => { get get_job }
+    "/v1/jobs/{name}/stop" => { post stop_job }
+    "/v1/jobs/{name}/logs" => { get job_logs }
+    "/v1/tasks" => { get list_tasks }
+    "/v1/tasks/{id}" => { get get_task }
+    "/v1/tasks/{id}/logs" => { get task_logs }
+    "/v1/nodes" => { get list_nodes }
+    "/v1/envs" => { get list_envs }
+    "/v1/envs/prune" => { post prune_envs }
+    "/v1/blobs/{digest}" => {
+        put artifacts::put_blob,
+        head artifacts::head_blob,
+        get artifacts::get_blob,
+    }
+    "/v1/artifacts" => { post artifacts::create_artifact, get artifacts::list_artifacts }
+    "/v1/artifacts/{name}/{version}" => {
+        get artifacts::get_artifact,
+        delete artifacts::delete_artifact,
+    }
+    "/v1/projects" => { post tenants::create_project, get tenants::list_projects }
+    "/v1/tokens" => { post tenants::create_token, get tenants::list_tokens }
+    "/v1/tokens/{id}/revoke" => { post tenants::revoke_token }
+    "/metrics" => { get metrics }
+}
+
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
-    let authed = Router::new()
-        .route("/v1/jobs", post(apply_job).get(list_jobs))
-        .route("/v1/jobs/{name}", get(get_job))
-        .route("/v1/jobs/{name}/stop", post(stop_job))
-        .route("/v1/jobs/{name}/logs", get(job_logs))
-        .route("/v1/tasks", get(list_tasks))
-        .route("/v1/tasks/{id}", get(get_task))
-        .route("/v1/tasks/{id}/logs", get(task_logs))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/envs", get(list_envs))
-        .route("/v1/envs/prune", post(prune_envs))
-        .route(
-            "/v1/blobs/{digest}",
-            put(artifacts::put_blob)
-                .head(artifacts::head_blob)
-                .get(artifacts::get_blob),
-        )
-        .route(
-            "/v1/artifacts",
-            post(artifacts::create_artifact).get(artifacts::list_artifacts),
-        )
-        .route(
-            "/v1/artifacts/{name}/{version}",
-            get(artifacts::get_artifact).delete(artifacts::delete_artifact),
-        )
-        .route("/metrics", get(metrics))
-        .layer(middleware::from_fn_with_state(inner.clone(), auth));
+    let authed = authed_router().layer(middleware::from_fn_with_state(inner.clone(), auth));
     Router::new()
         .route("/health", get(health))
         .route(AGENT_CONNECT_PATH, get(agent_connect))
@@ -163,28 +223,32 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
 }
 
 impl Inner {
-    /// Finds a token by its secret, from the cache or the store.
-    async fn lookup_token(
-        &self,
-        secret: &str,
-    ) -> Result<Option<TokenRecord>, drover_store::StoreError> {
+    /// Finds a token by its secret. Every token is in memory from start-up on, and
+    /// creation and revocation keep it current.
+    fn lookup_token(&self, secret: &str) -> Option<TokenRecord> {
         let hash = hash_token(secret);
-        if let Some(t) = self
-            .tokens
+        self.tokens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&hash)
-        {
-            return Ok(Some(t.clone()));
-        }
-        let found = self.store.find_token(&hash).await?;
-        if let Some(t) = &found {
-            self.tokens
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(hash, t.clone());
-        }
-        Ok(found)
+            .cloned()
+    }
+
+    /// Records a committed token, new or changed.
+    pub(crate) fn remember_token(&self, t: TokenRecord) {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(t.hash.clone(), t);
+    }
+
+    pub(crate) fn all_tokens(&self) -> Vec<TokenRecord> {
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -204,22 +268,75 @@ async fn auth(State(inner): Shared, mut req: Request, next: Next) -> Response {
         )
         .into_response();
     };
-    match inner.lookup_token(&secret).await {
-        Ok(Some(t)) if !t.revoked => {
-            req.extensions_mut().insert(Principal {
-                project: t.project,
-                role: t.role,
-            });
+    let asked = match req.headers().get(PROJECT_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) if !v.trim().is_empty() => Some(v.trim().to_string()),
+        Some(_) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_project",
+                format!("header {PROJECT_HEADER}: expected a project name"),
+            )
+            .into_response();
+        }
+    };
+    match inner.lookup_token(&secret) {
+        Some(t) if !t.revoked => {
+            let principal = match principal_for(&inner, &t, asked).await {
+                Ok(p) => p,
+                Err(e) => return e.into_response(),
+            };
+            req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        Ok(_) => ApiError::new(
+        _ => ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "invalid or revoked token",
         )
         .into_response(),
-        Err(e) => ApiError::from(e).into_response(),
     }
+}
+
+/// Who a valid token's holder is, in the project they asked for.
+async fn principal_for(
+    inner: &Inner,
+    t: &TokenRecord,
+    asked: Option<String>,
+) -> ApiResult<Principal> {
+    let Some(asked) = asked else {
+        return Ok(Principal {
+            project: t.project.clone(),
+            role: t.role,
+            pinned: false,
+        });
+    };
+    if t.role != Role::Cluster {
+        // A project token acts only in its own project, and is not told whether the
+        // other one exists.
+        if asked != t.project.as_str() {
+            return Err(forbidden(&format!(
+                "this token belongs to project {}; it cannot act in project {asked}",
+                t.project
+            )));
+        }
+        return Ok(Principal {
+            project: t.project.clone(),
+            role: t.role,
+            pinned: true,
+        });
+    }
+    let project = ProjectId(asked);
+    if !inner.state.lock().await.projects.contains_key(&project) {
+        return Err(ApiError::not_found(&format!(
+            "project {project:?} (create it with `drover project create {project}`)"
+        )));
+    }
+    Ok(Principal {
+        project,
+        role: t.role,
+        pinned: true,
+    })
 }
 
 async fn health(State(inner): Shared) -> Json<Health> {
@@ -232,7 +349,8 @@ async fn health(State(inner): Shared) -> Json<Health> {
 }
 
 async fn metrics(State(inner): Shared, Extension(p): Extension<Principal>) -> ApiResult<Response> {
-    p.require_read()?;
+    // The counts cover every project, so they are the cluster admin's.
+    p.require_cluster()?;
     {
         let state = inner.state.lock().await;
         let mut counts = std::collections::HashMap::new();
@@ -294,7 +412,7 @@ async fn list_envs(
     Extension(p): Extension<Principal>,
     Query(q): Query<EnvQuery>,
 ) -> ApiResult<Json<Vec<NodeEnvView>>> {
-    p.require_admin()?;
+    p.require_cluster()?;
     let nodes = nodes_named(&inner, q.node.as_deref()).await?;
     let envs = inner.node_envs.lock().unwrap_or_else(|e| e.into_inner());
     let mut out = Vec::new();
@@ -320,7 +438,7 @@ async fn prune_envs(
     Extension(p): Extension<Principal>,
     Query(q): Query<EnvQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    p.require_admin()?;
+    p.require_cluster()?;
     let nodes = nodes_named(&inner, q.node.as_deref()).await?;
     let mut state = inner.state.lock().await;
     for (id, _) in &nodes {
@@ -360,13 +478,17 @@ async fn apply_job(
                 ),
             )
         })?;
-        let size = inner.blobs.size(&digest).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "io",
-                format!("reading blob {digest}: {e}"),
-            )
-        })?;
+        let size = if inner.may_use_blob(&p, &digest) {
+            inner.blobs.size(&digest).await.map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "io",
+                    format!("reading blob {digest}: {e}"),
+                )
+            })?
+        } else {
+            None
+        };
         if size.is_none() {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -577,7 +699,23 @@ async fn list_nodes(
 ) -> ApiResult<Json<Vec<NodeView>>> {
     p.require_read()?;
     let state = inner.state.lock().await;
-    let mut nodes: Vec<NodeView> = state.nodes.values().map(|e| state.node_view(e)).collect();
+    // Nodes are shared by every project, so every reader sees them; the task count,
+    // though, counts only the tasks the caller may see. What is allocated stays the
+    // node's total, since that is what decides whether the caller's next task fits.
+    let mut nodes: Vec<NodeView> = state
+        .nodes
+        .values()
+        .map(|e| {
+            let mut v = state.node_view(e);
+            v.tasks = e
+                .tasks
+                .iter()
+                .filter_map(|id| state.tasks.get(id))
+                .filter(|t| p.sees(&t.project))
+                .count() as u32;
+            v
+        })
+        .collect();
     nodes.sort_by(|a, b| a.node.info.name.cmp(&b.node.info.name));
     Ok(Json(nodes))
 }
@@ -597,8 +735,8 @@ async fn agent_connect(
                 "missing join token",
             )
         })?;
-    match inner.lookup_token(secret).await? {
-        Some(t) if !t.revoked && matches!(t.role, Role::Agent | Role::Admin) => {}
+    match inner.lookup_token(secret) {
+        Some(t) if !t.revoked && matches!(t.role, Role::Agent | Role::Cluster) => {}
         _ => {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,

@@ -2,9 +2,11 @@
 //! creating, listing, showing and deleting artifact versions, and collecting the blobs
 //! no artifact needs any more.
 //!
-//! Blobs are one content-addressed namespace for the whole controller: two projects
-//! pushing the same bytes share one file. A digest is only known to whoever has the
-//! bytes or was given it, and artifacts themselves (what names blobs) are per project.
+//! Blobs are stored once for the whole controller: two projects pushing the same bytes
+//! share one file. Each project, though, sees only the blobs it uploaded itself or that
+//! its artifacts and jobs name; to another project's blob it answers 404, and an upload
+//! of bytes already stored is hashed in full before the uploader may use them. So a
+//! digest tells no project what another has stored.
 
 use crate::api::{ApiError, ApiResult, Principal};
 use crate::blobs::{PutError, Stored};
@@ -63,6 +65,53 @@ fn blob_headers(digest: &Digest, size: u64) -> [(header::HeaderName, HeaderValue
     ]
 }
 
+/// Which projects may use each blob, from the artifacts and jobs that name them.
+pub(crate) fn owners_from(state: &crate::state::State) -> HashMap<Digest, HashSet<ProjectId>> {
+    let mut owners: HashMap<Digest, HashSet<ProjectId>> = HashMap::new();
+    for a in state.artifacts.values() {
+        for v in &a.variants {
+            owners
+                .entry(v.digest.clone())
+                .or_default()
+                .insert(a.project.clone());
+        }
+    }
+    for j in state.jobs.values() {
+        if let Some(d) = j
+            .spec
+            .runtime_env
+            .working_dir
+            .as_deref()
+            .and_then(|w| w.parse::<Digest>().ok())
+        {
+            owners.entry(d).or_default().insert(j.project.clone());
+        }
+    }
+    owners
+}
+
+impl Inner {
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, HashSet<ProjectId>>> {
+        self.blob_owners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the caller may read or use a stored blob.
+    pub(crate) fn may_use_blob(&self, p: &Principal, digest: &Digest) -> bool {
+        p.reads_all_blobs()
+            || self
+                .owners()
+                .get(digest)
+                .is_some_and(|o| o.contains(&p.project))
+    }
+
+    fn grant_blob(&self, project: &ProjectId, digest: &Digest) {
+        self.owners()
+            .entry(digest.clone())
+            .or_default()
+            .insert(project.clone());
+    }
+}
+
 pub(crate) async fn put_blob(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
@@ -104,6 +153,7 @@ pub(crate) async fn put_blob(
         .await
         .map_err(|e| io_error("reading the stored blob", e))?
         .unwrap_or(0);
+    inner.grant_blob(&p.project, &digest);
     let status = match stored {
         Stored::Created => {
             tracing::debug!(%digest, size, "blob stored");
@@ -138,6 +188,9 @@ pub(crate) async fn head_blob(
         header::HeaderName::from_static(MAX_BLOB_SIZE_HEADER),
         HeaderValue::from(inner.blobs.max_size()),
     );
+    if !inner.may_use_blob(&p, &digest) {
+        return Ok((StatusCode::NOT_FOUND, [limit], ()).into_response());
+    }
     match inner
         .blobs
         .size(&digest)
@@ -156,6 +209,9 @@ pub(crate) async fn get_blob(
 ) -> ApiResult<Response> {
     p.require_blob_read()?;
     let digest = parse_digest(&digest)?;
+    if !inner.may_use_blob(&p, &digest) {
+        return Err(ApiError::not_found(&format!("blob {digest}")));
+    }
     let Some((file, size)) = inner
         .blobs
         .open_blob(&digest)
@@ -188,7 +244,7 @@ pub(crate) async fn create_artifact(
             format!("invalid artifact: {e}"),
         )
     })?;
-    let artifact = inner.create_artifact(p.project.clone(), &r, new).await?;
+    let artifact = inner.create_artifact(&p, &r, new).await?;
     Ok((StatusCode::CREATED, Json(artifact)).into_response())
 }
 
@@ -274,10 +330,11 @@ impl Inner {
     /// it claims.
     async fn create_artifact(
         &self,
-        project: ProjectId,
+        p: &Principal,
         r: &ArtifactRef,
         new: NewArtifact,
     ) -> ApiResult<Artifact> {
+        let project = p.project.clone();
         // Shared with other creations, exclusive of collection: the blobs found below
         // stay until the artifact naming them is committed.
         let _gc = self.blobs.gc_lock.read().await;
@@ -290,12 +347,15 @@ impl Inner {
         }
         let mut problems = Vec::new();
         for (i, v) in new.variants.iter().enumerate() {
-            match self
-                .blobs
-                .size(&v.digest)
-                .await
-                .map_err(|e| io_error("reading a blob", e))?
-            {
+            let size = if self.may_use_blob(p, &v.digest) {
+                self.blobs
+                    .size(&v.digest)
+                    .await
+                    .map_err(|e| io_error("reading a blob", e))?
+            } else {
+                None
+            };
+            match size {
                 None => problems.push(format!(
                     "variants[{i}] ({}): blob {} has not been uploaded (PUT /v1/blobs/{})",
                     v.platform, v.digest, v.digest
@@ -332,6 +392,9 @@ impl Inner {
             // Only if another controller wrote it first; this one checked its own state.
             Err(StoreError::Conflict(_)) => return Err(exists(r)),
             Err(e) => return Err(e.into()),
+        }
+        for v in &artifact.variants {
+            self.grant_blob(&artifact.project, &v.digest);
         }
         tracing::info!(artifact = %r, variants = artifact.variants.len(), "artifact created");
         // Tasks waiting for this artifact may be placeable now.
@@ -414,6 +477,11 @@ impl Inner {
             .collect(&referenced, released, self.cfg.blob_grace)
             .await?;
         if !removed.is_empty() {
+            let mut owners = self.owners();
+            for d in &removed {
+                owners.remove(d);
+            }
+            drop(owners);
             tracing::info!(count = removed.len(), "removed unreferenced blobs");
         }
         Ok(removed)

@@ -38,7 +38,7 @@ const WRITE_BUFFER: usize = 256 << 10;
 pub enum Stored {
     /// The blob was written.
     Created,
-    /// The blob was already there; the body was not read.
+    /// The blob was already there; the body was only checked against the digest.
     Existed,
 }
 
@@ -168,14 +168,34 @@ impl BlobStore {
             // A fresh modification time marks the blob as wanted by a push in progress,
             // which garbage collection leaves alone until its artifact is created.
             touch(&dest).await?;
-            // The body is read and dropped: answering before the client has finished
+            // The body is read, hashed and dropped. Hashed, because an upload is how a
+            // project proves it has the bytes before it may use a blob another project
+            // stored; read to its end, because answering before the client has finished
             // sending would leave its pooled connection broken for its next request.
+            let mut hasher = sha2::Sha256::new();
             let mut seen = 0u64;
-            while let Ok(Some(Ok(chunk))) = tokio::time::timeout(IDLE_TIMEOUT, body.next()).await {
+            loop {
+                let next = tokio::time::timeout(IDLE_TIMEOUT, body.next())
+                    .await
+                    .map_err(|_| {
+                        PutError::Body(format!("no data for {}s", IDLE_TIMEOUT.as_secs()))
+                    })?;
+                let Some(chunk) = next else { break };
+                let chunk = chunk.map_err(|e| PutError::Body(e.to_string()))?;
                 seen += chunk.len() as u64;
                 if seen > self.max_size {
-                    break;
+                    return Err(PutError::TooLarge {
+                        limit: self.max_size,
+                    });
                 }
+                hasher.update(&chunk);
+            }
+            let actual = sha256_digest(hasher);
+            if &actual != digest {
+                return Err(PutError::Mismatch {
+                    expected: digest.clone(),
+                    actual,
+                });
             }
             return Ok(Stored::Existed);
         }
@@ -349,7 +369,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_verified_upload_is_stored_and_a_second_one_is_not_read() {
+    async fn a_verified_upload_is_stored_and_a_second_one_is_checked_but_not_written() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, 1 << 20);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
@@ -361,11 +381,23 @@ mod tests {
         );
         assert_eq!(store.size(&d).await.unwrap(), Some(data.len() as u64));
         assert_eq!(std::fs::read(store.path(&d)).unwrap(), data);
-        // The second upload of the digest is not read at all: a body that would fail
-        // shows it.
-        let failing = futures_util::stream::iter(vec![Err::<Bytes, _>("must not be read")]);
-        assert_eq!(store.put(&d, None, failing).await.unwrap(), Stored::Existed);
+        // A second upload of the same bytes is hashed, not written again.
+        let again = futures_util::stream::iter(chunks(&data, 9000));
+        assert_eq!(store.put(&d, None, again).await.unwrap(), Stored::Existed);
         assert_eq!(files(&store), vec![d.hex().to_string()]);
+        // Naming a stored digest without sending its bytes proves nothing: other bytes,
+        // or a body that fails, are refused, and the stored blob is untouched.
+        let other = futures_util::stream::iter(chunks(b"not the bytes", 5));
+        assert!(matches!(
+            store.put(&d, None, other).await,
+            Err(PutError::Mismatch { .. })
+        ));
+        let failing = futures_util::stream::iter(vec![Err::<Bytes, _>("cut off")]);
+        assert!(matches!(
+            store.put(&d, None, failing).await,
+            Err(PutError::Body(_))
+        ));
+        assert_eq!(std::fs::read(store.path(&d)).unwrap(), data);
     }
 
     #[tokio::test]

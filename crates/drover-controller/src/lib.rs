@@ -17,6 +17,7 @@ pub mod metrics;
 mod ops;
 mod scheduler;
 pub mod state;
+mod tenants;
 
 use drover_core::protocol::ControllerMessage;
 use drover_core::{Millis, NodeId, ProjectId, now_millis};
@@ -30,7 +31,7 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use api::Principal;
+pub use api::{Principal, ROUTES};
 pub use artifacts::MAX_BLOB_SIZE_HEADER;
 
 /// A token the controller makes sure exists at start-up (the admin and join tokens of
@@ -107,10 +108,20 @@ pub(crate) struct Inner {
     logs: logs::LogStore,
     blobs: blobs::BlobStore,
     metrics: metrics::Metrics,
+    /// Every token by the hash of its secret, loaded at start-up and kept current by
+    /// token creation and revocation; requests read it without the state lock.
     tokens: std::sync::Mutex<HashMap<String, TokenRecord>>,
     /// Each node's cached environments, as last reported; kept in memory only, since
     /// agents report them again on every new connection.
     node_envs: std::sync::Mutex<HashMap<NodeId, Vec<drover_core::state::EnvInfo>>>,
+    /// Which projects may use each blob: those that uploaded it, or whose artifacts or
+    /// jobs name it. Blobs are stored once for everyone, but a project sees only these,
+    /// so a digest cannot tell one project what another has stored. Rebuilt from the
+    /// artifacts and jobs at start-up; an upload nothing names yet must be sent again
+    /// after a restart.
+    blob_owners: std::sync::Mutex<
+        HashMap<drover_core::artifact::Digest, std::collections::HashSet<ProjectId>>,
+    >,
     shutdown: CancellationToken,
 }
 
@@ -145,7 +156,8 @@ impl Controller {
         cfg: ControllerConfig,
         store: Arc<dyn Store>,
     ) -> Result<Controller, ControllerError> {
-        let snap = store.load().await?;
+        let mut snap = store.load().await?;
+        let snap_tokens = std::mem::take(&mut snap.tokens);
         let mut state = State::from_snapshot(snap);
         let now = now_millis();
         // Agents have to reconnect to a new controller; until they do (or the lost
@@ -158,24 +170,49 @@ impl Controller {
             }
             e.node.last_seen = now;
         }
+        let mut tokens: HashMap<String, TokenRecord> = snap_tokens
+            .into_iter()
+            .map(|t| (t.hash.clone(), t))
+            .collect();
         for b in &cfg.bootstrap_tokens {
             let hash = hash_token(&b.secret);
-            if store.find_token(&hash).await?.is_none() {
-                changes.push(Change::Token(TokenRecord {
-                    hash,
+            // The configuration decides a bootstrap secret's role (stores from before the
+            // cluster role held these as "admin"); a revocation, though, stands: the way
+            // back is a new secret.
+            let wanted = match tokens.get(&hash) {
+                Some(t) if t.role == b.role => None,
+                Some(t) => Some(TokenRecord {
+                    role: b.role,
+                    ..t.clone()
+                }),
+                None => Some(TokenRecord {
+                    hash: hash.clone(),
                     project: ProjectId::default(),
                     role: b.role,
                     name: b.name.clone(),
                     created_at: now,
                     revoked: false,
-                }));
+                }),
+            };
+            if let Some(t) = wanted {
+                tokens.insert(hash, t.clone());
+                changes.push(Change::Token(t));
             }
+        }
+        if !state.projects.contains_key(&ProjectId::default()) {
+            let p = drover_core::auth::Project {
+                name: ProjectId::default(),
+                created_at: now,
+            };
+            state.apply(Change::Project(p.clone()));
+            changes.push(Change::Project(p));
         }
         store.commit(&changes).await?;
         let logs = logs::LogStore::new(cfg.data_dir.join("logs"))?;
         let blobs =
             blobs::BlobStore::open(cfg.data_dir.join("blobs").join("sha256"), cfg.max_blob_size)?;
         let (changed, _) = watch::channel(0);
+        let blob_owners = artifacts::owners_from(&state);
         let inner = Arc::new(Inner {
             cfg,
             store,
@@ -187,8 +224,9 @@ impl Controller {
             logs,
             blobs,
             metrics: metrics::Metrics::new(),
-            tokens: std::sync::Mutex::new(HashMap::new()),
+            tokens: std::sync::Mutex::new(tokens),
             node_envs: std::sync::Mutex::new(HashMap::new()),
+            blob_owners: std::sync::Mutex::new(blob_owners),
             shutdown: CancellationToken::new(),
         });
         let c = Controller { inner };

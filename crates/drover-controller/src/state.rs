@@ -49,6 +49,8 @@ pub struct State {
     pub succeeded: HashMap<JobId, u32>,
     /// Artifact versions by project, name and version.
     pub artifacts: HashMap<(ProjectId, String, String), Artifact>,
+    /// Every project, `default` included.
+    pub projects: BTreeMap<ProjectId, drover_core::auth::Project>,
 }
 
 /// A command waiting for an agent's acknowledgement, serialised once when queued so
@@ -78,6 +80,9 @@ impl State {
         }
         for a in snap.artifacts {
             s.apply(Change::Artifact(a));
+        }
+        for p in snap.projects {
+            s.apply(Change::Project(p));
         }
         s
     }
@@ -151,7 +156,12 @@ impl State {
                 }
                 self.tasks.insert(t.id.clone(), t);
             }
+            // Tokens live in the controller's token cache, which every request reads
+            // without taking the state lock.
             Change::Token(_) => {}
+            Change::Project(p) => {
+                self.projects.entry(p.name.clone()).or_insert(p);
+            }
             Change::Artifact(a) => {
                 let key = (a.project.clone(), a.name.clone(), a.version.clone());
                 self.artifacts.insert(key, a);

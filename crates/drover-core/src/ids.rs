@@ -48,7 +48,7 @@ id_type!(
     NodeId, "node"
 );
 
-/// A tenant. Every stored object carries one; only `default` exists for now.
+/// A tenant. Every stored object carries one; `default` always exists.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ProjectId(pub String);

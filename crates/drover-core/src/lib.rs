@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod artifact;
+pub mod auth;
 pub mod ids;
 pub mod platform;
 pub mod protocol;

@@ -12,6 +12,7 @@ pub use sqlite::{Durability, SqliteConfig, SqliteStore};
 
 use async_trait::async_trait;
 use drover_core::artifact::Artifact;
+use drover_core::auth::{Project, TokenView};
 use drover_core::state::{Job, Node, Task};
 use drover_core::{Millis, ProjectId};
 use serde::{Deserialize, Serialize};
@@ -41,7 +42,11 @@ pub enum Change {
     Job(Job),
     Task(Task),
     Node(Node),
+    /// A token, new or changed (revoked); tokens are never deleted, so a revoked one
+    /// stays listed.
     Token(TokenRecord),
+    /// A new project. Projects are not renamed or removed.
+    Project(Project),
     /// A new artifact version. Artifacts are immutable: if the same project, name and
     /// version is already stored, the whole commit fails with [`StoreError::Conflict`].
     Artifact(Artifact),
@@ -60,38 +65,11 @@ pub struct Snapshot {
     pub tasks: Vec<Task>,
     pub nodes: Vec<Node>,
     pub artifacts: Vec<Artifact>,
+    pub projects: Vec<Project>,
+    pub tokens: Vec<TokenRecord>,
 }
 
-/// What a token may do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Everything, in every project.
-    Admin,
-    /// Read and change the objects of its project.
-    Write,
-    /// Read the objects of its project.
-    Read,
-    /// Join the cluster as an agent; nothing else.
-    Agent,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Write => "write",
-            Role::Read => "read",
-            Role::Agent => "agent",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        [Role::Admin, Role::Write, Role::Read, Role::Agent]
-            .into_iter()
-            .find(|r| r.as_str() == s)
-    }
-}
+pub use drover_core::auth::Role;
 
 /// A stored token. Only the SHA-256 of the secret is kept.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -105,6 +83,29 @@ pub struct TokenRecord {
 }
 
 /// The hex SHA-256 of a token secret, the form in which tokens are stored and looked up.
+impl TokenRecord {
+    /// The token's public identifier: the first hex digits of its hash, which say
+    /// nothing about the secret.
+    pub fn id(&self) -> &str {
+        self.hash.get(..TOKEN_ID_LEN).unwrap_or(&self.hash)
+    }
+
+    pub fn view(&self) -> TokenView {
+        TokenView {
+            id: self.id().to_string(),
+            name: self.name.clone(),
+            project: self.project.clone(),
+            role: self.role,
+            created_at: self.created_at,
+            revoked: self.revoked,
+        }
+    }
+}
+
+/// How many hex digits of a token's hash make its public id: 48 bits, so two tokens of
+/// one cluster sharing an id is beyond likely.
+pub const TOKEN_ID_LEN: usize = 12;
+
 pub fn hash_token(secret: &str) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(secret.as_bytes()))

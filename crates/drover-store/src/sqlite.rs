@@ -115,6 +115,21 @@ impl Store for SqliteStore {
             let id = format!("artifact {project}/{name}:{version}");
             snap.artifacts.push(from_json::<Artifact>(&id, row.get(3))?);
         }
+        for row in sqlx::query("SELECT name, data FROM projects ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let name: String = row.get(0);
+            snap.projects
+                .push(from_json(&format!("project {name}"), row.get(1))?);
+        }
+        for row in sqlx::query("SELECT hash, data FROM tokens")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let hash: String = row.get(0);
+            snap.tokens.push(from_json(&hash, row.get(1))?);
+        }
         Ok(snap)
     }
 
@@ -158,12 +173,22 @@ impl Store for SqliteStore {
                 Change::Token(t) => {
                     sqlx::query(
                         "INSERT INTO tokens (hash, project, role, data) VALUES (?, ?, ?, ?) \
-                         ON CONFLICT(hash) DO UPDATE SET data = excluded.data",
+                         ON CONFLICT(hash) DO UPDATE SET role = excluded.role, data = excluded.data",
                     )
                     .bind(&t.hash)
                     .bind(t.project.as_str())
                     .bind(t.role.as_str())
                     .bind(to_json(t)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Project(p) => {
+                    sqlx::query(
+                        "INSERT INTO projects (name, data) VALUES (?, ?) \
+                         ON CONFLICT(name) DO NOTHING",
+                    )
+                    .bind(p.name.as_str())
+                    .bind(to_json(p)?)
                     .execute(&mut *tx)
                     .await?;
                 }

@@ -141,7 +141,7 @@ impl TestCluster {
         cfg.bootstrap_tokens = vec![
             BootstrapToken {
                 secret: ADMIN_TOKEN.into(),
-                role: Role::Admin,
+                role: Role::Cluster,
                 name: "admin".into(),
             },
             BootstrapToken {
@@ -236,6 +236,47 @@ impl Api {
             token: token.to_string(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// The same caller acting in `project` (the `drover-project` header on every request).
+    pub fn in_project(mut self, project: &str) -> Api {
+        let mut headers = reqwest::header::HeaderMap::new();
+        // Test project names are plain ASCII.
+        headers.insert(
+            drover_core::auth::PROJECT_HEADER,
+            reqwest::header::HeaderValue::from_str(project).expect("an ASCII project name"),
+        );
+        self.http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("a client with default headers");
+        self
+    }
+
+    /// Creates a project (as a cluster admin).
+    pub async fn create_project(&self, name: &str) -> Result<drover_core::auth::Project> {
+        let body = serde_json::json!({ "name": name });
+        self.json(
+            reqwest::Method::POST,
+            "/v1/projects",
+            Some(serde_json::to_vec(&body)?),
+        )
+        .await
+    }
+
+    /// Creates a token with `role` in `project` and returns it, secret included.
+    pub async fn create_token(
+        &self,
+        project: &str,
+        role: drover_core::auth::Role,
+    ) -> Result<drover_core::auth::CreatedToken> {
+        let body = serde_json::json!({ "project": project, "role": role });
+        self.json(
+            reqwest::Method::POST,
+            "/v1/tokens",
+            Some(serde_json::to_vec(&body)?),
+        )
+        .await
     }
 
     pub async fn raw(
@@ -478,7 +519,6 @@ impl Api {
         Ok((status, resp.bytes().await?.to_vec()))
     }
 
-    /// `POST /v1/artifacts` with a JSON body.
     /// Uploads `files` (platform, bytes) and creates them as version 1 of artifact
     /// `name`; any answer but success is an error.
     pub async fn push_artifact(&self, name: &str, files: &[(&str, &[u8])]) -> Result<()> {
@@ -501,6 +541,7 @@ impl Api {
         Ok(())
     }
 
+    /// `POST /v1/artifacts` with a JSON body.
     pub async fn create_artifact(&self, body: &serde_json::Value) -> Result<(u16, String)> {
         self.raw(
             reqwest::Method::POST,

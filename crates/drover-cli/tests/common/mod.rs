@@ -39,6 +39,7 @@ impl Home {
         c.args(args)
             .env_remove("DROVER_SERVER")
             .env_remove("DROVER_TOKEN")
+            .env_remove("DROVER_PROJECT")
             .env_remove("DROVER_LOG")
             .env("HOME", self.path())
             .env("XDG_CONFIG_HOME", self.path().join("config"))

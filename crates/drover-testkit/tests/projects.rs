@@ -1,0 +1,729 @@
+//! Projects isolate tenants. Project `beta` has jobs (one still running), task output,
+//! an artifact, a blob and tokens; every token of project `alpha` is then sent at every
+//! route of the API and must neither see nor change any of it, while the cluster admin
+//! sees all. The routes come from the controller's own list, so a route added later
+//! without a case here fails the matrix.
+
+use drover_core::auth::{Project, Role, TokenView};
+use drover_core::state::JobStatus;
+use drover_core::{TaskState, api::JobView, api::NodeView, api::TaskView};
+use drover_testkit::{AgentOptions, Api, TestCluster, digest_of};
+use reqwest::Method;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+/// What beta owns and alpha must not reach.
+struct World {
+    cluster: Api,
+    /// alpha's tokens, by role.
+    alpha: Vec<(Role, Api)>,
+    beta: Api,
+    beta_token_id: String,
+    /// A finished task of beta's `b-out`, whose output is `BETA_OUTPUT`.
+    beta_task: String,
+    beta_digest: String,
+    beta_bytes: Vec<u8>,
+}
+
+const BETA_OUTPUT: &str = "beta-secret-output";
+
+impl World {
+    fn alpha(&self, role: Role) -> &Api {
+        &self
+            .alpha
+            .iter()
+            .find(|(r, _)| *r == role)
+            .expect("alpha has a token of every project role")
+            .1
+    }
+
+    /// alpha's tokens that may change things.
+    fn alpha_writers(&self) -> impl Iterator<Item = &Api> {
+        [Role::Admin, Role::Write]
+            .into_iter()
+            .map(|r| self.alpha(r))
+    }
+}
+
+async fn call(api: &Api, method: Method, path: &str, body: Option<&str>) -> (u16, String) {
+    api.raw(method.clone(), path, body.map(|b| b.as_bytes().to_vec()))
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// Asserts a status; the message names the call and the role.
+async fn expect(
+    api: &Api,
+    who: &str,
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    want: u16,
+) -> String {
+    let (status, text) = call(api, method.clone(), path, body).await;
+    assert_eq!(status, want, "{who}: {method} {path}: {text}");
+    text
+}
+
+/// Nothing of beta may appear in what alpha is shown.
+fn assert_no_beta(who: &str, path: &str, body: &str, w: &World) {
+    for needle in [
+        "\"beta\"",
+        "b-out",
+        "b-svc",
+        // alpha's own job names b-art:1 (and finds nothing); beta's artifact would
+        // show as an object of that name.
+        "\"name\":\"b-art\"",
+        BETA_OUTPUT,
+        w.beta_task.as_str(),
+        w.beta_digest.as_str(),
+        w.beta_token_id.as_str(),
+    ] {
+        assert!(
+            !body.contains(needle),
+            "{who}: GET {path} shows beta's {needle:?}: {body}"
+        );
+    }
+}
+
+async fn setup(c: &TestCluster) -> World {
+    let cluster = c.api();
+    for p in ["alpha", "beta"] {
+        cluster.create_project(p).await.unwrap();
+    }
+    let mut alpha = Vec::new();
+    for role in [Role::Admin, Role::Write, Role::Read] {
+        let t = cluster.create_token("alpha", role).await.unwrap();
+        assert_eq!(t.view.project.as_str(), "alpha");
+        alpha.push((role, Api::new(&c.url, &t.token)));
+    }
+    let bt = cluster.create_token("beta", Role::Write).await.unwrap();
+    let beta = Api::new(&c.url, &bt.token);
+
+    beta.apply_yaml(&format!(
+        "name: b-out\nruntime: process\ncommand: [sh, -c, 'echo {BETA_OUTPUT}']\n"
+    ))
+    .await
+    .unwrap();
+    beta.apply_yaml("name: shared\nruntime: process\ncommand: ['true']\n")
+        .await
+        .unwrap();
+    beta.apply_yaml("name: b-svc\nkind: service\nruntime: process\ncommand: [sleep, '300']\n")
+        .await
+        .unwrap();
+    let (job, tasks) = beta.wait_final("b-out", T).await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Complete);
+    assert!(beta.logs("b-out").await.unwrap().contains(BETA_OUTPUT));
+    beta.wait_final("shared", T).await.unwrap();
+    beta.wait_job("b-svc", T, |_, t| {
+        t.iter().any(|t| t.task.state == TaskState::Running)
+    })
+    .await
+    .unwrap();
+    let beta_bytes = b"beta's private build".to_vec();
+    beta.push_artifact("b-art", &[("any", &beta_bytes)])
+        .await
+        .unwrap();
+    World {
+        cluster,
+        alpha,
+        beta,
+        beta_token_id: bt.view.id,
+        beta_task: tasks[0].task.id.to_string(),
+        beta_digest: digest_of(&beta_bytes),
+        beta_bytes,
+    }
+}
+
+/// Checks one route. Every route of the controller must have an arm here.
+async fn check_route(w: &World, method: &str, pattern: &str) {
+    let all_alpha = [Role::Admin, Role::Write, Role::Read];
+    match (method, pattern) {
+        ("POST", "/v1/jobs") => {
+            // A job of the same name in alpha is alpha's own; beta's is untouched.
+            let spec = r#"{"name":"shared","command":["true"],"runtime":"process"}"#;
+            expect(
+                w.alpha(Role::Read),
+                "alpha read",
+                Method::POST,
+                pattern,
+                Some(spec),
+                403,
+            )
+            .await;
+            expect(
+                w.alpha(Role::Write),
+                "alpha write",
+                Method::POST,
+                pattern,
+                Some(spec),
+                201,
+            )
+            .await;
+            let mine = w
+                .alpha(Role::Write)
+                .wait_final("shared", T)
+                .await
+                .unwrap()
+                .0;
+            assert_eq!(mine.job.project.as_str(), "alpha");
+            let theirs = w.beta.job("shared").await.unwrap();
+            assert_eq!(
+                (theirs.job.version, theirs.job.project.as_str()),
+                (1, "beta")
+            );
+            // alpha cannot run beta's artifact: in alpha the name does not exist.
+            let spec = r#"{"name":"steal","command":["./b-art"],"runtime":"process","artifact":"b-art:1"}"#;
+            expect(
+                w.alpha(Role::Admin),
+                "alpha admin",
+                Method::POST,
+                pattern,
+                Some(spec),
+                201,
+            )
+            .await;
+            let (job, tasks) = w
+                .alpha(Role::Admin)
+                .wait_job("steal", T, |j, _| j.pending_reason.is_some())
+                .await
+                .unwrap();
+            let reason = job.pending_reason.unwrap_or_default();
+            assert!(reason.contains("b-art:1 does not exist"), "{reason}");
+            assert!(tasks.iter().all(|t| t.task.state == TaskState::Pending));
+            w.alpha(Role::Admin).stop("steal").await.unwrap();
+        }
+        ("GET", "/v1/jobs") | ("GET", "/v1/tasks") | ("GET", "/v1/artifacts") => {
+            for r in all_alpha {
+                let body = expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::GET,
+                    pattern,
+                    None,
+                    200,
+                )
+                .await;
+                assert_no_beta(&format!("alpha {r}"), pattern, &body, w);
+            }
+            let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
+            assert!(
+                body.contains("\"beta\""),
+                "the cluster admin sees beta: {body}"
+            );
+            // A job filter naming beta's job finds nothing.
+            if pattern == "/v1/tasks" {
+                for r in all_alpha {
+                    expect(
+                        w.alpha(r),
+                        &format!("alpha {r}"),
+                        Method::GET,
+                        "/v1/tasks?job=b-out",
+                        None,
+                        404,
+                    )
+                    .await;
+                }
+            }
+        }
+        ("GET", "/v1/jobs/{name}") | ("GET", "/v1/jobs/{name}/logs") => {
+            let paths = [
+                pattern.replace("{name}", "b-out"),
+                pattern.replace("{name}", "b-out") + "?follow=true",
+            ];
+            for path in &paths[..if pattern.ends_with("logs") { 2 } else { 1 }] {
+                for r in all_alpha {
+                    let body = expect(
+                        w.alpha(r),
+                        &format!("alpha {r}"),
+                        Method::GET,
+                        path,
+                        None,
+                        404,
+                    )
+                    .await;
+                    // The answer is the one for a name no project uses.
+                    let nobody = path.replace("b-out", "no-such-job");
+                    let (_, other) = call(w.alpha(r), Method::GET, &nobody, None).await;
+                    assert_eq!(body.replace("b-out", "no-such-job"), other, "alpha {r}");
+                }
+            }
+            let body = expect(&w.cluster, "cluster", Method::GET, &paths[0], None, 200).await;
+            if pattern.ends_with("logs") {
+                assert!(body.contains(BETA_OUTPUT), "{body}");
+            }
+        }
+        ("POST", "/v1/jobs/{name}/stop") => {
+            let path = pattern.replace("{name}", "b-svc");
+            expect(
+                w.alpha(Role::Read),
+                "alpha read",
+                Method::POST,
+                &path,
+                None,
+                403,
+            )
+            .await;
+            for a in w.alpha_writers() {
+                expect(a, "alpha writer", Method::POST, &path, None, 404).await;
+            }
+            let svc = w.beta.job("b-svc").await.unwrap();
+            assert_eq!(
+                svc.job.status,
+                JobStatus::Running,
+                "beta's service still runs"
+            );
+        }
+        ("GET", "/v1/tasks/{id}") | ("GET", "/v1/tasks/{id}/logs") => {
+            // Neither the whole id nor a prefix of it finds beta's task.
+            let prefix = &w.beta_task[..w.beta_task.len() - 4];
+            for id in [w.beta_task.as_str(), prefix] {
+                let path = pattern.replace("{id}", id);
+                for r in all_alpha {
+                    expect(
+                        w.alpha(r),
+                        &format!("alpha {r}"),
+                        Method::GET,
+                        &path,
+                        None,
+                        404,
+                    )
+                    .await;
+                }
+            }
+            let path = pattern.replace("{id}", &w.beta_task);
+            let body = expect(&w.cluster, "cluster", Method::GET, &path, None, 200).await;
+            if pattern.ends_with("logs") {
+                assert!(body.contains(BETA_OUTPUT), "{body}");
+            }
+        }
+        ("GET", "/v1/nodes") => {
+            // Nodes are shared, but alpha does not learn how many of beta's tasks run
+            // there: beta's service is the one task running.
+            let count = |body: &str| -> u32 {
+                let nodes: Vec<NodeView> = serde_json::from_str(body).unwrap();
+                nodes.iter().map(|n| n.tasks).sum()
+            };
+            for r in all_alpha {
+                let body = expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::GET,
+                    pattern,
+                    None,
+                    200,
+                )
+                .await;
+                assert_eq!(count(&body), 0, "alpha {r}: {body}");
+            }
+            let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
+            assert_eq!(count(&body), 1, "{body}");
+        }
+        ("GET", "/v1/envs") | ("POST", "/v1/envs/prune") | ("GET", "/metrics") => {
+            let m = Method::from_bytes(method.as_bytes()).unwrap();
+            for r in all_alpha {
+                expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    m.clone(),
+                    pattern,
+                    None,
+                    403,
+                )
+                .await;
+            }
+            expect(&w.cluster, "cluster", m, pattern, None, 200).await;
+        }
+        ("PUT", "/v1/blobs/{digest}") => {
+            // Naming beta's digest without its bytes proves nothing and grants nothing.
+            let (status, body) = w
+                .alpha(Role::Write)
+                .put_blob(&w.beta_digest, b"guess".to_vec())
+                .await
+                .unwrap();
+            assert_eq!(status, 400, "{body}");
+            assert!(body.contains("digest_mismatch"), "{body}");
+            let (status, body) = w
+                .alpha(Role::Read)
+                .put_blob(&w.beta_digest, w.beta_bytes.clone())
+                .await
+                .unwrap();
+            assert_eq!(status, 403, "{body}");
+            assert_eq!(
+                w.alpha(Role::Write)
+                    .head_blob(&w.beta_digest)
+                    .await
+                    .unwrap()
+                    .0,
+                404
+            );
+            assert_eq!(
+                std::str::from_utf8(&w.beta.get_blob(&w.beta_digest).await.unwrap().1).unwrap(),
+                "beta's private build"
+            );
+        }
+        ("HEAD", "/v1/blobs/{digest}") => {
+            for r in all_alpha {
+                assert_eq!(
+                    w.alpha(r).head_blob(&w.beta_digest).await.unwrap().0,
+                    404,
+                    "alpha {r}"
+                );
+            }
+            assert_eq!(w.cluster.head_blob(&w.beta_digest).await.unwrap().0, 200);
+            assert_eq!(w.beta.head_blob(&w.beta_digest).await.unwrap().0, 200);
+        }
+        ("GET", "/v1/blobs/{digest}") => {
+            for r in all_alpha {
+                let (status, body) = w.alpha(r).get_blob(&w.beta_digest).await.unwrap();
+                assert_eq!(status, 404, "alpha {r}");
+                assert!(!body.windows(w.beta_bytes.len()).any(|b| b == w.beta_bytes));
+            }
+            assert_eq!(
+                w.cluster.get_blob(&w.beta_digest).await.unwrap(),
+                (200, w.beta_bytes.clone())
+            );
+        }
+        ("POST", "/v1/artifacts") => {
+            let body = serde_json::json!({
+                "name": "mine", "version": "1",
+                "variants": [{ "platform": "any", "digest": w.beta_digest, "size": w.beta_bytes.len() }],
+            });
+            let (status, text) = w.alpha(Role::Read).create_artifact(&body).await.unwrap();
+            assert_eq!(status, 403, "{text}");
+            for a in w.alpha_writers() {
+                let (status, text) = a.create_artifact(&body).await.unwrap();
+                assert_eq!(status, 400, "{text}");
+                assert!(text.contains("has not been uploaded"), "{text}");
+            }
+        }
+        ("GET", "/v1/artifacts/{name}/{version}")
+        | ("DELETE", "/v1/artifacts/{name}/{version}") => {
+            let path = "/v1/artifacts/b-art/1";
+            if method == "GET" {
+                for r in all_alpha {
+                    expect(
+                        w.alpha(r),
+                        &format!("alpha {r}"),
+                        Method::GET,
+                        path,
+                        None,
+                        404,
+                    )
+                    .await;
+                }
+                expect(&w.cluster, "cluster", Method::GET, path, None, 200).await;
+            } else {
+                expect(
+                    w.alpha(Role::Read),
+                    "alpha read",
+                    Method::DELETE,
+                    path,
+                    None,
+                    403,
+                )
+                .await;
+                for a in w.alpha_writers() {
+                    expect(a, "alpha writer", Method::DELETE, path, None, 404).await;
+                }
+                expect(&w.beta, "beta", Method::GET, path, None, 200).await;
+            }
+        }
+        ("POST", "/v1/projects") => {
+            for r in all_alpha {
+                expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::POST,
+                    pattern,
+                    Some(r#"{"name":"mine"}"#),
+                    403,
+                )
+                .await;
+            }
+            expect(
+                &w.cluster,
+                "cluster",
+                Method::POST,
+                pattern,
+                Some(r#"{"name":"gamma"}"#),
+                201,
+            )
+            .await;
+            expect(
+                &w.cluster,
+                "cluster",
+                Method::POST,
+                pattern,
+                Some(r#"{"name":"gamma"}"#),
+                409,
+            )
+            .await;
+        }
+        ("GET", "/v1/projects") => {
+            let names = |body: &str| -> Vec<String> {
+                let list: Vec<Project> = serde_json::from_str(body).unwrap();
+                list.into_iter().map(|p| p.name.to_string()).collect()
+            };
+            for r in all_alpha {
+                let body = expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::GET,
+                    pattern,
+                    None,
+                    200,
+                )
+                .await;
+                assert_eq!(names(&body), ["alpha"], "alpha {r}");
+            }
+            let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
+            let all = names(&body);
+            for p in ["alpha", "beta", "default"] {
+                assert!(all.iter().any(|n| n == p), "{p} in {all:?}");
+            }
+        }
+        ("POST", "/v1/tokens") => {
+            let for_beta = r#"{"project":"beta","role":"write"}"#;
+            expect(
+                w.alpha(Role::Admin),
+                "alpha admin",
+                Method::POST,
+                pattern,
+                Some(for_beta),
+                404,
+            )
+            .await;
+            for r in [Role::Write, Role::Read] {
+                expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::POST,
+                    pattern,
+                    Some(r#"{"role":"read"}"#),
+                    403,
+                )
+                .await;
+            }
+            // A project admin makes its own project's tokens, but no cluster ones.
+            let text = expect(
+                w.alpha(Role::Admin),
+                "alpha admin",
+                Method::POST,
+                pattern,
+                Some(r#"{"role":"read"}"#),
+                201,
+            )
+            .await;
+            assert!(
+                text.contains("\"project\": \"alpha\"") || text.contains("\"project\":\"alpha\""),
+                "{text}"
+            );
+            expect(
+                w.alpha(Role::Admin),
+                "alpha admin",
+                Method::POST,
+                pattern,
+                Some(r#"{"role":"cluster"}"#),
+                403,
+            )
+            .await;
+        }
+        ("GET", "/v1/tokens") => {
+            let body = expect(
+                w.alpha(Role::Admin),
+                "alpha admin",
+                Method::GET,
+                pattern,
+                None,
+                200,
+            )
+            .await;
+            let list: Vec<TokenView> = serde_json::from_str(&body).unwrap();
+            assert!(
+                !list.is_empty() && list.iter().all(|t| t.project.as_str() == "alpha"),
+                "{body}"
+            );
+            assert!(
+                !body.contains("drv_"),
+                "listings never show secrets: {body}"
+            );
+            for r in [Role::Write, Role::Read] {
+                expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::GET,
+                    pattern,
+                    None,
+                    403,
+                )
+                .await;
+            }
+            let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
+            assert!(body.contains(&w.beta_token_id), "{body}");
+        }
+        ("POST", "/v1/tokens/{id}/revoke") => {
+            let path = pattern.replace("{id}", &w.beta_token_id);
+            expect(
+                w.alpha(Role::Admin),
+                "alpha admin",
+                Method::POST,
+                &path,
+                None,
+                404,
+            )
+            .await;
+            for r in [Role::Write, Role::Read] {
+                expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::POST,
+                    &path,
+                    None,
+                    403,
+                )
+                .await;
+            }
+            expect(&w.beta, "beta", Method::GET, "/v1/jobs", None, 200).await;
+        }
+        _ => panic!(
+            "route {method} {pattern} has no case in the project isolation matrix; add one to check_route"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_project_token_sees_or_changes_another_projects_objects_on_any_route() {
+    let c = TestCluster::start().await.unwrap();
+    let _agent = c.agent(AgentOptions::named("n1")).await.unwrap();
+    let w = setup(&c).await;
+    for (method, pattern) in drover_controller::ROUTES {
+        check_route(&w, method, pattern).await;
+    }
+
+    // A project token cannot step into another project by naming it.
+    let alpha_in_beta = Api::new(&c.url, &w.alpha(Role::Admin).token).in_project("beta");
+    let (status, body) = call(&alpha_in_beta, Method::GET, "/v1/jobs", None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("belongs to project alpha"), "{body}");
+    // The cluster admin naming a project sees only it.
+    let in_beta = Api::new(&c.url, &w.cluster.token).in_project("beta");
+    let jobs: Vec<JobView> =
+        serde_json::from_str(&call(&in_beta, Method::GET, "/v1/jobs", None).await.1).unwrap();
+    assert!(!jobs.is_empty() && jobs.iter().all(|j| j.job.project.as_str() == "beta"));
+    let tasks: Vec<TaskView> =
+        serde_json::from_str(&call(&in_beta, Method::GET, "/v1/tasks", None).await.1).unwrap();
+    assert!(tasks.iter().all(|t| t.task.project.as_str() == "beta"));
+    // ... and may stop beta's service, which no alpha token could.
+    expect(
+        &in_beta,
+        "cluster in beta",
+        Method::POST,
+        "/v1/jobs/b-svc/stop",
+        None,
+        200,
+    )
+    .await;
+    let (status, _) = call(
+        &Api::new(&c.url, &w.cluster.token).in_project("nope"),
+        Method::GET,
+        "/v1/jobs",
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_stored_hashed_and_a_revoked_one_stays_revoked_after_a_restart() {
+    let c = TestCluster::start().await.unwrap();
+    let cluster = c.api();
+    cluster.create_project("alpha").await.unwrap();
+    let admin = cluster.create_token("alpha", Role::Admin).await.unwrap();
+    let reader = Api::new(&c.url, &admin.token)
+        .create_token("alpha", Role::Read)
+        .await
+        .unwrap();
+    let read_api = Api::new(&c.url, &reader.token);
+    expect(&read_api, "reader", Method::GET, "/v1/jobs", None, 200).await;
+
+    // The project admin revokes the reader: its next request is refused.
+    let path = format!("/v1/tokens/{}/revoke", reader.view.id);
+    let text = expect(
+        &Api::new(&c.url, &admin.token),
+        "alpha admin",
+        Method::POST,
+        &path,
+        None,
+        200,
+    )
+    .await;
+    assert!(
+        text.contains("\"revoked\": true") || text.contains("\"revoked\":true"),
+        "{text}"
+    );
+    let text = expect(
+        &read_api,
+        "revoked reader",
+        Method::GET,
+        "/v1/jobs",
+        None,
+        401,
+    )
+    .await;
+    assert!(text.contains("revoked"), "{text}");
+
+    // Neither secret is anywhere in the controller's files; their hashes are.
+    let dir = c.stop().await;
+    let mut stored = Vec::new();
+    for entry in walk(dir.path()) {
+        stored.extend(std::fs::read(&entry).unwrap_or_default());
+    }
+    for secret in [&admin.token, &reader.token] {
+        assert!(
+            !stored.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "a secret was written to disk"
+        );
+    }
+    assert!(stored.windows(12).any(|w| w == reader.view.id.as_bytes()));
+
+    // After a restart the revocation holds and the admin token still works.
+    let c = TestCluster::start_in(dir, Default::default(), "127.0.0.1:0")
+        .await
+        .unwrap();
+    expect(
+        &Api::new(&c.url, &reader.token),
+        "revoked reader",
+        Method::GET,
+        "/v1/jobs",
+        None,
+        401,
+    )
+    .await;
+    let body = expect(
+        &Api::new(&c.url, &admin.token),
+        "alpha admin",
+        Method::GET,
+        "/v1/tokens",
+        None,
+        200,
+    )
+    .await;
+    let list: Vec<TokenView> = serde_json::from_str(&body).unwrap();
+    let r = list.iter().find(|t| t.id == reader.view.id).unwrap();
+    assert!(r.revoked);
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
