@@ -66,6 +66,30 @@ async fn expect(
     text
 }
 
+const ALL_ROLES: [Role; 3] = [Role::Admin, Role::Write, Role::Read];
+
+/// Sends one call with each of alpha's tokens of `roles`, asserting the status.
+async fn as_alpha(
+    w: &World,
+    roles: &[Role],
+    method: Method,
+    path: &str,
+    body: Option<&str>,
+    want: u16,
+) {
+    for r in roles {
+        expect(
+            w.alpha(*r),
+            &format!("alpha {r}"),
+            method.clone(),
+            path,
+            body,
+            want,
+        )
+        .await;
+    }
+}
+
 /// Nothing of beta may appear in what alpha is shown.
 fn assert_no_beta(who: &str, path: &str, body: &str, w: &World) {
     for needle in [
@@ -138,7 +162,7 @@ async fn setup(c: &TestCluster) -> World {
 
 /// Checks one route. Every route of the controller must have an arm here.
 async fn check_route(w: &World, method: &str, pattern: &str) {
-    let all_alpha = [Role::Admin, Role::Write, Role::Read];
+    let all_alpha = ALL_ROLES;
     match (method, pattern) {
         ("POST", "/v1/jobs") => {
             // A job of the same name in alpha is alpha's own; beta's is untouched.
@@ -214,17 +238,7 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             );
             // A job filter naming beta's job finds nothing.
             if pattern == "/v1/tasks" {
-                for r in all_alpha {
-                    expect(
-                        w.alpha(r),
-                        &format!("alpha {r}"),
-                        Method::GET,
-                        "/v1/tasks?job=b-out",
-                        None,
-                        404,
-                    )
-                    .await;
-                }
+                as_alpha(w, &ALL_ROLES, Method::GET, "/v1/tasks?job=b-out", None, 404).await;
             }
         }
         ("GET", "/v1/jobs/{name}") | ("GET", "/v1/jobs/{name}/logs") => {
@@ -280,17 +294,7 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             let prefix = &w.beta_task[..w.beta_task.len() - 4];
             for id in [w.beta_task.as_str(), prefix] {
                 let path = pattern.replace("{id}", id);
-                for r in all_alpha {
-                    expect(
-                        w.alpha(r),
-                        &format!("alpha {r}"),
-                        Method::GET,
-                        &path,
-                        None,
-                        404,
-                    )
-                    .await;
-                }
+                as_alpha(w, &ALL_ROLES, Method::GET, &path, None, 404).await;
             }
             let path = pattern.replace("{id}", &w.beta_task);
             let body = expect(&w.cluster, "cluster", Method::GET, &path, None, 200).await;
@@ -322,17 +326,7 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
         }
         ("GET", "/v1/envs") | ("POST", "/v1/envs/prune") | ("GET", "/metrics") => {
             let m = Method::from_bytes(method.as_bytes()).unwrap();
-            for r in all_alpha {
-                expect(
-                    w.alpha(r),
-                    &format!("alpha {r}"),
-                    m.clone(),
-                    pattern,
-                    None,
-                    403,
-                )
-                .await;
-            }
+            as_alpha(w, &ALL_ROLES, m.clone(), pattern, None, 403).await;
             expect(&w.cluster, "cluster", m, pattern, None, 200).await;
         }
         ("PUT", "/v1/blobs/{digest}") => {
@@ -402,17 +396,7 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
         | ("DELETE", "/v1/artifacts/{name}/{version}") => {
             let path = "/v1/artifacts/b-art/1";
             if method == "GET" {
-                for r in all_alpha {
-                    expect(
-                        w.alpha(r),
-                        &format!("alpha {r}"),
-                        Method::GET,
-                        path,
-                        None,
-                        404,
-                    )
-                    .await;
-                }
+                as_alpha(w, &ALL_ROLES, Method::GET, path, None, 404).await;
                 expect(&w.cluster, "cluster", Method::GET, path, None, 200).await;
             } else {
                 expect(
@@ -431,17 +415,15 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             }
         }
         ("POST", "/v1/projects") => {
-            for r in all_alpha {
-                expect(
-                    w.alpha(r),
-                    &format!("alpha {r}"),
-                    Method::POST,
-                    pattern,
-                    Some(r#"{"name":"mine"}"#),
-                    403,
-                )
-                .await;
-            }
+            as_alpha(
+                w,
+                &ALL_ROLES,
+                Method::POST,
+                pattern,
+                Some(r#"{"name":"mine"}"#),
+                403,
+            )
+            .await;
             expect(
                 &w.cluster,
                 "cluster",
@@ -495,17 +477,15 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
                 404,
             )
             .await;
-            for r in [Role::Write, Role::Read] {
-                expect(
-                    w.alpha(r),
-                    &format!("alpha {r}"),
-                    Method::POST,
-                    pattern,
-                    Some(r#"{"role":"read"}"#),
-                    403,
-                )
-                .await;
-            }
+            as_alpha(
+                w,
+                &[Role::Write, Role::Read],
+                Method::POST,
+                pattern,
+                Some(r#"{"role":"read"}"#),
+                403,
+            )
+            .await;
             // A project admin makes its own project's tokens, but no cluster ones.
             let text = expect(
                 w.alpha(Role::Admin),
@@ -549,17 +529,15 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
                 !body.contains("drv_"),
                 "listings never show secrets: {body}"
             );
-            for r in [Role::Write, Role::Read] {
-                expect(
-                    w.alpha(r),
-                    &format!("alpha {r}"),
-                    Method::GET,
-                    pattern,
-                    None,
-                    403,
-                )
-                .await;
-            }
+            as_alpha(
+                w,
+                &[Role::Write, Role::Read],
+                Method::GET,
+                pattern,
+                None,
+                403,
+            )
+            .await;
             let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
             assert!(body.contains(&w.beta_token_id), "{body}");
         }
@@ -574,17 +552,15 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
                 404,
             )
             .await;
-            for r in [Role::Write, Role::Read] {
-                expect(
-                    w.alpha(r),
-                    &format!("alpha {r}"),
-                    Method::POST,
-                    &path,
-                    None,
-                    403,
-                )
-                .await;
-            }
+            as_alpha(
+                w,
+                &[Role::Write, Role::Read],
+                Method::POST,
+                &path,
+                None,
+                403,
+            )
+            .await;
             expect(&w.beta, "beta", Method::GET, "/v1/jobs", None, 200).await;
         }
         _ => panic!(
