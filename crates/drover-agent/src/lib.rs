@@ -12,6 +12,7 @@ mod logship;
 mod outbox;
 pub mod platform;
 pub mod pyenv;
+pub mod socket;
 mod tasks;
 pub mod unpack;
 

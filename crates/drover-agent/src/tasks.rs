@@ -363,6 +363,14 @@ impl TaskManager {
         env.insert("DROVER_NODE_ID".into(), self.node_id.to_string());
         env.insert("DROVER_PROJECT".into(), a.project.to_string());
         env.insert("DROVER_TASK_DIR".into(), dir.display().to_string());
+        // Only a process on this host can reach a Unix socket of the agent's; a
+        // container or another runtime's task is not told of one.
+        if a.spec.runtime == drover_core::RuntimeKind::Process {
+            env.insert(
+                crate::socket::ENV_VAR.into(),
+                crate::socket::socket_path(&dir).display().to_string(),
+            );
+        }
         let mut spec = a.spec.clone();
         if let Some(art) = &a.artifact {
             let path = dir.join(&art.reference.name);
@@ -398,6 +406,34 @@ impl TaskManager {
             dir,
             env,
         }
+    }
+
+    /// Serves the task's socket, when its context names one.
+    fn task_socket(
+        &self,
+        a: &TaskAssignment,
+        ctx: &TaskContext,
+    ) -> Result<Option<crate::socket::TaskSocket>, String> {
+        let Some(path) = ctx.env.get(crate::socket::ENV_VAR) else {
+            return Ok(None);
+        };
+        let config = a
+            .config
+            .as_ref()
+            .filter(|c| c.format == drover_core::protocol::CONFIG_FORMAT_JSON)
+            .map(|c| c.data.clone());
+        let facts = crate::socket::TaskFacts {
+            task_id: a.task_id.to_string(),
+            job: a.job_name.clone(),
+            job_id: a.job_id.to_string(),
+            project: a.project.to_string(),
+            index: a.index,
+            attempt: a.attempt,
+            config,
+        };
+        crate::socket::TaskSocket::bind(std::path::Path::new(path), facts)
+            .map(Some)
+            .map_err(|e| format!("serving the task socket {path}: {e}"))
     }
 
     fn write_task_file(&self, a: &TaskAssignment) {
@@ -561,6 +597,18 @@ impl TaskManager {
             let reason = format!("runtime {} is not available on this node", a.spec.runtime);
             self.finish(&id, TaskState::Failed, &reason, None);
             return;
+        };
+        // The task socket is served from before the task starts (or, for an adopted
+        // task, from now) until it has ended.
+        let _socket = match self.task_socket(&a, &ctx) {
+            Ok(s) => s,
+            Err(reason) if !adopted => {
+                return self.finish(&id, TaskState::Failed, &reason, None);
+            }
+            Err(reason) => {
+                tracing::warn!(task = %id, "{reason}");
+                None
+            }
         };
         let _lease: Option<Lease>;
         let _env: Materialised;

@@ -1,8 +1,9 @@
 //! Reads the config object a Drover job ships with its tasks.
 //!
 //! A job's `runtime_env.config` (any YAML or JSON object) reaches each of its tasks as a
-//! JSON file whose path is in the `DROVER_CONFIG` variable. This crate is the one call a
-//! task needs:
+//! JSON file whose path is in the `DROVER_CONFIG` variable, and over the task socket
+//! (`DROVER_SOCKET`) the agent serves to each process task. This crate is the one call a
+//! task needs ([`load`] from the file, [`load_from_socket`] from the agent):
 //!
 //! ```no_run
 //! #[derive(serde::Deserialize)]
@@ -21,6 +22,9 @@ use std::path::{Path, PathBuf};
 
 /// The variable holding the config file's path.
 pub const ENV_VAR: &str = "DROVER_CONFIG";
+
+/// The variable holding the task socket's path.
+pub const SOCKET_VAR: &str = "DROVER_SOCKET";
 
 /// Why the config could not be read. Each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,16 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{SOCKET_VAR} is not set: this program is not running as a Drover process task")]
+    NoSocket,
+    #[error("asking the task socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the task socket {path} answered: {message}")]
+    Refused { path: PathBuf, message: String },
 }
 
 /// Reads the job's config into `T` (any type serde can deserialize, or
@@ -65,6 +79,51 @@ pub fn load_from<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
         source,
     })?;
     serde_json::from_slice(&bytes).map_err(|source| ConfigError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Asks the agent for the job's config over the task socket (`DROVER_SOCKET`), and
+/// reads it into `T`. A job without a config gives JSON `null`, which an `Option<T>`
+/// takes as `None`.
+pub fn load_from_socket<T: DeserializeOwned>() -> Result<T, ConfigError> {
+    let path = std::env::var_os(SOCKET_VAR).ok_or(ConfigError::NoSocket)?;
+    load_from_socket_at(Path::new(&path))
+}
+
+/// Like [`load_from_socket`], with the socket's path given.
+pub fn load_from_socket_at<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    use std::io::{BufRead, Write};
+    let io = |source| ConfigError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(io)?;
+    // The agent answers at once; a bound keeps a wedged one from hanging the task.
+    let limit = Some(std::time::Duration::from_secs(10));
+    stream.set_read_timeout(limit).map_err(io)?;
+    stream.set_write_timeout(limit).map_err(io)?;
+    stream.write_all(b"{\"op\":\"config\"}\n").map_err(io)?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(io)?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if reply["ok"] != serde_json::Value::Bool(true) {
+        return Err(ConfigError::Refused {
+            path: path.to_path_buf(),
+            message: reply["error"]
+                .as_str()
+                .unwrap_or("no reason given")
+                .to_string(),
+        });
+    }
+    serde_json::from_value(reply["config"].clone()).map_err(|source| ConfigError::Parse {
         path: path.to_path_buf(),
         source,
     })

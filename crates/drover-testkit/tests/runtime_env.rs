@@ -128,7 +128,7 @@ async fn a_nested_config_round_trips_exactly_and_each_job_sees_its_own() {
         r#"
 name: conf-py
 env: {{ PYTHONDONTWRITEBYTECODE: "1" }}
-command: ["python3", "-c", "import sys, json; sys.path.insert(0, '{}'); import drover_config; print(json.dumps(drover_config.load(), ensure_ascii=False))"]
+command: ["python3", "-c", "import sys, json; sys.path.insert(0, '{}'); import drover_config; print(json.dumps([drover_config.load(), drover_config.from_socket(), drover_config.task_info()], ensure_ascii=False))"]
 runtime_env:
   config:{}"#,
         sdk_dir().display(),
@@ -136,7 +136,15 @@ runtime_env:
     );
     let out = output_of(&api, "conf-py", &py, T).await;
     let got: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(got, config_json(), "through drover_config.py: {out}");
+    assert_eq!(
+        got[0],
+        config_json(),
+        "through drover_config.py's file: {out}"
+    );
+    assert_eq!(got[1], config_json(), "over the task socket: {out}");
+    let task = &api.tasks("conf-py").await.unwrap()[0].task;
+    assert_eq!(got[2]["task_id"], task.id.as_str(), "{out}");
+    assert_eq!(got[2]["job"], "conf-py", "{out}");
 
     // Two jobs, two configs: each task reads its own.
     for (job, value) in [("left", "L"), ("right", "R")] {
@@ -362,4 +370,40 @@ runtime_env:
         reason.contains("runtime_env.python") && reason.contains("drover-no-such-package-zz9"),
         "{reason}"
     );
+}
+
+/// The Rust helper asks the agent's real task socket, and reads a job without a config
+/// as `None`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_helper_reads_the_config_over_the_task_socket() {
+    use drover_agent::socket::{TaskFacts, TaskSocket, socket_path};
+    let dir = tempfile::tempdir().unwrap();
+    let facts = |config| TaskFacts {
+        task_id: "task-x".into(),
+        job: "j".into(),
+        job_id: "job-x".into(),
+        project: "default".into(),
+        index: 0,
+        attempt: 0,
+        config,
+    };
+    let path = socket_path(dir.path());
+    let sock = TaskSocket::bind(&path, facts(Some(config_json()))).unwrap();
+    let p = path.clone();
+    let got: serde_json::Value =
+        tokio::task::spawn_blocking(move || drover_config::load_from_socket_at(&p))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(got, config_json());
+    drop(sock);
+
+    let _sock = TaskSocket::bind(&path, facts(None)).unwrap();
+    let p = path.clone();
+    let none: Option<serde_json::Value> =
+        tokio::task::spawn_blocking(move || drover_config::load_from_socket_at(&p))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(none, None);
 }
