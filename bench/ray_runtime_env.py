@@ -90,7 +90,9 @@ def main():
         plain = [timed(client, "python -c 'import sys'", None, 300) for _ in range(args.warm_runs)]
         cold = timed(client, entry, pip_env, 900)
         warm = [timed(client, entry, pip_env, 300) for _ in range(args.warm_runs)]
-        print(json.dumps({"plain": plain, "cold": cold, "warm": warm}))
+        import ray
+
+        print(json.dumps({"version": ray.__version__, "plain": plain, "cold": cold, "warm": warm}))
     finally:
         subprocess.run([ray_cli(), "stop", "--force"], env=env,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -24,7 +24,7 @@ use drover_core::protocol::{
 use drover_core::quantity::ByteSize;
 use drover_core::spec::{Resources, RuntimeKind};
 use drover_core::state::NodeInfo;
-use drover_core::{NodeId, now_millis};
+use drover_core::{NodeId, TaskId, now_millis};
 use drover_runtime::Runtime;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap};
@@ -674,12 +674,39 @@ impl Connection {
                         Ok(ControllerMessage::LogResync { task_id, stream, offset }) => self.manager.resync_log(&task_id, stream, offset),
                         Ok(ControllerMessage::Reject { reason }) => return SessionEnd::Rejected(reason),
                         Ok(ControllerMessage::Welcome { .. }) => {}
-                        Err(e) => tracing::warn!("ignoring a malformed controller message: {e}"),
+                        Err(e) => match undecodable_start(&text) {
+                            // A Start this agent cannot read (a newer controller's) fails
+                            // its task with the reason, rather than leaving it scheduled
+                            // until the controller's start deadline.
+                            Some((seq, task)) => {
+                                let reason = format!(
+                                    "this agent ({}) cannot read the task's Start command: {e}; upgrade the agent",
+                                    env!("CARGO_PKG_VERSION")
+                                );
+                                self.manager.refuse_start(&task, &reason);
+                                if let Err(e) = send(sink, &AgentMessage::CommandAck { seq }).await {
+                                    return SessionEnd::Dropped(e);
+                                }
+                            }
+                            None => tracing::warn!("ignoring a malformed controller message: {e}"),
+                        },
                     }
                 }
             }
         }
     }
+}
+
+/// The sequence number and task of a Start command that did not decode, if the message
+/// is recognisably one.
+fn undecodable_start(text: &str) -> Option<(u64, TaskId)> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    if v["type"] != "command" || v["command"]["kind"] != "start" {
+        return None;
+    }
+    let seq = v["seq"].as_u64()?;
+    let task = v["command"]["task_id"].as_str()?;
+    Some((seq, TaskId::from(task)))
 }
 
 async fn send<S>(sink: &mut S, msg: &AgentMessage) -> Result<(), String>

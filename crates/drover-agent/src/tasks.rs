@@ -549,6 +549,16 @@ impl TaskManager {
     }
 
     /// Emits the terminal event (unless forgotten) and marks the task finished.
+    /// Fails a task whose Start command could not be read; a task this agent already
+    /// runs is left alone (the unreadable command was a repeat).
+    pub fn refuse_start(&self, id: &TaskId, reason: &str) {
+        if self.entries().contains_key(id) {
+            return;
+        }
+        tracing::warn!(task = %id, "{reason}");
+        self.emit(id, TaskState::Failed, reason, None);
+    }
+
     fn finish(&self, id: &TaskId, state: TaskState, reason: &str, exit: Option<Exit>) {
         let forgotten = self
             .entries()

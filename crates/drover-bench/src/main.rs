@@ -1179,7 +1179,10 @@ fn ray_envs(
     }
     let (r_plain, _) = summary(plain);
     let (r_warm, _) = summary(warm);
-    println!("Ray 2.x Jobs API, same pip list, same machine and run (submit -> succeeded):");
+    println!(
+        "Ray {} Jobs API, same pip list, same machine and run (submit -> succeeded):",
+        t["version"].as_str().unwrap_or("(unknown version)")
+    );
     println!(
         "  job without runtime_env   p50 {r_plain:8.1} ms   Drover {:.1}x faster",
         r_plain / drover_plain
