@@ -643,12 +643,13 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Token(TokenCmd::Create { role, name }) => {
             let c = require(&cli)?;
-            // With no --project the server uses the caller's own project: the token's
-            // for a project admin, `default` for the cluster admin.
-            let project = cli.project.clone().or(config::load()?.project);
+            // The token's project is the one the client acts in (sent with every
+            // request, from --project, DROVER_PROJECT or the config file), and without
+            // one the caller's own: the token's for a project admin, `default` for the
+            // cluster admin.
             let created = c
                 .create_token(&drover_core::auth::NewToken {
-                    project,
+                    project: None,
                     role: role.role(),
                     name: name.clone(),
                 })

@@ -28,8 +28,15 @@ pub struct Principal {
     pub pinned: bool,
 }
 
-fn forbidden(message: &str) -> ApiError {
+pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+/// The answer for a project that does not exist, saying how to make it.
+pub(crate) fn no_such_project(project: &ProjectId) -> ApiError {
+    ApiError::not_found(&format!(
+        "project {project:?} (create it with `drover project create {project}`)"
+    ))
 }
 
 impl Principal {
@@ -304,39 +311,37 @@ async fn principal_for(
     t: &TokenRecord,
     asked: Option<String>,
 ) -> ApiResult<Principal> {
-    let Some(asked) = asked else {
-        return Ok(Principal {
-            project: t.project.clone(),
-            role: t.role,
-            pinned: false,
-        });
+    let own = Principal {
+        project: t.project.clone(),
+        role: t.role,
+        pinned: false,
     };
-    if t.role != Role::Cluster {
+    match asked {
+        None => Ok(own),
         // A project token acts only in its own project, and is not told whether the
         // other one exists.
-        if asked != t.project.as_str() {
-            return Err(forbidden(&format!(
-                "this token belongs to project {}; it cannot act in project {asked}",
-                t.project
-            )));
+        Some(asked) if t.role != Role::Cluster => {
+            if asked == t.project.as_str() {
+                Ok(own)
+            } else {
+                Err(forbidden(format!(
+                    "this token belongs to project {}; it cannot act in project {asked}",
+                    t.project
+                )))
+            }
         }
-        return Ok(Principal {
-            project: t.project.clone(),
-            role: t.role,
-            pinned: true,
-        });
+        Some(asked) => {
+            let project = ProjectId(asked);
+            if !inner.state.lock().await.projects.contains_key(&project) {
+                return Err(no_such_project(&project));
+            }
+            Ok(Principal {
+                project,
+                pinned: true,
+                ..own
+            })
+        }
     }
-    let project = ProjectId(asked);
-    if !inner.state.lock().await.projects.contains_key(&project) {
-        return Err(ApiError::not_found(&format!(
-            "project {project:?} (create it with `drover project create {project}`)"
-        )));
-    }
-    Ok(Principal {
-        project,
-        role: t.role,
-        pinned: true,
-    })
 }
 
 async fn health(State(inner): Shared) -> Json<Health> {
@@ -478,17 +483,13 @@ async fn apply_job(
                 ),
             )
         })?;
-        let size = if inner.may_use_blob(&p, &digest) {
-            inner.blobs.size(&digest).await.map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "io",
-                    format!("reading blob {digest}: {e}"),
-                )
-            })?
-        } else {
-            None
-        };
+        let size = inner.usable_blob_size(&p, &digest).await.map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "io",
+                format!("reading blob {digest}: {e}"),
+            )
+        })?;
         if size.is_none() {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -96,12 +96,25 @@ impl Inner {
     }
 
     /// Whether the caller may read or use a stored blob.
-    pub(crate) fn may_use_blob(&self, p: &Principal, digest: &Digest) -> bool {
+    fn may_use_blob(&self, p: &Principal, digest: &Digest) -> bool {
         p.reads_all_blobs()
             || self
                 .owners()
                 .get(digest)
                 .is_some_and(|o| o.contains(&p.project))
+    }
+
+    /// The size of a stored blob the caller may use; `None` when it is not stored or
+    /// belongs to no project the caller may see, which callers answer alike.
+    pub(crate) async fn usable_blob_size(
+        &self,
+        p: &Principal,
+        digest: &Digest,
+    ) -> std::io::Result<Option<u64>> {
+        if !self.may_use_blob(p, digest) {
+            return Ok(None);
+        }
+        self.blobs.size(digest).await
     }
 
     fn grant_blob(&self, project: &ProjectId, digest: &Digest) {
@@ -188,12 +201,8 @@ pub(crate) async fn head_blob(
         header::HeaderName::from_static(MAX_BLOB_SIZE_HEADER),
         HeaderValue::from(inner.blobs.max_size()),
     );
-    if !inner.may_use_blob(&p, &digest) {
-        return Ok((StatusCode::NOT_FOUND, [limit], ()).into_response());
-    }
     match inner
-        .blobs
-        .size(&digest)
+        .usable_blob_size(&p, &digest)
         .await
         .map_err(|e| io_error("reading a blob", e))?
     {
@@ -347,15 +356,11 @@ impl Inner {
         }
         let mut problems = Vec::new();
         for (i, v) in new.variants.iter().enumerate() {
-            let size = if self.may_use_blob(p, &v.digest) {
-                self.blobs
-                    .size(&v.digest)
-                    .await
-                    .map_err(|e| io_error("reading a blob", e))?
-            } else {
-                None
-            };
-            match size {
+            match self
+                .usable_blob_size(p, &v.digest)
+                .await
+                .map_err(|e| io_error("reading a blob", e))?
+            {
                 None => problems.push(format!(
                     "variants[{i}] ({}): blob {} has not been uploaded (PUT /v1/blobs/{})",
                     v.platform, v.digest, v.digest

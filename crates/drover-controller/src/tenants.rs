@@ -1,7 +1,7 @@
 //! Projects and tokens over HTTP: creating and listing projects (cluster admin), and
 //! creating, listing and revoking tokens (a project's admins, or the cluster admin).
 
-use crate::api::{ApiError, ApiResult, Principal};
+use crate::api::{ApiError, ApiResult, Principal, forbidden, no_such_project};
 use crate::{Inner, Tx};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -96,13 +96,9 @@ pub(crate) async fn create_token(
         Role::Admin | Role::Write | Role::Read => {}
         Role::Cluster | Role::Agent if p.is_cluster_admin() => {}
         other => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "role: only a cluster admin may create {other} tokens; a project admin may create admin, write or read"
-                ),
-            ));
+            return Err(forbidden(format!(
+                "role: only a cluster admin may create {other} tokens; a project admin may create admin, write or read"
+            )));
         }
     }
     let name = new
@@ -118,9 +114,7 @@ pub(crate) async fn create_token(
     }
     let mut state = inner.state.lock().await;
     if !state.projects.contains_key(&project) {
-        return Err(ApiError::not_found(&format!(
-            "project {project:?} (create it with `drover project create {project}`)"
-        )));
+        return Err(no_such_project(&project));
     }
     let secret = new_secret();
     let record = TokenRecord {

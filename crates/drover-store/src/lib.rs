@@ -119,7 +119,4 @@ pub trait Store: Send + Sync {
     /// Applies all changes in one transaction: all of them are durable, or none.
     /// Task changes that would move a stored task backwards are skipped.
     async fn commit(&self, changes: &[Change]) -> Result<(), StoreError>;
-
-    /// Finds a token by the hash of its secret.
-    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError>;
 }

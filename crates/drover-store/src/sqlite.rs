@@ -1,6 +1,6 @@
 //! The SQLite store: one file, WAL journal, every commit one transaction.
 
-use crate::{Change, Snapshot, Store, StoreError, TokenRecord};
+use crate::{Change, Snapshot, Store, StoreError};
 use async_trait::async_trait;
 use drover_core::artifact::Artifact;
 use drover_core::state::{Job, Node, Task};
@@ -291,20 +291,12 @@ impl Store for SqliteStore {
         tx.commit().await?;
         Ok(())
     }
-
-    async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let row = sqlx::query("SELECT data FROM tokens WHERE hash = ?")
-            .bind(hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| from_json(hash, r.get(0))).transpose()
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Role, hash_token};
+    use crate::{Role, TokenRecord, hash_token};
     use drover_core::state::{Exit, JobStatus};
     use drover_core::{JobId, JobSpec, ProjectId, TaskId, TaskState};
 
@@ -376,11 +368,7 @@ mod tests {
         let snap = store.load().await.unwrap();
         assert_eq!(snap.jobs, vec![job]);
         assert_eq!(snap.tasks, vec![task(TaskState::Running)]);
-        assert_eq!(
-            store.find_token(&hash_token("secret")).await.unwrap(),
-            Some(token)
-        );
-        assert_eq!(store.find_token(&hash_token("other")).await.unwrap(), None);
+        assert_eq!(snap.tokens, vec![token]);
     }
 
     #[tokio::test]
