@@ -703,3 +703,49 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_project_and_token_requests_are_refused_with_the_field_named() {
+    let c = TestCluster::start().await.unwrap();
+    let admin = c.api();
+    for (path, body, needle) in [
+        ("/v1/projects", r#"{"name":"Team_A"}"#, "name: project name"),
+        ("/v1/projects", r#"{"nme":"a"}"#, "unknown field `nme`"),
+        ("/v1/projects", "not json", "invalid project"),
+        ("/v1/tokens", r#"{"role":"root"}"#, "unknown variant `root`"),
+        (
+            "/v1/tokens",
+            r#"{"project":"default"}"#,
+            "missing field `role`",
+        ),
+    ] {
+        let text = expect(&admin, "cluster", Method::POST, path, Some(body), 400).await;
+        assert!(text.contains(needle), "{path} {body}: {text}");
+    }
+    // A token for a project that does not exist names it and how to make it.
+    let text = expect(
+        &admin,
+        "cluster",
+        Method::POST,
+        "/v1/tokens",
+        Some(r#"{"project":"nope","role":"read"}"#),
+        404,
+    )
+    .await;
+    assert!(text.contains("drover project create nope"), "{text}");
+    // So does a cluster admin naming one in the header.
+    let in_nope = Api::new(&c.url, &admin.token).in_project("nope");
+    let text = expect(
+        &in_nope,
+        "cluster in nope",
+        Method::GET,
+        "/v1/jobs",
+        None,
+        404,
+    )
+    .await;
+    assert!(text.contains("drover project create nope"), "{text}");
+    let (_, projects) = call(&admin, Method::GET, "/v1/projects", None).await;
+    let list: Vec<Project> = serde_json::from_str(&projects).unwrap();
+    assert_eq!(list.len(), 1, "nothing was created: {projects}");
+}
