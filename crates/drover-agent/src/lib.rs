@@ -191,7 +191,14 @@ pub fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("node-id");
     match std::fs::read_to_string(&path) {
-        Ok(s) if !s.trim().is_empty() => Ok(NodeId(s.trim().to_string())),
+        // A node id kept by an earlier agent is checked like any id from outside: a
+        // hand-edited file must not smuggle a path into the controller's records.
+        Ok(s) if !s.trim().is_empty() => NodeId::parse(s.trim()).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
         _ => {
             let id = NodeId::generate();
             let tmp = dir.join("node-id.tmp");
@@ -706,7 +713,7 @@ fn undecodable_start(text: &str) -> Option<(u64, TaskId)> {
     }
     let seq = v["seq"].as_u64()?;
     let task = v["command"]["task_id"].as_str()?;
-    Some((seq, TaskId::from(task)))
+    Some((seq, TaskId::parse(task).ok()?))
 }
 
 async fn send<S>(sink: &mut S, msg: &AgentMessage) -> Result<(), String>

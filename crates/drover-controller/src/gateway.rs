@@ -4,9 +4,12 @@
 
 use crate::Inner;
 use axum::extract::ws::{Message, WebSocket};
-use drover_core::protocol::{AgentEvent, AgentMessage, ControllerMessage, Hello, PROTOCOL_VERSION};
+use drover_core::protocol::{
+    AgentEvent, AgentMessage, ControllerMessage, Hello, LogChunk, PROTOCOL_VERSION,
+};
 use drover_core::{NodeId, TaskId};
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -81,8 +84,22 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
     tracing::info!(node = %node_id, name = %hello.info.name, "agent connected");
 
     let (mut sink, mut stream) = ws.split();
+    // The agent takes a long silence for a dead connection, so an idle connection gets
+    // a ping every heartbeat interval. Agents of every version read a ping as a sign of
+    // life, and their WebSocket library answers it by itself.
+    let ping_every = inner.cfg.heartbeat_interval;
     let writer = tokio::spawn(async move {
-        while let Some(text) = rx.recv().await {
+        loop {
+            let text = match tokio::time::timeout(ping_every, rx.recv()).await {
+                Ok(Some(text)) => text,
+                Ok(None) => break,
+                Err(_idle) => {
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
             // Feed what is queued and flush once, rather than a flush per message.
             if sink
                 .feed(Message::Text(text.as_ref().into()))
@@ -106,9 +123,15 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
                 break;
             }
         }
-        let _ = sink.close().await;
+        if let Err(e) = sink.close().await {
+            tracing::debug!("closing an agent connection: {e}");
+        }
     });
 
+    // Tasks this connection's node has been confirmed to own, so that log chunks are
+    // checked against the state without taking its lock for every chunk. A task never
+    // moves to another node (a replacement is a new task), so a yes stays true.
+    let mut owned = OwnedTasks::default();
     let idle_limit = inner.cfg.node_lost_after;
     let shutdown = inner.shutdown.clone();
     loop {
@@ -128,7 +151,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
                 _ => break,
             }
         }
-        if !handle_batch(&inner, &node_id, &tx, batch).await {
+        if !handle_batch(&inner, &node_id, &tx, &mut owned, batch).await {
             break;
         }
         if tx.is_closed() {
@@ -141,17 +164,72 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
     tracing::info!(node = %node_id, "agent disconnected");
 }
 
+/// The tasks one connection's node is known to own; bounded, since a long-lived
+/// connection sees tasks come and go.
+#[derive(Default)]
+struct OwnedTasks(HashSet<TaskId>);
+
+impl OwnedTasks {
+    const MAX: usize = 16_384;
+
+    /// Keeps only the chunks of tasks assigned to `node_id`, asking the state about
+    /// tasks not confirmed yet; the others are dropped with a warning, since a node
+    /// must not write into another node's (or another project's) task output.
+    async fn filter(
+        &mut self,
+        inner: &Inner,
+        node_id: &NodeId,
+        chunks: Vec<LogChunk>,
+    ) -> Vec<LogChunk> {
+        let unknown: Vec<&TaskId> = chunks
+            .iter()
+            .map(|c| &c.task_id)
+            .filter(|t| !self.0.contains(*t))
+            .collect();
+        if !unknown.is_empty() {
+            let state = inner.state.lock().await;
+            let confirmed: Vec<TaskId> = unknown
+                .into_iter()
+                .filter(|t| {
+                    state
+                        .tasks
+                        .get(*t)
+                        .is_some_and(|t| t.node_id.as_ref() == Some(node_id))
+                })
+                .cloned()
+                .collect();
+            drop(state);
+            if self.0.len() + confirmed.len() > Self::MAX {
+                self.0.clear();
+            }
+            self.0.extend(confirmed);
+        }
+        chunks
+            .into_iter()
+            .filter(|c| {
+                let ok = self.0.contains(&c.task_id);
+                if !ok {
+                    tracing::warn!(node = %node_id, task = %c.task_id, "dropping output for a task this node does not run");
+                }
+                ok
+            })
+            .collect()
+    }
+}
+
 /// Handles a batch of messages; returns false when the connection should close.
 async fn handle_batch(
     inner: &Arc<Inner>,
     node_id: &NodeId,
     tx: &mpsc::Sender<std::sync::Arc<str>>,
+    owned: &mut OwnedTasks,
     batch: Vec<Message>,
 ) -> bool {
     let mut events: Vec<AgentEvent> = Vec::new();
     let mut acks: Vec<u64> = Vec::new();
     let mut heartbeat = false;
     let mut usage = Vec::new();
+    let mut chunks: Vec<LogChunk> = Vec::new();
     for m in batch {
         let text = match m {
             Message::Text(t) => t,
@@ -175,25 +253,13 @@ async fn handle_batch(
             }
             AgentMessage::Event(e) => events.push(e),
             AgentMessage::CommandAck { seq } => acks.push(seq),
-            AgentMessage::Log(chunk) => {
-                let task: TaskId = chunk.task_id.clone();
-                match inner
-                    .logs
-                    .append(&task, chunk.stream, chunk.offset, &chunk.data)
-                {
-                    Ok(crate::logs::Appended::Stored) => inner.bump(),
-                    Ok(crate::logs::Appended::Duplicate) => {}
-                    Ok(crate::logs::Appended::Gap { have }) => {
-                        let _ = tx.try_send(crate::frame(&ControllerMessage::LogResync {
-                            task_id: task,
-                            stream: chunk.stream,
-                            offset: have,
-                        }));
-                    }
-                    Err(e) => tracing::warn!(task = %task, "storing log chunk: {e}"),
-                }
-            }
+            AgentMessage::Log(chunk) => chunks.push(chunk),
             AgentMessage::Hello(_) => tracing::warn!(node = %node_id, "ignoring a second hello"),
+        }
+    }
+    if !chunks.is_empty() {
+        for chunk in owned.filter(inner, node_id, chunks).await {
+            store_chunk(inner, tx, chunk);
         }
     }
     if !acks.is_empty() {
@@ -216,4 +282,29 @@ async fn handle_batch(
         inner.on_heartbeat(node_id, usage).await;
     }
     true
+}
+
+/// Appends one checked chunk to its task's log, asking the agent to resend from the end
+/// of what is stored when the chunk leaves a gap.
+fn store_chunk(inner: &Inner, tx: &mpsc::Sender<std::sync::Arc<str>>, chunk: LogChunk) {
+    let task = &chunk.task_id;
+    match inner
+        .logs
+        .append(task, chunk.stream, chunk.offset, &chunk.data)
+    {
+        Ok(crate::logs::Appended::Stored) => inner.bump(),
+        Ok(crate::logs::Appended::Duplicate) => {}
+        Ok(crate::logs::Appended::Gap { have }) => {
+            let resync = crate::frame(&ControllerMessage::LogResync {
+                task_id: task.clone(),
+                stream: chunk.stream,
+                offset: have,
+            });
+            // A full queue is harmless: the agent's next chunk finds the same gap.
+            if tx.try_send(resync).is_err() {
+                tracing::debug!(task = %task, "log resync not queued: the connection is busy");
+            }
+        }
+        Err(e) => tracing::warn!(task = %task, "storing log chunk: {e}"),
+    }
 }

@@ -1,6 +1,7 @@
 //! Prometheus metrics, served at `/metrics` in the text exposition format.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
@@ -25,6 +26,9 @@ pub struct Metrics {
     pub job_memory_bytes: Family<JobLabel, Gauge>,
     pub tasks: Family<StateLabel, Gauge>,
     pub connected_agents: Gauge,
+    /// Agent connections welcomed since start: on a healthy idle cluster it stays at the
+    /// number of nodes, and a rising count means agents keep reconnecting.
+    pub agent_sessions: Counter,
     pub nodes_ready: Gauge,
     /// Seconds from a task becoming placeable to its placement.
     pub scheduling_latency: Histogram,
@@ -40,6 +44,7 @@ impl Metrics {
         let tasks = Family::<StateLabel, Gauge>::default();
         let connected_agents = Gauge::default();
         let nodes_ready = Gauge::default();
+        let agent_sessions = Counter::default();
         let buckets = [
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
         ];
@@ -51,6 +56,11 @@ impl Metrics {
             "connected_agents",
             "Agents with an open connection",
             connected_agents.clone(),
+        );
+        registry.register(
+            "agent_sessions",
+            "Agent connections welcomed since the controller started",
+            agent_sessions.clone(),
         );
         registry.register(
             "nodes_ready",
@@ -90,6 +100,7 @@ impl Metrics {
             job_memory_bytes,
             tasks,
             connected_agents,
+            agent_sessions,
             nodes_ready,
             scheduling_latency,
             scheduling_pass,

@@ -378,6 +378,7 @@ impl Inner {
             let mut sessions = self.sessions_lock();
             sessions.insert(node_id.clone(), crate::Session { conn_id, tx: out });
             self.metrics.connected_agents.set(sessions.len() as i64);
+            self.metrics.agent_sessions.inc();
         }
         self.flush_all(state);
         self.schedule.notify_one();

@@ -1,12 +1,52 @@
 //! Newtype identifiers, so a task id can never be passed where a node id is expected.
+//!
+//! Ids arrive from outside (agent messages, API paths, files an agent keeps) and end up
+//! in file names and log lines, so every id read through serde or [`std::str::FromStr`]
+//! is checked: its own prefix, then 1 to [`MAX_ID_SUFFIX`] characters of `a-z`, `0-9`,
+//! `-` and `_`. A task id like `../../etc/x` never gets past the edge.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 
+/// The longest part of an id after its prefix. Generated ids use 32 hex digits.
+pub const MAX_ID_SUFFIX: usize = 64;
+
+/// Why a string is not an id of the wanted kind.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what}: expected {prefix}- then 1 to {MAX_ID_SUFFIX} characters of a-z, 0-9, '-' or '_', got {got:?}"
+)]
+pub struct IdError {
+    pub what: &'static str,
+    pub prefix: &'static str,
+    pub got: String,
+}
+
+/// Checks `s` against the id rules for `prefix`.
+fn check_id(what: &'static str, prefix: &'static str, s: &str) -> Result<(), IdError> {
+    let ok = s
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix('-'))
+        .is_some_and(|suffix| {
+            !suffix.is_empty()
+                && suffix.len() <= MAX_ID_SUFFIX
+                && suffix
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        });
+    if ok {
+        Ok(())
+    } else {
+        // A hostile value may be huge; the error quotes only its start.
+        let got: String = s.chars().take(80).collect();
+        Err(IdError { what, prefix, got })
+    }
+}
+
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $prefix:literal) => {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal, $what:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
         pub struct $name(pub String);
 
@@ -16,8 +56,30 @@ macro_rules! id_type {
                 Self(format!("{}-{}", $prefix, uuid::Uuid::now_v7().simple()))
             }
 
+            /// Parses an id that came from outside, refusing anything but a well-formed
+            /// id of this kind.
+            pub fn parse(s: &str) -> Result<Self, IdError> {
+                check_id($what, $prefix, s)?;
+                Ok(Self(s.to_string()))
+            }
+
             pub fn as_str(&self) -> &str {
                 &self.0
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = IdError;
+
+            fn from_str(s: &str) -> Result<Self, IdError> {
+                Self::parse(s)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = std::borrow::Cow::<'de, str>::deserialize(d)?;
+                Self::parse(&s).map_err(serde::de::Error::custom)
             }
         }
 
@@ -27,6 +89,8 @@ macro_rules! id_type {
             }
         }
 
+        /// Wraps a string this program made or already checked, without checking it
+        /// again; for anything from outside use `parse`.
         impl From<&str> for $name {
             fn from(s: &str) -> Self {
                 Self(s.to_string())
@@ -37,15 +101,15 @@ macro_rules! id_type {
 
 id_type!(
     /// Identifies one version of a job.
-    JobId, "job"
+    JobId, "job", "job id"
 );
 id_type!(
     /// Identifies one placed instance of a job.
-    TaskId, "task"
+    TaskId, "task", "task id"
 );
 id_type!(
     /// Identifies a node. Agents generate theirs once and keep it in their data dir.
-    NodeId, "node"
+    NodeId, "node", "node id"
 );
 
 /// A tenant. Every stored object carries one; `default` always exists.
@@ -88,5 +152,38 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.as_str().starts_with("task-"));
         assert!(NodeId::generate().as_str().starts_with("node-"));
+        assert_eq!(TaskId::parse(a.as_str()).unwrap(), a);
+    }
+
+    #[test]
+    fn ids_from_outside_are_checked_at_the_edge() {
+        for good in ["task-1", "task-0193abc_x-y"] {
+            assert!(TaskId::parse(good).is_ok(), "{good}");
+            let json = format!("{good:?}");
+            assert!(serde_json::from_str::<TaskId>(&json).is_ok(), "{json}");
+        }
+        let long = format!("task-{}", "a".repeat(MAX_ID_SUFFIX + 1));
+        for bad in [
+            "",
+            "task-",
+            "task",
+            "node-1",
+            "/tmp/x",
+            "../../../../tmp/x",
+            "task-../../x",
+            "task-a/b",
+            "task-A",
+            "task-a b",
+            "task-a\0",
+            long.as_str(),
+        ] {
+            let err = TaskId::parse(bad).unwrap_err().to_string();
+            assert!(err.starts_with("task id: expected task-"), "{bad}: {err}");
+            let json = serde_json::to_string(bad).unwrap();
+            assert!(serde_json::from_str::<TaskId>(&json).is_err(), "{json}");
+        }
+        assert!(NodeId::parse("node-fake-linux-amd64").is_ok());
+        assert!(NodeId::parse("task-1").is_err());
+        assert!(JobId::parse("job-1").is_ok());
     }
 }

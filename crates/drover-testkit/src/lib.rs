@@ -4,6 +4,7 @@
 //! by the OS) and real agents in the test's process; [`Api`] talks to it over HTTP like
 //! the CLI does. Every wait takes a timeout and fails the test with what it last saw.
 
+pub mod fake_agent;
 pub mod images;
 
 use anyhow::{Context, Result, bail};

@@ -1,19 +1,15 @@
 //! The HTTP API's authentication, errors and metrics, and the agent protocol's rules,
 //! spoken by a hand-driven fake agent so every message can be chosen.
 
-use drover_core::protocol::{
-    AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello,
-    JOIN_TOKEN_HEADER, PROTOCOL_VERSION,
-};
-use drover_core::spec::{Resources, RuntimeKind};
-use drover_core::state::{Exit, NodeInfo};
-use drover_core::{NodeId, TaskId, TaskState};
+use drover_core::TaskState;
+use drover_core::protocol::{AgentMessage, Command, ControllerMessage, PROTOCOL_VERSION};
+use drover_core::spec::RuntimeKind;
+use drover_testkit::fake_agent::{FakeAgent, event};
 use drover_testkit::{AgentOptions, Api, JOIN_TOKEN, TestCluster, wait_for};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use reqwest::Method;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -120,150 +116,6 @@ async fn metrics_report_tasks_by_state_and_connected_agents() {
         text.contains("drover_scheduling_latency_seconds_count 2"),
         "{text}"
     );
-}
-
-/// A fake agent: sends exactly what the test says.
-struct FakeAgent {
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-}
-
-impl FakeAgent {
-    async fn connect(
-        url: &str,
-        token: &str,
-    ) -> Result<FakeAgent, tokio_tungstenite::tungstenite::Error> {
-        let mut req = format!("{}{AGENT_CONNECT_PATH}", url.replace("http://", "ws://"))
-            .into_client_request()?;
-        req.headers_mut()
-            .insert(JOIN_TOKEN_HEADER, token.parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
-        Ok(FakeAgent { ws })
-    }
-
-    async fn send(&mut self, m: &AgentMessage) {
-        self.ws
-            .send(Message::Text(serde_json::to_string(m).unwrap().into()))
-            .await
-            .unwrap();
-    }
-
-    async fn recv(&mut self) -> Option<ControllerMessage> {
-        loop {
-            match tokio::time::timeout(T, self.ws.next()).await.ok()?? {
-                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
-                Ok(Message::Close(_)) | Err(_) => return None,
-                Ok(_) => continue,
-            }
-        }
-    }
-
-    /// Connects with the join token and says hello; returns once welcomed.
-    async fn joined(url: &str) -> FakeAgent {
-        let mut agent = FakeAgent::connect(url, JOIN_TOKEN).await.unwrap();
-        agent.send(&FakeAgent::hello(PROTOCOL_VERSION)).await;
-        assert!(matches!(
-            agent.recv().await,
-            Some(ControllerMessage::Welcome { .. })
-        ));
-        agent
-    }
-
-    /// Waits for the next Start command, acknowledges it and returns its task.
-    async fn next_start(&mut self) -> TaskId {
-        self.next_assignment().await.task_id
-    }
-
-    /// Waits for the next Start command, acknowledges it and returns it.
-    async fn next_assignment(&mut self) -> drover_core::protocol::TaskAssignment {
-        loop {
-            if let ControllerMessage::Command {
-                seq,
-                command: Command::Start(a),
-            } = self.recv().await.expect("a command")
-            {
-                self.send(&AgentMessage::CommandAck { seq }).await;
-                return *a;
-            }
-        }
-    }
-
-    /// Sends heartbeats (so the node stays alive) until a Forget command arrives, and
-    /// returns its task.
-    async fn heartbeat_until_forget(&mut self) -> TaskId {
-        let deadline = tokio::time::Instant::now() + T;
-        loop {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no Forget within {T:?}"
-            );
-            self.send(&AgentMessage::Heartbeat {
-                at: 0,
-                usage: Vec::new(),
-                envs: None,
-            })
-            .await;
-            match tokio::time::timeout(Duration::from_millis(200), self.ws.next()).await {
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    if let ControllerMessage::Command {
-                        seq,
-                        command: Command::Forget { task_id },
-                    } = serde_json::from_str(&t).unwrap()
-                    {
-                        self.send(&AgentMessage::CommandAck { seq }).await;
-                        return task_id;
-                    }
-                }
-                Ok(None) | Ok(Some(Err(_))) => panic!("connection closed"),
-                _ => {}
-            }
-        }
-    }
-
-    fn hello(version: u32) -> AgentMessage {
-        FakeAgent::hello_as(version, "linux/amd64", RuntimeKind::Mock)
-    }
-
-    /// A hello from a node of `platform` offering `runtime`.
-    fn hello_as(version: u32, platform: &str, runtime: RuntimeKind) -> AgentMessage {
-        AgentMessage::Hello(Hello {
-            protocol_version: version,
-            node_id: NodeId::from(format!("node-fake-{}", platform.replace('/', "-")).as_str()),
-            info: NodeInfo {
-                name: "fake".into(),
-                platform: platform.into(),
-                labels: Default::default(),
-                runtimes: vec![runtime],
-                capacity: Resources {
-                    cpu: 4.0,
-                    memory: drover_core::quantity::ByteSize(1 << 30),
-                },
-                agent_version: "test".into(),
-                attributes: Default::default(),
-                libc: None,
-                uname: None,
-                agent_arch: String::new(),
-                emulates: Vec::new(),
-            },
-            known_tasks: vec![],
-        })
-    }
-}
-
-fn event(seq: u64, task: &TaskId, state: TaskState, code: Option<i32>) -> AgentMessage {
-    AgentMessage::Event(AgentEvent {
-        seq,
-        task_id: task.clone(),
-        state,
-        reason: String::new(),
-        exit: code.map(|c| Exit {
-            code: Some(c),
-            signal: None,
-        }),
-        at: 0,
-        ports: Vec::new(),
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
