@@ -78,7 +78,8 @@ pub struct ServerOptions {
     pub join_token: String,
     pub durability: Durability,
     pub heartbeat_interval: std::time::Duration,
-    pub node_lost_after: std::time::Duration,
+    pub node_timeout: std::time::Duration,
+    pub node_gone_after: std::time::Duration,
 }
 
 pub struct RunningServer {
@@ -117,7 +118,8 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
     .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
     let mut cfg = ControllerConfig::new(opts.data_dir.clone());
     cfg.heartbeat_interval = opts.heartbeat_interval;
-    cfg.node_lost_after = opts.node_lost_after;
+    cfg.node_timeout = opts.node_timeout;
+    cfg.node_gone_after = opts.node_gone_after;
     cfg.bootstrap_tokens = vec![
         BootstrapToken {
             secret: opts.admin_token.clone(),
@@ -204,7 +206,8 @@ impl Ephemeral {
             // Nothing outlives this cluster, so fsyncs would buy nothing.
             durability: Durability::Process,
             heartbeat_interval: std::time::Duration::from_secs(2),
-            node_lost_after: std::time::Duration::from_secs(15),
+            node_timeout: std::time::Duration::from_secs(15),
+            node_gone_after: std::time::Duration::from_secs(3600),
         })
         .await?;
         let agent = start_agent(AgentOptions {

@@ -305,9 +305,14 @@ struct TimingArgs {
     /// How often agents must send a heartbeat.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     heartbeat_interval: std::time::Duration,
-    /// How long a silent node has before it is marked lost and its tasks rescheduled.
-    #[arg(long, default_value = "15s", value_parser = parse_duration)]
-    node_lost_after: std::time::Duration,
+    /// How long a node may be silent before it is unreachable and its tasks unknown
+    /// (each job's `disconnect.lost_after` then decides when they are replaced).
+    #[arg(long, alias = "node-lost-after", default_value = "15s", value_parser = parse_duration)]
+    node_timeout: std::time::Duration,
+    /// How long an unreachable node is kept before it is lost, with every task on it
+    /// that was still unknown.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    node_gone_after: std::time::Duration,
 }
 
 #[derive(Args)]
@@ -1325,7 +1330,8 @@ async fn up(a: &UpArgs) -> Result<i32> {
         join_token: join.clone(),
         durability: drover_store::Durability::Full,
         heartbeat_interval: a.timing.heartbeat_interval,
-        node_lost_after: a.timing.node_lost_after,
+        node_timeout: a.timing.node_timeout,
+        node_gone_after: a.timing.node_gone_after,
     })
     .await?;
     let url = server.url();
@@ -1379,7 +1385,8 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         join_token: join,
         durability: drover_store::Durability::Full,
         heartbeat_interval: a.timing.heartbeat_interval,
-        node_lost_after: a.timing.node_lost_after,
+        node_timeout: a.timing.node_timeout,
+        node_gone_after: a.timing.node_gone_after,
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());

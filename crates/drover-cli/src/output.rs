@@ -92,7 +92,13 @@ pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
             task.id.to_string(),
             task.job_name.clone(),
             task.index.to_string(),
-            task.state.to_string(),
+            // A task on an unreachable node shows its last known state beside the fact
+            // that it is only that.
+            if v.unknown {
+                format!("unknown ({})", task.state)
+            } else {
+                task.state.to_string()
+            },
             v.node_name.clone().unwrap_or_default(),
             task.ports
                 .iter()

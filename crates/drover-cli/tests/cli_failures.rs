@@ -54,7 +54,7 @@ impl Fleet {
                 &self.listen,
                 "--heartbeat-interval",
                 "200ms",
-                "--node-lost-after",
+                "--node-timeout",
                 "2s",
             ],
             "listening on",
@@ -254,8 +254,33 @@ fn a_controller_killed_with_sigkill_loses_nothing_and_tasks_keep_running() {
     wait_until("the process to end", T, || !pid_alive(pid));
 }
 
+/// The tasks of `job` as (id, node name, state, unknown).
+fn task_rows(fleet: &Fleet, job: &str) -> Vec<(String, String, String, bool)> {
+    fleet
+        .tasks(job)
+        .into_iter()
+        .map(|t| {
+            (
+                t["id"].as_str().unwrap_or_default().to_string(),
+                t["node_name"].as_str().unwrap_or_default().to_string(),
+                t["state"].as_str().unwrap_or_default().to_string(),
+                t["unknown"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+/// The pids a job's tasks printed (`pid N` lines), by task id.
+fn printed_pids(fleet: &Fleet, task: &str) -> Vec<i32> {
+    stdout(&fleet.cli(&["logs", task]))
+        .lines()
+        .filter_map(|l| l.strip_prefix("pid "))
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
 #[test]
-fn a_lost_node_has_its_service_rescheduled_and_is_told_to_kill_it_when_it_returns() {
+fn an_agent_restarted_after_its_service_was_replaced_keeps_the_original_and_stops_the_copy() {
     let fleet = Fleet::start();
     let mut a = fleet.agent("a");
     let mut b = fleet.agent("b");
@@ -263,7 +288,11 @@ fn a_lost_node_has_its_service_rescheduled_and_is_told_to_kill_it_when_it_return
         fleet.node_status("a") == "ready" && fleet.node_status("b") == "ready"
     });
     // Placement may pick either node; the test kills whichever agent got the task.
-    fleet.apply(&service("mover", fleet.home.path()));
+    let spec = format!(
+        "{}disconnect: {{ lost_after: 1s }}\n",
+        service("mover", fleet.home.path())
+    );
+    fleet.apply(&spec);
     let (first, pid) = fleet.running_task("mover");
     let first_node = fleet.tasks("mover")[0]["node_name"]
         .as_str()
@@ -274,32 +303,174 @@ fn a_lost_node_has_its_service_rescheduled_and_is_told_to_kill_it_when_it_return
     } else {
         b.kill9()
     }
-    wait_until("the node to be lost", T, || {
-        fleet.node_status(&first_node) == "lost"
+    wait_until("the node to be unreachable and its task unknown", T, || {
+        fleet.node_status(&first_node) == "disconnected"
+            && task_rows(&fleet, "mover")
+                .iter()
+                .any(|(id, _, state, unknown)| id == &first && state == "running" && *unknown)
     });
     wait_until("a replacement to run elsewhere", T, || {
-        let tasks = fleet.tasks("mover");
-        tasks
+        task_rows(&fleet, "mover")
             .iter()
-            .any(|t| t["id"] == first.as_str() && t["state"] == "lost")
-            && tasks
-                .iter()
-                .any(|t| t["state"] == "running" && t["node_name"] != first_node.as_str())
+            .any(|(id, node, state, _)| id != &first && node != &first_node && state == "running")
     });
+    let copy = task_rows(&fleet, "mover")
+        .into_iter()
+        .find(|(id, ..)| id != &first)
+        .unwrap()
+        .0;
     assert!(
         pid_alive(pid),
-        "the old process still runs on the lost node"
+        "the original still runs on the unreachable node"
     );
-    // The node comes back: it re-adopts the old task, learns it is no longer its own
-    // and kills it.
+    // The agent comes back and re-adopts the original: the original stays, the copy
+    // is stopped, and one instance runs.
     let _back = fleet.agent(&first_node);
-    wait_until("the lost node's old task to be killed", T, || {
+    wait_until("the copy to be stopped", T, || {
+        task_rows(&fleet, "mover")
+            .iter()
+            .any(|(id, _, state, _)| id == &copy && state == "stopped")
+    });
+    let rows = task_rows(&fleet, "mover");
+    let running: Vec<_> = rows.iter().filter(|r| r.2 == "running").collect();
+    assert_eq!(running.len(), 1, "{rows:?}");
+    assert_eq!(running[0].0, first, "{rows:?}");
+    assert!(!running[0].3, "the original is known again: {rows:?}");
+    assert!(pid_alive(pid), "the original was kept");
+    for copy_pid in printed_pids(&fleet, &copy) {
+        wait_until("the copy's process to end", T, || !pid_alive(copy_pid));
+    }
+}
+
+#[test]
+fn a_batch_task_that_finishes_while_its_agent_is_frozen_is_not_run_again() {
+    let fleet = Fleet::start();
+    let agent = fleet.agent("n1");
+    let runs = fleet.home.path().join("runs");
+    fleet.apply(&format!(
+        "name: once\ncommand: [sh, -c, 'echo run >> {}; sleep 4; echo finished']\n",
+        runs.display()
+    ));
+    wait_until("the task to run", T, || {
+        fleet
+            .tasks("once")
+            .first()
+            .is_some_and(|t| t["state"] == "running")
+    });
+    // Frozen past the node timeout (2 s), while the task finishes with exit 0.
+    agent.freeze();
+    wait_until("the task to be unknown", T, || {
+        task_rows(&fleet, "once").iter().any(|r| r.3)
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    let rows = task_rows(&fleet, "once");
+    assert_eq!(rows.len(), 1, "no replacement before lost_after: {rows:?}");
+    agent.thaw();
+    wait_until("the job to complete", T, || {
+        fleet.job("once")["status"] == "complete"
+    });
+    let rows = task_rows(&fleet, "once");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].2, "succeeded", "{rows:?}");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n", "ran once");
+    assert!(fleet.logs("once").contains("finished"));
+}
+
+#[test]
+fn a_service_never_runs_more_than_its_count_once_a_frozen_node_returns() {
+    let fleet = Fleet::start();
+    let a = fleet.agent("a");
+    let b = fleet.agent("b");
+    wait_until("both nodes", T, || {
+        fleet.node_status("a") == "ready" && fleet.node_status("b") == "ready"
+    });
+    let spec = format!(
+        "{}count: 2\ndisconnect: {{ lost_after: 1s }}\n",
+        service("pair", fleet.home.path())
+    );
+    fleet.apply(&spec);
+    wait_until("two running tasks", T, || {
+        task_rows(&fleet, "pair")
+            .iter()
+            .filter(|r| r.2 == "running")
+            .count()
+            == 2
+    });
+    // Freeze the node of task 0; its task gets a replacement, which may land anywhere
+    // but the frozen node.
+    let rows = task_rows(&fleet, "pair");
+    let frozen_node = rows[0].1.clone();
+    let frozen = if frozen_node == "a" { &a } else { &b };
+    let originals: Vec<String> = rows
+        .iter()
+        .filter(|r| r.1 == frozen_node)
+        .map(|r| r.0.clone())
+        .collect();
+    frozen.freeze();
+    wait_until("replacements for the frozen node's tasks", T, || {
+        task_rows(&fleet, "pair")
+            .iter()
+            .filter(|r| r.2 == "running" && !r.3 && r.1 != frozen_node)
+            .count()
+            == 2
+    });
+    frozen.thaw();
+    wait_until("the count to be back to two", T, || {
+        let rows = task_rows(&fleet, "pair");
+        rows.iter().filter(|r| r.2 == "running").count() == 2
+            && rows.iter().all(|r| !r.3)
+            && rows.iter().filter(|r| r.2 == "stopped").count() == originals.len()
+    });
+    let rows = task_rows(&fleet, "pair");
+    for o in &originals {
+        assert!(
+            rows.iter().any(|r| &r.0 == o && r.2 == "running"),
+            "the original {o} is kept: {rows:?}"
+        );
+    }
+    // Processes, not only records: exactly two task processes run.
+    let alive: Vec<i32> = rows
+        .iter()
+        .flat_map(|r| printed_pids(&fleet, &r.0))
+        .filter(|p| pid_alive(*p))
+        .collect();
+    wait_until("the stopped copies' processes to end", T, || {
+        alive.iter().filter(|p| pid_alive(**p)).count() == 2
+    });
+}
+
+#[test]
+fn with_on_lost_fail_a_task_on_a_frozen_node_fails_the_job_instead_of_running_twice() {
+    let fleet = Fleet::start();
+    let a = fleet.agent("a");
+    let b = fleet.agent("b");
+    wait_until("both nodes", T, || {
+        fleet.node_status("a") == "ready" && fleet.node_status("b") == "ready"
+    });
+    let runs = fleet.home.path().join("runs");
+    fleet.apply(&format!(
+        "name: careful\ncommand: [sh, -c, 'echo run >> {}; echo pid $$; exec sleep 120 # drover-test-marker-{}']\ndisconnect: {{ lost_after: 1s, on_lost: fail }}\n",
+        runs.display(),
+        fleet.home.path().display()
+    ));
+    let (task, pid) = fleet.running_task("careful");
+    let node = task_rows(&fleet, "careful")[0].1.clone();
+    let frozen = if node == "a" { &a } else { &b };
+    frozen.freeze();
+    wait_until("the job to fail", T, || {
+        fleet.job("careful")["status"] == "failed"
+    });
+    let job = fleet.job("careful");
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("on_lost is fail"), "{job}");
+    let rows = task_rows(&fleet, "careful");
+    assert_eq!(rows.len(), 1, "never a second copy: {rows:?}");
+    assert_eq!(rows[0].2, "lost", "{rows:?}");
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\n");
+    // When the node returns it is told to drop the task, so nothing runs untracked.
+    frozen.thaw();
+    wait_until("the lost task's process to be killed", T, || {
         !pid_alive(pid)
     });
-    let running: Vec<_> = fleet
-        .tasks("mover")
-        .into_iter()
-        .filter(|t| t["state"] == "running")
-        .collect();
-    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(task_rows(&fleet, "careful")[0].0, task);
 }

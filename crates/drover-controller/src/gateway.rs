@@ -132,7 +132,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
     // checked against the state without taking its lock for every chunk. A task never
     // moves to another node (a replacement is a new task), so a yes stays true.
     let mut owned = OwnedTasks::default();
-    let idle_limit = inner.cfg.node_lost_after;
+    let idle_limit = inner.cfg.node_timeout;
     let shutdown = inner.shutdown.clone();
     loop {
         let next = tokio::select! {
@@ -280,6 +280,9 @@ async fn handle_batch(
     }
     if heartbeat && (events.is_empty() || !usage.is_empty()) {
         inner.on_heartbeat(node_id, usage).await;
+    }
+    if heartbeat {
+        inner.reconcile_if_returned(node_id).await;
     }
     true
 }

@@ -49,8 +49,12 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     /// How often agents must send a heartbeat.
     pub heartbeat_interval: Duration,
-    /// A node silent for this long is lost and its tasks are rescheduled.
-    pub node_lost_after: Duration,
+    /// A node silent for this long is unreachable: its tasks are unknown until their
+    /// job's `disconnect.lost_after`, then replaced.
+    pub node_timeout: Duration,
+    /// A node unreachable for this long is lost: its tasks that are still unknown are
+    /// lost (and replaced where their job allows).
+    pub node_gone_after: Duration,
     /// Unacknowledged commands are sent again after this long.
     pub command_resend_after: Duration,
     /// A task must reach `running` within this long of being scheduled.
@@ -71,7 +75,8 @@ impl ControllerConfig {
         ControllerConfig {
             data_dir,
             heartbeat_interval: Duration::from_secs(2),
-            node_lost_after: Duration::from_secs(15),
+            node_timeout: Duration::from_secs(15),
+            node_gone_after: Duration::from_secs(3600),
             command_resend_after: Duration::from_secs(3),
             start_deadline: Duration::from_secs(300),
             stop_deadline: Duration::from_secs(30),
@@ -122,6 +127,9 @@ pub(crate) struct Inner {
     blob_owners: std::sync::Mutex<
         HashMap<drover_core::artifact::Digest, std::collections::HashSet<ProjectId>>,
     >,
+    /// Nodes that came back after being unreachable and whose tasks are settled at
+    /// their first heartbeat; read on every heartbeat without the state lock.
+    returning: std::sync::Mutex<std::collections::HashSet<NodeId>>,
     shutdown: CancellationToken,
 }
 
@@ -227,6 +235,7 @@ impl Controller {
             tokens: std::sync::Mutex::new(tokens),
             node_envs: std::sync::Mutex::new(HashMap::new()),
             blob_owners: std::sync::Mutex::new(blob_owners),
+            returning: std::sync::Mutex::new(Default::default()),
             shutdown: CancellationToken::new(),
         });
         let c = Controller { inner };
@@ -285,6 +294,12 @@ impl Inner {
         // A panic while holding this lock cannot leave the map half-changed (every
         // operation on it is a single insert or remove), so a poisoned lock is usable.
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn returning_lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<NodeId>> {
+        // Every operation on the set is a single insert or remove, so a poisoned lock
+        // still holds a consistent set.
+        self.returning.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Commits a transaction. On failure memory is rebuilt from the store, so nothing

@@ -8,6 +8,7 @@ use drover_core::protocol::{
     AgentEvent, AssignedArtifact, Command, ControllerMessage, EncodedConfig, Hello, TaskAssignment,
     UsageSample,
 };
+use drover_core::spec::OnLost;
 use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
 use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
 use drover_store::{Change, StoreError};
@@ -114,55 +115,93 @@ impl Inner {
 
     /// Pending tasks end at once; placed ones are asked to stop through their agent.
     fn stop_tasks_of(&self, state: &mut State, tx: &mut Tx, job_id: &JobId, reason: &str) {
-        let now = self.now();
-        let grace = state
-            .jobs
-            .get(job_id)
-            .map(|j| j.spec.stop_grace.as_millis())
-            .unwrap_or(5000);
         let tasks: Vec<Task> = state
             .job_tasks(job_id)
             .filter(|t| !t.state.is_terminal())
             .cloned()
             .collect();
-        for mut t in tasks {
-            if t.state == TaskState::Pending || t.node_id.is_none() {
-                t.advance(TaskState::Stopped, reason, None, now);
+        for t in tasks {
+            self.stop_task(state, tx, t, reason);
+        }
+    }
+
+    /// Stops one task: a task on no node ends at once, a placed one is asked to stop
+    /// through its agent (once; the command is re-sent until acknowledged).
+    fn stop_task(&self, state: &mut State, tx: &mut Tx, mut t: Task, reason: &str) {
+        let now = self.now();
+        if t.state == TaskState::Pending || t.node_id.is_none() {
+            if t.advance(TaskState::Stopped, reason, None, now) {
                 tx.put(state, Change::Task(t));
-            } else if !t.desired_stop {
-                t.desired_stop = true;
-                t.updated_at = now;
-                let node = t.node_id.clone();
-                let id = t.id.clone();
-                tx.put(state, Change::Task(t));
-                if let Some(node) = node {
-                    self.enqueue(
-                        state,
-                        &node,
-                        Command::Stop {
-                            task_id: id,
-                            grace_ms: grace,
-                            reason: reason.to_string(),
-                        },
-                    );
-                }
             }
+            return;
+        }
+        if t.desired_stop || t.state.is_terminal() {
+            return;
+        }
+        let grace = state
+            .jobs
+            .get(&t.job_id)
+            .map(|j| j.spec.stop_grace.as_millis())
+            .unwrap_or(5000);
+        t.desired_stop = true;
+        t.updated_at = now;
+        t.reason = reason.to_string();
+        let node = t.node_id.clone();
+        let id = t.id.clone();
+        tx.put(state, Change::Task(t));
+        if let Some(node) = node {
+            self.enqueue(
+                state,
+                &node,
+                Command::Stop {
+                    task_id: id,
+                    grace_ms: grace,
+                    reason: reason.to_string(),
+                },
+            );
         }
     }
 
     /// Decides what follows a task's end: a retry, a restart, or the job's completion.
     fn on_task_terminal(&self, state: &mut State, tx: &mut Tx, task: &Task) {
+        // An index with an original and its replacement first settles which copy
+        // stands; a copy still live then takes the place of a retry or restart.
+        let sibling_lives = state.doubled.contains(&(task.job_id.clone(), task.index))
+            && self.settle_doubled(state, tx, task);
         let Some(job) = state.jobs.get(&task.job_id) else {
             return;
         };
         if job.status.is_final() || task.desired_stop {
             return;
         }
+        // A copy of an index that another copy already finished needs nothing more.
+        if job.spec.kind == JobKind::Batch
+            && task.state != TaskState::Succeeded
+            && state
+                .succeeded
+                .get(&job.id)
+                .is_some_and(|done| done.contains(&task.index))
+        {
+            return;
+        }
+        if task.state == TaskState::Lost && job.spec.disconnect.on_lost == OnLost::Fail {
+            let mut job = job.clone();
+            job.status = JobStatus::Failed;
+            job.reason = format!(
+                "task {} was lost and the job's disconnect.on_lost is fail, so it is not run again: {}",
+                task.index, task.reason
+            );
+            job.updated_at = self.now();
+            let id = job.id.clone();
+            tx.put(state, Change::Job(job));
+            self.stop_tasks_of(state, tx, &id, "another task of the job was lost");
+            return;
+        }
         // The common end of a batch task is checked against a running count, without
         // copying the job or walking its tasks: with a thousand tasks in a job, a walk
         // per task made finishing the job quadratic.
         if job.spec.kind == JobKind::Batch && task.state == TaskState::Succeeded {
-            let done = state.succeeded.get(&job.id).copied().unwrap_or(0);
+            let done = state.succeeded.get(&job.id).map_or(0, |d| d.len() as u32);
             if done < job.spec.count {
                 return;
             }
@@ -207,6 +246,9 @@ impl Inner {
                     self.stop_tasks_of(state, tx, &id, "another task of the job failed");
                     return;
                 }
+                if sibling_lives {
+                    return;
+                }
                 let delay = if task.state == TaskState::Lost {
                     Duration::ZERO
                 } else {
@@ -222,6 +264,9 @@ impl Inner {
                 tx.put(state, Change::Task(t));
             }
             JobKind::Service => {
+                if sibling_lives {
+                    return;
+                }
                 let delay = if task.state == TaskState::Lost {
                     Duration::ZERO
                 } else {
@@ -243,6 +288,34 @@ impl Inner {
             }
         }
         self.schedule.notify_one();
+    }
+
+    /// One of two live copies of an index ended (see [`State::doubled`]). A success
+    /// settles the index: the other copy is lost if its node is still unreachable, or
+    /// stopped. Any other end leaves the other copy to carry on. Returns whether a live
+    /// copy remains.
+    fn settle_doubled(&self, state: &mut State, tx: &mut Tx, ended: &Task) -> bool {
+        let key = (ended.job_id.clone(), ended.index);
+        let siblings = state.live_siblings(ended);
+        if siblings.len() <= 1 || ended.state == TaskState::Succeeded {
+            state.doubled.remove(&key);
+        }
+        if ended.state != TaskState::Succeeded {
+            return !siblings.is_empty();
+        }
+        for s in siblings {
+            if state.unreachable(s.node_id.as_ref()) {
+                let reason = format!(
+                    "superseded: task {} of the same index succeeded while this task's node was unreachable",
+                    ended.id
+                );
+                self.advance_task(state, tx, &s.id, TaskState::Lost, &reason, None);
+            } else {
+                let reason = format!("superseded: task {} of the same index succeeded", ended.id);
+                self.stop_task(state, tx, s, &reason);
+            }
+        }
+        false
     }
 
     /// Moves a task forward (if that is a forward move) and follows up on its end.
@@ -286,6 +359,11 @@ impl Inner {
                 n.info = hello.info.clone();
                 n.status = NodeStatus::Ready;
                 n.last_seen = now;
+                // Its tasks were unknown; once the agent has replayed what happened to
+                // them (before its first heartbeat), copies made meanwhile are settled.
+                if n.unreachable_since.take().is_some() {
+                    self.returning_lock().insert(node_id.clone());
+                }
                 n
             }
             None => Node {
@@ -295,6 +373,7 @@ impl Inner {
                 last_seen: now,
                 last_event_seq: 0,
                 registered_at: now,
+                unreachable_since: None,
             },
         };
         let last_event_seq = node.last_event_seq;
@@ -308,6 +387,25 @@ impl Inner {
             .cloned()
             .collect();
         for t in &on_node {
+            if !known.contains(&t.id)
+                && t.state == TaskState::Scheduled
+                && state.doubled.contains(&(t.job_id.clone(), t.index))
+            {
+                // Its start never reached the agent and a replacement runs elsewhere:
+                // it ends here rather than start late beside its replacement.
+                if let Some(task) = state.tasks.get_mut(&t.id) {
+                    task.desired_stop = true;
+                }
+                self.advance_task(
+                    state,
+                    &mut tx,
+                    &t.id,
+                    TaskState::Stopped,
+                    "replaced while its node was unreachable, before it started",
+                    None,
+                );
+                continue;
+            }
             if !known.contains(&t.id) && t.state != TaskState::Scheduled {
                 self.advance_task(
                     state,
@@ -431,6 +529,53 @@ impl Inner {
         self.commit(state, tx).await?;
         self.flush_all(state);
         Ok(seq)
+    }
+
+    /// Settles a node that came back after being unreachable, at its first heartbeat
+    /// (by then the agent has replayed every event it held). For each of its tasks whose
+    /// index got a replacement meanwhile, one copy stays: the original if it had started
+    /// (so a service never exceeds its count and a batch task is not run twice), else
+    /// the replacement.
+    pub(crate) async fn reconcile_if_returned(&self, node_id: &NodeId) {
+        if !self.returning_lock().remove(node_id) {
+            return;
+        }
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        let mut tx = Tx::default();
+        let tasks: Vec<Task> = state
+            .nodes
+            .get(node_id)
+            .map(|e| {
+                e.tasks
+                    .iter()
+                    .filter_map(|id| state.tasks.get(id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for t in tasks {
+            if !crate::state::is_live(&t) || !state.doubled.contains(&(t.job_id.clone(), t.index)) {
+                continue;
+            }
+            let siblings = state.live_siblings(&t);
+            if t.state == TaskState::Scheduled {
+                let reason = "replaced while its node was unreachable, before it started";
+                self.stop_task(state, &mut tx, t, reason);
+                continue;
+            }
+            let reason = format!("the original task {} came back with its node", t.id);
+            for s in siblings {
+                self.stop_task(state, &mut tx, s, &reason);
+            }
+        }
+        if let Err(e) = self.commit(state, tx).await {
+            // The stops are not lost: the node is marked again so the next heartbeat
+            // retries.
+            tracing::error!(node = %node_id, "settling the tasks of a returning node: {e}");
+            self.returning_lock().insert(node_id.clone());
+        }
+        self.flush_all(state);
     }
 
     pub(crate) async fn on_heartbeat(&self, node_id: &NodeId, usage: Vec<UsageSample>) {
@@ -588,39 +733,21 @@ impl Inner {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let now = self.now();
-        let lost_after = self.cfg.node_lost_after.as_millis() as i64;
         let mut tx = Tx::default();
-        let silent: Vec<Node> = state
-            .nodes
-            .values()
-            .filter(|e| e.node.status != NodeStatus::Lost && now - e.node.last_seen > lost_after)
-            .map(|e| e.node.clone())
-            .collect();
-        for mut node in silent {
-            tracing::warn!(node = %node.id, name = %node.info.name, "node lost: no heartbeat");
-            node.status = NodeStatus::Lost;
-            let id = node.id.clone();
-            let name = node.info.name.clone();
-            tx.put(state, Change::Node(node));
-            let tasks: Vec<TaskId> = state
-                .nodes
-                .get(&id)
-                .map(|e| e.tasks.iter().cloned().collect())
-                .unwrap_or_default();
-            let reason = format!("node {name} lost: no heartbeat for {}s", lost_after / 1000);
-            for t in tasks {
-                self.advance_task(state, &mut tx, &t, TaskState::Lost, &reason, None);
-            }
-            state.outbox.remove(&id);
-            state.unsent.remove(&id);
-            self.sessions_lock().remove(&id);
-        }
+        self.mark_unreachable(state, &mut tx, now);
+        self.replace_unknown(state, &mut tx, now);
         let start_deadline = self.cfg.start_deadline.as_millis() as i64;
         let stop_deadline = self.cfg.stop_deadline.as_millis() as i64;
         let overdue: Vec<(TaskId, TaskState, Option<NodeId>, bool)> = state
             .tasks
             .values()
             .filter(|t| {
+                // A task on an unreachable node is unknown, not late: its job's
+                // `disconnect` rules decide what happens to it. A stop asked of it still
+                // has its deadline, since nothing else would end it.
+                if !t.desired_stop && state.unreachable(t.node_id.as_ref()) {
+                    return false;
+                }
                 let spec = state.jobs.get(&t.job_id).map(|j| &j.spec);
                 let limit = if t.state == TaskState::Stopping
                     || (t.desired_stop && !t.state.is_terminal() && t.node_id.is_some())
@@ -679,6 +806,128 @@ impl Inner {
         let ready = state.ready_nodes();
         self.metrics.nodes_ready.set(ready as i64);
     }
+}
+
+impl Inner {
+    /// Nodes silent past the node timeout become unreachable (their tasks unknown), and
+    /// nodes unreachable past `node_gone_after` are lost with the tasks still on them.
+    fn mark_unreachable(&self, state: &mut State, tx: &mut Tx, now: i64) {
+        let timeout = millis(self.cfg.node_timeout);
+        let gone = millis(self.cfg.node_gone_after);
+        let silent: Vec<Node> = state
+            .nodes
+            .values()
+            .filter(|e| {
+                e.node.status != NodeStatus::Lost
+                    && e.node.unreachable_since.is_none()
+                    && now.saturating_sub(e.node.last_seen) > timeout
+            })
+            .map(|e| e.node.clone())
+            .collect();
+        for mut node in silent {
+            tracing::warn!(node = %node.id, name = %node.info.name, "node unreachable: no heartbeat; its tasks are unknown");
+            node.status = NodeStatus::Disconnected;
+            node.unreachable_since = Some(now);
+            let id = node.id.clone();
+            tx.put(state, Change::Node(node));
+            state.outbox.remove(&id);
+            state.unsent.remove(&id);
+            self.sessions_lock().remove(&id);
+        }
+        let departed: Vec<Node> = state
+            .nodes
+            .values()
+            .filter(|e| {
+                e.node.status != NodeStatus::Lost
+                    && e.node
+                        .unreachable_since
+                        .is_some_and(|u| now.saturating_sub(u) > gone)
+            })
+            .map(|e| e.node.clone())
+            .collect();
+        for mut node in departed {
+            tracing::warn!(node = %node.id, name = %node.info.name, "node lost: unreachable for too long");
+            node.status = NodeStatus::Lost;
+            let id = node.id.clone();
+            let name = node.info.name.clone();
+            tx.put(state, Change::Node(node));
+            let tasks: Vec<TaskId> = state
+                .nodes
+                .get(&id)
+                .map(|e| e.tasks.iter().cloned().collect())
+                .unwrap_or_default();
+            let reason = format!(
+                "node {name} did not come back within {}",
+                humantime::format_duration(self.cfg.node_gone_after)
+            );
+            for t in tasks {
+                self.advance_task(state, tx, &t, TaskState::Lost, &reason, None);
+            }
+        }
+    }
+
+    /// Tasks unknown for longer than their job's `disconnect.lost_after` are replaced
+    /// (a second live copy of the index, recorded in [`State::doubled`]), or with
+    /// `on_lost: fail` lost, which fails the job.
+    fn replace_unknown(&self, state: &mut State, tx: &mut Tx, now: i64) {
+        let mut due: Vec<(TaskId, String)> = Vec::new();
+        for e in state.nodes.values() {
+            let Some(since) = e.node.unreachable_since else {
+                continue;
+            };
+            if e.node.status == NodeStatus::Lost {
+                continue;
+            }
+            for id in &e.tasks {
+                let Some(t) = state.tasks.get(id) else {
+                    continue;
+                };
+                if !crate::state::is_live(t) || state.doubled.contains(&(t.job_id.clone(), t.index))
+                {
+                    continue;
+                }
+                let Some(job) = state.jobs.get(&t.job_id) else {
+                    continue;
+                };
+                let wait = job.spec.lost_after();
+                if job.status.is_final() || now.saturating_sub(since) < millis(wait) {
+                    continue;
+                }
+                due.push((
+                    t.id.clone(),
+                    format!(
+                        "node {} unreachable for {}",
+                        e.node.info.name,
+                        humantime::format_duration(wait)
+                    ),
+                ));
+            }
+        }
+        for (id, why) in due {
+            let Some(t) = state.tasks.get(&id).cloned() else {
+                continue;
+            };
+            let Some(job) = state.jobs.get(&t.job_id).cloned() else {
+                continue;
+            };
+            if job.spec.disconnect.on_lost == OnLost::Fail {
+                self.advance_task(state, tx, &id, TaskState::Lost, &why, None);
+                continue;
+            }
+            let mut r = new_task(&job, t.index, t.attempt + 1, now, now);
+            r.reason = format!("replaces task {}: {why}", t.id);
+            tracing::info!(task = %t.id, replacement = %r.id, "replacing a task on an unreachable node");
+            state.doubled.insert((t.job_id.clone(), t.index));
+            tx.put(state, Change::Task(r));
+            self.schedule.notify_one();
+        }
+    }
+}
+
+/// A duration as the controller's millisecond timestamps count it, saturating rather
+/// than wrapping for durations no setting should reach.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Runs liveness passes until shutdown.

@@ -525,6 +525,7 @@ mod tests {
                 last_seen: 0,
                 last_event_seq: 0,
                 registered_at: 0,
+                unreachable_since: None,
             },
             allocated: Default::default(),
             tasks: Default::default(),

@@ -45,8 +45,15 @@ pub struct State {
     pub usage: HashMap<TaskId, drover_core::state::TaskUsage>,
     /// Whether `usage` changed since the metrics last showed it.
     pub usage_dirty: bool,
-    /// How many tasks of each job have succeeded.
-    pub succeeded: HashMap<JobId, u32>,
+    /// The indexes of each job that have a succeeded task. A set rather than a count:
+    /// an original and its replacement can both succeed when their reports cross, and
+    /// the index must still count once.
+    pub succeeded: HashMap<JobId, HashSet<u32>>,
+    /// Job indexes with more than one live task: an original whose node is unreachable
+    /// or just came back, and its replacement. Ends of these tasks are reconciled (the
+    /// surplus copy is stopped); every other index has one live task and skips that
+    /// work. Kept in memory and rebuilt from the tasks at start-up.
+    pub doubled: HashSet<(JobId, u32)>,
     /// Artifact versions by project, name and version.
     pub artifacts: HashMap<(ProjectId, String, String), Artifact>,
     /// Every project, `default` included.
@@ -60,6 +67,11 @@ pub struct OutCommand {
     pub frame: std::sync::Arc<str>,
     /// When it was last handed to the connection; `None` if never.
     pub sent_at: Option<std::time::Instant>,
+}
+
+/// A task that still runs, or is meant to: not finished and not being stopped.
+pub fn is_live(t: &Task) -> bool {
+    !t.state.is_terminal() && !t.desired_stop
 }
 
 fn counts_on_node(t: &Task) -> bool {
@@ -84,7 +96,30 @@ impl State {
         for p in snap.projects {
             s.apply(Change::Project(p));
         }
+        let mut live: HashMap<(JobId, u32), u32> = HashMap::new();
+        for t in s.tasks.values().filter(|t| is_live(t)) {
+            *live.entry((t.job_id.clone(), t.index)).or_default() += 1;
+        }
+        s.doubled = live
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(k, _)| k)
+            .collect();
         s
+    }
+
+    /// The other live tasks of `t`'s job and index.
+    pub fn live_siblings(&self, t: &Task) -> Vec<Task> {
+        self.job_tasks(&t.job_id)
+            .filter(|o| o.index == t.index && o.id != t.id && is_live(o))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether `node` is known but unreachable (silent past the node timeout).
+    pub fn unreachable(&self, node: Option<&NodeId>) -> bool {
+        node.and_then(|n| self.nodes.get(n))
+            .is_some_and(|e| e.node.unreachable_since.is_some())
     }
 
     /// Applies a committed change to memory, keeping every index consistent.
@@ -127,7 +162,10 @@ impl State {
                         o.state != TaskState::Succeeded && o.state.can_move_to(t.state)
                     });
                 if newly_succeeded {
-                    *self.succeeded.entry(t.job_id.clone()).or_default() += 1;
+                    self.succeeded
+                        .entry(t.job_id.clone())
+                        .or_default()
+                        .insert(t.index);
                 }
                 if let Some(old) = &old {
                     // The same forward-only rule the store enforces; a change the store
@@ -237,6 +275,7 @@ impl State {
 
     pub fn task_view(&self, t: &Task) -> TaskView {
         TaskView {
+            unknown: !t.state.is_terminal() && self.unreachable(t.node_id.as_ref()),
             task: t.clone(),
             node_name: t
                 .node_id

@@ -47,6 +47,10 @@ pub struct TaskView {
     /// The latest resource sample of a running task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<crate::state::TaskUsage>,
+    /// Whether the task's node is unreachable, so that its state is only the last one
+    /// known: the task may have finished, or still run, out of sight.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown: bool,
 }
 
 /// A node with what is allocated on it.

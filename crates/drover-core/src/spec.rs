@@ -292,6 +292,50 @@ pub enum PullPolicy {
     Always,
 }
 
+/// What happens to a job's tasks when their node stops answering.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLost {
+    /// Run a replacement elsewhere once `lost_after` has passed; should the original
+    /// come back before the replacement finished, the original is kept.
+    #[default]
+    Reschedule,
+    /// Never run a replacement: the task is lost and the job fails, for work that must
+    /// not run twice.
+    Fail,
+}
+
+/// `disconnect`: how long a job's tasks on an unreachable node are waited for.
+///
+/// A node that misses heartbeats for the controller's node timeout is unreachable and
+/// its tasks are `unknown`: not finished, not failed. After `lost_after` they are
+/// replaced (or, with `on_lost: fail`, the job fails). When the node comes back, what
+/// its tasks did stands: a result it reports is accepted if no replacement finished
+/// first, and the surplus copy is stopped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Disconnect {
+    /// How long after its node became unreachable a task is replaced. Defaults to
+    /// [`SERVICE_LOST_AFTER`] for services and [`BATCH_LOST_AFTER`] for batch jobs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_after: Option<Dur>,
+    pub on_lost: OnLost,
+}
+
+/// A service's tasks on an unreachable node are replaced this soon, by default.
+pub const SERVICE_LOST_AFTER: Dur = Dur::from_secs(5);
+/// A batch task on an unreachable node is waited for this long, by default, before it
+/// is run again elsewhere: long enough to ride out an agent restart or a short outage.
+pub const BATCH_LOST_AFTER: Dur = Dur::from_secs(300);
+/// The longest `disconnect.lost_after` accepted.
+pub const MAX_LOST_AFTER: Dur = Dur::from_secs(7 * 24 * 3600);
+
+impl Disconnect {
+    pub fn is_default(&self) -> bool {
+        *self == Disconnect::default()
+    }
+}
+
 /// An HTTP health probe: healthy when `GET path` on the port answers 2xx or 3xx.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -422,6 +466,9 @@ pub struct JobSpec {
     /// environment. Nothing on the node is shared with other jobs.
     #[serde(default, skip_serializing_if = "RuntimeEnv::is_empty")]
     pub runtime_env: RuntimeEnv,
+    /// What happens to the job's tasks when their node stops answering.
+    #[serde(default, skip_serializing_if = "Disconnect::is_default")]
+    pub disconnect: Disconnect,
 }
 
 /// A job's own environment, materialised on the node before its task starts.
@@ -583,7 +630,18 @@ impl JobSpec {
             health: None,
             artifact: None,
             runtime_env: RuntimeEnv::default(),
+            disconnect: Disconnect::default(),
         }
+    }
+
+    /// How long a task of this job on an unreachable node is waited for before it is
+    /// replaced (or, with `on_lost: fail`, given up).
+    pub fn lost_after(&self) -> std::time::Duration {
+        let d = self.disconnect.lost_after.unwrap_or(match self.kind {
+            JobKind::Service => SERVICE_LOST_AFTER,
+            JobKind::Batch => BATCH_LOST_AFTER,
+        });
+        std::time::Duration::from_millis(d.as_millis())
     }
 }
 
@@ -813,6 +871,13 @@ impl JobSpec {
                     self.runtime
                 ));
             }
+        }
+        if let Some(d) = self.disconnect.lost_after
+            && d.as_millis() > MAX_LOST_AFTER.as_millis()
+        {
+            return Err(format!(
+                "disconnect.lost_after: expected at most {MAX_LOST_AFTER}, got {d}"
+            ));
         }
         if let Some(h) = &self.health {
             h.validate()?;

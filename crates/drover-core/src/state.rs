@@ -236,9 +236,11 @@ pub struct Job {
 #[serde(rename_all = "lowercase")]
 pub enum NodeStatus {
     Ready,
-    /// Missed heartbeats past the timeout; its tasks were marked lost.
+    /// Unreachable for longer than the controller keeps a node: its tasks that were
+    /// still unknown are lost, and it comes back as a new registration of the same id.
     Lost,
-    /// Closed its connection cleanly; not yet lost.
+    /// Not connected: it closed its connection, or missed heartbeats past the node
+    /// timeout (then `unreachable_since` is set and its tasks are unknown).
     Disconnected,
 }
 
@@ -326,6 +328,10 @@ pub struct Node {
     /// The highest agent event sequence number the controller has applied.
     pub last_event_seq: u64,
     pub registered_at: Millis,
+    /// When the node was found silent past the node timeout. While set, its tasks are
+    /// unknown: neither finished nor failed, waited for until their job's `lost_after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<Millis>,
 }
 
 #[cfg(test)]

@@ -41,7 +41,9 @@ pub fn init_logging() {
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     pub heartbeat: Duration,
-    pub node_lost_after: Duration,
+    pub node_timeout: Duration,
+    /// How long an unreachable node is kept before it is lost.
+    pub node_gone_after: Duration,
     /// How long a placed task may take to reach running.
     pub start_deadline: Duration,
     /// How long past its grace a task asked to stop may take to end.
@@ -52,7 +54,8 @@ impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
             heartbeat: Duration::from_millis(200),
-            node_lost_after: Duration::from_secs(2),
+            node_timeout: Duration::from_secs(2),
+            node_gone_after: Duration::from_secs(3600),
             start_deadline: Duration::from_secs(300),
             stop_deadline: Duration::from_secs(30),
         }
@@ -135,7 +138,8 @@ impl TestCluster {
         .await?;
         let mut cfg = ControllerConfig::new(dir.path().join("controller"));
         cfg.heartbeat_interval = opts.heartbeat;
-        cfg.node_lost_after = opts.node_lost_after;
+        cfg.node_timeout = opts.node_timeout;
+        cfg.node_gone_after = opts.node_gone_after;
         cfg.start_deadline = opts.start_deadline;
         cfg.stop_deadline = opts.stop_deadline;
         cfg.command_resend_after = Duration::from_millis(500);

@@ -333,7 +333,7 @@ async fn a_restarted_agent_reattaches_to_its_running_container() {
     // The agent is away for a few seconds on purpose; the node must not be declared
     // lost (and its task replaced) meanwhile.
     let c = TestCluster::start_with(ClusterOptions {
-        node_lost_after: Duration::from_secs(60),
+        node_timeout: Duration::from_secs(60),
         ..ClusterOptions::default()
     })
     .await

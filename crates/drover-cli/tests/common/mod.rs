@@ -103,6 +103,21 @@ impl Daemon {
         self.kill9();
     }
 
+    /// Stops the process with SIGSTOP: it holds its connections but says nothing, as a
+    /// hung or partitioned machine would.
+    pub fn freeze(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// Resumes a frozen process with SIGCONT.
+    pub fn thaw(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
