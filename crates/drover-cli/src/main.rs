@@ -135,10 +135,13 @@ enum Cmd {
             A token belongs to one project and has a role there: read (see the project's\n\
             jobs, tasks, logs and artifacts), write (also submit, stop and push) or admin\n\
             (also manage the project's tokens). The cluster admin token `drover up` makes\n\
-            acts in every project. Only a hash of each token is stored; a token is shown\n\
-            once, when it is created.",
+            acts in every project. Cluster admin and join (agent) tokens are the cluster\n\
+            admin's alone: only it lists, creates and revokes them, and the last cluster\n\
+            admin token cannot be revoked. Only a hash of each token is stored; a token is\n\
+            shown once, when it is created.",
         after_help = "Examples:\n  \
             drover token create --project team-a --role read --name dashboard\n  \
+            drover token create --role cluster --name second-admin\n  \
             drover token ls\n  \
             drover token revoke 3f9c2a7b1d04"
     )]
@@ -198,6 +201,11 @@ struct UpArgs {
     /// The address the API listens on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Make a new cluster admin token, store it, write it to DATA_DIR/admin-token and
+    /// exit without starting anything; the next `drover up` puts it in the CLI config.
+    /// The way back in when every cluster admin token was revoked or lost.
+    #[arg(long)]
+    reset_admin_token: bool,
     #[command(flatten)]
     timing: TimingArgs,
     #[command(flatten)]
@@ -206,10 +214,18 @@ struct UpArgs {
 
 #[derive(Args)]
 struct ServerArgs {
+    /// Where the database, logs, blobs and the admin and join tokens live.
     #[arg(long, env = "DROVER_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The address the API listens on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Make a new cluster admin token, store it, write it to DATA_DIR/admin-token and
+    /// exit without serving. The way back in when every cluster admin token was revoked
+    /// or lost; it needs the data dir, not a token. A running server accepts the new
+    /// token from its next start.
+    #[arg(long)]
+    reset_admin_token: bool,
     #[command(flatten)]
     timing: TimingArgs,
     /// The token agents must present (default: generated once and kept in the data dir).
@@ -377,7 +393,8 @@ enum TokenCmd {
     /// Create a token for the project named by --project (else the caller's own) and
     /// print only its secret on stdout, for scripts.
     Create {
-        /// What the token may do in its project.
+        /// What the token may do: in its project (admin, write, read), or cluster-wide
+        /// (cluster: another cluster admin; agent: another join token; cluster admin only).
         #[arg(long, value_enum)]
         role: TokenRole,
         /// A label to recognise it by in `drover token ls`.
@@ -390,13 +407,15 @@ enum TokenCmd {
     Revoke { id: String },
 }
 
-/// The roles `drover token create` offers; cluster and agent tokens come from the
-/// server's own configuration.
+/// The roles `drover token create` offers. The server decides who may create which: the
+/// cluster-level ones (cluster, agent) only a cluster admin.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum TokenRole {
     Admin,
     Write,
     Read,
+    Cluster,
+    Agent,
 }
 
 impl TokenRole {
@@ -405,6 +424,8 @@ impl TokenRole {
             TokenRole::Admin => drover_core::auth::Role::Admin,
             TokenRole::Write => drover_core::auth::Role::Write,
             TokenRole::Read => drover_core::auth::Role::Read,
+            TokenRole::Cluster => drover_core::auth::Role::Cluster,
+            TokenRole::Agent => drover_core::auth::Role::Agent,
         }
     }
 }
@@ -1316,6 +1337,16 @@ async fn resolve_working_dir(c: &Client, spec: &mut JobSpec, base: &Path) -> Res
 async fn up(a: &UpArgs) -> Result<i32> {
     let data_dir = a.data_dir.clone().unwrap_or_else(config::default_data_dir);
     cluster::ensure_dir(&data_dir)?;
+    if a.reset_admin_token {
+        // `drover up` keeps its tokens in the data dir and the controller's store one
+        // level down, in controller/.
+        return reset_admin_token(
+            &data_dir.join("controller"),
+            &data_dir.join("admin-token"),
+            "the next `drover up` serves it and writes it to the CLI config",
+        )
+        .await;
+    }
     let admin = config::secret_in(&data_dir, "admin-token", "drv")?;
     let join = config::secret_in(&data_dir, "join-token", "drj")?;
     let mut server = cluster::start_server(cluster::ServerOptions {
@@ -1367,6 +1398,14 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         .clone()
         .unwrap_or_else(|| config::default_data_dir().join("controller"));
     cluster::ensure_dir(&data_dir)?;
+    if a.reset_admin_token {
+        return reset_admin_token(
+            &data_dir,
+            &data_dir.join("admin-token"),
+            "start the server, or restart it if it is running, to use it",
+        )
+        .await;
+    }
     let admin = config::secret_in(&data_dir, "admin-token", "drv")?;
     let join = match &a.join_token {
         Some(j) => j.clone(),
@@ -1394,6 +1433,22 @@ async fn server(a: &ServerArgs) -> Result<i32> {
     };
     server.stop().await;
     result.map(|_| 0)
+}
+
+/// `--reset-admin-token` of `drover server` and `drover up`: a new cluster admin token
+/// in the store under `controller_dir`, its secret in `token_file`, and no server.
+async fn reset_admin_token(controller_dir: &Path, token_file: &Path, then: &str) -> Result<i32> {
+    let record = cluster::reset_admin_token(controller_dir, token_file).await?;
+    eprintln!(
+        "new cluster admin token {} stored; its secret is in {} ({then})",
+        record.id(),
+        token_file.display()
+    );
+    eprintln!(
+        "use it with DROVER_TOKEN=\"$(cat {})\", and revoke any token you no longer trust with `drover token revoke ID`",
+        token_file.display()
+    );
+    Ok(0)
 }
 
 async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {

@@ -13,7 +13,7 @@ use drover_core::ProjectId;
 use drover_core::auth::{
     CreatedToken, NewProject, NewToken, Project, Role, TokenView, parse_project_name,
 };
-use drover_store::{Change, TokenRecord, hash_token};
+use drover_store::{Change, Store, StoreError, TokenRecord, hash_token};
 use std::sync::Arc;
 
 type Shared = State<Arc<Inner>>;
@@ -205,4 +205,25 @@ pub(crate) async fn revoke_token(
     inner.remember_token(revoked.clone());
     tracing::info!(token = revoked.id(), project = %revoked.project, role = %revoked.role, "token revoked");
     Ok(Json(revoked.view()))
+}
+
+/// Makes a new cluster-admin secret and stores it, hashed, as an active cluster token,
+/// writing straight to the store. This is the way back into a cluster whose
+/// cluster-admin tokens were all revoked or lost, so it asks for no token: whoever can
+/// open the controller's store (its host and data directory) already holds everything.
+/// A running controller answers requests from the tokens it loaded at start-up, so it
+/// accepts the new secret only after it restarts.
+pub async fn reset_admin_token(store: &dyn Store) -> Result<(String, TokenRecord), StoreError> {
+    let secret = new_secret();
+    let record = TokenRecord {
+        hash: hash_token(&secret),
+        project: ProjectId::default(),
+        role: Role::Cluster,
+        name: "admin-reset".into(),
+        created_at: drover_core::now_millis(),
+        revoked: false,
+    };
+    store.commit(&[Change::Token(record.clone())]).await?;
+    tracing::info!(token = record.id(), "cluster admin token reset");
+    Ok((secret, record))
 }
