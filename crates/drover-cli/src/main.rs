@@ -26,11 +26,23 @@ use std::path::{Path, PathBuf};
 mod code {
     /// The command failed: bad input, an error from the server, an unreachable server.
     pub const ERROR: i32 = 1;
+    /// The command was called wrongly (clap's own usage errors exit with this too).
+    pub const USAGE: i32 = 2;
     /// The named object does not exist.
     pub const NOT_FOUND: i32 = 4;
     /// The token was refused.
     pub const UNAUTHORIZED: i32 = 5;
 }
+
+/// A mistake in how a command was called that only shows once its flags are read (a
+/// flag's file that is missing, a value none of its sources gave); like clap's own usage
+/// errors, it exits with code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// Where an agent may also find its join token, besides its flags.
+const JOIN_TOKEN_ENV: &str = "DROVER_JOIN_TOKEN";
 
 #[derive(Parser)]
 #[command(
@@ -80,9 +92,25 @@ enum Cmd {
     /// Writes the server address and an admin token to the CLI config so that other
     /// drover commands in other shells just work.
     Up(UpArgs),
-    /// Run only the controller; agents join with the join token it prints.
+    /// Run only the controller; agents join with the join token it keeps in its data dir.
+    #[command(
+        after_help = "Agents join with the token in DATA_DIR/join-token. Give it to them in a file or in\n\
+            the environment, not on the command line, where `ps` shows it to every user:\n  \
+            drover agent --server http://CONTROLLER:7700 --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server http://CONTROLLER:7700\n\n\
+            The cluster admin token is in DATA_DIR/admin-token. If every cluster admin token was\n\
+            revoked or lost, make a new one on this host (it needs the data dir, not a token):\n  \
+            drover server --reset-admin-token --data-dir DATA_DIR"
+    )]
     Server(ServerArgs),
     /// Run only an agent that dials out to a controller.
+    #[command(
+        after_help = "The join token comes from --join-token-file or, without it, from DROVER_JOIN_TOKEN.\n\
+            --join-token still works (a flag wins over the variable), but `ps` shows it to every\n\
+            user of the machine:\n  \
+            drover agent --server http://CONTROLLER:7700 --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server http://CONTROLLER:7700"
+    )]
     Agent(AgentArgs),
     /// Submit, list, inspect and stop jobs.
     #[command(subcommand)]
@@ -328,9 +356,15 @@ struct TimingArgs {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// The join token the server printed.
-    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
-    join_token: String,
+    /// The join token itself. Every user of the machine can read it here (in `ps`), so
+    /// prefer --join-token-file or DROVER_JOIN_TOKEN; kept for compatibility.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "join_token_file")]
+    join_token: Option<String>,
+    /// A file holding the join token, e.g. a copy of the server's DATA_DIR/join-token;
+    /// surrounding whitespace is ignored. Without this flag or --join-token, the token
+    /// comes from DROVER_JOIN_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    join_token_file: Option<PathBuf>,
     /// Where the agent keeps its identity, outbox and task directories.
     #[arg(long, env = "DROVER_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -348,6 +382,57 @@ struct AgentArgs {
     memory: Option<String>,
     #[command(flatten)]
     runtimes: RuntimeArgs,
+}
+
+impl AgentArgs {
+    /// The join token, from the first of its sources that is given: a flag
+    /// (--join-token-file or --join-token; clap refuses both at once), then
+    /// DROVER_JOIN_TOKEN. A source that is given but holds nothing is a usage error
+    /// naming it, rather than falling through to the next.
+    fn join_token(&self) -> Result<String> {
+        if let Some(path) = &self.join_token_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                UsageError(format!(
+                    "--join-token-file {}: cannot read the join token: {e}",
+                    path.display()
+                ))
+            })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(UsageError(format!(
+                    "--join-token-file {}: the file is empty; expected the join token (the server keeps it in DATA_DIR/join-token)",
+                    path.display()
+                ))
+                .into());
+            }
+            return Ok(token.to_string());
+        }
+        if let Some(token) = &self.join_token {
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(UsageError(
+                    "--join-token: expected a token, got an empty value".into(),
+                )
+                .into());
+            }
+            return Ok(token.to_string());
+        }
+        match std::env::var(JOIN_TOKEN_ENV) {
+            Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+            Ok(_) => Err(UsageError(format!(
+                "{JOIN_TOKEN_ENV} is set but empty; expected the join token (the server keeps it in DATA_DIR/join-token)"
+            ))
+            .into()),
+            Err(std::env::VarError::NotUnicode(_)) => Err(UsageError(format!(
+                "{JOIN_TOKEN_ENV}: expected the join token as UTF-8 text"
+            ))
+            .into()),
+            Err(std::env::VarError::NotPresent) => Err(UsageError(format!(
+                "drover agent needs the join token the server keeps in DATA_DIR/join-token: pass --join-token-file PATH or set {JOIN_TOKEN_ENV}"
+            ))
+            .into()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -551,6 +636,7 @@ fn main() {
             match e.downcast_ref::<client::ApiError>() {
                 Some(a) if a.status == 404 => code::NOT_FOUND,
                 Some(a) if a.status == 401 || a.status == 403 => code::UNAUTHORIZED,
+                _ if e.downcast_ref::<UsageError>().is_some() => code::USAGE,
                 _ => code::ERROR,
             }
         }
@@ -1422,10 +1508,33 @@ async fn server(a: &ServerArgs) -> Result<i32> {
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());
+    let admin_file = data_dir.join("admin-token");
     eprintln!(
-        "admin token: {}/admin-token; join token: {}/join-token",
-        data_dir.display(),
-        data_dir.display()
+        "cluster admin token: {} (use it with DROVER_TOKEN=\"$(cat {})\")",
+        admin_file.display(),
+        admin_file.display()
+    );
+    // A server listening on every address has no one URL agents should dial.
+    let dial = if server.addr.ip().is_unspecified() {
+        format!("http://CONTROLLER-HOST:{}", server.addr.port())
+    } else {
+        server.url()
+    };
+    let join_file = match &a.join_token {
+        Some(_) => "FILE-HOLDING-THE-JOIN-TOKEN".to_string(),
+        None => data_dir.join("join-token").display().to_string(),
+    };
+    match &a.join_token {
+        Some(_) => eprintln!(
+            "join token: the one given with --join-token or {JOIN_TOKEN_ENV}; agents join with:"
+        ),
+        None => {
+            eprintln!("join token: {join_file}; agents join with (copy the file to their hosts):")
+        }
+    }
+    eprintln!("  drover agent --server {dial} --join-token-file {join_file}");
+    eprintln!(
+        "  or {JOIN_TOKEN_ENV}=\"$(cat {join_file})\" drover agent --server {dial}  (not --join-token: `ps` shows it to every user)"
     );
     let result = tokio::select! {
         r = server.wait() => r,
@@ -1454,6 +1563,7 @@ async fn reset_admin_token(controller_dir: &Path, token_file: &Path, then: &str)
 async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
     let server = server
         .context("drover agent needs --server URL (or DROVER_SERVER): the controller to dial")?;
+    let join_token = a.join_token()?;
     let data_dir = a
         .data_dir
         .clone()
@@ -1470,7 +1580,7 @@ async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
     };
     let agent = cluster::start_agent(cluster::AgentOptions {
         server: server.to_string(),
-        join_token: a.join_token.clone(),
+        join_token,
         data_dir,
         name: a.name.clone(),
         labels: a.labels.iter().cloned().collect(),

@@ -1,8 +1,9 @@
 //! Projects and tokens through the built binary against `drover up`: the cluster admin
 //! makes a project and a token for it, the token's holder runs work there and sees
 //! nothing else, and a revoked token stops working. Against `drover server`: nobody can
-//! lock the cluster admin out, and `--reset-admin-token` lets the host back in when
-//! every cluster admin token is gone anyway.
+//! lock the cluster admin out, `--reset-admin-token` lets the host back in when every
+//! cluster admin token is gone anyway, and agents take their join token from the
+//! environment or a file instead of the command line.
 
 mod common;
 use common::*;
@@ -328,6 +329,80 @@ fn the_cluster_admin_cannot_be_locked_out_and_reset_admin_token_lets_the_host_ba
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = as_token(&home, &url, &admin, &["job", "ls"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+}
+
+#[test]
+fn an_agent_takes_its_join_token_from_the_environment_or_a_file() {
+    let home = Home::new();
+    let dir = home.path().join("server");
+    let (_srv, url) = server(&home, &dir);
+    let admin = read_token(&dir.join("admin-token"));
+    let join = read_token(&dir.join("join-token"));
+    let agent = |name: &str, extra: &[&str]| {
+        let data = home.path().join(format!("agent-{name}"));
+        let mut args = vec![
+            "agent",
+            "--server",
+            &url,
+            "--name",
+            name,
+            "--no-docker",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        home.cmd(&args)
+    };
+
+    // Only the environment variable: nothing secret on the command line.
+    let mut cmd = agent("env-node", &[]);
+    cmd.env("DROVER_JOIN_TOKEN", &join);
+    let (_env_agent, _) = spawn_cmd(cmd, "connected to");
+    // A file, with the surrounding whitespace an editor or `echo` leaves.
+    let file = write(home.path(), "join-token", &format!("  {join}\n"));
+    let cmd = agent("file-node", &["--join-token-file", file.to_str().unwrap()]);
+    let (_file_agent, _) = spawn_cmd(cmd, "connected to");
+    wait_until(
+        "both agents in `drover node ls`",
+        std::time::Duration::from_secs(30),
+        || {
+            let nodes = json(&as_token(
+                &home,
+                &url,
+                &admin,
+                &["node", "ls", "-o", "json"],
+            ));
+            let mut ready: Vec<String> = nodes
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["status"] == "ready")
+                .map(|n| n["info"]["name"].as_str().unwrap().to_string())
+                .collect();
+            ready.sort();
+            ready == ["env-node", "file-node"]
+        },
+    );
+
+    // A file that is missing or empty is a usage error naming it; so is no token at all.
+    let missing = home.path().join("no-such-dir").join("join-token");
+    let empty = write(home.path(), "empty-token", " \n");
+    for path in [&missing, &empty] {
+        let arg = path.to_str().unwrap();
+        let out = run_with_timeout(
+            agent("bad", &["--join-token-file", arg]),
+            std::time::Duration::from_secs(60),
+        );
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(arg), "{}", stderr(&out));
+    }
+    let out = run_with_timeout(agent("bad", &[]), std::time::Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--join-token-file") && stderr(&out).contains("DROVER_JOIN_TOKEN"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
