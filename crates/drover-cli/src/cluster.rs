@@ -10,7 +10,7 @@ use drover_runtime::docker::{DockerConfig, DockerRuntime};
 use drover_runtime::mock::MockRuntime;
 use drover_runtime::plugin::{PluginConfig, PluginRuntime};
 use drover_runtime::process::{ProcessConfig, ProcessRuntime};
-use drover_store::{Durability, Role, SqliteConfig, SqliteStore};
+use drover_store::{Durability, Role, SqliteConfig, SqliteStore, TokenRecord};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -110,12 +110,7 @@ impl RunningServer {
 pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
     std::fs::create_dir_all(&opts.data_dir)
         .with_context(|| format!("creating data dir {}", opts.data_dir.display()))?;
-    let store = SqliteStore::open(&SqliteConfig {
-        path: Some(opts.data_dir.join("drover.db")),
-        durability: opts.durability,
-    })
-    .await
-    .with_context(|| format!("opening the store in {}", opts.data_dir.display()))?;
+    let store = open_store(&opts.data_dir, opts.durability).await?;
     let mut cfg = ControllerConfig::new(opts.data_dir.clone());
     cfg.heartbeat_interval = opts.heartbeat_interval;
     cfg.node_timeout = opts.node_timeout;
@@ -146,6 +141,35 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
         addr,
         serve,
     })
+}
+
+/// Opens the controller's store in its data dir.
+async fn open_store(data_dir: &Path, durability: Durability) -> Result<SqliteStore> {
+    SqliteStore::open(&SqliteConfig {
+        path: Some(data_dir.join("drover.db")),
+        durability,
+    })
+    .await
+    .with_context(|| format!("opening the store in {}", data_dir.display()))
+}
+
+/// Makes a new cluster admin token in the store of the controller whose data dir is
+/// `controller_dir`, then writes its secret to `token_file`, where the server reads its
+/// admin token at start-up. The token is stored first: should writing the file fail,
+/// the old file stays and the new token is merely unused.
+pub async fn reset_admin_token(controller_dir: &Path, token_file: &Path) -> Result<TokenRecord> {
+    ensure_dir(controller_dir)?;
+    let store = open_store(controller_dir, Durability::Full).await?;
+    let (secret, record) = drover_controller::reset_admin_token(&store)
+        .await
+        .with_context(|| {
+            format!(
+                "storing a new admin token in {}",
+                controller_dir.join("drover.db").display()
+            )
+        })?;
+    crate::config::write_secret(token_file, &secret)?;
+    Ok(record)
 }
 
 pub struct AgentOptions {

@@ -80,7 +80,6 @@ pub fn new_secret(prefix: &str) -> String {
 
 /// Reads a secret kept in the data dir, or makes and keeps a new one.
 pub fn secret_in(dir: &std::path::Path, file: &str, prefix: &str) -> Result<String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(file);
     if let Ok(s) = std::fs::read_to_string(&path)
         && !s.trim().is_empty()
@@ -88,13 +87,39 @@ pub fn secret_in(dir: &std::path::Path, file: &str, prefix: &str) -> Result<Stri
         return Ok(s.trim().to_string());
     }
     let secret = new_secret(prefix);
+    write_secret(&path, &secret)?;
+    Ok(secret)
+}
+
+/// Writes a secret to `path`, readable only by its owner. The file is replaced whole
+/// (written beside it, then renamed), so a reader never sees half a secret and a
+/// failure leaves the old one in place.
+pub fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: expected a file name", path.display()))?;
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    std::io::Write::write_all(&mut f, secret.as_bytes())?;
-    Ok(secret)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    let written = f
+        .write_all(secret.as_bytes())
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        // The temporary file may hold the secret; it must not be left lying about.
+        if let Err(e2) = std::fs::remove_file(&tmp) {
+            tracing::warn!("removing {} after a failed write: {e2}", tmp.display());
+        }
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(())
 }

@@ -26,11 +26,23 @@ use std::path::{Path, PathBuf};
 mod code {
     /// The command failed: bad input, an error from the server, an unreachable server.
     pub const ERROR: i32 = 1;
+    /// The command was called wrongly (clap's own usage errors exit with this too).
+    pub const USAGE: i32 = 2;
     /// The named object does not exist.
     pub const NOT_FOUND: i32 = 4;
     /// The token was refused.
     pub const UNAUTHORIZED: i32 = 5;
 }
+
+/// A mistake in how a command was called that only shows once its flags are read (a
+/// flag's file that is missing, a value none of its sources gave); like clap's own usage
+/// errors, it exits with code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+/// Where an agent may also find its join token, besides its flags.
+const JOIN_TOKEN_ENV: &str = "DROVER_JOIN_TOKEN";
 
 #[derive(Parser)]
 #[command(
@@ -80,9 +92,25 @@ enum Cmd {
     /// Writes the server address and an admin token to the CLI config so that other
     /// drover commands in other shells just work.
     Up(UpArgs),
-    /// Run only the controller; agents join with the join token it prints.
+    /// Run only the controller; agents join with the join token it keeps in its data dir.
+    #[command(
+        after_help = "Agents join with the token in DATA_DIR/join-token. Give it to them in a file or in\n\
+            the environment, not on the command line, where `ps` shows it to every user:\n  \
+            drover agent --server http://CONTROLLER:7700 --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server http://CONTROLLER:7700\n\n\
+            The cluster admin token is in DATA_DIR/admin-token. If every cluster admin token was\n\
+            revoked or lost, make a new one on this host (it needs the data dir, not a token):\n  \
+            drover server --reset-admin-token --data-dir DATA_DIR"
+    )]
     Server(ServerArgs),
     /// Run only an agent that dials out to a controller.
+    #[command(
+        after_help = "The join token comes from --join-token-file or, without it, from DROVER_JOIN_TOKEN.\n\
+            --join-token still works (a flag wins over the variable), but `ps` shows it to every\n\
+            user of the machine:\n  \
+            drover agent --server http://CONTROLLER:7700 --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server http://CONTROLLER:7700"
+    )]
     Agent(AgentArgs),
     /// Submit, list, inspect and stop jobs.
     #[command(subcommand)]
@@ -135,10 +163,13 @@ enum Cmd {
             A token belongs to one project and has a role there: read (see the project's\n\
             jobs, tasks, logs and artifacts), write (also submit, stop and push) or admin\n\
             (also manage the project's tokens). The cluster admin token `drover up` makes\n\
-            acts in every project. Only a hash of each token is stored; a token is shown\n\
-            once, when it is created.",
+            acts in every project. Cluster admin and join (agent) tokens are the cluster\n\
+            admin's alone: only it lists, creates and revokes them, and the last cluster\n\
+            admin token cannot be revoked. Only a hash of each token is stored; a token is\n\
+            shown once, when it is created.",
         after_help = "Examples:\n  \
             drover token create --project team-a --role read --name dashboard\n  \
+            drover token create --role cluster --name second-admin\n  \
             drover token ls\n  \
             drover token revoke 3f9c2a7b1d04"
     )]
@@ -198,6 +229,11 @@ struct UpArgs {
     /// The address the API listens on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Make a new cluster admin token, store it, write it to DATA_DIR/admin-token and
+    /// exit without starting anything; the next `drover up` puts it in the CLI config.
+    /// The way back in when every cluster admin token was revoked or lost.
+    #[arg(long)]
+    reset_admin_token: bool,
     #[command(flatten)]
     timing: TimingArgs,
     #[command(flatten)]
@@ -206,10 +242,18 @@ struct UpArgs {
 
 #[derive(Args)]
 struct ServerArgs {
+    /// Where the database, logs, blobs and the admin and join tokens live.
     #[arg(long, env = "DROVER_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// The address the API listens on.
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Make a new cluster admin token, store it, write it to DATA_DIR/admin-token and
+    /// exit without serving. The way back in when every cluster admin token was revoked
+    /// or lost; it needs the data dir, not a token. A running server accepts the new
+    /// token from its next start.
+    #[arg(long)]
+    reset_admin_token: bool,
     #[command(flatten)]
     timing: TimingArgs,
     /// The token agents must present (default: generated once and kept in the data dir).
@@ -317,9 +361,15 @@ struct TimingArgs {
 
 #[derive(Args)]
 struct AgentArgs {
-    /// The join token the server printed.
-    #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
-    join_token: String,
+    /// The join token itself. Every user of the machine can read it here (in `ps`), so
+    /// prefer --join-token-file or DROVER_JOIN_TOKEN; kept for compatibility.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "join_token_file")]
+    join_token: Option<String>,
+    /// A file holding the join token, e.g. a copy of the server's DATA_DIR/join-token;
+    /// surrounding whitespace is ignored. Without this flag or --join-token, the token
+    /// comes from DROVER_JOIN_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    join_token_file: Option<PathBuf>,
     /// Where the agent keeps its identity, outbox and task directories.
     #[arg(long, env = "DROVER_AGENT_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -337,6 +387,57 @@ struct AgentArgs {
     memory: Option<String>,
     #[command(flatten)]
     runtimes: RuntimeArgs,
+}
+
+impl AgentArgs {
+    /// The join token, from the first of its sources that is given: a flag
+    /// (--join-token-file or --join-token; clap refuses both at once), then
+    /// DROVER_JOIN_TOKEN. A source that is given but holds nothing is a usage error
+    /// naming it, rather than falling through to the next.
+    fn join_token(&self) -> Result<String> {
+        if let Some(path) = &self.join_token_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                UsageError(format!(
+                    "--join-token-file {}: cannot read the join token: {e}",
+                    path.display()
+                ))
+            })?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(UsageError(format!(
+                    "--join-token-file {}: the file is empty; expected the join token (the server keeps it in DATA_DIR/join-token)",
+                    path.display()
+                ))
+                .into());
+            }
+            return Ok(token.to_string());
+        }
+        if let Some(token) = &self.join_token {
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(UsageError(
+                    "--join-token: expected a token, got an empty value".into(),
+                )
+                .into());
+            }
+            return Ok(token.to_string());
+        }
+        match std::env::var(JOIN_TOKEN_ENV) {
+            Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_string()),
+            Ok(_) => Err(UsageError(format!(
+                "{JOIN_TOKEN_ENV} is set but empty; expected the join token (the server keeps it in DATA_DIR/join-token)"
+            ))
+            .into()),
+            Err(std::env::VarError::NotUnicode(_)) => Err(UsageError(format!(
+                "{JOIN_TOKEN_ENV}: expected the join token as UTF-8 text"
+            ))
+            .into()),
+            Err(std::env::VarError::NotPresent) => Err(UsageError(format!(
+                "drover agent needs the join token the server keeps in DATA_DIR/join-token: pass --join-token-file PATH or set {JOIN_TOKEN_ENV}"
+            ))
+            .into()),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -382,7 +483,8 @@ enum TokenCmd {
     /// Create a token for the project named by --project (else the caller's own) and
     /// print only its secret on stdout, for scripts.
     Create {
-        /// What the token may do in its project.
+        /// What the token may do: in its project (admin, write, read), or cluster-wide
+        /// (cluster: another cluster admin; agent: another join token; cluster admin only).
         #[arg(long, value_enum)]
         role: TokenRole,
         /// A label to recognise it by in `drover token ls`.
@@ -395,13 +497,15 @@ enum TokenCmd {
     Revoke { id: String },
 }
 
-/// The roles `drover token create` offers; cluster and agent tokens come from the
-/// server's own configuration.
+/// The roles `drover token create` offers. The server decides who may create which: the
+/// cluster-level ones (cluster, agent) only a cluster admin.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum TokenRole {
     Admin,
     Write,
     Read,
+    Cluster,
+    Agent,
 }
 
 impl TokenRole {
@@ -410,6 +514,8 @@ impl TokenRole {
             TokenRole::Admin => drover_core::auth::Role::Admin,
             TokenRole::Write => drover_core::auth::Role::Write,
             TokenRole::Read => drover_core::auth::Role::Read,
+            TokenRole::Cluster => drover_core::auth::Role::Cluster,
+            TokenRole::Agent => drover_core::auth::Role::Agent,
         }
     }
 }
@@ -535,6 +641,7 @@ fn main() {
             match e.downcast_ref::<client::ApiError>() {
                 Some(a) if a.status == 404 => code::NOT_FOUND,
                 Some(a) if a.status == 401 || a.status == 403 => code::UNAUTHORIZED,
+                _ if e.downcast_ref::<UsageError>().is_some() => code::USAGE,
                 _ => code::ERROR,
             }
         }
@@ -1321,6 +1428,16 @@ async fn resolve_working_dir(c: &Client, spec: &mut JobSpec, base: &Path) -> Res
 async fn up(a: &UpArgs) -> Result<i32> {
     let data_dir = a.data_dir.clone().unwrap_or_else(config::default_data_dir);
     cluster::ensure_dir(&data_dir)?;
+    if a.reset_admin_token {
+        // `drover up` keeps its tokens in the data dir and the controller's store one
+        // level down, in controller/.
+        return reset_admin_token(
+            &data_dir.join("controller"),
+            &data_dir.join("admin-token"),
+            "the next `drover up` serves it and writes it to the CLI config",
+        )
+        .await;
+    }
     let admin = config::secret_in(&data_dir, "admin-token", "drv")?;
     let join = config::secret_in(&data_dir, "join-token", "drj")?;
     let mut server = cluster::start_server(cluster::ServerOptions {
@@ -1373,6 +1490,14 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         .clone()
         .unwrap_or_else(|| config::default_data_dir().join("controller"));
     cluster::ensure_dir(&data_dir)?;
+    if a.reset_admin_token {
+        return reset_admin_token(
+            &data_dir,
+            &data_dir.join("admin-token"),
+            "start the server, or restart it if it is running, to use it",
+        )
+        .await;
+    }
     let admin = config::secret_in(&data_dir, "admin-token", "drv")?;
     let join = match &a.join_token {
         Some(j) => j.clone(),
@@ -1390,10 +1515,33 @@ async fn server(a: &ServerArgs) -> Result<i32> {
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());
+    let admin_file = data_dir.join("admin-token");
     eprintln!(
-        "admin token: {}/admin-token; join token: {}/join-token",
-        data_dir.display(),
-        data_dir.display()
+        "cluster admin token: {} (use it with DROVER_TOKEN=\"$(cat {})\")",
+        admin_file.display(),
+        admin_file.display()
+    );
+    // A server listening on every address has no one URL agents should dial.
+    let dial = if server.addr.ip().is_unspecified() {
+        format!("http://CONTROLLER-HOST:{}", server.addr.port())
+    } else {
+        server.url()
+    };
+    let join_file = match &a.join_token {
+        Some(_) => "FILE-HOLDING-THE-JOIN-TOKEN".to_string(),
+        None => data_dir.join("join-token").display().to_string(),
+    };
+    match &a.join_token {
+        Some(_) => eprintln!(
+            "join token: the one given with --join-token or {JOIN_TOKEN_ENV}; agents join with:"
+        ),
+        None => {
+            eprintln!("join token: {join_file}; agents join with (copy the file to their hosts):")
+        }
+    }
+    eprintln!("  drover agent --server {dial} --join-token-file {join_file}");
+    eprintln!(
+        "  or {JOIN_TOKEN_ENV}=\"$(cat {join_file})\" drover agent --server {dial}  (not --join-token: `ps` shows it to every user)"
     );
     let result = tokio::select! {
         r = server.wait() => r,
@@ -1403,9 +1551,26 @@ async fn server(a: &ServerArgs) -> Result<i32> {
     result.map(|_| 0)
 }
 
+/// `--reset-admin-token` of `drover server` and `drover up`: a new cluster admin token
+/// in the store under `controller_dir`, its secret in `token_file`, and no server.
+async fn reset_admin_token(controller_dir: &Path, token_file: &Path, then: &str) -> Result<i32> {
+    let record = cluster::reset_admin_token(controller_dir, token_file).await?;
+    eprintln!(
+        "new cluster admin token {} stored; its secret is in {} ({then})",
+        record.id(),
+        token_file.display()
+    );
+    eprintln!(
+        "use it with DROVER_TOKEN=\"$(cat {})\", and revoke any token you no longer trust with `drover token revoke ID`",
+        token_file.display()
+    );
+    Ok(0)
+}
+
 async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
     let server = server
         .context("drover agent needs --server URL (or DROVER_SERVER): the controller to dial")?;
+    let join_token = a.join_token()?;
     let data_dir = a
         .data_dir
         .clone()
@@ -1422,7 +1587,7 @@ async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
     };
     let agent = cluster::start_agent(cluster::AgentOptions {
         server: server.to_string(),
-        join_token: a.join_token.clone(),
+        join_token,
         data_dir,
         name: a.name.clone(),
         labels: a.labels.iter().cloned().collect(),

@@ -51,6 +51,14 @@ impl Principal {
         self.role == Role::Cluster
     }
 
+    /// Whether the caller may see (and so list or revoke) a token. Cluster-level tokens
+    /// (the cluster admin's and the join tokens) are filed under project `default`, but
+    /// they open the whole cluster, so a project admin, even of `default`, must not see
+    /// them: otherwise it could revoke them and lock the cluster admin out.
+    pub(crate) fn sees_token(&self, t: &TokenRecord) -> bool {
+        self.sees(&t.project) && (!t.role.is_cluster_level() || self.is_cluster_admin())
+    }
+
     pub(crate) fn require_write(&self) -> Result<(), ApiError> {
         match self.role {
             Role::Cluster | Role::Admin | Role::Write => Ok(()),

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::{Principal, ROUTES};
 pub use artifacts::MAX_BLOB_SIZE_HEADER;
+pub use tenants::reset_admin_token;
 
 /// A token the controller makes sure exists at start-up (the admin and join tokens of
 /// `drover up`).

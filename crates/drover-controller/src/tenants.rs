@@ -1,5 +1,7 @@
 //! Projects and tokens over HTTP: creating and listing projects (cluster admin), and
 //! creating, listing and revoking tokens (a project's admins, or the cluster admin).
+//! Cluster-level tokens (cluster admin and join tokens) are the cluster admin's alone,
+//! and the last active cluster admin token cannot be revoked.
 
 use crate::api::{ApiError, ApiResult, Principal, forbidden, no_such_project};
 use crate::{Inner, Tx};
@@ -11,7 +13,7 @@ use drover_core::ProjectId;
 use drover_core::auth::{
     CreatedToken, NewProject, NewToken, Project, Role, TokenView, parse_project_name,
 };
-use drover_store::{Change, TokenRecord, hash_token};
+use drover_store::{Change, Store, StoreError, TokenRecord, hash_token};
 use std::sync::Arc;
 
 type Shared = State<Arc<Inner>>;
@@ -148,7 +150,7 @@ pub(crate) async fn list_tokens(
     let mut list: Vec<TokenView> = inner
         .all_tokens()
         .into_iter()
-        .filter(|t| p.sees(&t.project))
+        .filter(|t| p.sees_token(t))
         .map(|t| t.view())
         .collect();
     list.sort_by(|a, b| (&a.project, a.created_at, &a.id).cmp(&(&b.project, b.created_at, &b.id)));
@@ -156,30 +158,72 @@ pub(crate) async fn list_tokens(
 }
 
 /// Revokes a token by its id. It stays listed, marked revoked; the next request made
-/// with it is refused.
+/// with it is refused. A token the caller may not see answers 404, exactly as an
+/// unknown id does. The last active cluster-admin token is never revoked: without one
+/// nothing could manage the cluster again short of `--reset-admin-token` on its host.
 pub(crate) async fn revoke_token(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<TokenView>> {
     p.require_project_admin()?;
-    let found = inner
-        .all_tokens()
-        .into_iter()
-        .find(|t| t.id() == id && p.sees(&t.project))
+    // Every creation and revocation changes the tokens while holding the state lock, so
+    // under it the count of active cluster-admin tokens below cannot change before this
+    // revocation is committed: two revocations racing for the last two cannot both pass.
+    let mut state = inner.state.lock().await;
+    let tokens = inner.all_tokens();
+    let found = tokens
+        .iter()
+        .find(|t| t.id() == id && p.sees_token(t))
+        .cloned()
         .ok_or_else(|| ApiError::not_found(&format!("token {id:?}")))?;
     if found.revoked {
         return Ok(Json(found.view()));
+    }
+    if found.role == Role::Cluster {
+        let active = tokens
+            .iter()
+            .filter(|t| t.role == Role::Cluster && !t.revoked)
+            .count();
+        if active <= 1 {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "last_cluster_admin",
+                format!(
+                    "token {id} is the last active cluster admin token; revoking it would leave nothing able to manage the cluster. Create another first (`drover token create --role cluster`), then revoke this one"
+                ),
+            ));
+        }
     }
     let revoked = TokenRecord {
         revoked: true,
         ..found
     };
-    let mut state = inner.state.lock().await;
     let mut tx = Tx::default();
     tx.put(&mut state, Change::Token(revoked.clone()));
     inner.commit(&mut state, tx).await?;
     inner.remember_token(revoked.clone());
-    tracing::info!(token = revoked.id(), project = %revoked.project, "token revoked");
+    tracing::info!(token = revoked.id(), project = %revoked.project, role = %revoked.role, "token revoked");
     Ok(Json(revoked.view()))
+}
+
+/// Makes a new cluster-admin secret and stores it, hashed, as an active cluster token,
+/// writing straight to the store. This is the way back into a cluster whose
+/// cluster-admin tokens were all revoked or lost, so it asks for no token: whoever can
+/// open the controller's store (its host and data directory) already holds everything.
+/// A running controller answers requests from the tokens it loaded at start-up, so it
+/// accepts the new secret only after it restarts.
+pub async fn reset_admin_token(store: &dyn Store) -> Result<(String, TokenRecord), StoreError> {
+    let secret = new_secret();
+    let record = TokenRecord {
+        hash: hash_token(&secret),
+        project: ProjectId::default(),
+        role: Role::Cluster,
+        name: "admin-reset".into(),
+        created_at: drover_core::now_millis(),
+        revoked: false,
+    };
+    store.commit(&[Change::Token(record.clone())]).await?;
+    tracing::info!(token = record.id(), "cluster admin token reset");
+    Ok((secret, record))
 }

@@ -47,6 +47,13 @@ impl Role {
     pub fn parse(s: &str) -> Option<Role> {
         Role::ALL.into_iter().find(|r| r.as_str() == s)
     }
+
+    /// Whether a token of this role serves the whole cluster rather than one project:
+    /// the cluster admin's and the agents' join tokens. Only a cluster admin sees,
+    /// makes or revokes these, whatever project they are filed under.
+    pub fn is_cluster_level(self) -> bool {
+        matches!(self, Role::Cluster | Role::Agent)
+    }
 }
 
 impl std::fmt::Display for Role {

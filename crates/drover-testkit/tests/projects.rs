@@ -7,7 +7,7 @@
 use drover_core::auth::{Project, Role, TokenView};
 use drover_core::state::JobStatus;
 use drover_core::{TaskState, api::JobView, api::NodeView, api::TaskView};
-use drover_testkit::{AgentOptions, Api, TestCluster, digest_of};
+use drover_testkit::{ADMIN_TOKEN, AgentOptions, Api, JOIN_TOKEN, TestCluster, digest_of};
 use reqwest::Method;
 use std::time::Duration;
 
@@ -748,4 +748,178 @@ async fn bad_project_and_token_requests_are_refused_with_the_field_named() {
     let (_, projects) = call(&admin, Method::GET, "/v1/projects", None).await;
     let list: Vec<Project> = serde_json::from_str(&projects).unwrap();
     assert_eq!(list.len(), 1, "nothing was created: {projects}");
+}
+
+/// The public id of a token `TestCluster` bootstraps, as listings show it.
+fn id_of(secret: &str) -> String {
+    drover_store::hash_token(secret)[..drover_store::TOKEN_ID_LEN].to_string()
+}
+
+/// The lock-out of issue 11: the cluster admin and join tokens are filed under project
+/// `default`, yet an admin of `default` must neither see nor revoke them; and no one may
+/// revoke the last cluster admin token, while a cluster admin may still revoke any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_admin_of_default_cannot_lock_the_cluster_admin_out() {
+    let c = TestCluster::start().await.unwrap();
+    let cluster = c.api();
+    let (admin_id, join_id) = (id_of(ADMIN_TOKEN), id_of(JOIN_TOKEN));
+    let made = cluster.create_token("default", Role::Admin).await.unwrap();
+    let default_admin = Api::new(&c.url, &made.token);
+
+    // It lists its project's tokens, but not the cluster-level ones filed there.
+    let body = expect(
+        &default_admin,
+        "default admin",
+        Method::GET,
+        "/v1/tokens",
+        None,
+        200,
+    )
+    .await;
+    let list: Vec<TokenView> = serde_json::from_str(&body).unwrap();
+    assert!(list.iter().any(|t| t.id == made.view.id), "{body}");
+    for t in &list {
+        assert!(
+            !t.role.is_cluster_level() && t.id != admin_id && t.id != join_id,
+            "a project admin is shown a cluster-level token: {body}"
+        );
+    }
+    // Nor may it make one.
+    for role in ["cluster", "agent"] {
+        expect(
+            &default_admin,
+            "default admin",
+            Method::POST,
+            "/v1/tokens",
+            Some(&format!(r#"{{"role":"{role}"}}"#)),
+            403,
+        )
+        .await;
+    }
+
+    // Revoking them answers exactly as for an id that does not exist.
+    let (_, unknown) = call(
+        &default_admin,
+        Method::POST,
+        "/v1/tokens/0123456789ab/revoke",
+        None,
+    )
+    .await;
+    for id in [&admin_id, &join_id] {
+        let body = expect(
+            &default_admin,
+            "default admin",
+            Method::POST,
+            &format!("/v1/tokens/{id}/revoke"),
+            None,
+            404,
+        )
+        .await;
+        assert_eq!(body.replace(id.as_str(), "0123456789ab"), unknown);
+    }
+    // Both still work: the cluster admin lists them unrevoked, and an agent joins.
+    let body = expect(&cluster, "cluster", Method::GET, "/v1/tokens", None, 200).await;
+    let list: Vec<TokenView> = serde_json::from_str(&body).unwrap();
+    for (id, role) in [(&admin_id, Role::Cluster), (&join_id, Role::Agent)] {
+        let t = list.iter().find(|t| &t.id == id).unwrap_or_else(|| {
+            panic!("the cluster admin lists the {role} token: {body}");
+        });
+        assert_eq!((t.role, t.revoked), (role, false), "{body}");
+    }
+    let _agent = c.agent(AgentOptions::named("n1")).await.unwrap();
+    drover_testkit::wait_for("the agent to join with the join token", T, async || {
+        cluster.nodes().await.map(|n| n.len() == 1).unwrap_or(false)
+    })
+    .await
+    .unwrap();
+
+    // The last cluster admin token cannot be revoked, even by itself.
+    let path = format!("/v1/tokens/{admin_id}/revoke");
+    let body = expect(&cluster, "cluster", Method::POST, &path, None, 409).await;
+    assert!(
+        body.contains("last active cluster admin token")
+            && body.contains("drover token create --role cluster"),
+        "{body}"
+    );
+    expect(&cluster, "cluster", Method::GET, "/v1/jobs", None, 200).await;
+
+    // Another cluster admin token can be revoked...
+    let second = cluster
+        .create_token("default", Role::Cluster)
+        .await
+        .unwrap();
+    let path2 = format!("/v1/tokens/{}/revoke", second.view.id);
+    expect(&cluster, "cluster", Method::POST, &path2, None, 200).await;
+    let second = Api::new(&c.url, &second.token);
+    expect(
+        &second,
+        "revoked second",
+        Method::GET,
+        "/v1/jobs",
+        None,
+        401,
+    )
+    .await;
+    // ... and so can the first, by a third, which is then the last.
+    let third = cluster
+        .create_token("default", Role::Cluster)
+        .await
+        .unwrap();
+    let third_api = Api::new(&c.url, &third.token);
+    expect(&third_api, "third", Method::POST, &path, None, 200).await;
+    expect(
+        &cluster,
+        "revoked first",
+        Method::GET,
+        "/v1/jobs",
+        None,
+        401,
+    )
+    .await;
+    let path3 = format!("/v1/tokens/{}/revoke", third.view.id);
+    expect(&third_api, "third", Method::POST, &path3, None, 409).await;
+}
+
+/// The last-token check and the revocation happen under one lock: cluster admin tokens
+/// revoking themselves all at once leave exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_revocations_never_revoke_the_last_cluster_admin_token() {
+    let c = TestCluster::start().await.unwrap();
+    let cluster = c.api();
+    let mut tokens = vec![(id_of(ADMIN_TOKEN), cluster.clone())];
+    for _ in 0..15 {
+        let t = cluster
+            .create_token("default", Role::Cluster)
+            .await
+            .unwrap();
+        tokens.push((t.view.id, Api::new(&c.url, &t.token)));
+    }
+    let calls = tokens.iter().map(|(id, api)| async move {
+        call(api, Method::POST, &format!("/v1/tokens/{id}/revoke"), None)
+            .await
+            .0
+    });
+    let mut statuses = futures_util::future::join_all(calls).await;
+    statuses.sort();
+    let mut want = vec![200; tokens.len() - 1];
+    want.push(409);
+    assert_eq!(statuses, want);
+    // Exactly one token still works, and it lists itself as the one active cluster
+    // admin token.
+    let mut survivors = Vec::new();
+    for (id, api) in &tokens {
+        let (status, body) = call(api, Method::GET, "/v1/tokens", None).await;
+        if status == 200 {
+            survivors.push((id, body));
+        }
+    }
+    assert_eq!(survivors.len(), 1, "{survivors:?}");
+    let (id, body) = &survivors[0];
+    let list: Vec<TokenView> = serde_json::from_str(body).unwrap();
+    let active: Vec<&str> = list
+        .iter()
+        .filter(|t| t.role == Role::Cluster && !t.revoked)
+        .map(|t| t.id.as_str())
+        .collect();
+    assert_eq!(active, [id.as_str()], "{body}");
 }
