@@ -599,6 +599,28 @@ fn default_stop_grace() -> Dur {
 /// instead of filling the store.
 pub const MAX_COUNT: u32 = 100_000;
 
+/// The longest `stop_grace`. A task that needs more than an hour to shut down cannot be
+/// stopped in practice, and the controller waits this long (plus its own margin) for a
+/// stopping task before it declares the task lost.
+pub const MAX_STOP_GRACE: Dur = Dur::from_secs(60 * 60);
+
+/// The longest `restart.delay` and `restart.max_delay`: a task that waits more than an
+/// hour to be tried again looks, to whoever watches it, like one never retried.
+pub const MAX_RESTART_DELAY: Dur = Dur::from_secs(60 * 60);
+
+/// The longest `health.interval` and `health.timeout`: a probe rarer or slower than
+/// hourly checks nothing a user would call health.
+pub const MAX_PROBE_PERIOD: Dur = Dur::from_secs(60 * 60);
+
+/// The longest `health.start_deadline` and `runtime_env.setup_timeout`. Starting a
+/// service or building its environment may download a great deal, but one that has not
+/// finished within a day is stuck, and its node's resources stay reserved meanwhile.
+pub const MAX_START_WAIT: Dur = Dur::from_secs(24 * 60 * 60);
+
+/// The longest of the mock runtime's scripted durations; tests and benchmarks never
+/// need more, and the bound keeps every duration in a spec finite.
+pub const MAX_MOCK_DURATION: Dur = Dur::from_secs(24 * 60 * 60);
+
 /// A spec that could not be accepted, with where in which file, when that is known.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub struct SpecError {
@@ -753,6 +775,7 @@ impl JobSpec {
         if self.command.first().is_some_and(|c| c.is_empty()) {
             return Err("command[0]: the program must not be empty".into());
         }
+        self.validate_durations()?;
         validate_env_names("env", &self.env)?;
         self.runtime_env.validate(&self.runtime)?;
         if !(self.resources.cpu > 0.0 && self.resources.cpu.is_finite()) {
@@ -821,6 +844,103 @@ impl JobSpec {
             }
         }
         Ok(())
+    }
+}
+
+impl JobSpec {
+    /// Refuses any duration above its field's bound. Every duration in a spec is listed
+    /// here; the structs are taken apart without `..`, so a field added to any of them
+    /// fails to compile until it is listed (with a bound) or named as not a duration.
+    fn validate_durations(&self) -> Result<(), String> {
+        let JobSpec {
+            name: _,
+            kind: _,
+            count: _,
+            runtime: _,
+            command: _,
+            env: _,
+            resources: _,
+            constraints: _,
+            restart,
+            stop_grace,
+            mock,
+            image: _,
+            args: _,
+            ports: _,
+            pull: _,
+            health,
+            artifact: _,
+            runtime_env,
+        } = self;
+        let RestartPolicy {
+            attempts: _,
+            delay,
+            backoff: _,
+            max_delay,
+        } = restart;
+        let RuntimeEnv {
+            env: _,
+            config: _,
+            working_dir: _,
+            python: _,
+            setup_timeout,
+        } = runtime_env;
+        let mut all = vec![
+            ("stop_grace", *stop_grace, MAX_STOP_GRACE),
+            ("restart.delay", *delay, MAX_RESTART_DELAY),
+            ("restart.max_delay", *max_delay, MAX_RESTART_DELAY),
+        ];
+        if let Some(t) = setup_timeout {
+            all.push(("runtime_env.setup_timeout", *t, MAX_START_WAIT));
+        }
+        if let Some(HealthCheck {
+            http: _,
+            tcp: _,
+            command: _,
+            interval,
+            timeout,
+            start_deadline,
+        }) = health
+        {
+            all.push(("health.interval", *interval, MAX_PROBE_PERIOD));
+            all.push(("health.timeout", *timeout, MAX_PROBE_PERIOD));
+            all.push(("health.start_deadline", *start_deadline, MAX_START_WAIT));
+        }
+        if let Some(MockScript {
+            prepare_latency,
+            start_latency,
+            exit_after,
+            exit_code: _,
+            fail_start: _,
+            ignore_stop: _,
+        }) = mock
+        {
+            all.push(("mock.prepare_latency", *prepare_latency, MAX_MOCK_DURATION));
+            all.push(("mock.start_latency", *start_latency, MAX_MOCK_DURATION));
+            if let Some(e) = exit_after {
+                all.push(("mock.exit_after", *e, MAX_MOCK_DURATION));
+            }
+        }
+        for (field, value, max) in all {
+            if value > max {
+                return Err(format!(
+                    "{field}: expected at most {}, got {value}",
+                    bound_text(max)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A bound as a user would write it: the bounds are whole hours, which humantime would
+/// print as `1day` for 24h.
+fn bound_text(max: Dur) -> String {
+    let secs = max.0.as_secs();
+    if secs > 0 && secs.is_multiple_of(3600) && max.0.subsec_nanos() == 0 {
+        format!("{}h", secs / 3600)
+    } else {
+        max.to_string()
     }
 }
 
@@ -956,6 +1076,90 @@ stop_grace: 2s
                 text.contains(needle),
                 "{yaml:?} -> {text} (wanted {needle:?})"
             );
+        }
+    }
+
+    /// Every duration field is refused just past its bound, with the field, the bound
+    /// and the value in the message, and accepted at the bound itself.
+    #[test]
+    fn every_duration_is_bounded() {
+        const SVC: &str = "name: a\nkind: service\nruntime: docker\nimage: i\n";
+        const HEALTH: &str = "health: { tcp: { port: 80 }";
+        const MOCK: &str = "name: a\nruntime: mock\n";
+        let cases: &[(String, &str, String)] = &[
+            (
+                "name: a\ncommand: [x]\nstop_grace: 100y\n".into(),
+                "stop_grace: expected at most 1h, got 100years",
+                "name: a\ncommand: [x]\nstop_grace: 1h\n".into(),
+            ),
+            (
+                "name: a\ncommand: [x]\nstop_grace: 3601s\n".into(),
+                "stop_grace: expected at most 1h, got 1h 1s",
+                "name: a\ncommand: [x]\nstop_grace: 3600s\n".into(),
+            ),
+            (
+                // A bare number is seconds; the largest one must not wrap to a small grace.
+                "name: a\ncommand: [x]\nstop_grace: 18446744073709551615\n".into(),
+                "stop_grace: expected at most 1h, got 584542046090years",
+                "name: a\ncommand: [x]\nstop_grace: 3600\n".into(),
+            ),
+            (
+                "name: a\ncommand: [x]\nrestart: { delay: 2h }\n".into(),
+                "restart.delay: expected at most 1h, got 2h",
+                "name: a\ncommand: [x]\nrestart: { delay: 1h, max_delay: 1h }\n".into(),
+            ),
+            (
+                "name: a\ncommand: [x]\nrestart: { max_delay: 61m }\n".into(),
+                "restart.max_delay: expected at most 1h, got 1h 1m",
+                "name: a\ncommand: [x]\nrestart: { max_delay: 60m }\n".into(),
+            ),
+            (
+                format!("{SVC}{HEALTH}, interval: 2h }}\n"),
+                "health.interval: expected at most 1h",
+                format!("{SVC}{HEALTH}, interval: 1h }}\n"),
+            ),
+            (
+                format!("{SVC}{HEALTH}, timeout: 1h 1ms }}\n"),
+                "health.timeout: expected at most 1h",
+                format!("{SVC}{HEALTH}, timeout: 1h }}\n"),
+            ),
+            (
+                format!("{SVC}{HEALTH}, start_deadline: 25h }}\n"),
+                "health.start_deadline: expected at most 24h, got 1day 1h",
+                format!("{SVC}{HEALTH}, start_deadline: 24h }}\n"),
+            ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { setup_timeout: 2days }\n".into(),
+                "runtime_env.setup_timeout: expected at most 24h, got 2days",
+                "name: a\ncommand: [x]\nruntime_env: { setup_timeout: 1day }\n".into(),
+            ),
+            (
+                format!("{MOCK}mock: {{ prepare_latency: 1year }}\n"),
+                "mock.prepare_latency: expected at most 24h",
+                format!("{MOCK}mock: {{ prepare_latency: 24h }}\n"),
+            ),
+            (
+                format!("{MOCK}mock: {{ start_latency: 1year }}\n"),
+                "mock.start_latency: expected at most 24h",
+                format!("{MOCK}mock: {{ start_latency: 24h }}\n"),
+            ),
+            (
+                format!("{MOCK}mock: {{ exit_after: 1year }}\n"),
+                "mock.exit_after: expected at most 24h",
+                format!("{MOCK}mock: {{ exit_after: 24h }}\n"),
+            ),
+        ];
+        for (bad, needle, at_bound) in cases {
+            let err = JobSpec::from_yaml(bad, "job.yaml").unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad:?} -> {err} (wanted {needle:?})");
+            // The API parses JSON through the same validation.
+            let spec: JobSpec = serde_saphyr::from_str(bad).unwrap();
+            let json = serde_json::to_vec(&spec).unwrap();
+            let err = JobSpec::from_json(&json).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad:?} as JSON -> {err}");
+            if let Err(e) = JobSpec::from_yaml(at_bound, "job.yaml") {
+                panic!("{at_bound:?} is at the bound and must be accepted: {e}");
+            }
         }
     }
 
