@@ -621,6 +621,17 @@ pub const MAX_START_WAIT: Dur = Dur::from_secs(24 * 60 * 60);
 /// need more, and the bound keeps every duration in a spec finite.
 pub const MAX_MOCK_DURATION: Dur = Dur::from_secs(24 * 60 * 60);
 
+/// The longest single argument or environment entry (`NAME=VALUE`) a task may have:
+/// Linux refuses to exec a string longer than MAX_ARG_STRLEN, 131072 bytes including its
+/// terminating NUL. Checked at apply, the mistake is reported before any node tries.
+pub const MAX_ARG_BYTES: usize = 131_071;
+
+/// The most bytes a task's arguments and environment may take together, each string
+/// counted with its NUL. Linux allows a quarter of the stack limit (2 MiB under the
+/// usual 8 MiB), and the agent adds its own `DROVER_*` variables; 1 MiB leaves room for
+/// both on any node with a default stack limit.
+pub const MAX_EXEC_BYTES: usize = 1 << 20;
+
 /// A spec that could not be accepted, with where in which file, when that is known.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub struct SpecError {
@@ -775,6 +786,7 @@ impl JobSpec {
         if self.command.first().is_some_and(|c| c.is_empty()) {
             return Err("command[0]: the program must not be empty".into());
         }
+        self.validate_exec_size()?;
         self.validate_durations()?;
         validate_env_names("env", &self.env)?;
         self.runtime_env.validate(&self.runtime)?;
@@ -848,6 +860,59 @@ impl JobSpec {
 }
 
 impl JobSpec {
+    /// Refuses arguments and environments a node could not exec, so the mistake is
+    /// reported at apply rather than as a failed start on every node tried.
+    fn validate_exec_size(&self) -> Result<(), String> {
+        let probe: &[String] = self.health.as_ref().map_or(&[], |h| &h.command);
+        for (field, list) in [
+            ("command", &self.command[..]),
+            ("args", &self.args[..]),
+            ("health.command", probe),
+        ] {
+            for (i, a) in list.iter().enumerate() {
+                if a.len() > MAX_ARG_BYTES {
+                    return Err(format!(
+                        "{field}[{i}]: {} bytes; a single argument may be at most {MAX_ARG_BYTES} bytes",
+                        a.len()
+                    ));
+                }
+            }
+        }
+        for (field, env) in [
+            ("env", &self.env),
+            ("runtime_env.env", &self.runtime_env.env),
+        ] {
+            for (k, v) in env {
+                let n = k.len() + 1 + v.len();
+                if n > MAX_ARG_BYTES {
+                    return Err(format!(
+                        "{field}.{}: {n} bytes as NAME=VALUE; a single environment variable may be at most {MAX_ARG_BYTES} bytes",
+                        clip(k)
+                    ));
+                }
+            }
+        }
+        // The task sees runtime_env.env merged over env, so a name in both counts once.
+        let mut env: BTreeMap<&str, &str> = BTreeMap::new();
+        for (k, v) in self.env.iter().chain(&self.runtime_env.env) {
+            env.insert(k, v);
+        }
+        let args: usize = self
+            .command
+            .iter()
+            .chain(&self.args)
+            .map(|a| a.len() + 1)
+            .sum();
+        let vars: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if args + vars > MAX_EXEC_BYTES {
+            return Err(format!(
+                "command and env: {} bytes together (command and args {args}, env and runtime_env.env {vars}, each string with its NUL); a task's arguments and environment may be at most {MAX_EXEC_BYTES} bytes",
+                args + vars
+            ));
+        }
+        Ok(())
+    }
+
     /// Refuses any duration above its field's bound. Every duration in a spec is listed
     /// here; the structs are taken apart without `..`, so a field added to any of them
     /// fails to compile until it is listed (with a bound) or named as not a duration.
@@ -942,6 +1007,19 @@ fn bound_text(max: Dur) -> String {
     } else {
         max.to_string()
     }
+}
+
+/// A name short enough to quote in a message, however long the user made it.
+fn clip(s: &str) -> String {
+    const SHOWN: usize = 64;
+    if s.len() <= SHOWN {
+        return s.to_string();
+    }
+    let end = (0..=SHOWN)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}...", &s[..end])
 }
 
 /// The YAML library's message without its own `error: line N column M:` prefix and
@@ -1161,6 +1239,104 @@ stop_grace: 2s
                 panic!("{at_bound:?} is at the bound and must be accepted: {e}");
             }
         }
+    }
+
+    /// Arguments and environments a node could not exec are refused, naming the field
+    /// (and index or variable) and the limit.
+    #[test]
+    fn arguments_and_environments_past_the_exec_limits_are_refused() {
+        let long = "x".repeat(MAX_ARG_BYTES + 1);
+        let longest = "x".repeat(MAX_ARG_BYTES);
+        // The program and eight arguments at the single-argument limit come to just over
+        // 1 MiB, as do the program and eight variables of 131072 bytes each.
+        let many: Vec<String> = std::iter::once("sh".to_string())
+            .chain(vec![longest.clone(); 8])
+            .collect();
+        let big_env: BTreeMap<String, String> = (0..8)
+            .map(|i| (format!("V{i}"), "x".repeat(MAX_ARG_BYTES - 3)))
+            .collect();
+        let spec = |f: &dyn Fn(&mut JobSpec)| {
+            let mut s = JobSpec::new("a", vec!["sh".into()]);
+            f(&mut s);
+            s
+        };
+        let cases: Vec<(JobSpec, String)> = vec![
+            (
+                spec(&|s| s.command = vec!["sh".into(), long.clone()]),
+                format!(
+                    "command[1]: {} bytes; a single argument may be at most 131071 bytes",
+                    MAX_ARG_BYTES + 1
+                ),
+            ),
+            (
+                spec(&|s| {
+                    s.runtime = RuntimeKind::Docker;
+                    s.image = Some("i".into());
+                    s.args = vec!["a".into(), "b".into(), long.clone()];
+                }),
+                "args[2]: 131072 bytes".into(),
+            ),
+            (
+                spec(&|s| {
+                    s.runtime = RuntimeKind::Docker;
+                    s.image = Some("i".into());
+                    s.kind = JobKind::Service;
+                    s.health = Some(HealthCheck {
+                        http: None,
+                        tcp: None,
+                        command: vec![long.clone()],
+                        interval: default_probe_interval(),
+                        timeout: default_probe_timeout(),
+                        start_deadline: default_probe_deadline(),
+                    });
+                }),
+                "health.command[0]: 131072 bytes".into(),
+            ),
+            (
+                spec(&|s| {
+                    s.env.insert("BIG".into(), "x".repeat(MAX_ARG_BYTES - 3));
+                }),
+                "env.BIG: 131072 bytes as NAME=VALUE; a single environment variable may be at most 131071 bytes".into(),
+            ),
+            (
+                // A name that long is shown clipped, not quoted whole.
+                spec(&|s| {
+                    s.env.insert("K".repeat(MAX_ARG_BYTES), String::new());
+                }),
+                format!("env.{}...: 131072 bytes as NAME=VALUE", "K".repeat(64)),
+            ),
+            (
+                spec(&|s| {
+                    s.runtime_env.env.insert("BIG".into(), "x".repeat(MAX_ARG_BYTES));
+                }),
+                "runtime_env.env.BIG: 131075 bytes".into(),
+            ),
+            (
+                spec(&|s| s.command = many.clone()),
+                "command and env: 1048579 bytes together (command and args 1048579, env and runtime_env.env 0, each string with its NUL); a task's arguments and environment may be at most 1048576 bytes".into(),
+            ),
+            (
+                spec(&|s| s.env = big_env.clone()),
+                "command and env: 1048579 bytes together (command and args 3, env and runtime_env.env 1048576".into(),
+            ),
+        ];
+        for (s, needle) in cases {
+            let err = s.validate().unwrap_err();
+            assert!(err.contains(&needle), "{err}\n(wanted {needle:?})");
+        }
+        // At the limits: the longest argument and environment variable, and a name set
+        // in both env and runtime_env.env, which the task sees once.
+        let ok = spec(&|s| {
+            s.command = vec!["sh".into(), longest.clone()];
+            s.env.insert("V".into(), "x".repeat(MAX_ARG_BYTES - 2));
+            for i in 0..6 {
+                s.env.insert(format!("W{i}"), "x".repeat(100_000));
+                s.runtime_env
+                    .env
+                    .insert(format!("W{i}"), "y".repeat(100_000));
+            }
+        });
+        assert_eq!(ok.validate(), Ok(()));
     }
 
     #[test]
