@@ -82,6 +82,16 @@ async fn a_bad_spec_is_refused_with_the_field_and_nothing_is_stored() {
             "unknown field `colour`",
         ),
         ("not json", "expected"),
+        // A bare number is seconds; this one is far past any grace the controller's
+        // deadline arithmetic could hold, and must be refused rather than wrap.
+        (
+            r#"{"name":"x","command":["true"],"stop_grace":18446744073709551615}"#,
+            "stop_grace: expected at most 1h",
+        ),
+        (
+            r#"{"name":"x","command":["true"],"stop_grace":"100y"}"#,
+            "stop_grace: expected at most 1h, got 100years",
+        ),
     ] {
         let (status, text) = api
             .raw(Method::POST, "/v1/jobs", Some(body.as_bytes().to_vec()))
