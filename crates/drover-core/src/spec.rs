@@ -729,8 +729,8 @@ impl JobSpec {
 
     /// Parses and validates a JSON spec, as the API receives it.
     pub fn from_json(text: &[u8]) -> Result<JobSpec, SpecError> {
-        let de = &mut serde_json::Deserializer::from_slice(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             // serde_json appends its own " at line L column C"; the location is kept
@@ -747,6 +747,14 @@ impl JobSpec {
                     format!("{path}: {msg}")
                 },
             }
+        })?;
+        // `from_slice` on a Deserializer reads one value and stops; without this check
+        // `{...} not json` would be accepted as if the garbage were not there.
+        de.end().map_err(|e| SpecError {
+            file: None,
+            line: Some(e.line() as u64),
+            column: Some(e.column() as u64),
+            message: "unexpected data after the job spec; send exactly one JSON object".into(),
         })?;
         spec.validate().map_err(|m| SpecError::invalid(None, m))?;
         Ok(spec)
@@ -1337,6 +1345,23 @@ stop_grace: 2s
             }
         });
         assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn json_with_anything_after_the_spec_is_refused() {
+        let good = br#"{"name":"a","command":["x"]}"#;
+        JobSpec::from_json(good).unwrap();
+        // Whitespace after the object is not data.
+        JobSpec::from_json(b"{\"name\":\"a\",\"command\":[\"x\"]} \n\t").unwrap();
+        for trailing in [" not json", "{}", ",", "]"] {
+            let body = [&good[..], trailing.as_bytes()].concat();
+            let err = JobSpec::from_json(&body).unwrap_err();
+            assert!(
+                err.message.contains("unexpected data after the job spec"),
+                "{trailing:?} -> {err}"
+            );
+            assert_eq!(err.line, Some(1), "{err}");
+        }
     }
 
     #[test]

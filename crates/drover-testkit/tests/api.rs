@@ -106,6 +106,66 @@ async fn a_bad_spec_is_refused_with_the_field_and_nothing_is_stored() {
     assert_eq!(jobs, "[]");
 }
 
+/// Every JSON body the API reads is one value and nothing more: data after it is refused
+/// with 400, and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_with_data_after_it_is_refused_and_nothing_is_created() {
+    let c = TestCluster::start().await.unwrap();
+    let api = c.api();
+    let (_, before) = api.raw(Method::GET, "/v1/tokens", None).await.unwrap();
+    for (path, body, needle) in [
+        (
+            "/v1/jobs",
+            r#"{"name":"x","command":["true"]} not json"#,
+            "unexpected data after the job spec",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"name":"x","command":["true"]}{}"#,
+            "unexpected data",
+        ),
+        (
+            "/v1/projects",
+            r#"{"name":"p"} not json"#,
+            "trailing characters",
+        ),
+        (
+            "/v1/tokens",
+            r#"{"project":"default","role":"read"} not json"#,
+            "trailing characters",
+        ),
+    ] {
+        let (status, text) = api
+            .raw(Method::POST, path, Some(body.as_bytes().to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{path} {body}: {text}");
+        let err: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            err["error"].as_str().unwrap().contains(needle),
+            "{path} {body}: {text}"
+        );
+    }
+    // Whitespace after the value is not data.
+    let (status, text) = api
+        .raw(
+            Method::POST,
+            "/v1/jobs",
+            Some(br#"{"name":"y","kind":"service","runtime":"mock"} "#.to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{text}");
+    let (_, jobs) = api.raw(Method::GET, "/v1/jobs", None).await.unwrap();
+    let jobs: Vec<serde_json::Value> = serde_json::from_str(&jobs).unwrap();
+    let names: Vec<&str> = jobs.iter().filter_map(|j| j["name"].as_str()).collect();
+    assert_eq!(names, ["y"], "only the well-formed job was created");
+    let (_, projects) = api.raw(Method::GET, "/v1/projects", None).await.unwrap();
+    assert!(!projects.contains(r#""p""#), "{projects}");
+    let (_, after) = api.raw(Method::GET, "/v1/tokens", None).await.unwrap();
+    assert_eq!(before, after, "no token was created");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_report_tasks_by_state_and_connected_agents() {
     let c = TestCluster::start().await.unwrap();
