@@ -9,7 +9,7 @@ use drover_core::protocol::{
     UsageSample,
 };
 use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
-use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
+use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState, duration_millis};
 use drover_store::{Change, StoreError};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -217,7 +217,7 @@ impl Inner {
                     task.index,
                     task.attempt + 1,
                     now,
-                    now + delay.as_millis() as i64,
+                    now.saturating_add(duration_millis(delay)),
                 );
                 tx.put(state, Change::Task(t));
             }
@@ -236,7 +236,7 @@ impl Inner {
                     task.index,
                     task.attempt + 1,
                     now,
-                    now + delay.as_millis() as i64,
+                    now.saturating_add(duration_millis(delay)),
                 );
                 t.reason = format!("restarting after task {} ended: {}", task.id, task.reason);
                 tx.put(state, Change::Task(t));
@@ -587,7 +587,7 @@ impl Inner {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let now = self.now();
-        let lost_after = self.cfg.node_lost_after.as_millis() as i64;
+        let lost_after = duration_millis(self.cfg.node_lost_after);
         let mut tx = Tx::default();
         let silent: Vec<Node> = state
             .nodes
@@ -614,8 +614,8 @@ impl Inner {
             state.unsent.remove(&id);
             self.sessions_lock().remove(&id);
         }
-        let start_deadline = self.cfg.start_deadline.as_millis() as i64;
-        let stop_deadline = self.cfg.stop_deadline.as_millis() as i64;
+        let start_deadline = duration_millis(self.cfg.start_deadline);
+        let stop_deadline = duration_millis(self.cfg.stop_deadline);
         let overdue: Vec<(TaskId, TaskState, Option<NodeId>, bool)> = state
             .tasks
             .values()
@@ -626,15 +626,15 @@ impl Inner {
                 {
                     // A stop request, or the agent's report that it is stopping, sets
                     // `updated_at`; the task then has its grace plus the margin.
-                    let grace = spec.map_or(5000, |s| s.stop_grace.as_millis() as i64);
-                    grace + stop_deadline
+                    let grace = spec.map_or(5000, |s| duration_millis(s.stop_grace.0));
+                    grace.saturating_add(stop_deadline)
                 } else {
                     match t.state {
                         TaskState::Scheduled | TaskState::Preparing | TaskState::Starting => {
                             // A health check may keep a start going up to its own deadline.
-                            let health = spec
-                                .and_then(|s| s.health.as_ref())
-                                .map_or(0, |h| h.start_deadline.as_millis() as i64 + 30_000);
+                            let health = spec.and_then(|s| s.health.as_ref()).map_or(0, |h| {
+                                duration_millis(h.start_deadline.0).saturating_add(30_000)
+                            });
                             start_deadline.max(health)
                         }
                         _ => return false,

@@ -5,9 +5,11 @@ use drover_core::protocol::{
     AGENT_CONNECT_PATH, AgentEvent, AgentMessage, Command, ControllerMessage, Hello,
     JOIN_TOKEN_HEADER, PROTOCOL_VERSION,
 };
+use drover_core::quantity::Dur;
 use drover_core::spec::{Resources, RuntimeKind};
-use drover_core::state::{Exit, NodeInfo};
-use drover_core::{NodeId, TaskId, TaskState};
+use drover_core::state::{Exit, Job, JobStatus, NodeInfo, Task};
+use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
+use drover_store::{Change, Durability, SqliteConfig, SqliteStore, Store};
 use drover_testkit::{AgentOptions, Api, JOIN_TOKEN, TestCluster, wait_for};
 use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
@@ -494,6 +496,131 @@ async fn a_task_whose_stop_is_never_reported_is_lost_at_the_stop_deadline_and_fo
             .contains("deadline exceeded in state stopping"),
         "{}",
         tasks[0].task.reason
+    );
+}
+
+/// A spec stored before durations were bounded may hold any grace, and the controller
+/// must treat a huge one as huge. Before its deadline arithmetic saturated, a grace of
+/// u64::MAX seconds wrapped to minus one second, and a task asked to stop was declared
+/// lost (and its agent told to drop it) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_spec_with_an_unbounded_grace_does_not_cut_the_stop_short() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SqliteStore::open(&SqliteConfig {
+            path: Some(dir.path().join("drover.db")),
+            durability: Durability::Process,
+        })
+        .await
+        .unwrap();
+        let mut spec = JobSpec::new("legacy", Vec::new());
+        spec.kind = JobKind::Service;
+        spec.runtime = RuntimeKind::Mock;
+        spec.stop_grace = Dur::from_secs(u64::MAX);
+        assert!(spec.validate().is_err(), "only a stored spec can hold this");
+        let now = drover_core::now_millis();
+        let job = Job {
+            id: JobId::generate(),
+            project: ProjectId::default(),
+            name: spec.name.clone(),
+            version: 1,
+            spec,
+            status: JobStatus::Running,
+            reason: String::new(),
+            exit: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let task = Task {
+            id: TaskId::generate(),
+            project: job.project.clone(),
+            job_id: job.id.clone(),
+            job_name: job.name.clone(),
+            index: 0,
+            attempt: 0,
+            state: TaskState::Pending,
+            node_id: None,
+            reason: String::new(),
+            exit: None,
+            desired_stop: false,
+            not_before: 0,
+            created_at: now,
+            updated_at: now,
+            ports: Vec::new(),
+        };
+        store
+            .commit(&[Change::Job(job), Change::Task(task)])
+            .await
+            .unwrap();
+    }
+    let c = TestCluster::start_in(
+        dir,
+        drover_testkit::ClusterOptions {
+            stop_deadline: Duration::from_millis(500),
+            ..Default::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let api = c.api();
+    let mut agent = FakeAgent::joined(&c.url).await;
+    let task = agent.next_start().await;
+    agent.send(&event(1, &task, TaskState::Running, None)).await;
+    api.wait_job("legacy", T, |_, t| t[0].task.state == TaskState::Running)
+        .await
+        .unwrap();
+    api.stop("legacy").await.unwrap();
+    loop {
+        if let Some(ControllerMessage::Command {
+            seq,
+            command: Command::Stop {
+                task_id, grace_ms, ..
+            },
+        }) = agent.recv().await
+        {
+            assert_eq!(task_id, task);
+            assert_eq!(grace_ms, u64::MAX, "the grace saturates rather than wraps");
+            agent.send(&AgentMessage::CommandAck { seq }).await;
+            break;
+        }
+    }
+    agent
+        .send(&event(2, &task, TaskState::Stopping, None))
+        .await;
+    // Several liveness passes and four times the stop deadline, heartbeating so that
+    // only the stop deadline could end the task.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        agent
+            .send(&AgentMessage::Heartbeat {
+                at: 0,
+                usage: Vec::new(),
+                envs: None,
+            })
+            .await;
+        if let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(200), agent.ws.next()).await
+        {
+            let m: ControllerMessage = serde_json::from_str(&t).unwrap();
+            assert!(
+                !matches!(
+                    m,
+                    ControllerMessage::Command {
+                        command: Command::Forget { .. },
+                        ..
+                    }
+                ),
+                "the task was dropped before its grace ran out"
+            );
+        }
+    }
+    let tasks = api.tasks("legacy").await.unwrap();
+    assert_eq!(
+        tasks[0].task.state,
+        TaskState::Stopping,
+        "{:?}",
+        tasks[0].task
     );
 }
 
