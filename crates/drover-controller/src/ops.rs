@@ -51,6 +51,7 @@ impl Inner {
                 &mut tx,
                 &cur.id,
                 &format!("job updated to version {version}"),
+                false,
             );
         }
         let job = Job {
@@ -92,8 +93,13 @@ impl Inner {
         })
     }
 
-    /// Stops every task of the named job and marks it stopped.
-    pub(crate) async fn stop_job(&self, job_id: &JobId) -> Result<Option<Job>, StoreError> {
+    /// Stops every task of the named job and marks it stopped. A forced stop gives the
+    /// tasks no grace, including those already stopping under a longer one.
+    pub(crate) async fn stop_job(
+        &self,
+        job_id: &JobId,
+        force: bool,
+    ) -> Result<Option<Job>, StoreError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let Some(mut job) = state.jobs.get(job_id).cloned() else {
@@ -106,20 +112,28 @@ impl Inner {
             job.updated_at = self.now();
             tx.put(state, Change::Job(job.clone()));
         }
-        self.stop_tasks_of(state, &mut tx, job_id, "stopped by user");
+        let reason = if force {
+            "stopped by user (forced)"
+        } else {
+            "stopped by user"
+        };
+        self.stop_tasks_of(state, &mut tx, job_id, reason, force);
         self.commit(state, tx).await?;
         self.flush_all(state);
         Ok(Some(job))
     }
 
     /// Pending tasks end at once; placed ones are asked to stop through their agent.
-    fn stop_tasks_of(&self, state: &mut State, tx: &mut Tx, job_id: &JobId, reason: &str) {
+    /// `force` asks again, with no grace, even those already asked.
+    fn stop_tasks_of(
+        &self,
+        state: &mut State,
+        tx: &mut Tx,
+        job_id: &JobId,
+        reason: &str,
+        force: bool,
+    ) {
         let now = self.now();
-        let grace = state
-            .jobs
-            .get(job_id)
-            .map(|j| j.spec.stop_grace.as_millis())
-            .unwrap_or(5000);
         let tasks: Vec<Task> = state
             .job_tasks(job_id)
             .filter(|t| !t.state.is_terminal())
@@ -129,9 +143,14 @@ impl Inner {
             if t.state == TaskState::Pending || t.node_id.is_none() {
                 t.advance(TaskState::Stopped, reason, None, now);
                 tx.put(state, Change::Task(t));
-            } else if !t.desired_stop {
+            } else if !t.desired_stop || (force && !t.stop_forced) {
                 t.desired_stop = true;
+                t.stop_forced |= force;
+                // Kept so that a stop re-sent after the agent reconnects gives the same
+                // reason as this one.
+                t.reason = reason.to_string();
                 t.updated_at = now;
+                let grace = stop_grace_ms(state, &t);
                 let node = t.node_id.clone();
                 let id = t.id.clone();
                 tx.put(state, Change::Task(t));
@@ -204,7 +223,7 @@ impl Inner {
                     job.updated_at = now;
                     let id = job.id.clone();
                     tx.put(state, Change::Job(job));
-                    self.stop_tasks_of(state, tx, &id, "another task of the job failed");
+                    self.stop_tasks_of(state, tx, &id, "another task of the job failed", false);
                     return;
                 }
                 let delay = if task.state == TaskState::Lost {
@@ -343,11 +362,7 @@ impl Inner {
             .collect();
         for t in tasks_now {
             if t.desired_stop {
-                let grace = state
-                    .jobs
-                    .get(&t.job_id)
-                    .map(|j| j.spec.stop_grace.as_millis())
-                    .unwrap_or(5000);
+                let grace = stop_grace_ms(state, &t);
                 self.enqueue(
                     state,
                     &node_id,
@@ -626,7 +641,7 @@ impl Inner {
                 {
                     // A stop request, or the agent's report that it is stopping, sets
                     // `updated_at`; the task then has its grace plus the margin.
-                    let grace = spec.map_or(5000, |s| duration_millis(s.stop_grace.0));
+                    let grace = i64::try_from(stop_grace_ms(state, t)).unwrap_or(i64::MAX);
                     grace.saturating_add(stop_deadline)
                 } else {
                     match t.state {
@@ -692,6 +707,18 @@ pub(crate) async fn liveness_loop(inner: Arc<Inner>) {
     }
 }
 
+/// The grace a task asked to stop is given: none when the stop was forced, else its
+/// job's `stop_grace`.
+fn stop_grace_ms(state: &State, t: &Task) -> u64 {
+    if t.stop_forced {
+        return 0;
+    }
+    state
+        .jobs
+        .get(&t.job_id)
+        .map_or(5000, |j| j.spec.stop_grace.as_millis())
+}
+
 pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before: i64) -> Task {
     Task {
         id: TaskId::generate(),
@@ -705,6 +732,7 @@ pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before
         reason: String::new(),
         exit: None,
         desired_stop: false,
+        stop_forced: false,
         not_before,
         created_at: now,
         updated_at: now,

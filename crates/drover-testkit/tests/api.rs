@@ -543,6 +543,7 @@ async fn a_stored_spec_with_an_unbounded_grace_does_not_cut_the_stop_short() {
             reason: String::new(),
             exit: None,
             desired_stop: false,
+            stop_forced: false,
             not_before: 0,
             created_at: now,
             updated_at: now,
