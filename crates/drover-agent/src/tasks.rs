@@ -465,12 +465,16 @@ impl TaskManager {
                 reason,
             } => {
                 if let Some(e) = self.entries().get(&task_id) {
+                    let grace = Duration::from_millis(grace_ms);
+                    // A repeated stop changes nothing unless it is shorter: a forced stop
+                    // (no grace) must end a task already waiting out a long one. A forget
+                    // is never turned back into a reported stop.
                     e.stop.send_if_modified(|cur| {
-                        if cur.is_some() {
+                        if cur.as_ref().is_some_and(|c| c.forget || c.grace <= grace) {
                             return false;
                         }
                         *cur = Some(StopRequest {
-                            grace: Duration::from_millis(grace_ms),
+                            grace,
                             reason: reason.clone(),
                             forget: false,
                         });
@@ -764,8 +768,7 @@ impl TaskManager {
                         if !req.forget {
                             self.emit(&id, TaskState::Stopping, &req.reason, None);
                         }
-                        let outcome = rt.stop(&id, req.grace).await.map_err(|e| e.to_string());
-                        stopped = Some((req, outcome));
+                        stopped = Some(stop_task(&rt, &id, req, &mut stop_rx).await);
                         break rt.wait(&id).await;
                     }
                 }
@@ -789,6 +792,9 @@ impl TaskManager {
             (Ok(st), Some((req, outcome))) => {
                 let how = match outcome {
                     Ok(StopOutcome::Graceful) => "ended after SIGTERM".to_string(),
+                    Ok(StopOutcome::Killed) if req.grace.is_zero() => {
+                        "killed with SIGKILL at once".to_string()
+                    }
                     Ok(StopOutcome::Killed) => format!(
                         "killed with SIGKILL after the {}s grace period",
                         req.grace.as_secs_f64()
@@ -1114,6 +1120,41 @@ const STATS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a runtime call made while cleaning up orphans may take, so a stuck
 /// engine cannot hold up the agent's start.
 const ORPHAN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Stops a task with the request's grace. A later request with a shorter grace (a forced
+/// stop, or a forget) replaces it at once: the running stop is dropped, which abandons
+/// only its wait, and the next one signals again and waits the shorter grace. Returns the
+/// request that ended the task, with the outcome.
+async fn stop_task(
+    rt: &Arc<dyn Runtime>,
+    id: &TaskId,
+    mut req: StopRequest,
+    stop_rx: &mut watch::Receiver<Option<StopRequest>>,
+) -> (StopRequest, Result<StopOutcome, String>) {
+    loop {
+        let stop = rt.stop(id, req.grace);
+        tokio::pin!(stop);
+        let shorter = loop {
+            tokio::select! {
+                outcome = &mut stop => return (req, outcome.map_err(|e| e.to_string())),
+                changed = stop_rx.changed() => {
+                    if changed.is_err() {
+                        // The task's entry is gone, so no shorter request can come.
+                        let outcome = stop.await.map_err(|e| e.to_string());
+                        return (req, outcome);
+                    }
+                    let next = stop_rx.borrow_and_update().clone();
+                    if let Some(next) = next
+                        && next.grace < req.grace
+                    {
+                        break next;
+                    }
+                }
+            }
+        };
+        req = shorter;
+    }
+}
 
 /// The first 64 KiB of a file: enough for every executable header format.
 fn read_head(path: &std::path::Path) -> std::io::Result<Vec<u8>> {

@@ -142,8 +142,10 @@ impl Client {
         self.get(&format!("/v1/jobs/{}", enc(name))).await
     }
 
-    pub async fn stop_job(&self, name: &str) -> Result<JobView> {
-        self.post(&format!("/v1/jobs/{}/stop", enc(name)), Vec::new())
+    /// Stops a job; `force` kills its tasks at once instead of giving them stop_grace.
+    pub async fn stop_job(&self, name: &str, force: bool) -> Result<JobView> {
+        let query = if force { "?force=true" } else { "" };
+        self.post(&format!("/v1/jobs/{}/stop{query}", enc(name)), Vec::new())
             .await
     }
 

@@ -452,7 +452,13 @@ enum JobCmd {
     /// Show a job and its tasks.
     Status { name: String },
     /// Stop a job's tasks: SIGTERM, then SIGKILL after its stop_grace.
-    Stop { name: String },
+    Stop {
+        name: String,
+        /// Kill the tasks at once (SIGKILL), without waiting out stop_grace; this also
+        /// ends tasks already stopping under a longer grace.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -969,7 +975,7 @@ async fn run_on(c: &Client, spec: &JobSpec) -> Result<i32> {
             _ = tokio::signal::ctrl_c(), if !stopping => {
                 eprintln!("drover: interrupted, stopping job {name} (Ctrl-C again to leave it running)");
                 stopping = true;
-                c.stop_job(&name).await?;
+                c.stop_job(&name, false).await?;
             }
         }
     }
@@ -1128,10 +1134,13 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             output::job_status(out, &job, &tasks)?;
             Ok(0)
         }
-        JobCmd::Stop { name } => {
-            let job = c.stop_job(name).await?;
+        JobCmd::Stop { name, force } => {
+            let job = c.stop_job(name, *force).await?;
             match out {
                 Output::Json => output::json(&job)?,
+                Output::Table if *force => {
+                    println!("job {} stopping: its tasks are killed now", job.job.name)
+                }
                 Output::Table => println!("job {} stopping", job.job.name),
             }
             Ok(0)

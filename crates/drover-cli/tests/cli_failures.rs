@@ -15,6 +15,7 @@ struct Fleet {
     server: Option<Daemon>,
     url: String,
     listen: String,
+    node_timeout: &'static str,
 }
 
 fn free_port() -> u16 {
@@ -27,6 +28,11 @@ fn free_port() -> u16 {
 
 impl Fleet {
     fn start() -> Fleet {
+        Fleet::start_with("2s")
+    }
+
+    /// A fleet whose server finds a node unreachable after `node_timeout` of silence.
+    fn start_with(node_timeout: &'static str) -> Fleet {
         let home = Home::new();
         let listen = format!("127.0.0.1:{}", free_port());
         let mut f = Fleet {
@@ -34,6 +40,7 @@ impl Fleet {
             server: None,
             url: String::new(),
             listen,
+            node_timeout,
         };
         f.start_server();
         f
@@ -55,7 +62,7 @@ impl Fleet {
                 "--heartbeat-interval",
                 "200ms",
                 "--node-timeout",
-                "2s",
+                self.node_timeout,
             ],
             "listening on",
         );
@@ -473,4 +480,50 @@ fn with_on_lost_fail_a_task_on_a_frozen_node_fails_the_job_instead_of_running_tw
         !pid_alive(pid)
     });
     assert_eq!(task_rows(&fleet, "careful")[0].0, task);
+}
+
+/// A task that ignores SIGTERM under an hour's grace: `drover job stop` leaves it
+/// stopping, and `drover job stop --force`, given while its agent is down, is still forced
+/// when the agent returns and re-adopts the task: it is killed at once.
+#[test]
+fn a_forced_stop_given_while_the_agent_is_down_kills_the_task_when_it_returns() {
+    // The node must not be declared lost while its agent is down, which would end the
+    // task another way.
+    let fleet = Fleet::start_with("60s");
+    let mut agent = fleet.agent("n1");
+    fleet.apply(&format!(
+        "name: deaf\nkind: service\ncommand: [sh, -c, 'trap \"\" TERM; echo pid $$; while true; do sleep 0.1; done # drover-test-marker-{}']\nstop_grace: 1h\n",
+        fleet.home.path().display()
+    ));
+    let (_, pid) = fleet.running_task("deaf");
+    let out = fleet.cli(&["job", "stop", "deaf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("the task to be stopping", T, || {
+        fleet.tasks("deaf")[0]["state"] == "stopping"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(pid_alive(pid), "the trap holds against SIGTERM");
+
+    agent.kill9();
+    let out = fleet.cli(&["job", "stop", "--force", "deaf"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("killed now"), "{}", stdout(&out));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        pid_alive(pid),
+        "nothing can kill it while its agent is down"
+    );
+
+    let _agent = fleet.agent("n1");
+    wait_until("the process to be killed", Duration::from_secs(10), || {
+        !pid_alive(pid)
+    });
+    wait_until("the task to be stopped", T, || {
+        fleet.tasks("deaf")[0]["state"] == "stopped"
+    });
+    let task = &fleet.tasks("deaf")[0];
+    assert!(
+        task["reason"].as_str().unwrap_or("").contains("forced"),
+        "{task}"
+    );
 }

@@ -561,11 +561,30 @@ async fn stop_job(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
 ) -> ApiResult<Json<JobView>> {
     p.require_write()?;
+    let force = force_param(&q)?;
     let view = find_job(&inner, &p, &name).await?;
-    inner.stop_job(&view.job.id).await?;
+    inner.stop_job(&view.job.id, force).await?;
     Ok(Json(find_job(&inner, &p, &name).await?))
+}
+
+/// Reads `?force=true` (kill at once) or `?force=false` from a stop request. Anything
+/// else is refused, naming the parameter, so that a typo cannot quietly turn a forced
+/// stop into a graceful one.
+fn force_param(q: &std::collections::BTreeMap<String, String>) -> ApiResult<bool> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m);
+    if let Some(k) = q.keys().find(|k| *k != "force") {
+        return Err(bad(format!(
+            "query parameter {k:?}: unknown; a stop takes only force=true or force=false"
+        )));
+    }
+    match q.get("force").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(other) => Err(bad(format!("force: expected true or false, got {other:?}"))),
+    }
 }
 
 #[derive(Deserialize)]

@@ -10,7 +10,7 @@ use drover_core::protocol::{
 };
 use drover_core::spec::OnLost;
 use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
-use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState};
+use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState, duration_millis};
 use drover_store::{Change, StoreError};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -52,6 +52,7 @@ impl Inner {
                 &mut tx,
                 &cur.id,
                 &format!("job updated to version {version}"),
+                false,
             );
         }
         let job = Job {
@@ -93,8 +94,13 @@ impl Inner {
         })
     }
 
-    /// Stops every task of the named job and marks it stopped.
-    pub(crate) async fn stop_job(&self, job_id: &JobId) -> Result<Option<Job>, StoreError> {
+    /// Stops every task of the named job and marks it stopped. A forced stop gives the
+    /// tasks no grace, including those already stopping under a longer one.
+    pub(crate) async fn stop_job(
+        &self,
+        job_id: &JobId,
+        force: bool,
+    ) -> Result<Option<Job>, StoreError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let Some(mut job) = state.jobs.get(job_id).cloned() else {
@@ -107,27 +113,41 @@ impl Inner {
             job.updated_at = self.now();
             tx.put(state, Change::Job(job.clone()));
         }
-        self.stop_tasks_of(state, &mut tx, job_id, "stopped by user");
+        let reason = if force {
+            "stopped by user (forced)"
+        } else {
+            "stopped by user"
+        };
+        self.stop_tasks_of(state, &mut tx, job_id, reason, force);
         self.commit(state, tx).await?;
         self.flush_all(state);
         Ok(Some(job))
     }
 
     /// Pending tasks end at once; placed ones are asked to stop through their agent.
-    fn stop_tasks_of(&self, state: &mut State, tx: &mut Tx, job_id: &JobId, reason: &str) {
+    /// `force` asks again, with no grace, even those already asked.
+    fn stop_tasks_of(
+        &self,
+        state: &mut State,
+        tx: &mut Tx,
+        job_id: &JobId,
+        reason: &str,
+        force: bool,
+    ) {
         let tasks: Vec<Task> = state
             .job_tasks(job_id)
             .filter(|t| !t.state.is_terminal())
             .cloned()
             .collect();
         for t in tasks {
-            self.stop_task(state, tx, t, reason);
+            self.stop_task(state, tx, t, reason, force);
         }
     }
 
     /// Stops one task: a task on no node ends at once, a placed one is asked to stop
-    /// through its agent (once; the command is re-sent until acknowledged).
-    fn stop_task(&self, state: &mut State, tx: &mut Tx, mut t: Task, reason: &str) {
+    /// through its agent (once, or again with no grace when `force` is new; the command
+    /// is re-sent until acknowledged).
+    fn stop_task(&self, state: &mut State, tx: &mut Tx, mut t: Task, reason: &str, force: bool) {
         let now = self.now();
         if t.state == TaskState::Pending || t.node_id.is_none() {
             if t.advance(TaskState::Stopped, reason, None, now) {
@@ -135,17 +155,16 @@ impl Inner {
             }
             return;
         }
-        if t.desired_stop || t.state.is_terminal() {
+        let asked = t.desired_stop && (t.stop_forced || !force);
+        if asked || t.state.is_terminal() {
             return;
         }
-        let grace = state
-            .jobs
-            .get(&t.job_id)
-            .map(|j| j.spec.stop_grace.as_millis())
-            .unwrap_or(5000);
         t.desired_stop = true;
+        t.stop_forced |= force;
         t.updated_at = now;
+        // Kept so that a stop re-sent after the agent reconnects gives the same reason.
         t.reason = reason.to_string();
+        let grace = stop_grace_ms(state, &t);
         let node = t.node_id.clone();
         let id = t.id.clone();
         tx.put(state, Change::Task(t));
@@ -194,7 +213,7 @@ impl Inner {
             job.updated_at = self.now();
             let id = job.id.clone();
             tx.put(state, Change::Job(job));
-            self.stop_tasks_of(state, tx, &id, "another task of the job was lost");
+            self.stop_tasks_of(state, tx, &id, "another task of the job was lost", false);
             return;
         }
         // The common end of a batch task is checked against a running count, without
@@ -243,7 +262,7 @@ impl Inner {
                     job.updated_at = now;
                     let id = job.id.clone();
                     tx.put(state, Change::Job(job));
-                    self.stop_tasks_of(state, tx, &id, "another task of the job failed");
+                    self.stop_tasks_of(state, tx, &id, "another task of the job failed", false);
                     return;
                 }
                 if sibling_lives {
@@ -259,7 +278,7 @@ impl Inner {
                     task.index,
                     task.attempt + 1,
                     now,
-                    now + delay.as_millis() as i64,
+                    now.saturating_add(duration_millis(delay)),
                 );
                 tx.put(state, Change::Task(t));
             }
@@ -281,7 +300,7 @@ impl Inner {
                     task.index,
                     task.attempt + 1,
                     now,
-                    now + delay.as_millis() as i64,
+                    now.saturating_add(duration_millis(delay)),
                 );
                 t.reason = format!("restarting after task {} ended: {}", task.id, task.reason);
                 tx.put(state, Change::Task(t));
@@ -312,7 +331,7 @@ impl Inner {
                 self.advance_task(state, tx, &s.id, TaskState::Lost, &reason, None);
             } else {
                 let reason = format!("superseded: task {} of the same index succeeded", ended.id);
-                self.stop_task(state, tx, s, &reason);
+                self.stop_task(state, tx, s, &reason, false);
             }
         }
         false
@@ -441,11 +460,7 @@ impl Inner {
             .collect();
         for t in tasks_now {
             if t.desired_stop {
-                let grace = state
-                    .jobs
-                    .get(&t.job_id)
-                    .map(|j| j.spec.stop_grace.as_millis())
-                    .unwrap_or(5000);
+                let grace = stop_grace_ms(state, &t);
                 self.enqueue(
                     state,
                     &node_id,
@@ -561,12 +576,12 @@ impl Inner {
             let siblings = state.live_siblings(&t);
             if t.state == TaskState::Scheduled {
                 let reason = "replaced while its node was unreachable, before it started";
-                self.stop_task(state, &mut tx, t, reason);
+                self.stop_task(state, &mut tx, t, reason, false);
                 continue;
             }
             let reason = format!("the original task {} came back with its node", t.id);
             for s in siblings {
-                self.stop_task(state, &mut tx, s, &reason);
+                self.stop_task(state, &mut tx, s, &reason, false);
             }
         }
         if let Err(e) = self.commit(state, tx).await {
@@ -736,8 +751,8 @@ impl Inner {
         let mut tx = Tx::default();
         self.mark_unreachable(state, &mut tx, now);
         self.replace_unknown(state, &mut tx, now);
-        let start_deadline = self.cfg.start_deadline.as_millis() as i64;
-        let stop_deadline = self.cfg.stop_deadline.as_millis() as i64;
+        let start_deadline = duration_millis(self.cfg.start_deadline);
+        let stop_deadline = duration_millis(self.cfg.stop_deadline);
         let overdue: Vec<(TaskId, TaskState, Option<NodeId>, bool)> = state
             .tasks
             .values()
@@ -754,15 +769,15 @@ impl Inner {
                 {
                     // A stop request, or the agent's report that it is stopping, sets
                     // `updated_at`; the task then has its grace plus the margin.
-                    let grace = spec.map_or(5000, |s| s.stop_grace.as_millis() as i64);
-                    grace + stop_deadline
+                    let grace = i64::try_from(stop_grace_ms(state, t)).unwrap_or(i64::MAX);
+                    grace.saturating_add(stop_deadline)
                 } else {
                     match t.state {
                         TaskState::Scheduled | TaskState::Preparing | TaskState::Starting => {
                             // A health check may keep a start going up to its own deadline.
-                            let health = spec
-                                .and_then(|s| s.health.as_ref())
-                                .map_or(0, |h| h.start_deadline.as_millis() as i64 + 30_000);
+                            let health = spec.and_then(|s| s.health.as_ref()).map_or(0, |h| {
+                                duration_millis(h.start_deadline.0).saturating_add(30_000)
+                            });
                             start_deadline.max(health)
                         }
                         _ => return false,
@@ -812,8 +827,8 @@ impl Inner {
     /// Nodes silent past the node timeout become unreachable (their tasks unknown), and
     /// nodes unreachable past `node_gone_after` are lost with the tasks still on them.
     fn mark_unreachable(&self, state: &mut State, tx: &mut Tx, now: i64) {
-        let timeout = millis(self.cfg.node_timeout);
-        let gone = millis(self.cfg.node_gone_after);
+        let timeout = duration_millis(self.cfg.node_timeout);
+        let gone = duration_millis(self.cfg.node_gone_after);
         let silent: Vec<Node> = state
             .nodes
             .values()
@@ -890,7 +905,7 @@ impl Inner {
                     continue;
                 };
                 let wait = job.spec.lost_after();
-                if job.status.is_final() || now.saturating_sub(since) < millis(wait) {
+                if job.status.is_final() || now.saturating_sub(since) < duration_millis(wait) {
                     continue;
                 }
                 due.push((
@@ -924,12 +939,6 @@ impl Inner {
     }
 }
 
-/// A duration as the controller's millisecond timestamps count it, saturating rather
-/// than wrapping for durations no setting should reach.
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
 /// Runs liveness passes until shutdown.
 pub(crate) async fn liveness_loop(inner: Arc<Inner>) {
     let period =
@@ -940,6 +949,18 @@ pub(crate) async fn liveness_loop(inner: Arc<Inner>) {
             _ = tokio::time::sleep(period) => inner.liveness_pass().await,
         }
     }
+}
+
+/// The grace a task asked to stop is given: none when the stop was forced, else its
+/// job's `stop_grace`.
+fn stop_grace_ms(state: &State, t: &Task) -> u64 {
+    if t.stop_forced {
+        return 0;
+    }
+    state
+        .jobs
+        .get(&t.job_id)
+        .map_or(5000, |j| j.spec.stop_grace.as_millis())
 }
 
 pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before: i64) -> Task {
@@ -955,6 +976,7 @@ pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before
         reason: String::new(),
         exit: None,
         desired_stop: false,
+        stop_forced: false,
         not_before,
         created_at: now,
         updated_at: now,

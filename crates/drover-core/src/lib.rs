@@ -32,3 +32,25 @@ pub fn now_millis() -> Millis {
         .map(|d| d.as_millis() as Millis)
         .unwrap_or(0)
 }
+
+/// A duration in [`Millis`], saturating at `Millis::MAX` instead of wrapping, so that
+/// `timestamp.saturating_add(duration_millis(d))` is never earlier than `timestamp`.
+pub fn duration_millis(d: std::time::Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn duration_millis_saturates_instead_of_wrapping() {
+        assert_eq!(duration_millis(Duration::from_millis(1500)), 1500);
+        assert_eq!(duration_millis(Duration::from_secs(u64::MAX)), Millis::MAX);
+        assert_eq!(
+            now_millis().saturating_add(duration_millis(Duration::MAX)),
+            Millis::MAX
+        );
+    }
+}

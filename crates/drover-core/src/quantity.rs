@@ -90,8 +90,11 @@ impl Dur {
         Dur(Duration::from_secs(s))
     }
 
+    /// The duration in whole milliseconds, saturating at `u64::MAX`: a spec stored
+    /// before durations were bounded may hold one whose milliseconds do not fit, and a
+    /// wrapped value would turn a huge grace into a tiny one.
     pub fn as_millis(&self) -> u64 {
-        self.0.as_millis() as u64
+        u64::try_from(self.0.as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -159,5 +162,11 @@ mod tests {
         let n: Dur = serde_json::from_str("3").unwrap();
         assert_eq!(n.0, Duration::from_secs(3));
         assert!(serde_json::from_str::<Dur>("\"soon\"").is_err());
+    }
+
+    #[test]
+    fn milliseconds_of_a_huge_duration_saturate_instead_of_wrapping() {
+        assert_eq!(Dur::from_secs(u64::MAX).as_millis(), u64::MAX);
+        assert_eq!(Dur::from_secs(3600).as_millis(), 3_600_000);
     }
 }

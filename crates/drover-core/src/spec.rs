@@ -657,6 +657,39 @@ fn default_stop_grace() -> Dur {
 /// instead of filling the store.
 pub const MAX_COUNT: u32 = 100_000;
 
+/// The longest `stop_grace`. A task that needs more than an hour to shut down cannot be
+/// stopped in practice, and the controller waits this long (plus its own margin) for a
+/// stopping task before it declares the task lost.
+pub const MAX_STOP_GRACE: Dur = Dur::from_secs(60 * 60);
+
+/// The longest `restart.delay` and `restart.max_delay`: a task that waits more than an
+/// hour to be tried again looks, to whoever watches it, like one never retried.
+pub const MAX_RESTART_DELAY: Dur = Dur::from_secs(60 * 60);
+
+/// The longest `health.interval` and `health.timeout`: a probe rarer or slower than
+/// hourly checks nothing a user would call health.
+pub const MAX_PROBE_PERIOD: Dur = Dur::from_secs(60 * 60);
+
+/// The longest `health.start_deadline` and `runtime_env.setup_timeout`. Starting a
+/// service or building its environment may download a great deal, but one that has not
+/// finished within a day is stuck, and its node's resources stay reserved meanwhile.
+pub const MAX_START_WAIT: Dur = Dur::from_secs(24 * 60 * 60);
+
+/// The longest of the mock runtime's scripted durations; tests and benchmarks never
+/// need more, and the bound keeps every duration in a spec finite.
+pub const MAX_MOCK_DURATION: Dur = Dur::from_secs(24 * 60 * 60);
+
+/// The longest single argument or environment entry (`NAME=VALUE`) a task may have:
+/// Linux refuses to exec a string longer than MAX_ARG_STRLEN, 131072 bytes including its
+/// terminating NUL. Checked at apply, the mistake is reported before any node tries.
+pub const MAX_ARG_BYTES: usize = 131_071;
+
+/// The most bytes a task's arguments and environment may take together, each string
+/// counted with its NUL. Linux allows a quarter of the stack limit (2 MiB under the
+/// usual 8 MiB), and the agent adds its own `DROVER_*` variables; 1 MiB leaves room for
+/// both on any node with a default stack limit.
+pub const MAX_EXEC_BYTES: usize = 1 << 20;
+
 /// A spec that could not be accepted, with where in which file, when that is known.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub struct SpecError {
@@ -754,8 +787,8 @@ impl JobSpec {
 
     /// Parses and validates a JSON spec, as the API receives it.
     pub fn from_json(text: &[u8]) -> Result<JobSpec, SpecError> {
-        let de = &mut serde_json::Deserializer::from_slice(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             // serde_json appends its own " at line L column C"; the location is kept
@@ -772,6 +805,14 @@ impl JobSpec {
                     format!("{path}: {msg}")
                 },
             }
+        })?;
+        // `from_slice` on a Deserializer reads one value and stops; without this check
+        // `{...} not json` would be accepted as if the garbage were not there.
+        de.end().map_err(|e| SpecError {
+            file: None,
+            line: Some(e.line() as u64),
+            column: Some(e.column() as u64),
+            message: "unexpected data after the job spec; send exactly one JSON object".into(),
         })?;
         spec.validate().map_err(|m| SpecError::invalid(None, m))?;
         Ok(spec)
@@ -811,6 +852,8 @@ impl JobSpec {
         if self.command.first().is_some_and(|c| c.is_empty()) {
             return Err("command[0]: the program must not be empty".into());
         }
+        self.validate_exec_size()?;
+        self.validate_durations()?;
         validate_env_names("env", &self.env)?;
         self.runtime_env.validate(&self.runtime)?;
         if !(self.resources.cpu > 0.0 && self.resources.cpu.is_finite()) {
@@ -872,13 +915,6 @@ impl JobSpec {
                 ));
             }
         }
-        if let Some(d) = self.disconnect.lost_after
-            && d.as_millis() > MAX_LOST_AFTER.as_millis()
-        {
-            return Err(format!(
-                "disconnect.lost_after: expected at most {MAX_LOST_AFTER}, got {d}"
-            ));
-        }
         if let Some(h) = &self.health {
             h.validate()?;
             if self.kind != JobKind::Service {
@@ -887,6 +923,177 @@ impl JobSpec {
         }
         Ok(())
     }
+}
+
+impl JobSpec {
+    /// Refuses arguments and environments a node could not exec, so the mistake is
+    /// reported at apply rather than as a failed start on every node tried.
+    fn validate_exec_size(&self) -> Result<(), String> {
+        let probe: &[String] = self.health.as_ref().map_or(&[], |h| &h.command);
+        for (field, list) in [
+            ("command", &self.command[..]),
+            ("args", &self.args[..]),
+            ("health.command", probe),
+        ] {
+            for (i, a) in list.iter().enumerate() {
+                if a.len() > MAX_ARG_BYTES {
+                    return Err(format!(
+                        "{field}[{i}]: {} bytes; a single argument may be at most {MAX_ARG_BYTES} bytes",
+                        a.len()
+                    ));
+                }
+            }
+        }
+        for (field, env) in [
+            ("env", &self.env),
+            ("runtime_env.env", &self.runtime_env.env),
+        ] {
+            for (k, v) in env {
+                let n = k.len() + 1 + v.len();
+                if n > MAX_ARG_BYTES {
+                    return Err(format!(
+                        "{field}.{}: {n} bytes as NAME=VALUE; a single environment variable may be at most {MAX_ARG_BYTES} bytes",
+                        clip(k)
+                    ));
+                }
+            }
+        }
+        // The task sees runtime_env.env merged over env, so a name in both counts once.
+        let mut env: BTreeMap<&str, &str> = BTreeMap::new();
+        for (k, v) in self.env.iter().chain(&self.runtime_env.env) {
+            env.insert(k, v);
+        }
+        let args: usize = self
+            .command
+            .iter()
+            .chain(&self.args)
+            .map(|a| a.len() + 1)
+            .sum();
+        let vars: usize = env.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if args + vars > MAX_EXEC_BYTES {
+            return Err(format!(
+                "command and env: {} bytes together (command and args {args}, env and runtime_env.env {vars}, each string with its NUL); a task's arguments and environment may be at most {MAX_EXEC_BYTES} bytes",
+                args + vars
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses any duration above its field's bound. Every duration in a spec is listed
+    /// here; the structs are taken apart without `..`, so a field added to any of them
+    /// fails to compile until it is listed (with a bound) or named as not a duration.
+    fn validate_durations(&self) -> Result<(), String> {
+        let JobSpec {
+            name: _,
+            kind: _,
+            count: _,
+            runtime: _,
+            command: _,
+            env: _,
+            resources: _,
+            constraints: _,
+            restart,
+            stop_grace,
+            mock,
+            image: _,
+            args: _,
+            ports: _,
+            pull: _,
+            health,
+            artifact: _,
+            runtime_env,
+            disconnect,
+        } = self;
+        let Disconnect {
+            lost_after,
+            on_lost: _,
+        } = disconnect;
+        let RestartPolicy {
+            attempts: _,
+            delay,
+            backoff: _,
+            max_delay,
+        } = restart;
+        let RuntimeEnv {
+            env: _,
+            config: _,
+            working_dir: _,
+            python: _,
+            setup_timeout,
+        } = runtime_env;
+        let mut all = vec![
+            ("stop_grace", *stop_grace, MAX_STOP_GRACE),
+            ("restart.delay", *delay, MAX_RESTART_DELAY),
+            ("restart.max_delay", *max_delay, MAX_RESTART_DELAY),
+        ];
+        if let Some(t) = setup_timeout {
+            all.push(("runtime_env.setup_timeout", *t, MAX_START_WAIT));
+        }
+        if let Some(t) = lost_after {
+            all.push(("disconnect.lost_after", *t, MAX_LOST_AFTER));
+        }
+        if let Some(HealthCheck {
+            http: _,
+            tcp: _,
+            command: _,
+            interval,
+            timeout,
+            start_deadline,
+        }) = health
+        {
+            all.push(("health.interval", *interval, MAX_PROBE_PERIOD));
+            all.push(("health.timeout", *timeout, MAX_PROBE_PERIOD));
+            all.push(("health.start_deadline", *start_deadline, MAX_START_WAIT));
+        }
+        if let Some(MockScript {
+            prepare_latency,
+            start_latency,
+            exit_after,
+            exit_code: _,
+            fail_start: _,
+            ignore_stop: _,
+        }) = mock
+        {
+            all.push(("mock.prepare_latency", *prepare_latency, MAX_MOCK_DURATION));
+            all.push(("mock.start_latency", *start_latency, MAX_MOCK_DURATION));
+            if let Some(e) = exit_after {
+                all.push(("mock.exit_after", *e, MAX_MOCK_DURATION));
+            }
+        }
+        for (field, value, max) in all {
+            if value > max {
+                return Err(format!(
+                    "{field}: expected at most {}, got {value}",
+                    bound_text(max)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A bound as a user would write it: the bounds are whole hours, which humantime would
+/// print as `1day` for 24h.
+fn bound_text(max: Dur) -> String {
+    let secs = max.0.as_secs();
+    if secs > 0 && secs.is_multiple_of(3600) && max.0.subsec_nanos() == 0 {
+        format!("{}h", secs / 3600)
+    } else {
+        max.to_string()
+    }
+}
+
+/// A name short enough to quote in a message, however long the user made it.
+fn clip(s: &str) -> String {
+    const SHOWN: usize = 64;
+    if s.len() <= SHOWN {
+        return s.to_string();
+    }
+    let end = (0..=SHOWN)
+        .rev()
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(0);
+    format!("{}...", &s[..end])
 }
 
 /// The YAML library's message without its own `error: line N column M:` prefix and
@@ -1021,6 +1228,210 @@ stop_grace: 2s
                 text.contains(needle),
                 "{yaml:?} -> {text} (wanted {needle:?})"
             );
+        }
+    }
+
+    /// Every duration field is refused just past its bound, with the field, the bound
+    /// and the value in the message, and accepted at the bound itself.
+    #[test]
+    fn every_duration_is_bounded() {
+        const SVC: &str = "name: a\nkind: service\nruntime: docker\nimage: i\n";
+        const HEALTH: &str = "health: { tcp: { port: 80 }";
+        const MOCK: &str = "name: a\nruntime: mock\n";
+        let cases: &[(String, &str, String)] = &[
+            (
+                "name: a\ncommand: [x]\nstop_grace: 100y\n".into(),
+                "stop_grace: expected at most 1h, got 100years",
+                "name: a\ncommand: [x]\nstop_grace: 1h\n".into(),
+            ),
+            (
+                "name: a\ncommand: [x]\nstop_grace: 3601s\n".into(),
+                "stop_grace: expected at most 1h, got 1h 1s",
+                "name: a\ncommand: [x]\nstop_grace: 3600s\n".into(),
+            ),
+            (
+                // A bare number is seconds; the largest one must not wrap to a small grace.
+                "name: a\ncommand: [x]\nstop_grace: 18446744073709551615\n".into(),
+                "stop_grace: expected at most 1h, got 584542046090years",
+                "name: a\ncommand: [x]\nstop_grace: 3600\n".into(),
+            ),
+            (
+                "name: a\ncommand: [x]\ndisconnect: { lost_after: 8d }\n".into(),
+                "disconnect.lost_after: expected at most 7days, got 8days",
+                "name: a\ncommand: [x]\ndisconnect: { lost_after: 7d, on_lost: fail }\n".into(),
+            ),
+            (
+                "name: a\ncommand: [x]\nrestart: { delay: 2h }\n".into(),
+                "restart.delay: expected at most 1h, got 2h",
+                "name: a\ncommand: [x]\nrestart: { delay: 1h, max_delay: 1h }\n".into(),
+            ),
+            (
+                "name: a\ncommand: [x]\nrestart: { max_delay: 61m }\n".into(),
+                "restart.max_delay: expected at most 1h, got 1h 1m",
+                "name: a\ncommand: [x]\nrestart: { max_delay: 60m }\n".into(),
+            ),
+            (
+                format!("{SVC}{HEALTH}, interval: 2h }}\n"),
+                "health.interval: expected at most 1h",
+                format!("{SVC}{HEALTH}, interval: 1h }}\n"),
+            ),
+            (
+                format!("{SVC}{HEALTH}, timeout: 1h 1ms }}\n"),
+                "health.timeout: expected at most 1h",
+                format!("{SVC}{HEALTH}, timeout: 1h }}\n"),
+            ),
+            (
+                format!("{SVC}{HEALTH}, start_deadline: 25h }}\n"),
+                "health.start_deadline: expected at most 24h, got 1day 1h",
+                format!("{SVC}{HEALTH}, start_deadline: 24h }}\n"),
+            ),
+            (
+                "name: a\ncommand: [x]\nruntime_env: { setup_timeout: 2days }\n".into(),
+                "runtime_env.setup_timeout: expected at most 24h, got 2days",
+                "name: a\ncommand: [x]\nruntime_env: { setup_timeout: 1day }\n".into(),
+            ),
+            (
+                format!("{MOCK}mock: {{ prepare_latency: 1year }}\n"),
+                "mock.prepare_latency: expected at most 24h",
+                format!("{MOCK}mock: {{ prepare_latency: 24h }}\n"),
+            ),
+            (
+                format!("{MOCK}mock: {{ start_latency: 1year }}\n"),
+                "mock.start_latency: expected at most 24h",
+                format!("{MOCK}mock: {{ start_latency: 24h }}\n"),
+            ),
+            (
+                format!("{MOCK}mock: {{ exit_after: 1year }}\n"),
+                "mock.exit_after: expected at most 24h",
+                format!("{MOCK}mock: {{ exit_after: 24h }}\n"),
+            ),
+        ];
+        for (bad, needle, at_bound) in cases {
+            let err = JobSpec::from_yaml(bad, "job.yaml").unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad:?} -> {err} (wanted {needle:?})");
+            // The API parses JSON through the same validation.
+            let spec: JobSpec = serde_saphyr::from_str(bad).unwrap();
+            let json = serde_json::to_vec(&spec).unwrap();
+            let err = JobSpec::from_json(&json).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad:?} as JSON -> {err}");
+            if let Err(e) = JobSpec::from_yaml(at_bound, "job.yaml") {
+                panic!("{at_bound:?} is at the bound and must be accepted: {e}");
+            }
+        }
+    }
+
+    /// Arguments and environments a node could not exec are refused, naming the field
+    /// (and index or variable) and the limit.
+    #[test]
+    fn arguments_and_environments_past_the_exec_limits_are_refused() {
+        let long = "x".repeat(MAX_ARG_BYTES + 1);
+        let longest = "x".repeat(MAX_ARG_BYTES);
+        // The program and eight arguments at the single-argument limit come to just over
+        // 1 MiB, as do the program and eight variables of 131072 bytes each.
+        let many: Vec<String> = std::iter::once("sh".to_string())
+            .chain(vec![longest.clone(); 8])
+            .collect();
+        let big_env: BTreeMap<String, String> = (0..8)
+            .map(|i| (format!("V{i}"), "x".repeat(MAX_ARG_BYTES - 3)))
+            .collect();
+        let spec = |f: &dyn Fn(&mut JobSpec)| {
+            let mut s = JobSpec::new("a", vec!["sh".into()]);
+            f(&mut s);
+            s
+        };
+        let cases: Vec<(JobSpec, String)> = vec![
+            (
+                spec(&|s| s.command = vec!["sh".into(), long.clone()]),
+                format!(
+                    "command[1]: {} bytes; a single argument may be at most 131071 bytes",
+                    MAX_ARG_BYTES + 1
+                ),
+            ),
+            (
+                spec(&|s| {
+                    s.runtime = RuntimeKind::Docker;
+                    s.image = Some("i".into());
+                    s.args = vec!["a".into(), "b".into(), long.clone()];
+                }),
+                "args[2]: 131072 bytes".into(),
+            ),
+            (
+                spec(&|s| {
+                    s.runtime = RuntimeKind::Docker;
+                    s.image = Some("i".into());
+                    s.kind = JobKind::Service;
+                    s.health = Some(HealthCheck {
+                        http: None,
+                        tcp: None,
+                        command: vec![long.clone()],
+                        interval: default_probe_interval(),
+                        timeout: default_probe_timeout(),
+                        start_deadline: default_probe_deadline(),
+                    });
+                }),
+                "health.command[0]: 131072 bytes".into(),
+            ),
+            (
+                spec(&|s| {
+                    s.env.insert("BIG".into(), "x".repeat(MAX_ARG_BYTES - 3));
+                }),
+                "env.BIG: 131072 bytes as NAME=VALUE; a single environment variable may be at most 131071 bytes".into(),
+            ),
+            (
+                // A name that long is shown clipped, not quoted whole.
+                spec(&|s| {
+                    s.env.insert("K".repeat(MAX_ARG_BYTES), String::new());
+                }),
+                format!("env.{}...: 131072 bytes as NAME=VALUE", "K".repeat(64)),
+            ),
+            (
+                spec(&|s| {
+                    s.runtime_env.env.insert("BIG".into(), "x".repeat(MAX_ARG_BYTES));
+                }),
+                "runtime_env.env.BIG: 131075 bytes".into(),
+            ),
+            (
+                spec(&|s| s.command = many.clone()),
+                "command and env: 1048579 bytes together (command and args 1048579, env and runtime_env.env 0, each string with its NUL); a task's arguments and environment may be at most 1048576 bytes".into(),
+            ),
+            (
+                spec(&|s| s.env = big_env.clone()),
+                "command and env: 1048579 bytes together (command and args 3, env and runtime_env.env 1048576".into(),
+            ),
+        ];
+        for (s, needle) in cases {
+            let err = s.validate().unwrap_err();
+            assert!(err.contains(&needle), "{err}\n(wanted {needle:?})");
+        }
+        // At the limits: the longest argument and environment variable, and a name set
+        // in both env and runtime_env.env, which the task sees once.
+        let ok = spec(&|s| {
+            s.command = vec!["sh".into(), longest.clone()];
+            s.env.insert("V".into(), "x".repeat(MAX_ARG_BYTES - 2));
+            for i in 0..6 {
+                s.env.insert(format!("W{i}"), "x".repeat(100_000));
+                s.runtime_env
+                    .env
+                    .insert(format!("W{i}"), "y".repeat(100_000));
+            }
+        });
+        assert_eq!(ok.validate(), Ok(()));
+    }
+
+    #[test]
+    fn json_with_anything_after_the_spec_is_refused() {
+        let good = br#"{"name":"a","command":["x"]}"#;
+        JobSpec::from_json(good).unwrap();
+        // Whitespace after the object is not data.
+        JobSpec::from_json(b"{\"name\":\"a\",\"command\":[\"x\"]} \n\t").unwrap();
+        for trailing in [" not json", "{}", ",", "]"] {
+            let body = [&good[..], trailing.as_bytes()].concat();
+            let err = JobSpec::from_json(&body).unwrap_err();
+            assert!(
+                err.message.contains("unexpected data after the job spec"),
+                "{trailing:?} -> {err}"
+            );
+            assert_eq!(err.line, Some(1), "{err}");
         }
     }
 

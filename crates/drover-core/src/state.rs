@@ -144,6 +144,11 @@ pub struct Task {
     /// Set when the controller wants the task stopped; the agent is told until it acks.
     #[serde(default)]
     pub desired_stop: bool,
+    /// Set by a forced stop, which gives the task no grace. Kept with the task so that a
+    /// stop re-sent after its agent reconnects, and the controller's deadline for it, are
+    /// as forced as the first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stop_forced: bool,
     /// Earliest time the scheduler may place it (restart delay).
     #[serde(default)]
     pub not_before: Millis,
@@ -370,6 +375,7 @@ mod tests {
             reason: String::new(),
             exit: None,
             desired_stop: false,
+            stop_forced: false,
             not_before: 0,
             created_at: 0,
             updated_at: 1,

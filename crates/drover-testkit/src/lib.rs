@@ -340,6 +340,16 @@ impl Api {
         .await
     }
 
+    /// Stops a job with `force=true`: its tasks are killed at once.
+    pub async fn stop_forced(&self, name: &str) -> Result<JobView> {
+        self.json(
+            reqwest::Method::POST,
+            &format!("/v1/jobs/{name}/stop?force=true"),
+            None,
+        )
+        .await
+    }
+
     pub async fn tasks(&self, job: &str) -> Result<Vec<TaskView>> {
         self.json(reqwest::Method::GET, &format!("/v1/tasks?job={job}"), None)
             .await

@@ -1,12 +1,15 @@
 //! The HTTP API's authentication, errors and metrics, and the agent protocol's rules,
 //! spoken by a hand-driven fake agent so every message can be chosen.
 
-use drover_core::TaskState;
 use drover_core::protocol::{AgentMessage, Command, ControllerMessage, PROTOCOL_VERSION};
+use drover_core::quantity::Dur;
 use drover_core::spec::RuntimeKind;
+use drover_core::state::{Job, JobStatus, Task};
+use drover_core::{JobId, JobKind, JobSpec, ProjectId, TaskId, TaskState};
+use drover_store::{Change, Durability, SqliteConfig, SqliteStore, Store};
 use drover_testkit::fake_agent::{FakeAgent, event};
 use drover_testkit::{AgentOptions, Api, JOIN_TOKEN, TestCluster, wait_for};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use reqwest::Method;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
@@ -78,6 +81,16 @@ async fn a_bad_spec_is_refused_with_the_field_and_nothing_is_stored() {
             "unknown field `colour`",
         ),
         ("not json", "expected"),
+        // A bare number is seconds; this one is far past any grace the controller's
+        // deadline arithmetic could hold, and must be refused rather than wrap.
+        (
+            r#"{"name":"x","command":["true"],"stop_grace":18446744073709551615}"#,
+            "stop_grace: expected at most 1h",
+        ),
+        (
+            r#"{"name":"x","command":["true"],"stop_grace":"100y"}"#,
+            "stop_grace: expected at most 1h, got 100years",
+        ),
     ] {
         let (status, text) = api
             .raw(Method::POST, "/v1/jobs", Some(body.as_bytes().to_vec()))
@@ -90,6 +103,66 @@ async fn a_bad_spec_is_refused_with_the_field_and_nothing_is_stored() {
     }
     let (_, jobs) = api.raw(Method::GET, "/v1/jobs", None).await.unwrap();
     assert_eq!(jobs, "[]");
+}
+
+/// Every JSON body the API reads is one value and nothing more: data after it is refused
+/// with 400, and nothing is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_body_with_data_after_it_is_refused_and_nothing_is_created() {
+    let c = TestCluster::start().await.unwrap();
+    let api = c.api();
+    let (_, before) = api.raw(Method::GET, "/v1/tokens", None).await.unwrap();
+    for (path, body, needle) in [
+        (
+            "/v1/jobs",
+            r#"{"name":"x","command":["true"]} not json"#,
+            "unexpected data after the job spec",
+        ),
+        (
+            "/v1/jobs",
+            r#"{"name":"x","command":["true"]}{}"#,
+            "unexpected data",
+        ),
+        (
+            "/v1/projects",
+            r#"{"name":"p"} not json"#,
+            "trailing characters",
+        ),
+        (
+            "/v1/tokens",
+            r#"{"project":"default","role":"read"} not json"#,
+            "trailing characters",
+        ),
+    ] {
+        let (status, text) = api
+            .raw(Method::POST, path, Some(body.as_bytes().to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(status, 400, "{path} {body}: {text}");
+        let err: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            err["error"].as_str().unwrap().contains(needle),
+            "{path} {body}: {text}"
+        );
+    }
+    // Whitespace after the value is not data.
+    let (status, text) = api
+        .raw(
+            Method::POST,
+            "/v1/jobs",
+            Some(br#"{"name":"y","kind":"service","runtime":"mock"} "#.to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{text}");
+    let (_, jobs) = api.raw(Method::GET, "/v1/jobs", None).await.unwrap();
+    let jobs: Vec<serde_json::Value> = serde_json::from_str(&jobs).unwrap();
+    let names: Vec<&str> = jobs.iter().filter_map(|j| j["name"].as_str()).collect();
+    assert_eq!(names, ["y"], "only the well-formed job was created");
+    let (_, projects) = api.raw(Method::GET, "/v1/projects", None).await.unwrap();
+    assert!(!projects.contains(r#""p""#), "{projects}");
+    let (_, after) = api.raw(Method::GET, "/v1/tokens", None).await.unwrap();
+    assert_eq!(before, after, "no token was created");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,6 +349,132 @@ async fn a_task_whose_stop_is_never_reported_is_lost_at_the_stop_deadline_and_fo
             .contains("deadline exceeded in state stopping"),
         "{}",
         tasks[0].task.reason
+    );
+}
+
+/// A spec stored before durations were bounded may hold any grace, and the controller
+/// must treat a huge one as huge. Before its deadline arithmetic saturated, a grace of
+/// u64::MAX seconds wrapped to minus one second, and a task asked to stop was declared
+/// lost (and its agent told to drop it) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_spec_with_an_unbounded_grace_does_not_cut_the_stop_short() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = SqliteStore::open(&SqliteConfig {
+            path: Some(dir.path().join("drover.db")),
+            durability: Durability::Process,
+        })
+        .await
+        .unwrap();
+        let mut spec = JobSpec::new("legacy", Vec::new());
+        spec.kind = JobKind::Service;
+        spec.runtime = RuntimeKind::Mock;
+        spec.stop_grace = Dur::from_secs(u64::MAX);
+        assert!(spec.validate().is_err(), "only a stored spec can hold this");
+        let now = drover_core::now_millis();
+        let job = Job {
+            id: JobId::generate(),
+            project: ProjectId::default(),
+            name: spec.name.clone(),
+            version: 1,
+            spec,
+            status: JobStatus::Running,
+            reason: String::new(),
+            exit: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let task = Task {
+            id: TaskId::generate(),
+            project: job.project.clone(),
+            job_id: job.id.clone(),
+            job_name: job.name.clone(),
+            index: 0,
+            attempt: 0,
+            state: TaskState::Pending,
+            node_id: None,
+            reason: String::new(),
+            exit: None,
+            desired_stop: false,
+            stop_forced: false,
+            not_before: 0,
+            created_at: now,
+            updated_at: now,
+            ports: Vec::new(),
+        };
+        store
+            .commit(&[Change::Job(job), Change::Task(task)])
+            .await
+            .unwrap();
+    }
+    let c = TestCluster::start_in(
+        dir,
+        drover_testkit::ClusterOptions {
+            stop_deadline: Duration::from_millis(500),
+            ..Default::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .unwrap();
+    let api = c.api();
+    let mut agent = FakeAgent::joined(&c.url).await;
+    let task = agent.next_start().await;
+    agent.send(&event(1, &task, TaskState::Running, None)).await;
+    api.wait_job("legacy", T, |_, t| t[0].task.state == TaskState::Running)
+        .await
+        .unwrap();
+    api.stop("legacy").await.unwrap();
+    loop {
+        if let Some(ControllerMessage::Command {
+            seq,
+            command: Command::Stop {
+                task_id, grace_ms, ..
+            },
+        }) = agent.recv().await
+        {
+            assert_eq!(task_id, task);
+            assert_eq!(grace_ms, u64::MAX, "the grace saturates rather than wraps");
+            agent.send(&AgentMessage::CommandAck { seq }).await;
+            break;
+        }
+    }
+    agent
+        .send(&event(2, &task, TaskState::Stopping, None))
+        .await;
+    // Several liveness passes and four times the stop deadline, heartbeating so that
+    // only the stop deadline could end the task.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < until {
+        agent
+            .send(&AgentMessage::Heartbeat {
+                at: 0,
+                usage: Vec::new(),
+                envs: None,
+            })
+            .await;
+        if let Ok(Some(Ok(Message::Text(t)))) =
+            tokio::time::timeout(Duration::from_millis(200), agent.ws.next()).await
+        {
+            let m: ControllerMessage = serde_json::from_str(&t).unwrap();
+            assert!(
+                !matches!(
+                    m,
+                    ControllerMessage::Command {
+                        command: Command::Forget { .. },
+                        ..
+                    }
+                ),
+                "the task was dropped before its grace ran out"
+            );
+        }
+    }
+    let tasks = api.tasks("legacy").await.unwrap();
+    assert_eq!(
+        tasks[0].task.state,
+        TaskState::Stopping,
+        "{:?}",
+        tasks[0].task
     );
 }
 

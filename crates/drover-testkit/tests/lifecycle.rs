@@ -207,6 +207,93 @@ stop_grace: 700ms
     );
 }
 
+/// Kills a task's process group when the test ends, so that a task which ignores SIGTERM
+/// does not outlive a failed test.
+struct KillGroupOnDrop(u32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", "--", &format!("-{}", self.0)])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// A task that ignores SIGTERM and has an hour's grace cannot be ended by a plain stop
+/// in any useful time; a forced stop kills it at once, even while it is already stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_stop_kills_a_task_already_stopping_under_a_long_grace() {
+    let (c, _a) = cluster_with_agent().await;
+    let api = c.api();
+    api.apply_yaml(
+        r#"
+name: deaf
+kind: service
+command: ["sh", "-c", "trap '' TERM; echo ready $$; while true; do sleep 0.1; done"]
+stop_grace: 1h
+"#,
+    )
+    .await
+    .unwrap();
+    wait_for("the task to print ready", T, async || {
+        api.logs("deaf")
+            .await
+            .map(|l| l.contains("ready"))
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
+    let logs = api.logs("deaf").await.unwrap();
+    let pid: u32 = logs.trim().trim_start_matches("ready ").parse().unwrap();
+    let _reaper = KillGroupOnDrop(pid);
+    api.stop("deaf").await.unwrap();
+    api.wait_job("deaf", T, |_, t| t[0].task.state == TaskState::Stopping)
+        .await
+        .unwrap();
+    // The trap holds: a plain stop leaves it stopping.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tasks = api.tasks("deaf").await.unwrap();
+    assert_eq!(tasks[0].task.state, TaskState::Stopping, "{:?}", tasks[0]);
+
+    // A malformed force is refused, naming the parameter, and changes nothing.
+    for (query, needle) in [
+        ("force=yes", "force: expected true or false, got \"yes\""),
+        ("forse=true", "query parameter \"forse\": unknown"),
+    ] {
+        let path = format!("/v1/jobs/deaf/stop?{query}");
+        let (status, text) = api.raw(reqwest::Method::POST, &path, None).await.unwrap();
+        assert_eq!(status, 400, "{query}: {text}");
+        let err: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(
+            err["error"].as_str().unwrap_or("").contains(needle),
+            "{query}: {text}"
+        );
+    }
+    let tasks = api.tasks("deaf").await.unwrap();
+    assert_eq!(tasks[0].task.state, TaskState::Stopping, "{:?}", tasks[0]);
+
+    let started = std::time::Instant::now();
+    api.stop_forced("deaf").await.unwrap();
+    let (_, tasks) = api.wait_final("deaf", T).await.unwrap();
+    let elapsed = started.elapsed();
+    let t = &tasks[0].task;
+    assert_eq!(t.state, TaskState::Stopped);
+    assert_eq!(
+        t.exit.as_ref().and_then(|e| e.signal.clone()).as_deref(),
+        Some("SIGKILL")
+    );
+    assert!(
+        t.reason.contains("forced") && t.reason.contains("killed with SIGKILL at once"),
+        "{}",
+        t.reason
+    );
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "the forced stop took {elapsed:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agents_own_environment_does_not_leak_into_tasks() {
     // The agent runs in this process, so this variable is in the agent's environment.
