@@ -1257,7 +1257,7 @@ stop_grace: 2s
             ),
             (
                 "name: a\ncommand: [x]\ndisconnect: { lost_after: 8d }\n".into(),
-                "disconnect.lost_after: expected at most 7days, got 8days",
+                "disconnect.lost_after: expected at most 168h, got 8days",
                 "name: a\ncommand: [x]\ndisconnect: { lost_after: 7d, on_lost: fail }\n".into(),
             ),
             (
