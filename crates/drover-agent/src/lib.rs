@@ -19,7 +19,8 @@ pub mod unpack;
 pub use tasks::TaskLimits;
 
 use drover_core::protocol::{
-    AGENT_CONNECT_PATH, AgentMessage, ControllerMessage, Hello, JOIN_TOKEN_HEADER, PROTOCOL_VERSION,
+    AGENT_CONNECT_PATH, AgentMessage, Command, ControllerMessage, Hello, JOIN_TOKEN_HEADER,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use drover_core::quantity::ByteSize;
 use drover_core::spec::{Resources, RuntimeKind};
@@ -343,6 +344,7 @@ impl Agent {
             emulates: emulate.iter().map(|(p, _)| p.clone()).collect(),
         };
         let conn = Connection {
+            hello_version: std::sync::atomic::AtomicU32::new(PROTOCOL_VERSION),
             url,
             cfg: cfg.clone(),
             node_id: node_id.clone(),
@@ -408,6 +410,10 @@ fn connect_url(server: &str) -> Result<String, AgentError> {
 }
 
 struct Connection {
+    /// The newest protocol version offered at hello: this build's, or lower after a
+    /// controller that checks for its own version exactly (protocol 1) said which it
+    /// speaks.
+    hello_version: std::sync::atomic::AtomicU32,
     url: String,
     cfg: AgentConfig,
     node_id: NodeId,
@@ -502,8 +508,12 @@ impl Connection {
             },
         };
         let (mut sink, mut stream) = ws.split();
+        let offered = self
+            .hello_version
+            .load(std::sync::atomic::Ordering::Relaxed);
         let hello = AgentMessage::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: offered,
+            min_protocol_version: Some(MIN_PROTOCOL_VERSION),
             node_id: self.node_id.clone(),
             info: self.info.clone(),
             known_tasks: self.manager.known(),
@@ -520,6 +530,21 @@ impl Connection {
                     ..
                 }) => (heartbeat_interval_ms, last_event_seq),
                 Ok(ControllerMessage::Reject { reason }) => {
+                    // A version 1 controller accepts only its own version and says which
+                    // that is; this agent speaks it too, so it offers that next time.
+                    if let Some(v) = older_version_asked(&reason)
+                        && v < offered
+                    {
+                        tracing::info!("the controller speaks protocol version {v}; offering it");
+                        self.hello_version
+                            .store(v, std::sync::atomic::Ordering::Relaxed);
+                        return (
+                            SessionEnd::Dropped(format!(
+                                "protocol version {offered} refused: {reason}"
+                            )),
+                            false,
+                        );
+                    }
                     return (SessionEnd::Rejected(reason), false);
                 }
                 other => {
@@ -671,6 +696,19 @@ impl Connection {
                         Some(Err(e)) => return SessionEnd::Dropped(e.to_string()),
                     };
                     match serde_json::from_str::<ControllerMessage>(&text) {
+                        Ok(ControllerMessage::Command { seq, command: Command::Unknown }) => {
+                            // Acknowledged so that it is not sent again, and answered so that
+                            // the controller can say why nothing happened.
+                            let reason = format!(
+                                "a command this agent ({}, protocol {PROTOCOL_VERSION}) does not know; upgrade the agent",
+                                env!("CARGO_PKG_VERSION")
+                            );
+                            for msg in [AgentMessage::CommandAck { seq }, AgentMessage::Unsupported { seq, reason }] {
+                                if let Err(e) = send(sink, &msg).await {
+                                    return SessionEnd::Dropped(e);
+                                }
+                            }
+                        }
                         Ok(ControllerMessage::Command { seq, command }) => {
                             self.manager.handle(command);
                             if let Err(e) = send(sink, &AgentMessage::CommandAck { seq }).await {
@@ -681,6 +719,7 @@ impl Connection {
                         Ok(ControllerMessage::LogResync { task_id, stream, offset }) => self.manager.resync_log(&task_id, stream, offset),
                         Ok(ControllerMessage::Reject { reason }) => return SessionEnd::Rejected(reason),
                         Ok(ControllerMessage::Welcome { .. }) => {}
+                        Ok(ControllerMessage::Unknown) => tracing::debug!("ignoring a message type this agent does not know"),
                         Err(e) => match undecodable_start(&text) {
                             // A Start this agent cannot read (a newer controller's) fails
                             // its task with the reason, rather than leaving it scheduled
@@ -702,6 +741,17 @@ impl Connection {
             }
         }
     }
+}
+
+/// The version a protocol 1 controller's refusal names ("... this controller speaks N;
+/// ..."), when this build speaks it too.
+fn older_version_asked(reason: &str) -> Option<u32> {
+    let rest = reason.split("this controller speaks ").nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    let v: u32 = digits.parse().ok()?;
+    (MIN_PROTOCOL_VERSION..PROTOCOL_VERSION)
+        .contains(&v)
+        .then_some(v)
 }
 
 /// The sequence number and task of a Start command that did not decode, if the message

@@ -489,6 +489,8 @@ impl TaskManager {
                     tracing::info!(count = removed.len(), "pruned unused Python environments");
                 });
             }
+            // The connection answers unknown commands before they get here.
+            Command::Unknown => tracing::debug!("ignoring a command this agent does not know"),
             Command::Forget { task_id } => {
                 let found = self.entries().get(&task_id).map(|e| {
                     e.stop.send_replace(Some(StopRequest {

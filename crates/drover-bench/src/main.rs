@@ -431,6 +431,7 @@ async fn mock_node(
     let (mut tx, mut rx) = ws.split();
     let hello = AgentMessage::Hello(Hello {
         protocol_version: PROTOCOL_VERSION,
+        min_protocol_version: None,
         node_id: NodeId(format!("node-mock-{i:05}")),
         info: NodeInfo {
             name: format!("mock-{i:05}"),

@@ -5,7 +5,7 @@
 use crate::Inner;
 use axum::extract::ws::{Message, WebSocket};
 use drover_core::protocol::{
-    AgentEvent, AgentMessage, ControllerMessage, Hello, LogChunk, PROTOCOL_VERSION,
+    AgentEvent, AgentMessage, ControllerMessage, Hello, LogChunk, negotiate,
 };
 use drover_core::{NodeId, TaskId};
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -55,20 +55,20 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
         },
         _ => return,
     };
-    if hello.protocol_version != PROTOCOL_VERSION {
-        let reason = format!(
-            "agent speaks protocol version {}, this controller speaks {PROTOCOL_VERSION}; upgrade the older one",
-            hello.protocol_version
-        );
-        send_direct(&mut ws, &ControllerMessage::Reject { reason }).await;
-        return;
-    }
+    let offered_min = hello.min_protocol_version.unwrap_or(hello.protocol_version);
+    let version = match negotiate(offered_min, hello.protocol_version) {
+        Ok(v) => v,
+        Err(reason) => {
+            send_direct(&mut ws, &ControllerMessage::Reject { reason }).await;
+            return;
+        }
+    };
     let conn_id = inner
         .next_conn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let node_id = hello.node_id.clone();
     let (tx, mut rx) = mpsc::channel::<std::sync::Arc<str>>(QUEUE);
-    match inner.on_hello(&hello, conn_id, tx.clone()).await {
+    match inner.on_hello(&hello, version, conn_id, tx.clone()).await {
         Ok(()) => {}
         Err(e) => {
             send_direct(
@@ -255,6 +255,14 @@ async fn handle_batch(
             AgentMessage::CommandAck { seq } => acks.push(seq),
             AgentMessage::Log(chunk) => chunks.push(chunk),
             AgentMessage::Hello(_) => tracing::warn!(node = %node_id, "ignoring a second hello"),
+            AgentMessage::Unsupported { seq, reason } => {
+                // The agent acknowledged the command too; it is not sent again.
+                tracing::warn!(node = %node_id, seq, "the agent cannot carry out a command: {reason}");
+                acks.push(seq);
+            }
+            AgentMessage::Unknown => {
+                tracing::debug!(node = %node_id, "ignoring a message type this controller does not know")
+            }
         }
     }
     if !chunks.is_empty() {

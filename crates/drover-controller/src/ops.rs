@@ -364,6 +364,7 @@ impl Inner {
     pub(crate) async fn on_hello(
         &self,
         hello: &Hello,
+        protocol_version: u32,
         conn_id: u64,
         out: tokio::sync::mpsc::Sender<std::sync::Arc<str>>,
     ) -> Result<(), StoreError> {
@@ -378,6 +379,7 @@ impl Inner {
                 n.info = hello.info.clone();
                 n.status = NodeStatus::Ready;
                 n.last_seen = now;
+                n.protocol_version = protocol_version;
                 // Its tasks were unknown; once the agent has replayed what happened to
                 // them (before its first heartbeat), copies made meanwhile are settled.
                 if n.unreachable_since.take().is_some() {
@@ -393,6 +395,7 @@ impl Inner {
                 last_event_seq: 0,
                 registered_at: now,
                 unreachable_since: None,
+                protocol_version,
             },
         };
         let last_event_seq = node.last_event_seq;
@@ -482,7 +485,7 @@ impl Inner {
         // The welcome must be the first message the agent reads, before any command, so
         // it is queued before the session becomes visible to senders.
         let _ = out.try_send(crate::frame(&ControllerMessage::Welcome {
-            protocol_version: drover_core::protocol::PROTOCOL_VERSION,
+            protocol_version,
             node_id: node_id.clone(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
             last_event_seq,

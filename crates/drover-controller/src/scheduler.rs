@@ -526,6 +526,7 @@ mod tests {
                 last_event_seq: 0,
                 registered_at: 0,
                 unreachable_since: None,
+                protocol_version: 0,
             },
             allocated: Default::default(),
             tasks: Default::default(),

@@ -14,8 +14,29 @@ use crate::state::{Exit, NodeInfo, PortBinding, TaskState, TaskUsage};
 use base64::Engine as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// Bumped on any incompatible change; the controller refuses other versions at hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this build speaks. See `docs/versioning.md`: a version
+/// adds messages, variants or fields; a peer that does not know one ignores it or
+/// answers [`AgentMessage::Unsupported`], and the two sides agree at hello on the
+/// highest version both speak.
+///
+/// - 1: the first.
+/// - 2: unknown message types, commands and fields are tolerated (`Unknown` variants,
+///   `Unsupported` answers); hello carries a version range; idle connections are pinged.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The version two peers speak, given the range the agent offers, or why there is none.
+pub fn negotiate(agent_min: u32, agent_max: u32) -> Result<u32, String> {
+    let version = agent_max.min(PROTOCOL_VERSION);
+    if version < agent_min.max(MIN_PROTOCOL_VERSION) || agent_min > agent_max {
+        return Err(format!(
+            "agent speaks protocol versions {agent_min} to {agent_max}, this controller speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the older one"
+        ));
+    }
+    Ok(version)
+}
 
 /// The HTTP path agents dial.
 pub const AGENT_CONNECT_PATH: &str = "/v1/agent/connect";
@@ -42,6 +63,15 @@ pub enum AgentMessage {
         seq: u64,
     },
     Log(LogChunk),
+    /// The agent received command `seq` but does not know what it asks (a newer
+    /// controller's); it is acknowledged too, so it is not sent again. Since version 2.
+    Unsupported {
+        seq: u64,
+        reason: String,
+    },
+    /// A message of a type this build does not know, from a newer agent; ignored.
+    #[serde(other)]
+    Unknown,
 }
 
 /// One task's resource use, sent with heartbeats.
@@ -55,7 +85,12 @@ pub struct UsageSample {
 /// The first message on every connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
+    /// The newest version the agent speaks.
     pub protocol_version: u32,
+    /// The oldest version the agent speaks; absent from version 1 agents, which speak
+    /// only `protocol_version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<u32>,
     pub node_id: NodeId,
     pub info: NodeInfo,
     /// Every task the agent holds, running or finished but not yet acknowledged.
@@ -112,6 +147,7 @@ pub struct LogChunk {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControllerMessage {
     Welcome {
+        /// The version agreed for this connection.
         protocol_version: u32,
         node_id: NodeId,
         heartbeat_interval_ms: u64,
@@ -135,6 +171,9 @@ pub enum ControllerMessage {
         stream: LogStream,
         offset: u64,
     },
+    /// A message of a type this build does not know, from a newer controller; ignored.
+    #[serde(other)]
+    Unknown,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,6 +191,10 @@ pub enum Command {
     Forget { task_id: TaskId },
     /// Remove every cached environment no running task uses (`drover env prune`).
     PruneEnvs,
+    /// A command this build does not know, from a newer controller: acknowledged and
+    /// answered with [`AgentMessage::Unsupported`].
+    #[serde(other)]
+    Unknown,
 }
 
 /// Everything an agent needs to run one task.
@@ -233,6 +276,17 @@ mod b64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_are_negotiated_down_to_the_highest_both_speak() {
+        assert_eq!(negotiate(1, 1), Ok(1));
+        assert_eq!(negotiate(1, PROTOCOL_VERSION), Ok(PROTOCOL_VERSION));
+        assert_eq!(negotiate(1, PROTOCOL_VERSION + 5), Ok(PROTOCOL_VERSION));
+        let err = negotiate(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 3).unwrap_err();
+        assert!(err.contains("upgrade the older one"), "{err}");
+        assert!(negotiate(0, 0).is_err());
+        assert!(negotiate(3, 2).is_err());
+    }
 
     #[test]
     fn a_config_in_an_unknown_format_is_refused_with_a_reason() {

@@ -4,6 +4,11 @@
 //! mistake is reported with the file, line and column; the controller parses the same
 //! type from JSON and runs the same [`JobSpec::validate`], so both paths accept exactly
 //! the same specs.
+//!
+//! Unknown fields are refused at that edge ([`JobSpec::from_yaml`], [`JobSpec::from_json`])
+//! by watching what the types ignore, not by the types themselves: a spec read back from
+//! the store or inside an agent's Start command tolerates fields a newer controller added,
+//! so an older agent or a rolled-back controller still reads it.
 
 use crate::quantity::{ByteSize, Dur};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -81,7 +86,7 @@ impl<'de> Deserialize<'de> for RuntimeKind {
 
 /// What a task reserves on its node. The scheduler only places a task where this fits.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Resources {
     /// CPU cores, fractional (`0.5` is half a core).
     pub cpu: f64,
@@ -172,7 +177,6 @@ pub enum ConstraintOp {
 /// A rule a node must satisfy to run a job's tasks, e.g.
 /// `{ key: label.zone, op: in, values: [a, b] }`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Constraint {
     pub key: ConstraintKey,
     #[serde(default)]
@@ -223,7 +227,7 @@ impl Constraint {
 
 /// When and how often a failed task is tried again.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct RestartPolicy {
     /// For batch jobs: how many times a failed task is retried before the job fails.
     /// For services: how many quick restarts in a row before backing off to `max_delay`;
@@ -262,7 +266,7 @@ impl RestartPolicy {
 
 /// Scripted behaviour for the `mock` runtime, used by tests and benchmarks.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct MockScript {
     /// How long preparing takes.
     pub prepare_latency: Dur,
@@ -313,7 +317,7 @@ pub enum OnLost {
 /// its tasks did stands: a result it reports is accepted if no replacement finished
 /// first, and the surplus copy is stopped.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct Disconnect {
     /// How long after its node became unreachable a task is replaced. Defaults to
     /// [`SERVICE_LOST_AFTER`] for services and [`BATCH_LOST_AFTER`] for batch jobs.
@@ -338,7 +342,6 @@ impl Disconnect {
 
 /// An HTTP health probe: healthy when `GET path` on the port answers 2xx or 3xx.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HttpProbe {
     /// The container port (for Docker, the host port mapped to it is probed).
     pub port: u16,
@@ -352,7 +355,6 @@ fn default_probe_path() -> String {
 
 /// A TCP health probe: healthy when the port accepts a connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct TcpProbe {
     pub port: u16,
 }
@@ -361,7 +363,6 @@ pub struct TcpProbe {
 /// A task with a health check becomes `running` only once a probe passes; it fails if
 /// none passes before `start_deadline`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpProbe>,
@@ -418,7 +419,6 @@ impl HealthCheck {
 
 /// A job as the user declares it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct JobSpec {
     pub name: String,
     #[serde(default)]
@@ -473,7 +473,6 @@ pub struct JobSpec {
 
 /// A job's own environment, materialised on the node before its task starts.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RuntimeEnv {
     /// Variables, merged over the job's `env`. The task sees these, the job's `env`
     /// and Drover's `DROVER_*` variables, and nothing from the agent's environment.
@@ -499,7 +498,6 @@ pub struct RuntimeEnv {
 
 /// `runtime_env.python`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PythonEnv {
     /// pip requirement specifiers, e.g. `six==1.16.0`; no pip options.
     pub requirements: Vec<String>,
@@ -746,7 +744,10 @@ impl JobSpec {
         // serde_path_to_error records which field failed, so a type error names it even
         // when the YAML library's own message only names the expected type.
         let path = std::cell::RefCell::new(String::new());
+        let mut unknown = None;
         let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+            let mut note = |p: serde_ignored::Path<'_>| note_unknown(&mut unknown, p);
+            let de = serde_ignored::Deserializer::new(de, &mut note);
             serde_path_to_error::deserialize(de).map_err(|e| {
                 *path.borrow_mut() = e.path().to_string();
                 e.into_inner()
@@ -767,6 +768,21 @@ impl JobSpec {
                 },
             }
         })?;
+        if let Some((parent, leaf)) = unknown {
+            let line = text.lines().position(|l| {
+                l.trim_start()
+                    .trim_start_matches("- ")
+                    .trim_start_matches('{')
+                    .trim_start()
+                    .starts_with(&format!("{leaf}:"))
+            });
+            return Err(SpecError {
+                file: Some(file.to_string()),
+                line: line.map(|l| l as u64 + 1),
+                column: line.map(|_| 1),
+                message: unknown_message(&parent, &leaf),
+            });
+        }
         spec.validate().map_err(|message| {
             // Point at the top-level key the message names, so a rule the types alone
             // cannot express is reported with a line like a type error is.
@@ -788,7 +804,10 @@ impl JobSpec {
     /// Parses and validates a JSON spec, as the API receives it.
     pub fn from_json(text: &[u8]) -> Result<JobSpec, SpecError> {
         let mut de = serde_json::Deserializer::from_slice(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let mut unknown = None;
+        let mut note = |p: serde_ignored::Path<'_>| note_unknown(&mut unknown, p);
+        let watched = serde_ignored::Deserializer::new(&mut de, &mut note);
+        let spec: JobSpec = serde_path_to_error::deserialize(watched).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             // serde_json appends its own " at line L column C"; the location is kept
@@ -814,6 +833,9 @@ impl JobSpec {
             column: Some(e.column() as u64),
             message: "unexpected data after the job spec; send exactly one JSON object".into(),
         })?;
+        if let Some((parent, leaf)) = unknown {
+            return Err(SpecError::invalid(None, unknown_message(&parent, &leaf)));
+        }
         spec.validate().map_err(|m| SpecError::invalid(None, m))?;
         Ok(spec)
     }
@@ -1094,6 +1116,35 @@ fn clip(s: &str) -> String {
         .find(|&i| s.is_char_boundary(i))
         .unwrap_or(0);
     format!("{}...", &s[..end])
+}
+
+/// Keeps the first key of a spec that no field takes, as (its parent's path, the key).
+fn note_unknown(first: &mut Option<(String, String)>, path: serde_ignored::Path<'_>) {
+    if first.is_some() {
+        return;
+    }
+    let (parent, leaf) = match path {
+        serde_ignored::Path::Map { parent, key } => (parent.to_string(), key),
+        other => (String::new(), other.to_string()),
+    };
+    let parent = if parent == "?" || parent == "." {
+        String::new()
+    } else {
+        parent
+    };
+    *first = Some((parent, leaf));
+}
+
+fn unknown_message(parent: &str, leaf: &str) -> String {
+    if parent.is_empty() {
+        format!(
+            "unknown field `{leaf}`; check its spelling, or whether this Drover is older than the spec"
+        )
+    } else {
+        format!(
+            "{parent}: unknown field `{leaf}`; check its spelling, or whether this Drover is older than the spec"
+        )
+    }
 }
 
 /// The YAML library's message without its own `error: line N column M:` prefix and

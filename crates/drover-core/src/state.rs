@@ -337,6 +337,10 @@ pub struct Node {
     /// unknown: neither finished nor failed, waited for until their job's `lost_after`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreachable_since: Option<Millis>,
+    /// The agent protocol version agreed at the node's last hello; 0 for records from
+    /// before it was kept.
+    #[serde(default)]
+    pub protocol_version: u32,
 }
 
 #[cfg(test)]

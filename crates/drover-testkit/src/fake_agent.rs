@@ -125,6 +125,7 @@ impl FakeAgent {
     pub fn hello_as(version: u32, platform: &str, runtime: RuntimeKind) -> AgentMessage {
         AgentMessage::Hello(Hello {
             protocol_version: version,
+            min_protocol_version: None,
             node_id: NodeId::from(format!("node-fake-{}", platform.replace('/', "-")).as_str()),
             info: NodeInfo {
                 name: "fake".into(),

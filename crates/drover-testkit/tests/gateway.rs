@@ -166,3 +166,29 @@ async fn an_idle_agent_keeps_one_connection() {
     assert_eq!(sessions().await, 1, "the idle agent reconnected");
     assert_eq!(c.controller.connected_agents(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_agent_is_welcomed_at_version_1_and_runs_a_job() {
+    let c = TestCluster::start().await.unwrap();
+    let api = c.api();
+    // Exactly what a version 1 agent sends: one version, no range.
+    let mut old = FakeAgent::connect(&c.url, JOIN_TOKEN).await.unwrap();
+    old.send(&FakeAgent::hello(1)).await;
+    match old.recv().await {
+        Some(ControllerMessage::Welcome {
+            protocol_version, ..
+        }) => assert_eq!(protocol_version, 1),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+    api.apply_yaml("name: legacy\nruntime: mock\n")
+        .await
+        .unwrap();
+    let task = old.next_start().await;
+    old.send(&event(1, &task, TaskState::Running, None)).await;
+    old.send(&event(2, &task, TaskState::Succeeded, Some(0)))
+        .await;
+    let (job, _) = api.wait_final("legacy", T).await.unwrap();
+    assert_eq!(job.job.status, drover_core::state::JobStatus::Complete);
+    let nodes = api.nodes().await.unwrap();
+    assert_eq!(nodes[0].node.protocol_version, 1);
+}
