@@ -9,6 +9,19 @@ use serde::de::DeserializeOwned;
 use std::path::Path;
 use std::time::Duration;
 
+/// How many times a submission is sent when the server cannot be reached.
+const APPLY_ATTEMPTS: u64 = 3;
+
+/// How a submission is made.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyRequest {
+    /// Makes a repeat of the same request (a retry, here or by the user) do nothing new;
+    /// a fresh key is used when absent.
+    pub idempotency_key: Option<String>,
+    /// Run an unchanged spec again if its job has finished.
+    pub rerun: bool,
+}
+
 /// What `HEAD /v1/blobs/{digest}` says.
 pub struct BlobCheck {
     pub exists: bool,
@@ -130,8 +143,46 @@ impl Client {
         self.call(req, &format!("DELETE {path}")).await
     }
 
-    pub async fn apply(&self, spec: &JobSpec) -> Result<ApplyResponse> {
-        self.post("/v1/jobs", serde_json::to_vec(spec)?).await
+    /// Submits a spec. The request carries an idempotency key (the caller's, or a fresh
+    /// one), so when the server cannot be reached or its answer is lost the request is
+    /// sent again safely: the server carries out a key once.
+    pub async fn apply(&self, spec: &JobSpec, how: &ApplyRequest) -> Result<ApplyResponse> {
+        let key = how
+            .idempotency_key
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let path = if how.rerun {
+            "/v1/jobs?rerun=true"
+        } else {
+            "/v1/jobs"
+        };
+        let body = serde_json::to_vec(spec)?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let req = self
+                .http
+                .post(format!("{}{path}", self.base))
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .header(drover_core::api::IDEMPOTENCY_KEY_HEADER, &key)
+                .bearer_auth(&self.token)
+                .timeout(std::time::Duration::from_secs(30))
+                .body(body.clone());
+            match req.send().await {
+                Ok(resp) => {
+                    let resp = self.check(resp).await?;
+                    return resp
+                        .json()
+                        .await
+                        .with_context(|| format!("decoding the answer to POST {path}"));
+                }
+                Err(e) if attempt < APPLY_ATTEMPTS => {
+                    tracing::debug!("POST {path} failed ({e}); sending it again with the same key");
+                    tokio::time::sleep(std::time::Duration::from_millis(300 * attempt)).await;
+                }
+                Err(e) => return Err(self.connect_error(e)),
+            }
+        }
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobView>> {

@@ -446,7 +446,15 @@ enum JobCmd {
     Apply {
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        /// Makes the submission safe to repeat: within 24 hours, another apply with the
+        /// same key gets the first answer and changes nothing (a retry after a lost
+        /// answer runs nothing twice). The CLI uses a fresh key for its own retries
+        /// when none is given.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
     },
+    /// Run a finished job again, unchanged, as a new version.
+    Rerun { name: String },
     /// List jobs.
     Ls,
     /// Show a job and its tasks.
@@ -956,7 +964,12 @@ async fn upload_if_missing(c: &Client, r: &ArtifactRef, path: &Path) -> Result<(
 
 /// Submits the job, streams its output and returns the exit code it ended with.
 async fn run_on(c: &Client, spec: &JobSpec) -> Result<i32> {
-    let applied = c.apply(spec).await?;
+    // `run` means run: an unchanged finished job of the same name runs again.
+    let how = client::ApplyRequest {
+        idempotency_key: None,
+        rerun: true,
+    };
+    let applied = c.apply(spec, &how).await?;
     let name = applied.job.job.name.clone();
     let path = format!("/v1/jobs/{name}/logs");
     // While the task prepares (an environment build can take a while), a terminal shows
@@ -1105,7 +1118,10 @@ async fn logs(c: &Client, a: &LogsArgs) -> Result<i32> {
 
 async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
     match cmd {
-        JobCmd::Apply { file } => {
+        JobCmd::Apply {
+            file,
+            idempotency_key,
+        } => {
             let name = file.display().to_string();
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {name}"))?;
             let mut spec = JobSpec::from_yaml(&text, &name)?;
@@ -1114,12 +1130,44 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("."));
             resolve_working_dir(c, &mut spec, &base).await?;
-            let res = c.apply(&spec).await?;
+            let how = client::ApplyRequest {
+                idempotency_key: idempotency_key.clone(),
+                rerun: false,
+            };
+            let res = c.apply(&spec, &how).await?;
+            match out {
+                Output::Json => output::json(&res)?,
+                Output::Table => {
+                    let job = &res.job.job;
+                    println!("job {} {} (version {})", job.name, res.result, job.version);
+                    if res.result == "unchanged" && job.status.is_final() {
+                        println!(
+                            "it has {}; `drover job rerun {}` runs it again",
+                            job.status, job.name
+                        );
+                    }
+                }
+            }
+            Ok(0)
+        }
+        JobCmd::Rerun { name } => {
+            let current = c.job(name).await?;
+            if !current.job.status.is_final() {
+                bail!(
+                    "job {name} is still running (version {}); rerun is for finished jobs: stop it first, or change its spec and apply it",
+                    current.job.version
+                );
+            }
+            let how = client::ApplyRequest {
+                idempotency_key: None,
+                rerun: true,
+            };
+            let res = c.apply(&current.job.spec, &how).await?;
             match out {
                 Output::Json => output::json(&res)?,
                 Output::Table => println!(
-                    "job {} {} (version {})",
-                    res.job.job.name, res.result, res.job.job.version
+                    "job {} re-run as version {}",
+                    res.job.job.name, res.job.job.version
                 ),
             }
             Ok(0)

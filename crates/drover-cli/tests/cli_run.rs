@@ -252,3 +252,62 @@ fn server_logs_can_be_json_lines() {
     );
     up.terminate();
 }
+
+#[test]
+fn applying_a_finished_job_again_changes_nothing_and_rerun_runs_it_again() {
+    let home = Home::new();
+    let (_up, _) = home.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
+    let runs = home.path().join("runs");
+    let job = write(
+        home.path(),
+        "job.yaml",
+        &format!(
+            "name: nightly\ncommand: [sh, -c, 'echo run >> {}']\n",
+            runs.display()
+        ),
+    );
+    let file = job.to_str().unwrap();
+    let out = home.run(&["job", "apply", "-f", file, "--idempotency-key", "k-1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let finished = || {
+        json(&home.run(&["job", "status", "nightly", "-o", "json"]))["job"]["status"] == "complete"
+    };
+    wait_until("the job to complete", Duration::from_secs(20), finished);
+    // The same request again (a retry, say) gets the first answer.
+    let out = home.run(&["job", "apply", "-f", file, "--idempotency-key", "k-1"]);
+    assert!(
+        stdout(&out).contains("nightly created (version 1)"),
+        "{}",
+        stdout(&out)
+    );
+    // Without a key, the unchanged spec of a finished job changes nothing either, and
+    // the CLI says how to run it again.
+    let out = home.run(&["job", "apply", "-f", file]);
+    let text = stdout(&out);
+    assert!(text.contains("nightly unchanged (version 1)"), "{text}");
+    assert!(text.contains("drover job rerun nightly"), "{text}");
+    let out = home.run(&["job", "rerun", "nightly"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("re-run as version 2"),
+        "{}",
+        stdout(&out)
+    );
+    wait_until("the rerun to complete", Duration::from_secs(20), finished);
+    assert_eq!(std::fs::read_to_string(&runs).unwrap(), "run\nrun\n");
+    // A running job is not rerun.
+    let svc = write(
+        home.path(),
+        "svc.yaml",
+        "name: svc\nkind: service\ncommand: [sleep, '30']\nstop_grace: 1s\n",
+    );
+    assert!(
+        home.run(&["job", "apply", "-f", svc.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = home.run(&["job", "rerun", "svc"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("still running"), "{}", stderr(&out));
+    assert!(home.run(&["job", "stop", "svc"]).status.success());
+}

@@ -462,13 +462,43 @@ async fn prune_envs(
     Ok(Json(serde_json::json!({ "nodes": names })))
 }
 
+/// `POST /v1/jobs` query: `rerun=true` runs an unchanged spec again once its job has
+/// finished.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyQuery {
+    #[serde(default)]
+    rerun: bool,
+}
+
 async fn apply_job(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
+    headers: HeaderMap,
+    query: Result<Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     p.require_write()?;
     tracing::debug!("apply request");
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!(
+                "query: {}; the only parameter is rerun=true|false",
+                e.body_text()
+            ),
+        )
+    })?;
+    let idempotency_key = match headers.get(drover_core::api::IDEMPOTENCY_KEY_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| "not text".to_string())
+                .and_then(drover_core::api::parse_idempotency_key)
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))?,
+        ),
+    };
     let spec = JobSpec::from_json(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -508,7 +538,21 @@ async fn apply_job(
             ));
         }
     }
-    let res = inner.apply_job(p.project.clone(), spec).await?;
+    let how = crate::ops::ApplyOptions {
+        idempotency_key,
+        rerun: query.rerun,
+    };
+    let res = inner
+        .apply_job(p.project.clone(), spec, how)
+        .await
+        .map_err(|e| match e {
+            crate::ops::ApplyError::Store(e) => ApiError::from(e),
+            crate::ops::ApplyError::KeyReused(m) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                m,
+            ),
+        })?;
     let status = if res.result == "created" {
         StatusCode::CREATED
     } else {

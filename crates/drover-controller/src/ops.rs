@@ -16,6 +16,23 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// How a submission is carried out.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ApplyOptions {
+    /// The request's `Idempotency-Key`: a repeat with it gets the first answer.
+    pub idempotency_key: Option<String>,
+    /// Run an unchanged spec again when its job has finished (`drover job rerun`).
+    pub rerun: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    KeyReused(String),
+}
+
 impl Inner {
     /// Creates a job, or a new version of it when the spec changed (or the previous one
     /// has finished). Returns once the result is durably stored.
@@ -23,15 +40,40 @@ impl Inner {
         &self,
         project: ProjectId,
         spec: JobSpec,
-    ) -> Result<ApplyResponse, StoreError> {
+        how: ApplyOptions,
+    ) -> Result<ApplyResponse, ApplyError> {
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let mut tx = Tx::default();
         let now = self.now();
+        if let Some(key) = &how.idempotency_key
+            && let Some(first) = state.job_by_key(&project, key, now)
+        {
+            // A retry of a request that was carried out: the first answer again,
+            // whatever has happened to the job since.
+            if first.spec != spec {
+                return Err(ApplyError::KeyReused(format!(
+                    "idempotency key {key:?} was used for a different spec of job {} (version {}); use a new key for a new request",
+                    first.name, first.version
+                )));
+            }
+            let result = if first.version == 1 {
+                "created"
+            } else {
+                "updated"
+            };
+            return Ok(ApplyResponse {
+                job: state.job_view(first),
+                result: result.into(),
+            });
+        }
         let existing = state.job_by_name(&project, &spec.name).cloned();
+        // The same spec again changes nothing, running or finished: running an unchanged
+        // finished job again is asked for explicitly (`drover job rerun`), never a side
+        // effect of a resubmission.
         if let Some(cur) = &existing
-            && !cur.status.is_final()
             && cur.spec == spec
+            && !(how.rerun && cur.status.is_final())
         {
             return Ok(ApplyResponse {
                 job: state.job_view(cur),
@@ -66,6 +108,7 @@ impl Inner {
             exit: None,
             created_at: now,
             updated_at: now,
+            idempotency_key: how.idempotency_key,
         };
         tx.put(state, Change::Job(job.clone()));
         let mut ids = Vec::with_capacity(job.spec.count as usize);

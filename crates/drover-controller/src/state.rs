@@ -23,6 +23,8 @@ pub struct State {
     pub jobs: HashMap<JobId, Job>,
     /// The current (newest) version of each job name in each project.
     pub current: HashMap<(ProjectId, String), JobId>,
+    /// Job versions by the idempotency key of the request that made them.
+    pub by_key: HashMap<(ProjectId, String), JobId>,
     pub tasks: HashMap<TaskId, Task>,
     pub tasks_by_job: HashMap<JobId, Vec<TaskId>>,
     pub nodes: HashMap<NodeId, NodeEntry>,
@@ -134,6 +136,10 @@ impl State {
                 if newer {
                     self.current.insert(key, j.id.clone());
                 }
+                if let Some(k) = &j.idempotency_key {
+                    self.by_key
+                        .insert((j.project.clone(), k.clone()), j.id.clone());
+                }
                 self.jobs.insert(j.id.clone(), j);
             }
             Change::Node(n) => match self.nodes.get_mut(&n.id) {
@@ -240,6 +246,15 @@ impl State {
             n.allocated.memory.0 = n.allocated.memory.0.saturating_sub(d.memory.0);
             n.tasks.remove(&t.id);
         }
+    }
+
+    /// The job version a request with this idempotency key made, if it was made within
+    /// the window.
+    pub fn job_by_key(&self, project: &ProjectId, key: &str, now: i64) -> Option<&Job> {
+        self.by_key
+            .get(&(project.clone(), key.to_string()))
+            .and_then(|id| self.jobs.get(id))
+            .filter(|j| now.saturating_sub(j.created_at) < drover_core::api::IDEMPOTENCY_WINDOW_MS)
     }
 
     pub fn job_by_name(&self, project: &ProjectId, name: &str) -> Option<&Job> {

@@ -17,11 +17,30 @@ pub struct ErrorBody {
     pub code: String,
 }
 
+/// The request header that makes a submission safe to retry: a repeat with the same key
+/// (in the same project, within [`IDEMPOTENCY_WINDOW_MS`]) gets the first answer back.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// How long an idempotency key is remembered: 24 hours.
+pub const IDEMPOTENCY_WINDOW_MS: i64 = 24 * 3600 * 1000;
+
+/// Checks an idempotency key from a request: 1 to 255 visible ASCII characters.
+pub fn parse_idempotency_key(key: &str) -> Result<String, String> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "header {IDEMPOTENCY_KEY_HEADER}: expected 1 to 255 visible ASCII characters (a UUID, say), got {} bytes",
+            key.len()
+        ));
+    }
+    Ok(key.to_string())
+}
+
 /// What `POST /v1/jobs` answers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApplyResponse {
     pub job: JobView,
-    /// `created`, `updated` (new version) or `unchanged`.
+    /// `created`, `updated` (a new version: the spec changed, or a rerun was asked for)
+    /// or `unchanged` (the same spec as the current version, running or finished).
     pub result: String,
 }
 

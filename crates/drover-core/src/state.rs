@@ -234,6 +234,10 @@ pub struct Job {
     pub exit: Option<Exit>,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// The `Idempotency-Key` of the request that created this version, so that a retry
+    /// of that request gets this version back instead of making another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// Whether a node is taking work.

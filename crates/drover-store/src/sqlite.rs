@@ -345,6 +345,7 @@ mod tests {
             exit: None,
             created_at: 1,
             updated_at: 1,
+            idempotency_key: None,
         };
         let token = TokenRecord {
             hash: hash_token("secret"),

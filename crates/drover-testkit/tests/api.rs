@@ -383,6 +383,7 @@ async fn a_stored_spec_with_an_unbounded_grace_does_not_cut_the_stop_short() {
             exit: None,
             created_at: now,
             updated_at: now,
+            idempotency_key: None,
         };
         let task = Task {
             id: TaskId::generate(),
