@@ -21,8 +21,10 @@ const QUEUE: usize = 4096;
 const BATCH: usize = 512;
 
 async fn send_direct(ws: &mut WebSocket, msg: &ControllerMessage) {
-    if let Ok(text) = serde_json::to_string(msg) {
-        let _ = ws.send(Message::Text(text.into())).await;
+    if let Ok(text) = serde_json::to_string(msg)
+        && let Err(e) = ws.send(Message::Text(text.into())).await
+    {
+        tracing::debug!("telling an agent why it is refused: {e}");
     }
 }
 
@@ -277,9 +279,12 @@ async fn handle_batch(
         match inner.on_events(node_id, &events).await {
             // The ack goes out only after the commit, so an acknowledged event is stored.
             Ok(seq) => {
-                let _ = tx
-                    .send(crate::frame(&ControllerMessage::EventAck { seq }))
-                    .await;
+                let ack = crate::frame(&ControllerMessage::EventAck { seq });
+                if tx.send(ack).await.is_err() {
+                    // The connection is closing; the agent replays unacknowledged events
+                    // on its next one, and they are applied once.
+                    tracing::debug!(node = %node_id, seq, "event ack not sent: the connection closed");
+                }
             }
             Err(e) => {
                 tracing::error!(node = %node_id, "storing agent events: {e}; the agent will replay them")

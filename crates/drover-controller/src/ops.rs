@@ -527,12 +527,16 @@ impl Inner {
         }
         // The welcome must be the first message the agent reads, before any command, so
         // it is queued before the session becomes visible to senders.
-        let _ = out.try_send(crate::frame(&ControllerMessage::Welcome {
+        let welcome = crate::frame(&ControllerMessage::Welcome {
             protocol_version,
             node_id: node_id.clone(),
             heartbeat_interval_ms: self.cfg.heartbeat_interval.as_millis() as u64,
             last_event_seq,
-        }));
+        });
+        // The queue is new and empty, so only a connection already gone refuses it.
+        if out.try_send(welcome).is_err() {
+            tracing::debug!(node = %node_id, "welcome not sent: the connection closed");
+        }
         {
             let mut sessions = self.sessions_lock();
             sessions.insert(node_id.clone(), crate::Session { conn_id, tx: out });
