@@ -65,8 +65,12 @@ impl Server {
         let mut cmd = std::process::Command::new(drover_bin()?);
         cmd.arg(subcommand)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .env("HOME", home.path())
+            .arg(&data);
+        if subcommand == "server" {
+            // Every mock node of the scheduling benchmark connects from 127.0.0.1.
+            cmd.args(["--max-connections-per-ip", "4096"]);
+        }
+        cmd.env("HOME", home.path())
             .env("XDG_CONFIG_HOME", home.path().join("config"))
             .env("DROVER_LOG", "warn")
             .stdout(Stdio::null())

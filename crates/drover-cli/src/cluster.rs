@@ -71,6 +71,27 @@ pub fn runtimes(data_dir: &Path, opts: &RuntimeOptions) -> Result<Vec<Arc<dyn Ru
     Ok(out)
 }
 
+/// The controller's connection limits; `None` and the defaults keep the controller's own.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    pub max_per_ip: usize,
+    /// The cap on all connections; the controller's default (from the open-file limit)
+    /// when `None`.
+    pub max_total: Option<usize>,
+    pub header_read_timeout: std::time::Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        let d = ControllerConfig::new(PathBuf::new());
+        ConnectionLimits {
+            max_per_ip: d.max_connections_per_ip,
+            max_total: None,
+            header_read_timeout: d.header_read_timeout,
+        }
+    }
+}
+
 pub struct ServerOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
@@ -80,6 +101,7 @@ pub struct ServerOptions {
     pub heartbeat_interval: std::time::Duration,
     pub node_timeout: std::time::Duration,
     pub node_gone_after: std::time::Duration,
+    pub connections: ConnectionLimits,
 }
 
 pub struct RunningServer {
@@ -115,6 +137,11 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
     cfg.heartbeat_interval = opts.heartbeat_interval;
     cfg.node_timeout = opts.node_timeout;
     cfg.node_gone_after = opts.node_gone_after;
+    cfg.max_connections_per_ip = opts.connections.max_per_ip;
+    if let Some(n) = opts.connections.max_total {
+        cfg.max_connections = n;
+    }
+    cfg.header_read_timeout = opts.connections.header_read_timeout;
     cfg.bootstrap_tokens = vec![
         BootstrapToken {
             secret: opts.admin_token.clone(),
@@ -232,6 +259,7 @@ impl Ephemeral {
             heartbeat_interval: std::time::Duration::from_secs(2),
             node_timeout: std::time::Duration::from_secs(15),
             node_gone_after: std::time::Duration::from_secs(3600),
+            connections: ConnectionLimits::default(),
         })
         .await?;
         let agent = start_agent(AgentOptions {

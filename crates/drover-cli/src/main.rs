@@ -256,6 +256,8 @@ struct ServerArgs {
     reset_admin_token: bool,
     #[command(flatten)]
     timing: TimingArgs,
+    #[command(flatten)]
+    connections: ConnectionArgs,
     /// The token agents must present (default: generated once and kept in the data dir).
     #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
@@ -357,6 +359,43 @@ struct TimingArgs {
     /// that was still unknown.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     node_gone_after: std::time::Duration,
+}
+
+/// Limits on the connections `drover server` holds, so that clients that open many or
+/// send slowly cannot use up its file descriptors.
+#[derive(Args)]
+struct ConnectionArgs {
+    /// The most connections one client address may hold open; more are closed at once.
+    /// Agents behind one NAT address share it: raise it for a fleet larger than this
+    /// behind one address.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    max_connections_per_ip: u32,
+    /// The most connections held open at once from everyone (default: the open-file
+    /// limit, `ulimit -n`, less a reserve for the store, logs and blobs).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    max_connections: Option<u32>,
+    /// How long a client may take to send a request's headers; an idle keep-alive
+    /// connection is closed after this long too. Streaming answers (`logs -f`) and
+    /// agents' connections are not affected.
+    #[arg(long, default_value = "10s", value_parser = parse_positive_duration, value_name = "DURATION")]
+    header_read_timeout: std::time::Duration,
+}
+
+impl ConnectionArgs {
+    fn limits(&self) -> cluster::ConnectionLimits {
+        cluster::ConnectionLimits {
+            max_per_ip: self.max_connections_per_ip as usize,
+            max_total: self.max_connections.map(|n| n as usize),
+            header_read_timeout: self.header_read_timeout,
+        }
+    }
+}
+
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("expected a duration above zero, like 10s".into()),
+        d => Ok(d),
+    }
 }
 
 #[derive(Args)]
@@ -1506,6 +1545,7 @@ async fn up(a: &UpArgs) -> Result<i32> {
         heartbeat_interval: a.timing.heartbeat_interval,
         node_timeout: a.timing.node_timeout,
         node_gone_after: a.timing.node_gone_after,
+        connections: cluster::ConnectionLimits::default(),
     })
     .await?;
     let url = server.url();
@@ -1569,6 +1609,7 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         heartbeat_interval: a.timing.heartbeat_interval,
         node_timeout: a.timing.node_timeout,
         node_gone_after: a.timing.node_gone_after,
+        connections: a.connections.limits(),
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());

@@ -16,6 +16,7 @@ pub mod logs;
 pub mod metrics;
 mod ops;
 mod scheduler;
+mod serve;
 pub mod state;
 mod tenants;
 
@@ -24,7 +25,6 @@ use drover_core::{Millis, NodeId, ProjectId, now_millis};
 use drover_store::{Change, Role, Store, StoreError, TokenRecord, hash_token};
 use state::State;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +69,19 @@ pub struct ControllerConfig {
     /// A blob no artifact references is kept this long after it was last written, since
     /// it may belong to a push whose artifact is not created yet.
     pub blob_grace: Duration,
+    /// How long a connection may take to send a request's headers. The clock starts
+    /// when the connection opens and again whenever a kept-alive connection waits for
+    /// its next request, so this is also how long an idle keep-alive connection is kept
+    /// (hyper has one timer for both). It stops once the headers are in: a streaming
+    /// answer (`logs -f`) or an agent's WebSocket is never cut by it.
+    pub header_read_timeout: Duration,
+    /// The most connections one client address may hold open; more are closed as soon
+    /// as they are accepted. Agents behind one NAT address count together.
+    pub max_connections_per_ip: usize,
+    /// The most connections held open at once from everyone; more are closed as soon as
+    /// they are accepted. The default is the open-file limit less a reserve, so the
+    /// controller keeps descriptors for its store, logs and blobs.
+    pub max_connections: usize,
 }
 
 impl ControllerConfig {
@@ -84,6 +97,9 @@ impl ControllerConfig {
             bootstrap_tokens: Vec::new(),
             max_blob_size: 2 << 30,
             blob_grace: Duration::from_secs(3600),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 256,
+            max_connections: serve::default_max_connections(),
         }
     }
 }
@@ -251,25 +267,16 @@ impl Controller {
         api::router(self.inner.clone())
     }
 
-    /// Serves the router on `listener` until shutdown.
+    /// Serves the router on `listener` until shutdown, within the config's connection
+    /// limits (header timeout, per-address and overall caps).
     pub async fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-        use axum::serve::ListenerExt;
-        let token = self.inner.shutdown.clone();
-        // API answers and agent messages are small; without TCP_NODELAY a write that
-        // follows another unacknowledged one waits out the peer's delayed-ACK timer
-        // (40 ms on Linux).
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!("setting TCP_NODELAY: {e}");
-            }
-        });
-        axum::serve(
-            listener,
-            self.router()
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await
+        let cfg = &self.inner.cfg;
+        let limits = serve::Limits {
+            header_read_timeout: cfg.header_read_timeout,
+            max_per_ip: cfg.max_connections_per_ip,
+            max_total: cfg.max_connections,
+        };
+        serve::serve(self.inner.clone(), self.router(), listener, limits).await
     }
 
     /// Stops the background loops and the server, and closes agent connections.

@@ -14,6 +14,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabel {
     pub job: String,
 }
@@ -36,6 +41,11 @@ pub struct Metrics {
     pub scheduling_pass: Histogram,
     /// Seconds spent choosing nodes for a batch of tasks (without the commit).
     pub placement: Histogram,
+    /// HTTP connections open right now (API clients, log followers and agents).
+    pub http_connections: Gauge,
+    /// Connections closed as soon as they were accepted, by the limit they were over
+    /// (`per_ip` or `total`); a rising count means a client opens more than it should.
+    pub http_connections_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -94,8 +104,22 @@ impl Metrics {
             "Resident memory of a job's running tasks, summed over them, whatever their runtime",
             job_memory_bytes.clone(),
         );
+        let http_connections = Gauge::default();
+        let http_connections_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "http_connections",
+            "HTTP connections open, agents' included",
+            http_connections.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "Connections closed on accept for being over a connection limit, by limit",
+            http_connections_refused.clone(),
+        );
         Metrics {
             registry,
+            http_connections,
+            http_connections_refused,
             job_cpu_seconds,
             job_memory_bytes,
             tasks,

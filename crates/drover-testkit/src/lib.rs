@@ -48,6 +48,11 @@ pub struct ClusterOptions {
     pub start_deadline: Duration,
     /// How long past its grace a task asked to stop may take to end.
     pub stop_deadline: Duration,
+    /// How long a connection may take to send a request's headers (also how long an
+    /// idle keep-alive connection is kept).
+    pub header_read_timeout: Duration,
+    /// The most connections one client address may hold open.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for ClusterOptions {
@@ -58,6 +63,8 @@ impl Default for ClusterOptions {
             node_gone_after: Duration::from_secs(3600),
             start_deadline: Duration::from_secs(300),
             stop_deadline: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections_per_ip: 256,
         }
     }
 }
@@ -142,6 +149,8 @@ impl TestCluster {
         cfg.node_gone_after = opts.node_gone_after;
         cfg.start_deadline = opts.start_deadline;
         cfg.stop_deadline = opts.stop_deadline;
+        cfg.header_read_timeout = opts.header_read_timeout;
+        cfg.max_connections_per_ip = opts.max_connections_per_ip;
         cfg.command_resend_after = Duration::from_millis(500);
         cfg.bootstrap_tokens = vec![
             BootstrapToken {
