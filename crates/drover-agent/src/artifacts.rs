@@ -56,6 +56,9 @@ pub struct CacheConfig {
     /// headers, and each piece of the body. A slow but steady download of a big blob is
     /// never cut short; a stalled one is.
     pub timeout: Duration,
+    /// How an `https://` controller's certificate is trusted; reqwest's own default
+    /// (the system's roots) when `None`.
+    pub tls: Option<Arc<drover_tls::rustls::ClientConfig>>,
 }
 
 /// Why a blob could not be had. Every error names the blob. It is `Clone` because one
@@ -188,8 +191,15 @@ impl ArtifactCache {
             state.blobs.insert(digest, blob);
         }
         state.evict(&cfg.dir, cfg.limit_bytes);
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.timeout)
+            // Closed before the controller's own idle timeout (10 s by default) closes
+            // it, so a download never starts on a connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(5));
+        if let Some(tls) = &cfg.tls {
+            builder = builder.tls_backend_preconfigured(tls.as_ref().clone());
+        }
+        let client = builder
             .build()
             .map_err(|e| io::Error::other(format!("building the HTTP client: {e}")))?;
         Ok(Arc::new(ArtifactCache {

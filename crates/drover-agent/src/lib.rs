@@ -67,6 +67,9 @@ pub struct AgentConfig {
     /// Python environments no running task uses are evicted, least recently used
     /// first, past this many bytes.
     pub env_cache_bytes: u64,
+    /// How an `https://` controller's certificate is trusted (a CA file, a pinned
+    /// fingerprint); the system's roots when `None`. Unused for `http://`.
+    pub tls: Option<drover_tls::ClientTls>,
 }
 
 impl AgentConfig {
@@ -90,6 +93,7 @@ impl AgentConfig {
             emulate: Vec::new(),
             python: PathBuf::from("python3"),
             env_cache_bytes: 5 << 30,
+            tls: None,
         }
     }
 }
@@ -103,6 +107,8 @@ pub enum AgentError {
     },
     #[error("bad server URL {0:?}: expected http://HOST:PORT or https://HOST:PORT")]
     ServerUrl(String),
+    #[error(transparent)]
+    Tls(#[from] drover_tls::TlsError),
     #[error("emulator {interpreter:?} for {platform}: {why}")]
     Emulator {
         platform: drover_core::platform::Platform,
@@ -220,6 +226,13 @@ impl Agent {
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(dd)?;
         let url = connect_url(&cfg.server)?;
+        // TLS is set up only for a TLS URL, so a plain one never depends on the system's
+        // certificate store.
+        let tls = match &cfg.tls {
+            _ if !url.starts_with("wss://") => None,
+            Some(t) => Some(t.clone()),
+            None => Some(drover_tls::ClientTls::new(None, None)?),
+        };
         let emulate = cfg
             .emulate
             .iter()
@@ -260,6 +273,7 @@ impl Agent {
             server: cfg.server.trim_end_matches('/').to_string(),
             token: cfg.join_token.clone(),
             timeout: Duration::from_secs(30),
+            tls: tls.as_ref().map(|t| t.config()),
         })
         .map_err(dd)?;
         let python = {
@@ -346,6 +360,7 @@ impl Agent {
         let conn = Connection {
             hello_version: std::sync::atomic::AtomicU32::new(PROTOCOL_VERSION),
             url,
+            tls,
             cfg: cfg.clone(),
             node_id: node_id.clone(),
             info,
@@ -415,6 +430,8 @@ struct Connection {
     /// speaks.
     hello_version: std::sync::atomic::AtomicU32,
     url: String,
+    /// Set for a `wss://` URL.
+    tls: Option<drover_tls::ClientTls>,
     cfg: AgentConfig,
     node_id: NodeId,
     info: NodeInfo,
@@ -428,6 +445,9 @@ enum SessionEnd {
     Dropped(String),
     /// The controller refused us; try again, but slowly.
     Rejected(String),
+    /// The server's certificate was not trusted (nothing, not even the join token, was
+    /// sent); try again slowly, since only its operator or ours can fix it.
+    Untrusted(String),
     Shutdown,
 }
 
@@ -444,6 +464,10 @@ impl Connection {
                 SessionEnd::Dropped(why) => tracing::warn!("controller connection: {why}"),
                 SessionEnd::Rejected(why) => {
                     tracing::error!("the controller refused this agent: {why}");
+                    backoff = self.cfg.max_backoff;
+                }
+                SessionEnd::Untrusted(why) => {
+                    tracing::error!("not connecting to {}: {why}", self.cfg.server);
                     backoff = self.cfg.max_backoff;
                 }
             }
@@ -486,7 +510,7 @@ impl Connection {
         }
         let connect = tokio::time::timeout(
             Duration::from_secs(10),
-            tokio_tungstenite::connect_async_with_config(
+            tokio_tungstenite::connect_async_tls_with_config(
                 req,
                 // A small read buffer: tungstenite zeroes it before every read.
                 Some(
@@ -494,6 +518,9 @@ impl Connection {
                         .read_buffer_size(8 * 1024),
                 ),
                 true,
+                self.tls
+                    .as_ref()
+                    .map(|t| tokio_tungstenite::Connector::Rustls(t.config())),
             ),
         );
         let ws = tokio::select! {
@@ -503,7 +530,14 @@ impl Connection {
                 Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) if resp.status().as_u16() == 401 => {
                     return (SessionEnd::Rejected("the join token was not accepted".into()), false);
                 }
-                Ok(Err(e)) => return (SessionEnd::Dropped(format!("connecting to {}: {e}", self.url)), false),
+                Ok(Err(e)) => {
+                    // The handshake's own error says little ("invalid peer certificate");
+                    // the verifier kept a sentence saying which certificate and why.
+                    if let Some(why) = self.tls.as_ref().and_then(|t| t.take_refusal()) {
+                        return (SessionEnd::Untrusted(why), false);
+                    }
+                    return (SessionEnd::Dropped(format!("connecting to {}: {e}", self.url)), false);
+                }
                 Err(_) => return (SessionEnd::Dropped(format!("connecting to {}: timed out", self.url)), false),
             },
         };

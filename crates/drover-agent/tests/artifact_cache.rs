@@ -130,6 +130,7 @@ impl Fixture {
             server: self.url.clone(),
             token: TOKEN.into(),
             timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 

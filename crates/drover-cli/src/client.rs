@@ -34,20 +34,30 @@ pub struct Client {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// How an `https://` server's certificate is trusted; `None` for `http://`.
+    tls: Option<drover_tls::ClientTls>,
 }
 
-fn http_client(project: Option<&str>) -> Result<reqwest::Client> {
+fn http_client(
+    project: Option<&str>,
+    tls: Option<&drover_tls::ClientTls>,
+) -> Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(p) = project {
         let value = reqwest::header::HeaderValue::from_str(p)
             .map_err(|_| anyhow!("project {p:?}: expected a project name"))?;
         headers.insert(drover_core::auth::PROJECT_HEADER, value);
     }
-    reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
-        .default_headers(headers)
-        .build()
-        .context("building the HTTP client")
+        // Closed before the server's idle timeout (10 s by default) closes it, so a
+        // request never goes out on a connection the server is closing.
+        .pool_idle_timeout(Duration::from_secs(5))
+        .default_headers(headers);
+    if let Some(tls) = tls {
+        builder = builder.tls_backend_preconfigured(tls.config().as_ref().clone());
+    }
+    builder.build().context("building the HTTP client")
 }
 
 /// An error the server answered with; the CLI maps these to exit codes.
@@ -60,15 +70,19 @@ pub struct ApiError {
 }
 
 impl Client {
-    pub fn new(base: &str, token: &str) -> Result<Client> {
+    /// A client of the server at `base`; `tls` says how to trust an `https://` one and
+    /// is ignored for `http://`.
+    pub fn new(base: &str, token: &str, tls: Option<drover_tls::ClientTls>) -> Result<Client> {
         let base = base.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!("server {base:?} is not a URL; expected http://HOST:PORT");
+            bail!("server {base:?} is not a URL; expected https://HOST:PORT or http://HOST:PORT");
         }
+        let tls = tls.filter(|_| base.starts_with("https://"));
         Ok(Client {
+            http: http_client(None, tls.as_ref())?,
             base,
             token: token.to_string(),
-            http: http_client(None)?,
+            tls,
         })
     }
 
@@ -76,7 +90,7 @@ impl Client {
     /// and a project token's requests are refused unless it is the token's own.
     pub fn in_project(mut self, project: Option<&str>) -> Result<Client> {
         if project.is_some() {
-            self.http = http_client(project)?;
+            self.http = http_client(project, self.tls.as_ref())?;
         }
         Ok(self)
     }
@@ -100,6 +114,15 @@ impl Client {
     }
 
     fn connect_error(&self, e: reqwest::Error) -> anyhow::Error {
+        // A refused certificate surfaces from reqwest as a bare handshake error; the
+        // verifier kept what was wrong, and the user needs to know what to pass.
+        if let Some(why) = self.tls.as_ref().and_then(|t| t.take_refusal()) {
+            return anyhow!(
+                "cannot trust the Drover server at {}: {why}. Pass --ca FILE (or set DROVER_CA, or `ca:` in the config file) with the server's certificate or its CA, \
+                 or pin the certificate with --server-fingerprint sha256:HEX (DROVER_SERVER_FINGERPRINT, `server_fingerprint:`) as `drover server` prints it",
+                self.base
+            );
+        }
         anyhow!(
             "cannot reach the Drover server at {}: {e}. Is it running? (`drover up` starts one)",
             self.base

@@ -102,17 +102,26 @@ pub struct ServerOptions {
     pub node_timeout: std::time::Duration,
     pub node_gone_after: std::time::Duration,
     pub connections: ConnectionLimits,
+    /// Serve HTTPS (and WSS to agents) with this; plain HTTP when `None`.
+    pub tls: Option<drover_tls::ServerIdentity>,
 }
 
 pub struct RunningServer {
     pub controller: Controller,
     pub addr: SocketAddr,
+    /// The fingerprint of the certificate it serves, when it serves TLS.
+    pub fingerprint: Option<drover_tls::Fingerprint>,
     serve: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 impl RunningServer {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.fingerprint.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub async fn stop(self) {
@@ -162,10 +171,15 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
         .with_context(|| format!("listening on {}", opts.listen))?;
     let addr = listener.local_addr()?;
     let c = controller.clone();
-    let serve = tokio::spawn(async move { c.serve(listener).await });
+    let fingerprint = opts.tls.as_ref().map(|t| t.fingerprint);
+    let serve = match opts.tls {
+        Some(tls) => tokio::spawn(async move { c.serve_tls(listener, tls.config).await }),
+        None => tokio::spawn(async move { c.serve(listener).await }),
+    };
     Ok(RunningServer {
         controller,
         addr,
+        fingerprint,
         serve,
     })
 }
@@ -207,6 +221,8 @@ pub struct AgentOptions {
     pub labels: BTreeMap<String, String>,
     pub capacity: Option<Resources>,
     pub runtimes: RuntimeOptions,
+    /// How an `https://` server's certificate is trusted; the system's roots when `None`.
+    pub tls: Option<drover_tls::ClientTls>,
 }
 
 pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
@@ -217,6 +233,7 @@ pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
     }
     cfg.labels = opts.labels;
     cfg.capacity = opts.capacity;
+    cfg.tls = opts.tls;
     cfg.emulate = opts.runtimes.emulate.clone();
     if let Some(bytes) = opts.runtimes.artifact_cache_bytes {
         cfg.artifact_cache_bytes = bytes;
@@ -260,6 +277,9 @@ impl Ephemeral {
             node_timeout: std::time::Duration::from_secs(15),
             node_gone_after: std::time::Duration::from_secs(3600),
             connections: ConnectionLimits::default(),
+            // The cluster lives and dies with this process on loopback; TLS would only
+            // slow every `drover run` down.
+            tls: None,
         })
         .await?;
         let agent = start_agent(AgentOptions {
@@ -270,6 +290,7 @@ impl Ephemeral {
             labels: BTreeMap::new(),
             capacity: None,
             runtimes,
+            tls: None,
         })
         .await?;
         Ok(Ephemeral {

@@ -15,6 +15,14 @@ pub struct CliConfig {
     /// The project commands act in, as `--project` would set it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project: Option<String>,
+    /// A PEM file of the CA (or the server's own certificate) to trust for an
+    /// `https://` server, as `--ca` would give it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
+    /// The SHA-256 fingerprint an `https://` server's certificate must have, as
+    /// `--server-fingerprint` would give it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_fingerprint: Option<String>,
 }
 
 /// `$XDG_CONFIG_HOME/drover/config.yaml`, or `~/.config/drover/config.yaml`.

@@ -61,9 +61,25 @@ const JOIN_TOKEN_ENV: &str = "DROVER_JOIN_TOKEN";
         from --project, then DROVER_PROJECT, then `project:` in that file."
 )]
 struct Cli {
-    /// The controller's URL, e.g. http://127.0.0.1:7700.
+    /// The controller's URL, e.g. https://controller:7700 (`drover up` serves
+    /// http://127.0.0.1:7700).
     #[arg(long, global = true, env = "DROVER_SERVER")]
     server: Option<String>,
+    /// For an https:// server: a PEM file of the CA that signed its certificate, or of
+    /// the certificate itself (a copy of a server's generated DATA_DIR/tls/cert.pem),
+    /// trusted instead of the system's roots.
+    #[arg(long, global = true, env = "DROVER_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// For an https:// server: trust its certificate only if its SHA-256 fingerprint is
+    /// this, as `drover server` prints it (sha256:HEX). With no --ca, the pin alone
+    /// decides, which suits a server's generated certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "DROVER_SERVER_FINGERPRINT",
+        value_name = "sha256:HEX"
+    )]
+    server_fingerprint: Option<String>,
     /// The API token.
     #[arg(long, global = true, env = "DROVER_TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -94,10 +110,13 @@ enum Cmd {
     Up(UpArgs),
     /// Run only the controller; agents join with the join token it keeps in its data dir.
     #[command(
-        after_help = "Agents join with the token in DATA_DIR/join-token. Give it to them in a file or in\n\
+        after_help = "The server serves HTTPS: with --tls-cert and --tls-key, or else with a certificate it\n\
+            generates once and keeps in DATA_DIR/tls/. It prints the certificate's fingerprint, which\n\
+            agents and clients pin to trust it (--insecure-http serves plain HTTP instead).\n\n\
+            Agents join with the token in DATA_DIR/join-token. Give it to them in a file or in\n\
             the environment, not on the command line, where `ps` shows it to every user:\n  \
-            drover agent --server http://CONTROLLER:7700 --join-token-file /etc/drover/join-token\n  \
-            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server http://CONTROLLER:7700\n\n\
+            drover agent --server https://CONTROLLER:7700 --server-fingerprint sha256:HEX --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server https://CONTROLLER:7700 --ca cert.pem\n\n\
             The cluster admin token is in DATA_DIR/admin-token. If every cluster admin token was\n\
             revoked or lost, make a new one on this host (it needs the data dir, not a token):\n  \
             drover server --reset-admin-token --data-dir DATA_DIR"
@@ -108,8 +127,11 @@ enum Cmd {
         after_help = "The join token comes from --join-token-file or, without it, from DROVER_JOIN_TOKEN.\n\
             --join-token still works (a flag wins over the variable), but `ps` shows it to every\n\
             user of the machine:\n  \
-            drover agent --server http://CONTROLLER:7700 --join-token-file /etc/drover/join-token\n  \
-            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server http://CONTROLLER:7700"
+            drover agent --server https://CONTROLLER:7700 --server-fingerprint sha256:HEX --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server https://CONTROLLER:7700 --ca cert.pem\n\n\
+            An https:// server's certificate is trusted by --server-fingerprint (as `drover server`\n\
+            prints it), by --ca FILE, or else by the system's roots; nothing is sent to a server\n\
+            that is not trusted."
     )]
     Agent(AgentArgs),
     /// Submit, list, inspect and stop jobs.
@@ -258,6 +280,27 @@ struct ServerArgs {
     timing: TimingArgs,
     #[command(flatten)]
     connections: ConnectionArgs,
+    /// The certificate chain (PEM) to serve HTTPS with, its own certificate first;
+    /// without it (and --tls-key) the server generates one in DATA_DIR/tls/.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_key",
+        conflicts_with = "insecure_http"
+    )]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        conflicts_with = "insecure_http"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP rather than HTTPS. Tokens then cross the network readable by
+    /// anyone on it: only for a network nobody else can reach.
+    #[arg(long)]
+    insecure_http: bool,
     /// The token agents must present (default: generated once and kept in the data dir).
     #[arg(long, env = "DROVER_JOIN_TOKEN", hide_env_values = true)]
     join_token: Option<String>,
@@ -707,9 +750,11 @@ fn main() {
 
 fn init_tracing(cmd: &Cmd) {
     // Long-running commands log at info; client commands stay quiet unless asked.
+    // The platform verifier logs every certificate it refuses as an error of its own;
+    // Drover reports the refusal itself, saying what to do, so its line is only noise.
     let default = match cmd {
-        Cmd::Up(_) | Cmd::Server(_) | Cmd::Agent(_) => "info",
-        _ => "warn",
+        Cmd::Up(_) | Cmd::Server(_) | Cmd::Agent(_) => "info,rustls_platform_verifier=off",
+        _ => "warn,rustls_platform_verifier=off",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -729,11 +774,49 @@ fn resolve(cli: &Cli) -> Result<Option<Client>> {
     let server = cli.server.clone().or(file.server);
     let token = cli.token.clone().or(file.token);
     let project = cli.project.clone().or(file.project);
+    let tls = match &server {
+        Some(s) if s.starts_with("https://") => {
+            let from_file = || {
+                config::config_path()
+                    .map(|p| format!("server_fingerprint: in {}", p.display()))
+                    .unwrap_or_else(|| "server_fingerprint: in the config file".into())
+            };
+            let pin = match (&cli.server_fingerprint, &file.server_fingerprint) {
+                (Some(p), _) => Some((p.clone(), "--server-fingerprint".to_string())),
+                (None, Some(p)) => Some((p.clone(), from_file())),
+                (None, None) => None,
+            };
+            let ca = cli.ca.clone().or(file.ca);
+            Some(client_tls(ca.as_deref(), pin)?)
+        }
+        _ => None,
+    };
     match (server, token) {
-        (Some(s), Some(t)) => Ok(Some(Client::new(&s, &t)?.in_project(project.as_deref())?)),
+        (Some(s), Some(t)) => Ok(Some(
+            Client::new(&s, &t, tls)?.in_project(project.as_deref())?,
+        )),
         (Some(s), None) => bail!("no token for {s}: pass --token or set DROVER_TOKEN"),
         (None, _) => Ok(None),
     }
+}
+
+/// How to trust an https:// server, from a CA file and a pin (with where the pin came
+/// from, for its error). A file that cannot be read or a pin that is not a fingerprint
+/// is a usage error naming its flag.
+fn client_tls(ca: Option<&Path>, pin: Option<(String, String)>) -> Result<drover_tls::ClientTls> {
+    let pin = match pin {
+        Some((text, source)) => Some(
+            text.parse::<drover_tls::Fingerprint>()
+                .map_err(|e| UsageError(format!("{source}: {e}")))?,
+        ),
+        None => None,
+    };
+    drover_tls::ClientTls::new(ca, pin).map_err(|e| match e {
+        drover_tls::TlsError::Read { .. } | drover_tls::TlsError::Content { .. } => {
+            UsageError(e.to_string()).into()
+        }
+        other => anyhow::Error::new(other),
+    })
 }
 
 fn require(cli: &Cli) -> Result<Client> {
@@ -745,7 +828,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Run(a) => run(&cli, a).await,
         Cmd::Up(a) => up(a).await,
         Cmd::Server(a) => server(a).await,
-        Cmd::Agent(a) => agent(cli.server.as_deref(), a).await,
+        Cmd::Agent(a) => agent(&cli, a).await,
         Cmd::Job(j) => {
             let c = require(&cli)?;
             job(&c, cli.output, j).await
@@ -941,7 +1024,7 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
                 ..Default::default()
             })
             .await?;
-            let c = Client::new(&cluster.server.url(), &cluster.token)?;
+            let c = Client::new(&cluster.server.url(), &cluster.token, None)?;
             let result = go(&c).await;
             cluster.stop().await;
             result
@@ -1546,6 +1629,9 @@ async fn up(a: &UpArgs) -> Result<i32> {
         node_timeout: a.timing.node_timeout,
         node_gone_after: a.timing.node_gone_after,
         connections: cluster::ConnectionLimits::default(),
+        // `drover up` is a single machine's cluster, on loopback unless told otherwise;
+        // its agent and CLI reach it over plain HTTP, as before.
+        tls: None,
     })
     .await?;
     let url = server.url();
@@ -1553,6 +1639,8 @@ async fn up(a: &UpArgs) -> Result<i32> {
         server: Some(url.clone()),
         token: Some(admin),
         project: None,
+        ca: None,
+        server_fingerprint: None,
     })?;
     let agent = cluster::start_agent(cluster::AgentOptions {
         server: url.clone(),
@@ -1562,6 +1650,7 @@ async fn up(a: &UpArgs) -> Result<i32> {
         labels: BTreeMap::new(),
         capacity: None,
         runtimes: a.runtimes.options(),
+        tls: None,
     })
     .await?;
     eprintln!("drover is up at {url} (data in {})", data_dir.display());
@@ -1600,6 +1689,7 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         Some(j) => j.clone(),
         None => config::secret_in(&data_dir, "join-token", "drj")?,
     };
+    let tls = server_tls(a, &data_dir)?;
     let mut server = cluster::start_server(cluster::ServerOptions {
         data_dir: data_dir.clone(),
         listen: a.listen,
@@ -1610,9 +1700,33 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         node_timeout: a.timing.node_timeout,
         node_gone_after: a.timing.node_gone_after,
         connections: a.connections.limits(),
+        tls: tls.as_ref().map(|t| t.identity.clone()),
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());
+    // How agents and clients are to trust it, appended to the commands printed below.
+    let trust = match &tls {
+        Some(t) => {
+            eprintln!(
+                "TLS certificate: {} ({}), fingerprint {}",
+                t.cert.display(),
+                t.origin,
+                t.identity.fingerprint
+            );
+            eprintln!(
+                "clients trust it with --server-fingerprint {} (or DROVER_SERVER_FINGERPRINT), or --ca with a copy of {} (or DROVER_CA)",
+                t.identity.fingerprint,
+                t.cert.display()
+            );
+            format!(" --server-fingerprint {}", t.identity.fingerprint)
+        }
+        None => {
+            eprintln!(
+                "serving plain HTTP (--insecure-http): tokens and job data cross the network unencrypted"
+            );
+            String::new()
+        }
+    };
     let admin_file = data_dir.join("admin-token");
     eprintln!(
         "cluster admin token: {} (use it with DROVER_TOKEN=\"$(cat {})\")",
@@ -1621,7 +1735,8 @@ async fn server(a: &ServerArgs) -> Result<i32> {
     );
     // A server listening on every address has no one URL agents should dial.
     let dial = if server.addr.ip().is_unspecified() {
-        format!("http://CONTROLLER-HOST:{}", server.addr.port())
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://CONTROLLER-HOST:{}", server.addr.port())
     } else {
         server.url()
     };
@@ -1637,9 +1752,9 @@ async fn server(a: &ServerArgs) -> Result<i32> {
             eprintln!("join token: {join_file}; agents join with (copy the file to their hosts):")
         }
     }
-    eprintln!("  drover agent --server {dial} --join-token-file {join_file}");
+    eprintln!("  drover agent --server {dial}{trust} --join-token-file {join_file}");
     eprintln!(
-        "  or {JOIN_TOKEN_ENV}=\"$(cat {join_file})\" drover agent --server {dial}  (not --join-token: `ps` shows it to every user)"
+        "  or {JOIN_TOKEN_ENV}=\"$(cat {join_file})\" drover agent --server {dial}{trust}  (not --join-token: `ps` shows it to every user)"
     );
     let result = tokio::select! {
         r = server.wait() => r,
@@ -1647,6 +1762,77 @@ async fn server(a: &ServerArgs) -> Result<i32> {
     };
     server.stop().await;
     result.map(|_| 0)
+}
+
+/// The certificate `drover server` serves, where it is, and where it came from.
+struct ServerTls {
+    identity: drover_tls::ServerIdentity,
+    cert: PathBuf,
+    origin: &'static str,
+}
+
+/// The server's TLS: the files of --tls-cert and --tls-key, else a self-signed
+/// certificate generated once into DATA_DIR/tls/ (its key readable by its owner only);
+/// none with --insecure-http.
+fn server_tls(a: &ServerArgs, data_dir: &Path) -> Result<Option<ServerTls>> {
+    if a.insecure_http {
+        return Ok(None);
+    }
+    let given = |e: drover_tls::TlsError| -> anyhow::Error {
+        match e {
+            drover_tls::TlsError::Config(_) => anyhow::Error::new(e),
+            _ => UsageError(e.to_string()).into(),
+        }
+    };
+    if let (Some(cert), Some(key)) = (&a.tls_cert, &a.tls_key) {
+        let identity = drover_tls::ServerIdentity::load(cert, key, "--tls-cert", "--tls-key")
+            .map_err(given)?;
+        return Ok(Some(ServerTls {
+            identity,
+            cert: cert.clone(),
+            origin: "given with --tls-cert",
+        }));
+    }
+    let dir = data_dir.join("tls");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = drover_tls::ensure_self_signed(&cert, &key, &certificate_names(a.listen))
+        .with_context(|| format!("the server's certificate in {}", dir.display()))?;
+    let identity = drover_tls::ServerIdentity::load(&cert, &key, "certificate", "key")
+        .with_context(|| {
+            format!(
+                "the server's certificate in {}; remove both files to have new ones generated",
+                dir.display()
+            )
+        })?;
+    Ok(Some(ServerTls {
+        identity,
+        cert,
+        origin: if made {
+            "generated now, self-signed"
+        } else {
+            "self-signed, generated earlier"
+        },
+    }))
+}
+
+/// The names a generated certificate is valid for: this host's loopback names, its host
+/// name and the address it listens on. Agents on other hosts usually pin its
+/// fingerprint instead, which does not depend on the name they dial.
+fn certificate_names(listen: SocketAddr) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let host = drover_agent::hostname();
+    if host.is_ascii() && !names.contains(&host) {
+        names.push(host);
+    }
+    let ip = listen.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        names.push(ip.to_string());
+    }
+    names
 }
 
 /// `--reset-admin-token` of `drover server` and `drover up`: a new cluster admin token
@@ -1665,9 +1851,21 @@ async fn reset_admin_token(controller_dir: &Path, token_file: &Path, then: &str)
     Ok(0)
 }
 
-async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
-    let server = server
+async fn agent(cli: &Cli, a: &AgentArgs) -> Result<i32> {
+    let server = cli
+        .server
+        .as_deref()
         .context("drover agent needs --server URL (or DROVER_SERVER): the controller to dial")?;
+    // The agent reads only its flags and environment, never the CLI's config file.
+    let tls = if server.starts_with("https://") {
+        let pin = cli
+            .server_fingerprint
+            .clone()
+            .map(|p| (p, "--server-fingerprint".to_string()));
+        Some(client_tls(cli.ca.as_deref(), pin)?)
+    } else {
+        None
+    };
     let join_token = a.join_token()?;
     let data_dir = a
         .data_dir
@@ -1691,6 +1889,7 @@ async fn agent(server: Option<&str>, a: &AgentArgs) -> Result<i32> {
         labels: a.labels.iter().cloned().collect(),
         capacity,
         runtimes: a.runtimes.options(),
+        tls,
     })
     .await?;
     eprintln!("drover agent {} dialling {server}", agent.node_id());

@@ -55,6 +55,7 @@ impl Fleet {
         let (d, line) = self.home.spawn(
             &[
                 "server",
+                "--insecure-http",
                 "--data-dir",
                 dir.to_str().unwrap(),
                 "--listen",

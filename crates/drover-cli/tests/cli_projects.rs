@@ -143,6 +143,7 @@ fn server(home: &Home, dir: &Path) -> (Daemon, String) {
     let (d, line) = home.spawn(
         &[
             "server",
+            "--insecure-http",
             "--data-dir",
             dir.to_str().unwrap(),
             "--listen",

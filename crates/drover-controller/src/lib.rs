@@ -270,13 +270,42 @@ impl Controller {
     /// Serves the router on `listener` until shutdown, within the config's connection
     /// limits (header timeout, per-address and overall caps).
     pub async fn serve(&self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        serve::serve(
+            self.inner.clone(),
+            self.router(),
+            listener,
+            self.limits(),
+            None,
+        )
+        .await
+    }
+
+    /// Serves the router over TLS with `tls` (HTTPS, and WSS for agents), within the
+    /// same limits as [`Controller::serve`]; a TLS handshake must end within the header
+    /// timeout.
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: Arc<drover_tls::rustls::ServerConfig>,
+    ) -> std::io::Result<()> {
+        let acceptor = drover_tls::tokio_rustls::TlsAcceptor::from(tls);
+        serve::serve(
+            self.inner.clone(),
+            self.router(),
+            listener,
+            self.limits(),
+            Some(acceptor),
+        )
+        .await
+    }
+
+    fn limits(&self) -> serve::Limits {
         let cfg = &self.inner.cfg;
-        let limits = serve::Limits {
+        serve::Limits {
             header_read_timeout: cfg.header_read_timeout,
             max_per_ip: cfg.max_connections_per_ip,
             max_total: cfg.max_connections,
-        };
-        serve::serve(self.inner.clone(), self.router(), listener, limits).await
+        }
     }
 
     /// Stops the background loops and the server, and closes agent connections.

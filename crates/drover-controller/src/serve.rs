@@ -4,6 +4,9 @@
 //! connections), a cap on the connections of one client address and a cap on all of
 //! them. Connections over a cap are closed as soon as they are accepted.
 //!
+//! With a TLS configuration every connection is a TLS one, its handshake bounded by the
+//! same header timeout, so a client that connects and never says hello is closed too.
+//!
 //! Connections are served as HTTP/1.1 with upgrades, the protocol every Drover client
 //! speaks (the CLI and agents' downloads through reqwest, agents' WebSockets through
 //! tungstenite). hyper-util's `auto` builder is not used: it first reads the bytes that
@@ -12,6 +15,7 @@
 
 use crate::Inner;
 use axum::extract::ConnectInfo;
+use drover_tls::tokio_rustls;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::collections::HashMap;
@@ -160,6 +164,7 @@ pub(crate) async fn serve(
     router: axum::Router,
     listener: TcpListener,
     limits: Limits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let table = Arc::new(Table {
         limits,
@@ -223,9 +228,11 @@ pub(crate) async fn serve(
             http.clone(),
             router.clone(),
             tcp,
+            tls.clone(),
             peer,
             slot,
             shutdown.clone(),
+            limits.header_read_timeout,
         ));
     }
     drop(listener);
@@ -255,25 +262,62 @@ fn is_per_connection(e: &std::io::Error) -> bool {
     )
 }
 
-/// Serves one connection until it closes, or until shutdown, when it gets to finish
-/// the request in progress.
+/// Serves one connection (after its TLS handshake, with `tls`) until it closes, or
+/// until shutdown, when it gets to finish the request in progress.
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     http: Arc<hyper::server::conn::http1::Builder>,
     router: axum::Router,
     tcp: TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     peer: SocketAddr,
     slot: Slot,
     shutdown: CancellationToken,
+    handshake_timeout: Duration,
 ) {
+    let Some(tls) = tls else {
+        drive(&http, router, TokioIo::new(tcp), peer, shutdown).await;
+        drop(slot);
+        return;
+    };
+    let handshake = tokio::time::timeout(handshake_timeout, tls.accept(tcp));
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = handshake => match r {
+            Ok(Ok(s)) => s,
+            // A client that does not trust the certificate ends here, as does one
+            // speaking plain HTTP to the TLS port: neither is the server's fault.
+            Ok(Err(e)) => {
+                tracing::debug!("TLS handshake with {peer}: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("TLS handshake with {peer}: none within {}s", handshake_timeout.as_secs_f64());
+                return;
+            }
+        },
+    };
+    drive(&http, router, TokioIo::new(stream), peer, shutdown).await;
+    drop(slot);
+}
+
+/// Runs HTTP on an established connection.
+async fn drive<I>(
+    http: &hyper::server::conn::http1::Builder,
+    router: axum::Router,
+    io: I,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         // Handlers may ask who is calling, as with axum's own server.
         req.extensions_mut().insert(ConnectInfo(peer));
         let mut router = router.clone();
         async move { tower_service::Service::call(&mut router, req).await }
     });
-    let conn = http
-        .serve_connection(TokioIo::new(tcp), service)
-        .with_upgrades();
+    let conn = http.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     let ended = tokio::select! {
         r = conn.as_mut() => Some(r),
@@ -293,7 +337,6 @@ async fn connection(
         // end only this connection, and none is the server's fault.
         tracing::debug!("connection from {peer}: {e}");
     }
-    drop(slot);
 }
 
 /// The default cap on all connections: the process's open-file limit less a reserve
