@@ -15,6 +15,7 @@ pub mod pyenv;
 pub mod socket;
 mod tasks;
 pub mod unpack;
+pub mod users;
 
 pub use tasks::TaskLimits;
 
@@ -70,6 +71,9 @@ pub struct AgentConfig {
     /// How an `https://` controller's certificate is trusted (a CA file, a pinned
     /// fingerprint); the system's roots when `None`. Unused for `http://`.
     pub tls: Option<drover_tls::ClientTls>,
+    /// The uids process tasks run as, one per task, when the agent runs as root;
+    /// `None` runs them as the agent's own user.
+    pub task_uids: Option<std::ops::RangeInclusive<u32>>,
 }
 
 impl AgentConfig {
@@ -94,6 +98,7 @@ impl AgentConfig {
             python: PathBuf::from("python3"),
             env_cache_bytes: 5 << 30,
             tls: None,
+            task_uids: Some(users::DEFAULT_RANGE),
         }
     }
 }
@@ -216,6 +221,98 @@ pub fn load_node_id(dir: &std::path::Path) -> std::io::Result<NodeId> {
     }
 }
 
+/// Sets the agent's directories up so process tasks can run as users of their own,
+/// or says why they cannot. A task's user must reach its own directory (so every
+/// directory above it must let others through) but nothing else of the agent's: the
+/// data dir and the tasks dir let others through without listing them, the artifact
+/// cache (every project's blobs; a task's artifact is a link in its own directory) is
+/// the agent's alone, and the Python environments can be used but not listed or changed.
+fn task_users(cfg: &AgentConfig) -> Result<users::TaskUsers, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(range) = cfg.task_uids.clone() else {
+        return Err("the agent was started without a task uid range".into());
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "the agent is not running as root, so it cannot run tasks as other users".into(),
+        );
+    }
+    let data_dir = cfg
+        .data_dir
+        .canonicalize()
+        .map_err(|e| format!("resolving {}: {e}", cfg.data_dir.display()))?;
+    for above in data_dir.ancestors().skip(1) {
+        let mode = std::fs::metadata(above)
+            .map_err(|e| format!("reading {}: {e}", above.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o001 == 0 {
+            return Err(format!(
+                "{} (above the data dir) does not let other users through (mode {:o}); put the data dir where it does",
+                above.display(),
+                mode & 0o7777
+            ));
+        }
+    }
+    let set = |path: &std::path::Path, mode: u32| -> Result<(), String> {
+        std::fs::create_dir_all(path)
+            .and_then(|()| std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)))
+            .map_err(|e| format!("setting up {}: {e}", path.display()))
+    };
+    // Files in the data dir itself (the outbox: every task's states and reasons) are
+    // the agent's alone; the directory only lets tasks through to their own.
+    for entry in std::fs::read_dir(&data_dir)
+        .map_err(|e| format!("reading {}: {e}", data_dir.display()))?
+        .flatten()
+    {
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            set_file_mode(&entry.path(), 0o600)?;
+        }
+    }
+    set(&data_dir, 0o711)?;
+    set(&data_dir.join("tasks"), 0o711)?;
+    set(&data_dir.join("tasks").join(".free"), 0o700)?;
+    set(&data_dir.join("artifacts"), 0o700)?;
+    set(&data_dir.join("envs"), 0o711)?;
+    set(&data_dir.join("envs").join("python"), 0o711)?;
+    Ok(users::TaskUsers::new(range))
+}
+
+/// The interpreter to build Python environments with when tasks run as other users: a
+/// path is taken as given; a bare name is the first in the agent's `PATH` that every
+/// user may run (its real file and every directory above it open to others), skipping,
+/// say, a version manager's interpreters under a private home.
+fn python_for_task_users(python: &std::path::Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if python.components().count() > 1 || python.is_absolute() {
+        return Some(python.to_path_buf());
+    }
+    let others_may_run = |candidate: &std::path::Path| -> bool {
+        let Ok(real) = candidate.canonicalize() else {
+            return false;
+        };
+        let file_ok = std::fs::metadata(&real)
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o001 != 0);
+        file_ok
+            && real.ancestors().skip(1).all(|dir| {
+                std::fs::metadata(dir).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+            })
+    };
+    // The agent's own PATH is read because the interpreter is the agent's tool, chosen
+    // by its operator; tasks never see this PATH.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(python))
+        .find(|candidate| candidate.is_file() && others_may_run(candidate))
+}
+
+fn set_file_mode(path: &std::path::Path, mode: u32) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("setting the mode of {}: {e}", path.display()))
+}
+
 impl Agent {
     /// Recovers the tasks a previous agent process left, then connects (and keeps
     /// reconnecting) in the background.
@@ -276,9 +373,47 @@ impl Agent {
             tls: tls.as_ref().map(|t| t.config()),
         })
         .map_err(dd)?;
+        let users = match task_users(&cfg) {
+            Ok(users) => Some(Arc::new(users)),
+            Err(why) => {
+                if runtimes.contains_key(&RuntimeKind::Process) {
+                    tracing::warn!(
+                        "process tasks run as the agent's own user and can see each other: {why}"
+                    );
+                    attributes.insert("process.isolation_note".into(), why);
+                }
+                None
+            }
+        };
+        // What keeps process tasks apart here, in one word for `drover node ls`: their
+        // own users, their own cgroups (limits enforced, nothing left behind), both or
+        // neither. The runtime's attributes say why a part is missing.
+        let cgroups = attributes
+            .get("process.cgroup")
+            .is_some_and(|v| v != "none");
+        let isolation = match (users.is_some(), cgroups) {
+            (true, true) => "user+cgroup",
+            (true, false) => "user",
+            (false, true) => "cgroup",
+            (false, false) => "none",
+        };
+        if runtimes.contains_key(&RuntimeKind::Process) {
+            attributes.insert("process.isolation".into(), isolation.into());
+        }
         let python = {
             let mut pc = pyenv::PythonEnvConfig::new(cfg.data_dir.join("envs").join("python"));
             pc.python = cfg.python.clone();
+            if users.is_some() {
+                // An environment links to the interpreter it was made with, which its
+                // tasks, running as other users, must be able to run too.
+                match python_for_task_users(&cfg.python) {
+                    Some(found) => pc.python = found,
+                    None => tracing::warn!(
+                        "no {} in the agent's PATH can be run by other users; tasks will not be able to use runtime_env.python",
+                        cfg.python.display()
+                    ),
+                }
+            }
             pc.max_bytes = cfg.env_cache_bytes;
             pyenv::PythonEnvs::new(pc).map_err(dd)?
         };
@@ -304,6 +439,7 @@ impl Agent {
                 node: node_platform,
                 emulate: emulate.clone(),
             },
+            users,
         )
         .map_err(dd)?;
         manager.recover().await;

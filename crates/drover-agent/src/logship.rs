@@ -13,7 +13,8 @@ use crate::link::Link;
 use drover_core::TaskId;
 use drover_core::protocol::{AgentMessage, LogChunk, LogStream};
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write as _};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -100,7 +101,9 @@ impl LogShipper {
         let path = log_path(&self.dir, stream);
         let mut pos = self.lock();
         let p = &mut pos[idx(stream)];
-        let mut f = match std::fs::File::open(&path) {
+        // Never through a symbolic link: the task, which may run as another user in the
+        // same directory, could point one at a file only the agent may read.
+        let mut f = match open_nofollow(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e),
@@ -129,8 +132,15 @@ impl LogShipper {
         }
         if size >= self.max_bytes && file_off >= size {
             // Everything in the file has been shipped: rotate it.
-            std::fs::copy(&path, path.with_extension("log.1"))?;
-            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            {
+                let mut from = open_nofollow(&path)?;
+                let mut to = create_nofollow(&path.with_extension("log.1"))?;
+                std::io::copy(&mut from, &mut to)?;
+            }
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)?;
             // Bytes the task wrote while the copy ran would be lost by the truncation:
             // when there are any, ship them first and rotate on a later tick. This
             // shrinks the unavoidable window to the two calls below.
@@ -141,10 +151,13 @@ impl LogShipper {
             p.base += size;
             p.sent = p.base;
             let bases: [Pos; 3] = *pos;
-            let _ = std::fs::write(
-                self.dir.join("logpos.json"),
-                serde_json::to_vec(&bases).unwrap_or_default(),
-            );
+            let saved = create_nofollow(&self.dir.join("logpos.json"))
+                .and_then(|mut f| f.write_all(&serde_json::to_vec(&bases).unwrap_or_default()));
+            if let Err(e) = saved {
+                // Only a restarted agent reads it, to resume at the right offsets; losing
+                // it re-ships some output, which the controller ignores by offset.
+                tracing::debug!(task = %self.task_id, "saving log positions: {e}");
+            }
         }
         Ok(false)
     }
@@ -170,6 +183,24 @@ impl LogShipper {
             self.link.send(AgentMessage::Log(chunk));
         }
     }
+}
+
+/// Opens a file for reading, refusing a symbolic link.
+fn open_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Creates or truncates a file for writing, refusing a symbolic link.
+fn create_nofollow(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
 }
 
 #[cfg(test)]

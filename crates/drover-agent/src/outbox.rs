@@ -9,6 +9,7 @@ use drover_core::protocol::AgentEvent;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::io::{BufRead, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 #[derive(Serialize, Deserialize)]
@@ -63,9 +64,12 @@ impl Outbox {
             }
         }
         let mut ob = Outbox {
+            // Every task's states and reasons are in it: readable by the agent alone,
+            // since tasks may run as other users of the same machine.
             file: std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
                 .open(&path)?,
             path,
             events,
@@ -127,7 +131,14 @@ impl Outbox {
     fn compact(&mut self) -> std::io::Result<()> {
         let tmp = self.path.with_extension("tmp");
         {
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            let mut f = std::io::BufWriter::new(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?,
+            );
             serde_json::to_writer(
                 &mut f,
                 &Line::NextSeq {

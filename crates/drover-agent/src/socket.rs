@@ -92,6 +92,16 @@ impl TaskSocket {
     }
 }
 
+impl TaskSocket {
+    /// Lets only `uid` (the task's own user) connect: the socket becomes theirs, with
+    /// no access for anyone else. Connecting needs write permission on the socket.
+    pub fn restrict_to(&self, uid: u32, gid: u32) -> std::io::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::lchown(&self.path, Some(uid), Some(gid))?;
+        std::fs::set_permissions(&self.path, std::fs::Permissions::from_mode(0o600))
+    }
+}
+
 impl Drop for TaskSocket {
     fn drop(&mut self) {
         self.stop.cancel();

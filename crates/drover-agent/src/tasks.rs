@@ -10,6 +10,7 @@ use crate::dirpool::DirPool;
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
+use crate::users::TaskUsers;
 use drover_core::platform::{
     BinaryPlatform, NodePlatform, Platform, detect_executable, runs_emulated, runs_on,
 };
@@ -19,6 +20,7 @@ use drover_core::protocol::{
 use drover_core::spec::RuntimeKind;
 use drover_core::state::{Exit, TaskUsage};
 use drover_core::{NodeId, TaskId, TaskState, now_millis};
+use drover_runtime::sandbox::TaskUser;
 use drover_runtime::{ExitStatus, Recovered, Runtime, StopOutcome, TaskContext};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -95,7 +97,29 @@ struct Entry {
 #[derive(Serialize, Deserialize)]
 struct TaskFile {
     assignment: TaskAssignment,
+    /// The uid (and private gid) the task runs as, when it runs as a user of its own;
+    /// a restarted agent takes it back before handing out any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
 }
+
+/// Files of the agent's own in a task's directory. They stay the agent's when the rest of
+/// the directory is given to the task's user, so the task cannot rewrite what the agent
+/// reads back (its assignment, its pid, how it ended).
+const AGENT_FILES: &[&str] = &[
+    "task.json",
+    "stdout.log",
+    "stderr.log",
+    "prepare.log",
+    "stdout.log.1",
+    "stderr.log.1",
+    "prepare.log.1",
+    "logpos.json",
+    "pid",
+    "exit-status",
+    CONFIG_FILE,
+    crate::socket::SOCKET_FILE,
+];
 
 pub struct TaskManager {
     node_id: NodeId,
@@ -114,6 +138,10 @@ pub struct TaskManager {
     /// The latest resource sample of each running task.
     usage: Mutex<HashMap<TaskId, TaskUsage>>,
     artifacts: ArtifactSupport,
+    /// The users process tasks run as; `None` runs them as the agent's own user.
+    users: Option<Arc<TaskUsers>>,
+    /// The uid each task holds, given back when its directory is retired.
+    task_uids: Mutex<HashMap<TaskId, u32>>,
 }
 
 /// What the task manager needs to give tasks their artifacts and runtime environments.
@@ -163,6 +191,9 @@ impl ArtifactSupport {
 }
 
 impl TaskManager {
+    // Each argument is a separate part the agent builds at start-up and hands over once;
+    // bundling them in a struct only for this call would add a type and no clarity.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         node_id: NodeId,
         data_dir: PathBuf,
@@ -171,6 +202,7 @@ impl TaskManager {
         link: Link,
         shutdown: CancellationToken,
         artifacts: ArtifactSupport,
+        users: Option<Arc<TaskUsers>>,
     ) -> std::io::Result<Arc<TaskManager>> {
         let tasks_dir = data_dir.join("tasks");
         std::fs::create_dir_all(&tasks_dir)?;
@@ -190,6 +222,8 @@ impl TaskManager {
             shutdown,
             usage: Mutex::new(HashMap::new()),
             artifacts,
+            users,
+            task_uids: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -269,6 +303,16 @@ impl TaskManager {
 
     /// Queues a finished task's directory for removal.
     fn retire(&self, id: &TaskId) {
+        // Its processes have ended, so its uid can go to another task. Its directory,
+        // still owned by that uid's group, is emptied before any task gets it again.
+        let uid = self
+            .task_uids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let (Some(uid), Some(users)) = (uid, &self.users) {
+            users.release(uid);
+        }
         self.retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -343,7 +387,7 @@ impl TaskManager {
         Some(seq)
     }
 
-    fn context(&self, a: &TaskAssignment) -> TaskContext {
+    fn context(&self, a: &TaskAssignment, uid: Option<u32>) -> TaskContext {
         let dir = self.tasks_dir.join(a.task_id.as_str());
         // The task's environment is what its job declares and Drover's own variables,
         // never anything of the agent's.
@@ -370,6 +414,11 @@ impl TaskManager {
                 crate::socket::ENV_VAR.into(),
                 crate::socket::socket_path(&dir).display().to_string(),
             );
+            // A process task's home is its own directory unless its job says otherwise:
+            // tools that keep state in $HOME (pip, shells) then write where the task
+            // may, and never into the agent's home.
+            env.entry("HOME".into())
+                .or_insert_with(|| dir.display().to_string());
         }
         let mut spec = a.spec.clone();
         if let Some(art) = &a.artifact {
@@ -405,6 +454,7 @@ impl TaskManager {
             stderr_path: log_path(&dir, LogStream::Stderr),
             dir,
             env,
+            user: uid.map(TaskUser::private),
         }
     }
 
@@ -431,15 +481,21 @@ impl TaskManager {
             attempt: a.attempt,
             config,
         };
-        crate::socket::TaskSocket::bind(std::path::Path::new(path), facts)
-            .map(Some)
-            .map_err(|e| format!("serving the task socket {path}: {e}"))
+        let socket = crate::socket::TaskSocket::bind(std::path::Path::new(path), facts)
+            .map_err(|e| format!("serving the task socket {path}: {e}"))?;
+        if let Some(user) = ctx.user {
+            socket
+                .restrict_to(user.uid, user.gid)
+                .map_err(|e| format!("giving the task socket {path} to its user: {e}"))?;
+        }
+        Ok(Some(socket))
     }
 
-    fn write_task_file(&self, a: &TaskAssignment) {
+    fn write_task_file(&self, a: &TaskAssignment, uid: Option<u32>) {
         let dir = self.tasks_dir.join(a.task_id.as_str());
         let file = TaskFile {
             assignment: a.clone(),
+            uid,
         };
         // One write to a new file, without a temporary file and rename: the file is
         // written once, before the task starts, and recovery treats an unreadable one
@@ -513,8 +569,41 @@ impl TaskManager {
         if self.entries().contains_key(&a.task_id) {
             return;
         }
-        let ctx = self.context(&a);
-        if let Err(e) = self.pool.take(&ctx.dir) {
+        // A process task gets a user of its own, when the agent can give it one.
+        let uid = match (&self.users, a.spec.runtime == RuntimeKind::Process) {
+            (Some(users), true) => match users.take() {
+                Some(uid) => {
+                    self.task_uids
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(a.task_id.clone(), uid);
+                    Some(uid)
+                }
+                None => {
+                    let ctx = self.context(&a, None);
+                    self.register(&a, &ctx);
+                    let reason = format!(
+                        "no free task user on this node: all {} uids of --task-uid-range are in use",
+                        users.taken()
+                    );
+                    self.finish(&a.task_id, TaskState::Failed, &reason, None);
+                    return;
+                }
+            },
+            _ => None,
+        };
+        let ctx = self.context(&a, uid);
+        let made = self
+            .pool
+            .take(&ctx.dir)
+            .and_then(|()| match (ctx.user, &self.users) {
+                (Some(user), _) => hand_over_dir(&ctx.dir, user),
+                // A recycled directory may still carry the group of the task that had
+                // it before, whose uid may be another task's by now.
+                (None, Some(_)) => take_back_dir(&ctx.dir),
+                (None, None) => Ok(()),
+            });
+        if let Err(e) = made {
             self.register(&a, &ctx);
             self.finish(
                 &a.task_id,
@@ -524,7 +613,7 @@ impl TaskManager {
             );
             return;
         }
-        self.write_task_file(&a);
+        self.write_task_file(&a, uid);
         let (stop_rx, shipper) = self.register(&a, &ctx);
         let me = self.clone();
         tokio::spawn(async move { me.drive(a, ctx, stop_rx, shipper, false).await });
@@ -718,13 +807,19 @@ impl TaskManager {
                     self.finish(&id, TaskState::Failed, &e.to_string(), None);
                     // A failed start may have left something behind (a created container,
                     // a process a crashed plugin started); release it.
-                    let _ = rt.destroy(&id).await;
+                    if let Err(e) = rt.destroy(&id).await {
+                        tracing::warn!(task = %id, "cleaning up after a failed start: {e}");
+                    }
                     return;
                 }
                 Err(_) => {
                     // The start may still complete behind our back; make sure it ends.
-                    let _ = rt.stop(&id, Duration::ZERO).await;
-                    let _ = rt.destroy(&id).await;
+                    if let Err(e) = rt.stop(&id, Duration::ZERO).await {
+                        tracing::warn!(task = %id, "stopping a start that timed out: {e}");
+                    }
+                    if let Err(e) = rt.destroy(&id).await {
+                        tracing::warn!(task = %id, "cleaning up a start that timed out: {e}");
+                    }
                     let reason =
                         format!("start did not finish within {}s", start_timeout.as_secs());
                     return self.finish(&id, TaskState::Failed, &reason, None);
@@ -828,7 +923,7 @@ impl TaskManager {
             (Ok(st @ ExitStatus::OutOfMemory(_)), None) => (
                 TaskState::Failed,
                 format!(
-                    "oom: killed for exceeding its memory limit of {}",
+                    "oom: out of memory, killed for exceeding its memory limit of {}",
                     a.spec.resources.memory
                 ),
                 exit_of(st),
@@ -841,7 +936,9 @@ impl TaskManager {
             ),
         };
         self.finish(&id, state, &reason, exit);
-        let _ = rt.destroy(&id).await;
+        if let Err(e) = rt.destroy(&id).await {
+            tracing::warn!(task = %id, "cleaning up after the task: {e}");
+        }
     }
 
     /// After a restart: finds the tasks a previous agent process left and re-adopts,
@@ -869,7 +966,16 @@ impl TaskManager {
                 }
             };
             let a = file.assignment;
-            let ctx = self.context(&a);
+            if let (Some(uid), Some(users)) = (file.uid, &self.users) {
+                if !users.mark(uid) {
+                    tracing::warn!(task = %a.task_id, uid, "the recovered task runs as a uid outside --task-uid-range");
+                }
+                self.task_uids
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(a.task_id.clone(), uid);
+            }
+            let ctx = self.context(&a, file.uid);
             let (stop_rx, shipper) = self.register(&a, &ctx);
             let Some(rt) = self.runtime(&a.spec.runtime) else {
                 let reason = format!(
@@ -899,7 +1005,7 @@ impl TaskManager {
                         ),
                         ExitStatus::OutOfMemory(_) => (
                             TaskState::Failed,
-                            "oom: killed for exceeding its memory limit while the agent was restarting".to_string(),
+                            "oom: out of memory, killed for exceeding its memory limit while the agent was restarting".to_string(),
                         ),
                         ExitStatus::Unknown(w) => (TaskState::Failed, w.clone()),
                     };
@@ -913,6 +1019,11 @@ impl TaskManager {
                     shipper.tick();
                     let reason = "the task's process was gone when the agent restarted";
                     self.finish(&a.task_id, TaskState::Lost, reason, None);
+                    // Its leader is gone, but what it started may not be (a process it
+                    // detached, still in its cgroup).
+                    if let Err(e) = rt.destroy(&a.task_id).await {
+                        tracing::warn!(task = %a.task_id, "cleaning up after recovery: {e}");
+                    }
                 }
             }
         }
@@ -958,6 +1069,16 @@ impl TaskManager {
             .await
             .map_err(|e| format!("runtime_env.working_dir: unpacking stopped: {e}"))?
             .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
+            if let Some(user) = ctx.user {
+                // The task may change its files as it could on a machine of its own.
+                let dir = ctx.dir.clone();
+                tokio::task::spawn_blocking(move || give_contents_to(&dir, user))
+                    .await
+                    .map_err(|e| format!("runtime_env.working_dir: handing over stopped: {e}"))?
+                    .map_err(|e| {
+                        format!("runtime_env.working_dir: giving the files to the task's user: {e}")
+                    })?;
+            }
             note(
                 &log,
                 &format!(
@@ -1198,4 +1319,54 @@ async fn note(log: &std::path::Path, line: &str) {
     if let Ok(mut f) = file {
         let _ = f.write_all(line.as_bytes()).await;
     }
+}
+
+/// Makes a fresh task directory its user's to work in while the agent's own files in it
+/// stay the agent's: owned by root and the task's private group, group-writable, with
+/// the sticky bit, so the task may create and remove its own files but cannot remove,
+/// rename or replace the agent's (its assignment, logs, pid and exit status), and
+/// nobody else may even look inside. The preparing log is made now, by the agent, so
+/// that the task cannot claim the name with a link of its own.
+fn hand_over_dir(dir: &std::path::Path, user: TaskUser) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::os::unix::fs::chown(dir, Some(0), Some(user.gid))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log_path(dir, LogStream::Prepare))?;
+    Ok(())
+}
+
+/// Makes a directory the agent's alone again, as a new one would be.
+fn take_back_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(dir, Some(0), Some(0))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+}
+
+/// Gives everything in a task's directory but the agent's own files to the task's user
+/// (links themselves, never what they point at).
+fn give_contents_to(dir: &std::path::Path, user: TaskUser) -> std::io::Result<()> {
+    fn walk(path: &std::path::Path, user: TaskUser) -> std::io::Result<()> {
+        std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
+        if std::fs::symlink_metadata(path)?.is_dir() {
+            for e in std::fs::read_dir(path)? {
+                walk(&e?.path(), user)?;
+            }
+        }
+        Ok(())
+    }
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| AGENT_FILES.contains(&n))
+        {
+            continue;
+        }
+        walk(&e.path(), user)?;
+    }
+    Ok(())
 }

@@ -29,10 +29,17 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 /// A temporary directory for a benchmark's servers and agents: under `DROVER_BENCH_DIR`
 /// when set (e.g. a tmpfs, to take the disk out of the figures), else the system's.
 fn bench_tempdir() -> std::io::Result<tempfile::TempDir> {
-    match std::env::var_os("DROVER_BENCH_DIR") {
-        Some(dir) => tempfile::tempdir_in(dir),
-        None => tempfile::tempdir(),
-    }
+    let dir = match std::env::var_os("DROVER_BENCH_DIR") {
+        Some(dir) => tempfile::tempdir_in(dir)?,
+        None => tempfile::tempdir()?,
+    };
+    // Run as root, agents run process tasks as users of their own, who must pass
+    // through here to their directories; the figures are for that launch path.
+    std::fs::set_permissions(
+        dir.path(),
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+    )?;
+    Ok(dir)
 }
 
 fn drover_bin() -> Result<PathBuf> {
@@ -789,6 +796,7 @@ fn plugin_task(base: &std::path::Path, command: &[&str]) -> Result<TaskContext> 
         spec,
         stdout_path: dir.join("stdout.log"),
         stderr_path: dir.join("stderr.log"),
+        user: None,
         dir,
         env,
     })

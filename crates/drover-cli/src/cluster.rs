@@ -34,6 +34,10 @@ pub struct RuntimeOptions {
     pub env_cache_bytes: Option<u64>,
     /// The interpreter Python environments are built with; `python3` when `None`.
     pub python: Option<PathBuf>,
+    /// Run process tasks as the agent's own user even when it is root.
+    pub no_task_users: bool,
+    /// The uids process tasks run as; the agent's default range when `None`.
+    pub task_uid_range: Option<std::ops::RangeInclusive<u32>>,
 }
 
 /// The runtimes an agent in this binary offers. The process runtime uses this very
@@ -41,13 +45,17 @@ pub struct RuntimeOptions {
 /// offered only if their fingerprint succeeds when the agent starts.
 pub fn runtimes(data_dir: &Path, opts: &RuntimeOptions) -> Result<Vec<Arc<dyn Runtime>>> {
     let shim = std::env::current_exe().ok();
+    // Task cgroups are named after the node, so agents sharing a machine keep apart.
+    let node_id = drover_agent::load_node_id(data_dir)
+        .with_context(|| format!("reading the node id in {}", data_dir.display()))?;
     let mut out: Vec<Arc<dyn Runtime>> = vec![
-        Arc::new(ProcessRuntime::new(ProcessConfig { shim })),
+        Arc::new(ProcessRuntime::new(ProcessConfig {
+            shim,
+            cgroup_scope: Some(node_id.to_string()),
+        })),
         Arc::new(MockRuntime::new()),
     ];
     if opts.docker {
-        let node_id = drover_agent::load_node_id(data_dir)
-            .with_context(|| format!("reading the node id in {}", data_dir.display()))?;
         let mut cfg = DockerConfig::new(node_id);
         cfg.host = opts.docker_host.clone();
         out.push(Arc::new(DockerRuntime::new(cfg).context("--docker-host")?));
@@ -244,6 +252,11 @@ pub async fn start_agent(opts: AgentOptions) -> Result<Agent> {
     if let Some(python) = &opts.runtimes.python {
         cfg.python = python.clone();
     }
+    if opts.runtimes.no_task_users {
+        cfg.task_uids = None;
+    } else if let Some(range) = &opts.runtimes.task_uid_range {
+        cfg.task_uids = Some(range.clone());
+    }
     Agent::start(cfg).await.context("starting the agent")
 }
 
@@ -264,6 +277,10 @@ impl Ephemeral {
             .prefix("drover-run-")
             .tempdir()
             .context("creating a temporary directory")?;
+        // The task runs as a user of its own when this process is root, and must reach
+        // its directory in here; others may pass through, not list.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .with_context(|| format!("setting the mode of {}", dir.path().display()))?;
         let token = crate::config::new_secret("drv");
         let join = crate::config::new_secret("drj");
         let server = start_server(ServerOptions {

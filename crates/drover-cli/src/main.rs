@@ -336,6 +336,23 @@ struct RuntimeArgs {
     /// The Python interpreter runtime_env.python environments are built with.
     #[arg(long, default_value = "python3", value_name = "PATH")]
     python: PathBuf,
+    /// The uids process tasks run as when the agent runs as root, FIRST-LAST: each task
+    /// gets one of its own (and a private group of the same number), so tenants on one
+    /// node cannot read each other's processes or files. `none` runs tasks as the agent's
+    /// own user.
+    #[arg(long, default_value = "200000-265535", value_parser = parse_uid_range, value_name = "FIRST-LAST|none")]
+    task_uid_range: UidRange,
+}
+
+/// The value of --task-uid-range: a range, or none.
+#[derive(Clone, Debug)]
+struct UidRange(Option<std::ops::RangeInclusive<u32>>);
+
+fn parse_uid_range(s: &str) -> Result<UidRange, String> {
+    if s == "none" {
+        return Ok(UidRange(None));
+    }
+    drover_agent::users::parse_range(s).map(|r| UidRange(Some(r)))
 }
 
 fn parse_byte_size(s: &str) -> Result<ByteSize, String> {
@@ -352,6 +369,8 @@ impl RuntimeArgs {
             artifact_cache_bytes: Some(self.artifact_cache_size.0),
             env_cache_bytes: Some(self.env_cache_size.0),
             python: Some(self.python.clone()),
+            no_task_users: self.task_uid_range.0.is_none(),
+            task_uid_range: self.task_uid_range.0.clone(),
         }
     }
 }
@@ -708,9 +727,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some(drover_runtime::shim::SUBCOMMAND) {
         match drover_runtime::shim::parse_args(&args[2..]) {
-            Ok((status, argv)) => {
-                std::process::exit(drover_runtime::shim::run_shim(&status, &argv))
-            }
+            Ok(shim) => std::process::exit(drover_runtime::shim::run_shim(&shim)),
             Err(e) => {
                 eprintln!("drover {}: {e}", drover_runtime::shim::SUBCOMMAND);
                 std::process::exit(2);

@@ -149,7 +149,17 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
         return json(&nodes);
     }
     let mut t = table(&[
-        "ID", "NAME", "STATUS", "PLATFORM", "LIBC", "RUNTIMES", "CPU", "MEMORY", "TASKS", "LABELS",
+        "ID",
+        "NAME",
+        "STATUS",
+        "PLATFORM",
+        "LIBC",
+        "RUNTIMES",
+        "CPU",
+        "MEMORY",
+        "TASKS",
+        "LABELS",
+        "ISOLATION",
     ]);
     for n in nodes {
         let info = &n.node.info;
@@ -181,6 +191,12 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
             format!("{}/{}", n.allocated.memory, info.capacity.memory),
             n.tasks.to_string(),
             labels.join(","),
+            // What keeps the node's process tasks apart (users, cgroups, both or none);
+            // agents that predate it, or offer no process runtime, leave it out.
+            info.attributes
+                .get("process.isolation")
+                .cloned()
+                .unwrap_or_else(|| "-".to_string()),
         ]);
     }
     print(t);

@@ -263,6 +263,20 @@ fn a_controller_killed_with_sigkill_loses_nothing_and_tasks_keep_running() {
 }
 
 /// The tasks of `job` as (id, node name, state, unknown).
+/// A file outside any task's directory that tasks append a line to each time they run,
+/// so a test can count runs. Tasks may run as users of their own (an agent run as root
+/// gives each one), so it is made writable by all first.
+fn runs_file(fleet: &Fleet) -> std::path::PathBuf {
+    let runs = fleet.home.path().join("runs");
+    std::fs::write(&runs, "").unwrap();
+    std::fs::set_permissions(
+        &runs,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666),
+    )
+    .unwrap();
+    runs
+}
+
 fn task_rows(fleet: &Fleet, job: &str) -> Vec<(String, String, String, bool)> {
     fleet
         .tasks(job)
@@ -354,7 +368,7 @@ fn an_agent_restarted_after_its_service_was_replaced_keeps_the_original_and_stop
 fn a_batch_task_that_finishes_while_its_agent_is_frozen_is_not_run_again() {
     let fleet = Fleet::start();
     let agent = fleet.agent("n1");
-    let runs = fleet.home.path().join("runs");
+    let runs = runs_file(&fleet);
     fleet.apply(&format!(
         "name: once\ncommand: [sh, -c, 'echo run >> {}; sleep 4; echo finished']\n",
         runs.display()
@@ -455,7 +469,7 @@ fn with_on_lost_fail_a_task_on_a_frozen_node_fails_the_job_instead_of_running_tw
     wait_until("both nodes", T, || {
         fleet.node_status("a") == "ready" && fleet.node_status("b") == "ready"
     });
-    let runs = fleet.home.path().join("runs");
+    let runs = runs_file(&fleet);
     fleet.apply(&format!(
         "name: careful\ncommand: [sh, -c, 'echo run >> {}; echo pid $$; exec sleep 120 # drover-test-marker-{}']\ndisconnect: {{ lost_after: 1s, on_lost: fail }}\n",
         runs.display(),

@@ -87,6 +87,22 @@ fn up_configures_the_cli_and_every_client_command_works() {
                 .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
         },
     );
+    // The node says what keeps its process tasks apart: as root, users and cgroups of
+    // their own; otherwise nothing, which the table shows too.
+    let nodes = json(&home.run(&["node", "ls", "-o", "json"]));
+    let isolation = nodes[0]["info"]["attributes"]["process.isolation"].clone();
+    let root =
+        std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    if root {
+        assert_eq!(isolation, "user+cgroup", "{nodes}");
+    } else {
+        assert_eq!(isolation, "none", "{nodes}");
+    }
+    let table = stdout(&home.run(&["node", "ls"]));
+    assert!(
+        table.contains("ISOLATION") && table.contains(isolation.as_str().unwrap_or("?")),
+        "{table}"
+    );
     let job = write(
         home.path(),
         "job.yaml",

@@ -4,10 +4,12 @@
 //! for, stops and cleans up the thing that runs a task. Runtimes never set task states.
 //! The rest of the system sees a runtime only as `Arc<dyn Runtime>`.
 
+pub mod cgroup;
 pub mod docker;
 pub mod mock;
 pub mod plugin;
 pub mod process;
+pub mod sandbox;
 pub mod shim;
 mod status;
 
@@ -35,6 +37,9 @@ pub struct TaskContext {
     /// Files the task's stdout and stderr are appended to.
     pub stdout_path: PathBuf,
     pub stderr_path: PathBuf,
+    /// The unprivileged user the task runs as; `None` runs it as the agent's own user.
+    /// Only the process runtime uses it (a container has users of its own).
+    pub user: Option<sandbox::TaskUser>,
 }
 
 /// How a task's process ended.

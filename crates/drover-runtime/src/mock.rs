@@ -231,6 +231,7 @@ mod tests {
             env: BTreeMap::new(),
             stdout_path: "/nonexistent/out".into(),
             stderr_path: "/nonexistent/err".into(),
+            user: None,
         }
     }
 

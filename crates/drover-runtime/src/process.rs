@@ -8,6 +8,8 @@
 //! shim (see [`crate::shim`]), which records the program's exit status in
 //! `<dir>/exit-status` so that it is known even if the agent was away when it ended.
 
+use crate::cgroup::{self, Cgroups};
+use crate::sandbox::{self, Confinement};
 use crate::shim;
 use crate::status::{settle, wait_status};
 use crate::{
@@ -25,7 +27,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -58,12 +60,66 @@ const ADOPTED_UNKNOWN: &str = "the task ended while the agent was restarting";
 pub struct ProcessConfig {
     /// The `drover` binary to run as each task's shim; `None` runs programs directly.
     pub shim: Option<PathBuf>,
+    /// Gives each task a cgroup of its own, under `drover/<scope>`, where the machine
+    /// allows it; the scope (the node's id) keeps agents sharing a machine apart. `None`
+    /// makes no cgroups.
+    pub cgroup_scope: Option<String>,
 }
 
 /// Runs tasks as local processes.
 pub struct ProcessRuntime {
     config: ProcessConfig,
     tasks: Mutex<HashMap<TaskId, Arc<TaskEntry>>>,
+    /// Whether a task may get a `/proc` of its own that hides other users' processes;
+    /// found out once, by trying, the first time it matters.
+    hide_proc: OnceLock<bool>,
+    /// The tasks' cgroups, or why there are none.
+    cgroups: Result<Arc<dyn Cgroups>, String>,
+}
+
+/// A task's cgroup: the driver and the cgroup's name (the task's id).
+#[derive(Clone)]
+struct TaskCgroup {
+    driver: Arc<dyn Cgroups>,
+    name: String,
+}
+
+impl TaskCgroup {
+    /// Kills whatever is left in the cgroup once the task's own process has ended, so
+    /// nothing it started outlives it, and says whether the kernel killed anything in
+    /// it for exceeding its memory limit.
+    async fn end(&self) -> bool {
+        let me = self.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            let left = me
+                .driver
+                .pids(&me.name)
+                .map(|p| !p.is_empty())
+                .unwrap_or(true);
+            if left && let Err(e) = me.driver.kill(&me.name) {
+                tracing::warn!(task = %me.name, "killing what the task left running: {e}");
+            }
+            me.driver.oom_kills(&me.name) > 0
+        })
+        .await;
+        swept.unwrap_or_else(|e| {
+            tracing::warn!(task = %self.name, "sweeping the task's cgroup stopped: {e}");
+            false
+        })
+    }
+}
+
+/// Turns a failed task's status into an out-of-memory one when the kernel killed part
+/// of it for exceeding its memory limit; a task that succeeded anyway keeps its status.
+fn with_oom(status: ExitStatus, oom_killed: bool) -> ExitStatus {
+    match status {
+        ExitStatus::Exited(0) => status,
+        _ if !oom_killed => status,
+        ExitStatus::Exited(code) => ExitStatus::OutOfMemory(Some(code)),
+        ExitStatus::Signaled(_) | ExitStatus::OutOfMemory(_) | ExitStatus::Unknown(_) => {
+            ExitStatus::OutOfMemory(None)
+        }
+    }
 }
 
 /// What the runtime keeps for one task.
@@ -112,10 +168,72 @@ struct ProcStat {
 
 impl ProcessRuntime {
     pub fn new(config: ProcessConfig) -> Self {
+        let cgroups = match &config.cgroup_scope {
+            Some(scope) => cgroup::detect(scope).map(Arc::from),
+            None => Err("not configured".to_string()),
+        };
+        if let (Err(why), Some(_)) = (&cgroups, &config.cgroup_scope) {
+            tracing::warn!(
+                "process tasks get no cgroup (no enforced memory or CPU limit, and a process a task detaches can outlive it): {why}"
+            );
+        }
         ProcessRuntime {
             config,
             tasks: Mutex::new(HashMap::new()),
+            hide_proc: OnceLock::new(),
+            cgroups,
         }
+    }
+
+    fn task_cgroup(&self, id: &TaskId) -> Option<TaskCgroup> {
+        let driver = self.cgroups.as_ref().ok()?.clone();
+        Some(TaskCgroup {
+            driver,
+            name: id.to_string(),
+        })
+    }
+
+    /// Creates the task's cgroup with its job's memory limit and CPU quota; returns the
+    /// files its first process joins it through.
+    async fn create_cgroup(&self, ctx: &TaskContext) -> Result<Vec<PathBuf>, RuntimeError> {
+        let Some(cg) = self.task_cgroup(&ctx.task_id) else {
+            return Ok(Vec::new());
+        };
+        let r = &ctx.spec.resources;
+        let limits = cgroup::Limits {
+            memory_bytes: (r.memory.0 > 0).then_some(r.memory.0),
+            cpu: (r.cpu > 0.0 && r.cpu.is_finite()).then_some(r.cpu),
+        };
+        tokio::task::spawn_blocking(move || cg.driver.create(&cg.name, &limits))
+            .await
+            .map_err(|e| RuntimeError::Start(format!("creating the task's cgroup stopped: {e}")))?
+            .map_err(|e| RuntimeError::Start(format!("creating the task's cgroup: {e}")))
+    }
+
+    /// Whether tasks get a `/proc` that shows only their own user's processes.
+    pub fn hides_proc(&self) -> bool {
+        *self.hide_proc.get_or_init(|| {
+            let can = sandbox::can_hide_proc();
+            if !can {
+                tracing::info!(
+                    "process tasks share the node's /proc: a private mount with hidepid cannot be made here"
+                );
+            }
+            can
+        })
+    }
+
+    /// What confines the task: its user and, with one, its own `/proc`. A task run as
+    /// the agent's own user gets neither, since hiding processes by user would hide
+    /// nothing from it.
+    fn confinement(
+        &self,
+        ctx: &TaskContext,
+        cgroup_procs: &[PathBuf],
+    ) -> Result<Confinement, RuntimeError> {
+        let hide_proc = ctx.user.is_some() && self.hides_proc();
+        Confinement::new(cgroup_procs, hide_proc, ctx.user)
+            .map_err(|e| RuntimeError::Start(format!("confining the task: {e}")))
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<TaskEntry>>> {
@@ -136,12 +254,18 @@ impl ProcessRuntime {
         &self,
         ctx: &TaskContext,
         program: &Path,
+        cgroup_procs: &[PathBuf],
     ) -> Result<std::process::Command, RuntimeError> {
         let argv = &ctx.spec.command;
+        let confinement = self.confinement(ctx, cgroup_procs)?;
         let mut cmd = match &self.config.shim {
             Some(shim_path) => {
                 let mut cmd = std::process::Command::new(shim_path);
-                cmd.args(shim::command_args(&ctx.dir.join(STATUS_FILE), argv));
+                cmd.args(shim::command_args(
+                    &ctx.dir.join(STATUS_FILE),
+                    &confinement,
+                    argv,
+                ));
                 cmd
             }
             None => {
@@ -169,10 +293,10 @@ impl ProcessRuntime {
             cmd.process_group(0);
             return Ok(cmd);
         }
-        // SAFETY: the closure only calls `setsid` and `signal`, both async-signal-safe,
-        // so it is fine to run between fork and exec.
+        // SAFETY: the closure only calls `setsid`, `signal` and the confinement's system
+        // calls, all async-signal-safe, so it is fine to run between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // A session of its own makes the child a process group leader, so a stop
                 // reaches everything it started, and detaches it from any terminal.
                 if libc::setsid() == -1 {
@@ -185,7 +309,8 @@ impl ProcessRuntime {
                         return Err(io::Error::last_os_error());
                     }
                 }
-                Ok(())
+                // Last, since it gives up the privileges the steps before may need.
+                confinement.enter()
             });
         }
         Ok(cmd)
@@ -234,6 +359,16 @@ impl Runtime for ProcessRuntime {
         attributes.insert("os".to_string(), std::env::consts::OS.to_string());
         attributes.insert("arch".to_string(), std::env::consts::ARCH.to_string());
         attributes.insert("shim".to_string(), self.config.shim.is_some().to_string());
+        attributes.insert("hidepid".to_string(), self.hides_proc().to_string());
+        match &self.cgroups {
+            Ok(driver) => {
+                attributes.insert("cgroup".to_string(), driver.version().to_string());
+            }
+            Err(why) => {
+                attributes.insert("cgroup".to_string(), "none".to_string());
+                attributes.insert("cgroup_note".to_string(), why.clone());
+            }
+        }
         Ok(Fingerprint {
             kind: RuntimeKind::Process,
             attributes,
@@ -265,19 +400,38 @@ impl Runtime for ProcessRuntime {
         let status_file = ctx.dir.join(STATUS_FILE);
         // A status left by an earlier run in this directory would be taken for this one's.
         // Emptied rather than removed, so the shim reuses the file's inode (an empty
-        // status reads as none).
-        empty_if_exists(&status_file).map_err(|e| {
+        // status reads as none). With a shim it is made here, by the agent, so that the
+        // name is taken by a file the task (which may share the directory as another
+        // user) can neither replace nor point elsewhere before the shim writes it.
+        let prepared = if self.config.shim.is_some() {
+            create_empty(&status_file)
+        } else {
+            empty_if_exists(&status_file)
+        };
+        prepared.map_err(|e| {
             RuntimeError::Start(format!("cannot empty {}: {e}", status_file.display()))
         })?;
 
-        let mut cmd = tokio::process::Command::from(self.command(ctx, &program)?);
-        let child = cmd.spawn().map_err(|e| {
-            spawn_error(
-                ctx.spec.command.first().map_or("", String::as_str),
-                self.config.shim.as_deref(),
-                &e,
-            )
-        })?;
+        let cgroup_procs = self.create_cgroup(ctx).await?;
+        let cgroup = self.task_cgroup(&ctx.task_id);
+        let spawned = self.command(ctx, &program, &cgroup_procs).and_then(|cmd| {
+            tokio::process::Command::from(cmd).spawn().map_err(|e| {
+                spawn_error(
+                    ctx.spec.command.first().map_or("", String::as_str),
+                    self.config.shim.as_deref(),
+                    &e,
+                )
+            })
+        });
+        let child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    remove_cgroup(cg).await;
+                }
+                return Err(e);
+            }
+        };
         let Some(pid) = child.id().map(|p| p as i32) else {
             // `id` is only None once the child has been reaped, and nothing has waited
             // for it yet.
@@ -304,7 +458,14 @@ impl Runtime for ProcessRuntime {
         // A stop sends at most two signals; a few more slots absorb concurrent stops.
         let (requests_tx, requests_rx) = mpsc::channel(8);
         let shim_status = self.config.shim.is_some().then_some(status_file);
-        tokio::spawn(watch_child(child, pid, requests_rx, shim_status, status_tx));
+        tokio::spawn(watch_child(
+            child,
+            pid,
+            requests_rx,
+            shim_status,
+            cgroup,
+            status_tx,
+        ));
         tracing::debug!(task = %ctx.task_id, pid, "started process");
         self.tasks().insert(
             ctx.task_id.clone(),
@@ -368,10 +529,42 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn destroy(&self, id: &TaskId) -> Result<(), RuntimeError> {
-        // Dropping the entry is enough: a child's watcher keeps running until it has
-        // reaped the child, and an adopted task's poller ends once nobody is waiting.
+        // Dropping the entry is enough for the process: a child's watcher keeps running
+        // until it has reaped the child, and an adopted task's poller ends once nobody is
+        // waiting. Its cgroup goes too, with anything still in it (this is also how an
+        // orphaned cgroup found after a restart is removed).
         self.tasks().remove(id);
-        Ok(())
+        let Some(cg) = self.task_cgroup(id) else {
+            return Ok(());
+        };
+        let name = cg.name.clone();
+        tokio::task::spawn_blocking(move || {
+            // Usually the task's end has emptied it already, and a kill is only needed
+            // for what is still in it (an orphan's processes, say).
+            if !cg.driver.pids(&cg.name)?.is_empty() {
+                cg.driver.kill(&cg.name)?;
+            }
+            cg.driver.remove(&cg.name)
+        })
+        .await
+        .map_err(|e| {
+            RuntimeError::Other(format!("removing the cgroup of task {name} stopped: {e}"))
+        })?
+        .map_err(|e| RuntimeError::Other(format!("removing the cgroup of task {name}: {e}")))
+    }
+
+    async fn list(&self) -> Result<Vec<TaskId>, RuntimeError> {
+        // A task's other traces live in its directory; its cgroup is the one thing that
+        // lives elsewhere and could be left behind.
+        let Ok(driver) = &self.cgroups else {
+            return Ok(Vec::new());
+        };
+        let driver = driver.clone();
+        let names = tokio::task::spawn_blocking(move || driver.list())
+            .await
+            .map_err(|e| RuntimeError::Other(format!("listing cgroups stopped: {e}")))?
+            .map_err(|e| RuntimeError::Other(format!("listing cgroups: {e}")))?;
+        Ok(names.iter().filter_map(|n| TaskId::parse(n).ok()).collect())
     }
 
     async fn recover(&self, ctx: &TaskContext) -> Result<Recovered, RuntimeError> {
@@ -397,7 +590,14 @@ impl Runtime for ProcessRuntime {
             });
         };
         let (status_tx, status_rx) = watch::channel(None);
-        tokio::spawn(watch_adopted(pid, starttime, status_file, status_tx));
+        let cgroup = self.task_cgroup(&ctx.task_id);
+        tokio::spawn(watch_adopted(
+            pid,
+            starttime,
+            status_file,
+            cgroup,
+            status_tx,
+        ));
         tracing::debug!(task = %ctx.task_id, pid, "adopted process");
         self.tasks().insert(
             ctx.task_id.clone(),
@@ -419,6 +619,7 @@ async fn watch_child(
     pgid: i32,
     mut requests: mpsc::Receiver<SignalRequest>,
     shim_status: Option<PathBuf>,
+    cgroup: Option<TaskCgroup>,
     status_tx: watch::Sender<Option<ExitStatus>>,
 ) {
     let result = loop {
@@ -455,7 +656,23 @@ async fn watch_child(
         .as_deref()
         .and_then(shim::read_status)
         .unwrap_or(own);
+    let status = match &cgroup {
+        Some(cg) => with_oom(status, cg.end().await),
+        None => status,
+    };
     status_tx.send_replace(Some(status));
+}
+
+/// Removes a cgroup nothing ran in, logging a failure: there is no task to fail.
+async fn remove_cgroup(cg: &TaskCgroup) {
+    let cg = cg.clone();
+    let name = cg.name.clone();
+    let removed = tokio::task::spawn_blocking(move || cg.driver.remove(&cg.name)).await;
+    match removed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(task = %name, "removing the task's cgroup: {e}"),
+        Err(e) => tracing::warn!(task = %name, "removing the task's cgroup stopped: {e}"),
+    }
 }
 
 /// Watches a process we are not the parent of, by polling, and publishes how it ended.
@@ -464,6 +681,7 @@ async fn watch_adopted(
     pid: i32,
     starttime: u64,
     status_file: PathBuf,
+    cgroup: Option<TaskCgroup>,
     status_tx: watch::Sender<Option<ExitStatus>>,
 ) {
     let mut tick = tokio::time::interval(ADOPTED_POLL);
@@ -479,6 +697,10 @@ async fn watch_adopted(
     }
     let status = shim::read_status(&status_file)
         .unwrap_or_else(|| ExitStatus::Unknown(ADOPTED_UNKNOWN.to_string()));
+    let status = match &cgroup {
+        Some(cg) => with_oom(status, cg.end().await),
+        None => status,
+    };
     status_tx.send_replace(Some(status));
 }
 
@@ -551,12 +773,30 @@ fn spawn_error(program: &str, shim_path: Option<&Path>, e: &io::Error) -> Runtim
 }
 
 /// Opens a log file for appending, so the agent's tail and earlier output are kept.
+/// A symbolic link there is refused rather than followed, since the task may have
+/// planted it.
 fn open_log(path: &Path) -> Result<std::fs::File, RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .append(true)
         .create(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| RuntimeError::Start(format!("cannot open log file {}: {e}", path.display())))
+}
+
+/// Makes `path` an empty regular file, refusing to follow a symbolic link there.
+fn create_empty(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    if f.metadata()?.len() > 0 {
+        f.set_len(0)?;
+    }
+    Ok(())
 }
 
 fn empty_if_exists(path: &Path) -> io::Result<()> {
@@ -671,6 +911,7 @@ mod tests {
             env: BTreeMap::from([("DROVER_TASK_ID".to_string(), "x".to_string())]),
             stdout_path: dir.join("stdout.log"),
             stderr_path: dir.join("stderr.log"),
+            user: None,
         }
     }
 
@@ -762,7 +1003,7 @@ mod tests {
     #[tokio::test]
     async fn stats_sum_the_task_process_group() {
         let dir = tempfile::tempdir().unwrap();
-        let rt = ProcessRuntime::new(ProcessConfig { shim: None });
+        let rt = ProcessRuntime::new(ProcessConfig::default());
         // The shell forks a child that fills 32 MiB and spins; the sample must see it.
         let ctx = context(
             dir.path(),
@@ -995,6 +1236,7 @@ mod tests {
         let shim_path = shim::tests::shim_wrapper(dir.path());
         let config = ProcessConfig {
             shim: Some(shim_path),
+            ..ProcessConfig::default()
         };
         let task_dir = dir.path().join("task");
         std::fs::create_dir(&task_dir).unwrap();

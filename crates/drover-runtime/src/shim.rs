@@ -18,6 +18,7 @@
 //! Readers ignore fields they do not know, so fields can be added later.
 
 use crate::ExitStatus;
+use crate::sandbox::Confinement;
 use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::io;
@@ -45,40 +46,78 @@ struct StatusRecord {
     error: Option<String>,
 }
 
-/// The arguments (after the binary itself) that make `drover` run as the shim for `argv`.
-pub fn command_args(status_file: &Path, argv: &[String]) -> Vec<OsString> {
+/// What the shim is asked to do: run `argv`, confined, and record how it ended.
+#[derive(Debug)]
+pub struct ShimArgs {
+    pub status_file: PathBuf,
+    pub argv: Vec<String>,
+    confinement: Confinement,
+}
+
+/// The arguments (after the binary itself) that make `drover` run as the shim for
+/// `argv`, confining it as `confinement` says.
+pub(crate) fn command_args(
+    status_file: &Path,
+    confinement: &Confinement,
+    argv: &[String],
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         SUBCOMMAND.into(),
         "--status-file".into(),
         status_file.as_os_str().to_owned(),
-        "--".into(),
     ];
+    args.extend(confinement.shim_args());
+    args.push("--".into());
     args.extend(argv.iter().map(OsString::from));
     args
 }
 
-/// Parses the arguments that follow [`SUBCOMMAND`]: `--status-file FILE -- ARGV...`.
-/// Returns the status file and the program's argv, or a message saying what is wrong.
-pub fn parse_args(args: &[String]) -> Result<(PathBuf, Vec<String>), String> {
-    const USAGE: &str = "usage: drover __shim --status-file FILE -- PROGRAM [ARGS...]";
-    match args {
-        [flag, file, sep, argv @ ..] if flag == "--status-file" && sep == "--" => {
-            if argv.is_empty() {
-                return Err(format!("no program given; {USAGE}"));
+/// Parses the arguments that follow [`SUBCOMMAND`]:
+/// `--status-file FILE [--cgroup PROCS_FILE]... [--hide-proc] [--user UID:GID] -- ARGV...`.
+/// Returns what to run, or a message saying what is wrong.
+pub fn parse_args(args: &[String]) -> Result<ShimArgs, String> {
+    const USAGE: &str = "usage: drover __shim --status-file FILE [--cgroup FILE]... [--hide-proc] [--user UID:GID] -- PROGRAM [ARGS...]";
+    let [flag, file, rest @ ..] = args else {
+        return Err(USAGE.to_string());
+    };
+    if flag != "--status-file" {
+        return Err(USAGE.to_string());
+    }
+    let mut confinement = Confinement::default();
+    let mut rest = rest;
+    loop {
+        match rest {
+            [sep, argv @ ..] if sep == "--" => {
+                if argv.is_empty() {
+                    return Err(format!("no program given; {USAGE}"));
+                }
+                return Ok(ShimArgs {
+                    status_file: PathBuf::from(file),
+                    argv: argv.to_vec(),
+                    confinement,
+                });
             }
-            Ok((PathBuf::from(file), argv.to_vec()))
+            _ => match confinement.parse_shim_option(rest)? {
+                Some(taken) => rest = &rest[taken..],
+                None => return Err(USAGE.to_string()),
+            },
         }
-        _ => Err(USAGE.to_string()),
     }
 }
 
-/// Runs `argv` to completion as the task shim, records how it ended in `status_file`, and
-/// returns the exit code the shim itself should exit with (128 + the signal number when
-/// the program was killed by a signal, like a shell).
+/// Runs the program to completion as the task shim, records how it ended in the status
+/// file, and returns the exit code the shim itself should exit with (128 + the signal
+/// number when the program was killed by a signal, like a shell).
+///
+/// The shim joins the task's cgroups itself, so that killing them ends it too; the
+/// program alone gets the rest of the confinement (its own `/proc`, its user), while the
+/// shim keeps the privileges it needs to write the status file where the task cannot
+/// forge it.
 ///
 /// This changes the signal dispositions of the calling process, so it must only be
 /// called from a process that exists to be the shim.
-pub fn run_shim(status_file: &Path, argv: &[String]) -> i32 {
+pub fn run_shim(shim: &ShimArgs) -> i32 {
+    let status_file = shim.status_file.as_path();
     for sig in SHIELDED_SIGNALS {
         // SAFETY: installing SIG_IGN involves no handler code, so nothing can run
         // concurrently with anything; the shim is single-threaded here anyway.
@@ -86,23 +125,30 @@ pub fn run_shim(status_file: &Path, argv: &[String]) -> i32 {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
+    // SAFETY: the shim is a process of its own that exists to run this task, and joining
+    // cgroups makes only system calls.
+    if let Err(e) = unsafe { shim.confinement.cgroups_only().enter() } {
+        return spawn_failed(status_file, format!("cannot join the task's cgroup: {e}"));
+    }
 
-    let Some((program, args)) = argv.split_first() else {
+    let Some((program, args)) = shim.argv.split_first() else {
         return spawn_failed(status_file, "no program given".to_string());
     };
     let mut cmd = std::process::Command::new(program);
     cmd.args(args);
-    // SAFETY: the closure only calls `signal`, which is async-signal-safe, so it is fine
-    // to run between fork and exec. Ignored dispositions survive exec, so without this
-    // the program could not be stopped with SIGTERM.
+    let confinement = shim.confinement.without_cgroups();
+    // SAFETY: the closure only calls `signal` and the confinement's system calls, all
+    // async-signal-safe, so it is fine to run between fork and exec. Ignored
+    // dispositions survive exec, so without the reset the program could not be stopped
+    // with SIGTERM.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             for sig in SHIELDED_SIGNALS {
                 if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
                     return Err(io::Error::last_os_error());
                 }
             }
-            Ok(())
+            confinement.enter()
         });
     }
     let mut child = match cmd.spawn() {
@@ -201,9 +247,19 @@ fn write_record(path: &Path, record: &StatusRecord) -> io::Result<()> {
 /// temporary file and rename of an atomic replace would buy nothing here; skipping them
 /// saves two of the handful of inode operations every task start costs, which on ext4
 /// are what a burst of short tasks spends much of its time on.
+///
+/// A symbolic link at `path` is refused rather than followed: the shim and the agent
+/// write these files with privileges the task (which may share the directory as an
+/// unprivileged user) does not have, and must never write through a link it planted.
 pub(crate) fn write_record_file(path: &Path, contents: &[u8]) -> io::Result<()> {
     use std::io::Write as _;
-    let mut f = std::fs::File::create(path)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
     f.write_all(contents)
 }
 
@@ -248,7 +304,7 @@ pub(crate) mod tests {
             return;
         };
         let code = match parse_args(&args[pos + 1..]) {
-            Ok((file, argv)) => run_shim(&file, &argv),
+            Ok(shim) => run_shim(&shim),
             Err(e) => {
                 eprintln!("{e}");
                 2
@@ -279,7 +335,7 @@ pub(crate) mod tests {
         let status_file = dir.join("exit-status");
         let argv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
         let status = std::process::Command::new(&wrapper)
-            .args(command_args(&status_file, &argv))
+            .args(command_args(&status_file, &Confinement::default(), &argv))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
@@ -332,14 +388,32 @@ pub(crate) mod tests {
     #[test]
     fn arguments_round_trip() {
         let argv = vec!["sh".to_string(), "-c".to_string(), "--".to_string()];
-        let args: Vec<String> = command_args(Path::new("/t/exit-status"), &argv)
+        let confinement = Confinement::new(
+            &[PathBuf::from("/sys/fs/cgroup/t/cgroup.procs")],
+            true,
+            Some(crate::sandbox::TaskUser::private(200_001)),
+        )
+        .unwrap();
+        let args: Vec<String> = command_args(Path::new("/t/exit-status"), &confinement, &argv)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
         assert_eq!(args[0], SUBCOMMAND);
-        let (file, parsed) = parse_args(&args[1..]).unwrap();
-        assert_eq!(file, Path::new("/t/exit-status"));
-        assert_eq!(parsed, argv);
+        let parsed = parse_args(&args[1..]).unwrap();
+        assert_eq!(parsed.status_file, Path::new("/t/exit-status"));
+        assert_eq!(parsed.argv, argv);
+        assert_eq!(parsed.confinement.shim_args(), confinement.shim_args());
+        assert!(
+            parse_args(&[
+                "--status-file".into(),
+                "f".into(),
+                "--user".into(),
+                "x".into(),
+                "--".into(),
+                "true".into()
+            ])
+            .is_err()
+        );
         assert!(parse_args(&["--status-file".into(), "f".into(), "--".into()]).is_err());
         assert!(parse_args(&["x".into()]).is_err());
     }

@@ -129,6 +129,12 @@ impl TestCluster {
     pub async fn start_with(opts: ClusterOptions) -> Result<TestCluster> {
         init_logging();
         let dir = tempfile::tempdir()?;
+        // Run as root, as CI does, agents run process tasks as users of their own, who
+        // must pass through this directory to reach theirs.
+        std::fs::set_permissions(
+            dir.path(),
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+        )?;
         Self::start_in(dir, opts, "127.0.0.1:0").await
     }
 
@@ -198,8 +204,10 @@ impl TestCluster {
 pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Result<Agent> {
     let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
     if opts.process {
+        let node_id = drover_agent::load_node_id(&data_dir)?;
         runtimes.push(Arc::new(ProcessRuntime::new(ProcessConfig {
             shim: opts.shim.clone(),
+            cgroup_scope: Some(node_id.to_string()),
         })));
     }
     if opts.mock {

@@ -67,6 +67,7 @@ impl Fixture {
             index: 0,
             stdout_path: dir.join("stdout"),
             stderr_path: dir.join("stderr"),
+            user: None,
             dir,
             env,
             spec,
@@ -689,6 +690,7 @@ async fn an_engine_that_is_down_or_hung_is_reported_not_waited_for() {
         env: BTreeMap::new(),
         stdout_path: dir.path().join("stdout"),
         stderr_path: dir.path().join("stderr"),
+        user: None,
     };
     let err = down.prepare(&ctx).await.unwrap_err().to_string();
     assert!(err.contains("cannot reach the Docker engine"), "{err}");

@@ -312,14 +312,21 @@ async fn the_agents_own_environment_does_not_leak_into_tasks() {
         !logs.contains("hunter2"),
         "the agent's secret leaked: {logs}"
     );
-    assert!(!logs.contains("HOME="), "the agent's HOME leaked: {logs}");
+    // A process task's HOME is its own directory, never the agent's.
+    let var = |name: &str| {
+        logs.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}=")))
+            .map(str::to_string)
+    };
+    assert_eq!(var("HOME"), var("DROVER_TASK_DIR"), "{logs}");
     let names: Vec<&str> = logs
         .lines()
         .filter_map(|l| l.split_once('=').map(|(k, _)| k))
         .collect();
     for n in names {
         assert!(
-            n.starts_with("DROVER_") || ["DECLARED", "PATH", "PWD", "SHLVL", "_"].contains(&n),
+            n.starts_with("DROVER_")
+                || ["DECLARED", "PATH", "HOME", "PWD", "SHLVL", "_"].contains(&n),
             "unexpected variable {n} in {logs}"
         );
     }

@@ -103,6 +103,7 @@ fn context(base: &Path, command: &[&str], declared: &[(&str, &str)]) -> TaskCont
         spec,
         stdout_path: dir.join("stdout.log"),
         stderr_path: dir.join("stderr.log"),
+        user: None,
         dir,
         env,
     }

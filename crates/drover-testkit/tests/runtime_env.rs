@@ -64,12 +64,14 @@ runtime_env:
     assert_eq!(get("DROVER_JOB"), Some("envs"));
     assert!(get("DROVER_CONFIG").is_none(), "no config, no variable");
     assert!(!out.contains("hunter2"), "the agent's secret leaked: {out}");
-    // Nothing else: the declared variables, Drover's, and a fixed PATH (plus what the
-    // shell adds for itself, which `env` as a direct child does not have).
+    // A process task's HOME is its own directory, never the agent's.
+    assert_eq!(get("HOME"), get("DROVER_TASK_DIR"), "{out}");
+    // Nothing else: the declared variables, Drover's, a fixed PATH and that HOME (plus
+    // what the shell adds for itself, which `env` as a direct child does not have).
     for (name, _) in &vars {
         assert!(
             name.starts_with("DROVER_")
-                || ["FROM_JOB", "FROM_RUNTIME_ENV", "BOTH", "PATH"].contains(name),
+                || ["FROM_JOB", "FROM_RUNTIME_ENV", "BOTH", "PATH", "HOME"].contains(name),
             "unexpected variable {name} in {out}"
         );
     }

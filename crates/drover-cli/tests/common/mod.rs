@@ -24,9 +24,16 @@ impl Default for Home {
 
 impl Home {
     pub fn new() -> Home {
-        Home {
-            dir: tempfile::tempdir().unwrap(),
-        }
+        let dir = tempfile::tempdir().unwrap();
+        // Like a user's home on most systems, others may pass through it (not list it):
+        // an agent run as root runs its tasks as users of their own, who must reach
+        // their directories under the data dir in here.
+        std::fs::set_permissions(
+            dir.path(),
+            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o711),
+        )
+        .unwrap();
+        Home { dir }
     }
 
     pub fn path(&self) -> &Path {
