@@ -234,3 +234,34 @@ fn a_client_trusts_the_server_by_ca_or_pin_or_is_told_how() {
         stderr(&out)
     );
 }
+
+#[test]
+fn a_client_that_never_starts_the_tls_handshake_is_closed_at_the_header_timeout() {
+    use std::io::Read;
+    let home = Home::new();
+    let server = TlsServer::start(
+        &home,
+        &home.path().join("server"),
+        &["--header-read-timeout", "1s"],
+    );
+    let addr = server.url.trim_start_matches("https://").to_string();
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    match silent.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!(
+            "expected the connection closed, got {other:?} after {:?}",
+            start.elapsed()
+        ),
+    }
+    let after = start.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(3),
+        "closed after {after:?}; the timeout is 1s"
+    );
+}
