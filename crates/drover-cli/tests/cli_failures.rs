@@ -262,7 +262,6 @@ fn a_controller_killed_with_sigkill_loses_nothing_and_tasks_keep_running() {
     wait_until("the process to end", T, || !pid_alive(pid));
 }
 
-/// The tasks of `job` as (id, node name, state, unknown).
 /// A file outside any task's directory that tasks append a line to each time they run,
 /// so a test can count runs. Tasks may run as users of their own (an agent run as root
 /// gives each one), so it is made writable by all first.
@@ -277,6 +276,7 @@ fn runs_file(fleet: &Fleet) -> std::path::PathBuf {
     runs
 }
 
+/// The tasks of `job` as (id, node name, state, unknown).
 fn task_rows(fleet: &Fleet, job: &str) -> Vec<(String, String, String, bool)> {
     fleet
         .tasks(job)

@@ -273,7 +273,15 @@ fn server_logs_can_be_json_lines() {
 fn applying_a_finished_job_again_changes_nothing_and_rerun_runs_it_again() {
     let home = Home::new();
     let (_up, _) = home.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
+    // Tasks may run as users of their own, so the file they count runs in is theirs to
+    // append to.
     let runs = home.path().join("runs");
+    std::fs::write(&runs, "").unwrap();
+    std::fs::set_permissions(
+        &runs,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666),
+    )
+    .unwrap();
     let job = write(
         home.path(),
         "job.yaml",

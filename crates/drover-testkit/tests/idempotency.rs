@@ -37,6 +37,15 @@ fn counting_job(name: &str, runs: &std::path::Path) -> serde_json::Value {
     })
 }
 
+/// A file that tasks, which may run as users of their own, can append to.
+fn runs_file(c: &TestCluster) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let runs = c.dir.path().join("runs");
+    std::fs::write(&runs, "").unwrap();
+    std::fs::set_permissions(&runs, std::fs::Permissions::from_mode(0o666)).unwrap();
+    runs
+}
+
 fn runs_of(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path)
         .map(|s| s.lines().count())
@@ -47,7 +56,7 @@ fn runs_of(path: &std::path::Path) -> usize {
 async fn a_retried_submission_runs_once_even_across_a_controller_restart() {
     let c = TestCluster::start().await.unwrap();
     let _agent = c.agent(AgentOptions::named("n1")).await.unwrap();
-    let runs = c.dir.path().join("runs");
+    let runs = runs_file(&c);
     let spec = counting_job("once", &runs);
 
     let (status, first) = submit(&c.url, ADMIN_TOKEN, Some("key-1"), "", &spec).await;
@@ -100,7 +109,7 @@ async fn an_unchanged_finished_job_runs_again_only_when_asked_and_keys_are_per_p
     let c = TestCluster::start().await.unwrap();
     let _agent = c.agent(AgentOptions::named("n1")).await.unwrap();
     let api = c.api();
-    let runs = c.dir.path().join("runs");
+    let runs = runs_file(&c);
     let spec = counting_job("nightly", &runs);
     let (status, _) = submit(&c.url, ADMIN_TOKEN, None, "", &spec).await;
     assert_eq!(status, 201);
