@@ -65,6 +65,9 @@ const TAIL_LINE_CHARS: usize = 400;
 /// How much of a failed step's output is kept to find its last lines in.
 const STEP_CAPTURE_BYTES: usize = 64 * 1024;
 
+/// How many times pip is bootstrapped into a new environment before the build fails.
+const ENSUREPIP_ATTEMPTS: u32 = 2;
+
 /// How much of a build's output is kept to copy into the logs of the tasks that waited
 /// for it; the end of the output is kept, since that is where pip explains a failure.
 const SHARED_CAPTURE_BYTES: usize = 256 * 1024;
@@ -830,12 +833,34 @@ impl PythonEnvs {
             StepError::Io(e) => io_err(step.to_string(), e),
         };
 
-        // No --system-site-packages: the environment sees only what it installs.
+        // No --system-site-packages: the environment sees only what it installs. Pip is
+        // bootstrapped as a step of its own because `venv` hides what ensurepip printed
+        // when it fails, which left a failed build with nothing to go on.
         let mut venv = Command::new(&self.cfg.python);
-        venv.arg("-m").arg("venv").arg(root);
+        venv.arg("-m").arg("venv").arg("--without-pip").arg(root);
         self.run_step(venv, out, b.deadline)
             .await
             .map_err(|e| step_err(VENV, e))?;
+        // Ensurepip only installs the wheel Python ships with, so a failure is not about
+        // the job's requirements; one was seen once under heavy parallel load and not
+        // again, so it gets a second try before the build is failed.
+        let mut attempt = 1;
+        loop {
+            let mut pip_boot = Command::new(root.join("bin").join("python"));
+            pip_boot.args(["-m", "ensurepip", "--default-pip"]);
+            match self.run_step(pip_boot, out, b.deadline).await {
+                Ok(()) => break,
+                Err(StepError::Exit { status, .. }) if attempt < ENSUREPIP_ATTEMPTS => {
+                    out.line(&format!(
+                        "ensurepip {}; trying once more",
+                        describe_status(status)
+                    ))
+                    .await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(step_err(VENV, e)),
+            }
+        }
 
         let req_file = root.join(REQUIREMENTS_FILE);
         let mut text = b.requirements.join("\n");
