@@ -238,6 +238,11 @@ impl Client {
         self.get("/v1/nodes").await
     }
 
+    /// Removes a node that is not connected; returns it as it was.
+    pub async fn remove_node(&self, node: &str) -> Result<NodeView> {
+        self.delete(&format!("/v1/nodes/{}", enc(node))).await
+    }
+
     /// The nodes' cached environments, of one node when `node` (a name or id) is given.
     pub async fn envs(&self, node: Option<&str>) -> Result<Vec<drover_core::api::NodeEnvView>> {
         match node {

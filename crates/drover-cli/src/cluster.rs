@@ -109,6 +109,7 @@ pub struct ServerOptions {
     pub heartbeat_interval: std::time::Duration,
     pub node_timeout: std::time::Duration,
     pub node_gone_after: std::time::Duration,
+    pub retention: drover_controller::Retention,
     pub connections: ConnectionLimits,
     /// Serve HTTPS (and WSS to agents) with this; plain HTTP when `None`.
     pub tls: Option<drover_tls::ServerIdentity>,
@@ -154,6 +155,7 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
     cfg.heartbeat_interval = opts.heartbeat_interval;
     cfg.node_timeout = opts.node_timeout;
     cfg.node_gone_after = opts.node_gone_after;
+    cfg.retention = opts.retention;
     cfg.max_connections_per_ip = opts.connections.max_per_ip;
     if let Some(n) = opts.connections.max_total {
         cfg.max_connections = n;
@@ -293,6 +295,7 @@ impl Ephemeral {
             heartbeat_interval: std::time::Duration::from_secs(2),
             node_timeout: std::time::Duration::from_secs(15),
             node_gone_after: std::time::Duration::from_secs(3600),
+            retention: drover_controller::Retention::default(),
             connections: ConnectionLimits::default(),
             // The cluster lives and dies with this process on loopback; TLS would only
             // slow every `drover run` down.

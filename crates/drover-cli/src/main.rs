@@ -421,6 +421,29 @@ struct TimingArgs {
     /// that was still unknown.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     node_gone_after: std::time::Duration,
+    /// How long a finished job is kept, with its tasks and their logs, after it ended.
+    /// Ended attempts that a retry replaced go after this long too.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    job_retention: std::time::Duration,
+    /// The most finished job versions kept; past it the oldest are removed before
+    /// their retention runs out.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    max_finished_jobs: u32,
+    /// How long a lost node with no tasks left stays listed after it was last seen;
+    /// `drover node rm` removes one at once.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    lost_node_retention: std::time::Duration,
+}
+
+impl TimingArgs {
+    fn retention(&self) -> drover_controller::Retention {
+        drover_controller::Retention {
+            finished_jobs: self.job_retention,
+            max_finished_jobs: self.max_finished_jobs as usize,
+            lost_nodes: self.lost_node_retention,
+            ..Default::default()
+        }
+    }
 }
 
 /// Limits on the connections `drover server` holds, so that clients that open many or
@@ -583,6 +606,15 @@ enum TaskCmd {
 enum NodeCmd {
     /// List nodes.
     Ls,
+    /// Remove a node that is no longer connected (cluster admins only). Tasks still
+    /// recorded on it are marked lost, and replaced where their job allows. A connected
+    /// node is refused: stop its agent first, or it registers again at once. Lost nodes
+    /// are removed on their own after `--lost-node-retention` (24h by default).
+    #[command(alias = "remove")]
+    Rm {
+        /// The node's name, or its id where several nodes share a name.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -859,6 +891,18 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Node(NodeCmd::Ls) => {
             let c = require(&cli)?;
             output::nodes(cli.output, &c.nodes().await?)?;
+            Ok(0)
+        }
+        Cmd::Node(NodeCmd::Rm { node }) => {
+            let c = require(&cli)?;
+            let removed = c.remove_node(node).await?;
+            match cli.output {
+                Output::Json => output::json(&removed)?,
+                Output::Table => println!(
+                    "node {} ({}) removed",
+                    removed.node.info.name, removed.node.id
+                ),
+            }
             Ok(0)
         }
         Cmd::Env(EnvCmd::Ls { node }) => {
@@ -1226,7 +1270,21 @@ impl PrepareProgress {
 }
 
 fn print_event(ev: StreamEvent) -> Result<()> {
-    if let StreamEvent::Log { stream, data, .. } = ev {
+    if let StreamEvent::Log {
+        stream,
+        data,
+        dropped,
+        ..
+    } = ev
+    {
+        if dropped > 0 {
+            // On stderr, so that a program reading the task's stdout is not fed a line
+            // the task never wrote.
+            eprintln!(
+                "drover: {dropped} bytes of {} dropped here: the job's logs.max_size keeps only a task's latest output",
+                stream.as_str()
+            );
+        }
         // A closed stdout (e.g. piped into `head`) ends the output quietly.
         let _ = match stream {
             LogStream::Stdout => std::io::stdout()
@@ -1645,6 +1703,7 @@ async fn up(a: &UpArgs) -> Result<i32> {
         heartbeat_interval: a.timing.heartbeat_interval,
         node_timeout: a.timing.node_timeout,
         node_gone_after: a.timing.node_gone_after,
+        retention: a.timing.retention(),
         connections: cluster::ConnectionLimits::default(),
         // `drover up` is a single machine's cluster, on loopback unless told otherwise;
         // its agent and CLI reach it over plain HTTP, as before.
@@ -1716,6 +1775,7 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         heartbeat_interval: a.timing.heartbeat_interval,
         node_timeout: a.timing.node_timeout,
         node_gone_after: a.timing.node_gone_after,
+        retention: a.timing.retention(),
         connections: a.connections.limits(),
         tls: tls.as_ref().map(|t| t.identity.clone()),
     })

@@ -542,3 +542,94 @@ fn a_forced_stop_given_while_the_agent_is_down_kills_the_task_when_it_returns() 
         "{task}"
     );
 }
+
+/// The pids of the processes whose command line is exactly `argv`.
+fn processes(argv: &[&str]) -> Vec<i32> {
+    let want = argv.join("\0") + "\0";
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want.as_bytes()))
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// A node whose agent is gone is removed with `drover node rm`, its task is lost and
+/// replaced, and a connected node is refused with a reason. When the agent comes back
+/// it registers again, stops the task it was running and runs the replacement. Capped
+/// output says, on stderr, where it was dropped.
+#[test]
+fn node_rm_removes_a_gone_agents_node_and_capped_logs_say_what_was_dropped() {
+    // A duration no other test uses, to find this test's processes.
+    const SLEEP: [&str; 2] = ["sleep", "613"];
+    let fleet = Fleet::start();
+    let mut a = fleet.agent("a1");
+    fleet.apply(
+        "name: chatty\nkind: service\ncommand: [sh, -c, 'seq 1 100000; exec sleep 613']\nstop_grace: 1s\nlogs:\n  max_size: 64Ki\n",
+    );
+    wait_until("the output to be shipped", T, || {
+        stdout(&fleet.cli(&["logs", "chatty"])).ends_with("\n100000\n")
+    });
+    let logs = fleet.cli(&["logs", "chatty"]);
+    assert!(
+        stdout(&logs).len() <= 64 << 10,
+        "{} bytes",
+        stdout(&logs).len()
+    );
+    assert!(
+        stderr(&logs).contains("bytes of stdout dropped here: the job's logs.max_size"),
+        "{}",
+        stderr(&logs)
+    );
+
+    let refused = fleet.cli(&["node", "rm", "a1"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stderr(&refused).contains("is connected; stop its agent first"),
+        "{}",
+        stderr(&refused)
+    );
+    let missing = fleet.cli(&["node", "rm", "nope"]);
+    assert_eq!(missing.status.code(), Some(4), "{}", stderr(&missing));
+
+    let old = fleet.tasks("chatty")[0]["id"].as_str().unwrap().to_string();
+    wait_until("the task's process to run", T, || {
+        processes(&SLEEP).len() == 1
+    });
+    let original = processes(&SLEEP)[0];
+    a.kill9();
+    // The server notices the closed connection; until then the node counts as connected.
+    wait_until("the node to be removed", T, || {
+        fleet.cli(&["node", "rm", "a1"]).status.success()
+    });
+    let nodes = json(&fleet.cli(&["node", "ls", "-o", "json"]));
+    assert_eq!(nodes.as_array().map(Vec::len), Some(0), "{nodes}");
+    let tasks = fleet.tasks("chatty");
+    let lost = tasks.iter().find(|t| t["id"] == old.as_str()).unwrap();
+    assert_eq!(lost["state"], "lost", "{tasks:?}");
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap()
+            .contains("node a1 was removed by an admin"),
+        "{lost}"
+    );
+    assert_eq!(tasks.len(), 2, "a replacement waits for a node: {tasks:?}");
+
+    // The agent comes back with its data dir: its node registers again, the task it
+    // still runs is stopped (the controller has it as lost), and the replacement runs.
+    let _a = fleet.agent("a1");
+    wait_until("the replacement to run, alone", T, || {
+        let tasks = fleet.tasks("chatty");
+        tasks
+            .iter()
+            .any(|t| t["state"] == "running" && t["id"] != old.as_str())
+            && processes(&SLEEP).len() == 1
+            && !processes(&SLEEP).contains(&original)
+    });
+    let out = fleet.cli(&["job", "stop", "chatty"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("every process of the job to end", T, || {
+        processes(&SLEEP).is_empty()
+    });
+}

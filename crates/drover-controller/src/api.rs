@@ -209,6 +209,7 @@ authed_routes! {
     "/v1/tasks/{id}" => { get get_task }
     "/v1/tasks/{id}/logs" => { get task_logs }
     "/v1/nodes" => { get list_nodes }
+    "/v1/nodes/{node}" => { delete remove_node }
     "/v1/envs" => { get list_envs }
     "/v1/envs/prune" => { post prune_envs }
     "/v1/blobs/{digest}" => {
@@ -790,6 +791,17 @@ async fn list_nodes(
         .collect();
     nodes.sort_by(|a, b| a.node.info.name.cmp(&b.node.info.name));
     Ok(Json(nodes))
+}
+
+/// Removes a node that is not connected: a cluster-level act, since nodes serve every
+/// project.
+async fn remove_node(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(node): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    p.require_cluster()?;
+    Ok(Json(inner.remove_node(&node).await?))
 }
 
 async fn agent_connect(

@@ -124,15 +124,17 @@ impl Follower {
                     continue;
                 }
                 match self.inner.logs.read_from(id, stream, off, READ_MAX) {
-                    Ok(data) if !data.is_empty() => {
-                        more_logs |= data.len() == READ_MAX;
-                        self.offsets.insert(key, off + data.len() as u64);
+                    Ok(read) if !read.data.is_empty() => {
+                        more_logs |= read.data.len() == READ_MAX;
+                        self.offsets
+                            .insert(key, read.start + read.data.len() as u64);
                         out.push(StreamEvent::Log {
                             task_id: id.clone(),
                             index: *index,
                             stream,
-                            offset: off,
-                            data: String::from_utf8_lossy(&data).into_owned(),
+                            offset: read.start,
+                            data: String::from_utf8_lossy(&read.data).into_owned(),
+                            dropped: read.start - off,
                         });
                     }
                     Ok(_) => {}

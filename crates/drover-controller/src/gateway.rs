@@ -9,7 +9,7 @@ use drover_core::protocol::{
 };
 use drover_core::{NodeId, TaskId};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -166,39 +166,46 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
     tracing::info!(node = %node_id, "agent disconnected");
 }
 
-/// The tasks one connection's node is known to own; bounded, since a long-lived
-/// connection sees tasks come and go.
+/// The tasks one connection's node is known to own, with the cap on each one's stored
+/// output; bounded, since a long-lived connection sees tasks come and go.
 #[derive(Default)]
-struct OwnedTasks(HashSet<TaskId>);
+struct OwnedTasks(HashMap<TaskId, u64>);
 
 impl OwnedTasks {
     const MAX: usize = 16_384;
 
     /// Keeps only the chunks of tasks assigned to `node_id`, asking the state about
-    /// tasks not confirmed yet; the others are dropped with a warning, since a node
-    /// must not write into another node's (or another project's) task output.
+    /// tasks not confirmed yet, and pairs each with its task's log cap; the others are
+    /// dropped with a warning, since a node must not write into another node's (or
+    /// another project's) task output.
     async fn filter(
         &mut self,
         inner: &Inner,
         node_id: &NodeId,
         chunks: Vec<LogChunk>,
-    ) -> Vec<LogChunk> {
+    ) -> Vec<(LogChunk, u64)> {
         let unknown: Vec<&TaskId> = chunks
             .iter()
             .map(|c| &c.task_id)
-            .filter(|t| !self.0.contains(*t))
+            .filter(|t| !self.0.contains_key(*t))
             .collect();
         if !unknown.is_empty() {
             let state = inner.state.lock().await;
-            let confirmed: Vec<TaskId> = unknown
+            let confirmed: Vec<(TaskId, u64)> = unknown
                 .into_iter()
-                .filter(|t| {
-                    state
-                        .tasks
-                        .get(*t)
-                        .is_some_and(|t| t.node_id.as_ref() == Some(node_id))
+                .filter_map(|id| {
+                    let t = state.tasks.get(id)?;
+                    if t.node_id.as_ref() != Some(node_id) {
+                        return None;
+                    }
+                    let cap = state
+                        .jobs
+                        .get(&t.job_id)
+                        .map_or(drover_core::spec::DEFAULT_LOG_MAX_SIZE, |j| {
+                            j.spec.logs.max_size()
+                        });
+                    Some((id.clone(), cap.0))
                 })
-                .cloned()
                 .collect();
             drop(state);
             if self.0.len() + confirmed.len() > Self::MAX {
@@ -208,12 +215,12 @@ impl OwnedTasks {
         }
         chunks
             .into_iter()
-            .filter(|c| {
-                let ok = self.0.contains(&c.task_id);
-                if !ok {
+            .filter_map(|c| match self.0.get(&c.task_id) {
+                Some(cap) => Some((c, *cap)),
+                None => {
                     tracing::warn!(node = %node_id, task = %c.task_id, "dropping output for a task this node does not run");
+                    None
                 }
-                ok
             })
             .collect()
     }
@@ -268,8 +275,8 @@ async fn handle_batch(
         }
     }
     if !chunks.is_empty() {
-        for chunk in owned.filter(inner, node_id, chunks).await {
-            store_chunk(inner, tx, chunk);
+        for (chunk, cap) in owned.filter(inner, node_id, chunks).await {
+            store_chunk(inner, tx, chunk, cap);
         }
     }
     if !acks.is_empty() {
@@ -302,11 +309,11 @@ async fn handle_batch(
 
 /// Appends one checked chunk to its task's log, asking the agent to resend from the end
 /// of what is stored when the chunk leaves a gap.
-fn store_chunk(inner: &Inner, tx: &mpsc::Sender<std::sync::Arc<str>>, chunk: LogChunk) {
+fn store_chunk(inner: &Inner, tx: &mpsc::Sender<std::sync::Arc<str>>, chunk: LogChunk, cap: u64) {
     let task = &chunk.task_id;
     match inner
         .logs
-        .append(task, chunk.stream, chunk.offset, &chunk.data)
+        .append(task, chunk.stream, chunk.offset, &chunk.data, cap)
     {
         Ok(crate::logs::Appended::Stored) => inner.bump(),
         Ok(crate::logs::Appended::Duplicate) => {}

@@ -15,6 +15,7 @@ mod gateway;
 pub mod logs;
 pub mod metrics;
 mod ops;
+mod retention;
 mod scheduler;
 mod serve;
 pub mod state;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::{Principal, ROUTES};
 pub use artifacts::MAX_BLOB_SIZE_HEADER;
+pub use retention::Retention;
 pub use tenants::reset_admin_token;
 
 /// A token the controller makes sure exists at start-up (the admin and join tokens of
@@ -82,6 +84,8 @@ pub struct ControllerConfig {
     /// they are accepted. The default is the open-file limit less a reserve, so the
     /// controller keeps descriptors for its store, logs and blobs.
     pub max_connections: usize,
+    /// How long finished jobs, replaced attempts and lost nodes are kept.
+    pub retention: Retention,
 }
 
 impl ControllerConfig {
@@ -100,6 +104,7 @@ impl ControllerConfig {
             header_read_timeout: Duration::from_secs(10),
             max_connections_per_ip: 256,
             max_connections: serve::default_max_connections(),
+            retention: Retention::default(),
         }
     }
 }
@@ -233,7 +238,16 @@ impl Controller {
             changes.push(Change::Project(p));
         }
         store.commit(&changes).await?;
-        let logs = logs::LogStore::new(cfg.data_dir.join("logs"))?;
+        let metrics = metrics::Metrics::new();
+        let logs = logs::LogStore::new(cfg.data_dir.join("logs"), metrics.log_bytes.clone())?;
+        let known: std::collections::HashSet<_> = state.tasks.keys().cloned().collect();
+        let orphans = logs.remove_unknown(&known);
+        if orphans > 0 {
+            tracing::info!(
+                tasks = orphans,
+                "removed the logs of tasks that are no longer stored"
+            );
+        }
         let blobs =
             blobs::BlobStore::open(cfg.data_dir.join("blobs").join("sha256"), cfg.max_blob_size)?;
         let (changed, _) = watch::channel(0);
@@ -248,7 +262,7 @@ impl Controller {
             schedule: Notify::new(),
             logs,
             blobs,
-            metrics: metrics::Metrics::new(),
+            metrics,
             tokens: std::sync::Mutex::new(tokens),
             node_envs: std::sync::Mutex::new(HashMap::new()),
             blob_owners: std::sync::Mutex::new(blob_owners),
@@ -259,6 +273,7 @@ impl Controller {
         tokio::spawn(scheduler::run(c.inner.clone()));
         tokio::spawn(ops::liveness_loop(c.inner.clone()));
         tokio::spawn(artifacts::gc_loop(c.inner.clone()));
+        tokio::spawn(retention::gc_loop(c.inner.clone()));
         Ok(c)
     }
 
@@ -327,7 +342,7 @@ pub(crate) fn frame(msg: &ControllerMessage) -> Arc<str> {
 }
 
 impl Inner {
-    fn sessions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Session>> {
+    pub(crate) fn sessions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Session>> {
         // A panic while holding this lock cannot leave the map half-changed (every
         // operation on it is a single insert or remove), so a poisoned lock is usable.
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())

@@ -1,11 +1,22 @@
-//! Task logs as the controller keeps them: one append-only file per task and stream,
-//! filled from the chunks agents push, at the byte offsets the agent's own files have.
+//! Task logs as the controller keeps them, filled from the chunks agents push at the
+//! byte offsets the agent's own files have.
+//!
+//! Each task has a directory, and each of its streams is kept as at most two segment
+//! files named by the stream offset of their first byte (`stdout.0.log`,
+//! `stdout.33554432.log`). A segment holds at most half of the stream's cap; when the
+//! newest is full a new one is started and the oldest beyond two is deleted, so a
+//! stream never takes more than its cap and always keeps its latest output. Offsets
+//! stay those of the whole stream, so agents, followers and replays never need to know
+//! that anything was dropped; a reader asking for dropped bytes is told where the kept
+//! output starts. Because a segment's name carries its offset, a crash at any point of
+//! a rotation leaves files that read back consistently.
 
 use drover_core::TaskId;
 use drover_core::protocol::LogStream;
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::PathBuf;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// What an append did with a chunk.
@@ -19,128 +30,503 @@ pub enum Appended {
     Gap { have: u64 },
 }
 
-pub struct LogStore {
-    dir: PathBuf,
-    /// Stored length per file, so appends need no stat call.
-    sizes: Mutex<HashMap<(TaskId, LogStream), u64>>,
+/// Bytes read from a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReadBack {
+    /// The stream offset of `data`'s first byte. It is past the offset asked for when
+    /// the bytes in between were dropped by the stream's cap.
+    pub start: u64,
+    pub data: Vec<u8>,
 }
 
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    /// The stream offset of the segment's first byte.
+    base: u64,
+    len: u64,
+}
+
+/// One stream's segments, oldest first.
+#[derive(Debug, Default)]
+struct Stream {
+    segments: Vec<Segment>,
+}
+
+impl Stream {
+    fn end(&self) -> u64 {
+        self.segments.last().map_or(0, |s| s.base + s.len)
+    }
+
+    fn start(&self) -> u64 {
+        self.segments.first().map_or(0, |s| s.base)
+    }
+}
+
+pub struct LogStore {
+    dir: PathBuf,
+    /// Each stream's segments, read from the disk on first use, so appends need no
+    /// listing or stat call.
+    streams: Mutex<HashMap<(TaskId, LogStream), Stream>>,
+    /// Bytes stored for all tasks, as `drover_log_bytes`.
+    bytes: Gauge,
+}
+
+/// How many segments a stream keeps: the one being written and the one before it.
+const SEGMENTS_KEPT: usize = 2;
+
 impl LogStore {
-    pub fn new(dir: PathBuf) -> std::io::Result<LogStore> {
+    /// Opens the logs directory; `bytes` is set to what it holds and kept up to date.
+    pub fn new(dir: PathBuf, bytes: Gauge) -> io::Result<LogStore> {
         std::fs::create_dir_all(&dir)?;
+        let total = disk_usage(&dir)?;
+        bytes.set(i64::try_from(total).unwrap_or(i64::MAX));
         Ok(LogStore {
             dir,
-            sizes: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            bytes,
         })
     }
 
-    pub fn path(&self, task: &TaskId, stream: LogStream) -> PathBuf {
+    /// Counts bytes written. The gauge's previous value, which it returns, is not needed.
+    fn stored(&self, n: u64) {
+        self.bytes.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts bytes deleted.
+    fn freed(&self, n: u64) {
+        self.bytes.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    fn task_dir(&self, task: &TaskId) -> PathBuf {
+        self.dir.join(task.as_str())
+    }
+
+    fn segment_path(&self, task: &TaskId, stream: LogStream, base: u64) -> PathBuf {
+        self.task_dir(task)
+            .join(format!("{}.{base}.log", stream.as_str()))
+    }
+
+    /// Where controllers before segments kept a stream: one file, from offset 0.
+    fn legacy_path(&self, task: &TaskId, stream: LogStream) -> PathBuf {
         self.dir
             .join(format!("{}.{}.log", task.as_str(), stream.as_str()))
     }
 
-    fn size(&self, task: &TaskId, stream: LogStream) -> u64 {
-        std::fs::metadata(self.path(task, stream))
-            .map(|m| m.len())
-            .unwrap_or(0)
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(TaskId, LogStream), Stream>> {
+        // A panic while holding the lock leaves at worst a stale size, which the next
+        // append's gap check corrects, so a poisoned lock is still usable.
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Reads a stream's segments from the disk, moving a file of the old layout into
+    /// the new one first.
+    fn load(&self, task: &TaskId, stream: LogStream) -> io::Result<Stream> {
+        let legacy = self.legacy_path(task, stream);
+        if legacy.exists() {
+            std::fs::create_dir_all(self.task_dir(task))?;
+            std::fs::rename(&legacy, self.segment_path(task, stream, 0))?;
+        }
+        let entries = match std::fs::read_dir(self.task_dir(task)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Stream::default()),
+            Err(e) => return Err(e),
+        };
+        let prefix = format!("{}.", stream.as_str());
+        let mut segments = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(base) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            segments.push(Segment {
+                base,
+                len: entry.metadata()?.len(),
+            });
+        }
+        segments.sort_by_key(|s| s.base);
+        Ok(Stream { segments })
+    }
+
+    fn with_stream<T>(
+        &self,
+        task: &TaskId,
+        stream: LogStream,
+        f: impl FnOnce(&mut Stream) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let mut streams = self.lock();
+        let key = (task.clone(), stream);
+        if !streams.contains_key(&key) {
+            let loaded = self.load(task, stream)?;
+            streams.insert(key.clone(), loaded);
+        }
+        match streams.get_mut(&key) {
+            Some(s) => f(s),
+            // Inserted just above, under the same lock.
+            None => Err(io::Error::other("log stream vanished under its lock")),
+        }
+    }
+
+    /// Stores the new part of a chunk, keeping at most `cap` bytes of the stream.
     pub fn append(
         &self,
         task: &TaskId,
         stream: LogStream,
         offset: u64,
         data: &[u8],
-    ) -> std::io::Result<Appended> {
-        // The lock covers the whole append so that two chunks of one file never
+        cap: u64,
+    ) -> io::Result<Appended> {
+        // The lock covers the whole append so that two chunks of one stream never
         // interleave; log volume is small next to the cost of a task, so one lock is fine.
-        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (task.clone(), stream);
-        let have = match sizes.get(&key) {
-            Some(s) => *s,
-            None => self.size(task, stream),
-        };
-        let end = offset + data.len() as u64;
-        if offset > have {
-            return Ok(Appended::Gap { have });
-        }
-        if end <= have {
-            return Ok(Appended::Duplicate);
-        }
-        let fresh = &data[(have - offset) as usize..];
-        let mut f = std::fs::OpenOptions::new()
+        self.with_stream(task, stream, |s| {
+            let have = s.end();
+            let end = offset.saturating_add(data.len() as u64);
+            if offset > have {
+                return Ok(Appended::Gap { have });
+            }
+            if end <= have {
+                return Ok(Appended::Duplicate);
+            }
+            // `have - offset` is below `data.len()`, as `offset <= have < end`.
+            let mut fresh = &data[(have - offset) as usize..];
+            let segment_cap = (cap / 2).max(1);
+            while !fresh.is_empty() {
+                let full = s.segments.last().is_none_or(|l| l.len >= segment_cap);
+                if full {
+                    self.start_segment(task, stream, s)?;
+                }
+                let Some(last) = s.segments.last_mut() else {
+                    return Err(io::Error::other("no log segment after starting one"));
+                };
+                let room = usize::try_from(segment_cap - last.len.min(segment_cap))
+                    .unwrap_or(usize::MAX)
+                    .max(1);
+                let (now, rest) = fresh.split_at(room.min(fresh.len()));
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(self.segment_path(task, stream, last.base))?;
+                f.write_all(now)?;
+                last.len += now.len() as u64;
+                self.stored(now.len() as u64);
+                fresh = rest;
+            }
+            Ok(Appended::Stored)
+        })
+    }
+
+    /// Starts a segment at the stream's end and deletes those past [`SEGMENTS_KEPT`].
+    /// The new file is created before any old one is deleted, so a crash between the
+    /// two keeps more than the cap for a moment and never loses the end.
+    fn start_segment(&self, task: &TaskId, stream: LogStream, s: &mut Stream) -> io::Result<()> {
+        let base = s.end();
+        std::fs::create_dir_all(self.task_dir(task))?;
+        std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.path(task, stream))?;
-        f.write_all(fresh)?;
-        sizes.insert(key, end);
-        Ok(Appended::Stored)
-    }
-
-    /// How many bytes of a stream are stored. Served from memory after the first look,
-    /// so a follower can check many tasks for new output without touching the disk.
-    pub fn size_of(&self, task: &TaskId, stream: LogStream) -> u64 {
-        let mut sizes = self.sizes.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (task.clone(), stream);
-        if let Some(s) = sizes.get(&key) {
-            return *s;
+            .open(self.segment_path(task, stream, base))?;
+        s.segments.push(Segment { base, len: 0 });
+        while s.segments.len() > SEGMENTS_KEPT {
+            let old = s.segments.remove(0);
+            let path = self.segment_path(task, stream, old.base);
+            match std::fs::remove_file(&path) {
+                Ok(()) => self.freed(old.len),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    // The stream goes on without it; the file is left for the task's
+                    // removal to take.
+                    tracing::warn!(task = %task, "dropping the oldest log segment {}: {e}", path.display());
+                }
+            }
         }
-        let s = self.size(task, stream);
-        sizes.insert(key, s);
-        s
+        Ok(())
     }
 
-    /// The bytes of one stream from `offset` on, at most `max` of them.
+    /// The stream offset just past the last stored byte. Served from memory after the
+    /// first look, so a follower can check many tasks for new output without touching
+    /// the disk.
+    pub fn size_of(&self, task: &TaskId, stream: LogStream) -> u64 {
+        match self.with_stream(task, stream, |s| Ok(s.end())) {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::warn!(task = %task, "reading the log of stream {}: {e}", stream.as_str());
+                0
+            }
+        }
+    }
+
+    /// Up to `max` bytes of one stream from `offset` on, or from where the kept output
+    /// starts if the cap dropped the bytes at `offset`.
     pub fn read_from(
         &self,
         task: &TaskId,
         stream: LogStream,
         offset: u64,
         max: usize,
-    ) -> std::io::Result<Vec<u8>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = match std::fs::File::open(self.path(task, stream)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        f.seek(SeekFrom::Start(offset))?;
-        let mut buf = Vec::new();
-        f.take(max as u64).read_to_end(&mut buf)?;
-        Ok(buf)
+    ) -> io::Result<ReadBack> {
+        // The files are opened under the lock, so a rotation cannot delete one between
+        // choosing it and opening it; reading an open file is safe even if it is
+        // deleted afterwards.
+        let opened = self.with_stream(task, stream, |s| {
+            let start = offset.max(s.start());
+            let mut files = Vec::new();
+            for g in s.segments.iter().filter(|g| g.base + g.len > start) {
+                let f = std::fs::File::open(self.segment_path(task, stream, g.base))?;
+                files.push((f, *g));
+            }
+            Ok((start, files))
+        })?;
+        let (start, files) = opened;
+        let mut data = Vec::new();
+        let mut at = start;
+        for (mut f, seg) in files {
+            if data.len() >= max || seg.base > at {
+                // Full, or segments that do not follow on (a file removed by hand).
+                break;
+            }
+            f.seek(SeekFrom::Start(at - seg.base))?;
+            let want = ((max - data.len()) as u64).min(seg.base + seg.len - at);
+            let got = f.take(want).read_to_end(&mut data)?;
+            at += got as u64;
+            if (got as u64) < want {
+                // The segment is shorter than recorded (cut by hand, say): what
+                // follows would not be contiguous, so the read stops here.
+                break;
+            }
+        }
+        if data.is_empty() {
+            return Ok(ReadBack {
+                start: offset,
+                data,
+            });
+        }
+        Ok(ReadBack { start, data })
     }
+
+    /// Deletes every stream of a task.
+    pub fn remove(&self, task: &TaskId) {
+        let mut streams = self.lock();
+        streams.retain(|(t, _), _| t != task);
+        self.remove_files(task);
+    }
+
+    fn remove_files(&self, task: &TaskId) {
+        let dir = self.task_dir(task);
+        let freed = disk_usage(&dir).unwrap_or(0);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => self.freed(freed),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(task = %task, "removing the logs in {}: {e}", dir.display()),
+        }
+        for stream in [LogStream::Stdout, LogStream::Stderr, LogStream::Prepare] {
+            let legacy = self.legacy_path(task, stream);
+            let len = std::fs::metadata(&legacy).map_or(0, |m| m.len());
+            match std::fs::remove_file(&legacy) {
+                Ok(()) => self.freed(len),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(task = %task, "removing the log {}: {e}", legacy.display())
+                }
+            }
+        }
+    }
+
+    /// Deletes the logs of every task not in `known`: those of tasks removed while the
+    /// controller was down, or whose removal failed part-way. Returns how many tasks'
+    /// logs went.
+    pub fn remove_unknown(&self, known: &HashSet<TaskId>) -> usize {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("listing the logs in {}: {e}", self.dir.display());
+                return 0;
+            }
+        };
+        let mut orphans = HashSet::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            // A task directory, or an old-layout `TASK.STREAM.log` file.
+            let id = name.split('.').next().unwrap_or(name);
+            let Ok(id) = TaskId::parse(id) else { continue };
+            if !known.contains(&id) {
+                orphans.insert(id);
+            }
+        }
+        for id in &orphans {
+            self.remove(id);
+        }
+        orphans.len()
+    }
+}
+
+/// The bytes of the regular files under `path`, which may be a file or a directory.
+fn disk_usage(path: &Path) -> io::Result<u64> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    if meta.is_file() {
+        return Ok(meta.len());
+    }
+    if !meta.is_dir() {
+        return Ok(0);
+    }
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        total += disk_usage(&entry?.path())?;
+    }
+    Ok(total)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const BIG: u64 = 1 << 30;
+
+    fn open(dir: &Path) -> (LogStore, Gauge) {
+        let g = Gauge::default();
+        (LogStore::new(dir.to_path_buf(), g.clone()).unwrap(), g)
+    }
+
+    fn read_all(logs: &LogStore, t: &TaskId, from: u64) -> ReadBack {
+        let mut out = ReadBack {
+            start: 0,
+            data: Vec::new(),
+        };
+        let mut off = from;
+        let mut first = true;
+        loop {
+            let r = logs.read_from(t, LogStream::Stdout, off, 7).unwrap();
+            if first {
+                out.start = r.start;
+                first = false;
+            }
+            if r.data.is_empty() {
+                return out;
+            }
+            off = r.start + r.data.len() as u64;
+            out.data.extend(r.data);
+        }
+    }
+
     #[test]
     fn replays_are_dropped_and_gaps_reported() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = LogStore::new(dir.path().to_path_buf()).unwrap();
+        let (logs, bytes) = open(dir.path());
         let t = TaskId::from("task-1");
+        let out = LogStream::Stdout;
         assert_eq!(
-            logs.append(&t, LogStream::Stdout, 0, b"hello ").unwrap(),
+            logs.append(&t, out, 0, b"hello ", BIG).unwrap(),
             Appended::Stored
         );
         assert_eq!(
-            logs.append(&t, LogStream::Stdout, 0, b"hello ").unwrap(),
+            logs.append(&t, out, 0, b"hello ", BIG).unwrap(),
             Appended::Duplicate
         );
         // A chunk overlapping what is stored adds only its new tail.
         assert_eq!(
-            logs.append(&t, LogStream::Stdout, 3, b"lo world").unwrap(),
+            logs.append(&t, out, 3, b"lo world", BIG).unwrap(),
             Appended::Stored
         );
         assert_eq!(
-            logs.append(&t, LogStream::Stdout, 50, b"x").unwrap(),
+            logs.append(&t, out, 50, b"x", BIG).unwrap(),
             Appended::Gap { have: 11 }
         );
+        assert_eq!(read_all(&logs, &t, 0).data, b"hello world");
         assert_eq!(
-            logs.read_from(&t, LogStream::Stdout, 0, 100).unwrap(),
-            b"hello world"
+            logs.read_from(&t, LogStream::Stderr, 0, 100).unwrap().data,
+            b""
         );
-        assert_eq!(logs.read_from(&t, LogStream::Stderr, 0, 100).unwrap(), b"");
+        assert_eq!(bytes.get(), 11);
+    }
+
+    #[test]
+    fn a_capped_stream_keeps_its_latest_output_and_says_where_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (logs, bytes) = open(dir.path());
+        let t = TaskId::from("task-1");
+        let cap = 20;
+        let text: Vec<u8> = (0..100u8).map(|i| b'a' + i % 26).collect();
+        // Chunks of uneven sizes, some larger than a segment.
+        let mut off = 0;
+        for len in [3usize, 17, 1, 25, 4, 30, 20] {
+            let chunk = &text[off..off + len];
+            assert_eq!(
+                logs.append(&t, LogStream::Stdout, off as u64, chunk, cap)
+                    .unwrap(),
+                Appended::Stored
+            );
+            off += len;
+        }
+        assert_eq!(off, 100);
+        assert_eq!(logs.size_of(&t, LogStream::Stdout), 100);
+        let kept = read_all(&logs, &t, 0);
+        assert!(kept.data.len() as u64 <= cap, "{} kept", kept.data.len());
+        assert!(
+            kept.data.len() as u64 >= cap / 2,
+            "{} kept",
+            kept.data.len()
+        );
+        assert_eq!(kept.start + kept.data.len() as u64, 100);
+        assert_eq!(kept.data, &text[kept.start as usize..]);
+        assert_eq!(bytes.get(), kept.data.len() as i64);
+        // A reader already past the dropped part reads on as before.
+        assert_eq!(read_all(&logs, &t, 95).data, &text[95..]);
+        // Replays of dropped output are not stored again.
+        assert_eq!(
+            logs.append(&t, LogStream::Stdout, 0, &text[..10], cap)
+                .unwrap(),
+            Appended::Duplicate
+        );
+
+        // What a new controller process reads back is the same.
+        drop(logs);
+        let (again, bytes) = open(dir.path());
+        assert_eq!(bytes.get(), kept.data.len() as i64);
+        assert_eq!(again.size_of(&t, LogStream::Stdout), 100);
+        assert_eq!(read_all(&again, &t, 0), kept);
+    }
+
+    #[test]
+    fn a_log_of_the_old_layout_is_read_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = TaskId::from("task-9");
+        std::fs::write(dir.path().join("task-9.stdout.log"), b"old output\n").unwrap();
+        let (logs, bytes) = open(dir.path());
+        assert_eq!(bytes.get(), 11);
+        assert_eq!(read_all(&logs, &t, 0).data, b"old output\n");
+        logs.append(&t, LogStream::Stdout, 11, b"more\n", BIG)
+            .unwrap();
+        assert_eq!(read_all(&logs, &t, 0).data, b"old output\nmore\n");
+        logs.remove(&t);
+        assert_eq!(bytes.get(), 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(read_all(&logs, &t, 0).data, b"");
+    }
+
+    #[test]
+    fn logs_of_unknown_tasks_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("task-old.stdout.log"), b"xy").unwrap();
+        let (logs, bytes) = open(dir.path());
+        let keep = TaskId::from("task-keep");
+        let gone = TaskId::from("task-gone");
+        for t in [&keep, &gone] {
+            logs.append(t, LogStream::Stderr, 0, b"12345", BIG).unwrap();
+        }
+        assert_eq!(bytes.get(), 12);
+        let known: HashSet<TaskId> = [keep.clone()].into();
+        assert_eq!(logs.remove_unknown(&known), 2);
+        assert_eq!(logs.size_of(&keep, LogStream::Stderr), 5);
+        assert_eq!(logs.size_of(&gone, LogStream::Stderr), 0);
+        assert_eq!(bytes.get(), 5);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

@@ -46,6 +46,8 @@ pub struct Metrics {
     /// Connections closed as soon as they were accepted, by the limit they were over
     /// (`per_ip` or `total`); a rising count means a client opens more than it should.
     pub http_connections_refused: Family<ReasonLabel, Counter>,
+    /// Bytes of task output the controller stores, all tasks together.
+    pub log_bytes: Gauge,
 }
 
 impl Metrics {
@@ -62,6 +64,12 @@ impl Metrics {
         let scheduling_pass = Histogram::new(buckets);
         let placement = Histogram::new(buckets);
         registry.register("tasks", "Tasks by state", tasks.clone());
+        let log_bytes = Gauge::default();
+        registry.register(
+            "log_bytes",
+            "Bytes of task output stored by the controller",
+            log_bytes.clone(),
+        );
         registry.register(
             "connected_agents",
             "Agents with an open connection",
@@ -120,6 +128,7 @@ impl Metrics {
             registry,
             http_connections,
             http_connections_refused,
+            log_bytes,
             job_cpu_seconds,
             job_memory_bytes,
             tasks,

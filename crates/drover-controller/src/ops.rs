@@ -381,7 +381,7 @@ impl Inner {
     }
 
     /// Moves a task forward (if that is a forward move) and follows up on its end.
-    fn advance_task(
+    pub(crate) fn advance_task(
         &self,
         state: &mut State,
         tx: &mut Tx,

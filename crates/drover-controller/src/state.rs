@@ -23,6 +23,9 @@ pub struct State {
     pub jobs: HashMap<JobId, Job>,
     /// The current (newest) version of each job name in each project.
     pub current: HashMap<(ProjectId, String), JobId>,
+    /// Every stored version of each job name, so removing the current one finds the
+    /// one before it without a scan.
+    pub versions: HashMap<(ProjectId, String), BTreeMap<u32, JobId>>,
     /// Job versions by the idempotency key of the request that made them.
     pub by_key: HashMap<(ProjectId, String), JobId>,
     pub tasks: HashMap<TaskId, Task>,
@@ -133,6 +136,10 @@ impl State {
                     Some(cur) => cur.version <= j.version,
                     None => true,
                 };
+                self.versions
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(j.version, j.id.clone());
                 if newer {
                     self.current.insert(key, j.id.clone());
                 }
@@ -217,7 +224,72 @@ impl State {
             } => {
                 self.artifacts.remove(&(project, name, version));
             }
+            Change::DeleteJob(id) => self.remove_job(&id),
+            Change::DeleteTask(id) => self.remove_task(&id),
+            Change::DeleteNode(id) => {
+                // Its tasks keep their records, with the node's id as history; a
+                // removal by an admin ended those still on it in the same commit.
+                self.nodes.remove(&id);
+                self.outbox.remove(&id);
+                self.unsent.remove(&id);
+            }
         }
+    }
+
+    /// Forgets a job version and its tasks, and every index that names them.
+    fn remove_job(&mut self, id: &JobId) {
+        // The list is taken first, so each task's removal has no list to edit.
+        for t in self.tasks_by_job.remove(id).unwrap_or_default() {
+            self.remove_task(&t);
+        }
+        self.succeeded.remove(id);
+        self.pending_reasons.remove(id);
+        self.doubled.retain(|(j, _)| j != id);
+        let Some(job) = self.jobs.remove(id) else {
+            return;
+        };
+        if let Some(k) = &job.idempotency_key {
+            let key = (job.project.clone(), k.clone());
+            if self.by_key.get(&key) == Some(id) {
+                self.by_key.remove(&key);
+            }
+        }
+        let name = (job.project.clone(), job.name.clone());
+        let mut emptied = false;
+        if let Some(v) = self.versions.get_mut(&name) {
+            v.remove(&job.version);
+            emptied = v.is_empty();
+            if self.current.get(&name) == Some(id) {
+                match v.values().next_back() {
+                    Some(prev) => {
+                        self.current.insert(name.clone(), prev.clone());
+                    }
+                    None => {
+                        self.current.remove(&name);
+                    }
+                }
+            }
+        }
+        if emptied {
+            self.versions.remove(&name);
+        }
+    }
+
+    /// Forgets one task and every index that names it.
+    fn remove_task(&mut self, id: &TaskId) {
+        let Some(t) = self.tasks.remove(id) else {
+            return;
+        };
+        if counts_on_node(&t) {
+            self.release(&t);
+        }
+        if t.state == TaskState::Pending {
+            self.pending.remove(&(t.created_at, t.id.clone()));
+        }
+        if let Some(list) = self.tasks_by_job.get_mut(&t.job_id) {
+            list.retain(|x| x != id);
+        }
+        self.usage.remove(id);
     }
 
     fn demand(&self, t: &Task) -> Resources {

@@ -93,6 +93,10 @@ pub enum StreamEvent {
         offset: u64,
         /// The bytes as text, invalid UTF-8 replaced.
         data: String,
+        /// How many bytes before `offset` were dropped by the job's `logs.max_size`
+        /// since the last event of this stream: the reader has a hole there.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped: u64,
     },
     Task {
         task_id: TaskId,
@@ -141,4 +145,8 @@ pub struct NodeEnvView {
     pub kind: String,
     #[serde(flatten)]
     pub env: crate::state::EnvInfo,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }

@@ -340,6 +340,48 @@ impl Disconnect {
     }
 }
 
+/// How much of a task's output the controller keeps. Each stream (stdout, stderr) is
+/// kept up to `max_size`; past it the oldest half is dropped, so a task that writes
+/// without end costs the controller a bounded amount of disk and `drover logs` still
+/// shows its latest output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Logs {
+    /// The most kept per task and stream; [`DEFAULT_LOG_MAX_SIZE`] when not given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<ByteSize>,
+}
+
+/// The output kept per task and stream when a job does not say.
+pub const DEFAULT_LOG_MAX_SIZE: ByteSize = ByteSize(64 << 20);
+/// The smallest `logs.max_size` accepted: below it, dropping half at a time would
+/// drop lines a person is still reading.
+pub const MIN_LOG_MAX_SIZE: ByteSize = ByteSize(64 << 10);
+/// The largest `logs.max_size` accepted, so one job cannot claim the controller's disk.
+pub const MAX_LOG_MAX_SIZE: ByteSize = ByteSize(4 << 30);
+
+impl Logs {
+    pub fn is_default(&self) -> bool {
+        *self == Logs::default()
+    }
+
+    /// The cap in force for each stream.
+    pub fn max_size(&self) -> ByteSize {
+        self.max_size.unwrap_or(DEFAULT_LOG_MAX_SIZE)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(m) = self.max_size
+            && !(MIN_LOG_MAX_SIZE..=MAX_LOG_MAX_SIZE).contains(&m)
+        {
+            return Err(format!(
+                "logs.max_size: expected a size from {MIN_LOG_MAX_SIZE} to {MAX_LOG_MAX_SIZE}, got {m}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An HTTP health probe: healthy when `GET path` on the port answers 2xx or 3xx.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HttpProbe {
@@ -469,6 +511,9 @@ pub struct JobSpec {
     /// What happens to the job's tasks when their node stops answering.
     #[serde(default, skip_serializing_if = "Disconnect::is_default")]
     pub disconnect: Disconnect,
+    /// How much of each task's output the controller keeps.
+    #[serde(default, skip_serializing_if = "Logs::is_default")]
+    pub logs: Logs,
 }
 
 /// A job's own environment, materialised on the node before its task starts.
@@ -629,6 +674,7 @@ impl JobSpec {
             artifact: None,
             runtime_env: RuntimeEnv::default(),
             disconnect: Disconnect::default(),
+            logs: Logs::default(),
         }
     }
 
@@ -876,6 +922,7 @@ impl JobSpec {
         }
         self.validate_exec_size()?;
         self.validate_durations()?;
+        self.logs.validate()?;
         validate_env_names("env", &self.env)?;
         self.runtime_env.validate(&self.runtime)?;
         if !(self.resources.cpu > 0.0 && self.resources.cpu.is_finite()) {
@@ -1025,6 +1072,7 @@ impl JobSpec {
             artifact: _,
             runtime_env,
             disconnect,
+            logs: _,
         } = self;
         let Disconnect {
             lost_after,

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use drover_core::artifact::Artifact;
 use drover_core::auth::{Project, TokenView};
 use drover_core::state::{Job, Node, Task};
-use drover_core::{Millis, ProjectId};
+use drover_core::{JobId, Millis, NodeId, ProjectId, TaskId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,14 @@ pub enum Change {
         name: String,
         version: String,
     },
+    /// Removes a job version and every task of it (garbage collection of finished
+    /// work). Deletions are applied after every other change of the commit, so a task
+    /// written and deleted by one commit is gone.
+    DeleteJob(JobId),
+    /// Removes one task (an old attempt of a job that goes on).
+    DeleteTask(TaskId),
+    /// Removes a node registration; its tasks keep the node's id as history.
+    DeleteNode(NodeId),
 }
 
 /// Everything the controller needs to rebuild its state at start-up.

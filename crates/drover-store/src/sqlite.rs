@@ -232,6 +232,8 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                 }
+                // Applied below, after the task upserts.
+                Change::DeleteJob(_) | Change::DeleteTask(_) | Change::DeleteNode(_) => {}
             }
         }
         // One change per task survives: the furthest along, and of equals the last (a
@@ -287,6 +289,33 @@ impl Store for SqliteStore {
                  WHERE tasks.state_rank < 6 AND excluded.state_rank >= tasks.state_rank",
             );
             qb.build().execute(&mut *tx).await?;
+        }
+        for change in changes {
+            match change {
+                Change::DeleteJob(id) => {
+                    sqlx::query("DELETE FROM tasks WHERE job_id = ?")
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("DELETE FROM jobs WHERE id = ?")
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Change::DeleteTask(id) => {
+                    sqlx::query("DELETE FROM tasks WHERE id = ?")
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Change::DeleteNode(id) => {
+                    sqlx::query("DELETE FROM nodes WHERE id = ?")
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                _ => {}
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -371,6 +400,57 @@ mod tests {
         assert_eq!(snap.jobs, vec![job]);
         assert_eq!(snap.tasks, vec![task(TaskState::Running)]);
         assert_eq!(snap.tokens, vec![token]);
+    }
+
+    #[tokio::test]
+    async fn deleting_a_job_takes_its_tasks_and_deletions_come_last_in_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = JobSpec::from_yaml("name: j\ncommand: [true]\n", "j.yaml").unwrap();
+        let job = |id: &str| Job {
+            id: JobId::from(id),
+            project: ProjectId::default(),
+            name: "j".into(),
+            version: 1,
+            spec: spec.clone(),
+            status: JobStatus::Complete,
+            reason: String::new(),
+            exit: None,
+            created_at: 1,
+            updated_at: 1,
+            idempotency_key: None,
+        };
+        let task_of = |id: &str, job: &str| {
+            let mut t = task(TaskState::Succeeded);
+            t.id = TaskId::from(id);
+            t.job_id = JobId::from(job);
+            t
+        };
+        let store = open(&dir).await;
+        store
+            .commit(&[
+                Change::Job(job("job-1")),
+                Change::Job(job("job-2")),
+                Change::Task(task_of("task-1", "job-1")),
+                Change::Task(task_of("task-2", "job-1")),
+                Change::Task(task_of("task-3", "job-2")),
+                Change::Task(task_of("task-4", "job-2")),
+            ])
+            .await
+            .unwrap();
+        store
+            .commit(&[
+                Change::DeleteJob(JobId::from("job-1")),
+                Change::DeleteTask(TaskId::from("task-3")),
+                // Written and deleted in one commit: deleted.
+                Change::Task(task_of("task-5", "job-2")),
+                Change::DeleteTask(TaskId::from("task-5")),
+            ])
+            .await
+            .unwrap();
+        let snap = open(&dir).await.load().await.unwrap();
+        assert_eq!(snap.jobs, vec![job("job-2")]);
+        let ids: Vec<&str> = snap.tasks.iter().map(|t| t.id.as_str()).collect();
+        assert_eq!(ids, vec!["task-4"]);
     }
 
     #[tokio::test]

@@ -53,6 +53,8 @@ pub struct ClusterOptions {
     pub header_read_timeout: Duration,
     /// The most connections one client address may hold open.
     pub max_connections_per_ip: usize,
+    /// What finished work and lost nodes the controller keeps.
+    pub retention: drover_controller::Retention,
 }
 
 impl Default for ClusterOptions {
@@ -65,6 +67,7 @@ impl Default for ClusterOptions {
             stop_deadline: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             max_connections_per_ip: 256,
+            retention: drover_controller::Retention::default(),
         }
     }
 }
@@ -157,6 +160,7 @@ impl TestCluster {
         cfg.stop_deadline = opts.stop_deadline;
         cfg.header_read_timeout = opts.header_read_timeout;
         cfg.max_connections_per_ip = opts.max_connections_per_ip;
+        cfg.retention = opts.retention;
         cfg.command_resend_after = Duration::from_millis(500);
         cfg.bootstrap_tokens = vec![
             BootstrapToken {

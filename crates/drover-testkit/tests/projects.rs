@@ -324,6 +324,16 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
             assert_eq!(count(&body), 1, "{body}");
         }
+        ("DELETE", "/v1/nodes/{node}") => {
+            // Nodes serve every project: no project token may remove one, not even a
+            // project admin's. The cluster admin may, but not while it is connected.
+            let path = pattern.replace("{node}", "n1");
+            as_alpha(w, &ALL_ROLES, Method::DELETE, &path, None, 403).await;
+            let body = expect(&w.cluster, "cluster", Method::DELETE, &path, None, 409).await;
+            assert!(body.contains("is connected"), "{body}");
+            let nodes = w.cluster.nodes().await.unwrap();
+            assert_eq!(nodes.len(), 1, "{nodes:?}");
+        }
         ("GET", "/v1/envs") | ("POST", "/v1/envs/prune") | ("GET", "/metrics") => {
             let m = Method::from_bytes(method.as_bytes()).unwrap();
             as_alpha(w, &ALL_ROLES, m.clone(), pattern, None, 403).await;
