@@ -43,4 +43,17 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     fi
 fi
 
-cargo nextest run --workspace --no-fail-fast "$@"
+# The lints run after the tests, so one run reports both; either failing fails it.
+for component in rustfmt clippy; do
+    if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then
+        rustup component add "$component"
+    fi
+done
+
+status=0
+cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+if [ "$#" -eq 0 ]; then
+    cargo fmt --all --check || { echo "cargo fmt: the code is not formatted; run cargo fmt --all" >&2; status=1; }
+    cargo clippy --workspace --all-targets --quiet -- -D warnings || status=1
+fi
+exit "$status"

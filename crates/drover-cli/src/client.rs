@@ -316,7 +316,7 @@ impl Client {
             .map_err(|e| self.connect_error(e))?;
         let max_size = resp
             .headers()
-            .get(drover_controller::MAX_BLOB_SIZE_HEADER)
+            .get(drover_core::api::MAX_BLOB_SIZE_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         match resp.status().as_u16() {

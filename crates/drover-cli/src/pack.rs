@@ -214,7 +214,7 @@ fn check_links(dir: &Path, items: &[Item]) -> Result<()> {
         })
         .collect();
     let root = format!("working_dir {}", dir.display());
-    drover_agent::unpack::check_symlinks(&links, &root).map_err(|escape| {
+    drover_core::symlinks::check_symlinks(&links, &root).map_err(|escape| {
         anyhow!(
             "{} is a symlink to {:?}, which {} (list it in {IGNORE_FILE} to leave it out)",
             dir.join(&escape.link).display(),

@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use drover_core::ProjectId;
+use drover_core::api::MAX_BLOB_SIZE_HEADER;
 use drover_core::artifact::{Artifact, ArtifactRef, Digest, NewArtifact};
 use drover_store::{Change, StoreError};
 use serde::Serialize;
@@ -184,11 +185,6 @@ pub(crate) async fn put_blob(
     )
         .into_response())
 }
-
-/// The header on `HEAD /v1/blobs/{digest}` answers giving the largest blob an upload may
-/// store. A client checks it before sending: a server refusing an upload it has not read
-/// must close the connection, and the client may then see the reset rather than the 413.
-pub const MAX_BLOB_SIZE_HEADER: &str = "drover-max-blob-size";
 
 pub(crate) async fn head_blob(
     State(inner): Shared,

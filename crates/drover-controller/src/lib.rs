@@ -33,7 +33,7 @@ use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use api::{Principal, ROUTES};
-pub use artifacts::MAX_BLOB_SIZE_HEADER;
+pub use drover_core::api::MAX_BLOB_SIZE_HEADER;
 pub use retention::Retention;
 pub use tenants::reset_admin_token;
 

@@ -150,3 +150,7 @@ pub struct NodeEnvView {
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
+
+/// The response header on `HEAD /v1/blobs/{digest}` that gives the largest blob the
+/// controller accepts, so a client can refuse a larger upload before sending it.
+pub const MAX_BLOB_SIZE_HEADER: &str = "drover-max-blob-size";

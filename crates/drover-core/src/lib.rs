@@ -14,6 +14,7 @@ pub mod protocol;
 pub mod quantity;
 pub mod spec;
 pub mod state;
+pub mod symlinks;
 
 pub use ids::{JobId, NodeId, ProjectId, TaskId};
 pub use spec::{JobKind, JobSpec, RuntimeKind, SpecError};

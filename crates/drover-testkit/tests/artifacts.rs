@@ -60,7 +60,7 @@ async fn a_multi_mib_blob_round_trips_and_a_second_upload_is_deduplicated() {
         .await
         .unwrap();
     assert_eq!(
-        resp.headers()[drover_controller::MAX_BLOB_SIZE_HEADER],
+        resp.headers()[drover_core::api::MAX_BLOB_SIZE_HEADER],
         (2u64 << 30).to_string().as_str()
     );
 
