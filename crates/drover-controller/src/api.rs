@@ -9,6 +9,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
+use drover_core::api::ErrorCode;
 use drover_core::api::{ErrorBody, Health, JobView, NodeEnvView, NodeView, TaskView};
 use drover_core::auth::PROJECT_HEADER;
 use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
@@ -29,7 +30,7 @@ pub struct Principal {
 }
 
 pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
-    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+    ApiError::new(ErrorCode::Forbidden, message)
 }
 
 /// The answer for a project that does not exist, saying how to make it.
@@ -114,46 +115,39 @@ impl Principal {
 
 #[derive(Debug)]
 pub(crate) struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ApiError {
-            status,
             code,
             message: message.into(),
         }
     }
 
     pub(crate) fn not_found(what: &str) -> Self {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{what} not found"),
-        )
+        ApiError::new(ErrorCode::NotFound, format!("{what} not found"))
     }
 }
 
 impl From<drover_store::StoreError> for ApiError {
     fn from(e: drover_store::StoreError) -> Self {
         if let drover_store::StoreError::Conflict(m) = e {
-            return ApiError::new(StatusCode::CONFLICT, "exists", m);
+            return ApiError::new(ErrorCode::Exists, m);
         }
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "store_unavailable",
-            e.to_string(),
-        )
+        ApiError::new(ErrorCode::StoreUnavailable, e.to_string())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // Every code has a valid status; the fallback only guards the conversion.
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (
-            self.status,
+            status,
             Json(ErrorBody {
                 error: self.message,
                 code: self.code.to_string(),
@@ -234,7 +228,7 @@ pub(crate) fn router(inner: Arc<Inner>) -> Router {
         .route("/health", get(health))
         .route(AGENT_CONNECT_PATH, get(agent_connect))
         .merge(authed)
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .with_state(inner)
 }
 
@@ -278,8 +272,7 @@ async fn auth(State(inner): Shared, mut req: Request, next: Next) -> Response {
         .map(str::to_string);
     let Some(secret) = secret else {
         return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing bearer token: pass --token or set DROVER_TOKEN",
         )
         .into_response();
@@ -289,8 +282,7 @@ async fn auth(State(inner): Shared, mut req: Request, next: Next) -> Response {
         Some(Ok(v)) if !v.trim().is_empty() => Some(v.trim().to_string()),
         Some(_) => {
             return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_project",
+                ErrorCode::InvalidProject,
                 format!("header {PROJECT_HEADER}: expected a project name"),
             )
             .into_response();
@@ -305,12 +297,7 @@ async fn auth(State(inner): Shared, mut req: Request, next: Next) -> Response {
             req.extensions_mut().insert(principal);
             next.run(req).await
         }
-        _ => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "invalid or revoked token",
-        )
-        .into_response(),
+        _ => ApiError::new(ErrorCode::Unauthorized, "invalid or revoked token").into_response(),
     }
 }
 
@@ -483,8 +470,7 @@ async fn apply_job(
     tracing::debug!("apply request");
     let Query(query) = query.map_err(|e| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!(
                 "query: {}; the only parameter is rerun=true|false",
                 e.body_text()
@@ -497,16 +483,11 @@ async fn apply_job(
             v.to_str()
                 .map_err(|_| "not text".to_string())
                 .and_then(drover_core::api::parse_idempotency_key)
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", e))?,
+                .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))?,
         ),
     };
-    let spec = JobSpec::from_json(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_spec",
-            format!("invalid job spec: {e}"),
-        )
-    })?;
+    let spec = JobSpec::from_json(&body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidSpec, format!("invalid job spec: {e}")))?;
     // Shared with other submissions, exclusive of blob collection: the working_dir
     // archive found below stays until the job naming it is stored. Only a job with one
     // takes it, so plain submissions never wait for a collection.
@@ -514,25 +495,18 @@ async fn apply_job(
     if let Some(w) = &spec.runtime_env.working_dir {
         _gc = Some(inner.blobs.gc_lock.read().await);
         let digest: drover_core::artifact::Digest = w.parse().map_err(|_| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_spec",
+            ApiError::new(ErrorCode::InvalidSpec,
                 format!(
                     "invalid job spec: runtime_env.working_dir: expected the digest of an uploaded archive (sha256:<64 hex digits>), got {w:?}; the CLI packs and uploads a local directory for you (drover job apply -f FILE)"
                 ),
             )
         })?;
         let size = inner.usable_blob_size(&p, &digest).await.map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "io",
-                format!("reading blob {digest}: {e}"),
-            )
+            ApiError::new(ErrorCode::Internal, format!("reading blob {digest}: {e}"))
         })?;
         if size.is_none() {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "missing_blob",
+                ErrorCode::MissingBlob,
                 format!(
                     "invalid job spec: runtime_env.working_dir: blob {digest} has not been uploaded (PUT /v1/blobs/{digest})"
                 ),
@@ -548,11 +522,9 @@ async fn apply_job(
         .await
         .map_err(|e| match e {
             crate::ops::ApplyError::Store(e) => ApiError::from(e),
-            crate::ops::ApplyError::KeyReused(m) => ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                m,
-            ),
+            crate::ops::ApplyError::KeyReused(m) => {
+                ApiError::new(ErrorCode::IdempotencyKeyReused, m)
+            }
         })?;
     let status = if res.result == "created" {
         StatusCode::CREATED
@@ -619,7 +591,7 @@ async fn stop_job(
 /// else is refused, naming the parameter, so that a typo cannot quietly turn a forced
 /// stop into a graceful one.
 fn force_param(q: &std::collections::BTreeMap<String, String>) -> ApiResult<bool> {
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", m);
+    let bad = |m: String| ApiError::new(ErrorCode::InvalidRequest, m);
     if let Some(k) = q.keys().find(|k| *k != "force") {
         return Err(bad(format!(
             "query parameter {k:?}: unknown; a stop takes only force=true or force=false"
@@ -693,8 +665,7 @@ async fn find_task(inner: &Inner, p: &Principal, id: &str) -> ApiResult<TaskView
         .ok_or_else(|| ApiError::not_found(&format!("task {id:?}")))?;
     if first.id.as_str() != id && found.next().is_some() {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "ambiguous",
+            ErrorCode::Ambiguous,
             format!("task id prefix {id:?} matches several tasks"),
         ));
     }
@@ -812,21 +783,11 @@ async fn agent_connect(
     let secret = headers
         .get(JOIN_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing join token",
-            )
-        })?;
+        .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing join token"))?;
     match inner.lookup_token(secret) {
         Some(t) if !t.revoked && matches!(t.role, Role::Agent | Role::Cluster) => {}
         _ => {
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "invalid join token",
-            ));
+            return Err(ApiError::new(ErrorCode::Unauthorized, "invalid join token"));
         }
     }
     let inner = inner.clone();

@@ -17,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use drover_core::ProjectId;
+use drover_core::api::ErrorCode;
 use drover_core::api::MAX_BLOB_SIZE_HEADER;
 use drover_core::artifact::{Artifact, ArtifactRef, Digest, NewArtifact};
 use drover_store::{Change, StoreError};
@@ -38,16 +39,12 @@ struct BlobInfo {
 
 fn parse_digest(s: &str) -> ApiResult<Digest> {
     s.parse()
-        .map_err(|e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_digest", e))
+        .map_err(|e: String| ApiError::new(ErrorCode::InvalidDigest, e))
 }
 
 fn io_error(what: &str, e: std::io::Error) -> ApiError {
     tracing::error!("{what}: {e}");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "blob_store",
-        format!("{what}: {e}"),
-    )
+    ApiError::new(ErrorCode::Internal, format!("{what}: {e}"))
 }
 
 fn blob_headers(digest: &Digest, size: u64) -> [(header::HeaderName, HeaderValue); 3] {
@@ -144,19 +141,15 @@ pub(crate) async fn put_blob(
         .put(&digest, declared, body.into_data_stream())
         .await
         .map_err(|e| match e {
-            PutError::TooLarge { .. } => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("blob {digest}: {e}"),
-            ),
+            PutError::TooLarge { .. } => {
+                ApiError::new(ErrorCode::TooLarge, format!("blob {digest}: {e}"))
+            }
             PutError::Mismatch { .. } => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "digest_mismatch",
+                ErrorCode::DigestMismatch,
                 format!("blob {digest}: {e}; nothing was stored"),
             ),
             PutError::Body(_) => ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "upload_incomplete",
+                ErrorCode::UploadIncomplete,
                 format!("blob {digest}: {e}; nothing was stored"),
             ),
             PutError::Io(e) => io_error(&format!("storing blob {digest}"), e),
@@ -235,20 +228,11 @@ pub(crate) async fn create_artifact(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     p.require_write()?;
-    let new: NewArtifact = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_artifact",
-            format!("invalid artifact: {e}"),
-        )
-    })?;
-    let r = new.validate().map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_artifact",
-            format!("invalid artifact: {e}"),
-        )
-    })?;
+    let new: NewArtifact = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidArtifact, format!("invalid artifact: {e}")))?;
+    let r = new
+        .validate()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidArtifact, format!("invalid artifact: {e}")))?;
     let artifact = inner.create_artifact(&p, &r, new).await?;
     Ok((StatusCode::CREATED, Json(artifact)).into_response())
 }
@@ -370,8 +354,7 @@ impl Inner {
         }
         if !problems.is_empty() {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "missing_blob",
+                ErrorCode::MissingBlob,
                 format!("artifact {r}: {}", problems.join("; ")),
             ));
         }
@@ -427,8 +410,7 @@ impl Inner {
         if !users.is_empty() {
             users.sort();
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "in_use",
+                ErrorCode::InUse,
                 format!(
                     "artifact {r} is used by job {}; stop the job first (`drover job stop NAME`)",
                     users.join(", ")
@@ -491,8 +473,7 @@ impl Inner {
 
 fn exists(r: &ArtifactRef) -> ApiError {
     ApiError::new(
-        StatusCode::CONFLICT,
-        "exists",
+        ErrorCode::Exists,
         format!("artifact {r} already exists; versions are immutable, so push a new version"),
     )
 }

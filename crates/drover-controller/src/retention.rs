@@ -6,7 +6,7 @@
 use crate::api::ApiError;
 use crate::state::State;
 use crate::{Inner, Tx};
-use axum::http::StatusCode;
+use drover_core::api::ErrorCode;
 use drover_core::api::{IDEMPOTENCY_WINDOW_MS, NodeView};
 use drover_core::state::NodeStatus;
 use drover_core::{JobId, NodeId, TaskId, TaskState};
@@ -201,8 +201,7 @@ impl Inner {
                 .get(&id)
                 .map_or(node.to_string(), |e| e.node.info.name.clone());
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "connected",
+                ErrorCode::Connected,
                 format!(
                     "node {name} ({id}) is connected; stop its agent first, or it registers again at once"
                 ),
@@ -221,8 +220,7 @@ impl Inner {
         tx.put(state, Change::DeleteNode(id.clone()));
         self.commit(state, tx).await.map_err(|e| {
             ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store",
+                ErrorCode::StoreUnavailable,
                 format!("removing node {id}: {e}"),
             )
         })?;
@@ -253,8 +251,7 @@ fn find_node(state: &State, node: &str) -> Result<NodeId, ApiError> {
             let mut ids: Vec<&str> = many.iter().map(|i| i.as_str()).collect();
             ids.sort();
             Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "ambiguous",
+                ErrorCode::Ambiguous,
                 format!(
                     "{} nodes are named {node:?}; give one of their ids: {}",
                     ids.len(),

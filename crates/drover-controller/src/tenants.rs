@@ -10,6 +10,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use drover_core::ProjectId;
+use drover_core::api::ErrorCode;
 use drover_core::auth::{
     CreatedToken, NewProject, NewToken, Project, Role, TokenView, parse_project_name,
 };
@@ -18,12 +19,13 @@ use std::sync::Arc;
 
 type Shared = State<Arc<Inner>>;
 
-fn bad_request(code: &'static str, message: String) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, code, message)
+fn bad_request(code: ErrorCode, message: String) -> ApiError {
+    ApiError::new(code, message)
 }
 
 fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| bad_request("invalid_request", format!("{what}: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| bad_request(ErrorCode::InvalidRequest, format!("{what}: {e}")))
 }
 
 pub(crate) async fn create_project(
@@ -33,13 +35,16 @@ pub(crate) async fn create_project(
 ) -> ApiResult<Response> {
     p.require_cluster()?;
     let new: NewProject = parse_body(&body, "invalid project")?;
-    let name = parse_project_name(new.name.trim())
-        .map_err(|e| bad_request("invalid_request", format!("invalid project: name: {e}")))?;
+    let name = parse_project_name(new.name.trim()).map_err(|e| {
+        bad_request(
+            ErrorCode::InvalidRequest,
+            format!("invalid project: name: {e}"),
+        )
+    })?;
     let mut state = inner.state.lock().await;
     if state.projects.contains_key(&name) {
         return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "exists",
+            ErrorCode::Exists,
             format!("project {name} already exists"),
         ));
     }
@@ -109,8 +114,7 @@ pub(crate) async fn create_token(
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("{}-{}", project, new.role));
     if name.len() > 200 || name.chars().any(char::is_control) {
-        return Err(bad_request(
-            "invalid_request",
+        return Err(bad_request(ErrorCode::InvalidRequest,
             "invalid token request: name: expected at most 200 characters and no control characters".into(),
         ));
     }
@@ -187,8 +191,7 @@ pub(crate) async fn revoke_token(
             .count();
         if active <= 1 {
             return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "last_cluster_admin",
+                ErrorCode::LastClusterAdmin,
                 format!(
                     "token {id} is the last active cluster admin token; revoking it would leave nothing able to manage the cluster. Create another first (`drover token create --role cluster`), then revoke this one"
                 ),

@@ -13,8 +13,144 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
-    /// A stable machine-readable kind: `unauthorized`, `invalid_spec`, `not_found`...
+    /// A stable machine-readable kind, one of [`ErrorCode`]'s (kept a string on the
+    /// wire, so a client reads codes newer than itself).
     pub code: String,
+}
+
+/// Every kind of error the API answers with, as `code` in [`ErrorBody`]. One list, so a
+/// client can rely on the codes and a handler cannot invent one; each has one HTTP
+/// status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request has no token, or one that is invalid or revoked.
+    Unauthorized,
+    /// The token's role may not do this, or it names a project that is not its own.
+    Forbidden,
+    /// No such object, or one the caller may not see: both answer the same.
+    NotFound,
+    /// A prefix or name matches more than one object.
+    Ambiguous,
+    /// The body or a parameter could not be parsed.
+    InvalidRequest,
+    /// A job spec failed validation; the message names the field.
+    InvalidSpec,
+    /// A project name is not valid.
+    InvalidProject,
+    /// An artifact version failed validation.
+    InvalidArtifact,
+    /// A blob digest is not `sha256:` and 64 hex digits.
+    InvalidDigest,
+    /// An upload's bytes do not hash to the digest it was sent under.
+    DigestMismatch,
+    /// An artifact or job names a blob that has not been uploaded.
+    MissingBlob,
+    /// An upload ended before its declared length.
+    UploadIncomplete,
+    /// The object exists already and may not be replaced.
+    Exists,
+    /// The object is still used by something that must go first.
+    InUse,
+    /// The node is connected; its agent must stop first.
+    Connected,
+    /// The last active cluster admin token may not be revoked.
+    LastClusterAdmin,
+    /// The body is larger than the controller accepts.
+    TooLarge,
+    /// An idempotency key was reused for a different request.
+    IdempotencyKeyReused,
+    /// The controller failed to read or write its own files.
+    Internal,
+    /// The store did not take the change; nothing was done, and the request may be retried.
+    StoreUnavailable,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 20] = [
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::Ambiguous,
+        ErrorCode::InvalidRequest,
+        ErrorCode::InvalidSpec,
+        ErrorCode::InvalidProject,
+        ErrorCode::InvalidArtifact,
+        ErrorCode::InvalidDigest,
+        ErrorCode::DigestMismatch,
+        ErrorCode::MissingBlob,
+        ErrorCode::UploadIncomplete,
+        ErrorCode::Exists,
+        ErrorCode::InUse,
+        ErrorCode::Connected,
+        ErrorCode::LastClusterAdmin,
+        ErrorCode::TooLarge,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::Internal,
+        ErrorCode::StoreUnavailable,
+    ];
+
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Ambiguous => "ambiguous",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::InvalidSpec => "invalid_spec",
+            ErrorCode::InvalidProject => "invalid_project",
+            ErrorCode::InvalidArtifact => "invalid_artifact",
+            ErrorCode::InvalidDigest => "invalid_digest",
+            ErrorCode::DigestMismatch => "digest_mismatch",
+            ErrorCode::MissingBlob => "missing_blob",
+            ErrorCode::UploadIncomplete => "upload_incomplete",
+            ErrorCode::Exists => "exists",
+            ErrorCode::InUse => "in_use",
+            ErrorCode::Connected => "connected",
+            ErrorCode::LastClusterAdmin => "last_cluster_admin",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::Internal => "internal",
+            ErrorCode::StoreUnavailable => "store_unavailable",
+        }
+    }
+
+    /// The HTTP status an error of this kind is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::Ambiguous => 400,
+            ErrorCode::InvalidRequest => 400,
+            ErrorCode::InvalidSpec => 400,
+            ErrorCode::InvalidProject => 400,
+            ErrorCode::InvalidArtifact => 400,
+            ErrorCode::InvalidDigest => 400,
+            ErrorCode::DigestMismatch => 400,
+            ErrorCode::MissingBlob => 400,
+            ErrorCode::UploadIncomplete => 400,
+            ErrorCode::Exists => 409,
+            ErrorCode::InUse => 409,
+            ErrorCode::Connected => 409,
+            ErrorCode::LastClusterAdmin => 409,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::IdempotencyKeyReused => 422,
+            ErrorCode::Internal => 500,
+            ErrorCode::StoreUnavailable => 503,
+        }
+    }
+
+    /// The code named `s`; `None` for one this version does not know (a newer server).
+    pub fn parse(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The request header that makes a submission safe to retry: a repeat with the same key
@@ -154,3 +290,19 @@ fn is_zero(n: &u64) -> bool {
 /// The response header on `HEAD /v1/blobs/{digest}` that gives the largest blob the
 /// controller accepts, so a client can refuse a larger upload before sending it.
 pub const MAX_BLOB_SIZE_HEADER: &str = "drover-max-blob-size";
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn error_codes_are_distinct_round_trip_and_have_error_statuses() {
+        let mut seen = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(c.as_str()), "{c} twice");
+            assert_eq!(ErrorCode::parse(c.as_str()), Some(c));
+            assert!((400..600).contains(&c.status()), "{c}: {}", c.status());
+        }
+        assert_eq!(ErrorCode::parse("from_a_newer_server"), None);
+    }
+}

@@ -80,7 +80,10 @@ fn every_crate_depends_only_on_what_architecture_md_allows() {
         crates.insert(name);
     }
     let stale: Vec<&String> = allowed.keys().filter(|k| !crates.contains(*k)).collect();
-    assert!(stale.is_empty(), "the layering table lists crates that do not exist: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "the layering table lists crates that do not exist: {stale:?}"
+    );
 }
 
 #[test]
