@@ -12,6 +12,7 @@ mod link;
 mod logship;
 mod outbox;
 pub mod platform;
+mod prepare;
 pub mod pyenv;
 pub mod socket;
 mod tasks;
