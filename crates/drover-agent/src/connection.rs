@@ -22,6 +22,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
+/// The longest the agent waits for a finished session's websocket to close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 pub(crate) fn connect_url(server: &str) -> Result<String, AgentError> {
     let base = server.trim_end_matches('/');
     let ws = if let Some(rest) = base.strip_prefix("http://") {
@@ -270,7 +273,14 @@ impl Connection {
             )
             .await;
         self.manager.link.set(None);
-        let _ = sink.close().await;
+        // The session is over and why was said above; a close that fails or does not
+        // finish (the connection is usually already broken) changes nothing, so it is
+        // only noted.
+        match tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!("closing the controller connection: {e}"),
+            Err(_) => tracing::debug!("closing the controller connection timed out"),
+        }
         (end, true)
     }
 

@@ -6,6 +6,7 @@
 //! controller has not acknowledged and re-adopts the tasks it left running.
 
 pub mod artifacts;
+mod cleanup;
 mod connection;
 mod dirpool;
 mod link;
@@ -186,6 +187,9 @@ pub fn detect_capacity() -> Resources {
         memory: ByteSize(mem_kib * 1024),
     }
 }
+
+/// The longest a shutdown waits for the controller connection to close.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// The longest a runtime's fingerprint may take before the runtime is not offered.
 const FINGERPRINT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -450,7 +454,10 @@ impl Agent {
                             // directories of its own first tasks; idle, this costs nothing.
                             if manager.has_retired() {
                                 let m = manager.clone();
-                                let _ = tokio::task::spawn_blocking(move || m.collect_garbage()).await;
+                                let recycled = tokio::task::spawn_blocking(move || m.collect_garbage()).await;
+                                if let Err(e) = recycled {
+                                    tracing::warn!("recycling finished tasks' directories stopped: {e}");
+                                }
                             }
                         }
                     }
@@ -537,6 +544,13 @@ impl Agent {
     /// to adopt, as after a crash.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.join).await;
+        match tokio::time::timeout(SHUTDOWN_WAIT, self.join).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("the controller connection ended abnormally: {e}"),
+            Err(_) => tracing::warn!(
+                "the controller connection did not stop within {}s of the shutdown",
+                SHUTDOWN_WAIT.as_secs()
+            ),
+        }
     }
 }

@@ -893,7 +893,10 @@ impl TaskManager {
                 None => {
                     // No readable task.json: a start that died before recording it.
                     // Nothing can have been reported, so nothing is owed; clean it up.
-                    let _ = std::fs::remove_dir_all(&path);
+                    crate::cleanup::remove_dir_all(
+                        &path,
+                        "the directory of a task that never started",
+                    );
                     continue;
                 }
             };
@@ -1036,8 +1039,14 @@ impl TaskManager {
             };
             for id in held.into_iter().filter(|id| !known.contains(id)) {
                 tracing::info!(task = %id, runtime = %rt.kind(), "removing an orphaned task");
-                let _ =
-                    tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.stop(&id, Duration::ZERO)).await;
+                // A stop that fails is logged and the removal tried all the same: it
+                // ends whatever is left running too.
+                match tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.stop(&id, Duration::ZERO)).await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(task = %id, "stopping an orphaned task: {e}"),
+                    Err(_) => tracing::warn!(task = %id, "stopping an orphaned task timed out"),
+                }
                 if let Err(e) = tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.destroy(&id))
                     .await
                     .unwrap_or_else(|_| {
