@@ -320,7 +320,10 @@ impl ArtifactCache {
         // Sent without the lock: a caller that gave up hands its lease back here, and
         // dropping a lease takes the lock.
         for (tx, reply) in replies {
-            let _ = tx.send(reply);
+            if tx.send(reply).is_err() {
+                // The caller gave up waiting. The lease it was sent comes back here and is
+                // dropped, outside the lock, which is how it is handed back.
+            }
         }
     }
 
@@ -550,7 +553,7 @@ impl Partial {
 impl Drop for Partial {
     fn drop(&mut self) {
         if !self.0.as_os_str().is_empty() {
-            let _ = std::fs::remove_file(&self.0);
+            crate::cleanup::remove_file(&self.0, "a download that was not kept");
         }
     }
 }
@@ -617,7 +620,7 @@ pub fn install(lease: &Lease, dest: &Path) -> io::Result<()> {
             dest.display()
         );
         if let Err(e) = std::fs::copy(lease.path(), dest) {
-            let _ = std::fs::remove_file(dest);
+            crate::cleanup::remove_file(dest, "a partly copied artifact");
             return Err(io::Error::new(
                 e.kind(),
                 format!(

@@ -50,7 +50,7 @@ impl DirPool {
                 free.push(path);
             } else {
                 // Not one of ours (a rename cut short, say): it cannot be trusted empty.
-                let _ = std::fs::remove_dir_all(path);
+                crate::cleanup::remove_dir_all(&path, "a directory the pool cannot trust");
             }
         }
         free.truncate(cap);
@@ -86,16 +86,36 @@ impl DirPool {
     /// Empties a finished task's directory and parks it, or deletes it when the pool is
     /// full or emptying fails.
     pub fn give(&self, dir: &Path) {
-        if self.parked() >= self.cap || empty_for_reuse(dir).is_err() {
-            let _ = std::fs::remove_dir_all(dir);
+        if self.parked() >= self.cap {
+            crate::cleanup::remove_dir_all(dir, "a finished task's directory");
             return;
+        }
+        match empty_for_reuse(dir) {
+            Ok(()) => {}
+            // A task that failed before it had a directory has none to give.
+            Err(_) if matches!(std::fs::symlink_metadata(dir), Err(e) if e.kind() == io::ErrorKind::NotFound) =>
+            {
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "emptying {} for reuse: {e}; deleting it instead",
+                    dir.display()
+                );
+                crate::cleanup::remove_dir_all(dir, "a finished task's directory");
+                return;
+            }
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let parked = self.free_root.join(n.to_string());
         match std::fs::rename(dir, &parked) {
             Ok(()) => self.free().push(parked),
-            Err(_) => {
-                let _ = std::fs::remove_dir_all(dir);
+            Err(e) => {
+                tracing::warn!(
+                    "parking {} for reuse: {e}; deleting it instead",
+                    dir.display()
+                );
+                crate::cleanup::remove_dir_all(dir, "a finished task's directory");
             }
         }
     }

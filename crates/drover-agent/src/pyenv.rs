@@ -673,7 +673,10 @@ impl PythonEnvs {
         // Sent without the lock: a caller that gave up hands its lease back here, and
         // dropping a lease takes the lock.
         for (tx, reply) in replies {
-            let _ = tx.send((reply, output.clone()));
+            if tx.send((reply, output.clone())).is_err() {
+                // The caller gave up waiting. The lease it was sent comes back here and is
+                // dropped, outside the lock, which is how it is handed back.
+            }
         }
         if !trash.is_empty() {
             // Nothing waits for this: the evicted directories were already renamed out
@@ -965,8 +968,17 @@ impl PythonEnvs {
                         // SAFETY: kill has no memory-safety preconditions.
                         unsafe { libc::kill(-pgid, libc::SIGKILL) };
                     }
-                    let _ = child.start_kill();
-                    let _ = tokio::time::timeout(GROUP_EXIT_WAIT, child.wait()).await;
+                    if let Err(e) = child.start_kill() {
+                        tracing::warn!("python envs: killing {shown} after the setup_timeout: {e}");
+                    }
+                    match tokio::time::timeout(GROUP_EXIT_WAIT, child.wait()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::warn!("python envs: reaping {shown} after killing it: {e}"),
+                        Err(_) => tracing::warn!(
+                            "python envs: {shown} did not exit within {}s of SIGKILL",
+                            GROUP_EXIT_WAIT.as_secs()
+                        ),
+                    }
                     if let Some(pgid) = pgid {
                         wait_group_gone(pgid).await;
                     }

@@ -105,7 +105,7 @@ impl TaskSocket {
 impl Drop for TaskSocket {
     fn drop(&mut self) {
         self.stop.cancel();
-        let _ = std::fs::remove_file(&self.path);
+        crate::cleanup::remove_file(&self.path, "the task socket");
     }
 }
 
@@ -131,7 +131,10 @@ async fn serve(listener: UnixListener, facts: Arc<TaskFacts>, stop: Cancellation
                 "too many connections: a task may hold at most {MAX_CONNECTIONS} open"
             ));
             tokio::spawn(async move {
-                let _ = stream.write_all(&msg).await;
+                if stream.write_all(&msg).await.is_err() {
+                    // The task already closed the connection it was being refused on,
+                    // so there is nobody left to tell.
+                }
             });
             continue;
         };
@@ -200,7 +203,10 @@ async fn connection(stream: UnixStream, facts: &TaskFacts) {
             let msg = error_line(&format!(
                 "request longer than {MAX_REQUEST} bytes; closing the connection"
             ));
-            let _ = write.write_all(&msg).await;
+            if write.write_all(&msg).await.is_err() {
+                // The task already closed the connection being closed on it, so there
+                // is nobody left to tell.
+            }
             return;
         }
         let trimmed = line.trim_ascii();

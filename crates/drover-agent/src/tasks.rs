@@ -5,25 +5,23 @@
 //! outbox before it is sent. A task's directory holds `task.json` (its assignment), so
 //! a restarted agent finds its tasks again and asks the runtime to re-adopt them.
 
-use crate::artifacts::{ArtifactCache, Lease};
+use crate::artifacts::ArtifactCache;
 use crate::dirpool::DirPool;
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
+use crate::prepare::steps::{PrepareContext, STEPS};
+use crate::prepare::{Guards, prepare_all, readopt_all};
 use crate::users::TaskUsers;
-use drover_core::platform::{
-    BinaryPlatform, NodePlatform, Platform, detect_executable, runs_emulated, runs_on,
-};
-use drover_core::protocol::{
-    AgentEvent, AssignedArtifact, Command, LogStream, TaskAssignment, UsageSample,
-};
+use drover_core::platform::{BinaryPlatform, NodePlatform, Platform, runs_emulated, runs_on};
+use drover_core::protocol::{AgentEvent, Command, LogStream, TaskAssignment, UsageSample};
 use drover_core::spec::RuntimeKind;
 use drover_core::state::{Exit, TaskUsage};
 use drover_core::{NodeId, TaskId, TaskState, now_millis};
 use drover_runtime::sandbox::TaskUser;
 use drover_runtime::{ExitStatus, Recovered, Runtime, StopOutcome, TaskContext};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,18 +30,6 @@ use tokio_util::sync::CancellationToken;
 
 /// The file in a task's directory holding its job's config, named by `DROVER_CONFIG`.
 pub const CONFIG_FILE: &str = "config.json";
-
-/// The largest working_dir archive an agent downloads.
-const MAX_WORKING_DIR_ARCHIVE: u64 = 4 << 30;
-
-/// What a task's runtime_env put in place: kept for as long as the task runs.
-#[derive(Default)]
-struct Materialised {
-    /// Variables the task gets on top of its declared ones (the Python environment's);
-    /// moved into the task's context once ready.
-    env: BTreeMap<String, String>,
-    _python: Option<crate::pyenv::EnvLease>,
-}
 
 /// How many emptied task directories are kept for reuse.
 const POOL_CAP: usize = 4096;
@@ -91,35 +77,24 @@ struct Entry {
     /// The outbox seq of its terminal event, once sent; the entry goes when it is acked.
     terminal_seq: Option<u64>,
     runtime: RuntimeKind,
+    /// What the task's preparation put in place that outlives its run (its directory
+    /// and its user), undone when the task is retired.
+    kept: Guards,
 }
 
 /// What is kept in a task's directory so a restarted agent knows the task.
 #[derive(Serialize, Deserialize)]
-struct TaskFile {
-    assignment: TaskAssignment,
+pub(crate) struct TaskFile {
+    pub assignment: TaskAssignment,
     /// The uid (and private gid) the task runs as, when it runs as a user of its own;
     /// a restarted agent takes it back before handing out any other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    uid: Option<u32>,
+    pub uid: Option<u32>,
 }
 
-/// Files of the agent's own in a task's directory. They stay the agent's when the rest of
-/// the directory is given to the task's user, so the task cannot rewrite what the agent
-/// reads back (its assignment, its pid, how it ended).
-const AGENT_FILES: &[&str] = &[
-    "task.json",
-    "stdout.log",
-    "stderr.log",
-    "prepare.log",
-    "stdout.log.1",
-    "stderr.log.1",
-    "prepare.log.1",
-    "logpos.json",
-    "pid",
-    "exit-status",
-    CONFIG_FILE,
-    crate::socket::SOCKET_FILE,
-];
+/// Directories of finished tasks waiting to be recycled, oldest first, each with when
+/// it was retired.
+pub(crate) type RetireQueue = Arc<Mutex<VecDeque<(std::time::Instant, PathBuf)>>>;
 
 pub struct TaskManager {
     node_id: NodeId,
@@ -128,20 +103,17 @@ pub struct TaskManager {
     limits: TaskLimits,
     entries: Mutex<HashMap<TaskId, Entry>>,
     outbox: Mutex<Outbox>,
-    /// Directories of finished tasks waiting to be recycled, oldest first.
-    retired: Mutex<std::collections::VecDeque<(std::time::Instant, PathBuf)>>,
-    pool: DirPool,
+    pub(crate) retired: RetireQueue,
+    pub(crate) pool: DirPool,
     pub(crate) link: Link,
     /// Woken whenever an event is written to the outbox.
     pub(crate) events_ready: tokio::sync::Notify,
     shutdown: CancellationToken,
     /// The latest resource sample of each running task.
     usage: Mutex<HashMap<TaskId, TaskUsage>>,
-    artifacts: ArtifactSupport,
+    pub(crate) artifacts: ArtifactSupport,
     /// The users process tasks run as; `None` runs them as the agent's own user.
-    users: Option<Arc<TaskUsers>>,
-    /// The uid each task holds, given back when its directory is retired.
-    task_uids: Mutex<HashMap<TaskId, u32>>,
+    pub(crate) users: Option<Arc<TaskUsers>>,
 }
 
 /// What the task manager needs to give tasks their artifacts and runtime environments.
@@ -162,7 +134,7 @@ impl ArtifactSupport {
     /// The emulator a binary needs here: `None` when the node runs it natively (or it
     /// runs nowhere here, which the format check reports), else the emulated platform
     /// and its emulator.
-    fn emulator(&self, binary: &BinaryPlatform) -> Option<(&Platform, &PathBuf)> {
+    pub(crate) fn emulator(&self, binary: &BinaryPlatform) -> Option<(&Platform, &PathBuf)> {
         if self
             .node
             .as_ref()
@@ -215,7 +187,7 @@ impl TaskManager {
             limits,
             entries: Mutex::new(HashMap::new()),
             outbox: Mutex::new(outbox),
-            retired: Mutex::new(Default::default()),
+            retired: RetireQueue::default(),
             pool,
             link,
             events_ready: tokio::sync::Notify::new(),
@@ -223,7 +195,6 @@ impl TaskManager {
             usage: Mutex::new(HashMap::new()),
             artifacts,
             users,
-            task_uids: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -294,29 +265,42 @@ impl TaskManager {
             .map(|(id, _)| id.clone())
             .collect();
         for id in done {
-            self.entries().remove(&id);
             // The controller has the task's end and its logs; the directory can go,
             // a little later (see `collect_garbage`).
             self.retire(&id);
         }
     }
 
-    /// Queues a finished task's directory for removal.
+    /// Forgets a task the controller no longer needs to hear about, and undoes what
+    /// its preparation put in place to outlive its run: its directory is queued for
+    /// recycling and its uid given back.
     fn retire(&self, id: &TaskId) {
-        // Its processes have ended, so its uid can go to another task. Its directory,
-        // still owned by that uid's group, is emptied before any task gets it again.
-        let uid = self
-            .task_uids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        if let (Some(uid), Some(users)) = (uid, &self.users) {
-            users.release(uid);
+        let entry = self.entries().remove(id);
+        if let Some(entry) = entry {
+            entry.kept.undo_all();
         }
-        self.retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back((std::time::Instant::now(), self.tasks_dir.join(id.as_str())));
+    }
+
+    /// Keeps the guards that must outlive a task's run with its entry, until the task
+    /// is retired; undoes them at once when it already was (an ack or a forget that
+    /// came while the run was ending).
+    fn keep_until_retired(&self, id: &TaskId, kept: Guards) {
+        if kept.is_empty() {
+            return;
+        }
+        let retired = {
+            let mut entries = self.entries();
+            match entries.get_mut(id) {
+                Some(entry) => {
+                    entry.kept.append(kept);
+                    None
+                }
+                None => Some(kept),
+            }
+        };
+        if let Some(kept) = retired {
+            kept.undo_all();
+        }
     }
 
     pub fn has_retired(&self) -> bool {
@@ -458,58 +442,6 @@ impl TaskManager {
         }
     }
 
-    /// Serves the task's socket, when its context names one.
-    fn task_socket(
-        &self,
-        a: &TaskAssignment,
-        ctx: &TaskContext,
-    ) -> Result<Option<crate::socket::TaskSocket>, String> {
-        let Some(path) = ctx.env.get(crate::socket::ENV_VAR) else {
-            return Ok(None);
-        };
-        let config = a
-            .config
-            .as_ref()
-            .filter(|c| c.format == drover_core::protocol::CONFIG_FORMAT_JSON)
-            .map(|c| c.data.clone());
-        let facts = crate::socket::TaskFacts {
-            task_id: a.task_id.to_string(),
-            job: a.job_name.clone(),
-            job_id: a.job_id.to_string(),
-            project: a.project.to_string(),
-            index: a.index,
-            attempt: a.attempt,
-            config,
-        };
-        let socket = crate::socket::TaskSocket::bind(std::path::Path::new(path), facts)
-            .map_err(|e| format!("serving the task socket {path}: {e}"))?;
-        if let Some(user) = ctx.user {
-            socket
-                .restrict_to(user.uid, user.gid)
-                .map_err(|e| format!("giving the task socket {path} to its user: {e}"))?;
-        }
-        Ok(Some(socket))
-    }
-
-    fn write_task_file(&self, a: &TaskAssignment, uid: Option<u32>) {
-        let dir = self.tasks_dir.join(a.task_id.as_str());
-        let file = TaskFile {
-            assignment: a.clone(),
-            uid,
-        };
-        // One write to a new file, without a temporary file and rename: the file is
-        // written once, before the task starts, and recovery treats an unreadable one
-        // as a start that never happened (which it then was). Each inode operation
-        // saved here is time every short task saves.
-        let write = || -> std::io::Result<()> {
-            let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
-            std::fs::write(dir.join("task.json"), bytes)
-        };
-        if let Err(e) = write() {
-            tracing::error!(task = %a.task_id, "writing task.json: {e}");
-        }
-    }
-
     /// Handles a controller command. Every command is idempotent per task.
     pub fn handle(self: &Arc<Self>, cmd: Command) {
         tracing::debug!("command {cmd:?}");
@@ -558,7 +490,6 @@ impl TaskManager {
                 });
                 // A finished task only waits for its ack; forgetting it just drops it.
                 if found == Some(true) {
-                    self.entries().remove(&task_id);
                     self.retire(&task_id);
                 }
             }
@@ -569,51 +500,9 @@ impl TaskManager {
         if self.entries().contains_key(&a.task_id) {
             return;
         }
-        // A process task gets a user of its own, when the agent can give it one.
-        let uid = match (&self.users, a.spec.runtime == RuntimeKind::Process) {
-            (Some(users), true) => match users.take() {
-                Some(uid) => {
-                    self.task_uids
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(a.task_id.clone(), uid);
-                    Some(uid)
-                }
-                None => {
-                    let ctx = self.context(&a, None);
-                    self.register(&a, &ctx);
-                    let reason = format!(
-                        "no free task user on this node: all {} uids of --task-uid-range are in use",
-                        users.taken()
-                    );
-                    self.finish(&a.task_id, TaskState::Failed, &reason, None);
-                    return;
-                }
-            },
-            _ => None,
-        };
-        let ctx = self.context(&a, uid);
-        let made = self
-            .pool
-            .take(&ctx.dir)
-            .and_then(|()| match (ctx.user, &self.users) {
-                (Some(user), _) => hand_over_dir(&ctx.dir, user),
-                // A recycled directory may still carry the group of the task that had
-                // it before, whose uid may be another task's by now.
-                (None, Some(_)) => take_back_dir(&ctx.dir),
-                (None, None) => Ok(()),
-            });
-        if let Err(e) = made {
-            self.register(&a, &ctx);
-            self.finish(
-                &a.task_id,
-                TaskState::Failed,
-                &format!("creating the task directory: {e}"),
-                None,
-            );
-            return;
-        }
-        self.write_task_file(&a, uid);
+        // The task's user is given to it by a prepare step, which adds it to this
+        // context.
+        let ctx = self.context(&a, None);
         let (stop_rx, shipper) = self.register(&a, &ctx);
         let me = self.clone();
         tokio::spawn(async move { me.drive(a, ctx, stop_rx, shipper, false).await });
@@ -638,6 +527,7 @@ impl TaskManager {
                 shipper: shipper.clone(),
                 terminal_seq: None,
                 runtime: a.spec.runtime.clone(),
+                kept: Guards::default(),
             },
         );
         (stop_rx, shipper)
@@ -660,7 +550,6 @@ impl TaskManager {
             .get(id)
             .is_none_or(|e| e.stop.borrow().as_ref().is_some_and(|r| r.forget));
         if forgotten {
-            self.entries().remove(id);
             self.retire(id);
             return;
         }
@@ -689,10 +578,14 @@ impl TaskManager {
         self.runtimes.get(kind).cloned()
     }
 
+    /// Takes a task from its assignment to its end: prepares it, starts it, watches it
+    /// run and reports how it ended. An adopted task, which a previous agent process
+    /// prepared and started, only gets back what lived in that process (its socket)
+    /// and is watched from there.
     async fn drive(
         self: Arc<Self>,
         a: TaskAssignment,
-        mut ctx: TaskContext,
+        ctx: TaskContext,
         mut stop_rx: watch::Receiver<Option<StopRequest>>,
         shipper: Arc<LogShipper>,
         adopted: bool,
@@ -703,142 +596,172 @@ impl TaskManager {
             self.finish(&id, TaskState::Failed, &reason, None);
             return;
         };
-        // The task socket is served from before the task starts (or, for an adopted
-        // task, from now) until it has ended.
-        let _socket = match self.task_socket(&a, &ctx) {
-            Ok(s) => s,
-            Err(reason) if !adopted => {
-                return self.finish(&id, TaskState::Failed, &reason, None);
+        let mut cx = PrepareContext {
+            tasks: self.clone(),
+            timeout: self.prepare_timeout(&a),
+            assignment: a,
+            launch: ctx,
+            runtime: rt,
+        };
+        let mut guards = Guards::default();
+        let running = if adopted {
+            for e in readopt_all(STEPS, &mut cx, &mut guards).await {
+                tracing::warn!(task = %id, step = e.step, "{e}");
             }
-            Err(reason) => {
-                tracing::warn!(task = %id, "{reason}");
-                None
+            true
+        } else {
+            self.prepare(&mut cx, &mut guards, &stop_rx, &shipper).await
+                && self.start_task(&cx, &stop_rx, &shipper).await
+        };
+        if running {
+            self.watch(&cx, &mut stop_rx, &shipper).await;
+        }
+        // However the task ended, what its preparation put in place is undone, newest
+        // first; its directory and user wait until the task is retired.
+        let kept = guards.end_run();
+        self.keep_until_retired(&id, kept);
+    }
+
+    /// How long a task's preparation may take: its job's `runtime_env.setup_timeout`,
+    /// else the agent's own limit.
+    fn prepare_timeout(&self, a: &TaskAssignment) -> Duration {
+        a.spec
+            .runtime_env
+            .setup_timeout
+            .map(|d| Duration::from_millis(d.as_millis()))
+            .unwrap_or(self.limits.prepare_timeout)
+    }
+
+    /// Reports the task preparing and runs its prepare steps, all under one deadline.
+    /// Returns whether it is ready to start; when it is not, it has been finished. What
+    /// the steps did is in `guards`, for the caller to undo.
+    async fn prepare(
+        &self,
+        cx: &mut PrepareContext,
+        guards: &mut Guards,
+        stop_rx: &watch::Receiver<Option<StopRequest>>,
+        shipper: &Arc<LogShipper>,
+    ) -> bool {
+        let id = cx.assignment.task_id.clone();
+        self.emit(&id, TaskState::Preparing, "", None);
+        if self.stopped_before_start(&id, stop_rx) {
+            return false;
+        }
+        let renv = &cx.assignment.spec.runtime_env;
+        let own_timeout = renv.setup_timeout.is_some();
+        // A long preparation (a Python environment's build) is shipped as it goes,
+        // so `drover logs --prepare` and the CLI's spinner show it.
+        let ticker = (renv.python.is_some() || renv.working_dir.is_some()).then(|| {
+            let shipper = shipper.clone();
+            let every = self.limits.log_interval.max(Duration::from_millis(250));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    shipper.tick();
+                }
+            })
+        });
+        let timeout = cx.timeout;
+        let prepared = tokio::time::timeout(timeout, prepare_all(STEPS, cx, guards)).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        shipper.tick();
+        let reason = match prepared {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => {
+                tracing::debug!(task = %id, step = e.step, "preparing failed: {e}");
+                e.reason
+            }
+            Err(_) => {
+                let what = if own_timeout {
+                    "runtime_env.setup_timeout"
+                } else {
+                    "the agent's prepare timeout"
+                };
+                format!(
+                    "prepare did not finish within {}s ({what})",
+                    timeout.as_secs_f64()
+                )
             }
         };
-        let _lease: Option<Lease>;
-        let _env: Materialised;
-        if !adopted {
-            self.emit(&id, TaskState::Preparing, "", None);
-            if self.stopped_before_start(&id, &stop_rx) {
-                return;
-            }
-            let renv = &a.spec.runtime_env;
-            let prepare_timeout = renv
-                .setup_timeout
-                .map(|d| Duration::from_millis(d.as_millis()))
-                .unwrap_or(self.limits.prepare_timeout);
-            // A long preparation (a Python environment's build) is shipped as it goes,
-            // so `drover logs --prepare` and the CLI's spinner show it.
-            let ticker = (renv.python.is_some() || renv.working_dir.is_some()).then(|| {
-                let shipper = shipper.clone();
-                let every = self.limits.log_interval.max(Duration::from_millis(250));
-                tokio::spawn(async move {
-                    loop {
-                        tokio::time::sleep(every).await;
-                        shipper.tick();
-                    }
-                })
-            });
-            // The runtime_env and the artifact are made ready as part of preparing,
-            // under the same deadline; their leases keep what the cache holds for the
-            // task until it ends. The runtime prepares last, with the task's whole
-            // environment (a Python environment's PATH finds its `python`).
-            let deadline = tokio::time::Instant::now() + prepare_timeout;
-            let materialised = tokio::time::timeout_at(deadline, async {
-                let env = self.materialise(&a, &ctx, prepare_timeout).await?;
-                let lease = match &a.artifact {
-                    Some(art) => Some(self.install_artifact(art, &ctx).await?),
-                    None => None,
-                };
-                Ok::<_, String>((lease, env))
-            })
-            .await;
-            let prepared = match materialised {
-                Ok(Ok((lease, mut env))) => {
-                    ctx.env.append(&mut env.env);
-                    let ctx = &ctx;
-                    let rt = &rt;
-                    tokio::time::timeout_at(deadline, async move {
-                        rt.prepare(ctx).await.map_err(|e| format!("prepare: {e}"))?;
-                        Ok::<_, String>((lease, env))
-                    })
-                    .await
-                }
-                other => other,
-            };
-            if let Some(t) = ticker {
-                t.abort();
-            }
-            shipper.tick();
-            (_lease, _env) = match prepared {
-                Ok(Ok(leases)) => leases,
-                Ok(Err(reason)) => {
-                    return self.finish(&id, TaskState::Failed, &reason, None);
-                }
-                Err(_) => {
-                    let what = if renv.setup_timeout.is_some() {
-                        "runtime_env.setup_timeout"
-                    } else {
-                        "the agent's prepare timeout"
-                    };
-                    let reason = format!(
-                        "prepare did not finish within {}s ({what})",
-                        prepare_timeout.as_secs_f64()
-                    );
-                    return self.finish(&id, TaskState::Failed, &reason, None);
-                }
-            };
-            self.emit(&id, TaskState::Starting, "", None);
-            if self.stopped_before_start(&id, &stop_rx) {
-                return;
-            }
-            // A health check may legitimately keep the start going until its own deadline.
-            let start_timeout = match &a.spec.health {
-                Some(h) => self
-                    .limits
-                    .start_timeout
-                    .max(h.start_deadline.0 + Duration::from_secs(5)),
-                None => self.limits.start_timeout,
-            };
-            let started = match tokio::time::timeout(start_timeout, rt.start(&ctx)).await {
-                Ok(Ok(started)) => started,
-                Ok(Err(e)) => {
-                    shipper.tick();
-                    self.finish(&id, TaskState::Failed, &e.to_string(), None);
-                    // A failed start may have left something behind (a created container,
-                    // a process a crashed plugin started); release it.
-                    if let Err(e) = rt.destroy(&id).await {
-                        tracing::warn!(task = %id, "cleaning up after a failed start: {e}");
-                    }
-                    return;
-                }
-                Err(_) => {
-                    // The start may still complete behind our back; make sure it ends.
-                    if let Err(e) = rt.stop(&id, Duration::ZERO).await {
-                        tracing::warn!(task = %id, "stopping a start that timed out: {e}");
-                    }
-                    if let Err(e) = rt.destroy(&id).await {
-                        tracing::warn!(task = %id, "cleaning up a start that timed out: {e}");
-                    }
-                    let reason =
-                        format!("start did not finish within {}s", start_timeout.as_secs());
-                    return self.finish(&id, TaskState::Failed, &reason, None);
-                }
-            };
-            self.record(AgentEvent {
-                seq: 0,
-                task_id: id.clone(),
-                state: TaskState::Running,
-                reason: self
-                    .artifacts
-                    .emulation_note(&a, "running")
-                    .unwrap_or_default(),
-                exit: None,
-                at: now_millis(),
-                ports: started.ports,
-            });
-        }
+        self.finish(&id, TaskState::Failed, &reason, None);
+        false
+    }
 
+    /// Reports the task starting and starts it through its runtime, under the start
+    /// deadline. Returns whether it runs; when it does not, it has been finished.
+    async fn start_task(
+        &self,
+        cx: &PrepareContext,
+        stop_rx: &watch::Receiver<Option<StopRequest>>,
+        shipper: &LogShipper,
+    ) -> bool {
+        let (a, rt) = (&cx.assignment, &cx.runtime);
+        let id = &a.task_id;
+        self.emit(id, TaskState::Starting, "", None);
+        if self.stopped_before_start(id, stop_rx) {
+            return false;
+        }
+        // A health check may legitimately keep the start going until its own deadline.
+        let start_timeout = match &a.spec.health {
+            Some(h) => self
+                .limits
+                .start_timeout
+                .max(h.start_deadline.0 + Duration::from_secs(5)),
+            None => self.limits.start_timeout,
+        };
+        let started = match tokio::time::timeout(start_timeout, rt.start(&cx.launch)).await {
+            Ok(Ok(started)) => started,
+            Ok(Err(e)) => {
+                shipper.tick();
+                self.finish(id, TaskState::Failed, &e.to_string(), None);
+                // A failed start may have left something behind (a created container,
+                // a process a crashed plugin started); release it.
+                if let Err(e) = rt.destroy(id).await {
+                    tracing::warn!(task = %id, "cleaning up after a failed start: {e}");
+                }
+                return false;
+            }
+            Err(_) => {
+                // The start may still complete behind our back; make sure it ends.
+                if let Err(e) = rt.stop(id, Duration::ZERO).await {
+                    tracing::warn!(task = %id, "stopping a start that timed out: {e}");
+                }
+                if let Err(e) = rt.destroy(id).await {
+                    tracing::warn!(task = %id, "cleaning up a start that timed out: {e}");
+                }
+                let reason = format!("start did not finish within {}s", start_timeout.as_secs());
+                self.finish(id, TaskState::Failed, &reason, None);
+                return false;
+            }
+        };
+        self.record(AgentEvent {
+            seq: 0,
+            task_id: id.clone(),
+            state: TaskState::Running,
+            reason: self
+                .artifacts
+                .emulation_note(a, "running")
+                .unwrap_or_default(),
+            exit: None,
+            at: now_millis(),
+            ports: started.ports,
+        });
+        true
+    }
+
+    /// Watches a running task to its end, shipping its logs and passing on stops, then
+    /// reports how it ended and has its runtime clean up after it. When the agent shuts
+    /// down instead, the task is left running for the next agent process to adopt.
+    async fn watch(
+        &self,
+        cx: &PrepareContext,
+        stop_rx: &mut watch::Receiver<Option<StopRequest>>,
+        shipper: &Arc<LogShipper>,
+    ) {
+        let (a, rt) = (&cx.assignment, &cx.runtime);
+        let id = &a.task_id;
         // Ship logs while it runs.
         let ship_stop = CancellationToken::new();
         let ship_task = {
@@ -858,34 +781,47 @@ impl TaskManager {
         let mut stopped: Option<(StopRequest, Result<StopOutcome, String>)> = None;
         let status = loop {
             tokio::select! {
-                s = rt.wait(&id) => break s,
+                s = rt.wait(id) => break s,
                 r = stop_rx.changed() => {
                     let req = if r.is_ok() { stop_rx.borrow().clone() } else { None };
                     if let Some(req) = req {
                         if !req.forget {
-                            self.emit(&id, TaskState::Stopping, &req.reason, None);
+                            self.emit(id, TaskState::Stopping, &req.reason, None);
                         }
-                        stopped = Some(stop_task(&rt, &id, req, &mut stop_rx).await);
-                        break rt.wait(&id).await;
+                        stopped = Some(stop_task(rt, id, req, stop_rx).await);
+                        break rt.wait(id).await;
                     }
                 }
                 _ = self.shutdown.cancelled() => {
                     // The agent is shutting down, not the task: leave it running for the
                     // next agent process to adopt.
                     ship_stop.cancel();
-                    let _ = ship_task.await;
+                    end_shipping(id, ship_task).await;
                     shipper.tick();
                     return;
                 }
             }
         };
         ship_stop.cancel();
-        let _ = ship_task.await;
+        end_shipping(id, ship_task).await;
         // The task's last output goes out before its terminal event, on the same
         // ordered connection, so whoever sees the end has seen all the output.
         shipper.tick();
+        let (state, reason, exit) = self.ending(a, &status, &stopped);
+        self.finish(id, state, &reason, exit);
+        if let Err(e) = rt.destroy(id).await {
+            tracing::warn!(task = %id, "cleaning up after the task: {e}");
+        }
+    }
 
-        let (state, reason, exit) = match (&status, &stopped) {
+    /// How a task that ran ended: its state, the reason reported with it, and its exit.
+    fn ending(
+        &self,
+        a: &TaskAssignment,
+        status: &Result<ExitStatus, drover_runtime::RuntimeError>,
+        stopped: &Option<(StopRequest, Result<StopOutcome, String>)>,
+    ) -> (TaskState, String, Option<Exit>) {
+        match (status, stopped) {
             (Ok(st), Some((req, outcome))) => {
                 let how = match outcome {
                     Ok(StopOutcome::Graceful) => "ended after SIGTERM".to_string(),
@@ -909,7 +845,7 @@ impl TaskManager {
             // empty and would clear the running one.
             (Ok(ExitStatus::Exited(0)), None) => (
                 TaskState::Succeeded,
-                self.artifacts.emulation_note(&a, "ran").unwrap_or_default(),
+                self.artifacts.emulation_note(a, "ran").unwrap_or_default(),
                 exit_of(&ExitStatus::Exited(0)),
             ),
             (Ok(st @ ExitStatus::Exited(code)), None) => (
@@ -934,10 +870,6 @@ impl TaskManager {
                 format!("waiting for the task: {e}"),
                 None,
             ),
-        };
-        self.finish(&id, state, &reason, exit);
-        if let Err(e) = rt.destroy(&id).await {
-            tracing::warn!(task = %id, "cleaning up after the task: {e}");
         }
     }
 
@@ -961,22 +893,30 @@ impl TaskManager {
                 None => {
                     // No readable task.json: a start that died before recording it.
                     // Nothing can have been reported, so nothing is owed; clean it up.
-                    let _ = std::fs::remove_dir_all(&path);
+                    crate::cleanup::remove_dir_all(
+                        &path,
+                        "the directory of a task that never started",
+                    );
                     continue;
                 }
             };
             let a = file.assignment;
+            // What the task's first prepare steps did (its user, its directory) is
+            // kept until it is retired, as if this agent process had done it.
+            let mut kept = Guards::default();
             if let (Some(uid), Some(users)) = (file.uid, &self.users) {
                 if !users.mark(uid) {
                     tracing::warn!(task = %a.task_id, uid, "the recovered task runs as a uid outside --task-uid-range");
                 }
-                self.task_uids
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(a.task_id.clone(), uid);
+                kept.push(crate::prepare::steps::user_guard(users.clone(), uid));
             }
+            kept.push(crate::prepare::steps::dir_guard(
+                self.retired.clone(),
+                path.clone(),
+            ));
             let ctx = self.context(&a, file.uid);
             let (stop_rx, shipper) = self.register(&a, &ctx);
+            self.keep_until_retired(&a.task_id, kept);
             let Some(rt) = self.runtime(&a.spec.runtime) else {
                 let reason = format!(
                     "runtime {} is not available after the agent restarted",
@@ -1031,81 +971,6 @@ impl TaskManager {
 }
 
 impl TaskManager {
-    /// Puts the job's runtime_env in place for the task: its config file, its files,
-    /// its Python environment. The error is the task's failure reason.
-    async fn materialise(
-        &self,
-        a: &TaskAssignment,
-        ctx: &TaskContext,
-        timeout: Duration,
-    ) -> Result<Materialised, String> {
-        let renv = &a.spec.runtime_env;
-        let mut m = Materialised::default();
-        let log = log_path(&ctx.dir, LogStream::Prepare);
-        if let Some(config) = &a.config {
-            let json = config
-                .json()
-                .map_err(|e| format!("runtime_env.config: {e}"))?;
-            let path = ctx.dir.join(CONFIG_FILE);
-            tokio::fs::write(&path, json)
-                .await
-                .map_err(|e| format!("runtime_env.config: writing {}: {e}", path.display()))?;
-        }
-        if let Some(w) = &renv.working_dir {
-            let digest: drover_core::artifact::Digest = w
-                .parse()
-                .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
-            note(&log, &format!("fetching working_dir {digest}\n")).await;
-            let lease = self
-                .artifacts
-                .cache
-                .get_up_to(&digest, MAX_WORKING_DIR_ARCHIVE)
-                .await
-                .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
-            let (archive, dest) = (lease.path().to_path_buf(), ctx.dir.clone());
-            let unpacked = tokio::task::spawn_blocking(move || {
-                crate::unpack::unpack(&archive, &dest, &crate::unpack::UnpackLimits::default())
-            })
-            .await
-            .map_err(|e| format!("runtime_env.working_dir: unpacking stopped: {e}"))?
-            .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
-            if let Some(user) = ctx.user {
-                // The task may change its files as it could on a machine of its own.
-                let dir = ctx.dir.clone();
-                tokio::task::spawn_blocking(move || give_contents_to(&dir, user))
-                    .await
-                    .map_err(|e| format!("runtime_env.working_dir: handing over stopped: {e}"))?
-                    .map_err(|e| {
-                        format!("runtime_env.working_dir: giving the files to the task's user: {e}")
-                    })?;
-            }
-            note(
-                &log,
-                &format!(
-                    "unpacked working_dir: {} files, {} bytes\n",
-                    unpacked.files, unpacked.bytes
-                ),
-            )
-            .await;
-        }
-        if let Some(py) = &renv.python {
-            let lease = self
-                .artifacts
-                .python
-                .ensure(&py.requirements, &log, timeout)
-                .await
-                .map_err(|e| format!("runtime_env.python: {e}"))?;
-            let base = ctx
-                .env
-                .get("PATH")
-                .map(String::as_str)
-                .unwrap_or(drover_runtime::process::DEFAULT_PATH);
-            m.env.extend(lease.env_vars(base));
-            m._python = Some(lease);
-        }
-        Ok(m)
-    }
-
     pub fn python_envs(&self) -> &Arc<crate::pyenv::PythonEnvs> {
         &self.artifacts.python
     }
@@ -1113,54 +978,6 @@ impl TaskManager {
     /// How many artifact blobs this agent has downloaded (a cache hit makes none).
     pub fn artifact_downloads(&self) -> u64 {
         self.artifacts.cache.downloads()
-    }
-
-    /// Fetches the task's artifact variant into the cache (or finds it there), checks
-    /// that this node can run it, and installs it in the task's directory under the
-    /// artifact's name. The error is the task's failure reason.
-    async fn install_artifact(
-        &self,
-        art: &AssignedArtifact,
-        ctx: &TaskContext,
-    ) -> Result<Lease, String> {
-        let r = &art.reference;
-        let lease = self
-            .artifacts
-            .cache
-            .get(&art.variant.digest, art.variant.size)
-            .await
-            .map_err(|e| format!("artifact {r}: {e}"))?;
-        if let (Some(node), BinaryPlatform::Native { .. }) =
-            (&self.artifacts.node, &art.variant.platform)
-        {
-            // Checked here so a wrong build fails with a reason, not "exec format error".
-            let head = read_head(lease.path()).map_err(|e| format!("artifact {r}: {e}"))?;
-            match detect_executable(&head) {
-                Ok(exe)
-                    if exe.platforms.iter().any(|p| {
-                        runs_on(p, node).is_some() || self.artifacts.emulator(p).is_some()
-                    }) => {}
-                Ok(exe) => {
-                    let built: Vec<String> = exe.platforms.iter().map(|p| p.to_string()).collect();
-                    return Err(format!(
-                        "artifact {r}: the file is built for {}, which this node ({}+{}) cannot run",
-                        built.join(", "),
-                        node.platform,
-                        node.libc.kind
-                    ));
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "artifact {r}: declared {} but the file is not an executable this node can run: {e}",
-                        art.variant.platform
-                    ));
-                }
-            }
-        }
-        let dest = ctx.dir.join(&r.name);
-        crate::artifacts::install(&lease, &dest)
-            .map_err(|e| format!("artifact {r}: installing {}: {e}", dest.display()))?;
-        Ok(lease)
     }
 
     /// Samples every running task's resource use through its runtime. Each call is
@@ -1222,8 +1039,14 @@ impl TaskManager {
             };
             for id in held.into_iter().filter(|id| !known.contains(id)) {
                 tracing::info!(task = %id, runtime = %rt.kind(), "removing an orphaned task");
-                let _ =
-                    tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.stop(&id, Duration::ZERO)).await;
+                // A stop that fails is logged and the removal tried all the same: it
+                // ends whatever is left running too.
+                match tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.stop(&id, Duration::ZERO)).await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(task = %id, "stopping an orphaned task: {e}"),
+                    Err(_) => tracing::warn!(task = %id, "stopping an orphaned task timed out"),
+                }
                 if let Err(e) = tokio::time::timeout(ORPHAN_CALL_TIMEOUT, rt.destroy(&id))
                     .await
                     .unwrap_or_else(|_| {
@@ -1279,16 +1102,6 @@ async fn stop_task(
     }
 }
 
-/// The first 64 KiB of a file: enough for every executable header format.
-fn read_head(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let mut head = Vec::with_capacity(64 << 10);
-    std::fs::File::open(path)?
-        .take(64 << 10)
-        .read_to_end(&mut head)?;
-    Ok(head)
-}
-
 fn exit_of(st: &ExitStatus) -> Option<Exit> {
     match st {
         ExitStatus::Exited(c) => Some(Exit {
@@ -1307,66 +1120,10 @@ fn exit_of(st: &ExitStatus) -> Option<Exit> {
     }
 }
 
-/// Appends a line of the agent's own to a task's preparing log. The log only informs, so
-/// a failure to write it does not fail the task.
-async fn note(log: &std::path::Path, line: &str) {
-    use tokio::io::AsyncWriteExt;
-    let file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .await;
-    if let Ok(mut f) = file {
-        let _ = f.write_all(line.as_bytes()).await;
+/// Waits for a task's log shipping loop, once cancelled, to end. It ends only by being
+/// cancelled, so an error here is its panic.
+async fn end_shipping(id: &TaskId, ship_task: tokio::task::JoinHandle<()>) {
+    if let Err(e) = ship_task.await {
+        tracing::warn!(task = %id, "shipping the task's logs ended abnormally: {e}");
     }
-}
-
-/// Makes a fresh task directory its user's to work in while the agent's own files in it
-/// stay the agent's: owned by root and the task's private group, group-writable, with
-/// the sticky bit, so the task may create and remove its own files but cannot remove,
-/// rename or replace the agent's (its assignment, logs, pid and exit status), and
-/// nobody else may even look inside. The preparing log is made now, by the agent, so
-/// that the task cannot claim the name with a link of its own.
-fn hand_over_dir(dir: &std::path::Path, user: TaskUser) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    std::os::unix::fs::chown(dir, Some(0), Some(user.gid))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1770))?;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(log_path(dir, LogStream::Prepare))?;
-    Ok(())
-}
-
-/// Makes a directory the agent's alone again, as a new one would be.
-fn take_back_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::os::unix::fs::chown(dir, Some(0), Some(0))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
-}
-
-/// Gives everything in a task's directory but the agent's own files to the task's user
-/// (links themselves, never what they point at).
-fn give_contents_to(dir: &std::path::Path, user: TaskUser) -> std::io::Result<()> {
-    fn walk(path: &std::path::Path, user: TaskUser) -> std::io::Result<()> {
-        std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid))?;
-        if std::fs::symlink_metadata(path)?.is_dir() {
-            for e in std::fs::read_dir(path)? {
-                walk(&e?.path(), user)?;
-            }
-        }
-        Ok(())
-    }
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        if e.file_name()
-            .to_str()
-            .is_some_and(|n| AGENT_FILES.contains(&n))
-        {
-            continue;
-        }
-        walk(&e.path(), user)?;
-    }
-    Ok(())
 }

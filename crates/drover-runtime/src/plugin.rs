@@ -631,12 +631,22 @@ impl Shared {
         }
         .await;
         if let Err(why) = result {
-            // A full channel means a failure is already on its way to the supervisor,
-            // which kills the plugin either way.
-            let _ = failures.try_send(Failure::Abandon(why.clone()));
+            if failures.try_send(Failure::Abandon(why.clone())).is_err() {
+                // A full channel means a failure is already on its way to the
+                // supervisor, which kills the plugin either way; a closed one, that the
+                // runtime is shutting down.
+            }
             // The last lines may still be in the pipe when the plugin has just died.
             for logger in loggers {
-                let _ = tokio::time::timeout(Duration::from_millis(200), logger).await;
+                match tokio::time::timeout(Duration::from_millis(200), logger).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(plugin = %cfg.name, "reading its output stopped: {e}")
+                    }
+                    // Still reading: what it has not read is missing from the tail
+                    // below, which says what it has.
+                    Err(_) => {}
+                }
             }
             let tail = lock(&tail).iter().cloned().collect::<Vec<_>>().join(" | ");
             return Err(if tail.is_empty() {
@@ -843,8 +853,9 @@ impl Shared {
             if let Err(CallError::Malformed(detail)) = &reply {
                 tracing::warn!(plugin = %name, method = %waiter.method, "malformed reply: {detail}");
             }
-            // The requester may have just given up; then nobody needs the reply.
-            let _ = waiter.reply.send(reply);
+            if waiter.reply.send(reply).is_err() {
+                // The requester has just given up; nobody needs the reply.
+            }
             return;
         }
         match map.get("event").and_then(Value::as_str) {
@@ -976,9 +987,10 @@ impl Conn {
             std::mem::take(&mut pending.waiting)
         };
         for waiter in waiting.into_values() {
-            let _ = waiter
-                .reply
-                .send(Err(CallError::Closed(message.to_string())));
+            let closed = Err(CallError::Closed(message.to_string()));
+            if waiter.reply.send(closed).is_err() {
+                // The requester has just given up; nobody needs to hear why.
+            }
         }
         self.death.send_replace(Some(death));
     }
@@ -1289,8 +1301,9 @@ async fn kill(child: &mut Child, pid: u32, name: &str) {
     // still its own; `try_wait` reaps it if it has just exited, and then it is left alone.
     if let Ok(None) = child.try_wait()
         && let Ok(pgid) = i32::try_from(pid)
+        && let Err(errno) = killpg(Pid::from_raw(pgid), Signal::SIGKILL)
     {
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        tracing::warn!(plugin = %name, "killing its process group: {errno}");
     }
     if tokio::time::timeout(REAP_TIMEOUT, child.wait())
         .await
@@ -1322,15 +1335,15 @@ async fn read_replies(
                 tracing::warn!(plugin = %shared.name(), "ignored a line longer than {MAX_LINE} bytes");
             }
             Ok(LineRead::Eof) => {
-                let _ = failures
-                    .send(Failure::Broken("closed its connection".into()))
-                    .await;
+                report(&failures, Failure::Broken("closed its connection".into())).await;
                 return;
             }
             Err(e) => {
-                let _ = failures
-                    .send(Failure::Broken(format!("broke its connection: {e}")))
-                    .await;
+                report(
+                    &failures,
+                    Failure::Broken(format!("broke its connection: {e}")),
+                )
+                .await;
                 return;
             }
         }
@@ -1357,9 +1370,11 @@ async fn write_requests(
             () = dead(&mut death) => return,
         };
         if let Err(e) = written {
-            let _ = failures
-                .send(Failure::Broken(format!("broke its connection: {e}")))
-                .await;
+            report(
+                &failures,
+                Failure::Broken(format!("broke its connection: {e}")),
+            )
+            .await;
             return;
         }
     }
@@ -1475,17 +1490,28 @@ fn parse_status(value: Value) -> Result<ExitStatus, String> {
     }
 }
 
+/// Tells the plugin's supervisor that its connection failed.
+async fn report(failures: &mpsc::Sender<Failure>, failure: Failure) {
+    if failures.send(failure).await.is_err() {
+        // The supervisor is gone, so the runtime is shutting down and the plugin with
+        // it: nobody is left to act on the failure.
+    }
+}
+
 /// Resolves once the connection's death has been recorded.
 async fn dead(death: &mut watch::Receiver<Option<Death>>) {
-    // The guard `wait_for` returns is dropped within this statement, so it is never held
-    // across an await (it is not Send). A closed channel means the connection is gone.
-    let _ = death.wait_for(Option::is_some).await;
+    // The guard `wait_for` returns is dropped within this condition, so it is never held
+    // across an await (it is not Send).
+    if death.wait_for(Option::is_some).await.is_err() {
+        // A closed channel means the connection is gone, which is what this waits for.
+    }
 }
 
 /// Resolves once the runtime is shut down.
 async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
-    // A closed channel means the runtime itself is gone, which is a shutdown too.
-    let _ = shutdown.wait_for(|down| *down).await;
+    if shutdown.wait_for(|down| *down).await.is_err() {
+        // A closed channel means the runtime itself is gone, which is a shutdown too.
+    }
 }
 
 fn describe_exit(status: io::Result<std::process::ExitStatus>) -> String {

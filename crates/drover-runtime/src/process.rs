@@ -151,6 +151,15 @@ struct SignalRequest {
     reply: oneshot::Sender<bool>,
 }
 
+impl SignalRequest {
+    fn answer(self, sent: bool) {
+        if self.reply.send(sent).is_err() {
+            // The stop that asked has given up waiting (it was dropped for a shorter
+            // one); the signal's outcome matters to nobody else.
+        }
+    }
+}
+
 /// Fields of `/proc/<pid>/stat` the runtime needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ProcStat {
@@ -445,9 +454,21 @@ impl Runtime for ProcessRuntime {
         if let Err(e) = write_pid_file(&ctx.dir, pid, starttime) {
             // Without the pid file a restarted agent could not find the task, so it must
             // not run untracked.
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            if let Err(errno) = killpg(Pid::from_raw(pid), Signal::SIGKILL) {
+                tracing::warn!(task = %ctx.task_id, "killing a task whose pid file could not be written: {errno}");
+            }
             let mut child = child;
-            let _ = tokio::time::timeout(KILL_TIMEOUT, child.wait()).await;
+            match tokio::time::timeout(KILL_TIMEOUT, child.wait()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(task = %ctx.task_id, "reaping a task whose pid file could not be written: {e}")
+                }
+                Err(_) => tracing::warn!(
+                    task = %ctx.task_id,
+                    "a task whose pid file could not be written did not exit within {}s of SIGKILL",
+                    KILL_TIMEOUT.as_secs()
+                ),
+            }
             return Err(RuntimeError::Start(format!(
                 "cannot write {}: {e}",
                 ctx.dir.join(PID_FILE).display()
@@ -631,14 +652,14 @@ async fn watch_child(
                 match child.try_wait() {
                     Ok(None) => {
                         let sent = killpg(Pid::from_raw(pgid), request.signal).is_ok();
-                        let _ = request.reply.send(sent);
+                        request.answer(sent);
                     }
                     Ok(Some(status)) => {
-                        let _ = request.reply.send(false);
+                        request.answer(false);
                         break Ok(status);
                     }
                     Err(e) => {
-                        let _ = request.reply.send(false);
+                        request.answer(false);
                         break Err(e);
                     }
                 }
@@ -940,6 +961,15 @@ mod tests {
                 path.display()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Removes a file a test is about to have written afresh; one not there yet is fine.
+    fn remove_if_there(path: &Path) {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("removing {}: {e}", path.display()),
         }
     }
 
@@ -1263,7 +1293,7 @@ mod tests {
         // stop waits until the program runs: a stop during the shim's own start-up would
         // end the shim before it shields itself, and then nothing would be recorded.
         let ctx = context(&task_dir, &["sh", "-c", "echo ready; sleep 30"]);
-        let _ = std::fs::remove_file(&ctx.stdout_path);
+        remove_if_there(&ctx.stdout_path);
         rt.start(&ctx).await.unwrap();
         until_logged(&ctx.stdout_path, "ready").await;
         {
@@ -1291,7 +1321,7 @@ mod tests {
                 "trap '' TERM; echo ready; while true; do sleep 0.1; done",
             ],
         );
-        let _ = std::fs::remove_file(&ctx.stdout_path);
+        remove_if_there(&ctx.stdout_path);
         rt.start(&ctx).await.unwrap();
         until_logged(&ctx.stdout_path, "ready").await;
         let outcome = rt

@@ -350,13 +350,25 @@ impl DockerRuntime {
     /// Ends a task whose start failed after its container started: kills it, lets its
     /// output be copied, removes the container and forgets the task.
     async fn abandon(&self, docker: &Docker, id: &TaskId, entry: &TaskEntry) {
-        let _ = self
+        if let Err(e) = self
             .kill(docker, entry, nix::sys::signal::Signal::SIGKILL)
-            .await;
+            .await
+        {
+            tracing::warn!(task = %id, %e, "cannot kill the container of a failed start");
+        }
         let mut status = entry.status.clone();
         // The watcher publishes the status after the output is copied, so waiting for
         // it (bounded) leaves the output in the task's files for the agent to ship.
-        let _ = tokio::time::timeout(KILL_TIMEOUT, wait_status(&mut status)).await;
+        if tokio::time::timeout(KILL_TIMEOUT, wait_status(&mut status))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                task = %id,
+                "the container of a failed start did not end within {}s; its output may be incomplete",
+                KILL_TIMEOUT.as_secs()
+            );
+        }
         if let Err(e) = self.remove(docker, &entry.container).await {
             tracing::warn!(task = %id, %e, "cannot remove the container of a failed start");
         }
@@ -535,7 +547,9 @@ impl Runtime for DockerRuntime {
         })?;
         let container = created.id;
         if let Err(e) = self.request(docker.start_container(&container, None)).await {
-            let _ = self.remove(&docker, &container).await;
+            if let Err(removing) = self.remove(&docker, &container).await {
+                tracing::warn!(task = %ctx.task_id, %removing, "cannot remove container {name}, which failed to start");
+            }
             return Err(e.start(format!(
                 "starting container {name} (image {image}, command {:?})",
                 command_line(ctx)
@@ -683,7 +697,9 @@ impl Runtime for DockerRuntime {
         if state.status == Some(ContainerStateStatusEnum::CREATED) {
             // Created but never started (the previous agent died in between): nothing
             // of the task ever ran.
-            let _ = self.remove(&docker, container).await;
+            if let Err(e) = self.remove(&docker, container).await {
+                tracing::warn!(task = %id, %e, "cannot remove container {}, created but never started", short(container));
+            }
             return Ok(Recovered::Gone);
         }
         let target = log_target(ctx);
@@ -897,8 +913,12 @@ impl DockerRuntime {
                 break;
             }
             let pause = check.interval.0.min(deadline - now);
-            // Wakes early if the container ends, so that is reported at once.
-            let _ = tokio::time::timeout(pause, status.wait_for(|s| s.is_some())).await;
+            // Wakes early if the container ends, so that is reported at once. However
+            // the wait ends, the loop looks at the container next, so its result says
+            // nothing more.
+            tokio::time::timeout(pause, status.wait_for(|s| s.is_some()))
+                .await
+                .ok();
         }
         Err(format!(
             "the health check ({probe}) did not pass within the start deadline of {}; last attempt: {last_error}",
