@@ -1,117 +1,22 @@
 //! The HTTP API. Every route needs a bearer token except `/health` and the agent
 //! connect route, which takes a join token instead.
 
+use crate::auth::{Action, Principal};
 use crate::follow::{self, Target};
 use crate::{Inner, artifacts, tenants};
-use axum::extract::{Path, Query, Request, State, WebSocketUpgrade};
+use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use drover_core::api::ErrorCode;
 use drover_core::api::{ErrorBody, Health, JobView, NodeEnvView, NodeView, TaskView};
-use drover_core::auth::PROJECT_HEADER;
 use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
-use drover_core::{JobSpec, NodeId, ProjectId, TaskId};
-use drover_store::{Role, TokenRecord, hash_token};
+use drover_core::{JobSpec, NodeId, TaskId};
+
 use serde::Deserialize;
 use std::sync::Arc;
-
-/// Who is calling, from their token.
-#[derive(Clone, Debug)]
-pub struct Principal {
-    /// The project the caller acts in: its token's, or for a cluster admin the one named
-    /// by the `drover-project` header (else `default`).
-    pub project: ProjectId,
-    pub role: Role,
-    /// Whether a cluster admin named a project, which narrows what it sees to that one.
-    pub pinned: bool,
-}
-
-pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::Forbidden, message)
-}
-
-/// The answer for a project that does not exist, saying how to make it.
-pub(crate) fn no_such_project(project: &ProjectId) -> ApiError {
-    ApiError::not_found(&format!(
-        "project {project:?} (create it with `drover project create {project}`)"
-    ))
-}
-
-impl Principal {
-    /// Whether the caller may see an object of `project`. Everything a caller may not
-    /// see answers as if it did not exist (404), so one project cannot even learn the
-    /// names another uses.
-    pub(crate) fn sees(&self, project: &ProjectId) -> bool {
-        (self.role == Role::Cluster && !self.pinned) || &self.project == project
-    }
-
-    pub(crate) fn is_cluster_admin(&self) -> bool {
-        self.role == Role::Cluster
-    }
-
-    /// Whether the caller may see (and so list or revoke) a token. Cluster-level tokens
-    /// (the cluster admin's and the join tokens) are filed under project `default`, but
-    /// they open the whole cluster, so a project admin, even of `default`, must not see
-    /// them: otherwise it could revoke them and lock the cluster admin out.
-    pub(crate) fn sees_token(&self, t: &TokenRecord) -> bool {
-        self.sees(&t.project) && (!t.role.is_cluster_level() || self.is_cluster_admin())
-    }
-
-    pub(crate) fn require_write(&self) -> Result<(), ApiError> {
-        match self.role {
-            Role::Cluster | Role::Admin | Role::Write => Ok(()),
-            Role::Read => Err(forbidden("this token may only read")),
-            Role::Agent => Err(forbidden(
-                "a join token can only connect agents and download blobs",
-            )),
-        }
-    }
-
-    /// Managing a project's tokens is for its admins and the cluster admin.
-    pub(crate) fn require_project_admin(&self) -> Result<(), ApiError> {
-        match self.role {
-            Role::Cluster | Role::Admin => Ok(()),
-            _ => Err(forbidden(
-                "only a project admin or cluster admin token may manage tokens",
-            )),
-        }
-    }
-
-    /// Cluster-wide things (projects, every project's environments on a node, metrics)
-    /// are the cluster administrator's alone.
-    pub(crate) fn require_cluster(&self) -> Result<(), ApiError> {
-        match self.role {
-            Role::Cluster => Ok(()),
-            _ => Err(forbidden("only a cluster admin token may do this")),
-        }
-    }
-
-    pub(crate) fn require_read(&self) -> Result<(), ApiError> {
-        match self.role {
-            Role::Cluster | Role::Admin | Role::Write | Role::Read => Ok(()),
-            Role::Agent => Err(forbidden(
-                "a join token can only connect agents and download blobs",
-            )),
-        }
-    }
-
-    /// Reading blobs is open to agents too: they fetch the artifacts of their tasks with
-    /// their join token.
-    pub(crate) fn require_blob_read(&self) -> Result<(), ApiError> {
-        match self.role {
-            Role::Cluster | Role::Admin | Role::Write | Role::Read | Role::Agent => Ok(()),
-        }
-    }
-
-    /// Whether the caller may read any blob rather than only its project's: agents fetch
-    /// every project's, and a cluster admin sees all.
-    pub(crate) fn reads_all_blobs(&self) -> bool {
-        matches!(self.role, Role::Agent) || (self.role == Role::Cluster && !self.pinned)
-    }
-}
 
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -223,121 +128,16 @@ authed_routes! {
 }
 
 pub(crate) fn router(inner: Arc<Inner>) -> Router {
-    let authed = authed_router().layer(middleware::from_fn_with_state(inner.clone(), auth));
+    let authed = authed_router().layer(middleware::from_fn_with_state(
+        inner.clone(),
+        crate::auth::authenticate,
+    ));
     Router::new()
         .route("/health", get(health))
         .route(AGENT_CONNECT_PATH, get(agent_connect))
         .merge(authed)
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such route") })
         .with_state(inner)
-}
-
-impl Inner {
-    /// Finds a token by its secret. Every token is in memory from start-up on, and
-    /// creation and revocation keep it current.
-    fn lookup_token(&self, secret: &str) -> Option<TokenRecord> {
-        let hash = hash_token(secret);
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-            .cloned()
-    }
-
-    /// Records a committed token, new or changed.
-    pub(crate) fn remember_token(&self, t: TokenRecord) {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(t.hash.clone(), t);
-    }
-
-    pub(crate) fn all_tokens(&self) -> Vec<TokenRecord> {
-        self.tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect()
-    }
-}
-
-async fn auth(State(inner): Shared, mut req: Request, next: Next) -> Response {
-    let secret = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .map(str::to_string);
-    let Some(secret) = secret else {
-        return ApiError::new(
-            ErrorCode::Unauthorized,
-            "missing bearer token: pass --token or set DROVER_TOKEN",
-        )
-        .into_response();
-    };
-    let asked = match req.headers().get(PROJECT_HEADER).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(v)) if !v.trim().is_empty() => Some(v.trim().to_string()),
-        Some(_) => {
-            return ApiError::new(
-                ErrorCode::InvalidProject,
-                format!("header {PROJECT_HEADER}: expected a project name"),
-            )
-            .into_response();
-        }
-    };
-    match inner.lookup_token(&secret) {
-        Some(t) if !t.revoked => {
-            let principal = match principal_for(&inner, &t, asked).await {
-                Ok(p) => p,
-                Err(e) => return e.into_response(),
-            };
-            req.extensions_mut().insert(principal);
-            next.run(req).await
-        }
-        _ => ApiError::new(ErrorCode::Unauthorized, "invalid or revoked token").into_response(),
-    }
-}
-
-/// Who a valid token's holder is, in the project they asked for.
-async fn principal_for(
-    inner: &Inner,
-    t: &TokenRecord,
-    asked: Option<String>,
-) -> ApiResult<Principal> {
-    let own = Principal {
-        project: t.project.clone(),
-        role: t.role,
-        pinned: false,
-    };
-    match asked {
-        None => Ok(own),
-        // A project token acts only in its own project, and is not told whether the
-        // other one exists.
-        Some(asked) if t.role != Role::Cluster => {
-            if asked == t.project.as_str() {
-                Ok(own)
-            } else {
-                Err(forbidden(format!(
-                    "this token belongs to project {}; it cannot act in project {asked}",
-                    t.project
-                )))
-            }
-        }
-        Some(asked) => {
-            let project = ProjectId(asked);
-            if !inner.state.lock().await.projects.contains_key(&project) {
-                return Err(no_such_project(&project));
-            }
-            Ok(Principal {
-                project,
-                pinned: true,
-                ..own
-            })
-        }
-    }
 }
 
 async fn health(State(inner): Shared) -> Json<Health> {
@@ -351,7 +151,7 @@ async fn health(State(inner): Shared) -> Json<Health> {
 
 async fn metrics(State(inner): Shared, Extension(p): Extension<Principal>) -> ApiResult<Response> {
     // The counts cover every project, so they are the cluster admin's.
-    p.require_cluster()?;
+    p.require(Action::Cluster)?;
     {
         let state = inner.state.lock().await;
         let mut counts = std::collections::HashMap::new();
@@ -413,7 +213,7 @@ async fn list_envs(
     Extension(p): Extension<Principal>,
     Query(q): Query<EnvQuery>,
 ) -> ApiResult<Json<Vec<NodeEnvView>>> {
-    p.require_cluster()?;
+    p.require(Action::Cluster)?;
     let nodes = nodes_named(&inner, q.node.as_deref()).await?;
     let envs = inner.node_envs.lock().unwrap_or_else(|e| e.into_inner());
     let mut out = Vec::new();
@@ -439,7 +239,7 @@ async fn prune_envs(
     Extension(p): Extension<Principal>,
     Query(q): Query<EnvQuery>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    p.require_cluster()?;
+    p.require(Action::Cluster)?;
     let nodes = nodes_named(&inner, q.node.as_deref()).await?;
     let mut state = inner.state.lock().await;
     for (id, _) in &nodes {
@@ -466,7 +266,7 @@ async fn apply_job(
     query: Result<Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    p.require_write()?;
+    p.require(Action::Write)?;
     tracing::debug!("apply request");
     let Query(query) = query.map_err(|e| {
         ApiError::new(
@@ -538,7 +338,7 @@ async fn list_jobs(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
 ) -> ApiResult<Json<Vec<JobView>>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let state = inner.state.lock().await;
     let mut jobs: Vec<JobView> = state
         .current
@@ -570,7 +370,7 @@ async fn get_job(
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<JobView>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     Ok(Json(find_job(&inner, &p, &name).await?))
 }
 
@@ -580,7 +380,7 @@ async fn stop_job(
     Path(name): Path<String>,
     Query(q): Query<std::collections::BTreeMap<String, String>>,
 ) -> ApiResult<Json<JobView>> {
-    p.require_write()?;
+    p.require(Action::Write)?;
     let force = force_param(&q)?;
     let view = find_job(&inner, &p, &name).await?;
     inner.stop_job(&view.job.id, force).await?;
@@ -643,7 +443,7 @@ async fn job_logs(
     Path(name): Path<String>,
     Query(q): Query<FollowQuery>,
 ) -> ApiResult<Response> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let view = find_job(&inner, &p, &name).await?;
     Ok(ndjson(follow::stream(
         inner.clone(),
@@ -677,7 +477,7 @@ async fn get_task(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<TaskView>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     Ok(Json(find_task(&inner, &p, &id).await?))
 }
 
@@ -687,7 +487,7 @@ async fn task_logs(
     Path(id): Path<String>,
     Query(q): Query<FollowQuery>,
 ) -> ApiResult<Response> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let t = find_task(&inner, &p, &id).await?;
     let id: TaskId = t.task.id;
     Ok(ndjson(follow::stream(
@@ -708,7 +508,7 @@ async fn list_tasks(
     Extension(p): Extension<Principal>,
     Query(q): Query<TaskQuery>,
 ) -> ApiResult<Json<Vec<TaskView>>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let job_id = match &q.job {
         Some(name) => Some(find_job(&inner, &p, name).await?.job.id),
         None => None,
@@ -741,7 +541,7 @@ async fn list_nodes(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
 ) -> ApiResult<Json<Vec<NodeView>>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let state = inner.state.lock().await;
     // Nodes are shared by every project, so every reader sees them; the task count,
     // though, counts only the tasks the caller may see. What is allocated stays the
@@ -771,7 +571,7 @@ async fn remove_node(
     Extension(p): Extension<Principal>,
     Path(node): Path<String>,
 ) -> ApiResult<Json<NodeView>> {
-    p.require_cluster()?;
+    p.require(Action::Cluster)?;
     Ok(Json(inner.remove_node(&node).await?))
 }
 
@@ -784,12 +584,7 @@ async fn agent_connect(
         .get(JOIN_TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "missing join token"))?;
-    match inner.lookup_token(secret) {
-        Some(t) if !t.revoked && matches!(t.role, Role::Agent | Role::Cluster) => {}
-        _ => {
-            return Err(ApiError::new(ErrorCode::Unauthorized, "invalid join token"));
-        }
-    }
+    inner.check_join_token(secret)?;
     let inner = inner.clone();
     Ok(ws
         .max_message_size(16 << 20)

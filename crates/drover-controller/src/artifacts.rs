@@ -8,7 +8,8 @@
 //! of bytes already stored is hashed in full before the uploader may use them. So a
 //! digest tells no project what another has stored.
 
-use crate::api::{ApiError, ApiResult, Principal};
+use crate::api::{ApiError, ApiResult};
+use crate::auth::{Action, Principal};
 use crate::blobs::{PutError, Stored};
 use crate::{Inner, Tx};
 use axum::body::Body;
@@ -130,7 +131,7 @@ pub(crate) async fn put_blob(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    p.require_write()?;
+    p.require(Action::Write)?;
     let digest = parse_digest(&digest)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -184,7 +185,7 @@ pub(crate) async fn head_blob(
     Extension(p): Extension<Principal>,
     Path(digest): Path<String>,
 ) -> ApiResult<Response> {
-    p.require_blob_read()?;
+    p.require(Action::ReadBlobs)?;
     let digest = parse_digest(&digest)?;
     let limit = (
         header::HeaderName::from_static(MAX_BLOB_SIZE_HEADER),
@@ -205,7 +206,7 @@ pub(crate) async fn get_blob(
     Extension(p): Extension<Principal>,
     Path(digest): Path<String>,
 ) -> ApiResult<Response> {
-    p.require_blob_read()?;
+    p.require(Action::ReadBlobs)?;
     let digest = parse_digest(&digest)?;
     if !inner.may_use_blob(&p, &digest) {
         return Err(ApiError::not_found(&format!("blob {digest}")));
@@ -227,7 +228,7 @@ pub(crate) async fn create_artifact(
     Extension(p): Extension<Principal>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    p.require_write()?;
+    p.require(Action::Write)?;
     let new: NewArtifact = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(ErrorCode::InvalidArtifact, format!("invalid artifact: {e}")))?;
     let r = new
@@ -241,7 +242,7 @@ pub(crate) async fn list_artifacts(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
 ) -> ApiResult<Json<Vec<Artifact>>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let state = inner.state.lock().await;
     let mut list: Vec<Artifact> = state
         .artifacts
@@ -282,7 +283,7 @@ pub(crate) async fn get_artifact(
     Extension(p): Extension<Principal>,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Artifact>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let state = inner.state.lock().await;
     Ok(Json(find(&state, &p, &name, &version)?))
 }
@@ -292,7 +293,7 @@ pub(crate) async fn delete_artifact(
     Extension(p): Extension<Principal>,
     Path((name, version)): Path<(String, String)>,
 ) -> ApiResult<Json<Artifact>> {
-    p.require_write()?;
+    p.require(Action::Write)?;
     let artifact = inner.delete_artifact(&p, &name, &version).await?;
     let released: HashMap<Digest, SystemTime> = artifact
         .variants

@@ -9,6 +9,7 @@
 
 mod api;
 mod artifacts;
+mod auth;
 pub mod blobs;
 mod follow;
 mod gateway;
@@ -32,7 +33,8 @@ use std::time::Duration;
 use tokio::sync::{Mutex, Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use api::{Principal, ROUTES};
+pub use api::ROUTES;
+pub use auth::Principal;
 pub use drover_core::api::MAX_BLOB_SIZE_HEADER;
 pub use retention::Retention;
 pub use tenants::reset_admin_token;

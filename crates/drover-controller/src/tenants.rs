@@ -3,7 +3,8 @@
 //! Cluster-level tokens (cluster admin and join tokens) are the cluster admin's alone,
 //! and the last active cluster admin token cannot be revoked.
 
-use crate::api::{ApiError, ApiResult, Principal, forbidden, no_such_project};
+use crate::api::{ApiError, ApiResult};
+use crate::auth::{Action, Principal, forbidden, no_such_project};
 use crate::{Inner, Tx};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -33,7 +34,7 @@ pub(crate) async fn create_project(
     Extension(p): Extension<Principal>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    p.require_cluster()?;
+    p.require(Action::Cluster)?;
     let new: NewProject = parse_body(&body, "invalid project")?;
     let name = parse_project_name(new.name.trim()).map_err(|e| {
         bad_request(
@@ -64,7 +65,7 @@ pub(crate) async fn list_projects(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
 ) -> ApiResult<Json<Vec<Project>>> {
-    p.require_read()?;
+    p.require(Action::Read)?;
     let state = inner.state.lock().await;
     Ok(Json(
         state
@@ -88,7 +89,7 @@ pub(crate) async fn create_token(
     Extension(p): Extension<Principal>,
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
-    p.require_project_admin()?;
+    p.require(Action::ManageTokens)?;
     let new: NewToken = parse_body(&body, "invalid token request")?;
     let project = match new.project.as_deref().map(str::trim) {
         Some(name) if !name.is_empty() => ProjectId(name.to_string()),
@@ -150,7 +151,7 @@ pub(crate) async fn list_tokens(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
 ) -> ApiResult<Json<Vec<TokenView>>> {
-    p.require_project_admin()?;
+    p.require(Action::ManageTokens)?;
     let mut list: Vec<TokenView> = inner
         .all_tokens()
         .into_iter()
@@ -170,7 +171,7 @@ pub(crate) async fn revoke_token(
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<TokenView>> {
-    p.require_project_admin()?;
+    p.require(Action::ManageTokens)?;
     // Every creation and revocation changes the tokens while holding the state lock, so
     // under it the count of active cluster-admin tokens below cannot change before this
     // revocation is committed: two revocations racing for the last two cannot both pass.
