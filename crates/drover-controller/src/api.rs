@@ -2,6 +2,7 @@
 //! connect route, which takes a join token instead.
 
 use crate::auth::{Action, Principal};
+use crate::error::{ApiError, ApiResult};
 use crate::follow::{self, Target};
 use crate::{Inner, artifacts, tenants};
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
@@ -11,58 +12,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use drover_core::api::ErrorCode;
-use drover_core::api::{ErrorBody, Health, JobView, NodeEnvView, NodeView, TaskView};
+use drover_core::api::{Health, JobView, NodeEnvView, NodeView, TaskView};
 use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
 use drover_core::{JobSpec, NodeId, TaskId};
 
 use serde::Deserialize;
 use std::sync::Arc;
 
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    code: ErrorCode,
-    message: String,
-}
-
-impl ApiError {
-    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError {
-            code,
-            message: message.into(),
-        }
-    }
-
-    pub(crate) fn not_found(what: &str) -> Self {
-        ApiError::new(ErrorCode::NotFound, format!("{what} not found"))
-    }
-}
-
-impl From<drover_store::StoreError> for ApiError {
-    fn from(e: drover_store::StoreError) -> Self {
-        if let drover_store::StoreError::Conflict(m) = e {
-            return ApiError::new(ErrorCode::Exists, m);
-        }
-        ApiError::new(ErrorCode::StoreUnavailable, e.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        // Every code has a valid status; the fallback only guards the conversion.
-        let status =
-            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (
-            status,
-            Json(ErrorBody {
-                error: self.message,
-                code: self.code.to_string(),
-            }),
-        )
-            .into_response()
-    }
-}
-
-pub(crate) type ApiResult<T> = Result<T, ApiError>;
 type Shared = State<Arc<Inner>>;
 
 /// Declares the authenticated routes once, giving both the router and [`ROUTES`], the

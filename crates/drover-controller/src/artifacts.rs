@@ -8,9 +8,9 @@
 //! of bytes already stored is hashed in full before the uploader may use them. So a
 //! digest tells no project what another has stored.
 
-use crate::api::{ApiError, ApiResult};
 use crate::auth::{Action, Principal};
 use crate::blobs::{PutError, Stored};
+use crate::error::{ApiError, ApiResult};
 use crate::{Inner, Tx};
 use axum::body::Body;
 use axum::extract::{Path, State};

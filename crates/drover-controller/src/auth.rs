@@ -5,7 +5,7 @@
 //! renders the answer.
 
 use crate::Inner;
-use crate::api::{ApiError, ApiResult};
+use crate::error::{ApiError, ApiResult};
 use axum::extract::{Request, State};
 use axum::http::header;
 use axum::middleware::Next;

@@ -11,6 +11,7 @@ mod api;
 mod artifacts;
 mod auth;
 pub mod blobs;
+mod error;
 mod follow;
 mod gateway;
 pub mod logs;

@@ -4,10 +4,7 @@
 use crate::state::{OutCommand, State};
 use crate::{Inner, Tx};
 use drover_core::api::ApplyResponse;
-use drover_core::protocol::{
-    AgentEvent, AssignedArtifact, Command, ControllerMessage, EncodedConfig, Hello, TaskAssignment,
-    UsageSample,
-};
+use drover_core::protocol::{AgentEvent, Command, ControllerMessage, Hello, UsageSample};
 use drover_core::spec::OnLost;
 use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
 use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState, duration_millis};
@@ -517,7 +514,7 @@ impl Inner {
                     },
                 );
             } else if t.state == TaskState::Scheduled
-                && let Some(cmd) = start_command(state, &t)
+                && let Some(cmd) = crate::scheduler::start_command(state, &t)
             {
                 self.enqueue(state, &node_id, cmd);
             }
@@ -1032,35 +1029,4 @@ pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before
         updated_at: now,
         ports: Vec::new(),
     }
-}
-
-pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
-    let job = state.jobs.get(&t.job_id)?;
-    let artifact = match &job.spec.artifact {
-        Some(r) => {
-            // The scheduler placed the task only where a variant matches, so one does;
-            // should the artifact have been deleted since, the task is not started.
-            let node = state.nodes.get(t.node_id.as_ref()?)?;
-            let variant = crate::scheduler::variant_for(state, &job.project, r, &node.node.info)?;
-            Some(AssignedArtifact {
-                reference: r.clone(),
-                variant,
-            })
-        }
-        None => None,
-    };
-    let mut spec = job.spec.clone();
-    // The config travels beside the spec in its versioned encoding.
-    let config = spec.runtime_env.config.take().map(EncodedConfig::encode);
-    Some(Command::Start(Box::new(TaskAssignment {
-        task_id: t.id.clone(),
-        job_id: job.id.clone(),
-        project: job.project.clone(),
-        job_name: job.name.clone(),
-        index: t.index,
-        attempt: t.attempt,
-        spec,
-        artifact,
-        config,
-    })))
 }

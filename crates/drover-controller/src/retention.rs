@@ -3,7 +3,7 @@
 //! removes. Without it, every job ever run and every node that ever said hello would
 //! stay in memory, in the store and on disk.
 
-use crate::api::ApiError;
+use crate::error::ApiError;
 use crate::state::State;
 use crate::{Inner, Tx};
 use drover_core::api::ErrorCode;

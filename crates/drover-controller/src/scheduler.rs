@@ -11,6 +11,7 @@ use drover_core::artifact::{ArtifactRef, Variant};
 use drover_core::platform::{
     BinaryPlatform, Libc, LibcKind, NodePlatform, Platform, select, select_emulated,
 };
+use drover_core::protocol::{AssignedArtifact, Command, EncodedConfig, TaskAssignment};
 use drover_core::spec::{Constraint, ConstraintKey, ConstraintOp, JobSpec};
 use drover_core::state::{NodeInfo, NodeStatus, Task};
 use drover_core::{JobId, NodeId, ProjectId, TaskId, TaskState};
@@ -354,7 +355,7 @@ impl Inner {
     /// Queues and sends the Start commands of committed placements.
     pub(crate) fn dispatch(&self, state: &mut State, placed: Vec<(NodeId, Task)>) {
         for (node, t) in placed {
-            if let Some(cmd) = crate::ops::start_command(state, &t) {
+            if let Some(cmd) = start_command(state, &t) {
                 self.enqueue(state, &node, cmd);
             }
         }
@@ -463,6 +464,39 @@ fn pending_reason(
     } else {
         format!("no node can run it: {}", parts.join(", "))
     }
+}
+
+/// The Start command for a placed task: its spec, the artifact variant for its node
+/// and its config.
+pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
+    let job = state.jobs.get(&t.job_id)?;
+    let artifact = match &job.spec.artifact {
+        Some(r) => {
+            // The scheduler placed the task only where a variant matches, so one does;
+            // should the artifact have been deleted since, the task is not started.
+            let node = state.nodes.get(t.node_id.as_ref()?)?;
+            let variant = variant_for(state, &job.project, r, &node.node.info)?;
+            Some(AssignedArtifact {
+                reference: r.clone(),
+                variant,
+            })
+        }
+        None => None,
+    };
+    let mut spec = job.spec.clone();
+    // The config travels beside the spec in its versioned encoding.
+    let config = spec.runtime_env.config.take().map(EncodedConfig::encode);
+    Some(Command::Start(Box::new(TaskAssignment {
+        task_id: t.id.clone(),
+        job_id: job.id.clone(),
+        project: job.project.clone(),
+        job_name: job.name.clone(),
+        index: t.index,
+        attempt: t.attempt,
+        spec,
+        artifact,
+        config,
+    })))
 }
 
 #[cfg(test)]

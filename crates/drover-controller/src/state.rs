@@ -181,10 +181,9 @@ impl State {
                         .insert(t.index);
                 }
                 if let Some(old) = &old {
-                    // The same forward-only rule the store enforces; a change the store
-                    // skipped must be skipped here too.
-                    let same_rank_update = old.state == t.state && !old.state.is_terminal();
-                    if !(old.state.can_move_to(t.state) || same_rank_update) {
+                    // The same rule the store enforces; a change the store skipped must
+                    // be skipped here too.
+                    if !t.state.replaces(old.state) {
                         return;
                     }
                     if counts_on_node(old) {

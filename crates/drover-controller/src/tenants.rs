@@ -3,8 +3,8 @@
 //! Cluster-level tokens (cluster admin and join tokens) are the cluster admin's alone,
 //! and the last active cluster admin token cannot be revoked.
 
-use crate::api::{ApiError, ApiResult};
 use crate::auth::{Action, Principal, forbidden, no_such_project};
+use crate::error::{ApiError, ApiResult};
 use crate::{Inner, Tx};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;

@@ -1,8 +1,8 @@
 //! The task state machine and the records the controller keeps for jobs, tasks and nodes.
 //!
-//! States only move forward. [`TaskState::can_move_to`] is the one rule; the store and
-//! the controller both apply it, so a duplicate or stale event from an agent changes
-//! nothing wherever it arrives.
+//! States only move forward. [`TaskState::replaces`] is the one rule for which of two
+//! records of a task wins; the store and the controller both apply it, so a duplicate
+//! or stale event from an agent changes nothing wherever it arrives.
 
 use crate::Millis;
 use crate::ids::{JobId, NodeId, ProjectId, TaskId};
@@ -50,18 +50,33 @@ impl TaskState {
             TaskState::Starting => 3,
             TaskState::Running => 4,
             TaskState::Stopping => 5,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Stopped | TaskState::Lost => 6,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Stopped | TaskState::Lost => {
+                Self::TERMINAL_RANK
+            }
         }
     }
 
+    /// The rank every terminal state shares.
+    pub const TERMINAL_RANK: u8 = 6;
+
     pub fn is_terminal(self) -> bool {
-        self.rank() == 6
+        self.rank() == Self::TERMINAL_RANK
     }
 
     /// Whether a task in `self` may move to `next`: strictly forward, never out of a
     /// terminal state.
     pub fn can_move_to(self, next: TaskState) -> bool {
         !self.is_terminal() && next.rank() > self.rank()
+    }
+
+    /// Whether a task record in state `self` may be written over the stored record of
+    /// the same task, in state `stored`. This is the one rule for which record wins,
+    /// applied by the controller's memory and by every store: a move forward, or an
+    /// update within the same live state (a reason, ports, a stop request), and never
+    /// anything over a terminal record. Stale and duplicate reports from agents are
+    /// therefore harmless wherever they arrive.
+    pub fn replaces(self, stored: TaskState) -> bool {
+        !stored.is_terminal() && self.rank() >= stored.rank()
     }
 
     pub fn as_str(self) -> &'static str {

@@ -6,6 +6,7 @@
 //! task state machine's forward-only rule on its own as well: a commit can never move a
 //! stored task backwards or out of a terminal state.
 
+pub mod contract;
 mod sqlite;
 
 pub use sqlite::{Durability, SqliteConfig, SqliteStore};

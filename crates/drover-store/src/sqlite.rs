@@ -2,6 +2,7 @@
 
 use crate::{Change, Snapshot, Store, StoreError};
 use async_trait::async_trait;
+use drover_core::TaskState;
 use drover_core::artifact::Artifact;
 use drover_core::state::{Job, Node, Task};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
@@ -249,9 +250,7 @@ impl Store for SqliteStore {
                         order.push(t.id.as_str());
                         latest.insert(t.id.as_str(), t);
                     }
-                    Some(prev)
-                        if t.state.rank() >= prev.state.rank() && !prev.state.is_terminal() =>
-                    {
+                    Some(prev) if t.state.replaces(prev.state) => {
                         latest.insert(t.id.as_str(), t);
                     }
                     Some(_) => {}
@@ -280,14 +279,17 @@ impl Store for SqliteStore {
                     .push_bind(json.as_str())
                     .push_bind(t.updated_at);
             });
-            // The WHERE clause is the forward-only rule, enforced by the store itself:
-            // terminal rows never change, and a lower rank never overwrites a higher one.
-            qb.push(
+            // The WHERE clause is `TaskState::replaces` in SQL, so the database holds to
+            // it against any writer: terminal rows never change, and a lower rank never
+            // overwrites a higher one. The store contract checks the two agree for
+            // every pair of states.
+            qb.push(format!(
                 " ON CONFLICT(id) DO UPDATE SET state = excluded.state, \
                  state_rank = excluded.state_rank, node_id = excluded.node_id, \
                  data = excluded.data, updated_at = excluded.updated_at \
-                 WHERE tasks.state_rank < 6 AND excluded.state_rank >= tasks.state_rank",
-            );
+                 WHERE tasks.state_rank < {} AND excluded.state_rank >= tasks.state_rank",
+                TaskState::TERMINAL_RANK
+            ));
             qb.build().execute(&mut *tx).await?;
         }
         for change in changes {
@@ -325,280 +327,32 @@ impl Store for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Role, TokenRecord, hash_token};
-    use drover_core::state::{Exit, JobStatus};
-    use drover_core::{JobId, JobSpec, ProjectId, TaskId, TaskState};
+    use crate::contract::Reopen;
+    use std::sync::Arc;
 
-    fn task(state: TaskState) -> Task {
-        Task {
-            id: TaskId::from("task-1"),
-            project: ProjectId::default(),
-            job_id: JobId::from("job-1"),
-            job_name: "j".into(),
-            index: 0,
-            attempt: 0,
-            state,
-            node_id: None,
-            reason: String::new(),
-            exit: None,
-            desired_stop: false,
-            stop_forced: false,
-            not_before: 0,
-            created_at: 1,
-            updated_at: 1,
-            ports: Vec::new(),
-        }
-    }
+    /// A SQLite store in a temporary directory, opened afresh on every call, as a
+    /// restarted controller would.
+    struct Sqlite(tempfile::TempDir);
 
-    async fn open(dir: &tempfile::TempDir) -> SqliteStore {
-        SqliteStore::open(&SqliteConfig {
-            path: Some(dir.path().join("drover.db")),
-            durability: Durability::Full,
-        })
-        .await
-        .unwrap()
-    }
-
-    #[tokio::test]
-    async fn committed_objects_survive_reopening() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = JobSpec::from_yaml("name: j\ncommand: [true]\n", "j.yaml").unwrap();
-        let job = Job {
-            id: JobId::from("job-1"),
-            project: ProjectId::default(),
-            name: "j".into(),
-            version: 1,
-            spec,
-            status: JobStatus::Running,
-            reason: String::new(),
-            exit: None,
-            created_at: 1,
-            updated_at: 1,
-            idempotency_key: None,
-        };
-        let token = TokenRecord {
-            hash: hash_token("secret"),
-            project: ProjectId::default(),
-            role: Role::Admin,
-            name: "admin".into(),
-            created_at: 1,
-            revoked: false,
-        };
-        {
-            let store = open(&dir).await;
-            store
-                .commit(&[
-                    Change::Job(job.clone()),
-                    Change::Task(task(TaskState::Running)),
-                    Change::Token(token.clone()),
-                ])
+    #[async_trait]
+    impl Reopen for Sqlite {
+        async fn open(&self) -> Arc<dyn Store> {
+            Arc::new(
+                SqliteStore::open(&SqliteConfig {
+                    path: Some(self.0.path().join("drover.db")),
+                    durability: Durability::Full,
+                })
                 .await
-                .unwrap();
-        }
-        let store = open(&dir).await;
-        let snap = store.load().await.unwrap();
-        assert_eq!(snap.jobs, vec![job]);
-        assert_eq!(snap.tasks, vec![task(TaskState::Running)]);
-        assert_eq!(snap.tokens, vec![token]);
-    }
-
-    #[tokio::test]
-    async fn deleting_a_job_takes_its_tasks_and_deletions_come_last_in_a_commit() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = JobSpec::from_yaml("name: j\ncommand: [true]\n", "j.yaml").unwrap();
-        let job = |id: &str| Job {
-            id: JobId::from(id),
-            project: ProjectId::default(),
-            name: "j".into(),
-            version: 1,
-            spec: spec.clone(),
-            status: JobStatus::Complete,
-            reason: String::new(),
-            exit: None,
-            created_at: 1,
-            updated_at: 1,
-            idempotency_key: None,
-        };
-        let task_of = |id: &str, job: &str| {
-            let mut t = task(TaskState::Succeeded);
-            t.id = TaskId::from(id);
-            t.job_id = JobId::from(job);
-            t
-        };
-        let store = open(&dir).await;
-        store
-            .commit(&[
-                Change::Job(job("job-1")),
-                Change::Job(job("job-2")),
-                Change::Task(task_of("task-1", "job-1")),
-                Change::Task(task_of("task-2", "job-1")),
-                Change::Task(task_of("task-3", "job-2")),
-                Change::Task(task_of("task-4", "job-2")),
-            ])
-            .await
-            .unwrap();
-        store
-            .commit(&[
-                Change::DeleteJob(JobId::from("job-1")),
-                Change::DeleteTask(TaskId::from("task-3")),
-                // Written and deleted in one commit: deleted.
-                Change::Task(task_of("task-5", "job-2")),
-                Change::DeleteTask(TaskId::from("task-5")),
-            ])
-            .await
-            .unwrap();
-        let snap = open(&dir).await.load().await.unwrap();
-        assert_eq!(snap.jobs, vec![job("job-2")]);
-        let ids: Vec<&str> = snap.tasks.iter().map(|t| t.id.as_str()).collect();
-        assert_eq!(ids, vec!["task-4"]);
-    }
-
-    #[tokio::test]
-    async fn the_store_refuses_to_move_a_task_backwards() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir).await;
-        let mut done = task(TaskState::Failed);
-        done.exit = Some(Exit {
-            code: Some(3),
-            signal: None,
-        });
-        store
-            .commit(&[Change::Task(task(TaskState::Running))])
-            .await
-            .unwrap();
-        store.commit(&[Change::Task(done.clone())]).await.unwrap();
-        // Within one commit too, the furthest state wins whatever the order.
-        let mut other = task(TaskState::Succeeded);
-        other.id = TaskId::from("task-2");
-        let mut stale = task(TaskState::Running);
-        stale.id = TaskId::from("task-2");
-        store
-            .commit(&[Change::Task(other.clone()), Change::Task(stale)])
-            .await
-            .unwrap();
-        // A stale running event and a late different terminal state change nothing.
-        store
-            .commit(&[Change::Task(task(TaskState::Running))])
-            .await
-            .unwrap();
-        store
-            .commit(&[Change::Task(task(TaskState::Succeeded))])
-            .await
-            .unwrap();
-        let mut stored = store.load().await.unwrap().tasks;
-        stored.sort_by(|a, b| a.id.cmp(&b.id));
-        assert_eq!(stored, vec![done, other]);
-    }
-
-    fn artifact(project: &str, name: &str, version: &str) -> Artifact {
-        use drover_core::artifact::{Digest, Variant};
-        Artifact {
-            project: ProjectId(project.to_string()),
-            name: name.into(),
-            version: version.into(),
-            variants: vec![
-                Variant {
-                    platform: "linux/amd64+gnu".parse().unwrap(),
-                    digest: Digest::of_hex(&"a".repeat(64)).unwrap(),
-                    size: 10,
-                },
-                Variant {
-                    platform: "any".parse().unwrap(),
-                    digest: Digest::of_hex(&"b".repeat(64)).unwrap(),
-                    size: 20,
-                },
-            ],
-            created_at: 5,
+                .expect("opening the SQLite store"),
+            )
         }
     }
 
-    #[tokio::test]
-    async fn artifacts_are_stored_listed_and_deleted() {
-        let dir = tempfile::tempdir().unwrap();
-        let a1 = artifact("default", "app", "1");
-        let a2 = artifact("default", "app", "2");
-        // The same name and version in another project is another artifact.
-        let other = artifact("other", "app", "1");
-        {
-            let store = open(&dir).await;
-            store
-                .commit(&[
-                    Change::Artifact(a1.clone()),
-                    Change::Artifact(a2.clone()),
-                    Change::Artifact(other.clone()),
-                ])
-                .await
-                .unwrap();
-        }
-        let store = open(&dir).await;
-        assert_eq!(
-            store.load().await.unwrap().artifacts,
-            vec![a1.clone(), a2.clone(), other.clone()]
-        );
-        store
-            .commit(&[Change::DeleteArtifact {
-                project: ProjectId::default(),
-                name: "app".into(),
-                version: "1".into(),
-            }])
-            .await
-            .unwrap();
-        // Deleting what is not there changes nothing and is no error.
-        store
-            .commit(&[Change::DeleteArtifact {
-                project: ProjectId::default(),
-                name: "nope".into(),
-                version: "1".into(),
-            }])
-            .await
-            .unwrap();
-        assert_eq!(store.load().await.unwrap().artifacts, vec![a2, other]);
+    fn fresh() -> Sqlite {
+        Sqlite(tempfile::tempdir().expect("a temporary directory"))
     }
 
-    #[tokio::test]
-    async fn an_existing_artifact_version_is_never_overwritten() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(&dir).await;
-        let first = artifact("default", "app", "1");
-        store
-            .commit(&[Change::Artifact(first.clone())])
-            .await
-            .unwrap();
-        let mut second = first.clone();
-        second.variants.truncate(1);
-        second.created_at = 9;
-        // The conflict fails the whole commit: the task beside it is not written either.
-        let err = store
-            .commit(&[
-                Change::Task(task(TaskState::Pending)),
-                Change::Artifact(second),
-            ])
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-        assert!(
-            err.to_string().contains("artifact app:1 already exists"),
-            "{err}"
-        );
-        let snap = store.load().await.unwrap();
-        assert_eq!(snap.artifacts, vec![first]);
-        assert!(snap.tasks.is_empty());
-        // A delete and a new insert of the same version in one commit is a replacement
-        // the controller chose to make, and is allowed.
-        let again = artifact("default", "app", "1");
-        store
-            .commit(&[
-                Change::DeleteArtifact {
-                    project: ProjectId::default(),
-                    name: "app".into(),
-                    version: "1".into(),
-                },
-                Change::Artifact(again.clone()),
-            ])
-            .await
-            .unwrap();
-        assert_eq!(store.load().await.unwrap().artifacts, vec![again]);
-    }
+    crate::store_contract!(fresh());
 }
 
 #[cfg(test)]
