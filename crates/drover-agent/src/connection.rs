@@ -449,7 +449,17 @@ where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
-    sink.send(Message::Text(text.into()))
-        .await
-        .map_err(|e| e.to_string())
+    // A controller that stops reading fills the socket and the send waits; without a
+    // bound the whole connection loop (and the silence check in it) would wait too.
+    // Giving up drops the connection, and the next one replays what was not acked.
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+        Ok(sent) => sent.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the controller took no message for {}s",
+            SEND_TIMEOUT.as_secs()
+        )),
+    }
 }
+
+/// The longest one message may wait to be taken by the connection.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
