@@ -15,7 +15,6 @@
 use drover_core::api::ErrorBody;
 use drover_core::artifact::Digest;
 use futures_util::StreamExt;
-use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -415,9 +414,9 @@ impl ArtifactCache {
         // they overlap with receiving and each piece costs no hand-off to the blocking
         // pool of its own; writes go out in large pieces.
         let (tx, mut rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<String> {
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<Digest> {
             use std::io::Write as _;
-            let mut hasher = Sha256::new();
+            let mut hasher = Digest::hasher();
             let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, &file);
             while let Some(chunk) = rx.blocking_recv() {
                 let chunk: bytes::Bytes = chunk;
@@ -431,7 +430,7 @@ impl ArtifactCache {
             // Synced before it is named: a name must never stand for unverified bytes,
             // even after a crash.
             file.sync_all()?;
-            Ok(hex::encode(hasher.finalize()))
+            Ok(hasher.finish())
         });
         let mut got = 0u64;
         let mut body = resp.bytes_stream();
@@ -468,10 +467,10 @@ impl ArtifactCache {
                 got,
             });
         }
-        if actual != digest.hex() {
+        if &actual != digest {
             return Err(CacheError::Mismatch {
                 digest: digest.clone(),
-                actual: format!("sha256:{actual}"),
+                actual: actual.to_string(),
             });
         }
         let path = self.cfg.dir.join(digest.hex());
