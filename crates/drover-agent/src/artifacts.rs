@@ -11,20 +11,22 @@
 //! A [`Lease`] pins a blob: a blob with live leases is never evicted. Tasks get their
 //! executable through [`install`], normally a hard link, so a blob evicted from the cache
 //! lives on (without counting against the limit) in the task directories that use it.
+//!
+//! The bookkeeping (single flight, leases, eviction, reopening) is the agent's generic
+//! cache (`cache.rs`); this module says how a blob is fetched and verified, where it
+//! lives, how it goes and how a complete one is told from a partial one.
 
+use crate::cache::{self, Built, Cache, Eviction, Found, Joined, Kind, Policy, Report};
 use drover_core::api::ErrorBody;
 use drover_core::artifact::Digest;
 use futures_util::StreamExt;
-use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
-use tokio::sync::oneshot;
 
 /// The prefix of a download's temporary file; blob names are hex digits, so no blob
 /// ever starts with it.
@@ -114,35 +116,18 @@ enum Expect {
     AtMost(u64),
 }
 
-/// One blob in the cache.
-struct Blob {
-    size: u64,
-    leases: usize,
-    /// The cache's clock at the last use; the smallest is evicted first.
-    last_used: u64,
-}
-
-/// Callers waiting for one download, each told the outcome on its own channel.
-type Waiters = Vec<oneshot::Sender<Result<Lease, CacheError>>>;
-
-#[derive(Default)]
-struct State {
-    blobs: HashMap<Digest, Blob>,
-    /// Downloads in progress. A digest is here or in `blobs`, never both.
-    pending: HashMap<Digest, Waiters>,
-    /// The sum of the sizes in `blobs`.
-    bytes: u64,
-    /// A counter rather than a time: it orders uses exactly and cannot go backwards.
-    clock: u64,
-}
-
-pub struct ArtifactCache {
+/// The blobs on disk, as the generic cache sees them: how one is fetched, where it is,
+/// how it goes.
+struct Blobs {
     cfg: CacheConfig,
     client: reqwest::Client,
-    state: Mutex<State>,
     downloads: AtomicU64,
     /// Makes each download's temporary file name unique.
     partials: AtomicU64,
+}
+
+pub struct ArtifactCache {
+    cache: Arc<Cache<Blobs>>,
 }
 
 impl ArtifactCache {
@@ -150,9 +135,100 @@ impl ArtifactCache {
     /// used first by modification time) and removing partial downloads left by an
     /// earlier agent. Files whose names are not digests are left alone.
     pub fn open(cfg: CacheConfig) -> io::Result<Arc<ArtifactCache>> {
-        std::fs::create_dir_all(&cfg.dir)?;
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(cfg.timeout)
+            // Closed before the controller's own idle timeout (10 s by default) closes
+            // it, so a download never starts on a connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(5));
+        if let Some(tls) = &cfg.tls {
+            builder = builder.tls_backend_preconfigured(tls.as_ref().clone());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| io::Error::other(format!("building the HTTP client: {e}")))?;
+        // Eager: a blob is one file, cheap to remove whenever the limit is passed, and
+        // a task keeps its own link to it, so evicting a blob takes nothing from a task.
+        let policy = Policy {
+            limit: cfg.limit_bytes,
+            eviction: Eviction::Eager,
+            release_is_use: false,
+        };
+        let blobs = Blobs {
+            cfg,
+            client,
+            downloads: AtomicU64::new(0),
+            partials: AtomicU64::new(0),
+        };
+        Ok(Arc::new(ArtifactCache {
+            cache: Cache::open(blobs, policy)?,
+        }))
+    }
+
+    /// Returns a lease on the verified local file for `digest`, downloading it from
+    /// `GET {server}/v1/blobs/{digest}` when it is not cached. Concurrent calls for one
+    /// digest share one download. `size` is what the download must deliver (the first
+    /// caller's, when calls share a download); a cached blob is identified by its
+    /// digest alone.
+    ///
+    /// The download runs in its own task: a caller that gives up does not cut it short
+    /// for the others, and what it fetched is cached all the same.
+    pub async fn get(&self, digest: &Digest, size: u64) -> Result<Lease, CacheError> {
+        self.get_expecting(digest, Expect::Exactly(size)).await
+    }
+
+    /// Like [`ArtifactCache::get`] for a blob whose size the caller does not know (a
+    /// job's working_dir archive): the controller's answer says it, and it may be at
+    /// most `max` bytes.
+    pub async fn get_up_to(&self, digest: &Digest, max: u64) -> Result<Lease, CacheError> {
+        self.get_expecting(digest, Expect::AtMost(max)).await
+    }
+
+    async fn get_expecting(&self, digest: &Digest, size: Expect) -> Result<Lease, CacheError> {
+        let waiting = match self.cache.join(digest, size) {
+            Joined::Ready(lease) => return Ok(Lease(lease)),
+            // Blobs never remember a failure (see `Blobs::remember`), but were one
+            // remembered, its error is the answer.
+            Joined::Remembered(r) => return Err(r.error),
+            Joined::Waiting(waiting) => waiting,
+        };
+        // Unbounded here: the download bounds each of its own steps by `cfg.timeout`.
+        match waiting.outcome().await {
+            Some((result, ())) => result.map(Lease),
+            None => Err(CacheError::Abandoned {
+                digest: digest.clone(),
+            }),
+        }
+    }
+
+    /// How many downloads were started; a cache hit or a shared download starts none.
+    pub fn downloads(&self) -> u64 {
+        self.cache.kind().downloads.load(Ordering::Relaxed)
+    }
+
+    /// The total size of the cached blobs.
+    pub fn cached_bytes(&self) -> u64 {
+        self.cache.bytes()
+    }
+}
+
+impl Kind for Blobs {
+    const NAME: &'static str = "artifact cache";
+    type Key = Digest;
+    type Meta = ();
+    type Request = Expect;
+    type Error = CacheError;
+    type Note = ();
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        self.cfg.dir.join(digest.hex())
+    }
+
+    /// Adopts the files named by a digest, removes partial downloads (their content was
+    /// never verified) and leaves anything else alone.
+    fn scan(&self) -> io::Result<Vec<Found<Blobs>>> {
+        std::fs::create_dir_all(&self.cfg.dir)?;
         let mut found = Vec::new();
-        for e in std::fs::read_dir(&cfg.dir)? {
+        for e in std::fs::read_dir(&self.cfg.dir)? {
             let e = e?;
             let name = e.file_name();
             let Some(name) = name.to_str() else {
@@ -168,165 +244,54 @@ impl ArtifactCache {
             }
             let meta = e.metadata()?;
             match Digest::of_hex(name) {
-                Ok(digest) if meta.is_file() => {
-                    let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                    found.push((mtime, digest, meta.len()));
-                }
+                Ok(digest) if meta.is_file() => found.push(Found {
+                    key: digest,
+                    meta: (),
+                    size: meta.len(),
+                    last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                }),
                 _ => tracing::warn!(
                     "artifact cache: ignoring {}, which is not a blob",
                     e.path().display()
                 ),
             }
         }
-        found.sort_by_key(|a| a.0);
-        let mut state = State::default();
-        for (_, digest, size) in found {
-            state.clock += 1;
-            state.bytes += size;
-            let blob = Blob {
-                size,
-                leases: 0,
-                last_used: state.clock,
-            };
-            state.blobs.insert(digest, blob);
+        Ok(found)
+    }
+
+    async fn build(&self, digest: &Digest, expect: Expect) -> Report<Blobs> {
+        self.downloads.fetch_add(1, Ordering::Relaxed);
+        let fetched = self.fetch(digest, expect).await;
+        (fetched.map(|size| Built { meta: (), size }), ())
+    }
+
+    /// Never: a failed download is tried again at the next ask, since the controller
+    /// may have the right bytes by then.
+    fn remember(&self, _: &CacheError) -> Option<Duration> {
+        None
+    }
+
+    /// Removes the blob's file at once: one unlink is quick enough to make under the
+    /// lock, so a new download of the same digest cannot be moved into place before the
+    /// old file goes.
+    fn remove(&self, digest: &Digest) -> Option<PathBuf> {
+        let path = self.path(digest);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("artifact cache: evicting {}: {e}", path.display()),
         }
-        state.evict(&cfg.dir, cfg.limit_bytes);
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(cfg.timeout)
-            // Closed before the controller's own idle timeout (10 s by default) closes
-            // it, so a download never starts on a connection the server is closing.
-            .pool_idle_timeout(Duration::from_secs(5));
-        if let Some(tls) = &cfg.tls {
-            builder = builder.tls_backend_preconfigured(tls.as_ref().clone());
-        }
-        let client = builder
-            .build()
-            .map_err(|e| io::Error::other(format!("building the HTTP client: {e}")))?;
-        Ok(Arc::new(ArtifactCache {
-            cfg,
-            client,
-            state: Mutex::new(state),
-            downloads: AtomicU64::new(0),
-            partials: AtomicU64::new(0),
-        }))
+        None
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is consistent between statements that touch it, so a panic
-        // elsewhere while it was held leaves nothing half done.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Never called, since `remove` sets nothing aside; were it called, the leftover
+    /// would be a file.
+    fn delete(leftover: &Path) {
+        crate::cleanup::remove_file(leftover, "an evicted blob");
     }
+}
 
-    /// Returns a lease on the verified local file for `digest`, downloading it from
-    /// `GET {server}/v1/blobs/{digest}` when it is not cached. Concurrent calls for one
-    /// digest share one download. `size` is what the download must deliver (the first
-    /// caller's, when calls share a download); a cached blob is identified by its
-    /// digest alone.
-    ///
-    /// The download runs in its own task: a caller that gives up does not cut it short
-    /// for the others, and what it fetched is cached all the same.
-    pub async fn get(self: &Arc<Self>, digest: &Digest, size: u64) -> Result<Lease, CacheError> {
-        self.get_expecting(digest, Expect::Exactly(size)).await
-    }
-
-    /// Like [`ArtifactCache::get`] for a blob whose size the caller does not know (a
-    /// job's working_dir archive): the controller's answer says it, and it may be at
-    /// most `max` bytes.
-    pub async fn get_up_to(
-        self: &Arc<Self>,
-        digest: &Digest,
-        max: u64,
-    ) -> Result<Lease, CacheError> {
-        self.get_expecting(digest, Expect::AtMost(max)).await
-    }
-
-    async fn get_expecting(
-        self: &Arc<Self>,
-        digest: &Digest,
-        size: Expect,
-    ) -> Result<Lease, CacheError> {
-        let rx = {
-            let mut st = self.lock();
-            if let Some(lease) = st.lease(self, digest) {
-                return Ok(lease);
-            }
-            let (tx, rx) = oneshot::channel();
-            if let Some(waiters) = st.pending.get_mut(digest) {
-                waiters.push(tx);
-            } else {
-                st.pending.insert(digest.clone(), vec![tx]);
-                self.downloads.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(self.clone().download(digest.clone(), size));
-            }
-            rx
-        };
-        rx.await.unwrap_or_else(|_| {
-            Err(CacheError::Abandoned {
-                digest: digest.clone(),
-            })
-        })
-    }
-
-    /// How many downloads were started; a cache hit or a shared download starts none.
-    pub fn downloads(&self) -> u64 {
-        self.downloads.load(Ordering::Relaxed)
-    }
-
-    /// The total size of the cached blobs.
-    pub fn cached_bytes(&self) -> u64 {
-        self.lock().bytes
-    }
-
-    /// Downloads a blob and hands the outcome to everyone waiting for it.
-    async fn download(self: Arc<Self>, digest: Digest, size: Expect) {
-        // Should this task panic or be dropped with its runtime, the guard takes the
-        // waiters out so they fail rather than wait forever.
-        let mut guard = PendingGuard {
-            cache: &self,
-            digest: Some(&digest),
-        };
-        let result = self.fetch(&digest, size).await;
-        let replies: Vec<_> = {
-            let mut st = self.lock();
-            let waiters = st.pending.remove(&digest).unwrap_or_default();
-            guard.digest = None;
-            match result {
-                Ok(size) => {
-                    st.bytes += size;
-                    st.clock += 1;
-                    // Used now even when every caller gave up meanwhile: it is the most
-                    // recently wanted blob.
-                    let blob = Blob {
-                        size,
-                        leases: 0,
-                        last_used: st.clock,
-                    };
-                    st.blobs.insert(digest.clone(), blob);
-                    // Leases are taken before evicting, under the same lock, so the new
-                    // blob cannot be evicted before its waiters have it.
-                    let replies = waiters
-                        .into_iter()
-                        .filter_map(|tx| st.lease(&self, &digest).map(|l| (tx, Ok(l))))
-                        .collect();
-                    st.evict(&self.cfg.dir, self.cfg.limit_bytes);
-                    replies
-                }
-                Err(e) => {
-                    tracing::warn!("artifact cache: {e}");
-                    waiters.into_iter().map(|tx| (tx, Err(e.clone()))).collect()
-                }
-            }
-        };
-        // Sent without the lock: a caller that gave up hands its lease back here, and
-        // dropping a lease takes the lock.
-        for (tx, reply) in replies {
-            if tx.send(reply).is_err() {
-                // The caller gave up waiting. The lease it was sent comes back here and is
-                // dropped, outside the lock, which is how it is handed back.
-            }
-        }
-    }
-
+impl Blobs {
     /// Streams the blob into a temporary file while hashing it, and moves the file into
     /// place only when size and digest match. Returns its size.
     async fn fetch(&self, digest: &Digest, expect: Expect) -> Result<u64, CacheError> {
@@ -415,9 +380,9 @@ impl ArtifactCache {
         // they overlap with receiving and each piece costs no hand-off to the blocking
         // pool of its own; writes go out in large pieces.
         let (tx, mut rx) = tokio::sync::mpsc::channel(WRITE_QUEUE);
-        let writer = tokio::task::spawn_blocking(move || -> io::Result<String> {
+        let writer = tokio::task::spawn_blocking(move || -> io::Result<Digest> {
             use std::io::Write as _;
-            let mut hasher = Sha256::new();
+            let mut hasher = Digest::hasher();
             let mut out = io::BufWriter::with_capacity(WRITE_BUFFER, &file);
             while let Some(chunk) = rx.blocking_recv() {
                 let chunk: bytes::Bytes = chunk;
@@ -431,7 +396,7 @@ impl ArtifactCache {
             // Synced before it is named: a name must never stand for unverified bytes,
             // even after a crash.
             file.sync_all()?;
-            Ok(hex::encode(hasher.finalize()))
+            Ok(hasher.finish())
         });
         let mut got = 0u64;
         let mut body = resp.bytes_stream();
@@ -468,10 +433,10 @@ impl ArtifactCache {
                 got,
             });
         }
-        if actual != digest.hex() {
+        if &actual != digest {
             return Err(CacheError::Mismatch {
                 digest: digest.clone(),
-                actual: format!("sha256:{actual}"),
+                actual: actual.to_string(),
             });
         }
         let path = self.cfg.dir.join(digest.hex());
@@ -480,64 +445,6 @@ impl ArtifactCache {
             .map_err(|e| io_err("moving the download to", &path, e))?;
         partial.keep();
         Ok(size)
-    }
-}
-
-impl State {
-    /// A lease on a cached blob, which counts as a use.
-    fn lease(&mut self, cache: &Arc<ArtifactCache>, digest: &Digest) -> Option<Lease> {
-        self.clock += 1;
-        let blob = self.blobs.get_mut(digest)?;
-        blob.leases += 1;
-        blob.last_used = self.clock;
-        Some(Lease {
-            cache: cache.clone(),
-            digest: digest.clone(),
-            path: cache.cfg.dir.join(digest.hex()),
-        })
-    }
-
-    /// Removes unleased blobs, least recently used first, until the cache fits `limit`
-    /// or only leased blobs are left. Files are removed under the lock, so a new
-    /// download of the same digest cannot be moved into place before the old file goes.
-    fn evict(&mut self, dir: &Path, limit: u64) {
-        while self.bytes > limit {
-            let victim = self
-                .blobs
-                .iter()
-                .filter(|(_, b)| b.leases == 0)
-                .min_by_key(|(_, b)| b.last_used)
-                .map(|(d, _)| d.clone());
-            let Some(digest) = victim else { break };
-            let path = dir.join(digest.hex());
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                // Forgotten all the same, so eviction moves on; the file is adopted
-                // again when the cache is next opened.
-                Err(e) => tracing::warn!("artifact cache: evicting {}: {e}", path.display()),
-            }
-            if let Some(blob) = self.blobs.remove(&digest) {
-                self.bytes -= blob.size;
-            }
-        }
-    }
-}
-
-/// Takes a download's waiters out of the pending table when the download ends without
-/// reporting, so they are told it was abandoned.
-struct PendingGuard<'a> {
-    cache: &'a ArtifactCache,
-    digest: Option<&'a Digest>,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(digest) = self.digest {
-            let waiters = self.cache.lock().pending.remove(digest);
-            // Dropped without the lock, closing the channels the callers wait on.
-            drop(waiters);
-        }
     }
 }
 
@@ -559,40 +466,25 @@ impl Drop for Partial {
 }
 
 /// A blob pinned in the cache: it is not evicted while a lease on it lives.
-pub struct Lease {
-    cache: Arc<ArtifactCache>,
-    digest: Digest,
-    path: PathBuf,
-}
+pub struct Lease(cache::Lease<Blobs>);
 
 impl Lease {
     /// The blob's file. Do not write to it: it is shared with every task that uses it.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
 
     pub fn digest(&self) -> &Digest {
-        &self.digest
+        self.0.key()
     }
 }
 
 impl fmt::Debug for Lease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lease")
-            .field("digest", &self.digest)
-            .field("path", &self.path)
+            .field("digest", self.digest())
+            .field("path", &self.path())
             .finish()
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        let mut st = self.cache.lock();
-        if let Some(blob) = st.blobs.get_mut(&self.digest) {
-            blob.leases = blob.leases.saturating_sub(1);
-        }
-        // A blob kept over the limit only because it was leased goes now.
-        st.evict(&self.cache.cfg.dir, self.cache.cfg.limit_bytes);
     }
 }
 

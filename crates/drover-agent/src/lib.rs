@@ -6,6 +6,7 @@
 //! controller has not acknowledged and re-adopts the tasks it left running.
 
 pub mod artifacts;
+mod cache;
 mod cleanup;
 mod connection;
 mod dirpool;

@@ -20,21 +20,26 @@
 //! Leases are counted within one process only: two agent processes sharing a directory
 //! never build an environment at the same time, but one may evict an environment the
 //! other is using.
+//!
+//! The bookkeeping (single flight within the process, leases, eviction, remembered
+//! failures, reopening) is the agent's generic cache (`cache.rs`); this module says how
+//! an environment is built, where it lives, how it goes and how a complete one is told
+//! from a partial one.
 
+use crate::cache::{self, Built, Cache, Entry, Eviction, Found, Joined, Kind, Policy, Report};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Write as _};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The file a build writes last; an environment directory without it is incomplete.
@@ -89,9 +94,6 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 /// How long past its deadline the caller that started a build waits for the build to
 /// report: killing the build's processes and deleting its partial environment.
 const CLEANUP_GRACE: Duration = Duration::from_secs(60);
-
-/// The longest `prune` waits for the deleted directories to be gone from the disk.
-const DELETE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Variables of the agent's environment that builds see. Builds run code chosen by a
 /// job's author (a package's build backend), so they get only what pip, compilers and
@@ -254,71 +256,44 @@ struct Metadata {
     created_ms: u64,
 }
 
-/// A complete environment.
-struct Env {
+/// What the cache keeps about a complete environment besides its size and use.
+struct EnvMeta {
     requirements: Vec<String>,
+    /// The interpreter's version number, e.g. `3.11.7`.
     python: String,
-    size: u64,
-    leases: u32,
-    last_used_ms: u64,
-    /// The cache's clock at the last use. Least recently used goes first, and a counter
-    /// orders uses exactly where milliseconds could tie.
-    clock: u64,
 }
 
-impl Env {
-    /// An unleased env from its metadata file, last used at `used` (unix ms).
-    fn from_metadata(meta: Metadata, used: u64, clock: u64) -> Env {
-        Env {
+impl EnvMeta {
+    fn of(meta: Metadata) -> EnvMeta {
+        EnvMeta {
             python: short_version(&meta.python_version),
             requirements: meta.requirements,
-            size: meta.size,
-            leases: 0,
-            last_used_ms: used,
-            clock,
-        }
-    }
-
-    fn info(&self, key: &str) -> EnvInfo {
-        EnvInfo {
-            key: key.to_string(),
-            requirements: self.requirements.clone(),
-            python: self.python.clone(),
-            size: self.size,
-            last_used_ms: self.last_used_ms,
-            in_use: self.leases,
         }
     }
 }
 
-/// A remembered failure.
-struct Failure {
-    error: EnvError,
-    at: Instant,
-    until: Instant,
-}
-
-/// What a build tells each caller that waited for it: a lease or the error, and the
-/// end of the build's output, for the logs of callers other than the one whose log the
-/// build wrote to.
-type Outcome = (Result<EnvLease, EnvError>, Arc<Vec<u8>>);
-
-#[derive(Default)]
-struct State {
-    envs: HashMap<String, Env>,
-    /// Builds in progress and the callers waiting for each. A key is here or in `envs`,
-    /// never both.
-    pending: HashMap<String, Vec<oneshot::Sender<Outcome>>>,
-    failures: HashMap<String, Failure>,
-    clock: u64,
+fn info(key: &str, env: &Entry<EnvMeta>) -> EnvInfo {
+    EnvInfo {
+        key: key.to_string(),
+        requirements: env.meta.requirements.clone(),
+        python: env.meta.python.clone(),
+        size: env.size,
+        last_used_ms: unix_ms(env.last_used),
+        in_use: env.leases,
+    }
 }
 
 pub struct PythonEnvs {
-    cfg: PythonEnvConfig,
-    state: Mutex<State>,
+    cache: Arc<Cache<Envs>>,
     /// The interpreter's `sys.version`, asked once per process; a failure is not kept,
     /// so a node whose interpreter is installed later needs no agent restart.
     version: tokio::sync::OnceCell<String>,
+}
+
+/// The environments on disk, as the generic cache sees them: how one is built, found
+/// and removed.
+struct Envs {
+    cfg: PythonEnvConfig,
     builds: AtomicU64,
     /// Makes the names of directories being deleted unique.
     trash: AtomicU64,
@@ -331,60 +306,26 @@ impl PythonEnvs {
     /// incomplete environment that another process is building (its lock is held) is
     /// left to that process.
     pub fn new(cfg: PythonEnvConfig) -> io::Result<Arc<PythonEnvs>> {
-        std::fs::create_dir_all(&cfg.dir)?;
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir(&cfg.dir)? {
-            let entry = entry?;
-            let path = entry.path();
-            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
-            if name.starts_with(TRASH_PREFIX) {
-                remove_tree(&path);
-                continue;
-            }
-            if !is_key(&name) || !entry.file_type()?.is_dir() {
-                // Lock files and anything the operator put here are left alone.
-                continue;
-            }
-            match load_complete(&path, &name) {
-                Some(found_env) => found.push((name, found_env)),
-                None => match try_lock_file(&cfg.dir, &name) {
-                    Ok(Some(_lock)) => {
-                        tracing::info!(
-                            "python envs: removing {}, which a build left incomplete",
-                            path.display()
-                        );
-                        remove_tree(&path);
-                    }
-                    Ok(None) => tracing::info!(
-                        "python envs: leaving {} to the process that is building it",
-                        path.display()
-                    ),
-                    Err(e) => tracing::warn!("python envs: locking {name}: {e}"),
-                },
-            }
-        }
-        found.sort_by_key(|(_, (_, used))| *used);
-        let mut state = State::default();
-        for (key, (meta, used)) in found {
-            state.clock += 1;
-            let env = Env::from_metadata(meta, used, state.clock);
-            state.envs.insert(key, env);
-        }
-        Ok(Arc::new(PythonEnvs {
+        // An environment costs a pip run to make again, so one past the limit is kept
+        // until a build needs the room; a task that used one until now makes it recent.
+        let policy = Policy {
+            limit: cfg.max_bytes,
+            eviction: Eviction::AfterBuild,
+            release_is_use: true,
+        };
+        let envs = Envs {
             cfg,
-            state: Mutex::new(state),
-            version: tokio::sync::OnceCell::new(),
             builds: AtomicU64::new(0),
             trash: AtomicU64::new(0),
+        };
+        Ok(Arc::new(PythonEnvs {
+            cache: Cache::open(envs, policy)?,
+            version: tokio::sync::OnceCell::new(),
         }))
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // The state is consistent between statements that touch it, so a panic
-        // elsewhere while it was held leaves nothing half done.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn cfg(&self) -> &PythonEnvConfig {
+        &self.cache.kind().cfg
     }
 
     /// The key these requirements have on this node, without building anything.
@@ -402,7 +343,7 @@ impl PythonEnvs {
     /// The build runs in its own tokio task, bounded by the `timeout` of the call that
     /// started it: a caller that gives up does not stop it for the others.
     pub async fn ensure(
-        self: &Arc<Self>,
+        &self,
         requirements: &[String],
         log: &Path,
         timeout: Duration,
@@ -413,7 +354,7 @@ impl PythonEnvs {
             Ok(v) => v?,
             Err(_) => {
                 return Err(EnvError::Interpreter {
-                    python: self.cfg.python.clone(),
+                    python: self.cfg().python.clone(),
                     why: format!(
                         "it did not print its version within the setup_timeout of {}",
                         humanize(timeout)
@@ -425,28 +366,36 @@ impl PythonEnvs {
         let mut log = LogFile::new(log);
         loop {
             let build = Build {
-                key: key.clone(),
                 requirements: reqs.clone(),
                 version: version.clone(),
                 log: log.path.clone(),
                 deadline,
                 timeout,
             };
-            let (rx, builder) = match self.join_or_start(build) {
+            let waiting = match self.cache.join(&key, build) {
                 Joined::Ready(lease) => {
-                    touch_marker(lease.root());
+                    touch_marker(lease.path());
                     log.line(&format!(
                         "using the cached Python environment {key} for {reqs:?}"
                     ))
                     .await;
-                    return Ok(lease);
+                    return Ok(EnvLease(lease));
                 }
-                Joined::Remembered(err) => {
+                Joined::Remembered(r) => {
+                    let err = EnvError::Remembered {
+                        key,
+                        requirements: reqs,
+                        ago: r.ago,
+                        retry_in: r.retry_in,
+                        error: Box::new(r.error),
+                    };
                     log.line(&err.to_string()).await;
                     return Err(err);
                 }
-                Joined::Waiting { rx, builder } => (rx, builder),
+                Joined::Waiting(waiting) => waiting,
             };
+            // The caller whose call started the build; the build writes to its log.
+            let builder = waiting.started();
             if !builder {
                 log.line(&format!(
                     "waiting for a build by another task of the Python environment {key} for {reqs:?}"
@@ -461,29 +410,30 @@ impl PythonEnvs {
             } else {
                 deadline
             };
-            let (result, output) = match tokio::time::timeout_at(wait_until, rx).await {
-                Ok(Ok(outcome)) => outcome,
-                Ok(Err(_)) => {
-                    return Err(EnvError::Abandoned {
-                        key,
-                        requirements: reqs,
-                    });
-                }
-                Err(_) => {
-                    let err = EnvError::Waited {
-                        key: key.clone(),
-                        requirements: reqs.clone(),
-                        timeout,
-                        doing: if builder {
-                            "its build is still cleaning up after the timeout".into()
-                        } else {
-                            "another task's build of it is still running and goes on".into()
-                        },
-                    };
-                    log.line(&err.to_string()).await;
-                    return Err(err);
-                }
-            };
+            let (result, output) =
+                match tokio::time::timeout_at(wait_until, waiting.outcome()).await {
+                    Ok(Some(outcome)) => outcome,
+                    Ok(None) => {
+                        return Err(EnvError::Abandoned {
+                            key,
+                            requirements: reqs,
+                        });
+                    }
+                    Err(_) => {
+                        let err = EnvError::Waited {
+                            key: key.clone(),
+                            requirements: reqs.clone(),
+                            timeout,
+                            doing: if builder {
+                                "its build is still cleaning up after the timeout".into()
+                            } else {
+                                "another task's build of it is still running and goes on".into()
+                            },
+                        };
+                        log.line(&err.to_string()).await;
+                        return Err(err);
+                    }
+                };
             if !builder {
                 log.line("the build by another task ended; its output was:")
                     .await;
@@ -502,7 +452,7 @@ impl PythonEnvs {
                         log.line(&format!("using the Python environment {key}"))
                             .await;
                     }
-                    return Ok(lease);
+                    return Ok(EnvLease(lease));
                 }
                 Err(e) => {
                     if !builder {
@@ -514,72 +464,22 @@ impl PythonEnvs {
         }
     }
 
-    /// Under the lock, one of: a lease on the complete environment, its remembered
-    /// failure, or a place among the waiters for its build (starting the build when
-    /// none is in progress). It never waits, so the lock is never held across an await.
-    fn join_or_start(self: &Arc<Self>, build: Build) -> Joined {
-        let mut st = self.lock();
-        if let Some(lease) = st.lease(self, &build.key) {
-            return Joined::Ready(lease);
-        }
-        if let Some(f) = st.failures.get(&build.key) {
-            let now = Instant::now();
-            if now < f.until {
-                return Joined::Remembered(EnvError::Remembered {
-                    key: build.key,
-                    requirements: build.requirements,
-                    ago: now.duration_since(f.at),
-                    retry_in: f.until.duration_since(now),
-                    error: Box::new(f.error.clone()),
-                });
-            }
-            st.failures.remove(&build.key);
-        }
-        let (tx, rx) = oneshot::channel();
-        if let Some(waiters) = st.pending.get_mut(&build.key) {
-            waiters.push(tx);
-            return Joined::Waiting { rx, builder: false };
-        }
-        st.pending.insert(build.key.clone(), vec![tx]);
-        tokio::spawn(self.clone().build(build));
-        Joined::Waiting { rx, builder: true }
-    }
-
     /// The complete environments, by key.
     pub fn list(&self) -> Vec<EnvInfo> {
-        let st = self.lock();
-        let mut out: Vec<EnvInfo> = st.envs.iter().map(|(k, e)| e.info(k)).collect();
+        let mut out = self.cache.list(|k, e| info(k, e));
         out.sort_by(|a, b| a.key.cmp(&b.key));
         out
     }
 
     /// Removes every environment without a lease and returns what it removed.
     pub async fn prune(&self) -> Vec<EnvInfo> {
-        let (mut removed, trash) = {
-            let mut st = self.lock();
-            let keys: Vec<String> = st
-                .envs
-                .iter()
-                .filter(|(_, e)| e.leases == 0)
-                .map(|(k, _)| k.clone())
-                .collect();
-            let mut removed = Vec::new();
-            let mut trash = Vec::new();
-            for key in keys {
-                if let Some(env) = st.envs.remove(&key) {
-                    removed.push(env.info(&key));
-                    trash.extend(self.discard(&key));
-                }
-            }
-            (removed, trash)
-        };
-        let delete = tokio::task::spawn_blocking(move || trash.iter().for_each(|p| remove_tree(p)));
-        if tokio::time::timeout(DELETE_TIMEOUT, delete).await.is_err() {
-            tracing::warn!(
-                "python envs: deleting pruned environments takes over {}; it goes on in the background",
-                humanize(DELETE_TIMEOUT)
-            );
-        }
+        let mut removed: Vec<EnvInfo> = self
+            .cache
+            .prune()
+            .await
+            .iter()
+            .map(|(k, e)| info(k, e))
+            .collect();
         removed.sort_by(|a, b| a.key.cmp(&b.key));
         removed
     }
@@ -587,21 +487,96 @@ impl PythonEnvs {
     /// How many builds this process started; a cached environment, a shared build or a
     /// remembered failure starts none.
     pub fn builds(&self) -> u64 {
-        self.builds.load(Ordering::Relaxed)
+        self.cache.kind().builds.load(Ordering::Relaxed)
     }
 
     /// The interpreter's `sys.version`, asked once per process.
     async fn python_version(&self) -> Result<String, EnvError> {
         self.version
-            .get_or_try_init(|| query_version(&self.cfg.python))
+            .get_or_try_init(|| query_version(&self.cfg().python))
             .await
             .cloned()
     }
+}
 
-    /// Moves an environment's directory out of the way, to be deleted by the caller
-    /// outside the state lock. The rename is atomic, so a new build of the same key
-    /// starts from nothing even while the old files are still being deleted.
-    fn discard(&self, key: &str) -> Option<PathBuf> {
+impl Kind for Envs {
+    const NAME: &'static str = "python envs";
+    type Key = String;
+    type Meta = EnvMeta;
+    type Request = Build;
+    type Error = EnvError;
+    /// The end of the build's output, for the logs of the callers other than the one
+    /// whose log the build wrote to.
+    type Note = Arc<Vec<u8>>;
+
+    fn path(&self, key: &String) -> PathBuf {
+        self.cfg.dir.join(key)
+    }
+
+    fn scan(&self) -> io::Result<Vec<Found<Envs>>> {
+        let dir = &self.cfg.dir;
+        std::fs::create_dir_all(dir)?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if name.starts_with(TRASH_PREFIX) {
+                remove_tree(&path);
+                continue;
+            }
+            if !is_key(&name) || !entry.file_type()?.is_dir() {
+                // Lock files and anything the operator put here are left alone.
+                continue;
+            }
+            match load_complete(&path, &name) {
+                Some((meta, used)) => found.push(Found {
+                    key: name,
+                    size: meta.size,
+                    meta: EnvMeta::of(meta),
+                    last_used: UNIX_EPOCH + Duration::from_millis(used),
+                }),
+                None => match try_lock_file(dir, &name) {
+                    Ok(Some(_lock)) => {
+                        tracing::info!(
+                            "python envs: removing {}, which a build left incomplete",
+                            path.display()
+                        );
+                        remove_tree(&path);
+                    }
+                    Ok(None) => tracing::info!(
+                        "python envs: leaving {} to the process that is building it",
+                        path.display()
+                    ),
+                    Err(e) => tracing::warn!("python envs: locking {name}: {e}"),
+                },
+            }
+        }
+        Ok(found)
+    }
+
+    async fn build(&self, key: &String, b: Build) -> Report<Envs> {
+        let mut out = Output::new(&b.log);
+        let result = self.build_env(key, &b, &mut out).await;
+        if let Err(e) = &result {
+            out.line(&e.to_string()).await;
+        }
+        (result, Arc::new(out.tail.buf))
+    }
+
+    /// Only a build that ran and failed is remembered, so a broken requirement does not
+    /// run pip again for every task that asks for it; a timeout or an I/O error says
+    /// nothing about the requirements.
+    fn remember(&self, error: &EnvError) -> Option<Duration> {
+        matches!(error, EnvError::Failed { .. }).then_some(self.cfg.failure_memory)
+    }
+
+    /// Moves an environment's directory out of the way, to be deleted outside the
+    /// cache's lock. The rename is atomic, so a new build of the same key starts from
+    /// nothing even while the old files are still being deleted.
+    fn remove(&self, key: &String) -> Option<PathBuf> {
         let root = self.cfg.dir.join(key);
         let n = self.trash.fetch_add(1, Ordering::Relaxed);
         let trash = self
@@ -612,124 +587,42 @@ impl PythonEnvs {
             Ok(()) => Some(trash),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => {
-                // Forgotten all the same, so eviction moves on; the directory is adopted
-                // again when the cache is next opened.
                 tracing::warn!("python envs: removing {}: {e}", root.display());
                 None
             }
         }
     }
 
-    /// Builds one environment and hands the outcome to everyone waiting for it.
-    async fn build(self: Arc<Self>, b: Build) {
-        // Should this task panic or be dropped with its runtime, the guard takes the
-        // waiters out so they fail rather than wait forever.
-        let mut guard = PendingGuard {
-            envs: &self,
-            key: Some(&b.key),
-        };
-        let mut out = Output::new(&b.log);
-        let result = self.build_env(&b, &mut out).await;
-        if let Err(e) = &result {
-            out.line(&e.to_string()).await;
-        }
-        let output = Arc::new(out.tail.buf);
-        let (replies, trash) = {
-            let mut st = self.lock();
-            let waiters = st.pending.remove(&b.key).unwrap_or_default();
-            guard.key = None;
-            match result {
-                Ok(mut env) => {
-                    // Used now even when every caller gave up meanwhile: it is the most
-                    // recently wanted environment.
-                    st.clock += 1;
-                    env.clock = st.clock;
-                    st.envs.insert(b.key.clone(), env);
-                    // Leases are taken before evicting, under the same lock, so what
-                    // the waiters asked for cannot be evicted before they have it.
-                    let replies: Vec<_> = waiters
-                        .into_iter()
-                        .filter_map(|tx| st.lease(&self, &b.key).map(|l| (tx, Ok(l))))
-                        .collect();
-                    let trash = self.evict(&mut st, &b.key);
-                    (replies, trash)
-                }
-                Err(e) => {
-                    tracing::warn!("python envs: {e}");
-                    if matches!(e, EnvError::Failed { .. }) {
-                        let at = Instant::now();
-                        let failure = Failure {
-                            error: e.clone(),
-                            at,
-                            until: at + self.cfg.failure_memory,
-                        };
-                        st.failures.insert(b.key.clone(), failure);
-                    }
-                    let replies = waiters.into_iter().map(|tx| (tx, Err(e.clone()))).collect();
-                    (replies, Vec::new())
-                }
-            }
-        };
-        // Sent without the lock: a caller that gave up hands its lease back here, and
-        // dropping a lease takes the lock.
-        for (tx, reply) in replies {
-            if tx.send((reply, output.clone())).is_err() {
-                // The caller gave up waiting. The lease it was sent comes back here and is
-                // dropped, outside the lock, which is how it is handed back.
-            }
-        }
-        if !trash.is_empty() {
-            // Nothing waits for this: the evicted directories were already renamed out
-            // of the way, so they are invisible to every later build and lease.
-            tokio::task::spawn_blocking(move || trash.iter().for_each(|p| remove_tree(p)));
-        }
+    fn delete(leftover: &Path) {
+        remove_tree(leftover);
     }
+}
 
-    /// Removes unleased environments other than `keep`, least recently used first,
-    /// until the complete environments fit the limit or only leased ones are left.
-    fn evict(&self, st: &mut State, keep: &str) -> Vec<PathBuf> {
-        let mut total: u64 = st.envs.values().map(|e| e.size).sum();
-        let mut trash = Vec::new();
-        while total > self.cfg.max_bytes {
-            let victim = st
-                .envs
-                .iter()
-                .filter(|(k, e)| e.leases == 0 && k.as_str() != keep)
-                .min_by_key(|(_, e)| e.clock)
-                .map(|(k, _)| k.clone());
-            let Some(key) = victim else { break };
-            if let Some(env) = st.envs.remove(&key) {
-                total = total.saturating_sub(env.size);
-                tracing::info!(
-                    "python envs: evicting {key} ({} bytes) to stay within {} bytes",
-                    env.size,
-                    self.cfg.max_bytes
-                );
-            }
-            trash.extend(self.discard(&key));
-        }
-        trash
-    }
-
+impl Envs {
     /// Takes the cross-process lock, then adopts an environment another process
     /// finished meanwhile, or builds it.
-    async fn build_env(&self, b: &Build, out: &mut Output) -> Result<Env, EnvError> {
+    async fn build_env(
+        &self,
+        key: &str,
+        b: &Build,
+        out: &mut Output,
+    ) -> Result<Built<EnvMeta>, EnvError> {
         let io_err = |what: String, e: io::Error| EnvError::Io {
-            key: b.key.clone(),
+            key: key.to_string(),
             requirements: b.requirements.clone(),
             what,
             source: Arc::new(e),
         };
-        let lock_path = self.cfg.dir.join(format!("{}.lock", b.key));
+        let lock_path = self.cfg.dir.join(format!("{key}.lock"));
         let _lock = loop {
-            match try_lock_file(&self.cfg.dir, &b.key) {
+            match try_lock_file(&self.cfg.dir, key) {
                 Ok(Some(file)) => break file,
                 Ok(None) => {}
                 Err(e) => return Err(io_err(format!("locking {}", lock_path.display()), e)),
             }
             if Instant::now() + LOCK_POLL >= b.deadline {
                 return Err(EnvError::Waited {
-                    key: b.key.clone(),
+                    key: key.to_string(),
                     requirements: b.requirements.clone(),
                     timeout: b.timeout,
                     doing: format!(
@@ -741,21 +634,22 @@ impl PythonEnvs {
             }
             tokio::time::sleep(LOCK_POLL).await;
         };
-        let root = self.cfg.dir.join(&b.key);
-        let (r, k) = (root.clone(), b.key.clone());
+        let root = self.cfg.dir.join(key);
+        let (r, k) = (root.clone(), key.to_string());
         let adopted = tokio::task::spawn_blocking(move || load_complete(&r, &k))
             .await
             .ok()
             .flatten();
-        if let Some((meta, used)) = adopted {
+        if let Some((meta, _)) = adopted {
             out.line(&format!(
-                "another agent process built the Python environment {} for {:?}; using it",
-                b.key, b.requirements
+                "another agent process built the Python environment {key} for {:?}; using it",
+                b.requirements
             ))
             .await;
-            // Its clock is set when it is inserted.
-            let env = Env::from_metadata(meta, used, 0);
-            return Ok(env);
+            return Ok(Built {
+                size: meta.size,
+                meta: EnvMeta::of(meta),
+            });
         }
         // Whatever is there is a build cut short, and the lock says nobody is working
         // on it now.
@@ -765,20 +659,18 @@ impl PythonEnvs {
         self.builds.fetch_add(1, Ordering::Relaxed);
         let python = short_version(&b.version);
         out.line(&format!(
-            "building the Python environment {} for {:?} with {} (Python {python})",
-            b.key,
+            "building the Python environment {key} for {:?} with {} (Python {python})",
             b.requirements,
             self.cfg.python.display()
         ))
         .await;
         let started = Instant::now();
-        let result = self.run_build(b, &root, &python, out).await;
+        let result = self.run_build(key, b, &root, &python, out).await;
         match &result {
-            Ok(env) => {
+            Ok(built) => {
                 out.line(&format!(
-                    "built the Python environment {} ({} bytes) in {:.1}s",
-                    b.key,
-                    env.size,
+                    "built the Python environment {key} ({} bytes) in {:.1}s",
+                    built.size,
                     started.elapsed().as_secs_f64()
                 ))
                 .await;
@@ -797,13 +689,14 @@ impl PythonEnvs {
 
     async fn run_build(
         &self,
+        key: &str,
         b: &Build,
         root: &Path,
         python: &str,
         out: &mut Output,
-    ) -> Result<Env, EnvError> {
+    ) -> Result<Built<EnvMeta>, EnvError> {
         let io_err = |what: String, e: io::Error| EnvError::Io {
-            key: b.key.clone(),
+            key: key.to_string(),
             requirements: b.requirements.clone(),
             what,
             source: Arc::new(e),
@@ -812,13 +705,13 @@ impl PythonEnvs {
         const PIP: &str = "installing the requirements with pip";
         let step_err = |step: &'static str, e: StepError| match e {
             StepError::Timeout => EnvError::Timeout {
-                key: b.key.clone(),
+                key: key.to_string(),
                 requirements: b.requirements.clone(),
                 timeout: b.timeout,
                 doing: step.to_string(),
             },
             StepError::Exit { status, tail } => EnvError::Failed {
-                key: b.key.clone(),
+                key: key.to_string(),
                 requirements: b.requirements.clone(),
                 step: format!("{step} {}", describe_status(status)),
                 tail,
@@ -892,7 +785,7 @@ impl PythonEnvs {
 
         let meta = Metadata {
             format: METADATA_FORMAT,
-            key: b.key.clone(),
+            key: key.to_string(),
             requirements: b.requirements.clone(),
             python_version: b.version.clone(),
             size: 0,
@@ -908,14 +801,12 @@ impl PythonEnvs {
                 e,
             )
         })?;
-        Ok(Env {
-            requirements: b.requirements.clone(),
-            python: python.to_string(),
+        Ok(Built {
+            meta: EnvMeta {
+                requirements: b.requirements.clone(),
+                python: python.to_string(),
+            },
             size,
-            leases: 0,
-            last_used_ms: now_ms(),
-            // Set when it is inserted.
-            clock: 0,
         })
     }
 
@@ -1013,26 +904,13 @@ impl PythonEnvs {
     }
 }
 
-/// What one build needs to know.
+/// What one build needs to know besides its key.
 struct Build {
-    key: String,
     requirements: Vec<String>,
     version: String,
     log: PathBuf,
     deadline: Instant,
     timeout: Duration,
-}
-
-/// What [`PythonEnvs::join_or_start`] found.
-enum Joined {
-    Ready(EnvLease),
-    Remembered(EnvError),
-    /// `builder` is true for the caller whose call started the build, and whose log the
-    /// build writes to.
-    Waiting {
-        rx: oneshot::Receiver<Outcome>,
-        builder: bool,
-    },
 }
 
 enum StepError {
@@ -1041,63 +919,25 @@ enum StepError {
     Io(io::Error),
 }
 
-impl State {
-    /// A lease on a complete environment, which counts as a use.
-    fn lease(&mut self, envs: &Arc<PythonEnvs>, key: &str) -> Option<EnvLease> {
-        self.clock += 1;
-        let clock = self.clock;
-        let env = self.envs.get_mut(key)?;
-        env.leases += 1;
-        env.clock = clock;
-        env.last_used_ms = now_ms();
-        Some(EnvLease {
-            envs: envs.clone(),
-            key: key.to_string(),
-            root: envs.cfg.dir.join(key),
-        })
-    }
-}
-
-/// Takes a build's waiters out of the pending table when the build ends without
-/// reporting, so they are told it was abandoned.
-struct PendingGuard<'a> {
-    envs: &'a PythonEnvs,
-    key: Option<&'a str>,
-}
-
-impl Drop for PendingGuard<'_> {
-    fn drop(&mut self) {
-        if let Some(key) = self.key {
-            let waiters = self.envs.lock().pending.remove(key);
-            // Dropped without the lock, closing the channels the callers wait on.
-            drop(waiters);
-        }
-    }
-}
-
 /// A ready environment pinned for a task: it is not evicted or pruned while a lease on
-/// it lives. Dropping the lease releases it.
-pub struct EnvLease {
-    envs: Arc<PythonEnvs>,
-    key: String,
-    root: PathBuf,
-}
+/// it lives. Dropping the lease releases it, which counts as a use.
+pub struct EnvLease(cache::Lease<Envs>);
 
 impl EnvLease {
     pub fn key(&self) -> &str {
-        &self.key
+        self.0.key()
     }
 
     /// The virtual environment's directory. Do not write to it: it is shared with every
     /// task that uses the same requirements.
     pub fn root(&self) -> &Path {
-        &self.root
+        self.0.path()
     }
 
     /// The variables a task gets: `VIRTUAL_ENV`, and `PATH` with the environment's
     /// `bin` first, before `base_path` (the task's own `PATH`, possibly empty).
     pub fn env_vars(&self, base_path: &str) -> Vec<(String, String)> {
-        let bin = self.root.join("bin").to_string_lossy().into_owned();
+        let bin = self.root().join("bin").to_string_lossy().into_owned();
         let path = if base_path.is_empty() {
             bin
         } else {
@@ -1106,7 +946,7 @@ impl EnvLease {
         vec![
             (
                 "VIRTUAL_ENV".to_string(),
-                self.root.to_string_lossy().into_owned(),
+                self.root().to_string_lossy().into_owned(),
             ),
             ("PATH".to_string(), path),
         ]
@@ -1116,22 +956,9 @@ impl EnvLease {
 impl fmt::Debug for EnvLease {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EnvLease")
-            .field("key", &self.key)
-            .field("root", &self.root)
+            .field("key", &self.key())
+            .field("root", &self.root())
             .finish()
-    }
-}
-
-impl Drop for EnvLease {
-    fn drop(&mut self) {
-        let mut st = self.envs.lock();
-        st.clock += 1;
-        let clock = st.clock;
-        if let Some(env) = st.envs.get_mut(&self.key) {
-            env.leases = env.leases.saturating_sub(1);
-            env.clock = clock;
-            env.last_used_ms = now_ms();
-        }
     }
 }
 
@@ -1441,8 +1268,11 @@ fn remove_tree(path: &Path) {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix_ms(SystemTime::now())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
 

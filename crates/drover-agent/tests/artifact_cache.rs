@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use drover_agent::artifacts::{ArtifactCache, CacheConfig, CacheError, install};
 use drover_core::artifact::Digest;
-use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
@@ -32,7 +31,7 @@ struct Server {
 
 impl Server {
     fn put(&self, content: &[u8]) -> Digest {
-        let digest = digest_of(content);
+        let digest = Digest::of(content);
         self.serve(&digest, content);
         digest
     }
@@ -91,10 +90,6 @@ async fn blob(
         return body.into_response();
     }
     content.into_response()
-}
-
-fn digest_of(content: &[u8]) -> Digest {
-    Digest::of_hex(&hex::encode(Sha256::digest(content))).unwrap()
 }
 
 struct Fixture {
@@ -213,7 +208,7 @@ async fn concurrent_gets_of_one_blob_share_one_download() {
 async fn a_tampered_blob_is_rejected_and_leaves_nothing_behind() {
     let f = Fixture::new().await;
     let bytes = content(3, 4096);
-    let d = digest_of(&bytes);
+    let d = Digest::of(&bytes);
     let mut tampered = bytes.clone();
     tampered[100] ^= 1;
     f.server.serve(&d, &tampered);
@@ -367,7 +362,7 @@ async fn http_errors_name_the_status_and_the_controllers_message() {
     assert!(msg.contains("missing or unknown bearer token"), "{msg}");
 
     let cache = f.cache(1 << 20);
-    let missing = digest_of(b"never uploaded");
+    let missing = Digest::of(b"never uploaded");
     let err = cache.get(&missing, 14).await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("HTTP 404"), "{msg}");

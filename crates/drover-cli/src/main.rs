@@ -1468,25 +1468,9 @@ fn detect_platforms(path: &Path) -> Result<Vec<BinaryPlatform>> {
 async fn hash_file(path: &Path) -> Result<(Digest, u64)> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || -> Result<(Digest, u64)> {
-        use sha2::Digest as _;
-        use std::io::Read;
-        let mut f =
-            std::fs::File::open(&path).with_context(|| format!("reading {}", path.display()))?;
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = f
-                .read(&mut buf)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
-        let digest = Digest::of_hex(&hex::encode(hasher.finalize())).map_err(anyhow::Error::msg)?;
-        Ok((digest, size))
+        let reading = || format!("reading {}", path.display());
+        let f = std::fs::File::open(&path).with_context(reading)?;
+        Digest::of_reader(f).with_context(reading)
     })
     .await
     .context("hashing a file")?

@@ -12,9 +12,9 @@
 //! it where it expects.
 
 use anyhow::{Context, Result, anyhow, bail};
+use drover_core::artifact::{Digest, DigestHasher};
 use drover_core::quantity::ByteSize;
 use flate2::{Compression, GzBuilder};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, BufWriter, Read, Seek, Write};
@@ -235,8 +235,7 @@ fn write(dir: &Path, items: &[Item]) -> Result<Packed> {
     let written = |e: io::Error| anyhow!("writing the working_dir archive {}: {e}", tmp.display());
     let out = Hashing {
         inner: BufWriter::new(file.as_file()),
-        hash: Sha256::new(),
-        size: 0,
+        hash: Digest::hasher(),
     };
     // No name and no time in the gzip header, so equal content gives equal bytes.
     let gz = GzBuilder::new()
@@ -287,9 +286,10 @@ fn write(dir: &Path, items: &[Item]) -> Result<Packed> {
         }
     }
     let gz = tar.into_inner().map_err(written)?;
-    let Hashing { inner, hash, size } = gz.finish().map_err(written)?;
+    let Hashing { inner, hash } = gz.finish().map_err(written)?;
     inner.into_inner().map_err(|e| written(e.into_error()))?;
-    let digest = format!("sha256:{}", hex::encode(hash.finalize()));
+    let size = hash.hashed();
+    let digest = hash.finish().to_string();
     file.as_file_mut()
         .rewind()
         .map_err(|e| anyhow!("rewinding the working_dir archive {}: {e}", tmp.display()))?;
@@ -363,18 +363,16 @@ impl Read for Exact {
     }
 }
 
-/// Passes writes on while hashing and counting them.
+/// Passes writes on while hashing them; the hasher counts them too.
 struct Hashing<W> {
     inner: W,
-    hash: Sha256,
-    size: u64,
+    hash: DigestHasher,
 }
 
 impl<W: Write> Write for Hashing<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.hash.update(&buf[..n]);
-        self.size += n as u64;
         Ok(n)
     }
 
@@ -457,7 +455,7 @@ mod tests {
         let mut bytes = Vec::new();
         p.file.as_file().read_to_end(&mut bytes).unwrap();
         assert_eq!(
-            format!("sha256:{}", hex::encode(Sha256::digest(&bytes))),
+            Digest::of(&bytes).to_string(),
             p.digest,
             "the file is positioned at its start and hashes to the digest"
         );

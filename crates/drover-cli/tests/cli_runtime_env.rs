@@ -119,12 +119,16 @@ fn env_ls_shows_a_nodes_python_environments_and_prune_removes_unused_ones() {
     assert!(prepare.to_lowercase().contains("six"), "{prepare}");
 
     let mut envs = serde_json::Value::Null;
+    // The agent reports its environments in heartbeats, and hands the task's lease back
+    // after the task's end is sent, so a report from while the task ran (in use by it)
+    // can still be the latest when the job is already complete.
     wait_until(
-        "the node to report its environment",
+        "the node to report its environment, no longer in use",
         Duration::from_secs(20),
         || {
             envs = json(&home.run(&["env", "ls", "-o", "json"]));
-            envs.as_array().is_some_and(|a| a.len() == 1)
+            envs.as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["in_use"] == 0)
         },
     );
     let env = &envs[0];

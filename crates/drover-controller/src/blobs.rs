@@ -15,7 +15,6 @@
 use bytes::Bytes;
 use drover_core::artifact::Digest;
 use futures_util::{Stream, StreamExt};
-use sha2::Digest as _;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -172,7 +171,7 @@ impl BlobStore {
             // project proves it has the bytes before it may use a blob another project
             // stored; read to its end, because answering before the client has finished
             // sending would leave its pooled connection broken for its next request.
-            let mut hasher = sha2::Sha256::new();
+            let mut hasher = Digest::hasher();
             let mut seen = 0u64;
             loop {
                 let next = tokio::time::timeout(IDLE_TIMEOUT, body.next())
@@ -190,7 +189,7 @@ impl BlobStore {
                 }
                 hasher.update(&chunk);
             }
-            let actual = sha256_digest(hasher);
+            let actual = hasher.finish();
             if &actual != digest {
                 return Err(PutError::Mismatch {
                     expected: digest.clone(),
@@ -213,7 +212,7 @@ impl BlobStore {
             path: Some(temp_path.clone()),
         };
         let mut out = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
-        let mut hasher = sha2::Sha256::new();
+        let mut hasher = Digest::hasher();
         let mut total = 0u64;
         loop {
             let next = tokio::time::timeout(IDLE_TIMEOUT, body.next())
@@ -230,7 +229,7 @@ impl BlobStore {
             hasher.update(&chunk);
             out.write_all(&chunk).await?;
         }
-        let actual = sha256_digest(hasher);
+        let actual = hasher.finish();
         if &actual != digest {
             return Err(PutError::Mismatch {
                 expected: digest.clone(),
@@ -323,13 +322,6 @@ impl BlobStore {
     }
 }
 
-fn sha256_digest(hasher: sha2::Sha256) -> Digest {
-    let hex = hex::encode(hasher.finalize());
-    // Invariant: hex::encode of a 32-byte hash is 64 lowercase hex digits, exactly what
-    // a digest is, so this parse cannot fail.
-    Digest::of_hex(&hex).expect("a SHA-256 in lowercase hex is a valid digest")
-}
-
 /// Sets a file's modification time to now.
 async fn touch(path: &Path) -> io::Result<()> {
     let path = path.to_path_buf();
@@ -341,12 +333,6 @@ async fn touch(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn digest_of(bytes: &[u8]) -> Digest {
-        let mut h = sha2::Sha256::new();
-        h.update(bytes);
-        sha256_digest(h)
-    }
 
     fn chunks(data: &[u8], size: usize) -> Vec<Result<Bytes, String>> {
         data.chunks(size)
@@ -373,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, 1 << 20);
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let d = digest_of(&data);
+        let d = Digest::of(&data);
         let body = futures_util::stream::iter(chunks(&data, 7000));
         assert_eq!(
             store.put(&d, Some(data.len() as u64), body).await.unwrap(),
@@ -405,7 +391,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, 1000);
         let data = vec![7u8; 600];
-        let d = digest_of(&data);
+        let d = Digest::of(&data);
 
         let tampered = {
             let mut t = data.clone();
@@ -429,7 +415,7 @@ mod tests {
         assert!(err.to_string().contains("connection reset"), "{err}");
 
         let big = vec![1u8; 1500];
-        let big_d = digest_of(&big);
+        let big_d = Digest::of(&big);
         let err = store
             .put(
                 &big_d,
@@ -454,7 +440,7 @@ mod tests {
     async fn a_cancelled_upload_removes_its_temporary_file() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, 1 << 20);
-        let d = digest_of(b"never finished");
+        let d = Digest::of(b"never finished");
         // A body that sends one chunk and then nothing: the put is dropped mid-upload,
         // as when the server drops a request's future.
         let body = futures_util::stream::iter(vec![Ok::<_, String>(Bytes::from_static(b"x"))])
@@ -483,7 +469,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir, 1 << 20);
         let put = async |data: &[u8]| {
-            let d = digest_of(data);
+            let d = Digest::of(data);
             store
                 .put(&d, None, futures_util::stream::iter(chunks(data, 10)))
                 .await

@@ -5,7 +5,9 @@ use crate::Millis;
 use crate::ids::ProjectId;
 use crate::platform::BinaryPlatform;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::Digest as _;
 use std::fmt;
+use std::io;
 use std::str::FromStr;
 
 /// A blob's content address: `sha256:` and 64 lowercase hex digits.
@@ -13,7 +15,41 @@ use std::str::FromStr;
 pub struct Digest(String);
 
 impl Digest {
-    /// The digest of `bytes`, for tests and small payloads; uploads hash as they stream.
+    /// The digest of `bytes`, for tests and small payloads; uploads and downloads hash as
+    /// they stream, through [`Digest::hasher`].
+    pub fn of(bytes: &[u8]) -> Digest {
+        let mut hasher = Digest::hasher();
+        hasher.update(bytes);
+        hasher.finish()
+    }
+
+    /// A hasher to feed content to piece by piece, for content too large to hold whole.
+    pub fn hasher() -> DigestHasher {
+        DigestHasher {
+            sha256: sha2::Sha256::new(),
+            hashed: 0,
+        }
+    }
+
+    /// The digest of everything `reader` gives until its end, and how many bytes that
+    /// was. The reader is the caller's: this reads, and opens nothing itself.
+    pub fn of_reader(mut reader: impl io::Read) -> io::Result<(Digest, u64)> {
+        let mut hasher = Digest::hasher();
+        // Larger than `io::copy`'s buffer, so a big file takes fewer reads.
+        let mut buf = vec![0u8; READ_BUFFER];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => hasher.update(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let hashed = hasher.hashed();
+        Ok((hasher.finish(), hashed))
+    }
+
+    /// A digest from its 64 lowercase hex digits alone, as a file name holds them.
     pub fn of_hex(hex: &str) -> Result<Digest, String> {
         format!("sha256:{hex}").parse()
     }
@@ -65,6 +101,53 @@ impl<'de> Deserialize<'de> for Digest {
         String::deserialize(d)?
             .parse()
             .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How much [`Digest::of_reader`] reads at a time.
+const READ_BUFFER: usize = 1 << 20;
+
+/// SHA-256 fed piece by piece, ending in a [`Digest`]. It is an [`io::Write`] too, so it
+/// can stand at the end of `io::copy` or inside a writer that hashes what it passes on.
+pub struct DigestHasher {
+    sha256: sha2::Sha256,
+    hashed: u64,
+}
+
+impl DigestHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.sha256.update(bytes);
+        self.hashed += bytes.len() as u64;
+    }
+
+    /// How many bytes were hashed so far.
+    pub fn hashed(&self) -> u64 {
+        self.hashed
+    }
+
+    pub fn finish(self) -> Digest {
+        // Hex of a SHA-256 is exactly 64 lowercase hex digits, which is what a digest is
+        // made of, so this is built directly rather than parsed.
+        Digest(format!("sha256:{}", hex::encode(self.sha256.finalize())))
+    }
+}
+
+impl io::Write for DigestHasher {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Debug for DigestHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DigestHasher")
+            .field("hashed", &self.hashed)
+            .finish_non_exhaustive()
     }
 }
 
@@ -200,6 +283,30 @@ mod tests {
         for bad in ["app", "app:", ":1", "a b:1", "app:1:2", "../x:1"] {
             assert!(bad.parse::<ArtifactRef>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn digests_of_content_agree_however_it_is_fed() {
+        // The SHA-256 of "abc", from FIPS 180-2's examples.
+        let abc = "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(Digest::of(b"abc").as_str(), abc);
+        let mut hasher = Digest::hasher();
+        hasher.update(b"a");
+        io::Write::write_all(&mut hasher, b"bc").unwrap();
+        assert_eq!(hasher.hashed(), 3);
+        assert_eq!(hasher.finish().as_str(), abc);
+        let (d, n) = Digest::of_reader(&b"abc"[..]).unwrap();
+        assert_eq!((d.as_str(), n), (abc, 3));
+        // What it builds parses back as the same digest.
+        assert_eq!(abc.parse::<Digest>().unwrap(), Digest::of(b"abc"));
+        let big = vec![7u8; READ_BUFFER * 2 + 5];
+        let mut copied = Digest::hasher();
+        io::copy(&mut &big[..], &mut copied).unwrap();
+        assert_eq!(
+            Digest::of_reader(&big[..]).unwrap(),
+            (Digest::of(&big), big.len() as u64)
+        );
+        assert_eq!(copied.finish(), Digest::of(&big));
     }
 
     #[test]

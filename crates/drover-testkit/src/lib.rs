@@ -477,8 +477,7 @@ pub async fn wait_for(
 
 /// The content address of `bytes`, as the blob routes name it: `sha256:` and hex.
 pub fn digest_of(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+    drover_core::artifact::Digest::of(bytes).to_string()
 }
 
 impl TestCluster {
