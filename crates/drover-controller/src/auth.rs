@@ -57,62 +57,52 @@ impl Action {
     ];
 }
 
-/// The table: which roles may do each action, and what the others are told.
-const TABLE: [(Action, &[Role], &str); 6] = [
-    (
-        Action::Read,
-        &[Role::Cluster, Role::Admin, Role::Write, Role::Read],
-        "a join token can only connect agents and download blobs",
-    ),
-    (
-        Action::Write,
-        &[Role::Cluster, Role::Admin, Role::Write],
-        "this token may only read",
-    ),
-    (
-        Action::ManageTokens,
-        &[Role::Cluster, Role::Admin],
-        "only a project admin or cluster admin token may manage tokens",
-    ),
-    (
-        Action::Cluster,
-        &[Role::Cluster],
-        "only a cluster admin token may do this",
-    ),
-    (
-        Action::ReadBlobs,
-        &[
-            Role::Cluster,
-            Role::Admin,
-            Role::Write,
-            Role::Read,
-            Role::Agent,
-        ],
-        "this token may not read blobs",
-    ),
-    (
-        Action::Join,
-        &[Role::Agent, Role::Cluster],
-        "only a join token or the cluster admin's may connect an agent",
-    ),
-];
+/// The table: which roles may do each action, and what the others are told. A match,
+/// so an action added to [`Action`] cannot be left out of it.
+fn rule(action: Action) -> (&'static [Role], &'static str) {
+    match action {
+        Action::Read => (
+            &[Role::Cluster, Role::Admin, Role::Write, Role::Read],
+            "a join token can only connect agents and download blobs",
+        ),
+        Action::Write => (
+            &[Role::Cluster, Role::Admin, Role::Write],
+            "this token may only read",
+        ),
+        Action::ManageTokens => (
+            &[Role::Cluster, Role::Admin],
+            "only a project admin or cluster admin token may manage tokens",
+        ),
+        Action::Cluster => (&[Role::Cluster], "only a cluster admin token may do this"),
+        Action::ReadBlobs => (
+            &[
+                Role::Cluster,
+                Role::Admin,
+                Role::Write,
+                Role::Read,
+                Role::Agent,
+            ],
+            "this token may not read blobs",
+        ),
+        Action::Join => (
+            &[Role::Agent, Role::Cluster],
+            "only a join token or the cluster admin's may connect an agent",
+        ),
+    }
+}
 
 /// Whether `role` may do `action`, and if not, why.
 pub(crate) fn allows(role: Role, action: Action) -> Result<(), &'static str> {
-    for (a, roles, refusal) in TABLE {
-        if a == action {
-            if roles.contains(&role) {
-                return Ok(());
-            }
-            // A join token may do nothing but join and fetch blobs; saying so helps the
-            // operator who pasted the wrong token more than the action's own refusal.
-            if role == Role::Agent {
-                return Err("a join token can only connect agents and download blobs");
-            }
-            return Err(refusal);
-        }
+    let (roles, refusal) = rule(action);
+    if roles.contains(&role) {
+        return Ok(());
     }
-    Err("this action is not in the permission table")
+    // A join token may do nothing but join and fetch blobs; saying so helps the
+    // operator who pasted the wrong token more than the action's own refusal.
+    if role == Role::Agent {
+        return Err("a join token can only connect agents and download blobs");
+    }
+    Err(refusal)
 }
 
 pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
