@@ -10,6 +10,7 @@ mod cache;
 mod cleanup;
 mod connection;
 mod dirpool;
+mod holdings;
 mod link;
 mod logship;
 mod outbox;
@@ -432,7 +433,7 @@ impl Agent {
             cfg.limits.clone(),
             link,
             shutdown.clone(),
-            tasks::ArtifactSupport {
+            holdings::ArtifactSupport {
                 cache,
                 python,
                 node: node_platform,

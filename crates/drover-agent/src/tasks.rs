@@ -5,31 +5,26 @@
 //! outbox before it is sent. A task's directory holds `task.json` (its assignment), so
 //! a restarted agent finds its tasks again and asks the runtime to re-adopt them.
 
-use crate::artifacts::ArtifactCache;
 use crate::dirpool::DirPool;
+use crate::holdings::{ArtifactSupport, Holdings, RetireQueue};
 use crate::link::Link;
 use crate::logship::{LogShipper, log_path};
 use crate::outbox::Outbox;
-use crate::prepare::steps::{PrepareContext, STEPS};
+use crate::prepare::steps::{CONFIG_FILE, PrepareContext, STEPS, TaskFile};
 use crate::prepare::{Guards, prepare_all, readopt_all};
 use crate::users::TaskUsers;
-use drover_core::platform::{BinaryPlatform, NodePlatform, Platform, runs_emulated, runs_on};
 use drover_core::protocol::{AgentEvent, Command, LogStream, TaskAssignment, UsageSample};
 use drover_core::spec::RuntimeKind;
 use drover_core::state::{Exit, TaskUsage};
 use drover_core::{NodeId, TaskId, TaskState, now_millis};
 use drover_runtime::sandbox::TaskUser;
 use drover_runtime::{ExitStatus, Recovered, Runtime, StopOutcome, TaskContext};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-/// The file in a task's directory holding its job's config, named by `DROVER_CONFIG`.
-pub const CONFIG_FILE: &str = "config.json";
 
 /// How many emptied task directories are kept for reuse.
 const POOL_CAP: usize = 4096;
@@ -82,20 +77,6 @@ struct Entry {
     kept: Guards,
 }
 
-/// What is kept in a task's directory so a restarted agent knows the task.
-#[derive(Serialize, Deserialize)]
-pub(crate) struct TaskFile {
-    pub assignment: TaskAssignment,
-    /// The uid (and private gid) the task runs as, when it runs as a user of its own;
-    /// a restarted agent takes it back before handing out any other.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid: Option<u32>,
-}
-
-/// Directories of finished tasks waiting to be recycled, oldest first, each with when
-/// it was retired.
-pub(crate) type RetireQueue = Arc<Mutex<VecDeque<(std::time::Instant, PathBuf)>>>;
-
 pub struct TaskManager {
     node_id: NodeId,
     tasks_dir: PathBuf,
@@ -103,63 +84,14 @@ pub struct TaskManager {
     limits: TaskLimits,
     entries: Mutex<HashMap<TaskId, Entry>>,
     outbox: Mutex<Outbox>,
-    pub(crate) retired: RetireQueue,
-    pub(crate) pool: DirPool,
+    /// What the node holds for its tasks, which their prepare steps share.
+    pub(crate) holdings: Arc<Holdings>,
     pub(crate) link: Link,
     /// Woken whenever an event is written to the outbox.
     pub(crate) events_ready: tokio::sync::Notify,
     shutdown: CancellationToken,
     /// The latest resource sample of each running task.
     usage: Mutex<HashMap<TaskId, TaskUsage>>,
-    pub(crate) artifacts: ArtifactSupport,
-    /// The users process tasks run as; `None` runs them as the agent's own user.
-    pub(crate) users: Option<Arc<TaskUsers>>,
-}
-
-/// What the task manager needs to give tasks their artifacts and runtime environments.
-pub struct ArtifactSupport {
-    /// Artifact blobs and working_dir archives, by digest.
-    pub cache: Arc<ArtifactCache>,
-    /// The node's Python environments.
-    pub python: Arc<crate::pyenv::PythonEnvs>,
-    /// This node's platform, to check a file before it is run; `None` when the machine
-    /// is one Drover does not know, and then no check is made.
-    pub node: Option<NodePlatform>,
-    /// The platforms this node runs through an emulator, each with the emulator's
-    /// resolved executable.
-    pub emulate: Vec<(Platform, PathBuf)>,
-}
-
-impl ArtifactSupport {
-    /// The emulator a binary needs here: `None` when the node runs it natively (or it
-    /// runs nowhere here, which the format check reports), else the emulated platform
-    /// and its emulator.
-    pub(crate) fn emulator(&self, binary: &BinaryPlatform) -> Option<(&Platform, &PathBuf)> {
-        if self
-            .node
-            .as_ref()
-            .is_some_and(|n| runs_on(binary, n).is_some())
-        {
-            return None;
-        }
-        let platforms: Vec<Platform> = self.emulate.iter().map(|(p, _)| p.clone()).collect();
-        let found = runs_emulated(binary, &platforms)?;
-        self.emulate
-            .iter()
-            .find(|(p, _)| p == found)
-            .map(|(p, i)| (p, i))
-    }
-
-    /// What a task's status says when its artifact runs under emulation.
-    fn emulation_note(&self, a: &TaskAssignment, verb: &str) -> Option<String> {
-        let art = a.artifact.as_ref()?;
-        let (platform, interpreter) = self.emulator(&art.variant.platform)?;
-        let name = interpreter
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| interpreter.display().to_string());
-        Some(format!("{verb} {platform} under emulation ({name})"))
-    }
 }
 
 impl TaskManager {
@@ -187,14 +119,16 @@ impl TaskManager {
             limits,
             entries: Mutex::new(HashMap::new()),
             outbox: Mutex::new(outbox),
-            retired: RetireQueue::default(),
-            pool,
+            holdings: Arc::new(Holdings {
+                users,
+                pool,
+                retired: RetireQueue::default(),
+                artifacts,
+            }),
             link,
             events_ready: tokio::sync::Notify::new(),
             shutdown,
             usage: Mutex::new(HashMap::new()),
-            artifacts,
-            users,
         }))
     }
 
@@ -305,6 +239,7 @@ impl TaskManager {
 
     pub fn has_retired(&self) -> bool {
         !self
+            .holdings
             .retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -315,7 +250,11 @@ impl TaskManager {
     /// [`DirPool`] for why they are not simply deleted).
     pub fn collect_garbage(&self) {
         let due: Vec<PathBuf> = {
-            let mut q = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = self
+                .holdings
+                .retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let mut due = Vec::new();
             while q
                 .front()
@@ -328,7 +267,7 @@ impl TaskManager {
             due
         };
         for p in due {
-            self.pool.give(&p);
+            self.holdings.pool.give(&p);
         }
     }
 
@@ -415,7 +354,8 @@ impl TaskManager {
             // A build for an emulated platform runs through the emulator, when the
             // command runs the artifact itself; a command that runs something else (a
             // script calling it, say) is left as written.
-            if let Some((_, interpreter)) = self.artifacts.emulator(&art.variant.platform) {
+            if let Some((_, interpreter)) = self.holdings.artifacts.emulator(&art.variant.platform)
+            {
                 let relative = format!("./{}", art.reference.name);
                 let absolute = path.display().to_string();
                 if spec
@@ -471,7 +411,7 @@ impl TaskManager {
                 }
             }
             Command::PruneEnvs => {
-                let envs = self.artifacts.python.clone();
+                let envs = self.holdings.artifacts.python.clone();
                 tokio::spawn(async move {
                     let removed = envs.prune().await;
                     tracing::info!(count = removed.len(), "pruned unused Python environments");
@@ -597,7 +537,7 @@ impl TaskManager {
             return;
         };
         let mut cx = PrepareContext {
-            tasks: self.clone(),
+            holdings: self.holdings.clone(),
             timeout: self.prepare_timeout(&a),
             assignment: a,
             launch: ctx,
@@ -741,6 +681,7 @@ impl TaskManager {
             task_id: id.clone(),
             state: TaskState::Running,
             reason: self
+                .holdings
                 .artifacts
                 .emulation_note(a, "running")
                 .unwrap_or_default(),
@@ -845,7 +786,10 @@ impl TaskManager {
             // empty and would clear the running one.
             (Ok(ExitStatus::Exited(0)), None) => (
                 TaskState::Succeeded,
-                self.artifacts.emulation_note(a, "ran").unwrap_or_default(),
+                self.holdings
+                    .artifacts
+                    .emulation_note(a, "ran")
+                    .unwrap_or_default(),
                 exit_of(&ExitStatus::Exited(0)),
             ),
             (Ok(st @ ExitStatus::Exited(code)), None) => (
@@ -904,14 +848,14 @@ impl TaskManager {
             // What the task's first prepare steps did (its user, its directory) is
             // kept until it is retired, as if this agent process had done it.
             let mut kept = Guards::default();
-            if let (Some(uid), Some(users)) = (file.uid, &self.users) {
+            if let (Some(uid), Some(users)) = (file.uid, &self.holdings.users) {
                 if !users.mark(uid) {
                     tracing::warn!(task = %a.task_id, uid, "the recovered task runs as a uid outside --task-uid-range");
                 }
                 kept.push(crate::prepare::steps::user_guard(users.clone(), uid));
             }
             kept.push(crate::prepare::steps::dir_guard(
-                self.retired.clone(),
+                self.holdings.retired.clone(),
                 path.clone(),
             ));
             let ctx = self.context(&a, file.uid);
@@ -972,12 +916,12 @@ impl TaskManager {
 
 impl TaskManager {
     pub fn python_envs(&self) -> &Arc<crate::pyenv::PythonEnvs> {
-        &self.artifacts.python
+        &self.holdings.artifacts.python
     }
 
     /// How many artifact blobs this agent has downloaded (a cache hit makes none).
     pub fn artifact_downloads(&self) -> u64 {
-        self.artifacts.cache.downloads()
+        self.holdings.artifacts.cache.downloads()
     }
 
     /// Samples every running task's resource use through its runtime. Each call is

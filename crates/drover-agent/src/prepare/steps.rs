@@ -9,8 +9,8 @@
 
 use super::{PrepareError, PrepareStep, StepGuard};
 use crate::artifacts::Lease;
+use crate::holdings::{Holdings, RetireQueue};
 use crate::logship::log_path;
-use crate::tasks::{CONFIG_FILE, RetireQueue, TaskFile, TaskManager};
 use crate::users::TaskUsers;
 use async_trait::async_trait;
 use drover_core::platform::{BinaryPlatform, detect_executable, runs_on};
@@ -18,9 +18,23 @@ use drover_core::protocol::{AssignedArtifact, LogStream, TaskAssignment};
 use drover_core::spec::RuntimeKind;
 use drover_runtime::sandbox::TaskUser;
 use drover_runtime::{Runtime, TaskContext};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The file in a task's directory holding its job's config, named by `DROVER_CONFIG`.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// What is kept in a task's directory so a restarted agent knows the task.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct TaskFile {
+    pub assignment: TaskAssignment,
+    /// The uid (and private gid) the task runs as, when it runs as a user of its own;
+    /// a restarted agent takes it back before handing out any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+}
 
 /// The largest working_dir archive an agent downloads.
 const MAX_WORKING_DIR_ARCHIVE: u64 = 4 << 30;
@@ -60,9 +74,9 @@ pub(crate) static STEPS: &[&dyn PrepareStep<PrepareContext>] = &[
 
 /// What the agent's steps work with.
 pub(crate) struct PrepareContext {
-    /// The task manager, for what the node holds: task users, the directory pool, the
-    /// artifact cache and the Python environments.
-    pub tasks: Arc<TaskManager>,
+    /// What the node holds: task users, the directory pool, the artifact cache and the
+    /// Python environments.
+    pub holdings: Arc<Holdings>,
     pub assignment: TaskAssignment,
     /// The task's launch, which the steps add to.
     pub launch: TaskContext,
@@ -89,7 +103,7 @@ impl PrepareStep<PrepareContext> for TaskUserStep {
     }
 
     async fn prepare(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
-        let users = match (&cx.tasks.users, &cx.assignment.spec.runtime) {
+        let users = match (&cx.holdings.users, &cx.assignment.spec.runtime) {
             (Some(users), RuntimeKind::Process) => users,
             _ => return Ok(StepGuard::nothing()),
         };
@@ -123,12 +137,12 @@ impl PrepareStep<PrepareContext> for TaskDirStep {
     }
 
     async fn prepare(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
-        let tasks = &cx.tasks;
+        let holdings = &cx.holdings;
         let dir = &cx.launch.dir;
-        let made = tasks
+        let made = holdings
             .pool
             .take(dir)
-            .and_then(|()| match (cx.launch.user, &tasks.users) {
+            .and_then(|()| match (cx.launch.user, &holdings.users) {
                 (Some(user), _) => hand_over_dir(dir, user),
                 // A recycled directory may still carry the group of the task that had
                 // it before, whose uid may be another task's by now.
@@ -138,11 +152,11 @@ impl PrepareStep<PrepareContext> for TaskDirStep {
         if let Err(e) = made {
             // Whatever part of it was made goes back to the pool, which empties it
             // before any task gets it.
-            tasks.pool.give(dir);
+            holdings.pool.give(dir);
             return Err(format!("creating the task directory: {e}").into());
         }
         write_task_file(&cx.assignment, dir, cx.launch.user.map(|u| u.uid));
-        Ok(dir_guard(tasks.retired.clone(), dir.clone()))
+        Ok(dir_guard(holdings.retired.clone(), dir.clone()))
     }
 }
 
@@ -274,7 +288,7 @@ impl PrepareStep<PrepareContext> for WorkingDirStep {
             .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
         note(&log, &format!("fetching working_dir {digest}\n")).await;
         let lease = cx
-            .tasks
+            .holdings
             .artifacts
             .cache
             .get_up_to(&digest, MAX_WORKING_DIR_ARCHIVE)
@@ -325,7 +339,7 @@ impl PrepareStep<PrepareContext> for PythonStep {
             return Ok(StepGuard::nothing());
         };
         let lease = cx
-            .tasks
+            .holdings
             .artifacts
             .python
             .ensure(&py.requirements, &cx.log(), cx.timeout)
@@ -358,19 +372,19 @@ impl PrepareStep<PrepareContext> for ArtifactStep {
         let Some(art) = &cx.assignment.artifact else {
             return Ok(StepGuard::nothing());
         };
-        let lease = install_artifact(&cx.tasks, art, &cx.launch).await?;
+        let lease = install_artifact(&cx.holdings, art, &cx.launch).await?;
         Ok(StepGuard::holding(lease))
     }
 }
 
 /// The artifact step's work. The error is the task's failure reason.
 async fn install_artifact(
-    tasks: &TaskManager,
+    holdings: &Holdings,
     art: &AssignedArtifact,
     launch: &TaskContext,
 ) -> Result<Lease, String> {
     let r = &art.reference;
-    let support = &tasks.artifacts;
+    let support = &holdings.artifacts;
     let lease = support
         .cache
         .get(&art.variant.digest, art.variant.size)
