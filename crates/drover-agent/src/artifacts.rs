@@ -200,6 +200,12 @@ impl ArtifactCache {
         }
     }
 
+    /// A lease on the blob when it is already cached; `None` when it is not (nothing is
+    /// downloaded). A restarted agent uses it for a task it adopts.
+    pub fn lease_cached(&self, digest: &Digest) -> Option<Lease> {
+        self.cache.lease_existing(digest).map(Lease)
+    }
+
     /// How many downloads were started; a cache hit or a shared download starts none.
     pub fn downloads(&self) -> u64 {
         self.cache.kind().downloads.load(Ordering::Relaxed)

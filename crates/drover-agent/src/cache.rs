@@ -291,6 +291,12 @@ impl<K: Kind> Cache<K> {
         Joined::Waiting(Waiting { rx, started: true })
     }
 
+    /// A lease on the entry when it is complete and cached, without building it. A
+    /// restarted agent uses it to pin again what a task it adopts was using.
+    pub fn lease_existing(self: &Arc<Self>, key: &K::Key) -> Option<Lease<K>> {
+        self.lock().lease(self, key)
+    }
+
     /// Applies `f` to every entry, in no particular order.
     pub fn list<T>(&self, mut f: impl FnMut(&K::Key, &Entry<K::Meta>) -> T) -> Vec<T> {
         self.lock().entries.iter().map(|(k, e)| f(k, e)).collect()

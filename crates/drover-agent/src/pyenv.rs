@@ -464,6 +464,18 @@ impl PythonEnvs {
         }
     }
 
+    /// A lease on the environment for these requirements when it is already on this
+    /// node; `None` when it is not (it is never built here). A restarted agent uses it
+    /// for a task it adopts, so the environment the task runs in cannot be pruned or
+    /// evicted under it.
+    pub async fn lease_cached(
+        &self,
+        requirements: &[String],
+    ) -> Result<Option<EnvLease>, EnvError> {
+        let key = self.key(requirements).await?;
+        Ok(self.cache.lease_existing(&key).map(EnvLease))
+    }
+
     /// The complete environments, by key.
     pub fn list(&self) -> Vec<EnvInfo> {
         let mut out = self.cache.list(|k, e| info(k, e));

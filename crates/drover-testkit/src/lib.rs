@@ -446,6 +446,19 @@ impl Api {
         }
     }
 
+    /// Waits until one of the job's tasks is running.
+    pub async fn wait_running(
+        &self,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<(JobView, Vec<TaskView>)> {
+        self.wait_job(name, timeout, |_, t| {
+            t.iter()
+                .any(|t| t.task.state == drover_core::TaskState::Running)
+        })
+        .await
+    }
+
     /// Waits until the job reaches a final status and returns it.
     pub async fn wait_final(
         &self,

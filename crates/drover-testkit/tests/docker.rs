@@ -173,12 +173,7 @@ health:
     ))
     .await
     .unwrap();
-    let (_, tasks) = api
-        .wait_job("web-httpd", T, |_, t| {
-            t.iter().any(|t| t.task.state == TaskState::Running)
-        })
-        .await
-        .unwrap();
+    let (_, tasks) = api.wait_running("web-httpd", T).await.unwrap();
     assert_eq!(tasks.len(), 1, "{tasks:?}");
     let task = &tasks[0].task;
     assert_eq!(task.node_id.as_ref(), Some(&node));
@@ -357,12 +352,7 @@ stop_grace: 10s
     ))
     .await
     .unwrap();
-    let (_, tasks) = api
-        .wait_job("reattach", T, |_, t| {
-            t.iter().any(|t| t.task.state == TaskState::Running)
-        })
-        .await
-        .unwrap();
+    let (_, tasks) = api.wait_running("reattach", T).await.unwrap();
     let task_id = tasks[0].task.id.clone();
     let container = format!("drover-{task_id}");
     let container_id = docker_inspect(&container, "{{.Id}}");

@@ -142,11 +142,7 @@ async fn stop_sends_sigterm_and_records_it() {
     api.apply_yaml("name: sleepy\nkind: service\ncommand: [sleep, '30']\nstop_grace: 5s\n")
         .await
         .unwrap();
-    api.wait_job("sleepy", T, |_, t| {
-        t.iter().any(|t| t.task.state == TaskState::Running)
-    })
-    .await
-    .unwrap();
+    api.wait_running("sleepy", T).await.unwrap();
     let started = std::time::Instant::now();
     api.stop("sleepy").await.unwrap();
     let (_, tasks) = api.wait_final("sleepy", T).await.unwrap();
@@ -177,11 +173,7 @@ stop_grace: 700ms
     )
     .await
     .unwrap();
-    api.wait_job("stubborn", T, |_, t| {
-        t.iter().any(|t| t.task.state == TaskState::Running)
-    })
-    .await
-    .unwrap();
+    api.wait_running("stubborn", T).await.unwrap();
     wait_for("the task to print ready", T, async || {
         api.logs("stubborn")
             .await
@@ -354,11 +346,7 @@ async fn reapplying_a_changed_spec_replaces_the_tasks_and_an_unchanged_one_does_
     let api = c.api();
     let v1 = "name: web\nkind: service\ncommand: [sleep, '30']\nstop_grace: 1s\n";
     assert_eq!(api.apply_yaml(v1).await.unwrap().result, "created");
-    api.wait_job("web", T, |_, t| {
-        t.iter().any(|t| t.task.state == TaskState::Running)
-    })
-    .await
-    .unwrap();
+    api.wait_running("web", T).await.unwrap();
     assert_eq!(api.apply_yaml(v1).await.unwrap().result, "unchanged");
     let v2 = "name: web\nkind: service\ncommand: [sleep, '31']\nstop_grace: 1s\n";
     let r = api.apply_yaml(v2).await.unwrap();

@@ -44,11 +44,7 @@ async fn a_node_reports_its_amd64_level_libc_and_uname() {
     )
     .await
     .unwrap();
-    api.wait_job("placed", T, |_, t| {
-        t.iter().any(|t| t.task.state == TaskState::Running)
-    })
-    .await
-    .unwrap();
+    api.wait_running("placed", T).await.unwrap();
 
     // A platform constraint asks whether the node runs that platform: without a
     // variant any amd64 level does, v1 is run by every level, and arm64 by none.

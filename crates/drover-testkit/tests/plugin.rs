@@ -25,12 +25,7 @@ async fn a_plugin_crash_fails_its_tasks_clearly_and_the_restarted_plugin_runs_th
     )
     .await
     .unwrap();
-    let (_, tasks) = api
-        .wait_job("svc", T, |_, t| {
-            t.iter().any(|t| t.task.state == TaskState::Running)
-        })
-        .await
-        .unwrap();
+    let (_, tasks) = api.wait_running("svc", T).await.unwrap();
     let first = tasks[0].task.id.clone();
 
     let killed = std::process::Command::new("pkill")

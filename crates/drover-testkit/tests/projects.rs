@@ -140,11 +140,7 @@ async fn setup(c: &TestCluster) -> World {
     assert_eq!(job.job.status, JobStatus::Complete);
     assert!(beta.logs("b-out").await.unwrap().contains(BETA_OUTPUT));
     beta.wait_final("shared", T).await.unwrap();
-    beta.wait_job("b-svc", T, |_, t| {
-        t.iter().any(|t| t.task.state == TaskState::Running)
-    })
-    .await
-    .unwrap();
+    beta.wait_running("b-svc", T).await.unwrap();
     let beta_bytes = b"beta's private build".to_vec();
     beta.push_artifact("b-art", &[("any", &beta_bytes)])
         .await

@@ -206,11 +206,7 @@ async fn an_admin_removes_a_silent_node_and_its_tasks_are_replaced() {
         .unwrap();
     let task = fake.next_start().await;
     fake.send(&event(1, &task, TaskState::Running, None)).await;
-    api.wait_job("web", T, |_, t| {
-        t.iter().any(|t| t.task.state == TaskState::Running)
-    })
-    .await
-    .unwrap();
+    api.wait_running("web", T).await.unwrap();
     let node = api.nodes().await.unwrap()[0].node.clone();
 
     // Connected: refused, and nothing changes.

@@ -374,6 +374,83 @@ runtime_env:
     );
 }
 
+/// A restarted agent that adopts a running task leases the task's Python environment
+/// again, so a prune after the restart leaves it alone and the task can still import
+/// from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_task_keeps_its_python_environment_through_a_prune() {
+    let c = TestCluster::start().await.unwrap();
+    let opts = AgentOptions::named("readopt");
+    let data_dir = c.dir.path().join("agents").join(&opts.name);
+    let agent = c.agent(opts.clone()).await.unwrap();
+    let api = c.api();
+    api.apply_yaml(
+        r#"
+name: held
+restart: { attempts: 0 }
+command: ["sh", "-c", "echo ready; while [ ! -e \"$DROVER_TASK_DIR/go\" ]; do sleep 0.1; done; python -c 'import six; print(six.__version__)'"]
+runtime_env:
+  python: { requirements: ["six==1.16.0"] }
+  setup_timeout: 200s
+"#,
+    )
+    .await
+    .unwrap();
+    let (_, tasks) = api.wait_running("held", BUILD).await.unwrap();
+    let task_id = tasks[0].task.id.clone();
+    assert_eq!(agent.python_envs().list()[0].in_use, 1);
+
+    // The task's process outlives its agent; the new agent process adopts it.
+    agent.shutdown().await;
+    let agent = drover_testkit::start_agent(&c.url, data_dir.clone(), opts)
+        .await
+        .unwrap();
+    // The adopted task's preparation is taken back in its own tokio task, just after
+    // the agent starts.
+    let start = std::time::Instant::now();
+    loop {
+        let envs = agent.python_envs().list();
+        assert_eq!(envs.len(), 1, "{envs:?}");
+        if envs[0].in_use == 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < T,
+            "the adopted task does not lease its environment: {envs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pruned = agent.python_envs().prune().await;
+    assert!(
+        pruned.is_empty(),
+        "pruned an environment in use: {pruned:?}"
+    );
+    assert_eq!(agent.python_envs().list().len(), 1);
+
+    std::fs::write(
+        data_dir.join("tasks").join(task_id.to_string()).join("go"),
+        b"",
+    )
+    .unwrap();
+    // How the task ended is not checked: an in-process test agent runs tasks without
+    // the shim that records an exit status for a later agent (the CLI tests cover
+    // that), so only what the task printed after the prune is the proof.
+    api.wait_final("held", T).await.unwrap();
+    assert_eq!(api.logs("held").await.unwrap().trim(), "ready\n1.16.0");
+    // Once the task has ended its lease is handed back, and a prune may remove it.
+    wait_until_unused(&agent).await;
+    assert_eq!(agent.python_envs().prune().await.len(), 1);
+}
+
+/// Waits until no task holds a Python environment of the agent's.
+async fn wait_until_unused(agent: &drover_agent::Agent) {
+    let start = std::time::Instant::now();
+    while agent.python_envs().list().iter().any(|e| e.in_use > 0) {
+        assert!(start.elapsed() < T, "an environment stays in use");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// The Rust helper asks the agent's real task socket, and reads a job without a config
 /// as `None`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 //! These need root (to switch users and make cgroups), as CI has; run otherwise, each
 //! test prints why it did nothing and passes.
 
-use drover_core::TaskState;
 use drover_core::auth::Role;
 use drover_core::state::JobStatus;
 use drover_testkit::{AgentOptions, Api, TestCluster};
@@ -124,12 +123,7 @@ runtime_env:
         )
         .await
         .unwrap();
-    alpha
-        .wait_job("holder", T, |_, t| {
-            t.iter().any(|t| t.task.state == TaskState::Running)
-        })
-        .await
-        .unwrap();
+    alpha.wait_running("holder", T).await.unwrap();
     drover_testkit::wait_for("A's output", T, async || {
         alpha
             .logs("holder")

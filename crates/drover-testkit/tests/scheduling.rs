@@ -77,12 +77,7 @@ async fn constraints_select_nodes_by_label() {
     assert_eq!(p.get("n1"), None, "{p:?}");
     assert_eq!(p.get("n2"), Some(&2));
     api.apply_yaml("name: by-name\nkind: service\nruntime: mock\nconstraints: [{ key: name, op: in, values: [n1] }]\n").await.unwrap();
-    let (_, tasks) = api
-        .wait_job("by-name", T, |_, t| {
-            t.iter().any(|t| t.task.state == TaskState::Running)
-        })
-        .await
-        .unwrap();
+    let (_, tasks) = api.wait_running("by-name", T).await.unwrap();
     assert_eq!(tasks[0].node_name.as_deref(), Some("n1"));
 }
 
@@ -92,11 +87,7 @@ async fn a_task_that_fits_nowhere_stays_pending_with_a_reason_until_resources_fr
     let api = c.api();
     // Fills the only node's 2 cores.
     api.apply_yaml("name: big\nkind: service\nruntime: mock\nresources: { cpu: 2, memory: 64Mi }\nstop_grace: 1s\n").await.unwrap();
-    api.wait_job("big", T, |_, t| {
-        t.iter().any(|t| t.task.state == TaskState::Running)
-    })
-    .await
-    .unwrap();
+    api.wait_running("big", T).await.unwrap();
     api.apply_yaml("name: waiting\nruntime: mock\nresources: { cpu: 1, memory: 64Mi }\nmock: { exit_after: 10ms }\n").await.unwrap();
     let (job, _) = api
         .wait_job("waiting", T, |j, _| j.pending_reason.is_some())

@@ -33,7 +33,8 @@ pub(crate) trait PrepareStep<Cx: Send>: Send + Sync {
 
     /// For a running task that a restarted agent adopts, whose preparation an earlier
     /// agent process did: puts back what lives only as long as an agent process (a
-    /// served socket). Most steps left everything on disk and have nothing to redo.
+    /// served socket, a cache lease). Most steps left everything on disk and have
+    /// nothing to redo.
     async fn readopt(&self, _cx: &mut Cx) -> Result<StepGuard, PrepareError> {
         Ok(StepGuard::nothing())
     }

@@ -328,6 +328,20 @@ impl PrepareStep<PrepareContext> for WorkingDirStep {
 /// from being pruned while the task runs.
 struct PythonStep;
 
+impl PythonStep {
+    /// Adds the environment's variables to the launch, its `bin` first on `PATH`.
+    fn activate(cx: &mut PrepareContext, lease: &crate::pyenv::EnvLease) {
+        let base = cx
+            .launch
+            .env
+            .get("PATH")
+            .map(String::as_str)
+            .unwrap_or(drover_runtime::process::DEFAULT_PATH);
+        let vars = lease.env_vars(base);
+        cx.launch.env.extend(vars);
+    }
+}
+
 #[async_trait]
 impl PrepareStep<PrepareContext> for PythonStep {
     fn name(&self) -> &'static str {
@@ -345,14 +359,32 @@ impl PrepareStep<PrepareContext> for PythonStep {
             .ensure(&py.requirements, &cx.log(), cx.timeout)
             .await
             .map_err(|e| format!("runtime_env.python: {e}"))?;
-        let base = cx
-            .launch
-            .env
-            .get("PATH")
-            .map(String::as_str)
-            .unwrap_or(drover_runtime::process::DEFAULT_PATH);
-        let vars = lease.env_vars(base);
-        cx.launch.env.extend(vars);
+        PythonStep::activate(cx, &lease);
+        Ok(StepGuard::holding(lease))
+    }
+
+    /// Leases the environment the adopted task runs in again, so that a prune or an
+    /// eviction after the agent's restart cannot delete it under the task. An
+    /// environment that is gone is reported (the task keeps running; what it still
+    /// needs from the environment will fail in the task itself).
+    async fn readopt(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
+        let Some(py) = &cx.assignment.spec.runtime_env.python else {
+            return Ok(StepGuard::nothing());
+        };
+        let lease = cx
+            .holdings
+            .artifacts
+            .python
+            .lease_cached(&py.requirements)
+            .await
+            .map_err(|e| format!("runtime_env.python: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "runtime_env.python: the environment for {:?} is no longer on this node",
+                    py.requirements
+                )
+            })?;
+        PythonStep::activate(cx, &lease);
         Ok(StepGuard::holding(lease))
     }
 }
@@ -374,6 +406,26 @@ impl PrepareStep<PrepareContext> for ArtifactStep {
         };
         let lease = install_artifact(&cx.holdings, art, &cx.launch).await?;
         Ok(StepGuard::holding(lease))
+    }
+
+    /// Leases the adopted task's blob again while it is still cached, so the cache
+    /// counts it as in use. The task runs its own installed file, which stays whether
+    /// or not the blob does, so a blob evicted meanwhile is no error.
+    async fn readopt(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
+        let Some(art) = &cx.assignment.artifact else {
+            return Ok(StepGuard::nothing());
+        };
+        Ok(
+            match cx
+                .holdings
+                .artifacts
+                .cache
+                .lease_cached(&art.variant.digest)
+            {
+                Some(lease) => StepGuard::holding(lease),
+                None => StepGuard::nothing(),
+            },
+        )
     }
 }
 
