@@ -73,6 +73,11 @@ impl Server {
         cmd.arg(subcommand)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data);
+        // Extra flags for an A/B comparison, e.g. `--task-uid-range none` to measure
+        // what users of their own cost a task's launch.
+        if let Ok(extra) = std::env::var("DROVER_BENCH_SERVER_ARGS") {
+            cmd.args(extra.split_whitespace());
+        }
         if subcommand == "server" {
             // Every mock node of the scheduling benchmark connects from 127.0.0.1, and the
             // figures compare with earlier runs over plain HTTP.
