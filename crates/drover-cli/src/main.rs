@@ -781,6 +781,8 @@ fn main() {
     let result = rt.block_on(dispatch(cli));
     let status = match result {
         Ok(code) => code,
+        // Whoever read the output has all they wanted; nothing to report.
+        Err(e) if output::is_reader_gone(&e) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
             match e.downcast_ref::<client::ApiError>() {
@@ -898,10 +900,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let removed = c.remove_node(node).await?;
             match cli.output {
                 Output::Json => output::json(&removed)?,
-                Output::Table => println!(
+                Output::Table => outln!(
                     "node {} ({}) removed",
-                    removed.node.info.name, removed.node.id
-                ),
+                    removed.node.info.name,
+                    removed.node.id
+                )?,
             }
             Ok(0)
         }
@@ -968,7 +971,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 // Only the secret goes to stdout, so `$(drover token create ...)` is the
                 // token; what it is goes to stderr.
                 Output::Table => {
-                    println!("{}", created.token);
+                    outln!("{}", created.token)?;
                     eprintln!(
                         "created {} token {} ({}) for project {}; it is shown only now",
                         created.view.role, created.view.id, created.view.name, created.view.project
@@ -999,12 +1002,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             artifact(&c, cli.output, a).await
         }
         Cmd::Completions { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "drover",
-                &mut std::io::stdout(),
-            );
+            // Generated into memory first: clap_complete panics when its writer fails,
+            // and a closed stdout must end the command quietly.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "drover", &mut script);
+            output::write_to(std::io::stdout().lock(), &script, "stdout")?;
             Ok(0)
         }
     }
@@ -1071,14 +1073,14 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     };
     spec.validate()
         .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
-    let go = async |c: &Client| -> Result<i32> {
+    let go = async |c: &Client, cluster: RunCluster| -> Result<i32> {
         if let Some((r, path)) = &local {
             upload_if_missing(c, r, path).await?;
         }
-        run_on(c, &spec).await
+        run_on(c, &spec, cluster).await
     };
     match resolve(cli)? {
-        Some(c) => go(&c).await,
+        Some(c) => go(&c, RunCluster::Configured).await,
         None => {
             let cluster = cluster::Ephemeral::start(cluster::RuntimeOptions {
                 docker: spec.runtime == RuntimeKind::Docker,
@@ -1086,7 +1088,7 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
             })
             .await?;
             let c = Client::new(&cluster.server.url(), &cluster.token, None)?;
-            let result = go(&c).await;
+            let result = go(&c, RunCluster::Throwaway).await;
             cluster.stop().await;
             result
         }
@@ -1145,8 +1147,77 @@ async fn upload_if_missing(c: &Client, r: &ArtifactRef, path: &Path) -> Result<(
     }
 }
 
+/// Where `drover run` runs its job, which decides what a second interrupt does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunCluster {
+    /// A configured cluster: a second interrupt leaves the job running there.
+    Configured,
+    /// The throwaway cluster of this one command: nothing may outlive it, so a second
+    /// interrupt kills the job's tasks at once rather than leaving them behind.
+    Throwaway,
+}
+
+/// The signals that interrupt `drover run`: Ctrl-C, and the SIGTERM and SIGHUP that
+/// `timeout`, CI runners and a closed terminal send.
+struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn new() -> Result<Interrupts> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("listening for {name}"))
+        };
+        Ok(Interrupts {
+            int: listen(SignalKind::interrupt(), "SIGINT")?,
+            term: listen(SignalKind::terminate(), "SIGTERM")?,
+            hup: listen(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+
+    /// The next interrupt's name and the exit code the shell gives for it.
+    async fn recv(&mut self) -> (&'static str, i32) {
+        tokio::select! {
+            _ = self.int.recv() => ("SIGINT", 128 + libc::SIGINT),
+            _ = self.term.recv() => ("SIGTERM", 128 + libc::SIGTERM),
+            _ = self.hup.recv() => ("SIGHUP", 128 + libc::SIGHUP),
+        }
+    }
+}
+
+/// Says on stderr why a job's tasks wait, each time the reason changes, so a job that
+/// cannot be placed (`--cpu 64` on a 2-core node) is not a blank screen.
+#[derive(Default)]
+struct PendingNotes {
+    last: String,
+}
+
+impl PendingNotes {
+    fn event(&mut self, ev: &StreamEvent) {
+        let StreamEvent::Task { state, reason, .. } = ev else {
+            return;
+        };
+        if *state != drover_core::TaskState::Pending {
+            self.last.clear();
+            return;
+        }
+        if reason.is_empty() || *reason == self.last {
+            return;
+        }
+        self.last = reason.clone();
+        // A note only: with stderr closed there is nowhere to say it, and the output on
+        // stdout goes on.
+        if writeln!(std::io::stderr(), "drover: waiting: {reason}").is_err() {}
+    }
+}
+
 /// Submits the job, streams its output and returns the exit code it ended with.
-async fn run_on(c: &Client, spec: &JobSpec) -> Result<i32> {
+async fn run_on(c: &Client, spec: &JobSpec, cluster: RunCluster) -> Result<i32> {
+    // Listened for before the job exists, so no interrupt can slip between the two.
+    let mut interrupts = Interrupts::new()?;
     // `run` means run: an unchanged finished job of the same name runs again.
     let how = client::ApplyRequest {
         idempotency_key: None,
@@ -1159,28 +1230,73 @@ async fn run_on(c: &Client, spec: &JobSpec) -> Result<i32> {
     // a spinner with the latest line of the preparation; the task's own output is
     // printed as it comes, as ever.
     let mut progress = PrepareProgress::new();
-    let follow = c.stream(&path, true, "all", move |ev| progress.event(ev));
+    let mut pending = PendingNotes::default();
+    // Once stdout's reader is gone the output is dropped, while the follow goes on
+    // until the job has stopped, so that a throwaway cluster is only taken down once
+    // nothing of the job runs.
+    let gone = std::sync::atomic::AtomicBool::new(false);
+    let follow = c.stream(&path, true, "all", |ev| {
+        pending.event(&ev);
+        if gone.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        match progress.event(ev) {
+            Err(e) if output::is_reader_gone(&e) => {
+                gone.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            r => r,
+        }
+    });
     tokio::pin!(follow);
-    let mut stopping = false;
+    // The interrupt that is stopping the job, if any, with the exit code it gives.
+    let mut interrupted: Option<i32> = None;
+    let mut reader_gone = false;
     loop {
         tokio::select! {
             r = &mut follow => {
                 r?;
                 break;
             }
-            _ = tokio::signal::ctrl_c(), if !stopping => {
-                eprintln!("drover: interrupted, stopping job {name} (Ctrl-C again to leave it running)");
-                stopping = true;
+            (signal, code) = interrupts.recv() => {
+                if interrupted.is_none() {
+                    eprintln!("drover: {signal}, stopping job {name} ({signal} or Ctrl-C again to {})",
+                        match cluster {
+                            RunCluster::Configured => "leave it running",
+                            RunCluster::Throwaway => "kill it now",
+                        });
+                    interrupted = Some(code);
+                    c.stop_job(&name, false).await?;
+                    continue;
+                }
+                match cluster {
+                    RunCluster::Configured => {
+                        eprintln!("drover: {signal} again, leaving job {name} running");
+                        return Ok(code);
+                    }
+                    RunCluster::Throwaway => {
+                        eprintln!("drover: {signal} again, killing job {name}'s tasks");
+                        c.stop_job(&name, true).await?;
+                    }
+                }
+            }
+            // Like a program whose output pipe closed, the job ends. A failed write
+            // sets `gone` at once; a quiet job's closed pipe is seen by the poll.
+            () = output::stdout_closed(), if !reader_gone => {
+                reader_gone = true;
                 c.stop_job(&name, false).await?;
             }
         }
+    }
+    if reader_gone || gone.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(output::ReaderGone.into());
     }
     let view = c.job(&name).await?;
     let (status, exit, reason) = (view.job.status, view.job.exit, view.job.reason);
     Ok(match status {
         JobStatus::Complete => 0,
         JobStatus::Running => code::ERROR,
-        JobStatus::Stopped => 130,
+        JobStatus::Stopped => interrupted.unwrap_or(130),
         JobStatus::Failed => {
             if !reason.is_empty() {
                 eprintln!("drover: job {name} failed: {reason}");
@@ -1285,13 +1401,16 @@ fn print_event(ev: StreamEvent) -> Result<()> {
                 stream.as_str()
             );
         }
-        // A closed stdout (e.g. piped into `head`) ends the output quietly.
-        let _ = match stream {
-            LogStream::Stdout => std::io::stdout()
-                .write_all(data.as_bytes())
-                .and_then(|_| std::io::stdout().flush()),
-            LogStream::Stderr | LogStream::Prepare => std::io::stderr().write_all(data.as_bytes()),
-        };
+        // A closed stdout (e.g. piped into `head`) ends the stream with `ReaderGone`,
+        // which the command turns into a quiet end.
+        match stream {
+            LogStream::Stdout => {
+                output::write_to(std::io::stdout().lock(), data.as_bytes(), "stdout")?
+            }
+            LogStream::Stderr | LogStream::Prepare => {
+                output::write_to(std::io::stderr().lock(), data.as_bytes(), "stderr")?
+            }
+        }
     }
     Ok(())
 }
@@ -1309,7 +1428,15 @@ async fn logs(c: &Client, a: &LogsArgs) -> Result<i32> {
         }
     };
     let logs = if a.prepare { "prepare" } else { "output" };
-    c.stream(&path, a.follow, logs, print_event).await?;
+    let mut pending = PendingNotes::default();
+    let follow = c.stream(&path, a.follow, logs, |ev| {
+        pending.event(&ev);
+        print_event(ev)
+    });
+    tokio::select! {
+        r = follow => r?,
+        () = output::stdout_closed() => return Err(output::ReaderGone.into()),
+    }
     Ok(0)
 }
 
@@ -1336,12 +1463,13 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
                 Output::Json => output::json(&res)?,
                 Output::Table => {
                     let job = &res.job.job;
-                    println!("job {} {} (version {})", job.name, res.result, job.version);
+                    outln!("job {} {} (version {})", job.name, res.result, job.version)?;
                     if res.result == "unchanged" && job.status.is_final() {
-                        println!(
+                        outln!(
                             "it has {}; `drover job rerun {}` runs it again",
-                            job.status, job.name
-                        );
+                            job.status,
+                            job.name
+                        )?;
                     }
                 }
             }
@@ -1362,10 +1490,11 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             let res = c.apply(&current.job.spec, &how).await?;
             match out {
                 Output::Json => output::json(&res)?,
-                Output::Table => println!(
+                Output::Table => outln!(
                     "job {} re-run as version {}",
-                    res.job.job.name, res.job.job.version
-                ),
+                    res.job.job.name,
+                    res.job.job.version
+                )?,
             }
             Ok(0)
         }
@@ -1384,9 +1513,9 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             match out {
                 Output::Json => output::json(&job)?,
                 Output::Table if *force => {
-                    println!("job {} stopping: its tasks are killed now", job.job.name)
+                    outln!("job {} stopping: its tasks are killed now", job.job.name)?
                 }
-                Output::Table => println!("job {} stopping", job.job.name),
+                Output::Table => outln!("job {} stopping", job.job.name)?,
             }
             Ok(0)
         }
@@ -1408,7 +1537,7 @@ async fn artifact(c: &Client, out: Output, cmd: &ArtifactCmd) -> Result<i32> {
             let removed = c.delete_artifact(reference).await?;
             match out {
                 Output::Json => output::json(&removed)?,
-                Output::Table => println!("artifact {reference} removed"),
+                Output::Table => outln!("artifact {reference} removed")?,
             }
             Ok(0)
         }

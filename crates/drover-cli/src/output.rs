@@ -15,8 +15,65 @@ pub enum Output {
     Json,
 }
 
+/// The reader of the command's output went away (a pipe into `head` closed). The
+/// command ends quietly and successfully, as `ls | head -1` does: it is not an error of
+/// the command's, and a script with `pipefail` must not see it as one.
+#[derive(Debug, thiserror::Error)]
+#[error("the reader of the output went away")]
+pub struct ReaderGone;
+
+/// Whether `e` says the output's reader went away.
+pub fn is_reader_gone(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<ReaderGone>().is_some()
+}
+
+/// Writes `bytes` to `w` and flushes it; a closed pipe becomes [`ReaderGone`].
+pub fn write_to(mut w: impl std::io::Write, bytes: &[u8], what: &str) -> Result<()> {
+    match w.write_all(bytes).and_then(|()| w.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(ReaderGone.into()),
+        Err(e) => Err(anyhow::anyhow!("writing to {what}: {e}")),
+    }
+}
+
+/// Writes text to stdout; see [`write_to`].
+pub fn out(text: &str) -> Result<()> {
+    write_to(std::io::stdout().lock(), text.as_bytes(), "stdout")
+}
+
+/// `println!` that returns an error instead of panicking when stdout is closed.
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::output::out("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::output::out(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Resolves once stdout is a pipe whose reader has closed it. A follow that prints
+/// nothing for a while (`drover logs -f JOB | head -2` on a quiet task) would otherwise
+/// only learn it at its next write; on a terminal or a file it never resolves.
+pub async fn stdout_closed() {
+    loop {
+        let mut fd = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, a zero timeout; poll only reads and writes it. A
+        // pipe's write end reports POLLERR once its read end is closed.
+        let n = unsafe { libc::poll(&mut fd, 1, 0) };
+        if n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 pub fn json<T: Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
@@ -27,12 +84,15 @@ fn table(headers: &[&str]) -> Table {
     t
 }
 
-fn print(t: Table) {
+fn print(t: Table) -> Result<()> {
     // comfy-table pads every line to the table's width; trailing spaces only get in the
     // way of grep and copy-paste.
+    let mut text = String::new();
     for line in t.to_string().lines() {
-        println!("{}", line.trim_end());
+        text.push_str(line.trim_end());
+        text.push('\n');
     }
+    out(&text)
 }
 
 fn age(at: Millis) -> String {
@@ -75,8 +135,7 @@ pub fn jobs(out: Output, jobs: &[JobView]) -> Result<()> {
             age(j.job.created_at),
         ]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
@@ -110,8 +169,7 @@ pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
             task.reason.clone(),
         ]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 pub fn envs(out: Output, envs: &[drover_core::api::NodeEnvView]) -> Result<()> {
@@ -140,8 +198,7 @@ pub fn envs(out: Output, envs: &[drover_core::api::NodeEnvView]) -> Result<()> {
             e.env.in_use.to_string(),
         ]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
@@ -199,8 +256,7 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
                 .unwrap_or_else(|| "-".to_string()),
         ]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<()> {
@@ -216,24 +272,24 @@ pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<
         });
     }
     let j = &job.job;
-    println!("name:     {}", j.name);
-    println!("id:       {}", j.id);
-    println!("kind:     {}", j.spec.kind);
-    println!("status:   {}", j.status);
+    outln!("name:     {}", j.name)?;
+    outln!("id:       {}", j.id)?;
+    outln!("kind:     {}", j.spec.kind)?;
+    outln!("status:   {}", j.status)?;
     if !j.reason.is_empty() {
-        println!("reason:   {}", j.reason);
+        outln!("reason:   {}", j.reason)?;
     }
     if let Some(e) = &j.exit {
-        println!("exit:     {}", exit_text(&Some(e.clone())));
+        outln!("exit:     {}", exit_text(&Some(e.clone())))?;
     }
-    println!("version:  {}", j.version);
-    println!("count:    {}", j.spec.count);
-    println!("runtime:  {}", j.spec.runtime);
-    println!("command:  {}", j.spec.command.join(" "));
+    outln!("version:  {}", j.version)?;
+    outln!("count:    {}", j.spec.count)?;
+    outln!("runtime:  {}", j.spec.runtime)?;
+    outln!("command:  {}", j.spec.command.join(" "))?;
     if let Some(p) = &job.pending_reason {
-        println!("pending:  {p}");
+        outln!("pending:  {p}")?;
     }
-    println!();
+    outln!()?;
     tasks(out, task_list)
 }
 
@@ -284,20 +340,19 @@ pub fn artifacts(out: Output, list: &[Artifact]) -> Result<()> {
             age(a.created_at),
         ]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 pub fn artifact(out: Output, a: &Artifact) -> Result<()> {
     if out == Output::Json {
         return json(a);
     }
-    println!("name:     {}", a.name);
-    println!("version:  {}", a.version);
-    println!("project:  {}", a.project);
-    println!("created:  {} ago", age(a.created_at));
-    println!("size:     {}", size(stored_size(a)));
-    println!();
+    outln!("name:     {}", a.name)?;
+    outln!("version:  {}", a.version)?;
+    outln!("project:  {}", a.project)?;
+    outln!("created:  {} ago", age(a.created_at))?;
+    outln!("size:     {}", size(stored_size(a)))?;
+    outln!()?;
     let mut t = table(&["PLATFORM", "DIGEST", "SIZE"]);
     for v in &a.variants {
         t.add_row(vec![
@@ -306,8 +361,7 @@ pub fn artifact(out: Output, a: &Artifact) -> Result<()> {
             size(v.size),
         ]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 /// One variant of a push, for its summary.
@@ -332,13 +386,13 @@ pub fn pushed(out: Output, a: &Artifact, variants: &[Pushed]) -> Result<()> {
             if p.uploaded { "sent" } else { "already stored" }.to_string(),
         ]);
     }
-    print(t);
-    println!(
+    print(t)?;
+    outln!(
         "pushed {} ({} variant{})",
         a.reference(),
         a.variants.len(),
         if a.variants.len() == 1 { "" } else { "s" }
-    );
+    )?;
     Ok(())
 }
 
@@ -350,8 +404,7 @@ pub fn projects(out: Output, projects: &[drover_core::auth::Project]) -> Result<
     for p in projects {
         t.add_row(vec![p.name.to_string(), age(p.created_at)]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 pub fn tokens(out: Output, tokens: &[drover_core::auth::TokenView]) -> Result<()> {
@@ -369,8 +422,7 @@ pub fn tokens(out: Output, tokens: &[drover_core::auth::TokenView]) -> Result<()
             age(tok.created_at),
         ]);
     }
-    print(t);
-    Ok(())
+    print(t)
 }
 
 #[cfg(test)]

@@ -33,7 +33,8 @@ struct Follower {
     follow: bool,
     streams: &'static [LogStream],
     offsets: HashMap<(TaskId, LogStream), u64>,
-    states: HashMap<TaskId, TaskState>,
+    /// The state and reason last sent for each task; a change of either is sent.
+    states: HashMap<TaskId, (TaskState, String)>,
     rx: tokio::sync::watch::Receiver<u64>,
     done: bool,
 }
@@ -47,14 +48,15 @@ type Seen = (
     Option<drover_core::state::Exit>,
 );
 
-fn seen(t: &drover_core::state::Task) -> Seen {
-    (
-        t.id.clone(),
-        t.index,
-        t.state,
-        t.reason.clone(),
-        t.exit.clone(),
-    )
+/// A task as a follower sees it. A pending task's reason is why its job's tasks are not
+/// placed yet, which the scheduler keeps per job, so `drover run` and `logs -f` can say
+/// what they wait for.
+fn seen(state: &crate::state::State, t: &drover_core::state::Task) -> Seen {
+    let reason = match state.pending_reasons.get(&t.job_id) {
+        Some(why) if t.state == TaskState::Pending => why.clone(),
+        _ => t.reason.clone(),
+    };
+    (t.id.clone(), t.index, t.state, reason, t.exit.clone())
 }
 
 struct Snapshot {
@@ -72,7 +74,7 @@ impl Follower {
                 let mut all_terminal = true;
                 for t in state.job_tasks(job_id) {
                     all_terminal &= t.state.is_terminal();
-                    tasks.push(seen(t));
+                    tasks.push(seen(&state, t));
                 }
                 if let Some(job) = state.jobs.get(job_id)
                     && job.status.is_final()
@@ -88,7 +90,7 @@ impl Follower {
             }
             Target::Task(id) => {
                 if let Some(t) = state.tasks.get(id) {
-                    tasks.push(seen(t));
+                    tasks.push(seen(&state, t));
                     if t.state.is_terminal() {
                         let status = if t.state == TaskState::Succeeded {
                             JobStatus::Complete
@@ -141,8 +143,12 @@ impl Follower {
                     Err(e) => tracing::warn!(task = %id, "reading log: {e}"),
                 }
             }
-            if self.states.get(id) != Some(state) {
-                self.states.insert(id.clone(), *state);
+            let changed = self
+                .states
+                .get(id)
+                .is_none_or(|(s, r)| s != state || r != reason);
+            if changed {
+                self.states.insert(id.clone(), (*state, reason.clone()));
                 out.push(StreamEvent::Task {
                     task_id: id.clone(),
                     index: *index,

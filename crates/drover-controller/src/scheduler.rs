@@ -344,7 +344,12 @@ impl Inner {
         }
         for (job_id, why) in misfits {
             let reason = pending_reason(state, &job_id, &why, ready.len());
-            state.pending_reasons.insert(job_id, reason);
+            if state.pending_reasons.get(&job_id) != Some(&reason) {
+                state.pending_reasons.insert(job_id, reason);
+                // Followers (`drover run`, `logs -f`) show the reason as it changes;
+                // nothing was committed, so nothing else would wake them.
+                self.bump();
+            }
         }
         self.metrics
             .placement

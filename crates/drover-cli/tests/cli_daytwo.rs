@@ -1,0 +1,242 @@
+//! Day-two use of the CLI through the built binary: commands end quietly when their
+//! reader goes away, `drover run` treats SIGTERM and SIGHUP as Ctrl-C and leaves nothing
+//! behind, and a job that waits says why.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const T: Duration = Duration::from_secs(30);
+
+/// A `drover up` cluster in its own home, with the CLI config pointing at it.
+struct Up {
+    home: Home,
+    _up: Daemon,
+}
+
+impl Up {
+    fn start() -> Up {
+        let home = Home::new();
+        let (up, _) = home.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
+        wait_until("the local agent to be ready", T, || {
+            let n = json(&home.run(&["node", "ls", "-o", "json"]));
+            n.as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
+        });
+        Up { home, _up: up }
+    }
+
+    fn job_status(&self, name: &str) -> String {
+        let out = self.home.run(&["job", "status", name, "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        json(&out)["job"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Runs `cmd` with a stdout whose reader is already gone, as `drover ... | head -1`
+/// leaves it once `head` has its line, and returns how it ended and its stderr.
+fn with_reader_gone(mut cmd: Command, limit: Duration) -> (std::process::ExitStatus, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    cmd.stdout(writer).stderr(Stdio::piped());
+    let out = run_with_timeout_keeping_stdout(cmd, limit);
+    (out.status, stderr(&out))
+}
+
+/// Like `run_with_timeout`, for a command whose stdout the caller has set.
+fn run_with_timeout_keeping_stdout(mut cmd: Command, limit: Duration) -> std::process::Output {
+    let child = cmd.spawn().expect("spawning drover");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("waiting for drover"),
+        Err(_) => panic!("drover did not finish within {limit:?} after its reader went away"),
+    }
+}
+
+fn assert_quiet_end(what: &str, status: std::process::ExitStatus, err: &str) {
+    assert_eq!(status.code(), Some(0), "{what}: {status:?}, stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe") && !err.contains("error"),
+        "{what}: {err}"
+    );
+}
+
+#[test]
+fn every_command_ends_quietly_when_its_reader_goes_away() {
+    let up = Up::start();
+    let h = &up.home;
+    let job = write(
+        h.path(),
+        "chatty.yaml",
+        "name: chatty\nkind: service\ncommand: [sh, -c, 'while true; do echo tick; sleep 0.1; done']\nstop_grace: 1s\n",
+    );
+    assert!(
+        h.run(&["job", "apply", "-f", job.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let quiet = write(
+        h.path(),
+        "quiet.yaml",
+        "name: quiet\nkind: service\ncommand: [sh, -c, 'echo once; exec sleep 600']\nstop_grace: 1s\n",
+    );
+    assert!(
+        h.run(&["job", "apply", "-f", quiet.to_str().unwrap()])
+            .status
+            .success()
+    );
+    wait_until("both jobs to print", T, || {
+        stdout(&h.run(&["logs", "chatty"])).contains("tick")
+            && stdout(&h.run(&["logs", "quiet"])).contains("once")
+    });
+
+    for args in [
+        &["job", "status", "chatty"][..],
+        &["job", "ls"],
+        &["task", "ls"],
+        &["task", "ls", "-o", "json"],
+        &["node", "ls"],
+        &["completions", "zsh"],
+        &["completions", "bash"],
+        // A follow of a task that prints all the time fails its next write...
+        &["logs", "-f", "chatty"],
+        // ...and one of a task that prints nothing more notices the closed pipe itself.
+        &["logs", "-f", "quiet"],
+    ] {
+        let (status, err) = with_reader_gone(h.cmd(args), T);
+        assert_quiet_end(&args.join(" "), status, &err);
+    }
+}
+
+/// Starts `drover run` with piped output; returns the child and a channel of its
+/// stdout and stderr lines, each prefixed with `out: ` or `err: `.
+fn spawn_run(cmd: &mut Command) -> (Child, mpsc::Receiver<String>) {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let (tx, rx) = mpsc::channel();
+    for (prefix, pipe) in [
+        (
+            "out: ",
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        ),
+        ("err: ", Box::new(child.stderr.take().unwrap())),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(format!("{prefix}{line}"));
+            }
+        });
+    }
+    (child, rx)
+}
+
+/// Waits for a line containing `want`, failing with every line seen.
+fn expect_line(rx: &mpsc::Receiver<String>, want: &str) -> String {
+    let deadline = Instant::now() + T;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(want) => return line,
+            Ok(line) => seen.push(line),
+            Err(_) => break,
+        }
+    }
+    panic!("no line with {want:?} within {T:?}; saw: {seen:#?}");
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+fn wait_exit(mut child: Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + T;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "drover run did not end");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pid_in(line: &str) -> i32 {
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn sigterm_and_sighup_stop_a_throwaway_run_and_leave_nothing_behind() {
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGHUP, 129)] {
+        let home = Home::new();
+        let tmp = home.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let mut cmd = home.cmd(&["run", "--", "sh", "-c", "echo pid $$; exec sleep 600"]);
+        cmd.env("TMPDIR", &tmp);
+        let (child, rx) = spawn_run(&mut cmd);
+        let pid = pid_in(&expect_line(&rx, "out: pid "));
+        assert!(pid_alive(pid));
+        let entries = std::fs::read_dir(&tmp).unwrap().count();
+        assert_eq!(entries, 1, "the throwaway cluster lives in TMPDIR");
+
+        signal(&child, sig);
+        let status = wait_exit(child);
+        assert_eq!(status.code(), Some(code), "signal {sig}");
+        assert!(
+            !pid_alive(pid),
+            "signal {sig}: the task's process outlived drover run"
+        );
+        let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+        assert!(left.is_empty(), "signal {sig}: left behind {left:?}");
+    }
+}
+
+#[test]
+fn a_run_says_why_it_waits_and_sigterm_stops_its_job() {
+    let up = Up::start();
+    let (child, rx) = spawn_run(&mut up.home.cmd(&[
+        "run", "--name", "huge", "--cpu", "64", "--", "echo", "never",
+    ]));
+    let line = expect_line(&rx, "err: drover: waiting:");
+    assert!(line.contains("cpu 64"), "{line}");
+    // A follow of the same job says it too.
+    let (logs, logs_rx) = spawn_run(&mut up.home.cmd(&["logs", "-f", "huge"]));
+    let line = expect_line(&logs_rx, "err: drover: waiting:");
+    assert!(line.contains("cpu 64"), "{line}");
+
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(child).code(), Some(143));
+    assert_eq!(up.job_status("huge"), "stopped");
+    // The follow ends with the job.
+    assert!(wait_exit(logs).success());
+}
+
+#[test]
+fn a_run_whose_reader_goes_away_stops_its_job() {
+    let up = Up::start();
+    let cmd = up.home.cmd(&[
+        "run",
+        "--name",
+        "talker",
+        "--",
+        "sh",
+        "-c",
+        "while true; do echo tick; sleep 0.1; done",
+    ]);
+    let (status, err) = with_reader_gone(cmd, T);
+    assert_quiet_end("run", status, &err);
+    wait_until("the job to stop", T, || {
+        up.job_status("talker") == "stopped"
+    });
+}
