@@ -45,21 +45,8 @@ fn with_reader_gone(mut cmd: Command, limit: Duration) -> (std::process::ExitSta
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     cmd.stdout(writer).stderr(Stdio::piped());
-    let out = run_with_timeout_keeping_stdout(cmd, limit);
+    let out = finish_within(cmd, limit);
     (out.status, stderr(&out))
-}
-
-/// Like `run_with_timeout`, for a command whose stdout the caller has set.
-fn run_with_timeout_keeping_stdout(mut cmd: Command, limit: Duration) -> std::process::Output {
-    let child = cmd.spawn().expect("spawning drover");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(limit) {
-        Ok(out) => out.expect("waiting for drover"),
-        Err(_) => panic!("drover did not finish within {limit:?} after its reader went away"),
-    }
 }
 
 fn assert_quiet_end(what: &str, status: std::process::ExitStatus, err: &str) {
@@ -74,25 +61,18 @@ fn assert_quiet_end(what: &str, status: std::process::ExitStatus, err: &str) {
 fn every_command_ends_quietly_when_its_reader_goes_away() {
     let up = Up::start();
     let h = &up.home;
-    let job = write(
-        h.path(),
+    let apply = |file: &str, yaml: &str| {
+        let path = write(h.path(), file, yaml);
+        let out = h.run(&["job", "apply", "-f", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    apply(
         "chatty.yaml",
         "name: chatty\nkind: service\ncommand: [sh, -c, 'while true; do echo tick; sleep 0.1; done']\nstop_grace: 1s\n",
     );
-    assert!(
-        h.run(&["job", "apply", "-f", job.to_str().unwrap()])
-            .status
-            .success()
-    );
-    let quiet = write(
-        h.path(),
+    apply(
         "quiet.yaml",
         "name: quiet\nkind: service\ncommand: [sh, -c, 'echo once; exec sleep 600']\nstop_grace: 1s\n",
-    );
-    assert!(
-        h.run(&["job", "apply", "-f", quiet.to_str().unwrap()])
-            .status
-            .success()
     );
     wait_until("both jobs to print", T, || {
         stdout(&h.run(&["logs", "chatty"])).contains("tick")

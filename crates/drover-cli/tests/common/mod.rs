@@ -70,6 +70,12 @@ impl Home {
 
 pub fn run_with_timeout(mut cmd: Command, limit: Duration) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    finish_within(cmd, limit)
+}
+
+/// Runs a command whose stdio the caller has set up to completion, failing the test if
+/// it takes longer than `limit`.
+pub fn finish_within(mut cmd: Command, limit: Duration) -> Output {
     let child = cmd.spawn().expect("spawning drover");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
