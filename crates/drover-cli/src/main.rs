@@ -214,9 +214,14 @@ struct RunArgs {
     /// Keep the tasks running (restart them when they exit) until interrupted.
     #[arg(long)]
     service: bool,
-    /// The job's name (default: run-<random>).
+    /// The job's name (default: run-<random>). A job of that name of the same kind and
+    /// runtime gets a new version; one of another kind or runtime is only replaced with
+    /// --replace.
     #[arg(long)]
     name: Option<String>,
+    /// Let --name replace a job of another kind (service or batch) or runtime.
+    #[arg(long, requires = "name")]
+    replace: bool,
     /// The runtime: process, mock, docker or plugin:NAME (docker when --image is given).
     #[arg(long)]
     runtime: Option<String>,
@@ -1074,6 +1079,9 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
     spec.validate()
         .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
     let go = async |c: &Client, cluster: RunCluster| -> Result<i32> {
+        if a.name.is_some() && !a.replace {
+            refuse_silent_replace(c, &spec).await?;
+        }
         if let Some((r, path)) = &local {
             upload_if_missing(c, r, path).await?;
         }
@@ -1093,6 +1101,36 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
             result
         }
     }
+}
+
+/// Refuses to let `drover run --name` turn an existing job into one of another kind or
+/// runtime (a docker service into a batch process job, say) without `--replace`: a
+/// typo in a name must not silently take a service down.
+async fn refuse_silent_replace(c: &Client, spec: &JobSpec) -> Result<()> {
+    let current = match c.job(&spec.name).await {
+        Ok(v) => v,
+        Err(e)
+            if e.downcast_ref::<client::ApiError>()
+                .is_some_and(|a| a.status == 404) =>
+        {
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let old = &current.job.spec;
+    if old.kind == spec.kind && old.runtime == spec.runtime {
+        return Ok(());
+    }
+    bail!(
+        "job {} is a {} job of the {} runtime ({}, version {}); this would replace it with a {} job of the {} runtime: pass --replace to do that, or choose another --name",
+        spec.name,
+        old.kind,
+        old.runtime,
+        current.job.status,
+        current.job.version,
+        spec.kind,
+        spec.runtime
+    )
 }
 
 /// The artifact a local file is run as: named after the file, versioned by its content,

@@ -220,3 +220,39 @@ fn a_run_whose_reader_goes_away_stops_its_job() {
         up.job_status("talker") == "stopped"
     });
 }
+
+#[test]
+fn run_replaces_a_job_of_another_kind_only_when_asked() {
+    let up = Up::start();
+    let h = &up.home;
+    let web = write(
+        h.path(),
+        "web.yaml",
+        "name: web\nkind: service\ncommand: [sh, -c, 'exec sleep 600']\nstop_grace: 1s\n",
+    );
+    assert!(
+        h.run(&["job", "apply", "-f", web.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let refused = h.run(&["run", "--name", "web", "--", "echo", "x"]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let err = stderr(&refused);
+    assert!(
+        err.contains("job web is a service job") && err.contains("--replace"),
+        "{err}"
+    );
+    let status = json(&h.run(&["job", "status", "web", "-o", "json"]));
+    assert_eq!(status["job"]["version"], 1, "{status}");
+    assert_eq!(status["job"]["spec"]["kind"], "service", "{status}");
+
+    // With --replace it becomes a batch job; a run of the same kind and runtime after
+    // that needs no flag and is a new version, as before.
+    let replaced = h.run(&["run", "--name", "web", "--replace", "--", "echo", "x"]);
+    assert!(replaced.status.success(), "{}", stderr(&replaced));
+    assert_eq!(stdout(&replaced), "x\n");
+    let again = h.run(&["run", "--name", "web", "--", "echo", "y"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let status = json(&h.run(&["job", "status", "web", "-o", "json"]));
+    assert_eq!(status["job"]["version"], 3, "{status}");
+}
