@@ -5,6 +5,7 @@ mod cluster;
 mod config;
 mod output;
 mod pack;
+mod wait;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -581,6 +582,8 @@ enum JobCmd {
         /// when none is given.
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Run a finished job again, unchanged, as a new version.
     Rerun { name: String },
@@ -588,14 +591,48 @@ enum JobCmd {
     Ls,
     /// Show a job and its tasks.
     Status { name: String },
-    /// Stop a job's tasks: SIGTERM, then SIGKILL after its stop_grace.
+    /// Stop a job's tasks: SIGTERM, then SIGKILL after its stop_grace. Waits until every
+    /// task has ended, unless --detach.
     Stop {
         name: String,
         /// Kill the tasks at once (SIGKILL), without waiting out stop_grace; this also
         /// ends tasks already stopping under a longer grace.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
+}
+
+/// How a command that changes a job waits for the change to take effect.
+#[derive(Args)]
+struct WaitArgs {
+    /// Return as soon as the controller has accepted the change, without waiting.
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// How long to wait before giving up (the change goes on): e.g. 30s, 10m.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    timeout: std::time::Duration,
+}
+
+impl WaitArgs {
+    /// Waits for `goal` unless detached; Ctrl-C ends the wait, not the change.
+    async fn wait(
+        &self,
+        c: &Client,
+        name: &str,
+        goal: wait::Goal,
+    ) -> Result<Option<wait::Reached>> {
+        if self.detach {
+            return Ok(None);
+        }
+        tokio::select! {
+            r = wait::wait(c, name, goal, self.timeout) => r.map(Some),
+            _ = tokio::signal::ctrl_c() => {
+                bail!("stopped waiting; job {name} goes on (`drover job status {name}`)")
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -1344,6 +1381,15 @@ async fn run_on(c: &Client, spec: &JobSpec, cluster: RunCluster) -> Result<i32> 
     })
 }
 
+/// How a finished job ended, for "job NAME has already ...": `stopped`, `completed`,
+/// `failed`.
+fn ended_as(job: &drover_core::api::JobView) -> String {
+    match job.job.status {
+        JobStatus::Complete => "completed".to_string(),
+        other => other.to_string(),
+    }
+}
+
 /// The shell's convention: the exit code, or 128 + the signal number.
 fn exit_code(exit: Option<&Exit>) -> i32 {
     match exit {
@@ -1483,6 +1529,7 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
         JobCmd::Apply {
             file,
             idempotency_key,
+            wait,
         } => {
             let name = file.display().to_string();
             let text = std::fs::read_to_string(file).with_context(|| format!("reading {name}"))?;
@@ -1497,19 +1544,30 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
                 rerun: false,
             };
             let res = c.apply(&spec, &how).await?;
-            match out {
-                Output::Json => output::json(&res)?,
-                Output::Table => {
-                    let job = &res.job.job;
-                    outln!("job {} {} (version {})", job.name, res.result, job.version)?;
-                    if res.result == "unchanged" && job.status.is_final() {
-                        outln!(
-                            "it has {}; `drover job rerun {}` runs it again",
-                            job.status,
-                            job.name
-                        )?;
-                    }
+            let job = &res.job.job;
+            let finished = res.result == "unchanged" && job.status.is_final();
+            if out == Output::Table {
+                outln!("job {} {} (version {})", job.name, res.result, job.version)?;
+                if finished {
+                    outln!(
+                        "it has {}; `drover job rerun {}` runs it again",
+                        job.status,
+                        job.name
+                    )?;
                 }
+            }
+            if !finished
+                && let Some(reached) = wait.wait(c, &job.name, wait::Goal::Applied).await?
+                && out == Output::Table
+            {
+                outln!(
+                    "job {}: {}",
+                    job.name,
+                    wait::summarise(&reached.job, &reached.tasks)
+                )?;
+            }
+            if out == Output::Json {
+                output::json(&res)?;
             }
             Ok(0)
         }
@@ -1546,14 +1604,36 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             output::job_status(out, &job, &tasks)?;
             Ok(0)
         }
-        JobCmd::Stop { name, force } => {
-            let job = c.stop_job(name, *force).await?;
-            match out {
-                Output::Json => output::json(&job)?,
-                Output::Table if *force => {
-                    outln!("job {} stopping: its tasks are killed now", job.job.name)?
+        JobCmd::Stop { name, force, wait } => {
+            let current = c.job(name).await?;
+            let ended = current.job.status.is_final()
+                && current.task_states.keys().all(|s| s.is_terminal());
+            if ended && !*force {
+                match out {
+                    Output::Json => output::json(&current)?,
+                    Output::Table => outln!("job {name} has already {}", ended_as(&current))?,
                 }
-                Output::Table => outln!("job {} stopping", job.job.name)?,
+                return Ok(0);
+            }
+            let job = c.stop_job(name, *force).await?;
+            if out == Output::Table && wait.detach {
+                if *force {
+                    outln!("job {} stopping: its tasks are killed now", job.job.name)?
+                } else {
+                    outln!("job {} stopping", job.job.name)?
+                }
+            }
+            let job = match wait.wait(c, name, wait::Goal::Stopped).await? {
+                Some(reached) => {
+                    if out == Output::Table {
+                        outln!("job {name} {}", ended_as(&reached.job))?;
+                    }
+                    reached.job
+                }
+                None => job,
+            };
+            if out == Output::Json {
+                output::json(&job)?;
             }
             Ok(0)
         }

@@ -256,3 +256,82 @@ fn run_replaces_a_job_of_another_kind_only_when_asked() {
     let status = json(&h.run(&["job", "status", "web", "-o", "json"]));
     assert_eq!(status["job"]["version"], 3, "{status}");
 }
+
+#[test]
+fn apply_and_stop_wait_until_the_job_gets_there_unless_detached() {
+    let up = Up::start();
+    let h = &up.home;
+    let apply = |file: &str, yaml: &str, extra: &[&str]| {
+        let path = write(h.path(), file, yaml);
+        let mut args = vec!["job", "apply", "-f", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        h.run(&args)
+    };
+    let web =
+        "name: web\nkind: service\ncount: 2\ncommand: [sh, -c, 'exec sleep 600']\nstop_grace: 1s\n";
+    let out = apply("web.yaml", web, &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("job web: 2/2 running"),
+        "{}",
+        stdout(&out)
+    );
+    // Running when apply returned, not some time after.
+    let tasks = json(&h.run(&["task", "ls", "--job", "web", "-o", "json"]));
+    let running = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["state"] == "running")
+        .count();
+    assert_eq!(running, 2, "{tasks}");
+
+    let out = h.run(&["job", "stop", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "job web stopped\n");
+    let tasks = json(&h.run(&["task", "ls", "--job", "web", "-o", "json"]));
+    assert!(
+        tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["state"] == "stopped"),
+        "{tasks}"
+    );
+    let out = h.run(&["job", "stop", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "job web has already stopped\n");
+
+    // A job that cannot be placed: the wait gives up at its timeout and says why; the
+    // job stays applied. Detached, apply returns at once.
+    let huge = "name: huge\nkind: service\nresources: { cpu: 64 }\ncommand: [sleep, '600']\n";
+    let start = Instant::now();
+    let out = apply("huge.yaml", huge, &["--timeout", "2s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("job huge did not run within 2s")
+            && err.contains("waiting: ")
+            && err.contains("cpu 64"),
+        "{err}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert_eq!(up.job_status("huge"), "running");
+    let out = apply(
+        "huge2.yaml",
+        &huge.replace("name: huge", "name: huge2"),
+        &["--detach"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "job huge2 created (version 1)\n");
+
+    // A service that cannot start: the wait ends when its attempts keep failing.
+    let crash = "name: crash\nkind: service\ncommand: [sh, -c, 'echo boom >&2; exit 3']\nrestart: { delay: 100ms }\n";
+    let out = apply("crash.yaml", crash, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("job crash is failing to start"),
+        "{}",
+        stderr(&out)
+    );
+}

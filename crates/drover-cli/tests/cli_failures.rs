@@ -104,7 +104,9 @@ impl Fleet {
 
     fn apply(&self, yaml: &str) {
         let file = write(self.home.path(), "job.yaml", yaml);
-        let out = self.cli(&["job", "apply", "-f", file.to_str().unwrap()]);
+        // Detached: these tests apply jobs while agents come and go, and watch the
+        // outcome themselves.
+        let out = self.cli(&["job", "apply", "--detach", "-f", file.to_str().unwrap()]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
 
@@ -511,7 +513,7 @@ fn a_forced_stop_given_while_the_agent_is_down_kills_the_task_when_it_returns() 
         fleet.home.path().display()
     ));
     let (_, pid) = fleet.running_task("deaf");
-    let out = fleet.cli(&["job", "stop", "deaf"]);
+    let out = fleet.cli(&["job", "stop", "--detach", "deaf"]);
     assert!(out.status.success(), "{}", stderr(&out));
     wait_until("the task to be stopping", T, || {
         fleet.tasks("deaf")[0]["state"] == "stopping"
@@ -520,7 +522,7 @@ fn a_forced_stop_given_while_the_agent_is_down_kills_the_task_when_it_returns() 
     assert!(pid_alive(pid), "the trap holds against SIGTERM");
 
     agent.kill9();
-    let out = fleet.cli(&["job", "stop", "--force", "deaf"]);
+    let out = fleet.cli(&["job", "stop", "--force", "--detach", "deaf"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("killed now"), "{}", stdout(&out));
     std::thread::sleep(Duration::from_millis(300));

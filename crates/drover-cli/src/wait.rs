@@ -1,0 +1,349 @@
+//! Waiting until a job reaches what a command asked of it (`job apply`, `job stop`), as
+//! `nomad job run` and `kubectl rollout status` do: live progress on a terminal, the
+//! pending reason while tasks wait, and a deadline.
+
+use crate::client::Client;
+use anyhow::{Result, bail};
+use drover_core::api::{JobView, TaskView};
+use drover_core::spec::JobKind;
+use drover_core::{TaskId, TaskState};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How often the job is looked at while waiting.
+const POLL: Duration = Duration::from_millis(250);
+
+/// How long a service's tasks must have run, seen by this wait, before they count as
+/// started: a task that crashes right after it starts is running for a moment, and an
+/// apply must not report that as success. (Nomad's `min_healthy_time`, kept short.)
+const MIN_RUNNING: Duration = Duration::from_secs(1);
+
+/// After this many failed attempts of the current version while waiting for a service
+/// to run, the wait gives up and says why; the controller goes on restarting it.
+const FAILED_ATTEMPTS: usize = 3;
+
+/// What a command waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Goal {
+    /// Every task has ended (`job stop`).
+    Stopped,
+    /// What an applied job should reach: a service's tasks all running (and healthy,
+    /// where it has a health check, since such a task is `running` only once a probe
+    /// passes); a batch job's tasks all placed on nodes, or the job finished.
+    Applied,
+}
+
+/// How a wait ended, when the goal was reached.
+pub struct Reached {
+    pub job: JobView,
+    pub tasks: Vec<TaskView>,
+}
+
+/// Waits until `name` reaches `goal`, or fails with what it is stuck on when `timeout`
+/// passes first or a service keeps failing to start.
+pub async fn wait(c: &Client, name: &str, goal: Goal, timeout: Duration) -> Result<Reached> {
+    let progress = Progress::new();
+    let start = Instant::now();
+    // When this wait first saw each task running; a task that stops running leaves.
+    let mut running_since: BTreeMap<TaskId, Instant> = BTreeMap::new();
+    loop {
+        let job = c.job(name).await?;
+        let tasks = c.tasks(Some(name)).await?;
+        let now = Instant::now();
+        running_since.retain(|id, _| {
+            tasks
+                .iter()
+                .any(|t| &t.task.id == id && t.task.state == TaskState::Running)
+        });
+        for t in tasks.iter().filter(|t| t.task.state == TaskState::Running) {
+            running_since.entry(t.task.id.clone()).or_insert(now);
+        }
+        let goal_of = goal_for(goal, &job);
+        match check(goal_of, &job, &tasks) {
+            Check::Reached
+                if goal_of == Target::Running
+                    && running_since
+                        .values()
+                        .filter(|since| now.duration_since(**since) >= MIN_RUNNING)
+                        .count()
+                        < job.job.spec.count as usize => {}
+            Check::Reached => {
+                progress.done();
+                return Ok(Reached { job, tasks });
+            }
+            Check::Failing(why) => {
+                progress.done();
+                bail!("{why}");
+            }
+            Check::Waiting => {}
+        }
+        let summary = summarise(&job, &tasks);
+        if start.elapsed() >= timeout {
+            progress.done();
+            bail!(
+                "job {name} did not {} within {}: {summary}; it goes on (`drover job status {name}`), and --timeout waits longer",
+                goal_of.verb(),
+                humantime::format_duration(timeout)
+            );
+        }
+        progress.show(&format!("job {name}: {summary}"));
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// What the wait checks for this job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Stopped,
+    Running,
+    Placed,
+}
+
+impl Target {
+    fn verb(self) -> &'static str {
+        match self {
+            Target::Stopped => "stop",
+            Target::Running => "run",
+            Target::Placed => "get its tasks placed",
+        }
+    }
+}
+
+fn goal_for(goal: Goal, job: &JobView) -> Target {
+    match (goal, job.job.spec.kind) {
+        (Goal::Stopped, _) => Target::Stopped,
+        (Goal::Applied, JobKind::Service) => Target::Running,
+        (Goal::Applied, JobKind::Batch) => Target::Placed,
+    }
+}
+
+enum Check {
+    Reached,
+    Waiting,
+    Failing(String),
+}
+
+/// Whether the job has reached `target`, from one look at it and its tasks.
+fn check(target: Target, job: &JobView, tasks: &[TaskView]) -> Check {
+    let j = &job.job;
+    let all_ended = tasks.iter().all(|t| t.task.state.is_terminal());
+    match target {
+        Target::Stopped => {
+            if j.status.is_final() && all_ended {
+                Check::Reached
+            } else {
+                Check::Waiting
+            }
+        }
+        Target::Placed => {
+            let placed = tasks
+                .iter()
+                .all(|t| t.task.state != TaskState::Pending || t.task.desired_stop);
+            if (j.status.is_final() && all_ended) || (!tasks.is_empty() && placed) {
+                Check::Reached
+            } else {
+                Check::Waiting
+            }
+        }
+        Target::Running => {
+            if j.status.is_final() {
+                let why = if j.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", j.reason)
+                };
+                return Check::Failing(format!("job {} {}{why}", j.name, j.status));
+            }
+            let failed: Vec<&TaskView> = tasks
+                .iter()
+                .filter(|t| t.task.state == TaskState::Failed)
+                .collect();
+            if failed.len() >= FAILED_ATTEMPTS {
+                let last = failed
+                    .iter()
+                    .max_by_key(|t| t.task.updated_at)
+                    .map(|t| format!("; the latest, task {}: {}", t.task.index, t.task.reason))
+                    .unwrap_or_default();
+                return Check::Failing(format!(
+                    "job {} is failing to start: {} attempts failed{last}; the controller keeps restarting it (`drover logs {}`)",
+                    j.name,
+                    failed.len(),
+                    j.name
+                ));
+            }
+            let running = tasks
+                .iter()
+                .filter(|t| t.task.state == TaskState::Running)
+                .count();
+            if running >= j.spec.count as usize {
+                Check::Reached
+            } else {
+                Check::Waiting
+            }
+        }
+    }
+}
+
+/// A line on where the job's tasks are: `1/2 running, 1 pending (waiting: ...)`.
+pub fn summarise(job: &JobView, tasks: &[TaskView]) -> String {
+    let mut by_state: BTreeMap<TaskState, usize> = BTreeMap::new();
+    for t in tasks {
+        *by_state.entry(t.task.state).or_insert(0) += 1;
+    }
+    let running = by_state.remove(&TaskState::Running).unwrap_or(0);
+    let mut parts = vec![format!("{running}/{} running", job.job.spec.count)];
+    parts.extend(by_state.iter().map(|(s, n)| format!("{n} {s}")));
+    let mut line = parts.join(", ");
+    if let Some(why) = &job.pending_reason {
+        line.push_str(&format!(" (waiting: {why})"));
+    }
+    line
+}
+
+/// A spinner on stderr when it is a terminal; nothing otherwise, so logs and scripts
+/// get only the outcome.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {wide_msg}") {
+                bar.set_style(style);
+            }
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        });
+        Progress { bar }
+    }
+
+    fn show(&self, line: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(line.to_string());
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_core::spec::JobSpec;
+    use drover_core::state::{Job, JobStatus, Task};
+    use drover_core::{JobId, ProjectId, TaskId};
+
+    fn job(kind: JobKind, count: u32, status: JobStatus) -> JobView {
+        let mut spec = JobSpec::new("web", vec!["true".into()]);
+        spec.kind = kind;
+        spec.count = count;
+        let job = Job {
+            id: JobId::generate(),
+            project: ProjectId::default_project(),
+            name: "web".into(),
+            version: 1,
+            spec,
+            status,
+            reason: String::new(),
+            exit: None,
+            created_at: 0,
+            updated_at: 0,
+            idempotency_key: None,
+        };
+        JobView {
+            job,
+            task_states: BTreeMap::new(),
+            pending_reason: None,
+        }
+    }
+
+    fn tasks(job: &JobView, states: &[TaskState]) -> Vec<TaskView> {
+        states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let t = Task {
+                    id: TaskId::generate(),
+                    project: job.job.project.clone(),
+                    job_id: job.job.id.clone(),
+                    job_name: job.job.name.clone(),
+                    index: i as u32,
+                    attempt: 0,
+                    state: *s,
+                    node_id: None,
+                    reason: String::new(),
+                    exit: None,
+                    desired_stop: false,
+                    stop_forced: false,
+                    not_before: 0,
+                    created_at: i as i64,
+                    updated_at: i as i64,
+                    ports: Vec::new(),
+                };
+                TaskView {
+                    task: t,
+                    node_name: None,
+                    usage: None,
+                    unknown: false,
+                }
+            })
+            .collect()
+    }
+
+    fn reached(goal: Goal, job: &JobView, states: &[TaskState]) -> &'static str {
+        match check(goal_for(goal, job), job, &tasks(job, states)) {
+            Check::Reached => "reached",
+            Check::Waiting => "waiting",
+            Check::Failing(_) => "failing",
+        }
+    }
+
+    #[test]
+    fn each_kind_of_job_is_waited_for_until_its_own_goal() {
+        use TaskState::*;
+        let svc = job(JobKind::Service, 2, JobStatus::Running);
+        assert_eq!(reached(Goal::Applied, &svc, &[Running, Pending]), "waiting");
+        assert_eq!(reached(Goal::Applied, &svc, &[Running, Running]), "reached");
+        assert_eq!(
+            reached(
+                Goal::Applied,
+                &svc,
+                &[Failed, Failed, Failed, Pending, Pending]
+            ),
+            "failing"
+        );
+        let batch = job(JobKind::Batch, 2, JobStatus::Running);
+        assert_eq!(
+            reached(Goal::Applied, &batch, &[Scheduled, Pending]),
+            "waiting"
+        );
+        assert_eq!(
+            reached(Goal::Applied, &batch, &[Preparing, Succeeded]),
+            "reached"
+        );
+        assert_eq!(reached(Goal::Applied, &batch, &[]), "waiting");
+        let done = job(JobKind::Batch, 1, JobStatus::Complete);
+        assert_eq!(reached(Goal::Applied, &done, &[Succeeded]), "reached");
+        assert_eq!(
+            reached(Goal::Stopped, &svc, &[Stopping, Stopped]),
+            "waiting"
+        );
+        let stopped = job(JobKind::Service, 2, JobStatus::Stopped);
+        assert_eq!(
+            reached(Goal::Stopped, &stopped, &[Stopping, Stopped]),
+            "waiting"
+        );
+        assert_eq!(
+            reached(Goal::Stopped, &stopped, &[Stopped, Stopped]),
+            "reached"
+        );
+        assert_eq!(reached(Goal::Applied, &stopped, &[Stopped]), "failing");
+    }
+}
