@@ -1,13 +1,17 @@
 //! Where the CLI finds its server and token: flags, then `DROVER_SERVER` and
-//! `DROVER_TOKEN`, then the config file `drover up` writes.
+//! `DROVER_TOKEN`, then a context of the config file, kubeconfig-style: each `drover up`
+//! and `drover token create --save` adds one, and `--context`, `DROVER_CONTEXT` or the
+//! file's `current_context` picks one.
 
-use anyhow::{Context, Result};
+use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// One cluster (and project, and token) the CLI can talk to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CliConfig {
+pub struct Context {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -23,6 +27,73 @@ pub struct CliConfig {
     /// `--server-fingerprint` would give it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_fingerprint: Option<String>,
+}
+
+/// The config file: named contexts and the one in use.
+///
+/// A file written before contexts existed held one context's fields at the top level;
+/// it is read as a single context named [`LEGACY_CONTEXT`], and written back in the
+/// new form the next time the file changes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_context: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub contexts: BTreeMap<String, Context>,
+    #[serde(flatten, default, skip_serializing)]
+    legacy: Context,
+}
+
+/// The name an old, context-less config file's settings get.
+pub const LEGACY_CONTEXT: &str = "default";
+
+impl CliConfig {
+    /// Folds an old file's top-level settings into a context of their own.
+    fn upgrade(mut self) -> CliConfig {
+        let legacy = std::mem::take(&mut self.legacy);
+        if legacy != Context::default() && !self.contexts.contains_key(LEGACY_CONTEXT) {
+            self.contexts.insert(LEGACY_CONTEXT.to_string(), legacy);
+            self.current_context
+                .get_or_insert_with(|| LEGACY_CONTEXT.to_string());
+        }
+        self
+    }
+
+    /// The context to use: the one named (by `--context` or `DROVER_CONTEXT`), else the
+    /// current one, else none. A name that is not in the file is an error that lists
+    /// the names that are.
+    pub fn pick(&self, named: Option<&str>) -> Result<Option<(&str, &Context)>> {
+        let Some(name) = named.or(self.current_context.as_deref()) else {
+            return Ok(None);
+        };
+        match self.contexts.get_key_value(name) {
+            Some((k, c)) => Ok(Some((k.as_str(), c))),
+            None if named.is_none() => bail!(
+                "the config file's current_context is {name:?}, which it does not define; pick one with `drover context use NAME` ({})",
+                self.names()
+            ),
+            None => bail!(
+                "no context named {name:?} in the CLI config ({})",
+                self.names()
+            ),
+        }
+    }
+
+    fn names(&self) -> String {
+        if self.contexts.is_empty() {
+            return "it has none; `drover up` or `drover token create --save NAME` adds one"
+                .to_string();
+        }
+        let names: Vec<&str> = self.contexts.keys().map(String::as_str).collect();
+        format!("it has: {}", names.join(", "))
+    }
+
+    /// Adds or replaces a context and makes it the current one.
+    pub fn put(&mut self, name: &str, context: Context) {
+        self.contexts.insert(name.to_string(), context);
+        self.current_context = Some(name.to_string());
+    }
 }
 
 /// `$XDG_CONFIG_HOME/drover/config.yaml`, or `~/.config/drover/config.yaml`.
@@ -53,7 +124,18 @@ pub fn load() -> Result<CliConfig> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(CliConfig::default()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    serde_saphyr::from_str::<CliConfig>(&text)
+        .map(CliConfig::upgrade)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Loads the config file, lets `change` edit it, and saves it; nothing is written when
+/// `change` fails.
+pub fn update<T>(change: impl FnOnce(&mut CliConfig) -> Result<T>) -> Result<(T, PathBuf)> {
+    let mut cfg = load()?;
+    let out = change(&mut cfg)?;
+    let path = save(&cfg)?;
+    Ok((out, path))
 }
 
 /// Writes the config file atomically, readable only by its owner (it holds a token).
@@ -73,7 +155,7 @@ pub fn save(cfg: &CliConfig) -> Result<PathBuf> {
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(b"# Written by `drover up`. DROVER_SERVER, DROVER_TOKEN and flags override it.\n")?;
+    f.write_all(b"# Written by drover (`drover up`, `drover context`, `drover token create --save`).\n# --context or DROVER_CONTEXT picks a context; DROVER_SERVER, DROVER_TOKEN and flags\n# override its settings.\n")?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
@@ -130,4 +212,48 @@ pub fn write_secret(path: &std::path::Path, secret: &str) -> Result<()> {
         return Err(e).with_context(|| format!("writing {}", path.display()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> CliConfig {
+        serde_saphyr::from_str::<CliConfig>(yaml).unwrap().upgrade()
+    }
+
+    #[test]
+    fn an_old_flat_file_reads_as_one_current_context() {
+        let cfg = parse("server: http://127.0.0.1:7700\ntoken: drv_x\n");
+        let (name, ctx) = cfg.pick(None).unwrap().unwrap();
+        assert_eq!(name, LEGACY_CONTEXT);
+        assert_eq!(ctx.server.as_deref(), Some("http://127.0.0.1:7700"));
+        assert_eq!(ctx.token.as_deref(), Some("drv_x"));
+        // Written back in the new form only.
+        let text = serde_saphyr::to_string(&cfg).unwrap();
+        assert_eq!(parse(&text), cfg);
+        assert!(text.contains("contexts:"), "{text}");
+    }
+
+    #[test]
+    fn a_context_is_picked_by_name_or_as_the_current_one() {
+        let mut cfg = CliConfig::default();
+        assert!(cfg.pick(None).unwrap().is_none());
+        let ctx = |s: &str| Context {
+            server: Some(s.into()),
+            ..Context::default()
+        };
+        cfg.put("a", ctx("http://a"));
+        cfg.put("b", ctx("http://b"));
+        assert_eq!(cfg.pick(None).unwrap().unwrap().0, "b");
+        assert_eq!(cfg.pick(Some("a")).unwrap().unwrap().0, "a");
+        let err = cfg.pick(Some("c")).unwrap_err().to_string();
+        assert!(
+            err.contains("\"c\"") && err.contains("it has: a, b"),
+            "{err}"
+        );
+        cfg.current_context = Some("gone".into());
+        let err = cfg.pick(None).unwrap_err().to_string();
+        assert!(err.contains("current_context is \"gone\""), "{err}");
+    }
 }

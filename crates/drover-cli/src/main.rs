@@ -58,8 +58,10 @@ const JOIN_TOKEN_ENV: &str = "DROVER_JOIN_TOKEN";
         Logs go to stderr; DROVER_LOG sets the level (e.g. debug, or drover_agent=debug) and\n\
         DROVER_LOG_FORMAT=json makes them one JSON object per line.",
     after_help = "Server and token come from --server/--token, then DROVER_SERVER/DROVER_TOKEN, then\n\
-        the config file `drover up` writes ($XDG_CONFIG_HOME/drover/config.yaml); the project\n\
-        from --project, then DROVER_PROJECT, then `project:` in that file."
+        a context of the config file ($XDG_CONFIG_HOME/drover/config.yaml): the one\n\
+        --context or DROVER_CONTEXT names, else the current one (`drover context ls`).\n\
+        Each `drover up` adds a context for its cluster. The project comes from --project,\n\
+        then DROVER_PROJECT, then the context's `project:`."
 )]
 struct Cli {
     /// The controller's URL, e.g. https://controller:7700 (`drover up` serves
@@ -88,6 +90,10 @@ struct Cli {
     /// admin token acts in every project unless this names one.
     #[arg(long, global = true, env = "DROVER_PROJECT")]
     project: Option<String>,
+    /// The context of the CLI config to use instead of its current one (see `drover
+    /// context ls`); --server, --token and the others override its settings.
+    #[arg(long, global = true, env = "DROVER_CONTEXT", value_name = "NAME")]
+    context: Option<String>,
     /// Output format of listings.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -197,6 +203,12 @@ enum Cmd {
             drover token revoke 3f9c2a7b1d04"
     )]
     Token(TokenCmd),
+    /// Switch between clusters (and projects, and tokens) kept in the CLI config.
+    #[command(
+        subcommand,
+        after_help = "Each `drover up` adds a context for its cluster and makes it current; `drover token create --save NAME` adds one for the new token.\n\nExamples:\n  drover context ls\n  drover context use local-7701\n  drover --context local job ls\n  DROVER_CONTEXT=team-a drover run -- echo hi"
+    )]
+    Context(ContextCmd),
     /// Print shell completions, e.g. `drover completions bash > /etc/bash_completion.d/drover`.
     Completions {
         #[arg(value_enum)]
@@ -679,11 +691,27 @@ enum TokenCmd {
         /// A label to recognise it by in `drover token ls`.
         #[arg(long)]
         name: Option<String>,
+        /// Also keep the token in the CLI config as a context of this name (with the
+        /// server in use and the token's project), and make it the current one.
+        #[arg(long, value_name = "CONTEXT")]
+        save: Option<String>,
     },
     /// List tokens (never their secrets): a project admin sees its project's.
     Ls,
     /// Revoke a token by the ID `drover token ls` shows; requests with it fail from now on.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+enum ContextCmd {
+    /// List the contexts (never their tokens); `*` marks the current one.
+    Ls,
+    /// Make a context the current one.
+    Use { name: String },
+    /// Remove a context (its cluster is untouched).
+    Rm { name: String },
+    /// Give a context another name.
+    Rename { old: String, new: String },
 }
 
 /// The roles `drover token create` offers. The server decides who may create which: the
@@ -863,7 +891,11 @@ fn init_tracing(cmd: &Cmd) {
 
 /// The server and token to talk to, if any is configured.
 fn resolve(cli: &Cli) -> Result<Option<Client>> {
-    let file = config::load()?;
+    let cfg = config::load()?;
+    let file = cfg
+        .pick(cli.context.as_deref())?
+        .map(|(_, c)| c.clone())
+        .unwrap_or_default();
     let server = cli.server.clone().or(file.server);
     let token = cli.token.clone().or(file.token);
     let project = cli.project.clone().or(file.project);
@@ -995,7 +1027,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             output::projects(cli.output, &c.projects().await?)?;
             Ok(0)
         }
-        Cmd::Token(TokenCmd::Create { role, name }) => {
+        Cmd::Token(TokenCmd::Create { role, name, save }) => {
             let c = require(&cli)?;
             // The token's project is the one the client acts in (sent with every
             // request, from --project, DROVER_PROJECT or the config file), and without
@@ -1020,8 +1052,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                     );
                 }
             }
+            if let Some(ctx) = save {
+                save_token_context(&cli, ctx, &created)?;
+            }
             Ok(0)
         }
+        Cmd::Context(cmd) => context(&cli, cmd),
         Cmd::Token(TokenCmd::Ls) => {
             let c = require(&cli)?;
             output::tokens(cli.output, &c.tokens().await?)?;
@@ -1379,6 +1415,102 @@ async fn run_on(c: &Client, spec: &JobSpec, cluster: RunCluster) -> Result<i32> 
             exit_code(exit.as_ref())
         }
     })
+}
+
+/// The context `drover up` saves its cluster as: `local` on the default address,
+/// `local-PORT` on another port of loopback, else `up-HOST-PORT`.
+fn up_context_name(addr: SocketAddr) -> String {
+    match (addr.ip().is_loopback(), addr.port()) {
+        (true, 7700) => "local".to_string(),
+        (true, port) => format!("local-{port}"),
+        (false, port) => format!(
+            "up-{}-{port}",
+            addr.ip().to_string().replace([':', '.'], "-")
+        ),
+    }
+}
+
+/// Keeps a token just made as a context of its own: the server and trust settings in
+/// use, the token's project, the new secret.
+fn save_token_context(
+    cli: &Cli,
+    name: &str,
+    created: &drover_core::auth::CreatedToken,
+) -> Result<()> {
+    let cfg = config::load()?;
+    let base = cfg
+        .pick(cli.context.as_deref())?
+        .map(|(_, c)| c.clone())
+        .unwrap_or_default();
+    let context = config::Context {
+        server: cli.server.clone().or(base.server),
+        token: Some(created.token.clone()),
+        project: Some(created.view.project.to_string()),
+        ca: cli.ca.clone().or(base.ca),
+        server_fingerprint: cli.server_fingerprint.clone().or(base.server_fingerprint),
+    };
+    let ((), path) = config::update(|cfg| {
+        cfg.put(name, context);
+        Ok(())
+    })?;
+    eprintln!(
+        "saved as context {name} in {}, now the current one (`drover context use` switches back)",
+        path.display()
+    );
+    Ok(())
+}
+
+/// `drover context ...`: the CLI config's contexts.
+fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
+    let no_such = |cfg: &config::CliConfig, name: &str| -> anyhow::Error {
+        match cfg.pick(Some(name)) {
+            Err(e) => e,
+            Ok(_) => anyhow::anyhow!("no context named {name:?}"),
+        }
+    };
+    match cmd {
+        ContextCmd::Ls => {
+            let cfg = config::load()?;
+            output::contexts(cli.output, &cfg)?;
+        }
+        ContextCmd::Use { name } => {
+            config::update(|cfg| {
+                if !cfg.contexts.contains_key(name) {
+                    return Err(no_such(cfg, name));
+                }
+                cfg.current_context = Some(name.clone());
+                Ok(())
+            })?;
+            eprintln!("using context {name}");
+        }
+        ContextCmd::Rm { name } => {
+            config::update(|cfg| {
+                if cfg.contexts.remove(name).is_none() {
+                    return Err(no_such(cfg, name));
+                }
+                if cfg.current_context.as_deref() == Some(name) {
+                    cfg.current_context = None;
+                }
+                Ok(())
+            })?;
+            eprintln!("removed context {name}");
+        }
+        ContextCmd::Rename { old, new } => {
+            config::update(|cfg| {
+                if cfg.contexts.contains_key(new) {
+                    bail!("a context named {new:?} exists already; remove it first");
+                }
+                let ctx = cfg.contexts.remove(old).ok_or_else(|| no_such(cfg, old))?;
+                cfg.contexts.insert(new.clone(), ctx);
+                if cfg.current_context.as_deref() == Some(old) {
+                    cfg.current_context = Some(new.clone());
+                }
+                Ok(())
+            })?;
+            eprintln!("renamed context {old} to {new}");
+        }
+    }
+    Ok(0)
 }
 
 /// How a finished job ended, for "job NAME has already ...": `stopped`, `completed`,
@@ -1942,12 +2074,19 @@ async fn up(a: &UpArgs) -> Result<i32> {
     })
     .await?;
     let url = server.url();
-    let path = config::save(&config::CliConfig {
-        server: Some(url.clone()),
-        token: Some(admin),
-        project: None,
-        ca: None,
-        server_fingerprint: None,
+    // Each cluster `drover up` starts gets a context of its own, so a second one on
+    // another port does not cut the CLI off from the first.
+    let name = up_context_name(server.addr);
+    let ((), path) = config::update(|cfg| {
+        cfg.put(
+            &name,
+            config::Context {
+                server: Some(url.clone()),
+                token: Some(admin),
+                ..config::Context::default()
+            },
+        );
+        Ok(())
     })?;
     let agent = cluster::start_agent(cluster::AgentOptions {
         server: url.clone(),
@@ -1962,7 +2101,7 @@ async fn up(a: &UpArgs) -> Result<i32> {
     .await?;
     eprintln!("drover is up at {url} (data in {})", data_dir.display());
     eprintln!(
-        "the CLI config in {} points at it; try `drover run -- echo hello`",
+        "the CLI config in {} points at it as context {name}; try `drover run -- echo hello`",
         path.display()
     );
     let result = tokio::select! {

@@ -425,6 +425,40 @@ pub fn tokens(out: Output, tokens: &[drover_core::auth::TokenView]) -> Result<()
     print(t)
 }
 
+/// `drover context ls`: names, servers and projects, never tokens.
+pub fn contexts(out: Output, cfg: &crate::config::CliConfig) -> Result<()> {
+    #[derive(Serialize)]
+    struct Row<'a> {
+        name: &'a str,
+        current: bool,
+        server: Option<&'a str>,
+        project: Option<&'a str>,
+    }
+    let rows: Vec<Row> = cfg
+        .contexts
+        .iter()
+        .map(|(name, c)| Row {
+            name,
+            current: cfg.current_context.as_deref() == Some(name.as_str()),
+            server: c.server.as_deref(),
+            project: c.project.as_deref(),
+        })
+        .collect();
+    if out == Output::Json {
+        return json(&rows);
+    }
+    let mut t = table(&["CURRENT", "NAME", "SERVER", "PROJECT"]);
+    for r in &rows {
+        t.add_row(vec![
+            if r.current { "*" } else { "" }.to_string(),
+            r.name.to_string(),
+            r.server.unwrap_or("").to_string(),
+            r.project.unwrap_or("").to_string(),
+        ]);
+    }
+    print(t)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -335,3 +335,130 @@ fn apply_and_stop_wait_until_the_job_gets_there_unless_detached() {
         stderr(&out)
     );
 }
+
+fn names_in(listing: &serde_json::Value, field: &str) -> Vec<String> {
+    listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v[field].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[test]
+fn each_up_adds_a_context_and_every_command_can_pick_one() {
+    let home = Home::new();
+    let port_of = |line: &str| url_in(line).rsplit(':').next().unwrap().to_string();
+    let (_up1, line1) = home.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
+    let first = format!("local-{}", port_of(&line1));
+    let d2 = home.path().join("second");
+    let (_up2, line2) = home.spawn(
+        &[
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            d2.to_str().unwrap(),
+        ],
+        "drover is up at",
+    );
+    let second = format!("local-{}", port_of(&line2));
+    let contexts = json(&home.run(&["context", "ls", "-o", "json"]));
+    assert_eq!(names_in(&contexts, "name").len(), 2, "{contexts}");
+    let current: Vec<_> = contexts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["current"] == true)
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        current,
+        std::slice::from_ref(&second),
+        "the latest up is the current context"
+    );
+    assert!(
+        !contexts.to_string().contains("drv_"),
+        "no token in a listing: {contexts}"
+    );
+
+    // A job on the second cluster; the first, still running, is reachable by name.
+    let out = home.run(&["run", "--name", "on-two", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let jobs = |extra: &[&str], env: Option<&str>| {
+        let mut args = vec!["job", "ls", "-o", "json"];
+        args.extend_from_slice(extra);
+        let mut cmd = home.cmd(&args);
+        if let Some(ctx) = env {
+            cmd.env("DROVER_CONTEXT", ctx);
+        }
+        let out = run_with_timeout(cmd, T);
+        assert!(out.status.success(), "{}", stderr(&out));
+        names_in(&json(&out), "name")
+    };
+    assert_eq!(jobs(&[], None), ["on-two"]);
+    assert!(jobs(&["--context", &first], None).is_empty());
+    assert!(jobs(&[], Some(&first)).is_empty());
+    assert!(home.run(&["context", "use", &first]).status.success());
+    assert!(jobs(&[], None).is_empty());
+
+    assert!(
+        home.run(&["context", "rename", &first, "one"])
+            .status
+            .success()
+    );
+    assert!(jobs(&["--context", "one"], None).is_empty());
+    assert!(home.run(&["context", "rm", "one"]).status.success());
+    let out = home.run(&["--context", "one", "job", "ls"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no context named \"one\"") && stderr(&out).contains(&second),
+        "{}",
+        stderr(&out)
+    );
+
+    // A token made with --save is a context of its own, in the token's project.
+    assert!(
+        home.run(&["--context", &second, "project", "create", "team-a"])
+            .status
+            .success()
+    );
+    let out = home.run(&[
+        "--context",
+        &second,
+        "--project",
+        "team-a",
+        "token",
+        "create",
+        "--role",
+        "write",
+        "--save",
+        "team-a",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = home.run(&["run", "--name", "in-a", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listing = json(&home.run(&["--context", &second, "job", "ls", "-o", "json"]));
+    let in_a = listing
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"] == "in-a")
+        .unwrap_or_else(|| panic!("{listing}"));
+    assert_eq!(in_a["project"], "team-a");
+
+    // A config file from before contexts still works, as one context.
+    let old = Home::new();
+    let token = std::fs::read_to_string(d2.join("admin-token")).unwrap();
+    std::fs::create_dir_all(old.path().join("config/drover")).unwrap();
+    write(
+        &old.path().join("config/drover"),
+        "config.yaml",
+        &format!("server: {}\ntoken: {}\n", url_in(&line2), token.trim()),
+    );
+    let out = old.run(&["job", "ls", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(names_in(&json(&out), "name").contains(&"on-two".to_string()));
+    let listed = json(&old.run(&["context", "ls", "-o", "json"]));
+    assert_eq!(names_in(&listed, "name"), ["default"]);
+}
