@@ -58,6 +58,9 @@ enum SessionEnd {
     Dropped(String),
     /// The controller refused us; try again, but slowly.
     Rejected(String),
+    /// The controller refused the join token. Before this agent process was ever let
+    /// in, that is a mistake in its config that waiting will not fix: the agent stops.
+    TokenRefused,
     /// The server's certificate was not trusted (nothing, not even the join token, was
     /// sent); try again slowly, since only its operator or ours can fix it.
     Untrusted(String),
@@ -88,16 +91,34 @@ impl Connection {
     }
 
     /// Connects, and reconnects whenever the connection ends, until the agent shuts
-    /// down.
-    pub(crate) async fn run(self) {
+    /// down. Ends with an error when the controller refuses the join token before ever
+    /// letting this agent process in; a token refused later (revoked while the agent
+    /// runs) is retried slowly, like any other refusal, so that an operator can restore
+    /// it without restarting every agent.
+    pub(crate) async fn run(self) -> Result<(), String> {
         let mut backoff = Duration::from_millis(100);
+        let mut ever_welcomed = false;
         loop {
             if self.shutdown.is_cancelled() {
-                return;
+                return Ok(());
             }
             let (end, was_welcomed) = self.session().await;
+            ever_welcomed |= was_welcomed;
             match end {
-                SessionEnd::Shutdown => return,
+                SessionEnd::Shutdown => return Ok(()),
+                SessionEnd::TokenRefused if !ever_welcomed => {
+                    return Err(format!(
+                        "the controller at {} did not accept the join token: check --join-token (or {}), e.g. against the server's DATA_DIR/join-token",
+                        self.cfg.server,
+                        crate::JOIN_TOKEN_ENV_NAME
+                    ));
+                }
+                SessionEnd::TokenRefused => {
+                    tracing::error!(
+                        "the controller refused this agent: the join token was not accepted"
+                    );
+                    backoff = self.cfg.max_backoff;
+                }
                 SessionEnd::Dropped(why) => tracing::warn!("controller connection: {why}"),
                 SessionEnd::Rejected(why) => {
                     tracing::error!("the controller refused this agent: {why}");
@@ -115,7 +136,7 @@ impl Connection {
             let jitter = rand::random_range(0.5..1.0);
             let wait = backoff.mul_f64(jitter);
             tokio::select! {
-                _ = self.shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(wait) => {}
             }
             backoff = (backoff * 2).min(self.cfg.max_backoff);
@@ -165,7 +186,7 @@ impl Connection {
             r = connect => match r {
                 Ok(Ok((ws, _))) => ws,
                 Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) if resp.status().as_u16() == 401 => {
-                    return (SessionEnd::Rejected("the join token was not accepted".into()), false);
+                    return (SessionEnd::TokenRefused, false);
                 }
                 Ok(Err(e)) => {
                     // The handshake's own error says little ("invalid peer certificate");

@@ -159,8 +159,13 @@ pub struct Agent {
     node_id: NodeId,
     shutdown: CancellationToken,
     manager: Arc<TaskManager>,
-    join: tokio::task::JoinHandle<()>,
+    /// The controller connection; taken once it has been awaited.
+    join: Option<tokio::task::JoinHandle<Result<(), String>>>,
 }
+
+/// Where the CLI also reads an agent's join token from, named in the agent's error when
+/// the controller refuses it.
+pub const JOIN_TOKEN_ENV_NAME: &str = "DROVER_JOIN_TOKEN";
 
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -510,7 +515,7 @@ impl Agent {
             node_id,
             shutdown,
             manager,
-            join,
+            join: Some(join),
         })
     }
 
@@ -542,12 +547,32 @@ impl Agent {
         self.manager.unacked()
     }
 
+    /// Resolves when the agent stops on its own, which it does only when the controller
+    /// refuses its join token before ever letting it in: the error says so. Pending
+    /// forever once it has resolved.
+    pub async fn stopped(&mut self) -> Result<(), String> {
+        let Some(join) = self.join.as_mut() else {
+            return std::future::pending().await;
+        };
+        let result = join.await;
+        self.join = None;
+        match result {
+            Ok(r) => r,
+            Err(e) => Err(format!("the controller connection ended abnormally: {e}")),
+        }
+    }
+
     /// Disconnects and stops. Running tasks are left running for the next agent process
     /// to adopt, as after a crash.
     pub async fn shutdown(self) {
         self.shutdown.cancel();
-        match tokio::time::timeout(SHUTDOWN_WAIT, self.join).await {
-            Ok(Ok(())) => {}
+        let Some(join) = self.join else {
+            // `stopped` saw the connection end already.
+            return;
+        };
+        match tokio::time::timeout(SHUTDOWN_WAIT, join).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(why))) => tracing::warn!("the controller connection ended: {why}"),
             Ok(Err(e)) => tracing::warn!("the controller connection ended abnormally: {e}"),
             Err(_) => tracing::warn!(
                 "the controller connection did not stop within {}s of the shutdown",

@@ -43,7 +43,7 @@ mod code {
 struct UsageError(String);
 
 /// Where an agent may also find its join token, besides its flags.
-const JOIN_TOKEN_ENV: &str = "DROVER_JOIN_TOKEN";
+const JOIN_TOKEN_ENV: &str = drover_agent::JOIN_TOKEN_ENV_NAME;
 
 #[derive(Parser)]
 #[command(
@@ -2340,7 +2340,17 @@ async fn agent(cli: &Cli, a: &AgentArgs) -> Result<i32> {
     })
     .await?;
     eprintln!("drover agent {} dialling {server}", agent.node_id());
-    shutdown_signal().await;
+    let mut agent = agent;
+    tokio::select! {
+        () = shutdown_signal() => {}
+        stopped = agent.stopped() => {
+            // Only a refused join token stops an agent on its own; the tasks it may have
+            // adopted keep running for the next agent process, as after a crash.
+            if let Err(why) = stopped {
+                bail!("{why}");
+            }
+        }
+    }
     agent.shutdown().await;
     Ok(0)
 }

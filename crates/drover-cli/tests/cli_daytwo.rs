@@ -462,3 +462,36 @@ fn each_up_adds_a_context_and_every_command_can_pick_one() {
     let listed = json(&old.run(&["context", "ls", "-o", "json"]));
     assert_eq!(names_in(&listed, "name"), ["default"]);
 }
+
+#[test]
+fn an_agent_whose_join_token_is_refused_exits_with_the_reason() {
+    let home = Home::new();
+    let data = home.path().join("server");
+    let (_server, line) = home.spawn(
+        &[
+            "server",
+            "--insecure-http",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        "listening on",
+    );
+    let agent_dir = home.path().join("agent");
+    let mut cmd = home.cmd(&[
+        "agent",
+        "--server",
+        &url_in(&line),
+        "--data-dir",
+        agent_dir.to_str().unwrap(),
+    ]);
+    cmd.env("DROVER_JOIN_TOKEN", "drj_not-the-token");
+    let out = run_with_timeout(cmd, T);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did not accept the join token"),
+        "{}",
+        stderr(&out)
+    );
+}
