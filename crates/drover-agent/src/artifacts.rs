@@ -248,7 +248,12 @@ impl Kind for Blobs {
                 }
                 continue;
             }
-            let meta = e.metadata()?;
+            let meta = match e.metadata() {
+                Ok(m) => m,
+                // Removed since it was listed (an eviction finishing): not in the cache.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => return Err(err),
+            };
             match Digest::of_hex(name) {
                 Ok(digest) if meta.is_file() => found.push(Found {
                     key: digest,

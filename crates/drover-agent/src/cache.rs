@@ -583,10 +583,17 @@ mod tests {
                 let e = e?;
                 let name = e.file_name().to_string_lossy().into_owned();
                 if name.ends_with(".partial") || name.ends_with(".trash") {
-                    std::fs::remove_file(e.path())?;
-                    continue;
+                    // An earlier cache's deletion may still be removing it.
+                    match std::fs::remove_file(e.path()) {
+                        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                        _ => continue,
+                    }
                 }
-                let meta = e.metadata()?;
+                let meta = match e.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
                 found.push(Found {
                     key: name,
                     meta: (),
