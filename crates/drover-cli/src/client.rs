@@ -383,11 +383,13 @@ impl Client {
     pub async fn stream(
         &self,
         path: &str,
-        follow: bool,
-        logs: &str,
+        q: &StreamQuery,
         mut on_event: impl FnMut(StreamEvent) -> Result<()>,
     ) -> Result<()> {
-        let url = format!("{}{path}?follow={follow}&logs={logs}", self.base);
+        let mut url = format!("{}{path}?follow={}&logs={}", self.base, q.follow, q.logs);
+        if let Some(n) = q.tail {
+            url.push_str(&format!("&tail={n}"));
+        }
         let resp = self
             .http
             .get(url)
@@ -416,6 +418,16 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// What a log stream asks the server for.
+pub struct StreamQuery {
+    /// Keep following until the job or task ends.
+    pub follow: bool,
+    /// `output`, `prepare` or `all`.
+    pub logs: &'static str,
+    /// Start at each stream's last this many lines.
+    pub tail: Option<u64>,
 }
 
 fn artifact_path(r: &ArtifactRef) -> String {

@@ -18,7 +18,7 @@ use drover_core::quantity::ByteSize;
 use drover_core::spec::{JobKind, JobSpec, Resources, RuntimeKind};
 use drover_core::state::{Exit, JobStatus};
 use output::Output;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -586,6 +586,7 @@ impl AgentArgs {
 enum JobCmd {
     /// Submit a job from a YAML file (a new version if the name exists and the spec changed).
     Apply {
+        /// The job's YAML spec; `-` reads it from standard input.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
         /// Makes the submission safe to repeat: within 24 hours, another apply with the
@@ -800,12 +801,20 @@ enum ArtifactCmd {
 }
 
 #[derive(Args)]
+#[command(
+    after_help = "Examples:\n  drover logs web                 # every task of job web; [INDEX] before each line when it has several\n  drover logs web/1               # the task of index 1\n  drover logs -f --tail 20 web    # the last 20 lines of each stream, then follow\n  drover logs -f --tail 0 web     # only what comes from now on\n  drover logs -o json web         # one JSON object per chunk of output (NDJSON)"
+)]
 struct LogsArgs {
-    /// A job name or a task id (a unique prefix is enough).
+    /// A job name, JOB/INDEX for the current task of that index, or a task id (a unique
+    /// prefix is enough).
     target: String,
     /// Keep printing new output until the job or task ends.
     #[arg(short, long)]
     follow: bool,
+    /// Start at the last N lines of each task's stdout and stderr (0: only new output,
+    /// with -f).
+    #[arg(long, value_name = "N")]
+    tail: Option<u64>,
     /// Show what the agent wrote while preparing the task (downloads, unpacking, the
     /// Python environment's build) instead of the task's output.
     #[arg(long)]
@@ -948,7 +957,39 @@ fn require(cli: &Cli) -> Result<Client> {
     resolve(cli)?.context("no Drover server configured: start one with `drover up`, or pass --server and --token (or DROVER_SERVER and DROVER_TOKEN)")
 }
 
+/// The name of a command that has no JSON output, for refusing `-o json` on it rather
+/// than silently printing text a script would then fail to parse.
+fn without_json(cmd: &Cmd) -> Option<&'static str> {
+    match cmd {
+        Cmd::Run(_) => Some("run"),
+        Cmd::Up(_) => Some("up"),
+        Cmd::Server(_) => Some("server"),
+        Cmd::Agent(_) => Some("agent"),
+        Cmd::Completions { .. } => Some("completions"),
+        Cmd::Context(ContextCmd::Use { .. }) => Some("context use"),
+        Cmd::Context(ContextCmd::Rm { .. }) => Some("context rm"),
+        Cmd::Context(ContextCmd::Rename { .. }) => Some("context rename"),
+        Cmd::Job(_)
+        | Cmd::Task(_)
+        | Cmd::Node(_)
+        | Cmd::Logs(_)
+        | Cmd::Env(_)
+        | Cmd::Artifact(_)
+        | Cmd::Project(_)
+        | Cmd::Token(_)
+        | Cmd::Context(ContextCmd::Ls) => None,
+    }
+}
+
 async fn dispatch(cli: Cli) -> Result<i32> {
+    if cli.output == Output::Json
+        && let Some(name) = without_json(&cli.command)
+    {
+        return Err(UsageError(format!(
+            "-o json: `drover {name}` has no JSON output; leave out -o json"
+        ))
+        .into());
+    }
     match &cli.command {
         Cmd::Run(a) => run(&cli, a).await,
         Cmd::Up(a) => up(a).await,
@@ -1008,7 +1049,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Logs(a) => {
             let c = require(&cli)?;
-            logs(&c, a).await
+            logs(&c, cli.output, a).await
         }
         Cmd::Project(ProjectCmd::Create { name }) => {
             let c = require(&cli)?;
@@ -1346,7 +1387,12 @@ async fn run_on(c: &Client, spec: &JobSpec, cluster: RunCluster) -> Result<i32> 
     // until the job has stopped, so that a throwaway cluster is only taken down once
     // nothing of the job runs.
     let gone = std::sync::atomic::AtomicBool::new(false);
-    let follow = c.stream(&path, true, "all", |ev| {
+    let query = client::StreamQuery {
+        follow: true,
+        logs: "all",
+        tail: None,
+    };
+    let follow = c.stream(&path, &query, |ev| {
         pending.event(&ev);
         if gone.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
@@ -1415,6 +1461,25 @@ async fn run_on(c: &Client, spec: &JobSpec, cluster: RunCluster) -> Result<i32> 
             exit_code(exit.as_ref())
         }
     })
+}
+
+/// A spec file's name for errors, its text, and the directory its relative paths
+/// (a working_dir) start from. `-` is standard input, whose paths start from the
+/// current directory.
+fn read_spec_file(file: &Path) -> Result<(String, String, PathBuf)> {
+    if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading the spec from standard input")?;
+        return Ok(("<stdin>".to_string(), text, PathBuf::from(".")));
+    }
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {name}"))?;
+    let base = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok((name, text, base))
 }
 
 /// The context `drover up` saves its cluster as: `local` on the default address,
@@ -1631,29 +1696,138 @@ fn print_event(ev: StreamEvent) -> Result<()> {
     Ok(())
 }
 
-async fn logs(c: &Client, a: &LogsArgs) -> Result<i32> {
-    let path = if a.target.starts_with("task-") {
-        format!("/v1/tasks/{}/logs", a.target)
-    } else {
-        match c.job(&a.target).await {
-            Ok(_) => format!("/v1/jobs/{}/logs", a.target),
-            Err(e) => match c.task(&a.target).await {
-                Ok(t) => format!("/v1/tasks/{}/logs", t.task.id),
-                Err(_) => return Err(e),
-            },
-        }
+async fn logs(c: &Client, out: Output, a: &LogsArgs) -> Result<i32> {
+    let (path, several) = logs_target(c, &a.target).await?;
+    let query = client::StreamQuery {
+        follow: a.follow,
+        logs: if a.prepare { "prepare" } else { "output" },
+        tail: a.tail,
     };
-    let logs = if a.prepare { "prepare" } else { "output" };
     let mut pending = PendingNotes::default();
-    let follow = c.stream(&path, a.follow, logs, |ev| {
+    let mut printer = LogPrinter::new(out, several);
+    let follow = c.stream(&path, &query, |ev| {
         pending.event(&ev);
-        print_event(ev)
+        printer.event(ev)
     });
     tokio::select! {
         r = follow => r?,
         () = output::stdout_closed() => return Err(output::ReaderGone.into()),
     }
     Ok(0)
+}
+
+/// The stream path of `drover logs TARGET`, and whether its lines come from several
+/// tasks. TARGET is a job name, JOB/INDEX (the current task of that index: the one not
+/// yet ended, else the latest attempt) or a task id or unique prefix of one.
+async fn logs_target(c: &Client, target: &str) -> Result<(String, bool)> {
+    if let Some((job, index)) = target.split_once('/') {
+        let index: u32 = index.parse().map_err(|_| {
+            UsageError(format!(
+                "{target}: expected JOB/INDEX with a task index after the slash, e.g. web/0"
+            ))
+        })?;
+        let tasks = c.tasks(Some(job)).await?;
+        let of_index = tasks.iter().filter(|t| t.task.index == index);
+        let chosen = of_index.max_by_key(|t| (!t.task.state.is_terminal(), t.task.created_at));
+        let Some(t) = chosen else {
+            let mut indexes: Vec<u32> = tasks.iter().map(|t| t.task.index).collect();
+            indexes.sort_unstable();
+            indexes.dedup();
+            let have: Vec<String> = indexes.iter().map(u32::to_string).collect();
+            bail!(
+                "job {job} has no task of index {index} (its indexes: {})",
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            );
+        };
+        return Ok((format!("/v1/tasks/{}/logs", t.task.id), false));
+    }
+    if target.starts_with("task-") {
+        return Ok((format!("/v1/tasks/{target}/logs"), false));
+    }
+    match c.job(target).await {
+        Ok(j) => Ok((format!("/v1/jobs/{target}/logs"), j.job.spec.count > 1)),
+        Err(e) => match c.task(target).await {
+            Ok(t) => Ok((format!("/v1/tasks/{}/logs", t.task.id), false)),
+            Err(_) => Err(e),
+        },
+    }
+}
+
+/// Prints a log stream: the output as the tasks wrote it, each line after `[INDEX] `
+/// when the lines come from several tasks, or with `-o json` one JSON object per event
+/// (NDJSON), keepalives left out.
+struct LogPrinter {
+    out: Output,
+    prefix: bool,
+    /// Per task and stream, whether the next byte starts a line; a chunk can end in the
+    /// middle of one.
+    at_line_start: HashMap<(drover_core::TaskId, LogStream), bool>,
+}
+
+impl LogPrinter {
+    fn new(out: Output, prefix: bool) -> LogPrinter {
+        LogPrinter {
+            out,
+            prefix,
+            at_line_start: HashMap::new(),
+        }
+    }
+
+    fn event(&mut self, ev: StreamEvent) -> Result<()> {
+        if self.out == Output::Json {
+            if matches!(ev, StreamEvent::Keepalive { .. }) {
+                return Ok(());
+            }
+            let line = serde_json::to_string(&ev)?;
+            return outln!("{line}");
+        }
+        if !self.prefix {
+            return print_event(ev);
+        }
+        match ev {
+            StreamEvent::Log {
+                task_id,
+                index,
+                stream,
+                offset,
+                data,
+                dropped,
+            } => {
+                let start = self
+                    .at_line_start
+                    .entry((task_id.clone(), stream))
+                    .or_insert(true);
+                let prefixed = prefix_lines(&data, &format!("[{index}] "), start);
+                print_event(StreamEvent::Log {
+                    task_id,
+                    index,
+                    stream,
+                    offset,
+                    data: prefixed,
+                    dropped,
+                })
+            }
+            other => print_event(other),
+        }
+    }
+}
+
+/// `data` with `prefix` before each line; `at_start` says whether `data` starts a line,
+/// and is left saying whether the next chunk does.
+fn prefix_lines(data: &str, prefix: &str, at_start: &mut bool) -> String {
+    let mut out = String::with_capacity(data.len() + prefix.len());
+    for piece in data.split_inclusive('\n') {
+        if *at_start {
+            out.push_str(prefix);
+        }
+        out.push_str(piece);
+        *at_start = piece.ends_with('\n');
+    }
+    out
 }
 
 async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
@@ -1663,13 +1837,8 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             idempotency_key,
             wait,
         } => {
-            let name = file.display().to_string();
-            let text = std::fs::read_to_string(file).with_context(|| format!("reading {name}"))?;
+            let (name, text, base) = read_spec_file(file)?;
             let mut spec = JobSpec::from_yaml(&text, &name)?;
-            let base = file
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
             resolve_working_dir(c, &mut spec, &base).await?;
             let how = client::ApplyRequest {
                 idempotency_key: idempotency_key.clone(),
@@ -2373,6 +2542,17 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_line_of_a_chunked_stream_gets_one_prefix() {
+        let mut start = true;
+        let mut out = String::new();
+        for chunk in ["a\nb", "c\n", "", "d\n\ne"] {
+            out.push_str(&prefix_lines(chunk, "[1] ", &mut start));
+        }
+        assert_eq!(out, "[1] a\n[1] bc\n[1] d\n[1] \n[1] e");
+        assert!(!start);
+    }
 
     #[test]
     fn the_cli_definition_is_consistent() {

@@ -495,3 +495,93 @@ fn an_agent_whose_join_token_is_refused_exits_with_the_reason() {
         stderr(&out)
     );
 }
+
+#[test]
+fn logs_take_a_tail_a_task_index_and_json_and_specs_come_from_stdin() {
+    let up = Up::start();
+    let h = &up.home;
+    let mut apply = h.cmd(&["job", "apply", "-f", "-"]);
+    apply
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        b"name: lines\ncount: 2\ncommand: [sh, -c, 'for i in 1 2 3 4 5; do echo line $i; done']\n",
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until("the job to complete", T, || {
+        up.job_status("lines") == "complete"
+    });
+
+    let all = stdout(&h.run(&["logs", "lines"]));
+    for index in 0..2 {
+        let own: Vec<&str> = all
+            .lines()
+            .filter(|l| l.starts_with(&format!("[{index}] ")))
+            .collect();
+        assert_eq!(own.len(), 5, "task {index}: {all}");
+        assert_eq!(own[4], format!("[{index}] line 5"));
+    }
+    assert_eq!(all.lines().count(), 10, "{all}");
+    let tail = stdout(&h.run(&["logs", "--tail", "2", "lines"]));
+    let mut tail: Vec<&str> = tail.lines().collect();
+    tail.sort_unstable();
+    assert_eq!(
+        tail,
+        ["[0] line 4", "[0] line 5", "[1] line 4", "[1] line 5"]
+    );
+    assert_eq!(
+        stdout(&h.run(&["logs", "lines/1"])),
+        "line 1\nline 2\nline 3\nline 4\nline 5\n"
+    );
+    let out = h.run(&["logs", "lines/7"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("job lines has no task of index 7 (its indexes: 0, 1)"),
+        "{}",
+        stderr(&out)
+    );
+    let ndjson = stdout(&h.run(&["logs", "-o", "json", "lines/0"]));
+    let text: String = ndjson
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        })
+        .filter_map(|v| v["data"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(text, "line 1\nline 2\nline 3\nline 4\nline 5\n");
+
+    // A command without JSON output refuses -o json.
+    let out = h.run(&["run", "-o", "json", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("has no JSON output"),
+        "{}",
+        stderr(&out)
+    );
+
+    // -f with --tail 0 starts at the end: the first line it prints is a new one.
+    let counter = write(
+        h.path(),
+        "counter.yaml",
+        "name: counter\nkind: service\ncommand: [sh, -c, 'i=0; while true; do echo n $i; i=$((i+1)); sleep 0.05; done']\nstop_grace: 1s\n",
+    );
+    assert!(
+        h.run(&["job", "apply", "-f", counter.to_str().unwrap()])
+            .status
+            .success()
+    );
+    wait_until("the counter to pass 20", T, || {
+        stdout(&h.run(&["logs", "counter"])).contains("n 20\n")
+    });
+    let (mut follow, rx) = spawn_run(&mut h.cmd(&["logs", "-f", "--tail", "0", "counter"]));
+    let first = expect_line(&rx, "out: n ");
+    let n: u64 = first.trim_start_matches("out: n ").parse().unwrap();
+    assert!(n > 20, "followed from the start: {first}");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}

@@ -368,6 +368,18 @@ struct FollowQuery {
     /// preparing the task) or `all`.
     #[serde(default)]
     logs: LogsWanted,
+    /// Start at each stream's last this many lines.
+    tail: Option<u64>,
+}
+
+impl FollowQuery {
+    fn options(&self) -> follow::StreamOptions {
+        follow::StreamOptions {
+            follow: self.follow,
+            streams: self.logs.streams(),
+            tail: self.tail,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, serde::Deserialize)]
@@ -404,8 +416,7 @@ async fn job_logs(
     Ok(ndjson(follow::stream(
         inner.clone(),
         Target::Job(view.job.id),
-        q.follow,
-        q.logs.streams(),
+        q.options(),
     )))
 }
 
@@ -449,8 +460,7 @@ async fn task_logs(
     Ok(ndjson(follow::stream(
         inner.clone(),
         Target::Task(id),
-        q.follow,
-        q.logs.streams(),
+        q.options(),
     )))
 }
 

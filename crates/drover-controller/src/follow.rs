@@ -27,11 +27,24 @@ pub(crate) enum Target {
 const READ_MAX: usize = 256 * 1024;
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
+/// What a stream carries and from where.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamOptions {
+    /// Keep going as output comes, until the target ends.
+    pub follow: bool,
+    pub streams: &'static [LogStream],
+    /// Start each stream of the tasks there at the start of its last this many lines
+    /// (`drover logs --tail N`); tasks that appear later are read from their start.
+    pub tail: Option<u64>,
+}
+
 struct Follower {
     inner: Arc<Inner>,
     target: Target,
     follow: bool,
     streams: &'static [LogStream],
+    /// Until the first step has placed every stream at its tail.
+    tail: Option<u64>,
     offsets: HashMap<(TaskId, LogStream), u64>,
     /// The state and reason last sent for each task; a change of either is sent.
     states: HashMap<TaskId, (TaskState, String)>,
@@ -121,6 +134,16 @@ impl Follower {
         for (id, index, state, reason, exit) in &snap.tasks {
             for &stream in self.streams {
                 let key = (id.clone(), stream);
+                if let Some(lines) = self.tail
+                    && !self.offsets.contains_key(&key)
+                {
+                    match self.inner.logs.tail_offset(id, stream, lines) {
+                        Ok(at) => {
+                            self.offsets.insert(key.clone(), at);
+                        }
+                        Err(e) => tracing::warn!(task = %id, "finding the log's tail: {e}"),
+                    }
+                }
                 let off = self.offsets.get(&key).copied().unwrap_or(0);
                 if self.inner.logs.size_of(id, stream) <= off {
                     continue;
@@ -158,6 +181,8 @@ impl Follower {
                 });
             }
         }
+        // Tasks that appear from now on are new: their output is read from its start.
+        self.tail = None;
         let finished = if more_logs { None } else { snap.finished };
         match finished {
             Some(ev) => {
@@ -185,18 +210,14 @@ pub(crate) const OUTPUT: &[LogStream] = &[LogStream::Stdout, LogStream::Stderr];
 pub(crate) const PREPARE: &[LogStream] = &[LogStream::Prepare];
 pub(crate) const ALL: &[LogStream] = &[LogStream::Prepare, LogStream::Stdout, LogStream::Stderr];
 
-pub(crate) fn stream(
-    inner: Arc<Inner>,
-    target: Target,
-    follow: bool,
-    streams: &'static [LogStream],
-) -> axum::body::Body {
+pub(crate) fn stream(inner: Arc<Inner>, target: Target, opts: StreamOptions) -> axum::body::Body {
     let rx = inner.changed.subscribe();
     let f = Follower {
         inner,
         target,
-        follow,
-        streams,
+        follow: opts.follow,
+        streams: opts.streams,
+        tail: opts.tail,
         offsets: HashMap::new(),
         states: HashMap::new(),
         rx,

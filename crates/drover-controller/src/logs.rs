@@ -307,6 +307,45 @@ impl LogStore {
         Ok(ReadBack { start, data })
     }
 
+    /// Where the last `lines` lines of a stream start (`drover logs --tail N`): the
+    /// stream's end for 0, where the kept output starts when it holds fewer. A last line
+    /// without its newline counts as a line. Reads backwards a window at a time, so a
+    /// tail of a large stream reads only about what it returns.
+    pub fn tail_offset(&self, task: &TaskId, stream: LogStream, lines: u64) -> io::Result<u64> {
+        const WINDOW: u64 = 64 * 1024;
+        let end = self.size_of(task, stream);
+        if lines == 0 || end == 0 {
+            return Ok(end);
+        }
+        let mut seen = 0u64;
+        let mut pos = end;
+        loop {
+            let from = pos.saturating_sub(WINDOW);
+            let read = self.read_from(task, stream, from, (pos - from) as usize)?;
+            if read.data.is_empty() || read.start >= pos {
+                // Nothing kept before `pos`: the tail is all that is left.
+                return Ok(pos);
+            }
+            let window = &read.data[..(pos - read.start).min(read.data.len() as u64) as usize];
+            for (i, b) in window.iter().enumerate().rev() {
+                let at = read.start + i as u64;
+                // The newline that ends the stream ends its last line; it starts none.
+                if *b != b'\n' || at + 1 == end {
+                    continue;
+                }
+                seen += 1;
+                if seen == lines {
+                    return Ok(at + 1);
+                }
+            }
+            if read.start == 0 || read.start > from {
+                // The stream's beginning, or the first byte its cap kept.
+                return Ok(read.start);
+            }
+            pos = read.start;
+        }
+    }
+
     /// Deletes every stream of a task.
     pub fn remove(&self, task: &TaskId) {
         let mut streams = self.lock();
@@ -393,6 +432,46 @@ mod tests {
     fn open(dir: &Path) -> (LogStore, Gauge) {
         let g = Gauge::default();
         (LogStore::new(dir.to_path_buf(), g.clone()).unwrap(), g)
+    }
+
+    #[test]
+    fn a_tail_starts_at_the_nth_line_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (logs, _) = open(dir.path());
+        let t = TaskId::from("task-tail");
+        let tail = |n| logs.tail_offset(&t, LogStream::Stdout, n).unwrap();
+        assert_eq!(tail(3), 0, "an empty stream");
+        logs.append(&t, LogStream::Stdout, 0, b"a\nb\nc\n", BIG)
+            .unwrap();
+        assert_eq!(tail(0), 6);
+        assert_eq!(tail(1), 4);
+        assert_eq!(tail(2), 2);
+        assert_eq!(tail(3), 0);
+        assert_eq!(tail(10), 0);
+        logs.append(&t, LogStream::Stdout, 6, b"partial", BIG)
+            .unwrap();
+        assert_eq!(tail(1), 6, "an unfinished last line counts");
+        assert_eq!(tail(2), 4);
+        // Lines longer than the read window, and a stream whose start the cap dropped.
+        let u = TaskId::from("task-long");
+        let long = vec![b'x'; 200 * 1024];
+        let mut off = 0;
+        for _ in 0..3 {
+            logs.append(&u, LogStream::Stdout, off, &long, 600 * 1024)
+                .unwrap();
+            off += long.len() as u64;
+            logs.append(&u, LogStream::Stdout, off, b"\n", 600 * 1024)
+                .unwrap();
+            off += 1;
+        }
+        let one_line = long.len() as u64 + 1;
+        assert_eq!(
+            logs.tail_offset(&u, LogStream::Stdout, 1).unwrap(),
+            off - one_line
+        );
+        let kept = logs.read_from(&u, LogStream::Stdout, 0, 1).unwrap().start;
+        assert!(kept > 0, "the cap dropped the start");
+        assert_eq!(logs.tail_offset(&u, LogStream::Stdout, 99).unwrap(), kept);
     }
 
     fn read_all(logs: &LogStore, t: &TaskId, from: u64) -> ReadBack {
