@@ -650,10 +650,15 @@ impl WaitArgs {
 
 #[derive(Subcommand)]
 enum TaskCmd {
-    /// List tasks, of all jobs or of one.
+    /// List tasks, of all jobs or of one: the latest attempt of each task index, with
+    /// how often it was restarted (-o json lists every attempt).
     Ls {
+        /// Only this job's tasks.
         #[arg(long)]
         job: Option<String>,
+        /// Every attempt of each index, not only the latest.
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -999,10 +1004,15 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let c = require(&cli)?;
             job(&c, cli.output, j).await
         }
-        Cmd::Task(TaskCmd::Ls { job }) => {
+        Cmd::Task(TaskCmd::Ls { job, all }) => {
             let c = require(&cli)?;
             let tasks = c.tasks(job.as_deref()).await?;
-            output::tasks(cli.output, &tasks)?;
+            let attempts = if *all {
+                output::Attempts::All
+            } else {
+                output::Attempts::Latest
+            };
+            output::tasks(cli.output, &tasks, attempts)?;
             Ok(0)
         }
         Cmd::Node(NodeCmd::Ls) => {

@@ -129,7 +129,7 @@ pub fn jobs(out: Output, jobs: &[JobView]) -> Result<()> {
         t.add_row(vec![
             j.job.name.clone(),
             j.job.spec.kind.to_string(),
-            j.job.status.to_string(),
+            job_state(j),
             summary.join(", "),
             j.job.version.to_string(),
             age(j.job.created_at),
@@ -138,15 +138,73 @@ pub fn jobs(out: Output, jobs: &[JobView]) -> Result<()> {
     print(t)
 }
 
-pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
+/// What a job is doing: the server's state when it says one, else its status.
+pub fn job_state(j: &JobView) -> String {
+    match j.state {
+        Some(s) => s.to_string(),
+        None => j.job.status.to_string(),
+    }
+}
+
+/// A reason cut to one line for a table (its first, at most 100 characters); `status`
+/// and JSON keep it whole.
+fn one_line(reason: &str) -> String {
+    const MAX: usize = 100;
+    let first = reason.lines().next().unwrap_or("");
+    let more = first.len() < reason.trim_end().len();
+    match first.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &first[..cut]),
+        None if more => format!("{first} …"),
+        None => first.to_string(),
+    }
+}
+
+/// Which attempts of each task index a task listing shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempts {
+    /// The latest attempt of each index, with how many times it was restarted.
+    Latest,
+    /// Every attempt, one row each.
+    All,
+}
+
+pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> {
     if out == Output::Json {
         return json(&tasks);
     }
+    // Earlier attempts of each index, to count restarts and to leave out.
+    let mut latest: std::collections::HashMap<(&str, u32), (u32, usize)> =
+        std::collections::HashMap::new();
+    for v in tasks {
+        let e = latest
+            .entry((v.task.job_name.as_str(), v.task.index))
+            .or_insert((v.task.attempt, 0));
+        e.0 = e.0.max(v.task.attempt);
+        e.1 += 1;
+    }
     let mut t = table(&[
-        "ID", "JOB", "INDEX", "STATE", "NODE", "PORTS", "EXIT", "AGE", "REASON",
+        "ID", "JOB", "INDEX", "STATE", "RESTARTS", "NODE", "PORTS", "EXIT", "AGE", "REASON",
     ]);
     for v in tasks {
         let task = &v.task;
+        let (newest, count) = latest[&(task.job_name.as_str(), task.index)];
+        if attempts == Attempts::Latest && task.attempt != newest {
+            continue;
+        }
+        let reason = match &v.pending_reason {
+            Some(why) if task.reason.is_empty() => why.as_str(),
+            _ => task.reason.as_str(),
+        };
+        // A task that has ended holds no ports any more.
+        let ports = if task.state.is_terminal() {
+            String::new()
+        } else {
+            task.ports
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         t.add_row(vec![
             task.id.to_string(),
             task.job_name.clone(),
@@ -158,15 +216,12 @@ pub fn tasks(out: Output, tasks: &[TaskView]) -> Result<()> {
             } else {
                 task.state.to_string()
             },
+            (count - 1).to_string(),
             v.node_name.clone().unwrap_or_default(),
-            task.ports
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(","),
+            ports,
             exit_text(&task.exit),
             age(task.created_at),
-            task.reason.clone(),
+            one_line(reason),
         ]);
     }
     print(t)
@@ -275,7 +330,7 @@ pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<
     outln!("name:     {}", j.name)?;
     outln!("id:       {}", j.id)?;
     outln!("kind:     {}", j.spec.kind)?;
-    outln!("status:   {}", j.status)?;
+    outln!("state:    {}", job_state(job))?;
     if !j.reason.is_empty() {
         outln!("reason:   {}", j.reason)?;
     }
@@ -290,7 +345,7 @@ pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<
         outln!("pending:  {p}")?;
     }
     outln!()?;
-    tasks(out, task_list)
+    tasks(out, task_list, Attempts::Latest)
 }
 
 /// A byte count for people: `512 B`, `38.9 KiB`, `1.5 GiB`.

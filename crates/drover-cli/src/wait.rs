@@ -4,7 +4,7 @@
 
 use crate::client::Client;
 use anyhow::{Result, bail};
-use drover_core::api::{JobView, TaskView};
+use drover_core::api::{JobState, JobView, TaskView};
 use drover_core::spec::JobKind;
 use drover_core::{TaskId, TaskState};
 use std::collections::BTreeMap;
@@ -126,6 +126,31 @@ enum Check {
 /// Whether the job has reached `target`, from one look at it and its tasks.
 fn check(target: Target, job: &JobView, tasks: &[TaskView]) -> Check {
     let j = &job.job;
+    match (target, job.state) {
+        (Target::Placed | Target::Running, Some(JobState::Blocked)) => {
+            let why = job
+                .pending_reason
+                .as_deref()
+                .unwrap_or("no node can run it");
+            return Check::Failing(format!(
+                "job {} is blocked: {why}; it stays queued until a node that can run it joins (`drover job stop {}` drops it)",
+                j.name, j.name
+            ));
+        }
+        (Target::Running, Some(JobState::CrashLooping)) => {
+            let last = tasks
+                .iter()
+                .filter(|t| t.task.state == TaskState::Failed)
+                .max_by_key(|t| t.task.updated_at)
+                .map(|t| format!(": task {} {}", t.task.index, t.task.reason))
+                .unwrap_or_default();
+            return Check::Failing(format!(
+                "job {} is crash-looping{last}; the controller keeps restarting it with back-off (`drover logs {}`)",
+                j.name, j.name
+            ));
+        }
+        _ => {}
+    }
     let all_ended = tasks.iter().all(|t| t.task.state.is_terminal());
     match target {
         Target::Stopped => {
@@ -236,31 +261,23 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_core::ProjectId;
     use drover_core::spec::JobSpec;
     use drover_core::state::{Job, JobStatus, Task};
-    use drover_core::{JobId, ProjectId, TaskId};
 
     fn job(kind: JobKind, count: u32, status: JobStatus) -> JobView {
         let mut spec = JobSpec::new("web", vec!["true".into()]);
         spec.kind = kind;
         spec.count = count;
         let job = Job {
-            id: JobId::generate(),
-            project: ProjectId::default_project(),
-            name: "web".into(),
-            version: 1,
-            spec,
             status,
-            reason: String::new(),
-            exit: None,
-            created_at: 0,
-            updated_at: 0,
-            idempotency_key: None,
+            ..Job::new(ProjectId::default_project(), spec, 1, 0)
         };
         JobView {
             job,
             task_states: BTreeMap::new(),
             pending_reason: None,
+            state: None,
         }
     }
 
@@ -270,28 +287,17 @@ mod tests {
             .enumerate()
             .map(|(i, s)| {
                 let t = Task {
-                    id: TaskId::generate(),
-                    project: job.job.project.clone(),
-                    job_id: job.job.id.clone(),
-                    job_name: job.job.name.clone(),
-                    index: i as u32,
-                    attempt: 0,
                     state: *s,
-                    node_id: None,
-                    reason: String::new(),
-                    exit: None,
-                    desired_stop: false,
-                    stop_forced: false,
-                    not_before: 0,
                     created_at: i as i64,
                     updated_at: i as i64,
-                    ports: Vec::new(),
+                    ..Task::pending(&job.job, i as u32, 0, 0, 0)
                 };
                 TaskView {
                     task: t,
                     node_name: None,
                     usage: None,
                     unknown: false,
+                    pending_reason: None,
                 }
             })
             .collect()

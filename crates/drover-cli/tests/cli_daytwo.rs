@@ -302,21 +302,47 @@ fn apply_and_stop_wait_until_the_job_gets_there_unless_detached() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "job web has already stopped\n");
 
-    // A job that cannot be placed: the wait gives up at its timeout and says why; the
-    // job stays applied. Detached, apply returns at once.
+    // A job no node can ever run: the wait ends at once and says why; the job stays
+    // queued. One that waits for room gives up at its timeout.
     let huge = "name: huge\nkind: service\nresources: { cpu: 64 }\ncommand: [sleep, '600']\n";
-    let start = Instant::now();
-    let out = apply("huge.yaml", huge, &["--timeout", "2s"]);
+    let out = apply("huge.yaml", huge, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains("job huge did not run within 2s")
-            && err.contains("waiting: ")
-            && err.contains("cpu 64"),
+        err.contains(
+            "job huge is blocked: no node can run it: 1 node is too small (the task needs cpu 64"
+        ),
+        "{err}"
+    );
+    assert_eq!(up.job_status("huge"), "running");
+    let listing = stdout(&h.run(&["job", "ls"]));
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.trim_start().starts_with("huge ") && l.contains(" blocked ")),
+        "{listing}"
+    );
+    let cores = json(&h.run(&["node", "ls", "-o", "json"]))[0]["info"]["capacity"]["cpu"]
+        .as_f64()
+        .unwrap();
+    let fills = format!(
+        "name: fills\nkind: service\nresources: {{ cpu: {cores} }}\ncommand: [sleep, '600']\nstop_grace: 1s\n"
+    );
+    assert!(apply("fills.yaml", &fills, &[]).status.success());
+    let start = Instant::now();
+    let out = apply(
+        "room.yaml",
+        "name: room\nkind: service\nresources: { cpu: 1 }\ncommand: [sleep, '600']\n",
+        &["--timeout", "2s"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("job room did not run within 2s") && err.contains("lacks free resources"),
         "{err}"
     );
     assert!(start.elapsed() < Duration::from_secs(20));
-    assert_eq!(up.job_status("huge"), "running");
+    assert!(h.run(&["job", "stop", "fills"]).status.success());
     let out = apply(
         "huge2.yaml",
         &huge.replace("name: huge", "name: huge2"),
@@ -330,10 +356,19 @@ fn apply_and_stop_wait_until_the_job_gets_there_unless_detached() {
     let out = apply("crash.yaml", crash, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("job crash is failing to start"),
+        stderr(&out).contains("job crash is crash-looping: task 0 exited with code 3"),
         "{}",
         stderr(&out)
     );
+    // One row per task index, with its restarts; every attempt with --all.
+    let rows = stdout(&h.run(&["task", "ls", "--job", "crash"]));
+    let rows: Vec<&str> = rows.lines().skip(1).collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let all = stdout(&h.run(&["task", "ls", "--job", "crash", "--all"]));
+    let attempts = all.lines().skip(1).count();
+    assert!(attempts >= 3, "{all}");
+    let restarts: usize = rows[0].split_whitespace().nth(4).unwrap().parse().unwrap();
+    assert!(restarts >= 2, "{rows:?}");
 }
 
 fn names_in(listing: &serde_json::Value, field: &str) -> Vec<String> {

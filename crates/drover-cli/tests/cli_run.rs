@@ -127,7 +127,7 @@ fn up_configures_the_cli_and_every_client_command_works() {
     let tasks = json(&home.run(&["task", "ls", "-o", "json"]));
     assert_eq!(tasks[0]["state"], "running");
     let status = stdout(&home.run(&["job", "status", "greeter"]));
-    assert!(status.contains("status:   running"), "{status}");
+    assert!(status.contains("state:    running"), "{status}");
 
     // `logs -f` follows until the task ends, which the stop below causes.
     let mut follow = home.cmd(&["logs", "-f", "greeter"]);

@@ -66,7 +66,7 @@ type Seen = (
 /// what they wait for.
 fn seen(state: &crate::state::State, t: &drover_core::state::Task) -> Seen {
     let reason = match state.pending_reasons.get(&t.job_id) {
-        Some(why) if t.state == TaskState::Pending => why.clone(),
+        Some(why) if t.state == TaskState::Pending => why.text.clone(),
         _ => t.reason.clone(),
     };
     (t.id.clone(), t.index, t.state, reason, t.exit.clone())

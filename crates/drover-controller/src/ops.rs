@@ -95,17 +95,8 @@ impl Inner {
             );
         }
         let job = Job {
-            id: JobId::generate(),
-            project: project.clone(),
-            name: spec.name.clone(),
-            version,
-            spec,
-            status: JobStatus::Running,
-            reason: String::new(),
-            exit: None,
-            created_at: now,
-            updated_at: now,
             idempotency_key: how.idempotency_key,
+            ..Job::new(project.clone(), spec, version, now)
         };
         tx.put(state, Change::Job(job.clone()));
         let mut ids = Vec::with_capacity(job.spec.count as usize);
@@ -1011,22 +1002,5 @@ fn stop_grace_ms(state: &State, t: &Task) -> u64 {
 }
 
 pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before: i64) -> Task {
-    Task {
-        id: TaskId::generate(),
-        project: job.project.clone(),
-        job_id: job.id.clone(),
-        job_name: job.name.clone(),
-        index,
-        attempt,
-        state: TaskState::Pending,
-        node_id: None,
-        reason: String::new(),
-        exit: None,
-        desired_stop: false,
-        stop_forced: false,
-        not_before,
-        created_at: now,
-        updated_at: now,
-        ports: Vec::new(),
-    }
+    Task::pending(job, index, attempt, now, not_before)
 }

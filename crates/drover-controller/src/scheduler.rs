@@ -139,6 +139,9 @@ enum Misfit {
     /// No variant of the job's artifact runs on the node.
     Platform,
     Constraint,
+    /// The node's whole capacity is less than one task needs: it never fits there.
+    Capacity,
+    /// The node has the capacity, but not free now.
     Resources,
 }
 
@@ -166,6 +169,9 @@ fn fits(
     }
     let cap = node.node.info.capacity;
     let need = spec.resources;
+    if need.cpu > cap.cpu + 1e-9 || need.memory.0 > cap.memory.0 {
+        return Err(Misfit::Capacity);
+    }
     if node.allocated.cpu + need.cpu > cap.cpu + 1e-9
         || node.allocated.memory.0 + need.memory.0 > cap.memory.0
     {
@@ -343,7 +349,11 @@ impl Inner {
             }
         }
         for (job_id, why) in misfits {
-            let reason = pending_reason(state, &job_id, &why, ready.len());
+            let reason = crate::state::PendingReason {
+                text: pending_reason(state, &job_id, &why, ready.len()),
+                // Room frees up as tasks end; nothing else changes by waiting.
+                blocked: !ready.is_empty() && why.get(&Misfit::Resources).is_none_or(|n| *n == 0),
+            };
             if state.pending_reasons.get(&job_id) != Some(&reason) {
                 state.pending_reasons.insert(job_id, reason);
                 // Followers (`drover run`, `logs -f`) show the reason as it changes;
@@ -445,7 +455,14 @@ fn pending_reason(
         return "no ready nodes".into();
     }
     let spec = &job.spec;
-    let plural = |n: u32| if n == 1 { "node" } else { "nodes" };
+    // "1 node lacks", "2 nodes lack".
+    let nodes = |n: u32, one: &str, many: &str| {
+        if n == 1 {
+            format!("1 node {one}")
+        } else {
+            format!("{n} nodes {many}")
+        }
+    };
     let mut parts = Vec::new();
     for (m, n) in {
         let mut v: Vec<_> = why.iter().filter(|(_, n)| **n > 0).collect();
@@ -453,12 +470,25 @@ fn pending_reason(
         v
     } {
         parts.push(match m {
-            Misfit::Runtime => format!("{n} {} lack runtime {}", plural(*n), spec.runtime),
-            Misfit::Constraint => format!("{n} {} fail the constraints", plural(*n)),
+            Misfit::Runtime => {
+                let lack = nodes(*n, "lacks", "lack");
+                format!("{lack} runtime {}", spec.runtime)
+            }
+            Misfit::Constraint => {
+                let fail = nodes(*n, "fails", "fail");
+                let list: Vec<String> = spec.constraints.iter().map(|c| c.to_string()).collect();
+                format!("{fail} the constraints ({})", list.join(", "))
+            }
             Misfit::Platform => artifact_misfit(state, job),
+            Misfit::Capacity => format!(
+                "{} (the task needs cpu {}, memory {})",
+                nodes(*n, "is too small", "are too small"),
+                spec.resources.cpu,
+                spec.resources.memory
+            ),
             Misfit::Resources => format!(
-                "{n} {} lack free resources (the task needs cpu {}, memory {})",
-                plural(*n),
+                "{} free resources (the task needs cpu {}, memory {})",
+                nodes(*n, "lacks", "lack"),
                 spec.resources.cpu,
                 spec.resources.memory
             ),

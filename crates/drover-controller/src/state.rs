@@ -18,6 +18,16 @@ pub struct NodeEntry {
     pub tasks: HashSet<TaskId>,
 }
 
+/// Why a job's pending tasks were not placed in the last scheduling pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingReason {
+    pub text: String,
+    /// Every ready node failed for a reason that waiting will not change (runtime,
+    /// platform, constraints, too little capacity in all): the job is blocked until a
+    /// node that fits joins.
+    pub blocked: bool,
+}
+
 #[derive(Default)]
 pub struct State {
     pub jobs: HashMap<JobId, Job>,
@@ -35,7 +45,7 @@ pub struct State {
     pub pending: std::collections::BTreeSet<(i64, TaskId)>,
     /// Why pending tasks of a job could not be placed, from the last scheduling pass.
     /// Kept in memory only: it is recomputed on every pass.
-    pub pending_reasons: HashMap<JobId, String>,
+    pub pending_reasons: HashMap<JobId, PendingReason>,
     /// Commands for each node that the agent has not acknowledged yet. Derived again
     /// from the tasks whenever an agent connects, so it need not be stored.
     pub outbox: HashMap<NodeId, BTreeMap<u64, OutCommand>>,
@@ -348,14 +358,17 @@ impl State {
             *task_states.entry(t.state).or_insert(0) += 1;
         }
         let has_pending = task_states.contains_key(&TaskState::Pending);
+        let pending = self.pending_reasons.get(&job.id).filter(|_| has_pending);
+        let blocked = pending.is_some_and(|p| p.blocked);
         JobView {
             job: job.clone(),
             task_states,
-            pending_reason: if has_pending {
-                self.pending_reasons.get(&job.id).cloned()
-            } else {
-                None
-            },
+            pending_reason: pending.map(|p| p.text.clone()),
+            state: Some(drover_core::api::JobState::of(
+                job,
+                self.job_tasks(&job.id),
+                blocked,
+            )),
         }
     }
 
@@ -369,6 +382,11 @@ impl State {
                 .and_then(|n| self.nodes.get(n))
                 .map(|n| n.node.info.name.clone()),
             usage: self.usage.get(&t.id).copied(),
+            pending_reason: self
+                .pending_reasons
+                .get(&t.job_id)
+                .filter(|_| t.state == TaskState::Pending)
+                .map(|p| p.text.clone()),
         }
     }
 

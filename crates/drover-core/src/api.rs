@@ -190,6 +190,105 @@ pub struct JobView {
     /// Why tasks are still pending, when they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_reason: Option<String>,
+    /// What the job is doing, as people ask it; absent from older servers, whose
+    /// clients fall back on `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<JobState>,
+}
+
+/// A job's state as its user reads it: the stored `status` says only whether the job is
+/// still wanted and how it ended; this says whether it actually runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Tasks wait for room on a node (or for a node), or are being prepared and
+    /// started; none runs yet.
+    Pending,
+    /// No node in the cluster could ever run the tasks as they are (no node has the
+    /// runtime, the platform, the labels or enough capacity): it waits until one joins.
+    Blocked,
+    /// Every task that should run does.
+    Running,
+    /// A service runs fewer tasks than its count.
+    Degraded,
+    /// A service's task keeps failing and is restarted with back-off.
+    CrashLooping,
+    Succeeded,
+    Failed,
+    Stopped,
+    /// A state this client does not know, from a newer server.
+    #[serde(other)]
+    Unknown,
+}
+
+/// How many failed attempts in a row make a service's task index crash-looping.
+pub const CRASH_LOOP_FAILURES: usize = 3;
+
+impl JobState {
+    /// The state of `job` from its current version's tasks; `blocked` says whether the
+    /// scheduler found that no ready node could ever run its pending tasks.
+    pub fn of<'a>(job: &Job, tasks: impl IntoIterator<Item = &'a Task>, blocked: bool) -> JobState {
+        match job.status {
+            JobStatus::Complete => return JobState::Succeeded,
+            JobStatus::Failed => return JobState::Failed,
+            JobStatus::Stopped => return JobState::Stopped,
+            JobStatus::Running => {}
+        }
+        let mut by_index: BTreeMap<u32, Vec<&Task>> = BTreeMap::new();
+        for t in tasks {
+            by_index.entry(t.index).or_default().push(t);
+        }
+        let service = job.spec.kind == crate::spec::JobKind::Service;
+        let mut running = 0usize;
+        let mut live = 0usize;
+        let mut looping = false;
+        for attempts in by_index.values_mut() {
+            attempts.sort_by_key(|t| t.attempt);
+            let latest = attempts.last().map(|t| t.state);
+            running += usize::from(latest == Some(TaskState::Running));
+            live += usize::from(latest.is_some_and(|s| !s.is_terminal()));
+            let failed_in_a_row = attempts
+                .iter()
+                .rev()
+                .filter(|t| t.state.is_terminal())
+                .take_while(|t| t.state == TaskState::Failed)
+                .count();
+            looping |= service
+                && latest != Some(TaskState::Running)
+                && failed_in_a_row >= CRASH_LOOP_FAILURES;
+        }
+        if looping {
+            JobState::CrashLooping
+        } else if running == 0 && live > 0 && blocked {
+            JobState::Blocked
+        } else if running == 0 {
+            JobState::Pending
+        } else if service && running < job.spec.count as usize {
+            JobState::Degraded
+        } else {
+            JobState::Running
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Blocked => "blocked",
+            JobState::Running => "running",
+            JobState::Degraded => "degraded",
+            JobState::CrashLooping => "crash-looping",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Stopped => "stopped",
+            JobState::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A task with its node's name.
@@ -206,6 +305,9 @@ pub struct TaskView {
     /// known: the task may have finished, or still run, out of sight.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unknown: bool,
+    /// Why a pending task is not placed yet (its job's pending reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_reason: Option<String>,
 }
 
 /// A node with what is allocated on it.
@@ -304,5 +406,107 @@ mod tests {
             assert!((400..600).contains(&c.status()), "{c}: {}", c.status());
         }
         assert_eq!(ErrorCode::parse("from_a_newer_server"), None);
+    }
+
+    mod job_state {
+        use crate::api::JobState;
+        use crate::ids::ProjectId;
+        use crate::spec::{JobKind, JobSpec};
+        use crate::state::{Job, JobStatus, Task, TaskState};
+
+        fn job(kind: JobKind, count: u32, status: JobStatus) -> Job {
+            let mut spec = JobSpec::new("j", vec!["true".into()]);
+            spec.kind = kind;
+            spec.count = count;
+            Job {
+                status,
+                ..Job::new(ProjectId::default(), spec, 1, 0)
+            }
+        }
+
+        /// Tasks as (index, attempt, state).
+        fn tasks(job: &Job, list: &[(u32, u32, TaskState)]) -> Vec<Task> {
+            list.iter()
+                .map(|&(index, attempt, state)| Task {
+                    state,
+                    ..Task::pending(job, index, attempt, 0, 0)
+                })
+                .collect()
+        }
+
+        fn state(j: &Job, list: &[(u32, u32, TaskState)], blocked: bool) -> JobState {
+            JobState::of(j, &tasks(j, list), blocked)
+        }
+
+        #[test]
+        fn states_say_what_the_job_actually_does() {
+            use TaskState::*;
+            let svc = job(JobKind::Service, 2, JobStatus::Running);
+            assert_eq!(
+                state(&svc, &[(0, 0, Pending), (1, 0, Pending)], false),
+                JobState::Pending
+            );
+            assert_eq!(
+                state(&svc, &[(0, 0, Pending), (1, 0, Pending)], true),
+                JobState::Blocked
+            );
+            assert_eq!(
+                state(&svc, &[(0, 0, Running), (1, 0, Running)], false),
+                JobState::Running
+            );
+            assert_eq!(
+                state(&svc, &[(0, 0, Running), (1, 0, Pending)], true),
+                JobState::Degraded
+            );
+            let looping = [
+                (0, 0, Running),
+                (1, 0, Failed),
+                (1, 1, Failed),
+                (1, 2, Failed),
+                (1, 3, Pending),
+            ];
+            assert_eq!(state(&svc, &looping, false), JobState::CrashLooping);
+            // A running attempt ends the loop.
+            let recovered = [
+                (0, 0, Running),
+                (1, 0, Failed),
+                (1, 1, Failed),
+                (1, 2, Failed),
+                (1, 3, Running),
+            ];
+            assert_eq!(state(&svc, &recovered, false), JobState::Running);
+            let batch = job(JobKind::Batch, 2, JobStatus::Running);
+            assert_eq!(
+                state(
+                    &batch,
+                    &[
+                        (0, 0, Failed),
+                        (0, 1, Failed),
+                        (0, 2, Failed),
+                        (0, 3, Pending)
+                    ],
+                    false
+                ),
+                JobState::Pending,
+                "only services crash-loop"
+            );
+            assert_eq!(
+                state(&batch, &[(0, 0, Succeeded), (1, 0, Running)], false),
+                JobState::Running
+            );
+            for (status, want) in [
+                (JobStatus::Complete, JobState::Succeeded),
+                (JobStatus::Failed, JobState::Failed),
+                (JobStatus::Stopped, JobState::Stopped),
+            ] {
+                assert_eq!(state(&job(JobKind::Batch, 1, status), &[], true), want);
+            }
+            let unknown: JobState = serde_json::from_str("\"hibernating\"").unwrap();
+            assert_eq!(unknown, JobState::Unknown);
+            assert_eq!(
+                serde_json::to_string(&JobState::CrashLooping).unwrap(),
+                "\"crash-looping\""
+            );
+        }
     }
 }

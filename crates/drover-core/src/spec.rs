@@ -187,6 +187,20 @@ pub struct Constraint {
     pub values: Vec<String>,
 }
 
+/// The rule as its spec would say it, for reasons that name it: `label.zone in [a, b]`.
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = self.value.as_deref().unwrap_or("");
+        match self.op {
+            ConstraintOp::Eq => write!(f, "{} == {value}", self.key),
+            ConstraintOp::Ne => write!(f, "{} != {value}", self.key),
+            ConstraintOp::In => write!(f, "{} in [{}]", self.key, self.values.join(", ")),
+            ConstraintOp::NotIn => write!(f, "{} not_in [{}]", self.key, self.values.join(", ")),
+            ConstraintOp::Exists => write!(f, "{} exists", self.key),
+        }
+    }
+}
+
 impl Constraint {
     /// Whether a node attribute value (None when the node lacks it) satisfies this rule.
     pub fn matches(&self, actual: Option<&str>) -> bool {

@@ -175,6 +175,29 @@ pub struct Task {
 }
 
 impl Task {
+    /// A new attempt of one of a job's task indexes: pending, and not to be placed
+    /// before `not_before` (a restart's back-off).
+    pub fn pending(job: &Job, index: u32, attempt: u32, now: Millis, not_before: Millis) -> Task {
+        Task {
+            id: TaskId::generate(),
+            project: job.project.clone(),
+            job_id: job.id.clone(),
+            job_name: job.name.clone(),
+            index,
+            attempt,
+            state: TaskState::Pending,
+            node_id: None,
+            reason: String::new(),
+            exit: None,
+            desired_stop: false,
+            stop_forced: false,
+            not_before,
+            created_at: now,
+            updated_at: now,
+            ports: Vec::new(),
+        }
+    }
+
     /// Moves the task forward; returns false (and changes nothing) for a stale move.
     pub fn advance(
         &mut self,
@@ -253,6 +276,25 @@ pub struct Job {
     /// of that request gets this version back instead of making another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+}
+
+impl Job {
+    /// A new version of a job, running from `now`.
+    pub fn new(project: ProjectId, spec: JobSpec, version: u32, now: Millis) -> Job {
+        Job {
+            id: JobId::generate(),
+            project,
+            name: spec.name.clone(),
+            version,
+            spec,
+            status: JobStatus::Running,
+            reason: String::new(),
+            exit: None,
+            created_at: now,
+            updated_at: now,
+            idempotency_key: None,
+        }
+    }
 }
 
 /// Whether a node is taking work.

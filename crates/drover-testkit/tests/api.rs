@@ -4,8 +4,8 @@
 use drover_core::protocol::{AgentMessage, Command, ControllerMessage, PROTOCOL_VERSION};
 use drover_core::quantity::Dur;
 use drover_core::spec::RuntimeKind;
-use drover_core::state::{Job, JobStatus, Task};
-use drover_core::{JobId, JobKind, JobSpec, ProjectId, TaskId, TaskState};
+use drover_core::state::{Job, Task};
+use drover_core::{JobKind, JobSpec, ProjectId, TaskState};
 use drover_store::{Change, Durability, SqliteConfig, SqliteStore, Store};
 use drover_testkit::fake_agent::{FakeAgent, event};
 use drover_testkit::{AgentOptions, Api, JOIN_TOKEN, TestCluster, wait_for};
@@ -372,37 +372,8 @@ async fn a_stored_spec_with_an_unbounded_grace_does_not_cut_the_stop_short() {
         spec.stop_grace = Dur::from_secs(u64::MAX);
         assert!(spec.validate().is_err(), "only a stored spec can hold this");
         let now = drover_core::now_millis();
-        let job = Job {
-            id: JobId::generate(),
-            project: ProjectId::default(),
-            name: spec.name.clone(),
-            version: 1,
-            spec,
-            status: JobStatus::Running,
-            reason: String::new(),
-            exit: None,
-            created_at: now,
-            updated_at: now,
-            idempotency_key: None,
-        };
-        let task = Task {
-            id: TaskId::generate(),
-            project: job.project.clone(),
-            job_id: job.id.clone(),
-            job_name: job.name.clone(),
-            index: 0,
-            attempt: 0,
-            state: TaskState::Pending,
-            node_id: None,
-            reason: String::new(),
-            exit: None,
-            desired_stop: false,
-            stop_forced: false,
-            not_before: 0,
-            created_at: now,
-            updated_at: now,
-            ports: Vec::new(),
-        };
+        let job = Job::new(ProjectId::default(), spec, 1, now);
+        let task = Task::pending(&job, 0, 0, now, 0);
         store
             .commit(&[Change::Job(job), Change::Task(task)])
             .await

@@ -87,6 +87,10 @@ async fn a_node_reports_its_amd64_level_libc_and_uname() {
             .wait_job("above", T, |j, _| j.pending_reason.is_some())
             .await
             .unwrap();
-        assert!(job.pending_reason.unwrap().contains("fail the constraints"));
+        assert!(
+            job.pending_reason
+                .unwrap()
+                .contains("fails the constraints")
+        );
     }
 }

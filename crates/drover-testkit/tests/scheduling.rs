@@ -2,6 +2,7 @@
 //! the mock runtime on several in-process agents, so placement is the only variable.
 
 use drover_core::TaskState;
+use drover_core::api::JobState;
 use drover_testkit::{AgentOptions, TestCluster, wait_for};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -93,11 +94,13 @@ async fn a_task_that_fits_nowhere_stays_pending_with_a_reason_until_resources_fr
         .wait_job("waiting", T, |j, _| j.pending_reason.is_some())
         .await
         .unwrap();
-    let reason = job.pending_reason.unwrap();
+    let reason = job.pending_reason.clone().unwrap();
     assert!(
-        reason.contains("1 node lack free resources (the task needs cpu 1, memory 64Mi)"),
+        reason.contains("1 node lacks free resources (the task needs cpu 1, memory 64Mi)"),
         "{reason}"
     );
+    // Room frees up as tasks end, so the job waits rather than being blocked.
+    assert_eq!(job.state, Some(JobState::Pending));
     // Impossible constraints and a missing runtime are named too.
     api.apply_yaml(
         "name: nowhere\nruntime: mock\nconstraints: [{ key: label.zone, value: mars }]\n",
@@ -108,11 +111,12 @@ async fn a_task_that_fits_nowhere_stays_pending_with_a_reason_until_resources_fr
         .wait_job("nowhere", T, |j, _| j.pending_reason.is_some())
         .await
         .unwrap();
+    let reason = job.pending_reason.clone().unwrap();
     assert!(
-        job.pending_reason
-            .unwrap()
-            .contains("1 node fail the constraints")
+        reason.contains("1 node fails the constraints (label.zone == mars)"),
+        "{reason}"
     );
+    assert_eq!(job.state, Some(JobState::Blocked));
     api.apply_yaml("name: nodocker\nruntime: docker\nimage: local/x:1\n")
         .await
         .unwrap();
@@ -120,11 +124,23 @@ async fn a_task_that_fits_nowhere_stays_pending_with_a_reason_until_resources_fr
         .wait_job("nodocker", T, |j, _| j.pending_reason.is_some())
         .await
         .unwrap();
+    let reason = job.pending_reason.clone().unwrap();
+    assert!(reason.contains("1 node lacks runtime docker"), "{reason}");
+    assert_eq!(job.state, Some(JobState::Blocked));
+    // More than the node has in all can never fit: blocked, not waiting for room.
+    api.apply_yaml("name: huge\nruntime: mock\nresources: { cpu: 64 }\n")
+        .await
+        .unwrap();
+    let (job, _) = api
+        .wait_job("huge", T, |j, _| j.pending_reason.is_some())
+        .await
+        .unwrap();
+    let reason = job.pending_reason.clone().unwrap();
     assert!(
-        job.pending_reason
-            .unwrap()
-            .contains("1 node lack runtime docker")
+        reason.contains("1 node is too small (the task needs cpu 64"),
+        "{reason}"
     );
+    assert_eq!(job.state, Some(JobState::Blocked));
     // Stopping the big job releases its resources and the waiting job runs.
     api.stop("big").await.unwrap();
     let (job, _) = api.wait_final("waiting", T).await.unwrap();
