@@ -452,6 +452,34 @@ fn each_up_adds_a_context_and_every_command_can_pick_one() {
         stderr(&out)
     );
 
+    // Errors in plain words: no Rust debug text, no YAML library jargon.
+    let out = home.run(&["--context", &second, "--project", "nope", "job", "ls"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("project \"nope\"") && !stderr(&out).contains("ProjectId"),
+        "{}",
+        stderr(&out)
+    );
+    let bad = write(
+        home.path(),
+        "bad.yaml",
+        "name: bad\ncount: three\ncommand: echo hi\n",
+    );
+    let out = home.run(&[
+        "--context",
+        &second,
+        "job",
+        "apply",
+        "-f",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&out)
+            .contains("bad.yaml:2:8: count: expected a whole number, 0 or more, found three"),
+        "{}",
+        stderr(&out)
+    );
+
     // A token made with --save is a context of its own, in the token's project.
     assert!(
         home.run(&["--context", &second, "project", "create", "team-a"])

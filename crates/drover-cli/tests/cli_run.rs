@@ -190,7 +190,10 @@ fn a_bad_spec_names_file_line_and_field_and_nothing_is_stored() {
     let out = home.run(&["job", "apply", "-f", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("bad.yaml:3:8: count: invalid"), "{err}");
+    assert!(
+        err.contains("bad.yaml:3:8: count: expected a whole number, 0 or more, found lots"),
+        "{err}"
+    );
     let missing = home.run(&["job", "apply", "-f", "/nonexistent/job.yaml"]);
     assert!(
         stderr(&missing).contains("reading /nonexistent/job.yaml"),

@@ -112,7 +112,7 @@ pub(crate) fn forbidden(message: impl Into<String>) -> ApiError {
 /// The answer for a project that does not exist, saying how to make it.
 pub(crate) fn no_such_project(project: &ProjectId) -> ApiError {
     ApiError::not_found(&format!(
-        "project {project:?} (create it with `drover project create {project}`)"
+        "project \"{project}\" (create it with `drover project create {project}`)"
     ))
 }
 

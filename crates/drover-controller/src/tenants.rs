@@ -98,7 +98,7 @@ pub(crate) async fn create_token(
     // A project admin makes tokens for its own project only, and never for a project
     // it cannot see (answered as not found, like every other object of another project).
     if !p.sees(&project) {
-        return Err(ApiError::not_found(&format!("project {project:?}")));
+        return Err(ApiError::not_found(&format!("project \"{project}\"")));
     }
     match new.role {
         Role::Admin | Role::Write | Role::Read => {}

@@ -816,7 +816,8 @@ impl JobSpec {
         let spec: JobSpec = parsed.map_err(|e| {
             let loc = e.location();
             let path = path.into_inner();
-            let message = yaml_message(&e.to_string());
+            let found = loc.and_then(|l| value_at(text, l.line(), l.column()));
+            let message = plain_words(&path, &yaml_message(&e.to_string()), found.as_deref());
             SpecError {
                 file: Some(file.to_string()),
                 line: loc.map(|l| l.line()),
@@ -1211,6 +1212,58 @@ fn unknown_message(parent: &str, leaf: &str) -> String {
 
 /// The YAML library's message without its own `error: line N column M:` prefix and
 /// source snippet, since [`SpecError`] prints the location itself.
+/// The scalar written at a 1-based line and column of the spec, as the user wrote it:
+/// the rest of the line up to a comma, a closing bracket or a comment.
+fn value_at(text: &str, line: u64, column: u64) -> Option<String> {
+    let l = text
+        .lines()
+        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
+    let start = usize::try_from(column).ok()?.checked_sub(1)?;
+    let rest = l.get(start..)?.trim_start();
+    if rest.starts_with('[')
+        || rest.starts_with('-') && !rest[1..].starts_with(|c: char| c.is_ascii_digit())
+    {
+        return Some("a list".to_string());
+    }
+    if rest.starts_with('{') {
+        return Some("a mapping".to_string());
+    }
+    let end = rest.find([',', '}', ']', '#']).unwrap_or(rest.len());
+    let v = rest[..end].trim();
+    (!v.is_empty()).then(|| v.to_string())
+}
+
+/// The YAML library's message in the words of someone writing a spec, with what was
+/// found where it can be read back: "expected a whole number, found three" rather than
+/// "invalid u32", "expected a list like [\"echo\", \"hi\"]" rather than "expected
+/// sequence start".
+fn plain_words(path: &str, message: &str, found: Option<&str>) -> String {
+    let found = |what: &str| match found {
+        Some(v) => format!("{what}, found {v}"),
+        None => what.to_string(),
+    };
+    let list_example = if path == "command" || path.ends_with(".command") {
+        "a list like [\"echo\", \"hi\"]"
+    } else {
+        "a list like [a, b]"
+    };
+    match message {
+        m if m.starts_with("invalid u") => found("expected a whole number, 0 or more"),
+        m if m.starts_with("invalid i") => found("expected a whole number"),
+        m if m.starts_with("invalid floating point") => found("expected a number"),
+        m if m.starts_with("invalid bool") => found("expected true or false"),
+        m if m.starts_with("expected sequence start") => found(&format!("expected {list_example}")),
+        m if m.starts_with("expected mapping start") || m.starts_with("expected map") => {
+            found("expected a mapping like { key: value }")
+        }
+        m if m.starts_with("multiple YAML documents") => {
+            "the file holds several YAML documents (separated by ---), but a job spec is exactly one"
+                .to_string()
+        }
+        m => m.to_string(),
+    }
+}
+
 fn yaml_message(s: &str) -> String {
     let first = s.lines().next().unwrap_or(s).trim();
     let first = first.strip_prefix("error:").unwrap_or(first).trim();
@@ -1226,6 +1279,42 @@ fn yaml_message(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_errors_are_in_the_words_of_someone_writing_a_spec() {
+        let cases = [
+            (
+                "name: a\ncount: three\ncommand: [x]\n",
+                "2:8: count: expected a whole number, 0 or more, found three",
+            ),
+            (
+                "name: a\ncommand: echo hi\n",
+                "2:10: command: expected a list like [\"echo\", \"hi\"], found echo hi",
+            ),
+            (
+                "name: a\ncommand: [x]\n---\nname: b\n",
+                "the file holds several YAML documents (separated by ---), but a job spec is exactly one",
+            ),
+            (
+                "name: a\ncommand: [x]\nresources: { cpu: lots }\n",
+                "resources.cpu: expected a number, found lots",
+            ),
+            (
+                "name: a\ncommand: [x]\nenv: [a]\n",
+                "env: expected a mapping like { key: value }, found a list",
+            ),
+        ];
+        for (yaml, want) in cases {
+            let err = JobSpec::from_yaml(yaml, "job.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{yaml:?}: {err}");
+            assert!(
+                !err.contains("invalid u32") && !err.contains("sequence start"),
+                "{err}"
+            );
+        }
+    }
 
     const FULL: &str = r#"
 name: web
@@ -1262,7 +1351,10 @@ stop_grace: 2s
     fn bad_specs_name_the_file_and_the_field() {
         let cases: &[(&str, &str)] = &[
             ("name: a\ncommand: [x]\ncont: 2\n", "cont"),
-            ("name: a\ncommand: [x]\ncount: many\n", "count: invalid"),
+            (
+                "name: a\ncommand: [x]\ncount: many\n",
+                "count: expected a whole number, 0 or more, found many",
+            ),
             ("name: a\ncommand: [x]\nkind: forever\n", "forever"),
             ("name: a\ncommand: [x]\nruntime: vm\n", "unknown runtime"),
             ("name: a\n", "command: required"),
