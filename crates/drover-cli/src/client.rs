@@ -260,6 +260,16 @@ impl Client {
         self.post(&path, Vec::new()).await
     }
 
+    /// The server's `/health`: its version and commit, and how many nodes are ready.
+    pub async fn health(&self) -> Result<drover_core::api::Health> {
+        self.get("/health").await
+    }
+
+    /// The server's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub async fn projects(&self) -> Result<Vec<drover_core::auth::Project>> {
         self.get("/v1/projects").await
     }

@@ -209,6 +209,8 @@ enum Cmd {
         after_help = "Each `drover up` adds a context for its cluster and makes it current; `drover token create --save NAME` adds one for the new token.\n\nExamples:\n  drover context ls\n  drover context use local-7701\n  drover --context local job ls\n  DROVER_CONTEXT=team-a drover run -- echo hi"
     )]
     Context(ContextCmd),
+    /// Print this client's version and commit, and the server's when one is configured.
+    Version,
     /// Print shell completions, e.g. `drover completions bash > /etc/bash_completion.d/drover`.
     Completions {
         #[arg(value_enum)]
@@ -982,6 +984,7 @@ fn without_json(cmd: &Cmd) -> Option<&'static str> {
         | Cmd::Artifact(_)
         | Cmd::Project(_)
         | Cmd::Token(_)
+        | Cmd::Version
         | Cmd::Context(ContextCmd::Ls) => None,
     }
 }
@@ -1130,6 +1133,7 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let c = require(&cli)?;
             artifact(&c, cli.output, a).await
         }
+        Cmd::Version => version(&cli).await,
         Cmd::Completions { shell } => {
             // Generated into memory first: clap_complete panics when its writer fails,
             // and a closed stdout must end the command quietly.
@@ -1490,6 +1494,61 @@ fn read_spec_file(file: &Path) -> Result<(String, String, PathBuf)> {
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     Ok((name, text, base))
+}
+
+/// `drover version`: this client's, and the configured server's when there is one. A
+/// server that cannot be reached is said so, with exit code 1.
+async fn version(cli: &Cli) -> Result<i32> {
+    #[derive(serde::Serialize)]
+    struct Build {
+        version: String,
+        commit: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Versions {
+        client: Build,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        server: Option<Build>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        server_url: Option<String>,
+    }
+    let client = Build {
+        version: drover_core::VERSION.to_string(),
+        commit: drover_core::COMMIT.to_string(),
+    };
+    let (server, url) = match resolve(cli)? {
+        Some(c) => {
+            let h = c.health().await?;
+            let build = Build {
+                version: h.version,
+                commit: h.commit.unwrap_or_else(|| "unknown".into()),
+            };
+            (Some(build), Some(c.base().to_string()))
+        }
+        None => (None, None),
+    };
+    if cli.output == Output::Json {
+        output::json(&Versions {
+            client,
+            server,
+            server_url: url,
+        })?;
+        return Ok(0);
+    }
+    outln!(
+        "client: drover {} (commit {})",
+        client.version,
+        client.commit
+    )?;
+    match (server, url) {
+        (Some(s), Some(url)) => outln!(
+            "server: drover {} (commit {}) at {url}",
+            s.version,
+            s.commit
+        )?,
+        _ => outln!("server: none configured (`drover up` starts one)")?,
+    }
+    Ok(0)
 }
 
 /// The context `drover up` saves its cluster as: `local` on the default address,

@@ -648,3 +648,30 @@ fn logs_take_a_tail_a_task_index_and_json_and_specs_come_from_stdin() {
     follow.kill().unwrap();
     follow.wait().unwrap();
 }
+
+#[test]
+fn version_prints_the_client_and_the_server_with_their_commits() {
+    let up = Up::start();
+    let out = up.home.run(&["version", "-o", "json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = json(&out);
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into());
+    assert_eq!(v["client"]["commit"], head.as_str(), "{v}");
+    assert_eq!(v["server"], v["client"], "the same build serves: {v}");
+    assert_eq!(v["client"]["version"], env!("CARGO_PKG_VERSION"));
+    let text = stdout(&up.home.run(&["version"]));
+    assert!(
+        text.starts_with(&format!(
+            "client: drover {} (commit {head})\nserver: drover ",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+}

@@ -100,7 +100,8 @@ async fn health(State(inner): Shared) -> Json<Health> {
     let ready = inner.state.lock().await.ready_nodes() as u32;
     Json(Health {
         status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
+        version: drover_core::VERSION.into(),
+        commit: Some(drover_core::COMMIT.into()),
         nodes_ready: ready,
     })
 }

@@ -371,6 +371,9 @@ pub struct TaskLogs {
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// The commit the server was built from; absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
     pub nodes_ready: u32,
 }
 
