@@ -77,6 +77,27 @@ impl Inner {
                 result: "unchanged".into(),
             });
         }
+        // A running service whose spec changes only in its count is scaled in place:
+        // tasks are added or stopped, and those that keep running are left alone (a
+        // new version would restart every one of them).
+        if let Some(cur) = &existing
+            && !cur.status.is_final()
+            && cur.spec.kind == JobKind::Service
+            && cur.spec.count != spec.count
+            && (JobSpec {
+                count: cur.spec.count,
+                ..spec.clone()
+            }) == cur.spec
+        {
+            let job = self.scale(state, &mut tx, cur, spec.count, now);
+            self.commit(state, tx).await?;
+            self.flush_all(state);
+            self.schedule.notify_one();
+            return Ok(ApplyResponse {
+                job: state.job_view(&job),
+                result: "scaled".into(),
+            });
+        }
         let version = existing.as_ref().map(|j| j.version + 1).unwrap_or(1);
         if let Some(cur) = existing
             && !cur.status.is_final()
@@ -123,6 +144,31 @@ impl Inner {
             job: state.job_view(&job),
             result: result.into(),
         })
+    }
+
+    /// Sets a running service's count: indexes past the new count have their tasks
+    /// stopped, new indexes get pending tasks. Returns the job as it is now.
+    fn scale(&self, state: &mut State, tx: &mut Tx, cur: &Job, count: u32, now: i64) -> Job {
+        let mut job = cur.clone();
+        let from = job.spec.count;
+        job.spec.count = count;
+        job.updated_at = now;
+        tx.put(state, Change::Job(job.clone()));
+        let surplus: Vec<Task> = state
+            .job_tasks(&job.id)
+            .filter(|t| t.index >= count && !t.state.is_terminal())
+            .cloned()
+            .collect();
+        let reason = format!("scaled from {from} to {count}");
+        for t in surplus {
+            self.stop_task(state, tx, t, &reason, false);
+        }
+        for index in from..count {
+            let t = new_task(&job, index, 0, now, now);
+            tx.put(state, Change::Task(t));
+        }
+        tracing::info!(job = %job.name, from, to = count, "scaled");
+        job
     }
 
     /// Stops every task of the named job and marks it stopped. A forced stop gives the
@@ -314,7 +360,8 @@ impl Inner {
                 tx.put(state, Change::Task(t));
             }
             JobKind::Service => {
-                if sibling_lives {
+                // An index past the count was scaled away: it is not restarted.
+                if sibling_lives || task.index >= job.spec.count {
                     return;
                 }
                 let delay = if task.state == TaskState::Lost {
@@ -963,7 +1010,9 @@ impl Inner {
             let Some(job) = state.jobs.get(&t.job_id).cloned() else {
                 continue;
             };
-            if job.spec.disconnect.on_lost == OnLost::Fail {
+            if job.spec.disconnect.on_lost == OnLost::Fail
+                || (job.spec.kind == JobKind::Service && t.index >= job.spec.count)
+            {
                 self.advance_task(state, tx, &id, TaskState::Lost, &why, None);
                 continue;
             }

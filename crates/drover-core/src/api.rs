@@ -175,8 +175,10 @@ pub fn parse_idempotency_key(key: &str) -> Result<String, String> {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApplyResponse {
     pub job: JobView,
-    /// `created`, `updated` (a new version: the spec changed, or a rerun was asked for)
-    /// or `unchanged` (the same spec as the current version, running or finished).
+    /// `created`, `updated` (a new version: the spec changed, or a rerun was asked for),
+    /// `scaled` (a running service's count alone changed: tasks were added or stopped,
+    /// the others left running, same version) or `unchanged` (the same spec as the
+    /// current version, running or finished).
     pub result: String,
 }
 
