@@ -300,6 +300,43 @@ async fn launch() -> Result<()> {
     println!(
         "  `drover run -- echo hi` (whole CLI process)  p50 {c50:6.1} ms  p99 {c99:6.1} ms   raw `echo hi` p50 {x50:.2} ms"
     );
+
+    // Listing a large job's tasks, as a user runs it, against `drover version` (the
+    // same CLI start and one request that returns almost nothing).
+    let many = 5000;
+    let spec = serde_json::json!({ "name": "many", "count": many, "command": ["true"], "resources": { "cpu": 0.001, "memory": "1Mi" } });
+    let t0 = Instant::now();
+    submit(&http, &server.url, &token, &spec).await?;
+    stream_until_done(&http, &server.url, &token, "many", t0).await?;
+    let cli_ms = |args: &[&str]| -> Result<f64> {
+        let t0 = Instant::now();
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .env("HOME", server.home.path())
+            .env("XDG_CONFIG_HOME", server.home.path().join("config"))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "drover {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(ms(t0))
+    };
+    let (mut table, mut json, mut version) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..10 {
+        table.push(cli_ms(&["task", "ls", "--job", "many"])?);
+        json.push(cli_ms(&["task", "ls", "--job", "many", "-o", "json"])?);
+        version.push(cli_ms(&["version"])?);
+    }
+    let (t50, _) = summary(table);
+    let (j50, _) = summary(json);
+    let (v50, _) = summary(version);
+    println!(
+        "  `drover task ls --job many` ({many} tasks)  table p50 {t50:6.1} ms  -o json p50 {j50:6.1} ms   baseline `drover version` p50 {v50:.1} ms ({:.1}x)",
+        t50 / v50
+    );
     Ok(())
 }
 
