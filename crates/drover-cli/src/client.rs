@@ -305,6 +305,11 @@ impl Client {
         self.get(&artifact_path(r)).await
     }
 
+    /// Removes every version of a finished job, with its tasks and logs.
+    pub async fn delete_job(&self, name: &str) -> Result<drover_core::api::RemovedJob> {
+        self.delete(&format!("/v1/jobs/{}", enc(name))).await
+    }
+
     pub async fn delete_artifact(&self, r: &ArtifactRef) -> Result<Artifact> {
         self.delete(&artifact_path(r)).await
     }

@@ -237,6 +237,11 @@ struct RunArgs {
     /// Let --name replace a job of another kind (service or batch) or runtime.
     #[arg(long, requires = "name")]
     replace: bool,
+    /// Remove the job (with its tasks and logs) once it has ended, like `docker run
+    /// --rm`. Without --name a run's job is kept for an hour; a named one as long as
+    /// the server keeps finished jobs (24h unless configured).
+    #[arg(long)]
+    rm: bool,
     /// The runtime: process, mock, docker or plugin:NAME (docker when --image is given).
     #[arg(long)]
     runtime: Option<String>,
@@ -602,6 +607,10 @@ enum JobCmd {
     },
     /// Run a finished job again, unchanged, as a new version.
     Rerun { name: String },
+    /// Remove a finished job: every version of it, with its tasks and their logs. A
+    /// running job is refused; `drover job stop` it first.
+    #[command(alias = "remove")]
+    Rm { name: String },
     /// List jobs.
     Ls,
     /// Show a job and its tasks.
@@ -1190,6 +1199,10 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         attempts: a.retries,
         ..Default::default()
     };
+    // One-off runs under generated names would otherwise pile up for a day each.
+    if a.name.is_none() {
+        spec.retention = Some(drover_core::quantity::Dur::from_secs(3600));
+    }
     let local = match &a.file {
         Some(path) => {
             let (r, name) = local_artifact(path).await?;
@@ -1213,7 +1226,15 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         if let Some((r, path)) = &local {
             upload_if_missing(c, r, path).await?;
         }
-        run_on(c, &spec, cluster).await
+        let code = run_on(c, &spec, cluster).await?;
+        if a.rm {
+            // The job has ended unless a second interrupt left it running, which the
+            // server's refusal then says.
+            if let Err(e) = c.delete_job(&spec.name).await {
+                eprintln!("drover: --rm: job {} is kept: {e:#}", spec.name);
+            }
+        }
+        Ok(code)
     };
     match resolve(cli)? {
         Some(c) => go(&c, RunCluster::Configured).await,
@@ -1960,6 +1981,21 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
                     "job {} re-run as version {}",
                     res.job.job.name,
                     res.job.job.version
+                )?,
+            }
+            Ok(0)
+        }
+        JobCmd::Rm { name } => {
+            let removed = c.delete_job(name).await?;
+            match out {
+                Output::Json => output::json(&removed)?,
+                Output::Table => outln!(
+                    "removed job {} ({} version{}, {} task{})",
+                    removed.name,
+                    removed.versions,
+                    if removed.versions == 1 { "" } else { "s" },
+                    removed.tasks,
+                    if removed.tasks == 1 { "" } else { "s" }
                 )?,
             }
             Ok(0)

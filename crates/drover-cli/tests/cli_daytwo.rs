@@ -675,3 +675,55 @@ fn version_prints_the_client_and_the_server_with_their_commits() {
         "{text}"
     );
 }
+
+#[test]
+fn finished_jobs_can_be_removed_and_one_off_runs_do_not_pile_up() {
+    let up = Up::start();
+    let h = &up.home;
+    let out = h.run(&["run", "--", "echo", "a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = h.run(&["run", "--name", "named", "--", "echo", "b"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let jobs = json(&h.run(&["job", "ls", "-o", "json"]));
+    for j in jobs.as_array().unwrap() {
+        let retention = &j["spec"]["retention"];
+        if j["name"] == "named" {
+            assert!(retention.is_null(), "{j}");
+        } else {
+            assert!(j["name"].as_str().unwrap().starts_with("run-"), "{j}");
+            assert!(
+                !retention.is_null(),
+                "a one-off run is kept for a while only: {j}"
+            );
+        }
+    }
+
+    let out = h.run(&["run", "--rm", "--name", "gone", "--", "echo", "c"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "c\n");
+    assert_eq!(h.run(&["job", "status", "gone"]).status.code(), Some(4));
+
+    // A running job is refused; once stopped, every version goes, with its logs.
+    let svc = |word: &str| {
+        format!(
+            "name: svc\nkind: service\ncommand: [sh, -c, 'echo {word}; exec sleep 600']\nstop_grace: 1s\n"
+        )
+    };
+    for word in ["one", "two"] {
+        let file = write(h.path(), "svc.yaml", &svc(word));
+        assert!(
+            h.run(&["job", "apply", "-f", file.to_str().unwrap()])
+                .status
+                .success()
+        );
+    }
+    let out = h.run(&["job", "rm", "svc"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
+    assert!(h.run(&["job", "stop", "svc"]).status.success());
+    let out = h.run(&["job", "rm", "svc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "removed job svc (2 versions, 2 tasks)\n");
+    assert_eq!(h.run(&["job", "status", "svc"]).status.code(), Some(4));
+    assert_eq!(h.run(&["logs", "svc"]).status.code(), Some(4));
+}

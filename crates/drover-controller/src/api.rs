@@ -57,7 +57,7 @@ macro_rules! method_name {
 
 authed_routes! {
     "/v1/jobs" => { post apply_job, get list_jobs }
-    "/v1/jobs/{name}" => { get get_job }
+    "/v1/jobs/{name}" => { get get_job, delete delete_job }
     "/v1/jobs/{name}/stop" => { post stop_job }
     "/v1/jobs/{name}/logs" => { get job_logs }
     "/v1/tasks" => { get list_tasks }
@@ -342,6 +342,16 @@ async fn stop_job(
     let view = find_job(&inner, &p, &name).await?;
     inner.stop_job(&view.job.id, force).await?;
     Ok(Json(find_job(&inner, &p, &name).await?))
+}
+
+async fn delete_job(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<drover_core::api::RemovedJob>> {
+    p.require(Action::Write)?;
+    let view = find_job(&inner, &p, &name).await?;
+    Ok(Json(inner.remove_job(&view.job).await?))
 }
 
 /// Reads `?force=true` (kill at once) or `?force=false` from a stop request. Anything

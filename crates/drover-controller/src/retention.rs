@@ -7,8 +7,8 @@ use crate::error::ApiError;
 use crate::state::State;
 use crate::{Inner, Tx};
 use drover_core::api::ErrorCode;
-use drover_core::api::{IDEMPOTENCY_WINDOW_MS, NodeView};
-use drover_core::state::NodeStatus;
+use drover_core::api::{IDEMPOTENCY_WINDOW_MS, NodeView, RemovedJob};
+use drover_core::state::{Job, NodeStatus};
 use drover_core::{JobId, NodeId, TaskId, TaskState};
 use drover_store::Change;
 use std::collections::HashMap;
@@ -67,7 +67,7 @@ pub(crate) fn plan(state: &State, r: &Retention, now: i64) -> (Vec<Change>, Vec<
     // Finished job versions, oldest first. A job whose idempotency key is still in its
     // window stays, so a client retrying its request gets the job back instead of a
     // second run.
-    let mut finished: Vec<(i64, &JobId)> = state
+    let mut finished: Vec<(i64, &JobId, i64)> = state
         .jobs
         .values()
         .filter(|j| j.status.is_final())
@@ -75,13 +75,19 @@ pub(crate) fn plan(state: &State, r: &Retention, now: i64) -> (Vec<Change>, Vec<
             j.idempotency_key.is_none() || now.saturating_sub(j.created_at) >= IDEMPOTENCY_WINDOW_MS
         })
         .filter(|j| state.job_tasks(&j.id).all(|t| t.state.is_terminal()))
-        .map(|j| (j.updated_at, &j.id))
+        // The job's own `retention` when it sets one, else the controller's.
+        .map(|j| {
+            let keep = j.spec.retention.map_or(keep_for, |d| {
+                i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+            });
+            (j.updated_at, &j.id, keep)
+        })
         .collect();
     finished.sort();
     let surplus = finished.len().saturating_sub(r.max_finished_jobs);
     let mut removed_jobs = std::collections::HashSet::new();
-    for (i, (updated, id)) in finished.iter().enumerate() {
-        if i < surplus || now.saturating_sub(*updated) > keep_for {
+    for (i, (updated, id, keep)) in finished.iter().enumerate() {
+        if i < surplus || now.saturating_sub(*updated) > *keep {
             gone_tasks.extend(state.job_tasks(id).map(|t| t.id.clone()));
             changes.push(Change::DeleteJob((*id).clone()));
             removed_jobs.insert(*id);
@@ -231,6 +237,62 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Removes every version of a finished job, with its tasks and their logs, at its
+    /// user's request (`drover job rm`). A job still running, or still stopping, is
+    /// refused: stopping it first makes what runs on the nodes end before its record.
+    pub(crate) async fn remove_job(&self, job: &Job) -> Result<RemovedJob, ApiError> {
+        let (removed, gone_tasks) = {
+            let mut state = self.state.lock().await;
+            let state = &mut *state;
+            let versions: Vec<JobId> = state
+                .jobs
+                .values()
+                .filter(|j| j.project == job.project && j.name == job.name)
+                .map(|j| j.id.clone())
+                .collect();
+            for id in &versions {
+                let live = state.jobs.get(id).is_some_and(|j| !j.status.is_final())
+                    || state.job_tasks(id).any(|t| !t.state.is_terminal());
+                if live {
+                    return Err(ApiError::new(
+                        ErrorCode::InUse,
+                        format!(
+                            "job {} is still running or stopping; stop it first (`drover job stop {}`), then remove it",
+                            job.name, job.name
+                        ),
+                    ));
+                }
+            }
+            let mut tx = Tx::default();
+            let mut gone_tasks = Vec::new();
+            for id in &versions {
+                gone_tasks.extend(state.job_tasks(id).map(|t| t.id.clone()));
+                tx.put(state, Change::DeleteJob(id.clone()));
+            }
+            self.commit(state, tx).await.map_err(|e| {
+                ApiError::new(
+                    ErrorCode::StoreUnavailable,
+                    format!("removing job {}: {e}", job.name),
+                )
+            })?;
+            let removed = RemovedJob {
+                name: job.name.clone(),
+                project: job.project.clone(),
+                versions: versions.len(),
+                tasks: gone_tasks.len(),
+            };
+            (removed, gone_tasks)
+        };
+        // Once the store has forgotten the tasks, as the retention collection does.
+        for t in &gone_tasks {
+            self.logs.remove(t);
+        }
+        tracing::info!(job = %removed.name, versions = removed.versions, "job removed by its user");
+        Ok(removed)
+    }
+}
+
 /// The id of the node named by `node`: its id, or a name only one node has.
 fn find_node(state: &State, node: &str) -> Result<NodeId, ApiError> {
     if let Ok(id) = NodeId::parse(node)
@@ -329,6 +391,19 @@ mod tests {
             .collect();
         out.sort();
         out
+    }
+
+    #[test]
+    fn a_job_that_sets_its_own_retention_is_kept_that_long() {
+        let now = 100 * HOUR;
+        let mut short = job("short", JobStatus::Complete, now - 2 * HOUR);
+        short.spec.retention = Some(drover_core::quantity::Dur::from_secs(3600));
+        let mut long = job("long", JobStatus::Complete, now - 30 * HOUR);
+        long.spec.retention = Some(drover_core::quantity::Dur::from_secs(48 * 3600));
+        let plain = job("plain", JobStatus::Complete, now - 2 * HOUR);
+        let s = state_of(&[short, long, plain], &[]);
+        let (changes, _) = plan(&s, &Retention::default(), now);
+        assert_eq!(removed(&changes), vec!["job-short"]);
     }
 
     #[test]

@@ -198,6 +198,16 @@ pub struct JobView {
     pub state: Option<JobState>,
 }
 
+/// `DELETE /v1/jobs/{name}`: what was removed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemovedJob {
+    pub name: String,
+    pub project: crate::ids::ProjectId,
+    /// How many versions of the job were removed, each with its tasks and their logs.
+    pub versions: usize,
+    pub tasks: usize,
+}
+
 /// A job's state as its user reads it: the stored `status` says only whether the job is
 /// still wanted and how it ended; this says whether it actually runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -348,6 +348,9 @@ pub const BATCH_LOST_AFTER: Dur = Dur::from_secs(300);
 /// The longest `disconnect.lost_after` accepted.
 pub const MAX_LOST_AFTER: Dur = Dur::from_secs(7 * 24 * 3600);
 
+/// The longest `retention`: a year; a record kept longer is better kept elsewhere.
+pub const MAX_RETENTION: Dur = Dur::from_secs(365 * 24 * 3600);
+
 impl Disconnect {
     pub fn is_default(&self) -> bool {
         *self == Disconnect::default()
@@ -528,6 +531,12 @@ pub struct JobSpec {
     /// How much of each task's output the controller keeps.
     #[serde(default, skip_serializing_if = "Logs::is_default")]
     pub logs: Logs,
+    /// How long the controller keeps this job, its tasks and their logs once it has
+    /// finished (like Kubernetes' `ttlSecondsAfterFinished`); the controller's
+    /// `--job-retention` (24h) when absent. `drover run` without `--name` sets 1h, so
+    /// one-off runs do not pile up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Dur>,
 }
 
 /// A job's own environment, materialised on the node before its task starts.
@@ -689,6 +698,7 @@ impl JobSpec {
             runtime_env: RuntimeEnv::default(),
             disconnect: Disconnect::default(),
             logs: Logs::default(),
+            retention: None,
         }
     }
 
@@ -1088,6 +1098,7 @@ impl JobSpec {
             runtime_env,
             disconnect,
             logs: _,
+            retention,
         } = self;
         let Disconnect {
             lost_after,
@@ -1116,6 +1127,9 @@ impl JobSpec {
         }
         if let Some(t) = lost_after {
             all.push(("disconnect.lost_after", *t, MAX_LOST_AFTER));
+        }
+        if let Some(t) = retention {
+            all.push(("retention", *t, MAX_RETENTION));
         }
         if let Some(HealthCheck {
             http: _,

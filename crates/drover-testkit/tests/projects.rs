@@ -285,6 +285,28 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
                 "beta's service still runs"
             );
         }
+        ("DELETE", "/v1/jobs/{name}") => {
+            // beta's finished job: removable by beta, unseen by alpha.
+            let path = pattern.replace("{name}", "b-out");
+            expect(
+                w.alpha(Role::Read),
+                "alpha read",
+                Method::DELETE,
+                &path,
+                None,
+                403,
+            )
+            .await;
+            for a in w.alpha_writers() {
+                expect(a, "alpha writer", Method::DELETE, &path, None, 404).await;
+            }
+            let out = w.beta.job("b-out").await.unwrap();
+            assert_eq!(
+                out.job.status,
+                JobStatus::Complete,
+                "beta's job is still there"
+            );
+        }
         ("GET", "/v1/tasks/{id}") | ("GET", "/v1/tasks/{id}/logs") => {
             // Neither the whole id nor a prefix of it finds beta's task.
             let prefix = &w.beta_task[..w.beta_task.len() - 4];
