@@ -161,6 +161,7 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
         cfg.max_connections = n;
     }
     cfg.header_read_timeout = opts.connections.header_read_timeout;
+    cfg.commit = Some(crate::COMMIT.to_string());
     cfg.bootstrap_tokens = vec![
         BootstrapToken {
             secret: opts.admin_token.clone(),

@@ -42,6 +42,10 @@ mod code {
 #[error("{0}")]
 struct UsageError(String);
 
+/// The commit this binary was built from (12 hex digits), or "unknown" outside a git
+/// checkout; set by `build.rs`.
+pub(crate) const COMMIT: &str = env!("DROVER_COMMIT");
+
 /// Where an agent may also find its join token, besides its flags.
 const JOIN_TOKEN_ENV: &str = drover_agent::JOIN_TOKEN_ENV_NAME;
 
@@ -1535,7 +1539,7 @@ async fn version(cli: &Cli) -> Result<i32> {
     }
     let client = Build {
         version: drover_core::VERSION.to_string(),
-        commit: drover_core::COMMIT.to_string(),
+        commit: COMMIT.to_string(),
     };
     let (server, url) = match resolve(cli)? {
         Some(c) => {

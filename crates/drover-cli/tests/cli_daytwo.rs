@@ -17,6 +17,12 @@ struct Up {
     _up: Daemon,
 }
 
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.stop_everything();
+    }
+}
+
 impl Up {
     fn start() -> Up {
         let home = Home::new();
@@ -27,6 +33,38 @@ impl Up {
                 .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
         });
         Up { home, _up: up }
+    }
+
+    /// Kills every job's tasks. An agent killed with its `drover up` leaves its tasks
+    /// running (a restarted agent adopts them), so a test that ended without stopping
+    /// its services would leave their processes behind.
+    fn stop_everything(&self) {
+        let jobs = self.home.run(&["job", "ls", "-o", "json"]);
+        let Ok(jobs) = serde_json::from_slice::<serde_json::Value>(&jobs.stdout) else {
+            return;
+        };
+        for j in jobs.as_array().into_iter().flatten() {
+            if let Some(name) = j["name"].as_str() {
+                self.home.run(&["job", "stop", "--force", "--detach", name]);
+            }
+        }
+        let deadline = Instant::now() + T;
+        while Instant::now() < deadline {
+            let tasks = self.home.run(&["task", "ls", "--all", "-o", "json"]);
+            let live = serde_json::from_slice::<serde_json::Value>(&tasks.stdout)
+                .ok()
+                .and_then(|t| t.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .any(|t| {
+                    !["succeeded", "failed", "stopped", "lost"]
+                        .contains(&t["state"].as_str().unwrap_or(""))
+                });
+            if !live {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn job_status(&self, name: &str) -> String {

@@ -101,7 +101,7 @@ async fn health(State(inner): Shared) -> Json<Health> {
     Json(Health {
         status: "ok".into(),
         version: drover_core::VERSION.into(),
-        commit: Some(drover_core::COMMIT.into()),
+        commit: inner.cfg.commit.clone(),
         nodes_ready: ready,
     })
 }

@@ -89,6 +89,9 @@ pub struct ControllerConfig {
     pub max_connections: usize,
     /// How long finished jobs, replaced attempts and lost nodes are kept.
     pub retention: Retention,
+    /// The commit the binary was built from, which `/health` reports; the binary knows
+    /// it, this library does not.
+    pub commit: Option<String>,
 }
 
 impl ControllerConfig {
@@ -108,6 +111,7 @@ impl ControllerConfig {
             max_connections_per_ip: 256,
             max_connections: serve::default_max_connections(),
             retention: Retention::default(),
+            commit: None,
         }
     }
 }

@@ -20,9 +20,6 @@ pub use ids::{JobId, NodeId, ProjectId, TaskId};
 
 /// This build's version, as Cargo knows it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-/// The commit this build was made from (12 hex digits), or "unknown" outside a git
-/// checkout.
-pub const COMMIT: &str = env!("DROVER_COMMIT");
 pub use spec::{JobKind, JobSpec, RuntimeKind, SpecError};
 pub use state::TaskState;
 

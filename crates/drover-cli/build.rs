@@ -1,5 +1,6 @@
 //! Records the commit Drover is built from, for `drover version` and the server's
-//! `/health`. A build outside a git checkout (a source tarball) says "unknown".
+//! `/health`. A build outside a git checkout (a source tarball) says "unknown". It lives
+//! in the binary's crate, so a new commit rebuilds only the binary, not every crate.
 
 use std::process::Command;
 
