@@ -618,7 +618,12 @@ enum JobCmd {
     /// List jobs.
     Ls,
     /// Show a job and its tasks.
-    Status { name: String },
+    Status {
+        name: String,
+        /// Show it again every second until the job has ended (or Ctrl-C).
+        #[arg(long, short = 'w')]
+        watch: bool,
+    },
     /// Stop a job's tasks: SIGTERM, then SIGKILL after its stop_grace. Waits until every
     /// task has ended, unless --detach.
     Stop {
@@ -674,6 +679,9 @@ enum TaskCmd {
         /// Every attempt of each index, not only the latest.
         #[arg(long)]
         all: bool,
+        /// Show the list again every second until Ctrl-C.
+        #[arg(long, short = 'w')]
+        watch: bool,
     },
 }
 
@@ -1020,16 +1028,19 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             let c = require(&cli)?;
             job(&c, cli.output, j).await
         }
-        Cmd::Task(TaskCmd::Ls { job, all }) => {
+        Cmd::Task(TaskCmd::Ls { job, all, watch }) => {
             let c = require(&cli)?;
-            let tasks = c.tasks(job.as_deref()).await?;
             let attempts = if *all {
                 output::Attempts::All
             } else {
                 output::Attempts::Latest
             };
-            output::tasks(cli.output, &tasks, attempts)?;
-            Ok(0)
+            let show = async || -> Result<Shown> {
+                let tasks = c.tasks(job.as_deref()).await?;
+                output::tasks(cli.output, &tasks, attempts)?;
+                Ok(Shown::More)
+            };
+            repeat(*watch, show).await
         }
         Cmd::Node(NodeCmd::Ls) => {
             let c = require(&cli)?;
@@ -1672,6 +1683,46 @@ fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
     Ok(0)
 }
 
+/// Whether a watched listing can change any more.
+enum Shown {
+    More,
+    /// What it shows has ended (a finished job): the watch stops.
+    Final,
+}
+
+/// Shows a listing once, or with `--watch` every second until what it shows has ended,
+/// Ctrl-C or the reader goes away. On a terminal each showing replaces the last on the
+/// screen; elsewhere (a file, a pipe) each is printed after a line with its time.
+async fn repeat(watch: bool, mut show: impl AsyncFnMut() -> Result<Shown>) -> Result<i32> {
+    use std::io::IsTerminal;
+    if !watch {
+        show().await?;
+        return Ok(0);
+    }
+    let tty = std::io::stdout().is_terminal();
+    // Listened for once, before the first showing, so a Ctrl-C during a request is not
+    // missed between two waits.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("listening for SIGINT")?;
+    loop {
+        if tty {
+            // Home the cursor and clear the screen, as `watch` does.
+            output::out("\x1b[H\x1b[2J")?;
+        } else {
+            let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            outln!("--- {now}")?;
+        }
+        if let Shown::Final = show().await? {
+            return Ok(0);
+        }
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = interrupt.recv() => return Ok(0),
+            () = output::stdout_closed() => return Err(output::ReaderGone.into()),
+        }
+    }
+}
+
 /// How a finished job ended, for "job NAME has already ...": `stopped`, `completed`,
 /// `failed`.
 fn ended_as(job: &drover_core::api::JobView) -> String {
@@ -2008,11 +2059,16 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             output::jobs(out, &c.jobs().await?)?;
             Ok(0)
         }
-        JobCmd::Status { name } => {
-            let job = c.job(name).await?;
-            let tasks = c.tasks(Some(name)).await?;
-            output::job_status(out, &job, &tasks)?;
-            Ok(0)
+        JobCmd::Status { name, watch } => {
+            let show = async || -> Result<Shown> {
+                let job = c.job(name).await?;
+                let tasks = c.tasks(Some(name)).await?;
+                output::job_status(out, &job, &tasks)?;
+                let ended =
+                    job.job.status.is_final() && tasks.iter().all(|t| t.task.state.is_terminal());
+                Ok(if ended { Shown::Final } else { Shown::More })
+            };
+            repeat(*watch, show).await
         }
         JobCmd::Stop { name, force, wait } => {
             let current = c.job(name).await?;

@@ -765,3 +765,38 @@ fn finished_jobs_can_be_removed_and_one_off_runs_do_not_pile_up() {
     assert_eq!(h.run(&["job", "status", "svc"]).status.code(), Some(4));
     assert_eq!(h.run(&["logs", "svc"]).status.code(), Some(4));
 }
+
+#[test]
+fn watch_shows_a_listing_again_until_the_job_ends_or_ctrl_c() {
+    let up = Up::start();
+    let h = &up.home;
+    let batch = write(
+        h.path(),
+        "nap.yaml",
+        "name: nap\ncommand: [sh, -c, 'sleep 2']\n",
+    );
+    assert!(
+        h.run(&["job", "apply", "-f", batch.to_str().unwrap()])
+            .status
+            .success()
+    );
+    // It ends by itself once the job has, with the final state shown last.
+    let out = h.run(&["job", "status", "--watch", "nap"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let showings: Vec<&str> = text.split("--- ").filter(|s| !s.is_empty()).collect();
+    assert!(showings.len() >= 2, "{text}");
+    assert!(
+        showings.last().unwrap().contains("state:    succeeded"),
+        "{text}"
+    );
+    assert!(showings[0].contains("state:    running"), "{text}");
+
+    // A task listing goes on until Ctrl-C.
+    let (child, rx) = spawn_run(&mut h.cmd(&["task", "ls", "--watch", "--job", "nap"]));
+    for _ in 0..3 {
+        expect_line(&rx, "out: --- ");
+    }
+    signal(&child, libc::SIGINT);
+    assert!(wait_exit(child).success());
+}
