@@ -300,7 +300,11 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
                 .map_or_else(|| "-".to_string(), |l| l.to_string()),
             runtimes.join(","),
             format!("{:.1}/{:.1}", n.allocated.cpu, info.capacity.cpu),
-            format!("{}/{}", n.allocated.memory, info.capacity.memory),
+            format!(
+                "{}/{}",
+                size(n.allocated.memory.0),
+                size(info.capacity.memory.0)
+            ),
             n.tasks.to_string(),
             labels.join(","),
             // What keeps the node's process tasks apart (users, cgroups, both or none);

@@ -323,6 +323,12 @@ fn apply_and_stop_wait_until_the_job_gets_there_unless_detached() {
         .filter(|t| t["state"] == "running")
         .count();
     assert_eq!(running, 2, "{tasks}");
+    // Memory in units people read: two tasks of the default 64Mi.
+    let nodes = stdout(&h.run(&["node", "ls"]));
+    assert!(
+        nodes.contains(" 128.0 MiB/") && !nodes.contains("Ki "),
+        "{nodes}"
+    );
 
     let out = h.run(&["job", "stop", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -18,6 +18,13 @@ pub struct NodeEntry {
     pub tasks: HashSet<TaskId>,
 }
 
+/// A sum of cores rounded to a millionth: adding and removing tasks' `0.1`s in binary
+/// floating point drifts (`0.30000000000000004`), which `node ls -o json` would show
+/// and the drift would grow over a node's life.
+fn micro_cores(cpu: f64) -> f64 {
+    (cpu * 1e6).round() / 1e6
+}
+
 /// Why a job's pending tasks were not placed in the last scheduling pass.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingReason {
@@ -314,7 +321,7 @@ impl State {
     fn reserve(&mut self, t: &Task) {
         let d = self.demand(t);
         if let Some(n) = t.node_id.as_ref().and_then(|n| self.nodes.get_mut(n)) {
-            n.allocated.cpu += d.cpu;
+            n.allocated.cpu = micro_cores(n.allocated.cpu + d.cpu);
             n.allocated.memory.0 += d.memory.0;
             n.tasks.insert(t.id.clone());
         }
@@ -323,7 +330,7 @@ impl State {
     fn release(&mut self, t: &Task) {
         let d = self.demand(t);
         if let Some(n) = t.node_id.as_ref().and_then(|n| self.nodes.get_mut(n)) {
-            n.allocated.cpu = (n.allocated.cpu - d.cpu).max(0.0);
+            n.allocated.cpu = micro_cores(n.allocated.cpu - d.cpu).max(0.0);
             n.allocated.memory.0 = n.allocated.memory.0.saturating_sub(d.memory.0);
             n.tasks.remove(&t.id);
         }

@@ -48,6 +48,9 @@ async fn a_count_change_alone_adds_or_stops_tasks_and_leaves_the_rest_running() 
     let up = api.apply_yaml(&spec(3, "hi")).await.unwrap();
     assert_eq!((up.result.as_str(), up.job.job.version), ("scaled", 1));
     let three = running(&api, 3).await;
+    // Three tasks of 0.1 cores each: exactly 0.3 reserved, not 0.30000000000000004.
+    let nodes = serde_json::to_value(api.nodes().await.unwrap()).unwrap();
+    assert_eq!(nodes[0]["allocated"]["cpu"].to_string(), "0.3", "{nodes}");
     assert_eq!(three[&0], two[&0], "index 0 kept running");
     assert_eq!(three[&1], two[&1], "index 1 kept running");
 
