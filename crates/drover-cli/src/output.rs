@@ -119,23 +119,41 @@ pub fn jobs(out: Output, jobs: &[JobView]) -> Result<()> {
     if out == Output::Json {
         return json(&jobs);
     }
-    let mut t = table(&["NAME", "KIND", "STATUS", "TASKS", "VERSION", "AGE"]);
+    // A cluster admin's listing spans projects: which one a row is in then matters.
+    let projects = several_projects(jobs.iter().map(|j| &j.job.project));
+    let mut headers = vec!["NAME", "KIND", "STATUS", "TASKS", "VERSION", "AGE"];
+    if projects {
+        headers.insert(0, "PROJECT");
+    }
+    let mut t = table(&headers);
     for j in jobs {
         let summary: Vec<String> = j
             .task_states
             .iter()
             .map(|(s, n)| format!("{n} {s}"))
             .collect();
-        t.add_row(vec![
+        let mut row = vec![
             j.job.name.clone(),
             j.job.spec.kind.to_string(),
             job_state(j),
             summary.join(", "),
             j.job.version.to_string(),
             age(j.job.created_at),
-        ]);
+        ];
+        if projects {
+            row.insert(0, j.job.project.to_string());
+        }
+        t.add_row(row);
     }
     print(t)
+}
+
+/// Whether a listing holds rows of more than one project.
+fn several_projects<'a>(mut projects: impl Iterator<Item = &'a drover_core::ProjectId>) -> bool {
+    let Some(first) = projects.next() else {
+        return false;
+    };
+    projects.any(|p| p != first)
 }
 
 /// What a job is doing: the server's state when it says one, else its status.
@@ -182,9 +200,14 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
         e.0 = e.0.max(v.task.attempt);
         e.1 += 1;
     }
-    let mut t = table(&[
+    let projects = several_projects(tasks.iter().map(|v| &v.task.project));
+    let mut headers = vec![
         "ID", "JOB", "INDEX", "STATE", "RESTARTS", "NODE", "PORTS", "EXIT", "AGE", "REASON",
-    ]);
+    ];
+    if projects {
+        headers.insert(1, "PROJECT");
+    }
+    let mut t = table(&headers);
     for v in tasks {
         let task = &v.task;
         let (newest, count) = latest[&(task.job_name.as_str(), task.index)];
@@ -205,7 +228,7 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        t.add_row(vec![
+        let mut row = vec![
             task.id.to_string(),
             task.job_name.clone(),
             task.index.to_string(),
@@ -222,7 +245,11 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
             exit_text(&task.exit),
             age(task.created_at),
             one_line(reason),
-        ]);
+        ];
+        if projects {
+            row.insert(1, task.project.to_string());
+        }
+        t.add_row(row);
     }
     print(t)
 }

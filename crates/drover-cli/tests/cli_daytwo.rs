@@ -806,3 +806,42 @@ fn watch_shows_a_listing_again_until_the_job_ends_or_ctrl_c() {
     signal(&child, libc::SIGINT);
     assert!(wait_exit(child).success());
 }
+
+#[test]
+fn listings_across_projects_show_the_project_and_a_shared_name_asks_which() {
+    let up = Up::start();
+    let h = &up.home;
+    for p in ["pa", "pb"] {
+        assert!(h.run(&["project", "create", p]).status.success());
+        let out = h.run(&["--project", p, "run", "--name", "web", "--", "true"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = h.run(&["job", "status", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("job \"web\" exists in projects pa, pb; say which with --project"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        h.run(&["--project", "pa", "job", "status", "web"])
+            .status
+            .success()
+    );
+    let jobs = stdout(&h.run(&["job", "ls"]));
+    let header = jobs.lines().next().unwrap_or_default();
+    assert!(header.trim_start().starts_with("PROJECT"), "{jobs}");
+    assert!(jobs.contains(" pa ") && jobs.contains(" pb "), "{jobs}");
+    let tasks = stdout(&h.run(&["task", "ls"]));
+    assert!(
+        tasks
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .contains(" PROJECT "),
+        "{tasks}"
+    );
+    // Within one project there is nothing to tell apart.
+    let one = stdout(&h.run(&["--project", "pa", "job", "ls"]));
+    assert!(!one.contains("PROJECT"), "{one}");
+}

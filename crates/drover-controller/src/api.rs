@@ -311,14 +311,33 @@ async fn list_jobs(
 /// Finds the current version of a job the caller may see.
 async fn find_job(inner: &Inner, p: &Principal, name: &str) -> ApiResult<JobView> {
     let state = inner.state.lock().await;
-    let job = state
+    let found: Vec<&drover_core::state::Job> = state
         .current
         .iter()
         .filter(|((proj, n), _)| n == name && p.sees(proj))
         .filter_map(|(_, id)| state.jobs.get(id))
-        // An admin seeing several projects gets the caller's own project's job first.
-        .max_by_key(|j| (j.project == p.project, j.created_at))
-        .ok_or_else(|| ApiError::not_found(&format!("job {name:?}")))?;
+        .collect();
+    // An admin who sees several projects gets its own project's job; a name only other
+    // projects have, more than one of them, is ambiguous rather than a guess.
+    let job = match found.iter().find(|j| j.project == p.project) {
+        Some(own) => *own,
+        None => match found.as_slice() {
+            [] => return Err(ApiError::not_found(&format!("job \"{name}\""))),
+            [only] => *only,
+            several => {
+                let mut projects: Vec<String> =
+                    several.iter().map(|j| j.project.to_string()).collect();
+                projects.sort();
+                return Err(ApiError::new(
+                    ErrorCode::Ambiguous,
+                    format!(
+                        "job \"{name}\" exists in projects {}; say which with --project",
+                        projects.join(", ")
+                    ),
+                ));
+            }
+        },
+    };
     Ok(state.job_view(job))
 }
 
