@@ -305,6 +305,11 @@ impl Client {
         self.get(&artifact_path(r)).await
     }
 
+    /// Every version of a job the server keeps, newest first.
+    pub async fn job_versions(&self, name: &str) -> Result<Vec<JobView>> {
+        self.get(&format!("/v1/jobs/{}/versions", enc(name))).await
+    }
+
     /// Removes every version of a finished job, with its tasks and logs.
     pub async fn delete_job(&self, name: &str) -> Result<drover_core::api::RemovedJob> {
         self.delete(&format!("/v1/jobs/{}", enc(name))).await

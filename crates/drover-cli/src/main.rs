@@ -611,6 +611,17 @@ enum JobCmd {
     },
     /// Run a finished job again, unchanged, as a new version.
     Rerun { name: String },
+    /// List a job's versions the server still keeps, newest first: when each was made,
+    /// how it ended and what changed (`-o json` gives each version's whole spec).
+    History { name: String },
+    /// Apply an earlier version's spec again, as a new version.
+    Revert {
+        name: String,
+        /// The version whose spec to apply, as `drover job history` lists it.
+        version: u32,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
     /// Remove a finished job: every version of it, with its tasks and their logs. A
     /// running job is refused; `drover job stop` it first.
     #[command(alias = "remove")]
@@ -2037,6 +2048,55 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
                     res.job.job.name,
                     res.job.job.version
                 )?,
+            }
+            Ok(0)
+        }
+        JobCmd::History { name } => {
+            let versions = c.job_versions(name).await?;
+            output::history(out, &versions)?;
+            Ok(0)
+        }
+        JobCmd::Revert {
+            name,
+            version,
+            wait,
+        } => {
+            let versions = c.job_versions(name).await?;
+            let Some(old) = versions.iter().find(|v| v.job.version == *version) else {
+                let kept: Vec<String> =
+                    versions.iter().map(|v| v.job.version.to_string()).collect();
+                bail!(
+                    "job {name} has no version {version} kept (it has: {}); finished versions go after the server's retention",
+                    kept.join(", ")
+                );
+            };
+            // Run again even when that spec is the current one and has finished: a
+            // revert is asked for explicitly.
+            let how = client::ApplyRequest {
+                idempotency_key: None,
+                rerun: true,
+            };
+            let res = c.apply(&old.job.spec, &how).await?;
+            let job = &res.job.job;
+            if out == Output::Table {
+                outln!(
+                    "job {} {} (version {}, the spec of version {version})",
+                    job.name,
+                    res.result,
+                    job.version
+                )?;
+            }
+            if let Some(reached) = wait.wait(c, &job.name, wait::Goal::Applied).await?
+                && out == Output::Table
+            {
+                outln!(
+                    "job {}: {}",
+                    job.name,
+                    wait::summarise(&reached.job, &reached.tasks)
+                )?;
+            }
+            if out == Output::Json {
+                output::json(&res)?;
             }
             Ok(0)
         }

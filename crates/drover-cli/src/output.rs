@@ -148,6 +148,51 @@ pub fn jobs(out: Output, jobs: &[JobView]) -> Result<()> {
     print(t)
 }
 
+/// `drover job history`: each version, newest first, with what changed from the one
+/// before it (the top-level spec fields that differ).
+pub fn history(out: Output, versions: &[JobView]) -> Result<()> {
+    if out == Output::Json {
+        return json(&versions);
+    }
+    let mut t = table(&["VERSION", "STATUS", "CREATED", "CHANGED", "REASON"]);
+    for (i, v) in versions.iter().enumerate() {
+        let changed = match versions.get(i + 1) {
+            Some(before) => changed_fields(&before.job.spec, &v.job.spec),
+            None => "(first kept)".to_string(),
+        };
+        t.add_row(vec![
+            v.job.version.to_string(),
+            job_state(v),
+            format!("{} ago", age(v.job.created_at)),
+            changed,
+            one_line(&v.job.reason),
+        ]);
+    }
+    print(t)
+}
+
+/// The top-level spec fields that differ between two versions, e.g. `command, env`.
+fn changed_fields(before: &drover_core::JobSpec, after: &drover_core::JobSpec) -> String {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(before), serde_json::to_value(after))
+    else {
+        return String::new();
+    };
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let changed: Vec<&str> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(String::as_str)
+        .collect();
+    if changed.is_empty() {
+        "(same spec: a rerun)".to_string()
+    } else {
+        changed.join(", ")
+    }
+}
+
 /// Whether a listing holds rows of more than one project.
 fn several_projects<'a>(mut projects: impl Iterator<Item = &'a drover_core::ProjectId>) -> bool {
     let Some(first) = projects.next() else {

@@ -845,3 +845,63 @@ fn listings_across_projects_show_the_project_and_a_shared_name_asks_which() {
     let one = stdout(&h.run(&["--project", "pa", "job", "ls"]));
     assert!(!one.contains("PROJECT"), "{one}");
 }
+
+#[test]
+fn history_lists_the_versions_and_revert_applies_an_earlier_one() {
+    let up = Up::start();
+    let h = &up.home;
+    for word in ["one", "two"] {
+        let file = write(
+            h.path(),
+            "svc.yaml",
+            &format!(
+                "name: svc\nkind: service\ncommand: [sh, -c, 'echo {word}; exec sleep 600']\nstop_grace: 1s\n"
+            ),
+        );
+        assert!(
+            h.run(&["job", "apply", "-f", file.to_str().unwrap()])
+                .status
+                .success()
+        );
+    }
+    let out = h.run(&["job", "revert", "svc", "1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("job svc updated (version 3, the spec of version 1)"),
+        "{}",
+        stdout(&out)
+    );
+    wait_until("the reverted task to print", T, || {
+        stdout(&h.run(&["logs", "svc"])) == "one\n"
+    });
+
+    let history = stdout(&h.run(&["job", "history", "svc"]));
+    let rows: Vec<Vec<&str>> = history
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let summary: Vec<(&str, &str)> = rows.iter().map(|r| (r[0], r[1])).collect();
+    assert_eq!(
+        summary,
+        [("3", "running"), ("2", "stopped"), ("1", "stopped")],
+        "{history}"
+    );
+    assert!(
+        rows[0].contains(&"command") && rows[1].contains(&"command"),
+        "{history}"
+    );
+    let versions = json(&h.run(&["job", "history", "svc", "-o", "json"]));
+    assert_eq!(
+        versions[2]["spec"], versions[0]["spec"],
+        "version 3 is version 1's spec"
+    );
+
+    let out = h.run(&["job", "revert", "svc", "9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no version 9 kept (it has: 3, 2, 1)"),
+        "{}",
+        stderr(&out)
+    );
+}

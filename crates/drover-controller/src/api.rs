@@ -59,6 +59,7 @@ authed_routes! {
     "/v1/jobs" => { post apply_job, get list_jobs }
     "/v1/jobs/{name}" => { get get_job, delete delete_job }
     "/v1/jobs/{name}/stop" => { post stop_job }
+    "/v1/jobs/{name}/versions" => { get job_versions }
     "/v1/jobs/{name}/logs" => { get job_logs }
     "/v1/tasks" => { get list_tasks }
     "/v1/tasks/{id}" => { get get_task }
@@ -348,6 +349,26 @@ async fn get_job(
 ) -> ApiResult<Json<JobView>> {
     p.require(Action::Read)?;
     Ok(Json(find_job(&inner, &p, &name).await?))
+}
+
+/// Every version of a job the controller still keeps, newest first: its spec, when it
+/// was made and how it ended (`drover job history`).
+async fn job_versions(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<JobView>>> {
+    p.require(Action::Read)?;
+    let current = find_job(&inner, &p, &name).await?;
+    let state = inner.state.lock().await;
+    let mut versions: Vec<JobView> = state
+        .jobs
+        .values()
+        .filter(|j| j.project == current.job.project && j.name == current.job.name)
+        .map(|j| state.job_view(j))
+        .collect();
+    versions.sort_by_key(|v| std::cmp::Reverse(v.job.version));
+    Ok(Json(versions))
 }
 
 async fn stop_job(

@@ -237,7 +237,9 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
                 as_alpha(w, &ALL_ROLES, Method::GET, "/v1/tasks?job=b-out", None, 404).await;
             }
         }
-        ("GET", "/v1/jobs/{name}") | ("GET", "/v1/jobs/{name}/logs") => {
+        ("GET", "/v1/jobs/{name}")
+        | ("GET", "/v1/jobs/{name}/logs")
+        | ("GET", "/v1/jobs/{name}/versions") => {
             let paths = [
                 pattern.replace("{name}", "b-out"),
                 pattern.replace("{name}", "b-out") + "?follow=true",
