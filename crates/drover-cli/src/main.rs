@@ -1694,6 +1694,32 @@ fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
     Ok(0)
 }
 
+/// The end of an apply or a revert: waits for the job unless `--detach` (or `wanted`
+/// is false, for a finished job applied unchanged), says where it got on a terminal,
+/// and prints the apply's answer with `-o json`.
+async fn finish_apply(
+    c: &Client,
+    out: Output,
+    res: &drover_core::api::ApplyResponse,
+    wait: &WaitArgs,
+    wanted: bool,
+) -> Result<i32> {
+    let name = &res.job.job.name;
+    if wanted
+        && let Some(reached) = wait.wait(c, name, wait::Goal::Applied).await?
+        && out == Output::Table
+    {
+        outln!(
+            "job {name}: {}",
+            wait::summarise(&reached.job, &reached.tasks)
+        )?;
+    }
+    if out == Output::Json {
+        output::json(res)?;
+    }
+    Ok(0)
+}
+
 /// Whether a watched listing can change any more.
 enum Shown {
     More,
@@ -2013,20 +2039,7 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
                     )?;
                 }
             }
-            if !finished
-                && let Some(reached) = wait.wait(c, &job.name, wait::Goal::Applied).await?
-                && out == Output::Table
-            {
-                outln!(
-                    "job {}: {}",
-                    job.name,
-                    wait::summarise(&reached.job, &reached.tasks)
-                )?;
-            }
-            if out == Output::Json {
-                output::json(&res)?;
-            }
-            Ok(0)
+            finish_apply(c, out, &res, wait, !finished).await
         }
         JobCmd::Rerun { name } => {
             let current = c.job(name).await?;
@@ -2086,19 +2099,7 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
                     job.version
                 )?;
             }
-            if let Some(reached) = wait.wait(c, &job.name, wait::Goal::Applied).await?
-                && out == Output::Table
-            {
-                outln!(
-                    "job {}: {}",
-                    job.name,
-                    wait::summarise(&reached.job, &reached.tasks)
-                )?;
-            }
-            if out == Output::Json {
-                output::json(&res)?;
-            }
-            Ok(0)
+            finish_apply(c, out, &res, wait, true).await
         }
         JobCmd::Rm { name } => {
             let removed = c.delete_job(name).await?;
