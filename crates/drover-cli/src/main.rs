@@ -217,6 +217,7 @@ enum Cmd {
     Version,
     /// Print shell completions, e.g. `drover completions bash > /etc/bash_completion.d/drover`.
     Completions {
+        /// The shell to print them for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -610,12 +611,19 @@ enum JobCmd {
         wait: WaitArgs,
     },
     /// Run a finished job again, unchanged, as a new version.
-    Rerun { name: String },
+    Rerun {
+        /// The job's name.
+        name: String,
+    },
     /// List a job's versions the server still keeps, newest first: when each was made,
     /// how it ended and what changed (`-o json` gives each version's whole spec).
-    History { name: String },
+    History {
+        /// The job's name.
+        name: String,
+    },
     /// Apply an earlier version's spec again, as a new version.
     Revert {
+        /// The job's name.
         name: String,
         /// The version whose spec to apply, as `drover job history` lists it.
         version: u32,
@@ -625,11 +633,15 @@ enum JobCmd {
     /// Remove a finished job: every version of it, with its tasks and their logs. A
     /// running job is refused; `drover job stop` it first.
     #[command(alias = "remove")]
-    Rm { name: String },
+    Rm {
+        /// The job's name.
+        name: String,
+    },
     /// List jobs.
     Ls,
     /// Show a job and its tasks.
     Status {
+        /// The job's name.
         name: String,
         /// Show it again every second until the job has ended (or Ctrl-C).
         #[arg(long, short = 'w')]
@@ -638,6 +650,7 @@ enum JobCmd {
     /// Stop a job's tasks: SIGTERM, then SIGKILL after its stop_grace. Waits until every
     /// task has ended, unless --detach.
     Stop {
+        /// The job's name.
         name: String,
         /// Kill the tasks at once (SIGKILL), without waiting out stop_grace; this also
         /// ends tasks already stopping under a longer grace.
@@ -714,7 +727,10 @@ enum NodeCmd {
 #[derive(Subcommand)]
 enum ProjectCmd {
     /// Create a project (1 to 63 lowercase letters, digits and '-').
-    Create { name: String },
+    Create {
+        /// The new project's name.
+        name: String,
+    },
     /// List projects: every one for the cluster admin, a token's own for anyone else.
     Ls,
 }
@@ -739,7 +755,10 @@ enum TokenCmd {
     /// List tokens (never their secrets): a project admin sees its project's.
     Ls,
     /// Revoke a token by the ID `drover token ls` shows; requests with it fail from now on.
-    Revoke { id: String },
+    Revoke {
+        /// The token's ID, as `drover token ls` shows it.
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -747,11 +766,22 @@ enum ContextCmd {
     /// List the contexts (never their tokens); `*` marks the current one.
     Ls,
     /// Make a context the current one.
-    Use { name: String },
+    Use {
+        /// The context's name, as `drover context ls` shows it.
+        name: String,
+    },
     /// Remove a context (its cluster is untouched).
-    Rm { name: String },
+    Rm {
+        /// The context's name.
+        name: String,
+    },
     /// Give a context another name.
-    Rename { old: String, new: String },
+    Rename {
+        /// The context's current name.
+        old: String,
+        /// Its new name.
+        new: String,
+    },
 }
 
 /// The roles `drover token create` offers. The server decides who may create which: the
@@ -827,6 +857,7 @@ enum ArtifactCmd {
     Ls,
     /// Show an artifact version: its variants, their platforms, digests and sizes.
     Inspect {
+        /// The artifact version to show.
         #[arg(value_name = "NAME:VERSION")]
         reference: ArtifactRef,
     },
@@ -834,6 +865,7 @@ enum ArtifactCmd {
     ///
     /// An artifact that a running job uses cannot be removed; stop the job first.
     Rm {
+        /// The artifact version to remove.
         #[arg(value_name = "NAME:VERSION")]
         reference: ArtifactRef,
     },
@@ -2768,6 +2800,39 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every command, flag and argument says what it is for in `--help`.
+    #[test]
+    fn every_command_flag_and_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let here = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && cmd.get_long_about().is_none() && !cmd.is_hide_set() {
+                missing.push(format!("{here}: the command"));
+            }
+            for a in cmd.get_arguments() {
+                let builtin = matches!(a.get_id().as_str(), "help" | "version");
+                if !builtin
+                    && !a.is_hide_set()
+                    && a.get_help().is_none()
+                    && a.get_long_help().is_none()
+                {
+                    missing.push(format!("{here}: {}", a.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &here, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "without a description:\n{}",
+            missing.join("\n")
+        );
+    }
 
     #[test]
     fn each_line_of_a_chunked_stream_gets_one_prefix() {
