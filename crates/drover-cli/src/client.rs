@@ -230,6 +230,17 @@ impl Client {
         }
     }
 
+    /// Tasks of every version the server keeps, not only the current ones.
+    pub async fn tasks_of_all_versions(&self, job: Option<&str>) -> Result<Vec<TaskView>> {
+        match job {
+            Some(j) => {
+                self.get(&format!("/v1/tasks?job={}&versions=all", enc(j)))
+                    .await
+            }
+            None => self.get("/v1/tasks?versions=all").await,
+        }
+    }
+
     pub async fn task(&self, id: &str) -> Result<TaskView> {
         self.get(&format!("/v1/tasks/{}", enc(id))).await
     }

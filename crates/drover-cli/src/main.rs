@@ -700,7 +700,8 @@ enum TaskCmd {
         /// Only this job's tasks.
         #[arg(long)]
         job: Option<String>,
-        /// Every attempt of each index, not only the latest.
+        /// Every attempt of each index, and the tasks of the job's earlier versions
+        /// the server still keeps, not only the current version's latest attempts.
         #[arg(long)]
         all: bool,
         /// Show the list again every second until Ctrl-C.
@@ -1079,7 +1080,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 output::Attempts::Latest
             };
             let show = async || -> Result<Shown> {
-                let tasks = c.tasks(job.as_deref()).await?;
+                let tasks = if *all {
+                    c.tasks_of_all_versions(job.as_deref()).await?
+                } else {
+                    c.tasks(job.as_deref()).await?
+                };
                 output::tasks(cli.output, &tasks, attempts)?;
                 Ok(Shown::More)
             };

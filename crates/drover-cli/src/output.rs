@@ -236,11 +236,11 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
         return json(&tasks);
     }
     // Earlier attempts of each index, to count restarts and to leave out.
-    let mut latest: std::collections::HashMap<(&str, u32), (u32, usize)> =
+    let mut latest: std::collections::HashMap<(&drover_core::JobId, u32), (u32, usize)> =
         std::collections::HashMap::new();
     for v in tasks {
         let e = latest
-            .entry((v.task.job_name.as_str(), v.task.index))
+            .entry((&v.task.job_id, v.task.index))
             .or_insert((v.task.attempt, 0));
         e.0 = e.0.max(v.task.attempt);
         e.1 += 1;
@@ -255,7 +255,7 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
     let mut t = table(&headers);
     for v in tasks {
         let task = &v.task;
-        let (newest, count) = latest[&(task.job_name.as_str(), task.index)];
+        let (newest, count) = latest[&(&task.job_id, task.index)];
         if attempts == Attempts::Latest && task.attempt != newest {
             continue;
         }

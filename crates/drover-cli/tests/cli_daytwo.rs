@@ -897,6 +897,14 @@ fn history_lists_the_versions_and_revert_applies_an_earlier_one() {
         "version 3 is version 1's spec"
     );
 
+    // Earlier versions' tasks are listed only when asked for.
+    let count = |args: &[&str]| json(&h.run(args)).as_array().map_or(0, Vec::len);
+    assert_eq!(count(&["task", "ls", "--job", "svc", "-o", "json"]), 1);
+    assert_eq!(
+        count(&["task", "ls", "--job", "svc", "--all", "-o", "json"]),
+        3
+    );
+
     let out = h.run(&["job", "revert", "svc", "9"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(

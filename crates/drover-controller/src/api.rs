@@ -518,6 +518,9 @@ async fn task_logs(
 #[derive(Deserialize)]
 struct TaskQuery {
     job: Option<String>,
+    /// `all`: the tasks of every version the controller keeps, not only the current
+    /// one's.
+    versions: Option<String>,
 }
 
 async fn list_tasks(
@@ -526,21 +529,39 @@ async fn list_tasks(
     Query(q): Query<TaskQuery>,
 ) -> ApiResult<Json<Vec<TaskView>>> {
     p.require(Action::Read)?;
-    let job_id = match &q.job {
-        Some(name) => Some(find_job(&inner, &p, name).await?.job.id),
+    let all_versions = match q.versions.as_deref() {
+        None | Some("current") => false,
+        Some("all") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("versions: expected all or current, got {other:?}"),
+            ));
+        }
+    };
+    let job = match &q.job {
+        Some(name) => Some(find_job(&inner, &p, name).await?.job),
         None => None,
     };
     let state = inner.state.lock().await;
-    let mut tasks: Vec<TaskView> = match &job_id {
-        Some(id) => state.job_tasks(id).map(|t| state.task_view(t)).collect(),
+    // Tasks of older versions of a job are history: shown only when asked for.
+    let wanted = |t: &&drover_core::state::Task| {
+        all_versions
+            || state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id)
+    };
+    let mut tasks: Vec<TaskView> = match &job {
+        Some(j) if all_versions => state
+            .tasks
+            .values()
+            .filter(|t| t.project == j.project && t.job_name == j.name)
+            .map(|t| state.task_view(t))
+            .collect(),
+        Some(j) => state.job_tasks(&j.id).map(|t| state.task_view(t)).collect(),
         None => state
             .tasks
             .values()
             .filter(|t| p.sees(&t.project))
-            // Tasks of older versions of a job are history; listings show current ones.
-            .filter(|t| {
-                state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id)
-            })
+            .filter(wanted)
             .map(|t| state.task_view(t))
             .collect(),
     };
