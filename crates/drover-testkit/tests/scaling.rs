@@ -79,4 +79,8 @@ async fn a_count_change_alone_adds_or_stops_tasks_and_leaves_the_rest_running() 
     );
     let new = running(&api, 1).await;
     assert_ne!(new[&0].0, two[&0].0);
+
+    // An in-process agent's tasks outlive the test unless stopped.
+    api.stop_forced("web").await.unwrap();
+    api.wait_final("web", T).await.unwrap();
 }
