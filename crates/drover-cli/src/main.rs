@@ -971,12 +971,18 @@ fn init_tracing(cmd: &Cmd) {
 }
 
 /// The server and token to talk to, if any is configured.
-fn resolve(cli: &Cli) -> Result<Option<Client>> {
+/// The config file's context this command uses (named by --context or DROVER_CONTEXT,
+/// else the current one), or an empty one when the file has none.
+fn picked_context(cli: &Cli) -> Result<config::Context> {
     let cfg = config::load()?;
-    let file = cfg
+    Ok(cfg
         .pick(cli.context.as_deref())?
         .map(|(_, c)| c.clone())
-        .unwrap_or_default();
+        .unwrap_or_default())
+}
+
+fn resolve(cli: &Cli) -> Result<Option<Client>> {
+    let file = picked_context(cli)?;
     let server = cli.server.clone().or(file.server);
     let token = cli.token.clone().or(file.token);
     let project = cli.project.clone().or(file.project);
@@ -1655,11 +1661,7 @@ fn save_token_context(
     name: &str,
     created: &drover_core::auth::CreatedToken,
 ) -> Result<()> {
-    let cfg = config::load()?;
-    let base = cfg
-        .pick(cli.context.as_deref())?
-        .map(|(_, c)| c.clone())
-        .unwrap_or_default();
+    let base = picked_context(cli)?;
     let context = config::Context {
         server: cli.server.clone().or(base.server),
         token: Some(created.token.clone()),
@@ -1680,12 +1682,8 @@ fn save_token_context(
 
 /// `drover context ...`: the CLI config's contexts.
 fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
-    let no_such = |cfg: &config::CliConfig, name: &str| -> anyhow::Error {
-        match cfg.pick(Some(name)) {
-            Err(e) => e,
-            Ok(_) => anyhow::anyhow!("no context named {name:?}"),
-        }
-    };
+    // `pick` with a name is the check that a context exists; its error lists the ones
+    // that do.
     match cmd {
         ContextCmd::Ls => {
             let cfg = config::load()?;
@@ -1693,9 +1691,7 @@ fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
         }
         ContextCmd::Use { name } => {
             config::update(|cfg| {
-                if !cfg.contexts.contains_key(name) {
-                    return Err(no_such(cfg, name));
-                }
+                cfg.pick(Some(name))?;
                 cfg.current_context = Some(name.clone());
                 Ok(())
             })?;
@@ -1703,9 +1699,8 @@ fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
         }
         ContextCmd::Rm { name } => {
             config::update(|cfg| {
-                if cfg.contexts.remove(name).is_none() {
-                    return Err(no_such(cfg, name));
-                }
+                cfg.pick(Some(name))?;
+                cfg.contexts.remove(name);
                 if cfg.current_context.as_deref() == Some(name) {
                     cfg.current_context = None;
                 }
@@ -1715,11 +1710,13 @@ fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
         }
         ContextCmd::Rename { old, new } => {
             config::update(|cfg| {
+                cfg.pick(Some(old))?;
                 if cfg.contexts.contains_key(new) {
                     bail!("a context named {new:?} exists already; remove it first");
                 }
-                let ctx = cfg.contexts.remove(old).ok_or_else(|| no_such(cfg, old))?;
-                cfg.contexts.insert(new.clone(), ctx);
+                if let Some(ctx) = cfg.contexts.remove(old) {
+                    cfg.contexts.insert(new.clone(), ctx);
+                }
                 if cfg.current_context.as_deref() == Some(old) {
                     cfg.current_context = Some(new.clone());
                 }

@@ -18,8 +18,9 @@ const POLL: Duration = Duration::from_millis(250);
 /// apply must not report that as success. (Nomad's `min_healthy_time`, kept short.)
 const MIN_RUNNING: Duration = Duration::from_secs(1);
 
-/// After this many failed attempts of the current version while waiting for a service
-/// to run, the wait gives up and says why; the controller goes on restarting it.
+/// With a server too old to say a job is crash-looping: after this many failed attempts
+/// of the current version while waiting for a service to run, the wait gives up and
+/// says why; the controller goes on restarting it.
 const FAILED_ATTEMPTS: usize = 3;
 
 /// What a command waits for.
@@ -138,10 +139,7 @@ fn check(target: Target, job: &JobView, tasks: &[TaskView]) -> Check {
             ));
         }
         (Target::Running, Some(JobState::CrashLooping)) => {
-            let last = tasks
-                .iter()
-                .filter(|t| t.task.state == TaskState::Failed)
-                .max_by_key(|t| t.task.updated_at)
+            let last = latest_failure(tasks)
                 .map(|t| format!(": task {} {}", t.task.index, t.task.reason))
                 .unwrap_or_default();
             return Check::Failing(format!(
@@ -179,21 +177,19 @@ fn check(target: Target, job: &JobView, tasks: &[TaskView]) -> Check {
                 };
                 return Check::Failing(format!("job {} {}{why}", j.name, j.status));
             }
-            let failed: Vec<&TaskView> = tasks
+            // A server that derives the job's state said above whether it crash-loops;
+            // counting failures across indexes would also count ones since recovered.
+            let failed = tasks
                 .iter()
                 .filter(|t| t.task.state == TaskState::Failed)
-                .collect();
-            if failed.len() >= FAILED_ATTEMPTS {
-                let last = failed
-                    .iter()
-                    .max_by_key(|t| t.task.updated_at)
+                .count();
+            if job.state.is_none() && failed >= FAILED_ATTEMPTS {
+                let last = latest_failure(tasks)
                     .map(|t| format!("; the latest, task {}: {}", t.task.index, t.task.reason))
                     .unwrap_or_default();
                 return Check::Failing(format!(
-                    "job {} is failing to start: {} attempts failed{last}; the controller keeps restarting it (`drover logs {}`)",
-                    j.name,
-                    failed.len(),
-                    j.name
+                    "job {} is failing to start: {failed} attempts failed{last}; the controller keeps restarting it (`drover logs {}`)",
+                    j.name, j.name
                 ));
             }
             let running = tasks
@@ -207,6 +203,14 @@ fn check(target: Target, job: &JobView, tasks: &[TaskView]) -> Check {
             }
         }
     }
+}
+
+/// The attempt that failed last.
+fn latest_failure(tasks: &[TaskView]) -> Option<&TaskView> {
+    tasks
+        .iter()
+        .filter(|t| t.task.state == TaskState::Failed)
+        .max_by_key(|t| t.task.updated_at)
 }
 
 /// A line on where the job's tasks are: `1/2 running, 1 pending (waiting: ...)`.
@@ -351,5 +355,19 @@ mod tests {
             "reached"
         );
         assert_eq!(reached(Goal::Applied, &stopped, &[Stopped]), "failing");
+        // A server that says the job's state is trusted: failures since recovered from
+        // do not fail the wait.
+        let recovered = JobView {
+            state: Some(JobState::Running),
+            ..svc.clone()
+        };
+        assert_eq!(
+            reached(
+                Goal::Applied,
+                &recovered,
+                &[Failed, Failed, Failed, Running, Running]
+            ),
+            "reached"
+        );
     }
 }

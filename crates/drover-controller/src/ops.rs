@@ -122,7 +122,7 @@ impl Inner {
         tx.put(state, Change::Job(job.clone()));
         let mut ids = Vec::with_capacity(job.spec.count as usize);
         for index in 0..job.spec.count {
-            let t = new_task(&job, index, 0, now, now);
+            let t = Task::pending(&job, index, 0, now, now);
             ids.push(t.id.clone());
             tx.put(state, Change::Task(t));
         }
@@ -164,7 +164,7 @@ impl Inner {
             self.stop_task(state, tx, t, &reason, false);
         }
         for index in from..count {
-            let t = new_task(&job, index, 0, now, now);
+            let t = Task::pending(&job, index, 0, now, now);
             tx.put(state, Change::Task(t));
         }
         tracing::info!(job = %job.name, from, to = count, "scaled");
@@ -350,7 +350,7 @@ impl Inner {
                 } else {
                     policy.delay_for(failures)
                 };
-                let t = new_task(
+                let t = Task::pending(
                     &job,
                     task.index,
                     task.attempt + 1,
@@ -373,7 +373,7 @@ impl Inner {
                             .min(policy.attempts.max(1) + 8),
                     )
                 };
-                let mut t = new_task(
+                let mut t = Task::pending(
                     &job,
                     task.index,
                     task.attempt + 1,
@@ -1016,7 +1016,7 @@ impl Inner {
                 self.advance_task(state, tx, &id, TaskState::Lost, &why, None);
                 continue;
             }
-            let mut r = new_task(&job, t.index, t.attempt + 1, now, now);
+            let mut r = Task::pending(&job, t.index, t.attempt + 1, now, now);
             r.reason = format!("replaces task {}: {why}", t.id);
             tracing::info!(task = %t.id, replacement = %r.id, "replacing a task on an unreachable node");
             state.doubled.insert((t.job_id.clone(), t.index));
@@ -1048,8 +1048,4 @@ fn stop_grace_ms(state: &State, t: &Task) -> u64 {
         .jobs
         .get(&t.job_id)
         .map_or(5000, |j| j.spec.stop_grace.as_millis())
-}
-
-pub(crate) fn new_task(job: &Job, index: u32, attempt: u32, now: i64, not_before: i64) -> Task {
-    Task::pending(job, index, attempt, now, not_before)
 }

@@ -361,7 +361,7 @@ mod tests {
     }
 
     fn task(j: &Job, index: u32, attempt: u32, state: TaskState, updated_at: i64) -> Task {
-        let mut t = crate::ops::new_task(j, index, attempt, 0, 0);
+        let mut t = Task::pending(j, index, attempt, 0, 0);
         t.id = TaskId::from(format!("task-{}-{index}-{attempt}", j.name).as_str());
         t.state = state;
         t.updated_at = updated_at;

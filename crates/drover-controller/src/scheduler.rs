@@ -351,8 +351,11 @@ impl Inner {
         for (job_id, why) in misfits {
             let reason = crate::state::PendingReason {
                 text: pending_reason(state, &job_id, &why, ready.len()),
-                // Room frees up as tasks end; nothing else changes by waiting.
-                blocked: !ready.is_empty() && why.get(&Misfit::Resources).is_none_or(|n| *n == 0),
+                // Room frees up as tasks end; nothing else changes by waiting. Blocked
+                // needs a reason found on some node, not only the absence of one.
+                blocked: !ready.is_empty()
+                    && why.values().any(|n| *n > 0)
+                    && why.get(&Misfit::Resources).is_none_or(|n| *n == 0),
             };
             if state.pending_reasons.get(&job_id) != Some(&reason) {
                 state.pending_reasons.insert(job_id, reason);
