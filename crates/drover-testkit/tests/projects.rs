@@ -235,6 +235,33 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             // A job filter naming beta's job finds nothing.
             if pattern == "/v1/tasks" {
                 as_alpha(w, &ALL_ROLES, Method::GET, "/v1/tasks?job=b-out", None, 404).await;
+                let all = "/v1/tasks?job=b-out&versions=all";
+                as_alpha(w, &ALL_ROLES, Method::GET, all, None, 404).await;
+                // Every version of every job is still only the caller's own.
+                for r in all_alpha {
+                    let path = "/v1/tasks?versions=all";
+                    let body = expect(
+                        w.alpha(r),
+                        &format!("alpha {r}"),
+                        Method::GET,
+                        path,
+                        None,
+                        200,
+                    )
+                    .await;
+                    assert_no_beta(&format!("alpha {r}"), path, &body, w);
+                }
+                // A wrong value is refused, naming the parameter.
+                let body = expect(
+                    &w.cluster,
+                    "cluster",
+                    Method::GET,
+                    "/v1/tasks?versions=old",
+                    None,
+                    400,
+                )
+                .await;
+                assert!(body.contains("versions: expected all or current"), "{body}");
             }
         }
         ("GET", "/v1/jobs/{name}")
