@@ -1968,6 +1968,15 @@ async fn logs_target(c: &Client, target: &str) -> Result<(String, bool)> {
         Ok(j) => Ok((format!("/v1/jobs/{target}/logs"), j.job.spec.count > 1)),
         Err(e) => match c.task(target).await {
             Ok(t) => Ok((format!("/v1/tasks/{}/logs", t.task.id), false)),
+            // A prefix of several tasks' ids says which, rather than that no job has
+            // that name.
+            Err(te)
+                if te
+                    .downcast_ref::<client::ApiError>()
+                    .is_some_and(|a| a.code == "ambiguous") =>
+            {
+                Err(te)
+            }
             Err(_) => Err(e),
         },
     }

@@ -274,7 +274,7 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
                 .join(",")
         };
         let mut row = vec![
-            task.id.to_string(),
+            task.id.short().to_string(),
             task.job_name.clone(),
             task.index.to_string(),
             // A task on an unreachable node shows its last known state beside the fact

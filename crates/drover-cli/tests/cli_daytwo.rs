@@ -662,6 +662,38 @@ fn logs_take_a_tail_a_task_index_and_json_and_specs_come_from_stdin() {
         .collect();
     assert_eq!(text, "line 1\nline 2\nline 3\nline 4\nline 5\n");
 
+    // Task ids can be typed: tables show 8 random digits, any unique prefix names a
+    // task (with or without `task-`), and a prefix several tasks share lists them.
+    let table = stdout(&h.run(&["task", "ls", "--job", "lines"]));
+    let tasks = json(&h.run(&["task", "ls", "--job", "lines", "-o", "json"]));
+    let tasks = tasks.as_array().unwrap();
+    assert_eq!(tasks.len(), 2, "{tasks:?}");
+    for t in tasks {
+        let id = t["id"].as_str().unwrap();
+        assert_eq!(id.len(), "task-".len() + 16, "{id}");
+        assert!(table.contains(&format!("{} ", &id[..13])), "{table}");
+        assert!(!table.contains(id), "the whole id in the table: {table}");
+        let bare = &id["task-".len()..13];
+        let logs = h.run(&["logs", bare]);
+        assert_eq!(
+            stdout(&logs),
+            "line 1\nline 2\nline 3\nline 4\nline 5\n",
+            "{}",
+            stderr(&logs)
+        );
+    }
+    let out = h.run(&["logs", "task-"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("task id prefix \"task-\" matches 2 tasks"),
+        "{err}"
+    );
+    for t in tasks {
+        let named = format!("{} (lines/{})", t["id"].as_str().unwrap(), t["index"]);
+        assert!(err.contains(&named), "{named} not in: {err}");
+    }
+
     // A command without JSON output refuses -o json.
     let out = h.run(&["run", "-o", "json", "--", "true"]);
     assert_eq!(out.status.code(), Some(2));

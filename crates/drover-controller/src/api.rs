@@ -14,6 +14,7 @@ use axum::{Extension, Json, Router};
 use drover_core::api::ErrorCode;
 use drover_core::api::{Health, JobView, NodeEnvView, NodeView, TaskView};
 use drover_core::protocol::{AGENT_CONNECT_PATH, JOIN_TOKEN_HEADER};
+use drover_core::state::Task;
 use drover_core::{JobSpec, NodeId, TaskId};
 
 use serde::Deserialize;
@@ -472,22 +473,46 @@ async fn job_logs(
 }
 
 async fn find_task(inner: &Inner, p: &Principal, id: &str) -> ApiResult<TaskView> {
+    // How many candidates an ambiguous prefix's error lists; the rest are counted.
+    const LISTED: usize = 5;
     let state = inner.state.lock().await;
-    // A unique prefix is enough, as with container ids.
-    let mut found = state
+    // A unique prefix is enough, as with container ids, and the `task-` in front may be
+    // left out.
+    let wanted = if id.starts_with("task-") {
+        id.to_string()
+    } else {
+        format!("task-{id}")
+    };
+    let mut found: Vec<&Task> = state
         .tasks
         .values()
-        .filter(|t| p.sees(&t.project) && (t.id.as_str() == id || t.id.as_str().starts_with(id)));
-    let first = found
-        .next()
-        .ok_or_else(|| ApiError::not_found(&format!("task {id:?}")))?;
-    if first.id.as_str() != id && found.next().is_some() {
-        return Err(ApiError::new(
-            ErrorCode::Ambiguous,
-            format!("task id prefix {id:?} matches several tasks"),
-        ));
+        .filter(|t| p.sees(&t.project) && t.id.as_str().starts_with(&wanted))
+        .collect();
+    if let Some(exact) = found.iter().find(|t| t.id.as_str() == wanted) {
+        return Ok(state.task_view(exact));
     }
-    Ok(state.task_view(first))
+    match found.len() {
+        0 => Err(ApiError::not_found(&format!("task {id:?}"))),
+        1 => Ok(state.task_view(found[0])),
+        n => {
+            found.sort_by_key(|t| (t.created_at, t.id.as_str()));
+            let mut names: Vec<String> = found
+                .iter()
+                .take(LISTED)
+                .map(|t| format!("{} ({}/{})", t.id, t.job_name, t.index))
+                .collect();
+            if n > LISTED {
+                names.push(format!("and {} more", n - LISTED));
+            }
+            Err(ApiError::new(
+                ErrorCode::Ambiguous,
+                format!(
+                    "task id prefix {id:?} matches {n} tasks: {}; give more of the id",
+                    names.join(", ")
+                ),
+            ))
+        }
+    }
 }
 
 async fn get_task(

@@ -8,8 +8,14 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 
-/// The longest part of an id after its prefix. Generated ids use 32 hex digits.
+/// The longest part of an id after its prefix. Generated ids use 32 hex digits, task
+/// ids 16.
 pub const MAX_ID_SUFFIX: usize = 64;
+
+/// How many hex digits of a task id tables show. Task ids are random, so a few digits
+/// tell apart the tasks a person looks at, as with container ids; any unique prefix
+/// names a task.
+pub const SHORT_TASK_ID_DIGITS: usize = 8;
 
 /// Why a string is not an id of the wanted kind.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -44,16 +50,16 @@ fn check_id(what: &'static str, prefix: &'static str, s: &str) -> Result<(), IdE
 }
 
 macro_rules! id_type {
-    ($(#[$doc:meta])* $name:ident, $prefix:literal, $what:literal) => {
+    ($(#[$doc:meta])* $name:ident, $prefix:literal, $what:literal, $suffix:expr) => {
         $(#[$doc])*
         #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
         pub struct $name(pub String);
 
         impl $name {
-            /// A new, unique, time-ordered identifier.
+            /// A new, unique identifier.
             pub fn generate() -> Self {
-                Self(format!("{}-{}", $prefix, uuid::Uuid::now_v7().simple()))
+                Self(format!("{}-{}", $prefix, $suffix))
             }
 
             /// Parses an id that came from outside, refusing anything but a well-formed
@@ -101,16 +107,46 @@ macro_rules! id_type {
 
 id_type!(
     /// Identifies one version of a job.
-    JobId, "job", "job id"
+    JobId, "job", "job id", time_ordered()
 );
 id_type!(
     /// Identifies one placed instance of a job.
-    TaskId, "task", "task id"
+    TaskId, "task", "task id", random_hex()
 );
 id_type!(
     /// Identifies a node. Agents generate theirs once and keep it in their data dir.
-    NodeId, "node", "node id"
+    NodeId, "node", "node id", time_ordered()
 );
+
+/// 32 hex digits that sort by creation time.
+fn time_ordered() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// 16 random hex digits (64 bits). Task ids are typed by people, and time-ordered ids
+/// made in the same millisecond share most of their digits (the tasks of one job shared
+/// 28 of 32), so they are random instead: a prefix of 8 digits almost always names one
+/// task, and ordering comes from the task's `created_at`, never from its id.
+fn random_hex() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+impl TaskId {
+    /// The id as tables show it: the prefix and the first [`SHORT_TASK_ID_DIGITS`]
+    /// digits of a random id. Ids made before task ids were random (32 time-ordered
+    /// digits, which tasks of one job mostly share) are shown whole.
+    pub fn short(&self) -> &str {
+        let random = self
+            .0
+            .strip_prefix("task-")
+            .is_some_and(|s| s.len() == 16 && s.bytes().all(|b| b.is_ascii_hexdigit()));
+        if random {
+            &self.0[..5 + SHORT_TASK_ID_DIGITS]
+        } else {
+            &self.0
+        }
+    }
+}
 
 /// A tenant. Every stored object carries one; `default` always exists.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -153,6 +189,17 @@ mod tests {
         assert!(a.as_str().starts_with("task-"));
         assert!(NodeId::generate().as_str().starts_with("node-"));
         assert_eq!(TaskId::parse(a.as_str()).unwrap(), a);
+        assert_eq!(a.as_str().len(), "task-".len() + 16);
+        assert!(JobId::generate().as_str().starts_with("job-"));
+    }
+
+    #[test]
+    fn short_task_ids_cut_only_random_ones() {
+        let random = TaskId::from("task-3f2a9c1b00d4e5f6");
+        assert_eq!(random.short(), "task-3f2a9c1b");
+        let old = TaskId::from("task-019ae3f2b8c07d11a2b3c4d5e6f70819");
+        assert_eq!(old.short(), old.as_str());
+        assert_eq!(TaskId::from("task-1").short(), "task-1");
     }
 
     #[test]
