@@ -453,12 +453,7 @@ const TIMELINE_WIDTH: usize = 100;
 fn timeline(task_list: &[TaskView], limit: EventLimit) -> Result<()> {
     let mut lines: Vec<(Millis, u32, &str)> = task_list
         .iter()
-        .flat_map(|v| {
-            v.task
-                .events
-                .iter()
-                .map(|e| (e.at, v.task.index, e.message.as_str()))
-        })
+        .flat_map(|v| v.task.events.iter().map(|e| (e.at, v.task.index, e.text())))
         .collect();
     if lines.is_empty() {
         return Ok(());

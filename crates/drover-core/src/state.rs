@@ -252,6 +252,30 @@ impl TaskEventKind {
     }
 }
 
+impl TaskEventKind {
+    /// The kind for people, which is also the line of an event without a message.
+    pub fn label(self) -> &'static str {
+        match self {
+            TaskEventKind::Created => "created",
+            TaskEventKind::Restart => "restart",
+            TaskEventKind::Replacement => "replacement",
+            TaskEventKind::Placed => "placed",
+            TaskEventKind::Preparing => "preparing",
+            TaskEventKind::Starting => "starting",
+            TaskEventKind::Started => "started",
+            TaskEventKind::HealthPassed => "health check passed",
+            TaskEventKind::StopRequested => "stop requested",
+            TaskEventKind::Stopping => "stopping",
+            TaskEventKind::Exited => "exited",
+            TaskEventKind::Failed => "failed",
+            TaskEventKind::Stopped => "stopped",
+            TaskEventKind::Lost => "lost",
+            TaskEventKind::Omitted => "earlier events left out",
+            TaskEventKind::Unknown => "an event this client does not know",
+        }
+    }
+}
+
 impl fmt::Display for TaskEventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -264,13 +288,25 @@ pub struct TaskEvent {
     /// When it happened, in Unix milliseconds like every other time.
     pub at: Millis,
     pub kind: TaskEventKind,
-    /// What happened, for people: a whole sentence-like line such as `placed on node
-    /// n1` or `exited with code 1`.
+    /// What happened, for people: a whole line such as `placed on node n1` or `exited
+    /// with code 1`. Empty when the kind says it all (`preparing`, `starting`, a
+    /// `started` with no ports); [`TaskEvent::text`] gives the line either way.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// For an [`TaskEventKind::Omitted`] marker, how many events it stands for.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub omitted: u32,
+}
+
+impl TaskEvent {
+    /// The event's line: its message, or its kind's label when it has none.
+    pub fn text(&self) -> &str {
+        if self.message.is_empty() {
+            self.kind.label()
+        } else {
+            &self.message
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -400,26 +436,31 @@ impl Task {
 
     /// The timeline entry for the move the task just made into its current state.
     fn describe_move(&self, reason: &str) -> (TaskEventKind, String) {
+        // A move with nothing to add to its kind's label keeps no message of its own
+        // (see [`TaskEvent::text`]): most moves are those, and every task has several.
         let with = |what: &str| {
             if reason.is_empty() {
-                what.to_string()
+                String::new()
             } else {
                 format!("{what}: {reason}")
             }
         };
         match self.state {
-            TaskState::Pending => (TaskEventKind::Created, with("pending")),
+            TaskState::Pending => (TaskEventKind::Created, with("created")),
             TaskState::Scheduled => (TaskEventKind::Placed, with("placed")),
             TaskState::Preparing => (TaskEventKind::Preparing, with("preparing")),
             TaskState::Starting => (TaskEventKind::Starting, with("starting")),
             TaskState::Running => {
-                let mut m = "started".to_string();
+                let mut m = String::new();
                 if !self.ports.is_empty() {
                     let ports: Vec<String> = self.ports.iter().map(|p| p.to_string()).collect();
                     m.push_str(&format!(", ports {}", ports.join(",")));
                 }
                 if !reason.is_empty() {
                     m.push_str(&format!(" ({reason})"));
+                }
+                if !m.is_empty() {
+                    m.insert_str(0, "started");
                 }
                 (TaskEventKind::Started, m)
             }
@@ -737,11 +778,8 @@ mod tests {
         assert!(t.advance(TaskState::Failed, "exited with code 1", Some(exit), 50));
         // A stale move records nothing.
         assert!(!t.advance(TaskState::Running, "", None, 60));
-        let seen: Vec<(Millis, TaskEventKind, &str)> = t
-            .events
-            .iter()
-            .map(|e| (e.at, e.kind, e.message.as_str()))
-            .collect();
+        let seen: Vec<(Millis, TaskEventKind, &str)> =
+            t.events.iter().map(|e| (e.at, e.kind, e.text())).collect();
         assert_eq!(
             seen,
             vec![
@@ -752,6 +790,8 @@ mod tests {
                 (50, TaskEventKind::Exited, "exited with code 1"),
             ]
         );
+        // A move its kind says all about stores no message.
+        assert_eq!(t.events[1].message, "");
         // A failure without an exit of its own, and an agent clock behind the
         // controller's (the event keeps the timeline in order) or ahead of it (the
         // controller's time is taken).
