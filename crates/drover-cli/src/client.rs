@@ -230,6 +230,13 @@ impl Client {
         }
     }
 
+    /// The current version's tasks of a job, every attempt, each with its timeline. A
+    /// server that predates timelines ignores the parameter and sends none.
+    pub async fn tasks_with_events(&self, job: &str) -> Result<Vec<TaskView>> {
+        self.get(&format!("/v1/tasks?job={}&events=true", enc(job)))
+            .await
+    }
+
     /// Tasks of every version the server keeps, not only the current ones.
     pub async fn tasks_of_all_versions(&self, job: Option<&str>) -> Result<Vec<TaskView>> {
         match job {

@@ -639,13 +639,16 @@ enum JobCmd {
     },
     /// List jobs.
     Ls,
-    /// Show a job and its tasks.
+    /// Show a job, its tasks, and a timeline of what happened to them (placed,
+    /// started, exited, restarted, and why), newest last.
     Status {
         /// The job's name.
         name: String,
         /// Show it again every second until the job has ended (or Ctrl-C).
         #[arg(long, short = 'w')]
         watch: bool,
+        #[command(flatten)]
+        events: EventsArg,
     },
     /// Stop a job's tasks: SIGTERM, then SIGKILL after its stop_grace. Waits until every
     /// task has ended, unless --detach.
@@ -692,6 +695,24 @@ impl WaitArgs {
     }
 }
 
+/// How much of a timeline a status shows.
+#[derive(Args)]
+struct EventsArg {
+    /// How many of the latest events to show: a number, or `all` (`-o json` always has
+    /// every event the server keeps).
+    #[arg(long, default_value = "20", value_parser = parse_event_limit, value_name = "N|all")]
+    events: output::EventLimit,
+}
+
+fn parse_event_limit(s: &str) -> Result<output::EventLimit, String> {
+    if s == "all" {
+        return Ok(output::EventLimit::All);
+    }
+    s.parse::<usize>()
+        .map(output::EventLimit::Latest)
+        .map_err(|_| format!("expected a number of events or all, got {s:?}"))
+}
+
 #[derive(Subcommand)]
 enum TaskCmd {
     /// List tasks, of all jobs or of one: the latest attempt of each task index, with
@@ -707,6 +728,14 @@ enum TaskCmd {
         /// Show the list again every second until Ctrl-C.
         #[arg(long, short = 'w')]
         watch: bool,
+    },
+    /// Show one task (any attempt, of any version the server keeps) and the timeline of
+    /// what happened to it.
+    Status {
+        /// The task's id, or a prefix of it that names one task.
+        id: String,
+        #[command(flatten)]
+        events: EventsArg,
     },
 }
 
@@ -1095,6 +1124,11 @@ async fn dispatch(cli: Cli) -> Result<i32> {
                 Ok(Shown::More)
             };
             repeat(*watch, show).await
+        }
+        Cmd::Task(TaskCmd::Status { id, events }) => {
+            let c = require(&cli)?;
+            output::task_status(cli.output, &c.task(id).await?, events.events)?;
+            Ok(0)
         }
         Cmd::Node(NodeCmd::Ls) => {
             let c = require(&cli)?;
@@ -2163,11 +2197,15 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             output::jobs(out, &c.jobs().await?)?;
             Ok(0)
         }
-        JobCmd::Status { name, watch } => {
+        JobCmd::Status {
+            name,
+            watch,
+            events,
+        } => {
             let show = async || -> Result<Shown> {
                 let job = c.job(name).await?;
-                let tasks = c.tasks(Some(name)).await?;
-                output::job_status(out, &job, &tasks)?;
+                let tasks = c.tasks_with_events(name).await?;
+                output::job_status(out, &job, &tasks, events.events)?;
                 let ended =
                     job.job.status.is_final() && tasks.iter().all(|t| t.task.state.is_terminal());
                 Ok(if ended { Shown::Final } else { Shown::More })

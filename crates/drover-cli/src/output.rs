@@ -212,10 +212,15 @@ pub fn job_state(j: &JobView) -> String {
 /// A reason cut to one line for a table (its first, at most 100 characters); `status`
 /// and JSON keep it whole.
 fn one_line(reason: &str) -> String {
-    const MAX: usize = 100;
-    let first = reason.lines().next().unwrap_or("");
-    let more = first.len() < reason.trim_end().len();
-    match first.char_indices().nth(MAX) {
+    cut_line(reason, 100)
+}
+
+/// The first line of `text`, at most `max` characters of it, marked with `…` (one or
+/// two characters more) when anything was cut.
+fn cut_line(text: &str, max: usize) -> String {
+    let first = text.lines().next().unwrap_or("");
+    let more = first.len() < text.trim_end().len();
+    match first.char_indices().nth(max) {
         Some((cut, _)) => format!("{}…", &first[..cut]),
         None if more => format!("{first} …"),
         None => first.to_string(),
@@ -390,7 +395,12 @@ pub fn nodes(out: Output, nodes: &[NodeView]) -> Result<()> {
     print(t)
 }
 
-pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<()> {
+pub fn job_status(
+    out: Output,
+    job: &JobView,
+    task_list: &[TaskView],
+    limit: EventLimit,
+) -> Result<()> {
     if out == Output::Json {
         #[derive(Serialize)]
         struct Status<'a> {
@@ -421,7 +431,110 @@ pub fn job_status(out: Output, job: &JobView, task_list: &[TaskView]) -> Result<
         outln!("pending:  {p}")?;
     }
     outln!()?;
-    tasks(out, task_list, Attempts::Latest)
+    tasks(out, task_list, Attempts::Latest)?;
+    timeline(task_list, limit)
+}
+
+/// How many events a timeline shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventLimit {
+    /// Only the latest this many.
+    Latest(usize),
+    All,
+}
+
+/// How wide a timeline line may be: the message is cut to what is left of it.
+const TIMELINE_WIDTH: usize = 100;
+
+/// The tasks' events as one timeline, newest last: when (`12s ago`), the task index and
+/// what happened. Earlier attempts of an index are in it too, since restarts are what
+/// it is read for. Nothing is printed when no task has an event (a server that
+/// predates timelines sends none).
+fn timeline(task_list: &[TaskView], limit: EventLimit) -> Result<()> {
+    let mut lines: Vec<(Millis, u32, &str)> = task_list
+        .iter()
+        .flat_map(|v| v.task.events.iter().map(|e| (e.at, v.task.index, e.text())))
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    // A stable sort: events of the same millisecond stay in each task's order, and the
+    // tasks in the listing's (index, then attempt).
+    lines.sort_by_key(|(at, _, _)| *at);
+    let total = lines.len();
+    let shown = match limit {
+        EventLimit::All => total,
+        EventLimit::Latest(n) => n.min(total),
+    };
+    outln!()?;
+    if shown < total {
+        outln!(
+            "EVENTS (newest last; the latest {shown} of {total}: --events all or -o json shows every one)"
+        )?;
+    } else {
+        outln!("EVENTS (newest last)")?;
+    }
+    let when: Vec<String> = lines[total - shown..]
+        .iter()
+        .map(|(at, _, _)| format!("{} ago", age(*at)))
+        .collect();
+    let when_width = when.iter().map(String::len).max().unwrap_or(0);
+    let index_width = lines[total - shown..]
+        .iter()
+        .map(|(_, i, _)| i.to_string().len() + 2)
+        .max()
+        .unwrap_or(0);
+    let mut text = String::new();
+    for (w, (_, index, message)) in when.iter().zip(&lines[total - shown..]) {
+        let index = format!("[{index}]");
+        // Indented by one, like the task table above it.
+        let lead = format!(" {w:>when_width$}  {index:<index_width$}  ");
+        // Two characters are kept for the mark of a cut message.
+        let room = TIMELINE_WIDTH
+            .saturating_sub(lead.chars().count() + 2)
+            .max(20);
+        text.push_str(&lead);
+        text.push_str(&cut_line(message, room));
+        text.push('\n');
+    }
+    out(&text)
+}
+
+/// `drover task status`: one task and its whole story.
+pub fn task_status(out: Output, v: &TaskView, limit: EventLimit) -> Result<()> {
+    if out == Output::Json {
+        return json(v);
+    }
+    let t = &v.task;
+    outln!("id:       {}", t.id)?;
+    outln!("job:      {}", t.job_name)?;
+    outln!("index:    {}", t.index)?;
+    outln!("attempt:  {}", t.attempt)?;
+    let state = if v.unknown {
+        format!("unknown ({}): its node is unreachable", t.state)
+    } else {
+        t.state.to_string()
+    };
+    outln!("state:    {state}")?;
+    if let Some(n) = &v.node_name {
+        outln!("node:     {n}")?;
+    }
+    let reason = match &v.pending_reason {
+        Some(why) if t.reason.is_empty() => why.as_str(),
+        _ => t.reason.as_str(),
+    };
+    if !reason.is_empty() {
+        outln!("reason:   {reason}")?;
+    }
+    if let Some(e) = &t.exit {
+        outln!("exit:     {e}")?;
+    }
+    if !t.ports.is_empty() && !t.state.is_terminal() {
+        let ports: Vec<String> = t.ports.iter().map(|p| p.to_string()).collect();
+        outln!("ports:    {}", ports.join(","))?;
+    }
+    outln!("created:  {} ago", age(t.created_at))?;
+    timeline(std::slice::from_ref(v), limit)
 }
 
 /// A byte count for people: `512 B`, `38.9 KiB`, `1.5 GiB`.

@@ -546,6 +546,9 @@ struct TaskQuery {
     /// `all`: the tasks of every version the controller keeps, not only the current
     /// one's.
     versions: Option<String>,
+    /// `true`: each task with its timeline (`drover job status`). Left out by default,
+    /// since a listing of every task would carry every task's history.
+    events: Option<String>,
 }
 
 async fn list_tasks(
@@ -564,11 +567,28 @@ async fn list_tasks(
             ));
         }
     };
+    let with_events = match q.events.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("events: expected true or false, got {other:?}"),
+            ));
+        }
+    };
     let job = match &q.job {
         Some(name) => Some(find_job(&inner, &p, name).await?.job),
         None => None,
     };
     let state = inner.state.lock().await;
+    let view = |t: &drover_core::state::Task| {
+        if with_events {
+            state.task_view(t)
+        } else {
+            state.task_view_brief(t)
+        }
+    };
     // Tasks of older versions of a job are history: shown only when asked for.
     let wanted = |t: &&drover_core::state::Task| {
         all_versions
@@ -579,15 +599,15 @@ async fn list_tasks(
             .tasks
             .values()
             .filter(|t| t.project == j.project && t.job_name == j.name)
-            .map(|t| state.task_view(t))
+            .map(view)
             .collect(),
-        Some(j) => state.job_tasks(&j.id).map(|t| state.task_view(t)).collect(),
+        Some(j) => state.job_tasks(&j.id).map(view).collect(),
         None => state
             .tasks
             .values()
             .filter(|t| p.sees(&t.project))
             .filter(wanted)
-            .map(|t| state.task_view(t))
+            .map(view)
             .collect(),
     };
     tasks.sort_by(|a, b| {

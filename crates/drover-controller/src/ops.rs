@@ -5,8 +5,9 @@ use crate::state::{OutCommand, State};
 use crate::{Inner, Tx};
 use drover_core::api::ApplyResponse;
 use drover_core::protocol::{AgentEvent, Command, ControllerMessage, Hello, UsageSample};
+use drover_core::spec::HealthCheck;
 use drover_core::spec::OnLost;
-use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task};
+use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task, TaskEventKind};
 use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState, duration_millis};
 use drover_store::{Change, StoreError};
 use std::collections::{HashMap, HashSet};
@@ -164,7 +165,12 @@ impl Inner {
             self.stop_task(state, tx, t, &reason, false);
         }
         for index in from..count {
-            let t = Task::pending(&job, index, 0, now, now);
+            let mut t = Task::pending(&job, index, 0, now, now);
+            t.record(
+                now,
+                TaskEventKind::Created,
+                format!("added when the job was scaled from {from} to {count}"),
+            );
             tx.put(state, Change::Task(t));
         }
         tracing::info!(job = %job.name, from, to = count, "scaled");
@@ -239,6 +245,16 @@ impl Inner {
         t.desired_stop = true;
         t.stop_forced |= force;
         t.updated_at = now;
+        let how = if force {
+            "stop requested (forced)"
+        } else {
+            "stop requested"
+        };
+        t.record(
+            now,
+            TaskEventKind::StopRequested,
+            format!("{how}: {reason}"),
+        );
         // Kept so that a stop re-sent after the agent reconnects gives the same reason.
         t.reason = reason.to_string();
         let grace = stop_grace_ms(state, &t);
@@ -350,13 +366,14 @@ impl Inner {
                 } else {
                     policy.delay_for(failures)
                 };
-                let t = Task::pending(
+                let mut t = Task::pending(
                     &job,
                     task.index,
                     task.attempt + 1,
                     now,
                     now.saturating_add(duration_millis(delay)),
                 );
+                t.record(now, TaskEventKind::Restart, restart_message(task, delay));
                 tx.put(state, Change::Task(t));
             }
             JobKind::Service => {
@@ -381,6 +398,7 @@ impl Inner {
                     now.saturating_add(duration_millis(delay)),
                 );
                 t.reason = format!("restarting after task {} ended: {}", task.id, task.reason);
+                t.record(now, TaskEventKind::Restart, restart_message(task, delay));
                 tx.put(state, Change::Task(t));
             }
         }
@@ -425,11 +443,47 @@ impl Inner {
         reason: &str,
         exit: Option<Exit>,
     ) {
+        self.move_task(state, tx, id, |t, now| t.advance(next, reason, exit, now));
+    }
+
+    /// [`Inner::advance_task`] for a move an agent reported: the task's timeline records
+    /// when the agent saw it (a replayed event may be minutes old).
+    fn advance_task_reported(&self, state: &mut State, tx: &mut Tx, ev: &AgentEvent) {
+        self.move_task(state, tx, &ev.task_id, |t, now| {
+            t.advance_reported(ev.state, &ev.reason, ev.exit.clone(), now, ev.at)
+        });
+    }
+
+    /// Moves a task with `advance` (given the task and the time now), which says
+    /// whether it moved; a move is stored and its end followed up on.
+    fn move_task(
+        &self,
+        state: &mut State,
+        tx: &mut Tx,
+        id: &TaskId,
+        advance: impl FnOnce(&mut Task, i64) -> bool,
+    ) {
         let Some(mut t) = state.tasks.get(id).cloned() else {
             return;
         };
-        if !t.advance(next, reason, exit, self.now()) {
+        let now = self.now();
+        if !advance(&mut t, now) {
             return;
+        }
+        // A task with a health check is reported running only once a probe passed, so
+        // its start is also the check's first pass.
+        if t.state == TaskState::Running
+            && let Some(h) = state
+                .jobs
+                .get(&t.job_id)
+                .and_then(|j| j.spec.health.as_ref())
+        {
+            let at = t.events.last().map_or(now, |e| e.at);
+            t.record(
+                at,
+                TaskEventKind::HealthPassed,
+                format!("health check passed ({})", probe_text(h)),
+            );
         }
         tx.put(state, Change::Task(t.clone()));
         if t.state.is_terminal() {
@@ -613,14 +667,7 @@ impl Inner {
                     // Stored with the state change below, in the same transaction.
                     t.ports = ev.ports.clone();
                 }
-                self.advance_task(
-                    state,
-                    &mut tx,
-                    &ev.task_id,
-                    ev.state,
-                    &ev.reason,
-                    ev.exit.clone(),
-                );
+                self.advance_task_reported(state, &mut tx, ev);
             }
         }
         let seq = node.last_event_seq;
@@ -1018,6 +1065,7 @@ impl Inner {
             }
             let mut r = Task::pending(&job, t.index, t.attempt + 1, now, now);
             r.reason = format!("replaces task {}: {why}", t.id);
+            r.record(now, TaskEventKind::Replacement, r.reason.clone());
             tracing::info!(task = %t.id, replacement = %r.id, "replacing a task on an unreachable node");
             state.doubled.insert((t.job_id.clone(), t.index));
             tx.put(state, Change::Task(r));
@@ -1048,4 +1096,42 @@ fn stop_grace_ms(state: &State, t: &Task) -> u64 {
         .jobs
         .get(&t.job_id)
         .map_or(5000, |j| j.spec.stop_grace.as_millis())
+}
+
+/// The first event of a new attempt of an index, saying why it exists: `restart 2 after
+/// exit code 1, back-off 4s`.
+fn restart_message(ended: &Task, delay: Duration) -> String {
+    let attempt = ended.attempt.saturating_add(1);
+    let cause = match (ended.state, &ended.exit) {
+        (TaskState::Lost, _) => format!("task {} was lost: {}", ended.id, ended.reason),
+        (_, Some(Exit { code: Some(c), .. })) => format!("exit code {c}"),
+        (
+            _,
+            Some(Exit {
+                signal: Some(s), ..
+            }),
+        ) => s.clone(),
+        _ if ended.reason.is_empty() => format!("task {} {}", ended.id, ended.state),
+        _ => ended.reason.clone(),
+    };
+    if delay.is_zero() {
+        format!("restart {attempt} after {cause}, no back-off")
+    } else {
+        format!(
+            "restart {attempt} after {cause}, back-off {}",
+            humantime::format_duration(delay)
+        )
+    }
+}
+
+/// A health check in a few words: `http port 8000 /healthz`, `tcp port 5432`,
+/// `command pg_isready`.
+fn probe_text(h: &HealthCheck) -> String {
+    if let Some(p) = &h.http {
+        format!("http port {} {}", p.port, p.path)
+    } else if let Some(p) = &h.tcp {
+        format!("tcp port {}", p.port)
+    } else {
+        format!("command {}", h.command.join(" "))
+    }
 }

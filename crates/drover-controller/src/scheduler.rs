@@ -333,6 +333,15 @@ impl Inner {
                     t.node_id = Some(node_id.clone());
                     t.reason = String::new();
                     t.updated_at = now;
+                    let name = state
+                        .nodes
+                        .get(&node_id)
+                        .map_or(node_id.as_str(), |e| e.node.info.name.as_str());
+                    t.record(
+                        now,
+                        drover_core::state::TaskEventKind::Placed,
+                        format!("placed on node {name}"),
+                    );
                     self.metrics
                         .scheduling_latency
                         .observe(((now - ready_at).max(0) as f64) / 1000.0);

@@ -380,9 +380,19 @@ impl State {
     }
 
     pub fn task_view(&self, t: &Task) -> TaskView {
+        self.view_of(t, t.clone())
+    }
+
+    /// The view of a task without its timeline, for listings: a timeline holds up to
+    /// [`Task::MAX_EVENTS`] events, which a list of thousands of tasks should not carry.
+    pub fn task_view_brief(&self, t: &Task) -> TaskView {
+        self.view_of(t, t.without_events())
+    }
+
+    fn view_of(&self, t: &Task, task: Task) -> TaskView {
         TaskView {
             unknown: !t.state.is_terminal() && self.unreachable(t.node_id.as_ref()),
-            task: t.clone(),
+            task,
             node_name: t
                 .node_id
                 .as_ref()

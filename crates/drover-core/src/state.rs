@@ -115,6 +115,18 @@ pub struct Exit {
     pub signal: Option<String>,
 }
 
+impl fmt::Display for Exit {
+    /// How the process ended, as the agent words it: `exited with code 1`, `killed by
+    /// SIGKILL`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.code, &self.signal) {
+            (Some(c), _) => write!(f, "exited with code {c}"),
+            (None, Some(s)) => write!(f, "killed by {s}"),
+            (None, None) => f.write_str("ended"),
+        }
+    }
+}
+
 /// A container port published on a host port of the task's node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortBinding {
@@ -172,6 +184,133 @@ pub struct Task {
     /// Ports the runtime published for the task, reported when it started.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortBinding>,
+    /// What happened to the task, oldest first, at most [`Task::MAX_EVENTS`] (see
+    /// [`Task::record`]). Absent from records older than the timeline, and left out of
+    /// task listings, which would otherwise carry every task's history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<TaskEvent>,
+}
+
+/// What kind of thing happened to a task, for its timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskEventKind {
+    /// A new index of a service scaled up.
+    Created,
+    /// A new attempt of an index whose previous attempt ended: why, and its back-off.
+    Restart,
+    /// A second copy of an index whose task is on an unreachable node.
+    Replacement,
+    /// The scheduler placed the task on a node.
+    Placed,
+    /// The agent began preparing it (directory, files, environment, image).
+    Preparing,
+    /// The agent is starting it through its runtime.
+    Starting,
+    /// It runs (for a task with a health check, a probe has passed).
+    Started,
+    /// The job's health check passed.
+    HealthPassed,
+    /// The controller asked its agent to stop it, and why.
+    StopRequested,
+    /// Its agent is stopping it.
+    Stopping,
+    /// Its process ended with an exit code or a signal.
+    Exited,
+    /// It failed without an exit of its own (its preparation failed, a deadline passed).
+    Failed,
+    Stopped,
+    Lost,
+    /// Events left out between the first few and the latest, so that the list stays
+    /// bounded; [`TaskEvent::omitted`] says how many.
+    Omitted,
+    /// A kind this build does not know, from a newer server.
+    #[serde(other)]
+    Unknown,
+}
+
+impl TaskEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskEventKind::Created => "created",
+            TaskEventKind::Restart => "restart",
+            TaskEventKind::Replacement => "replacement",
+            TaskEventKind::Placed => "placed",
+            TaskEventKind::Preparing => "preparing",
+            TaskEventKind::Starting => "starting",
+            TaskEventKind::Started => "started",
+            TaskEventKind::HealthPassed => "health_passed",
+            TaskEventKind::StopRequested => "stop_requested",
+            TaskEventKind::Stopping => "stopping",
+            TaskEventKind::Exited => "exited",
+            TaskEventKind::Failed => "failed",
+            TaskEventKind::Stopped => "stopped",
+            TaskEventKind::Lost => "lost",
+            TaskEventKind::Omitted => "omitted",
+            TaskEventKind::Unknown => "unknown",
+        }
+    }
+}
+
+impl TaskEventKind {
+    /// The kind for people, which is also the line of an event without a message.
+    pub fn label(self) -> &'static str {
+        match self {
+            TaskEventKind::Created => "created",
+            TaskEventKind::Restart => "restart",
+            TaskEventKind::Replacement => "replacement",
+            TaskEventKind::Placed => "placed",
+            TaskEventKind::Preparing => "preparing",
+            TaskEventKind::Starting => "starting",
+            TaskEventKind::Started => "started",
+            TaskEventKind::HealthPassed => "health check passed",
+            TaskEventKind::StopRequested => "stop requested",
+            TaskEventKind::Stopping => "stopping",
+            TaskEventKind::Exited => "exited",
+            TaskEventKind::Failed => "failed",
+            TaskEventKind::Stopped => "stopped",
+            TaskEventKind::Lost => "lost",
+            TaskEventKind::Omitted => "earlier events left out",
+            TaskEventKind::Unknown => "an event this client does not know",
+        }
+    }
+}
+
+impl fmt::Display for TaskEventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of a task's timeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// When it happened, in Unix milliseconds like every other time.
+    pub at: Millis,
+    pub kind: TaskEventKind,
+    /// What happened, for people: a whole line such as `placed on node n1` or `exited
+    /// with code 1`. Empty when the kind says it all (`preparing`, `starting`, a
+    /// `started` with no ports); [`TaskEvent::text`] gives the line either way.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// For an [`TaskEventKind::Omitted`] marker, how many events it stands for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: u32,
+}
+
+impl TaskEvent {
+    /// The event's line: its message, or its kind's label when it has none.
+    pub fn text(&self) -> &str {
+        if self.message.is_empty() {
+            self.kind.label()
+        } else {
+            &self.message
+        }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl Task {
@@ -195,16 +334,89 @@ impl Task {
             created_at: now,
             updated_at: now,
             ports: Vec::new(),
+            events: Vec::new(),
         }
     }
 
+    /// The most events a task keeps. A task that has lived long enough to have more
+    /// keeps its first [`Task::KEEP_FIRST`] (how it began), a marker saying how many
+    /// were left out, and the latest.
+    pub const MAX_EVENTS: usize = 32;
+
+    /// How many of the oldest events are always kept.
+    pub const KEEP_FIRST: usize = 8;
+
+    /// Adds an event to the task's timeline, at `at` or, should that be earlier than the
+    /// latest event or the task's creation (clocks of different machines), at that
+    /// time, so the timeline stays in order. Past [`Task::MAX_EVENTS`] the oldest event after the
+    /// first few is dropped and counted in a marker in its place.
+    pub fn record(&mut self, at: Millis, kind: TaskEventKind, message: impl Into<String>) {
+        let floor = self.events.last().map_or(self.created_at, |last| last.at);
+        let at = at.max(floor);
+        if self.events.len() >= Self::MAX_EVENTS {
+            self.omit_one();
+        }
+        self.events.push(TaskEvent {
+            at,
+            kind,
+            message: message.into(),
+            omitted: 0,
+        });
+    }
+
+    /// Frees one place in a full timeline: the event after the first few goes, counted
+    /// in the marker that stands where the left-out events were.
+    fn omit_one(&mut self) {
+        let first = Self::KEEP_FIRST;
+        let Some(slot) = self.events.get(first) else {
+            return;
+        };
+        if slot.kind != TaskEventKind::Omitted {
+            // The first overflow turns the event at the marker's place into the marker,
+            // which counts that event; the next one is dropped below to make room.
+            let dropped = &mut self.events[first];
+            dropped.kind = TaskEventKind::Omitted;
+            dropped.omitted = 1;
+        }
+        if self.events.len() > first + 1 {
+            let gone = self.events.remove(first + 1);
+            let marker = &mut self.events[first];
+            marker.omitted += 1;
+            // The marker takes the time of the latest event it stands for, so that it
+            // sorts between the kept events around it.
+            marker.at = gone.at;
+        }
+        let marker = &mut self.events[first];
+        marker.message = format!(
+            "{} earlier event{} left out",
+            marker.omitted,
+            if marker.omitted == 1 { "" } else { "s" }
+        );
+    }
+
     /// Moves the task forward; returns false (and changes nothing) for a stale move.
+    /// The move is recorded in the task's timeline at `at`.
     pub fn advance(
         &mut self,
         next: TaskState,
         reason: &str,
         exit: Option<Exit>,
         at: Millis,
+    ) -> bool {
+        self.advance_reported(next, reason, exit, at, at)
+    }
+
+    /// [`Task::advance`] for a move an agent reported: `at` is when the controller
+    /// applies it (which deadlines count from), `happened` when the agent saw it, which
+    /// the timeline records (a replayed event can be minutes old). A `happened` later
+    /// than `at` (a node's clock ahead of the controller's) is taken as `at`.
+    pub fn advance_reported(
+        &mut self,
+        next: TaskState,
+        reason: &str,
+        exit: Option<Exit>,
+        at: Millis,
+        happened: Millis,
     ) -> bool {
         if !self.state.can_move_to(next) {
             return false;
@@ -217,7 +429,83 @@ impl Task {
             self.exit = exit;
         }
         self.updated_at = at;
+        let (kind, message) = self.describe_move(reason);
+        self.record(happened.min(at), kind, message);
         true
+    }
+
+    /// The timeline entry for the move the task just made into its current state.
+    fn describe_move(&self, reason: &str) -> (TaskEventKind, String) {
+        // A move with nothing to add to its kind's label keeps no message of its own
+        // (see [`TaskEvent::text`]): most moves are those, and every task has several.
+        let with = |what: &str| {
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!("{what}: {reason}")
+            }
+        };
+        match self.state {
+            TaskState::Pending => (TaskEventKind::Created, with("created")),
+            TaskState::Scheduled => (TaskEventKind::Placed, with("placed")),
+            TaskState::Preparing => (TaskEventKind::Preparing, with("preparing")),
+            TaskState::Starting => (TaskEventKind::Starting, with("starting")),
+            TaskState::Running => {
+                let mut m = String::new();
+                if !self.ports.is_empty() {
+                    let ports: Vec<String> = self.ports.iter().map(|p| p.to_string()).collect();
+                    m.push_str(&format!(", ports {}", ports.join(",")));
+                }
+                if !reason.is_empty() {
+                    m.push_str(&format!(" ({reason})"));
+                }
+                if !m.is_empty() {
+                    m.insert_str(0, "started");
+                }
+                (TaskEventKind::Started, m)
+            }
+            TaskState::Stopping => (TaskEventKind::Stopping, with("stopping")),
+            TaskState::Succeeded => {
+                let m = if reason.is_empty() {
+                    "exited with code 0".to_string()
+                } else {
+                    format!("exited with code 0 ({reason})")
+                };
+                (TaskEventKind::Exited, m)
+            }
+            TaskState::Failed => match &self.exit {
+                // The agent's reason already says how the process ended ("exited with
+                // code 1", "killed by SIGKILL", "oom: ...").
+                Some(_) if !reason.is_empty() => (TaskEventKind::Exited, reason.to_string()),
+                Some(e) => (TaskEventKind::Exited, e.to_string()),
+                None => (TaskEventKind::Failed, with("failed")),
+            },
+            TaskState::Stopped => (TaskEventKind::Stopped, with("stopped")),
+            TaskState::Lost => (TaskEventKind::Lost, with("lost")),
+        }
+    }
+
+    /// The task without its timeline, for listings of many tasks.
+    pub fn without_events(&self) -> Task {
+        Task {
+            id: self.id.clone(),
+            project: self.project.clone(),
+            job_id: self.job_id.clone(),
+            job_name: self.job_name.clone(),
+            index: self.index,
+            attempt: self.attempt,
+            state: self.state,
+            node_id: self.node_id.clone(),
+            reason: self.reason.clone(),
+            exit: self.exit.clone(),
+            desired_stop: self.desired_stop,
+            stop_forced: self.stop_forced,
+            not_before: self.not_before,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            ports: self.ports.clone(),
+            events: Vec::new(),
+        }
     }
 }
 
@@ -445,6 +733,7 @@ mod tests {
             created_at: 0,
             updated_at: 1,
             ports: Vec::new(),
+            events: Vec::new(),
         };
         assert!(t.advance(
             TaskState::Failed,
@@ -459,6 +748,138 @@ mod tests {
         assert!(!t.advance(TaskState::Running, "", None, 9));
         assert!(!t.advance(TaskState::Succeeded, "late", None, 9));
         assert_eq!(t, before);
+    }
+
+    fn a_task() -> Task {
+        let job = Job::new(
+            ProjectId::default(),
+            JobSpec::new("j", vec!["true".into()]),
+            1,
+            0,
+        );
+        Task::pending(&job, 0, 0, 0, 0)
+    }
+
+    #[test]
+    fn advance_records_each_move_in_the_timeline() {
+        let mut t = a_task();
+        t.record(10, TaskEventKind::Placed, "placed on node n1");
+        assert!(t.advance_reported(TaskState::Preparing, "", None, 20, 15));
+        assert!(t.advance(TaskState::Starting, "", None, 30));
+        t.ports = vec![PortBinding {
+            container: 80,
+            host: 8080,
+        }];
+        assert!(t.advance(TaskState::Running, "", None, 40));
+        let exit = Exit {
+            code: Some(1),
+            signal: None,
+        };
+        assert!(t.advance(TaskState::Failed, "exited with code 1", Some(exit), 50));
+        // A stale move records nothing.
+        assert!(!t.advance(TaskState::Running, "", None, 60));
+        let seen: Vec<(Millis, TaskEventKind, &str)> =
+            t.events.iter().map(|e| (e.at, e.kind, e.text())).collect();
+        assert_eq!(
+            seen,
+            vec![
+                (10, TaskEventKind::Placed, "placed on node n1"),
+                (15, TaskEventKind::Preparing, "preparing"),
+                (30, TaskEventKind::Starting, "starting"),
+                (40, TaskEventKind::Started, "started, ports 8080->80"),
+                (50, TaskEventKind::Exited, "exited with code 1"),
+            ]
+        );
+        // A move its kind says all about stores no message.
+        assert_eq!(t.events[1].message, "");
+        // A failure without an exit of its own, and an agent clock behind the
+        // controller's (the event keeps the timeline in order) or ahead of it (the
+        // controller's time is taken).
+        let mut t = a_task();
+        t.record(100, TaskEventKind::Placed, "placed on node n1");
+        assert!(t.advance_reported(TaskState::Preparing, "", None, 110, 90));
+        assert!(t.advance_reported(
+            TaskState::Failed,
+            "runtime_env.python: no pip",
+            None,
+            120,
+            500
+        ));
+        let last = &t.events[2];
+        assert_eq!(t.events[1].at, 100);
+        assert_eq!(
+            (last.at, last.kind, last.message.as_str()),
+            (
+                120,
+                TaskEventKind::Failed,
+                "failed: runtime_env.python: no pip"
+            )
+        );
+    }
+
+    #[test]
+    fn the_timeline_keeps_its_beginning_and_latest_events_within_its_bound() {
+        let mut t = a_task();
+        let total = Task::MAX_EVENTS as i64 + 25;
+        for i in 0..total {
+            t.record(i, TaskEventKind::Started, format!("event {i}"));
+            assert!(
+                t.events.len() <= Task::MAX_EVENTS,
+                "after {i}: {}",
+                t.events.len()
+            );
+        }
+        assert_eq!(t.events.len(), Task::MAX_EVENTS);
+        for (i, e) in t.events.iter().take(Task::KEEP_FIRST).enumerate() {
+            assert_eq!(e.message, format!("event {i}"));
+        }
+        let marker = &t.events[Task::KEEP_FIRST];
+        let kept_latest = Task::MAX_EVENTS - Task::KEEP_FIRST - 1;
+        let omitted = total as usize - Task::KEEP_FIRST - kept_latest;
+        assert_eq!(marker.kind, TaskEventKind::Omitted);
+        assert_eq!(marker.omitted as usize, omitted);
+        assert_eq!(marker.message, format!("{omitted} earlier events left out"));
+        // The marker sorts between the kept events around it.
+        assert!(t.events.windows(2).all(|w| w[0].at <= w[1].at));
+        let latest: Vec<String> = t.events[Task::KEEP_FIRST + 1..]
+            .iter()
+            .map(|e| e.message.clone())
+            .collect();
+        let want: Vec<String> = (total - kept_latest as i64..total)
+            .map(|i| format!("event {i}"))
+            .collect();
+        assert_eq!(latest, want);
+        // Listings leave the timeline out; the task is otherwise the same.
+        let brief = t.without_events();
+        assert!(brief.events.is_empty());
+        assert_eq!(
+            Task {
+                events: t.events.clone(),
+                ..brief
+            },
+            t
+        );
+    }
+
+    #[test]
+    fn events_of_a_newer_server_and_records_without_a_timeline_are_read() {
+        let mut t = a_task();
+        let mut old = serde_json::to_value(&t).unwrap();
+        assert!(
+            old.get("events").is_none(),
+            "an empty timeline is not written"
+        );
+        old.as_object_mut().unwrap().remove("events");
+        assert_eq!(serde_json::from_value::<Task>(old).unwrap(), t);
+        t.record(5, TaskEventKind::Placed, "placed on node n1");
+        let mut v = serde_json::to_value(&t).unwrap();
+        assert_eq!(
+            v["events"],
+            serde_json::json!([{"at": 5, "kind": "placed", "message": "placed on node n1"}])
+        );
+        v["events"][0]["kind"] = "teleported".into();
+        let read: Task = serde_json::from_value(v).unwrap();
+        assert_eq!(read.events[0].kind, TaskEventKind::Unknown);
     }
 
     #[test]

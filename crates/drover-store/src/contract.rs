@@ -76,6 +76,7 @@ fn task(id: &str, state: TaskState) -> Task {
         created_at: 1,
         updated_at: 1,
         ports: Vec::new(),
+        events: Vec::new(),
     }
 }
 

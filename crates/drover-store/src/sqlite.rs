@@ -390,6 +390,7 @@ mod timing {
                         created_at: 1,
                         updated_at: 1,
                         ports: Vec::new(),
+                        events: Vec::new(),
                     })
                 })
                 .collect();
