@@ -356,3 +356,48 @@ fn a_plan_in_one_project_never_shows_another_projects_job() {
         stdout(&out)
     );
 }
+
+#[test]
+fn an_update_that_needs_the_room_its_current_tasks_hold_fits_once_they_stop() {
+    let up = Up::start();
+    // A service that takes all the node has free, less a little.
+    let nodes = json(&up.run(&["node", "ls", "-o", "json"]));
+    let free = nodes[0]["info"]["capacity"]["cpu"].as_f64().unwrap()
+        - nodes[0]["allocated"]["cpu"].as_f64().unwrap();
+    let cpu = ((free - 0.1) * 10.0).floor() / 10.0;
+    assert!(cpu > 0.5, "{nodes}");
+    let yaml = format!(
+        "name: big\nkind: service\ncommand: [sleep, '300']\nresources: {{cpu: {cpu}}}\nstop_grace: 1s\n"
+    );
+    let big = up.spec("big.yaml", &yaml);
+    exits(&up.run(&["job", "apply", "-f", &big]), 0, "apply");
+    // Its next version needs the same room, which version 1 holds until it stops.
+    let next = up.spec("next.yaml", &format!("{yaml}env: {{V: '2'}}\n"));
+    let out = up.run(&["job", "plan", "-f", &next]);
+    exits(&out, 2, "plan of an update");
+    let text = stdout(&out);
+    assert!(
+        text.contains("placement: 0 of 1 task can be placed now; 1 would wait as pending:"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "(they fit once the tasks of version 1 have stopped, which applying asks first)"
+        ),
+        "{text}"
+    );
+    let plan = json(&up.run(&["job", "plan", "-f", &next, "-o", "json"]));
+    assert_eq!(plan["placement"]["verdict"], "waits", "{plan}");
+    assert_eq!(
+        plan["placement"]["fits_after_current_stops"], true,
+        "{plan}"
+    );
+    // Two such tasks do not fit even then.
+    let two = up.spec("two.yaml", &format!("{yaml}env: {{V: '2'}}\ncount: 2\n"));
+    let plan = json(&up.run(&["job", "plan", "-f", &two, "-o", "json"]));
+    assert_eq!(plan["placement"]["verdict"], "waits", "{plan}");
+    assert!(
+        plan["placement"]["fits_after_current_stops"].is_null(),
+        "{plan}"
+    );
+}

@@ -1087,3 +1087,70 @@ fn stop_grace_ms(state: &State, t: &Task) -> u64 {
         .get(&t.job_id)
         .map_or(5000, |j| j.spec.stop_grace.as_millis())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Decision, decide};
+    use drover_core::state::{Job, JobStatus};
+    use drover_core::{JobKind, JobSpec, ProjectId};
+
+    fn job(kind: JobKind, count: u32, status: JobStatus) -> Job {
+        let mut spec = JobSpec::new("j", vec!["true".into()]);
+        spec.kind = kind;
+        spec.count = count;
+        Job {
+            status,
+            ..Job::new(ProjectId::default(), spec, 4, 0)
+        }
+    }
+
+    #[test]
+    fn one_rule_decides_what_an_apply_does() {
+        let svc = job(JobKind::Service, 2, JobStatus::Running);
+        let same = svc.spec.clone();
+        assert_eq!(decide(None, &same, false), Decision::Create);
+        assert_eq!(decide(Some(&svc), &same, false), Decision::Unchanged);
+        // A rerun is for finished jobs only; a running one is left alone.
+        assert_eq!(decide(Some(&svc), &same, true), Decision::Unchanged);
+        let more = JobSpec {
+            count: 5,
+            ..same.clone()
+        };
+        assert_eq!(
+            decide(Some(&svc), &more, false),
+            Decision::Scale { from: 2, to: 5 }
+        );
+        let other = JobSpec {
+            count: 5,
+            command: vec!["false".into()],
+            ..same.clone()
+        };
+        assert_eq!(
+            decide(Some(&svc), &other, false),
+            Decision::Update { version: 5 }
+        );
+        // A stopped service's count change, and any batch job's, is a new version.
+        let stopped = job(JobKind::Service, 2, JobStatus::Stopped);
+        assert_eq!(
+            decide(Some(&stopped), &more, false),
+            Decision::Update { version: 5 }
+        );
+        let batch = job(JobKind::Batch, 2, JobStatus::Complete);
+        let batch_more = JobSpec {
+            count: 5,
+            ..batch.spec.clone()
+        };
+        assert_eq!(
+            decide(Some(&batch), &batch_more, false),
+            Decision::Update { version: 5 }
+        );
+        assert_eq!(
+            decide(Some(&batch), &batch.spec, false),
+            Decision::Unchanged
+        );
+        assert_eq!(
+            decide(Some(&batch), &batch.spec, true),
+            Decision::Rerun { version: 5 }
+        );
+    }
+}
