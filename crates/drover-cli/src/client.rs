@@ -2,7 +2,9 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use drover_core::JobSpec;
-use drover_core::api::{ApplyResponse, ErrorBody, JobView, NodeView, StreamEvent, TaskView};
+use drover_core::api::{
+    ApplyResponse, ErrorBody, JobView, NodeView, PlanResponse, StreamEvent, TaskView,
+};
 use drover_core::artifact::{Artifact, ArtifactRef, Digest, NewArtifact};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::de::DeserializeOwned;
@@ -206,6 +208,22 @@ impl Client {
                 Err(e) => return Err(self.connect_error(e)),
             }
         }
+    }
+
+    /// What applying `spec` would do, changing nothing (`POST /v1/plan`). Safe to
+    /// repeat, so it carries no idempotency key.
+    pub async fn plan(&self, spec: &JobSpec) -> Result<PlanResponse> {
+        let body = serde_json::to_vec(spec)?;
+        self.post("/v1/plan", body).await.map_err(|e| {
+            // A server older than plans answers its fallback's 404 for the route.
+            match e.downcast_ref::<ApiError>() {
+                Some(a) if a.status == 404 => anyhow!(
+                    "the server at {} cannot plan (it has no POST /v1/plan): it is older than this client",
+                    self.base
+                ),
+                _ => e,
+            }
+        })
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobView>> {

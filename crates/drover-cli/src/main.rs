@@ -33,6 +33,10 @@ mod code {
     pub const NOT_FOUND: i32 = 4;
     /// The token was refused.
     pub const UNAUTHORIZED: i32 = 5;
+    /// `drover job plan` (and `job apply --dry-run`): applying would change something.
+    /// Every error of a plan exits with `ERROR`, so that 2 means only this, as with
+    /// `terraform plan -detailed-exitcode`.
+    pub const CHANGES: i32 = 2;
 }
 
 /// A mistake in how a command was called that only shows once its flags are read (a
@@ -607,8 +611,27 @@ enum JobCmd {
         /// when none is given.
         #[arg(long, value_name = "KEY")]
         idempotency_key: Option<String>,
+        /// Change nothing: only show what applying would do, as `drover job plan`
+        /// does, with its exit codes (0 no changes, 2 changes, 1 error).
+        #[arg(long, conflicts_with_all = ["idempotency_key", "detach"])]
+        dry_run: bool,
         #[command(flatten)]
         wait: WaitArgs,
+    },
+    /// Show what applying a spec would do, changing nothing: create the job, update it
+    /// to a new version (all its tasks replaced), scale it, or nothing; each changed
+    /// field with its old and new value; and whether the cluster can place the tasks
+    /// that would start, or why not.
+    ///
+    /// Exits 0 when applying would change nothing, 2 when it would change something
+    /// and 1 on any error, so a script can tell the three apart.
+    #[command(
+        after_help = "Examples:\n  drover job plan -f web.yaml\n  drover job plan -f - < web.yaml\n  drover job plan -f web.yaml -o json\n  drover job apply --dry-run -f web.yaml    (the same)\n\nExit codes: 0 no changes, 2 changes, 1 error."
+    )]
+    Plan {
+        /// The job's YAML spec; `-` reads it from standard input.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
     },
     /// Run a finished job again, unchanged, as a new version.
     Rerun {
@@ -946,7 +969,17 @@ fn main() {
             }
         }
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() && asks_for_plan(&args) => {
+            if let Err(printing) = e.print() {
+                eprintln!("error: {e} ({printing})");
+            }
+            std::process::exit(code::ERROR);
+        }
+        Err(e) => e.exit(),
+    };
+    let detailed = plans(&cli.command);
     init_tracing(&cli.command);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -966,6 +999,7 @@ fn main() {
         Err(e) => {
             eprintln!("error: {e:#}");
             match e.downcast_ref::<client::ApiError>() {
+                _ if detailed => code::ERROR,
                 Some(a) if a.status == 404 => code::NOT_FOUND,
                 Some(a) if a.status == 401 || a.status == 403 => code::UNAUTHORIZED,
                 _ if e.downcast_ref::<UsageError>().is_some() => code::USAGE,
@@ -1762,6 +1796,42 @@ fn context(cli: &Cli, cmd: &ContextCmd) -> Result<i32> {
     Ok(0)
 }
 
+/// `drover job plan` and `drover job apply --dry-run`: what applying the file would do,
+/// changing nothing, with an exit code that says whether it would change anything.
+async fn plan(c: &Client, out: Output, file: &Path) -> Result<i32> {
+    let (name, text, base) = read_spec_file(file)?;
+    let mut spec = JobSpec::from_yaml(&text, &name)?;
+    // A local working_dir is packed for its digest, which is what a change of its
+    // files changes in the spec, but not uploaded: a plan leaves the server as it is.
+    let packed = resolve_working_dir(c, &mut spec, &base, false).await?;
+    let plan = c.plan(&spec).await?;
+    match out {
+        Output::Json => output::json(&plan)?,
+        Output::Table => output::plan(&plan, packed.as_deref())?,
+    }
+    Ok(if plan.changes_something() {
+        code::CHANGES
+    } else {
+        0
+    })
+}
+
+/// Whether a command is a plan, whose exit code 2 means "changes" (see `code::CHANGES`).
+fn plans(cmd: &Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Job(JobCmd::Plan { .. }) | Cmd::Job(JobCmd::Apply { dry_run: true, .. })
+    )
+}
+
+/// Whether a command line that clap refused asks for a plan, so that its usage error
+/// exits 1 rather than clap's 2, which a plan's caller would read as "changes". A
+/// guess from the words alone, since clap could not parse them.
+fn asks_for_plan(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--dry-run")
+        || args.windows(2).any(|w| w[0] == "job" && w[1] == "plan")
+}
+
 /// The end of an apply or a revert: waits for the job unless `--detach` (or `wanted`
 /// is false, for a finished job applied unchanged), says where it got on a terminal,
 /// and prints the apply's answer with `-o json`.
@@ -2092,13 +2162,20 @@ fn prefix_lines(data: &str, prefix: &str, at_start: &mut bool) -> String {
 async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
     match cmd {
         JobCmd::Apply {
+            dry_run: true,
+            file,
+            ..
+        }
+        | JobCmd::Plan { file } => plan(c, out, file).await,
+        JobCmd::Apply {
             file,
             idempotency_key,
             wait,
+            dry_run: false,
         } => {
             let (name, text, base) = read_spec_file(file)?;
             let mut spec = JobSpec::from_yaml(&text, &name)?;
-            resolve_working_dir(c, &mut spec, &base).await?;
+            resolve_working_dir(c, &mut spec, &base, true).await?;
             let how = client::ApplyRequest {
                 idempotency_key: idempotency_key.clone(),
                 rerun: false,
@@ -2493,12 +2570,21 @@ async fn upload_if_absent(
 /// Replaces a local `runtime_env.working_dir` (relative to `base`, the job file's
 /// directory) with the digest of its packed archive, uploading the archive unless the
 /// controller has it. A value that already is a digest is left as it is.
-async fn resolve_working_dir(c: &Client, spec: &mut JobSpec, base: &Path) -> Result<()> {
+/// Packs a spec's local working_dir and puts the archive's digest in its place,
+/// uploading the archive first when `upload` (a plan only needs the digest). Returns
+/// what was packed, e.g. "working_dir ./app (3 files, 1.2 KiB)", when it was a local
+/// directory.
+async fn resolve_working_dir(
+    c: &Client,
+    spec: &mut JobSpec,
+    base: &Path,
+    upload: bool,
+) -> Result<Option<String>> {
     let Some(w) = spec.runtime_env.working_dir.clone() else {
-        return Ok(());
+        return Ok(None);
     };
     if w.parse::<Digest>().is_ok() {
-        return Ok(());
+        return Ok(None);
     }
     let dir = base.join(&w);
     let packed = pack::pack_dir(&dir, &pack::PackLimits::default())
@@ -2513,9 +2599,11 @@ async fn resolve_working_dir(c: &Client, spec: &mut JobSpec, base: &Path) -> Res
         packed.files,
         output::size(packed.bytes)
     );
-    upload_if_absent(c, &name, packed.file.path(), &digest, packed.size).await?;
+    if upload {
+        upload_if_absent(c, &name, packed.file.path(), &digest, packed.size).await?;
+    }
     spec.runtime_env.working_dir = Some(digest.to_string());
-    Ok(())
+    Ok(Some(name))
 }
 
 async fn up(a: &UpArgs) -> Result<i32> {

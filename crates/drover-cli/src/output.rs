@@ -3,7 +3,9 @@
 use anyhow::Result;
 use clap::ValueEnum;
 use comfy_table::{Table, presets};
-use drover_core::api::{JobView, NodeView, TaskView};
+use drover_core::api::{
+    JobView, NodeView, PlacementVerdict, PlanAction, PlanResponse, ScaleChange, TaskView,
+};
 use drover_core::artifact::{Artifact, Digest, Variant};
 use drover_core::state::Exit;
 use drover_core::{Millis, now_millis};
@@ -169,6 +171,136 @@ pub fn history(out: Output, versions: &[JobView]) -> Result<()> {
         ]);
     }
     print(t)
+}
+
+/// `drover job plan`: what applying would do, each changed field (`~ path: old → new`,
+/// `+ path: new`, `- path: old`) and whether the tasks that would start can be placed.
+/// `packed` names the local working_dir the CLI packed but did not upload.
+pub fn plan(p: &PlanResponse, packed: Option<&str>) -> Result<()> {
+    let name = &p.name;
+    let placement = &p.placement;
+    let current = p.current_version.unwrap_or_default();
+    let what = match (p.action, p.scale) {
+        (PlanAction::Create, _) => format!(
+            "create job {name} (version 1, {})",
+            count(placement.tasks, "task")
+        ),
+        (PlanAction::Update, _) => format!(
+            "update job {name} to version {} ({}), replacing every task of version {current}",
+            p.version,
+            count(placement.tasks, "task")
+        ),
+        (PlanAction::Scale, Some(ScaleChange { from, to })) if to > from => format!(
+            "scale job {name} from {from} to {to} in place (version {}): {} {}, the others keep running",
+            p.version,
+            count(to - from, "task"),
+            if to - from == 1 { "starts" } else { "start" }
+        ),
+        (PlanAction::Scale, Some(ScaleChange { from, to })) => format!(
+            "scale job {name} from {from} to {to} in place (version {}): {} {}, the others keep running",
+            p.version,
+            count(from - to, "task"),
+            if from - to == 1 { "stops" } else { "stop" }
+        ),
+        (PlanAction::Unchanged, _) => format!(
+            "job {name} is unchanged (version {}): applying does nothing",
+            p.version
+        ),
+        (PlanAction::Rerun, _) => format!(
+            "re-run job {name} as version {} ({})",
+            p.version,
+            count(placement.tasks, "task")
+        ),
+        (action, _) => format!("job {name}: {action} (version {})", p.version),
+    };
+    outln!("{what}")?;
+    if !p.changes.is_empty() {
+        outln!()?;
+        for c in &p.changes {
+            match (&c.old, &c.new) {
+                (Some(old), Some(new)) => {
+                    outln!("  ~ {}: {} → {}", c.path, short_json(old), short_json(new))?
+                }
+                (None, Some(new)) => outln!("  + {}: {}", c.path, short_json(new))?,
+                (Some(old), None) => outln!("  - {}: {}", c.path, short_json(old))?,
+                (None, None) => outln!("  ~ {}", c.path)?,
+            }
+        }
+    }
+    let waiting = placement.tasks.saturating_sub(placement.placed);
+    let on = placement
+        .nodes
+        .iter()
+        .map(|(node, n)| format!("{node} ×{n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let reason = placement.reason.as_deref().unwrap_or("no reason given");
+    let line = match placement.verdict {
+        PlacementVerdict::Nothing => None,
+        PlacementVerdict::Fits => Some(format!(
+            "placement: {} can be placed now (on {on})",
+            if placement.tasks == 1 {
+                "the task".to_string()
+            } else {
+                format!("all {} tasks", placement.tasks)
+            }
+        )),
+        PlacementVerdict::Waits => Some(format!(
+            "placement: {} of {} can be placed now; {} would wait as pending: {reason}{}",
+            placement.placed,
+            count(placement.tasks, "task"),
+            waiting,
+            if placement.fits_after_current_stops {
+                format!(
+                    " (they fit once the tasks of version {current} have stopped, which applying asks first)"
+                )
+            } else {
+                String::new()
+            }
+        )),
+        PlacementVerdict::Blocked => Some(format!(
+            "placement: BLOCKED: {} cannot be placed on any node in the cluster, and would stay pending until a node that fits joins: {reason}",
+            if waiting == 1 {
+                "the task".to_string()
+            } else {
+                format!("{waiting} tasks")
+            }
+        )),
+        PlacementVerdict::Unknown => Some(format!("placement: {reason}")),
+    };
+    if let Some(line) = line {
+        outln!()?;
+        outln!("{line}")?;
+    }
+    if let Some(digest) = &p.missing_blob {
+        match packed {
+            Some(dir) => outln!("{dir} is uploaded when the job is applied")?,
+            None => outln!(
+                "warning: runtime_env.working_dir {digest} has not been uploaded, so applying this spec would be refused"
+            )?,
+        }
+    }
+    Ok(())
+}
+
+/// "1 task", "3 tasks".
+fn count(n: u32, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// A value as compact JSON, cut to one line of at most 80 characters for a plan's
+/// lines (`-o json` keeps it whole).
+fn short_json(v: &serde_json::Value) -> String {
+    const MAX: usize = 80;
+    let text = v.to_string();
+    match text.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
 }
 
 /// The top-level spec fields that differ between two versions, e.g. `command, env`.

@@ -58,6 +58,7 @@ macro_rules! method_name {
 
 authed_routes! {
     "/v1/jobs" => { post apply_job, get list_jobs }
+    "/v1/plan" => { post plan_job }
     "/v1/jobs/{name}" => { get get_job, delete delete_job }
     "/v1/jobs/{name}/stop" => { post stop_job }
     "/v1/jobs/{name}/versions" => { get job_versions }
@@ -227,15 +228,7 @@ async fn apply_job(
 ) -> ApiResult<Response> {
     p.require(Action::Write)?;
     tracing::debug!("apply request");
-    let Query(query) = query.map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidRequest,
-            format!(
-                "query: {}; the only parameter is rerun=true|false",
-                e.body_text()
-            ),
-        )
-    })?;
+    let Query(query) = apply_query(query)?;
     let idempotency_key = match headers.get(drover_core::api::IDEMPOTENCY_KEY_HEADER) {
         None => None,
         Some(v) => Some(
@@ -253,13 +246,7 @@ async fn apply_job(
     let mut _gc = None;
     if let Some(w) = &spec.runtime_env.working_dir {
         _gc = Some(inner.blobs.gc_lock.read().await);
-        let digest: drover_core::artifact::Digest = w.parse().map_err(|_| {
-            ApiError::new(ErrorCode::InvalidSpec,
-                format!(
-                    "invalid job spec: runtime_env.working_dir: expected the digest of an uploaded archive (sha256:<64 hex digits>), got {w:?}; the CLI packs and uploads a local directory for you (drover job apply -f FILE)"
-                ),
-            )
-        })?;
+        let digest = working_dir_digest(w)?;
         let size = inner.usable_blob_size(&p, &digest).await.map_err(|e| {
             ApiError::new(ErrorCode::Internal, format!("reading blob {digest}: {e}"))
         })?;
@@ -291,6 +278,63 @@ async fn apply_job(
         StatusCode::OK
     };
     Ok((status, Json(res)).into_response())
+}
+
+/// Reads apply's query (and the plan's, which takes the same), naming the one
+/// parameter there is when it is wrong.
+fn apply_query(
+    query: Result<Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Query<ApplyQuery>> {
+    query.map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "query: {}; the only parameter is rerun=true|false",
+                e.body_text()
+            ),
+        )
+    })
+}
+
+/// The digest a spec's `runtime_env.working_dir` must hold in the API.
+fn working_dir_digest(w: &str) -> ApiResult<drover_core::artifact::Digest> {
+    w.parse().map_err(|_| {
+        ApiError::new(ErrorCode::InvalidSpec,
+            format!(
+                "invalid job spec: runtime_env.working_dir: expected the digest of an uploaded archive (sha256:<64 hex digits>), got {w:?}; the CLI packs and uploads a local directory for you (drover job apply -f FILE)"
+            ),
+        )
+    })
+}
+
+/// What `POST /v1/jobs` would do with the same request, changing nothing: the same
+/// permission and project, the same spec checks, but a working_dir blob that is not
+/// uploaded yet is reported rather than refused (the CLI uploads it only when it
+/// applies), and an idempotency key is neither looked up nor used.
+async fn plan_job(
+    State(inner): Shared,
+    Extension(p): Extension<Principal>,
+    query: Result<Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<drover_core::api::PlanResponse>> {
+    p.require(Action::Write)?;
+    let Query(query) = apply_query(query)?;
+    let spec = JobSpec::from_json(&body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidSpec, format!("invalid job spec: {e}")))?;
+    let missing_blob = match &spec.runtime_env.working_dir {
+        None => None,
+        Some(w) => {
+            let digest = working_dir_digest(w)?;
+            let size = inner.usable_blob_size(&p, &digest).await.map_err(|e| {
+                ApiError::new(ErrorCode::Internal, format!("reading blob {digest}: {e}"))
+            })?;
+            size.is_none().then(|| digest.to_string())
+        }
+    };
+    let plan = inner
+        .plan_job(p.project.clone(), spec, query.rerun, missing_blob)
+        .await;
+    Ok(Json(plan))
 }
 
 async fn list_jobs(

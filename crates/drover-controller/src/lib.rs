@@ -17,6 +17,7 @@ mod gateway;
 pub mod logs;
 pub mod metrics;
 mod ops;
+mod plan;
 mod retention;
 mod scheduler;
 mod serve;

@@ -31,6 +31,59 @@ pub(crate) enum ApplyError {
     KeyReused(String),
 }
 
+/// What applying a spec does to the job of its name: the one rule, which both
+/// [`Inner::apply_job`] carries out and the plan (`POST /v1/plan`) reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// No job has the name: version 1.
+    Create,
+    /// The same spec as the current version: nothing changes.
+    Unchanged,
+    /// A running service whose spec differs only in its count: tasks are added or
+    /// stopped in place.
+    Scale { from: u32, to: u32 },
+    /// Any other change: a new version whose tasks replace the current one's.
+    Update { version: u32 },
+    /// The unchanged spec of a finished job, run again as a new version because it was
+    /// asked for (`drover job rerun`).
+    Rerun { version: u32 },
+}
+
+/// Decides what applying `spec` does, given the current version of its job (if any).
+pub(crate) fn decide(current: Option<&Job>, spec: &JobSpec, rerun: bool) -> Decision {
+    let Some(cur) = current else {
+        return Decision::Create;
+    };
+    let version = cur.version + 1;
+    // The same spec again changes nothing, running or finished: running an unchanged
+    // finished job again is asked for explicitly (`drover job rerun`), never a side
+    // effect of a resubmission.
+    if cur.spec == *spec {
+        return if rerun && cur.status.is_final() {
+            Decision::Rerun { version }
+        } else {
+            Decision::Unchanged
+        };
+    }
+    // A running service whose spec changes only in its count is scaled in place:
+    // tasks are added or stopped, and those that keep running are left alone (a new
+    // version would restart every one of them).
+    if !cur.status.is_final()
+        && cur.spec.kind == JobKind::Service
+        && cur.spec.count != spec.count
+        && (JobSpec {
+            count: cur.spec.count,
+            ..spec.clone()
+        }) == cur.spec
+    {
+        return Decision::Scale {
+            from: cur.spec.count,
+            to: spec.count,
+        };
+    }
+    Decision::Update { version }
+}
+
 impl Inner {
     /// Creates a job, or a new version of it when the spec changed (or the previous one
     /// has finished). Returns once the result is durably stored.
@@ -66,31 +119,16 @@ impl Inner {
             });
         }
         let existing = state.job_by_name(&project, &spec.name).cloned();
-        // The same spec again changes nothing, running or finished: running an unchanged
-        // finished job again is asked for explicitly (`drover job rerun`), never a side
-        // effect of a resubmission.
-        if let Some(cur) = &existing
-            && cur.spec == spec
-            && !(how.rerun && cur.status.is_final())
-        {
+        // Unchanged and Scale are only ever decided for a job that exists.
+        let decision = decide(existing.as_ref(), &spec, how.rerun);
+        if let (Decision::Unchanged, Some(cur)) = (decision, &existing) {
             return Ok(ApplyResponse {
                 job: state.job_view(cur),
                 result: "unchanged".into(),
             });
         }
-        // A running service whose spec changes only in its count is scaled in place:
-        // tasks are added or stopped, and those that keep running are left alone (a
-        // new version would restart every one of them).
-        if let Some(cur) = &existing
-            && !cur.status.is_final()
-            && cur.spec.kind == JobKind::Service
-            && cur.spec.count != spec.count
-            && (JobSpec {
-                count: cur.spec.count,
-                ..spec.clone()
-            }) == cur.spec
-        {
-            let job = self.scale(state, &mut tx, cur, spec.count, now);
+        if let (Decision::Scale { to, .. }, Some(cur)) = (decision, &existing) {
+            let job = self.scale(state, &mut tx, cur, to, now);
             self.commit(state, tx).await?;
             self.flush_all(state);
             self.schedule.notify_one();
@@ -1133,5 +1171,72 @@ fn probe_text(h: &HealthCheck) -> String {
         format!("tcp port {}", p.port)
     } else {
         format!("command {}", h.command.join(" "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Decision, decide};
+    use drover_core::state::{Job, JobStatus};
+    use drover_core::{JobKind, JobSpec, ProjectId};
+
+    fn job(kind: JobKind, count: u32, status: JobStatus) -> Job {
+        let mut spec = JobSpec::new("j", vec!["true".into()]);
+        spec.kind = kind;
+        spec.count = count;
+        Job {
+            status,
+            ..Job::new(ProjectId::default(), spec, 4, 0)
+        }
+    }
+
+    #[test]
+    fn one_rule_decides_what_an_apply_does() {
+        let svc = job(JobKind::Service, 2, JobStatus::Running);
+        let same = svc.spec.clone();
+        assert_eq!(decide(None, &same, false), Decision::Create);
+        assert_eq!(decide(Some(&svc), &same, false), Decision::Unchanged);
+        // A rerun is for finished jobs only; a running one is left alone.
+        assert_eq!(decide(Some(&svc), &same, true), Decision::Unchanged);
+        let more = JobSpec {
+            count: 5,
+            ..same.clone()
+        };
+        assert_eq!(
+            decide(Some(&svc), &more, false),
+            Decision::Scale { from: 2, to: 5 }
+        );
+        let other = JobSpec {
+            count: 5,
+            command: vec!["false".into()],
+            ..same.clone()
+        };
+        assert_eq!(
+            decide(Some(&svc), &other, false),
+            Decision::Update { version: 5 }
+        );
+        // A stopped service's count change, and any batch job's, is a new version.
+        let stopped = job(JobKind::Service, 2, JobStatus::Stopped);
+        assert_eq!(
+            decide(Some(&stopped), &more, false),
+            Decision::Update { version: 5 }
+        );
+        let batch = job(JobKind::Batch, 2, JobStatus::Complete);
+        let batch_more = JobSpec {
+            count: 5,
+            ..batch.spec.clone()
+        };
+        assert_eq!(
+            decide(Some(&batch), &batch_more, false),
+            Decision::Update { version: 5 }
+        );
+        assert_eq!(
+            decide(Some(&batch), &batch.spec, false),
+            Decision::Unchanged
+        );
+        assert_eq!(
+            decide(Some(&batch), &batch.spec, true),
+            Decision::Rerun { version: 5 }
+        );
     }
 }

@@ -7,16 +7,18 @@
 
 use crate::state::{NodeEntry, State};
 use crate::{Inner, Tx};
+use drover_core::api::{PlacementPlan, PlacementVerdict};
 use drover_core::artifact::{ArtifactRef, Variant};
 use drover_core::platform::{
     BinaryPlatform, Libc, LibcKind, NodePlatform, Platform, select, select_emulated,
 };
 use drover_core::protocol::{AssignedArtifact, Command, EncodedConfig, TaskAssignment};
-use drover_core::spec::{Constraint, ConstraintKey, ConstraintOp, JobSpec};
+use drover_core::quantity::ByteSize;
+use drover_core::spec::{Constraint, ConstraintKey, ConstraintOp, JobSpec, Resources};
 use drover_core::state::{NodeInfo, NodeStatus, Task};
 use drover_core::{JobId, NodeId, ProjectId, TaskId, TaskState};
 use drover_store::Change;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,8 +147,12 @@ enum Misfit {
     Resources,
 }
 
-fn fits(
+/// Whether a task of `spec` fits on a node that has `allocated` taken (its entry's
+/// allocation in a scheduling pass; in a plan, also the tasks the plan has placed so
+/// far, which the entry does not hold).
+fn fits_given(
     node: &NodeEntry,
+    allocated: Resources,
     spec: &JobSpec,
     variants: Option<&[Variant]>,
     how: Execution,
@@ -172,8 +178,8 @@ fn fits(
     if need.cpu > cap.cpu + 1e-9 || need.memory.0 > cap.memory.0 {
         return Err(Misfit::Capacity);
     }
-    if node.allocated.cpu + need.cpu > cap.cpu + 1e-9
-        || node.allocated.memory.0 + need.memory.0 > cap.memory.0
+    if allocated.cpu + need.cpu > cap.cpu + 1e-9
+        || allocated.memory.0 + need.memory.0 > cap.memory.0
     {
         return Err(Misfit::Resources);
     }
@@ -286,45 +292,18 @@ impl Inner {
                 }
                 m
             });
-            let mut best: Option<(u32, f64, NodeId)> = None;
-            let mut why: HashMap<Misfit, u32> = HashMap::new();
             let variants = variants.as_deref().map(Vec::as_slice);
-            // Nodes that run no variant natively; they are looked at again, for an
-            // emulated variant, only when no node at all runs one natively.
-            let mut foreign: Vec<NodeId> = Vec::new();
-            let mut seen = 0;
-            for k in 0..ready.len() {
-                let node_id = &ready[(state.cursor + k) % ready.len()];
-                let Some(entry) = state.nodes.get(node_id) else {
-                    continue;
-                };
-                match fits(entry, &spec, variants, Execution::Native) {
-                    Ok(()) => {
-                        consider(entry, node_id, counts, &mut best);
-                        seen += 1;
-                        if seen >= CANDIDATES
-                            || best.as_ref().is_some_and(|b| b.0 == 0 && b.1 == 0.0)
-                        {
-                            break;
-                        }
-                    }
-                    Err(Misfit::Platform) => foreign.push(node_id.clone()),
-                    Err(m) => *why.entry(m).or_insert(0) += 1,
-                }
-            }
-            if best.is_none() {
-                for node_id in &foreign {
-                    let Some(entry) = state.nodes.get(node_id) else {
-                        continue;
-                    };
-                    match fits(entry, &spec, variants, Execution::Emulated) {
-                        Ok(()) => consider(entry, node_id, counts, &mut best),
-                        Err(m) => *why.entry(m).or_insert(0) += 1,
-                    }
-                }
-            }
-            match best {
-                Some((_, _, node_id)) => {
+            let chosen = choose(
+                state,
+                &ready,
+                state.cursor,
+                &spec,
+                variants,
+                counts,
+                |_, e| e.allocated,
+            );
+            match chosen {
+                Ok(node_id) => {
                     state.cursor = state.cursor.wrapping_add(1);
                     *counts.entry(node_id.clone()).or_insert(0) += 1;
                     let mut t = task;
@@ -348,7 +327,7 @@ impl Inner {
                     tx.put(state, Change::Task(t.clone()));
                     placed.push((node_id, t));
                 }
-                None => {
+                Err(why) => {
                     let agg = misfits.entry(task.job_id.clone()).or_default();
                     for (m, n) in why {
                         *agg.entry(m).or_insert(0) = (*agg.get(&m).unwrap_or(&0)).max(n);
@@ -360,11 +339,7 @@ impl Inner {
         for (job_id, why) in misfits {
             let reason = crate::state::PendingReason {
                 text: pending_reason(state, &job_id, &why, ready.len()),
-                // Room frees up as tasks end; nothing else changes by waiting. Blocked
-                // needs a reason found on some node, not only the absence of one.
-                blocked: !ready.is_empty()
-                    && why.values().any(|n| *n > 0)
-                    && why.get(&Misfit::Resources).is_none_or(|n| *n == 0),
+                blocked: blocked(&why, ready.len()),
             };
             if state.pending_reasons.get(&job_id) != Some(&reason) {
                 state.pending_reasons.insert(job_id, reason);
@@ -390,17 +365,80 @@ impl Inner {
     }
 }
 
+/// Whether a task that fits no node is blocked: every ready node fails it for a reason
+/// waiting will not change. Room frees up as tasks end; nothing else changes by waiting.
+/// Blocked needs a reason found on some node, not only the absence of one.
+fn blocked(why: &HashMap<Misfit, u32>, ready: usize) -> bool {
+    ready > 0 && why.values().any(|n| *n > 0) && why.get(&Misfit::Resources).is_none_or(|n| *n == 0)
+}
+
+/// Finds the node a task goes to among the `ready` ones (a rotating window from
+/// `cursor`), or counts, per reason, the nodes that cannot take it. `allocated` says
+/// what a node holds: its entry's allocation for the scheduler, more for a plan that
+/// has placed tasks of its own.
+fn choose(
+    state: &State,
+    ready: &[NodeId],
+    cursor: usize,
+    spec: &JobSpec,
+    variants: Option<&[Variant]>,
+    counts: &HashMap<NodeId, u32>,
+    allocated: impl Fn(&NodeId, &NodeEntry) -> Resources,
+) -> Result<NodeId, HashMap<Misfit, u32>> {
+    let mut best: Option<(u32, f64, NodeId)> = None;
+    let mut why: HashMap<Misfit, u32> = HashMap::new();
+    // Nodes that run no variant natively; they are looked at again, for an emulated
+    // variant, only when no node at all runs one natively.
+    let mut foreign: Vec<NodeId> = Vec::new();
+    let mut seen = 0;
+    for k in 0..ready.len() {
+        let node_id = &ready[(cursor + k) % ready.len()];
+        let Some(entry) = state.nodes.get(node_id) else {
+            continue;
+        };
+        let held = allocated(node_id, entry);
+        match fits_given(entry, held, spec, variants, Execution::Native) {
+            Ok(()) => {
+                consider(entry, held, node_id, counts, &mut best);
+                seen += 1;
+                if seen >= CANDIDATES || best.as_ref().is_some_and(|b| b.0 == 0 && b.1 == 0.0) {
+                    break;
+                }
+            }
+            Err(Misfit::Platform) => foreign.push(node_id.clone()),
+            Err(m) => *why.entry(m).or_insert(0) += 1,
+        }
+    }
+    if best.is_none() {
+        for node_id in &foreign {
+            let Some(entry) = state.nodes.get(node_id) else {
+                continue;
+            };
+            let held = allocated(node_id, entry);
+            match fits_given(entry, held, spec, variants, Execution::Emulated) {
+                Ok(()) => consider(entry, held, node_id, counts, &mut best),
+                Err(m) => *why.entry(m).or_insert(0) += 1,
+            }
+        }
+    }
+    match best {
+        Some((_, _, node_id)) => Ok(node_id),
+        None => Err(why),
+    }
+}
+
 /// Scores a node that fits a task and keeps it in `best` if it is the best so far: fewest
 /// tasks of the same job, then least loaded.
 fn consider(
     entry: &NodeEntry,
+    allocated: Resources,
     node_id: &NodeId,
     counts: &HashMap<NodeId, u32>,
     best: &mut Option<(u32, f64, NodeId)>,
 ) {
     let cap = entry.node.info.capacity;
-    let load = entry.allocated.cpu / cap.cpu.max(1e-9)
-        + entry.allocated.memory.0 as f64 / (cap.memory.0.max(1) as f64);
+    let load = allocated.cpu / cap.cpu.max(1e-9)
+        + allocated.memory.0 as f64 / (cap.memory.0.max(1) as f64);
     let same_job = counts.get(node_id).copied().unwrap_or(0);
     if best
         .as_ref()
@@ -410,14 +448,174 @@ fn consider(
     }
 }
 
+/// Where the tasks a plan would start would go now: `tasks` tasks of `spec` from index
+/// `first`, placed one after another as the scheduler would place them, each counting
+/// against its node for the next. `spread_of` is the job whose live tasks the new ones
+/// spread away from (a scale keeps its current tasks); `replaced` is the job an update
+/// stops, whose resources are still held (its tasks stop first), but which tells whether
+/// tasks that wait fit once it has stopped.
+pub(crate) fn plan_placement(
+    state: &State,
+    project: &ProjectId,
+    spec: &JobSpec,
+    first: u32,
+    tasks: u32,
+    spread_of: Option<&JobId>,
+    replaced: Option<&JobId>,
+) -> PlacementPlan {
+    let mut ready: Vec<NodeId> = state
+        .nodes
+        .values()
+        .filter(|e| e.node.status == NodeStatus::Ready)
+        .map(|e| e.node.id.clone())
+        .collect();
+    ready.sort();
+    // A missing artifact offers no variant, as in a scheduling pass.
+    let variants: Option<Vec<Variant>> = spec.artifact.as_ref().map(|r| {
+        state
+            .artifacts
+            .get(&(project.clone(), r.name.clone(), r.version.clone()))
+            .map(|a| a.variants.clone())
+            .unwrap_or_default()
+    });
+    let mut counts: HashMap<NodeId, u32> = HashMap::new();
+    for t in spread_of.into_iter().flat_map(|j| state.job_tasks(j)) {
+        if let Some(n) = &t.node_id
+            && !t.state.is_terminal()
+        {
+            *counts.entry(n.clone()).or_insert(0) += 1;
+        }
+    }
+    let no_change = HashMap::new();
+    let (placed, nodes, why) = simulate(
+        state,
+        &ready,
+        spec,
+        variants.as_deref(),
+        counts.clone(),
+        tasks,
+        &no_change,
+    );
+    let mut plan = PlacementPlan {
+        tasks,
+        first_index: first,
+        placed,
+        nodes,
+        verdict: PlacementVerdict::Fits,
+        reason: None,
+        fits_after_current_stops: false,
+    };
+    if tasks == 0 {
+        plan.verdict = PlacementVerdict::Nothing;
+        return plan;
+    }
+    let Some(why) = why else {
+        return plan;
+    };
+    plan.reason = Some(misfit_text(state, project, spec, &why, ready.len()));
+    if blocked(&why, ready.len()) {
+        plan.verdict = PlacementVerdict::Blocked;
+        return plan;
+    }
+    plan.verdict = PlacementVerdict::Waits;
+    // What the replaced version's tasks hold on each node, as the node's allocation
+    // counts them (placed and not yet ended).
+    let mut freed: HashMap<NodeId, Resources> = HashMap::new();
+    if let Some(old) = replaced.and_then(|j| state.jobs.get(j)) {
+        for t in state.job_tasks(&old.id) {
+            if let Some(n) = &t.node_id
+                && !t.state.is_terminal()
+            {
+                let f = freed.entry(n.clone()).or_insert(Resources {
+                    cpu: 0.0,
+                    memory: Default::default(),
+                });
+                *f = plus(*f, old.spec.resources);
+            }
+        }
+    }
+    if !freed.is_empty() {
+        let (_, _, why) = simulate(
+            state,
+            &ready,
+            spec,
+            variants.as_deref(),
+            counts,
+            tasks,
+            &freed,
+        );
+        plan.fits_after_current_stops = why.is_none();
+    }
+    plan
+}
+
+/// Places `tasks` identical tasks one after another, as if `freed` were no longer held
+/// on each node. Returns how many fit, where, and why the first that did not fit failed
+/// (every later one fails alike: the nodes only fill up).
+fn simulate(
+    state: &State,
+    ready: &[NodeId],
+    spec: &JobSpec,
+    variants: Option<&[Variant]>,
+    mut counts: HashMap<NodeId, u32>,
+    tasks: u32,
+    freed: &HashMap<NodeId, Resources>,
+) -> (u32, BTreeMap<String, u32>, Option<HashMap<Misfit, u32>>) {
+    let mut added: HashMap<NodeId, Resources> = HashMap::new();
+    let mut nodes: BTreeMap<String, u32> = BTreeMap::new();
+    let mut cursor = state.cursor;
+    for placed in 0..tasks {
+        let held = |id: &NodeId, e: &NodeEntry| {
+            let mut r = e.allocated;
+            if let Some(f) = freed.get(id) {
+                r = minus(r, *f);
+            }
+            if let Some(a) = added.get(id) {
+                r = plus(r, *a);
+            }
+            r
+        };
+        match choose(state, ready, cursor, spec, variants, &counts, held) {
+            Ok(node_id) => {
+                cursor = cursor.wrapping_add(1);
+                *counts.entry(node_id.clone()).or_insert(0) += 1;
+                let a = added.entry(node_id.clone()).or_insert(Resources {
+                    cpu: 0.0,
+                    memory: Default::default(),
+                });
+                *a = plus(*a, spec.resources);
+                if let Some(e) = state.nodes.get(&node_id) {
+                    *nodes.entry(e.node.info.name.clone()).or_insert(0) += 1;
+                }
+            }
+            Err(why) => return (placed, nodes, Some(why)),
+        }
+    }
+    (tasks, nodes, None)
+}
+
+fn plus(a: Resources, b: Resources) -> Resources {
+    Resources {
+        cpu: a.cpu + b.cpu,
+        memory: ByteSize(a.memory.0.saturating_add(b.memory.0)),
+    }
+}
+
+fn minus(a: Resources, b: Resources) -> Resources {
+    Resources {
+        cpu: (a.cpu - b.cpu).max(0.0),
+        memory: ByteSize(a.memory.0.saturating_sub(b.memory.0)),
+    }
+}
+
 /// Names what a job's artifact offers and what the ready nodes are, e.g.
 /// "artifact app:1.2 has linux/arm64, darwin/arm64; nodes: linux/amd64/v3+gnu ×3", with
 /// the platforms a node emulates after its count ("(emulates linux/riscv64)").
-fn artifact_misfit(state: &State, job: &drover_core::state::Job) -> String {
-    let Some(r) = &job.spec.artifact else {
+fn artifact_misfit(state: &State, project: &ProjectId, spec: &JobSpec) -> String {
+    let Some(r) = &spec.artifact else {
         return String::new();
     };
-    let key = (job.project.clone(), r.name.clone(), r.version.clone());
+    let key = (project.clone(), r.name.clone(), r.version.clone());
     let offered = match state.artifacts.get(&key) {
         Some(a) => a
             .variants
@@ -463,10 +661,21 @@ fn pending_reason(
     let Some(job) = state.jobs.get(job_id) else {
         return String::new();
     };
+    misfit_text(state, &job.project, &job.spec, why, ready)
+}
+
+/// Says why a task of `spec` in `project` fits no node, from the count of nodes that
+/// refused it for each reason.
+fn misfit_text(
+    state: &State,
+    project: &ProjectId,
+    spec: &JobSpec,
+    why: &HashMap<Misfit, u32>,
+    ready: usize,
+) -> String {
     if ready == 0 {
         return "no ready nodes".into();
     }
-    let spec = &job.spec;
     // "1 node lacks", "2 nodes lack".
     let nodes = |n: u32, one: &str, many: &str| {
         if n == 1 {
@@ -491,7 +700,7 @@ fn pending_reason(
                 let list: Vec<String> = spec.constraints.iter().map(|c| c.to_string()).collect();
                 format!("{fail} the constraints ({})", list.join(", "))
             }
-            Misfit::Platform => artifact_misfit(state, job),
+            Misfit::Platform => artifact_misfit(state, project, spec),
             Misfit::Capacity => format!(
                 "{} (the task needs cpu {}, memory {})",
                 nodes(*n, "is too small", "are too small"),
@@ -621,9 +830,9 @@ mod tests {
         let emu = entry(node("linux/amd64/v3", &["linux/arm64"]));
         let arm = variants(&["linux/arm64"]);
         let both = variants(&["linux/arm64", "linux/amd64"]);
-        assert!(fits(&emu, &spec, Some(&arm), Execution::Native).is_err());
-        assert!(fits(&emu, &spec, Some(&arm), Execution::Emulated).is_ok());
-        assert!(fits(&emu, &spec, Some(&both), Execution::Native).is_ok());
-        assert!(fits(&emu, &spec, Some(&both), Execution::Emulated).is_err());
+        assert!(fits_given(&emu, emu.allocated, &spec, Some(&arm), Execution::Native).is_err());
+        assert!(fits_given(&emu, emu.allocated, &spec, Some(&arm), Execution::Emulated).is_ok());
+        assert!(fits_given(&emu, emu.allocated, &spec, Some(&both), Execution::Native).is_ok());
+        assert!(fits_given(&emu, emu.allocated, &spec, Some(&both), Execution::Emulated).is_err());
     }
 }

@@ -182,6 +182,236 @@ pub struct ApplyResponse {
     pub result: String,
 }
 
+/// `POST /v1/plan`: what `POST /v1/jobs` would do with the same body, worked out
+/// without changing anything (nothing is stored, no task is made, no idempotency key is
+/// used up).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlanResponse {
+    /// The job's name, from the spec.
+    pub name: String,
+    /// The project the job is (or would be) in: the caller's.
+    pub project: crate::ids::ProjectId,
+    pub action: PlanAction,
+    /// The current version of the job of that name, if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<u32>,
+    /// The version the job has after applying: a new one for `create`, `update` and
+    /// `re-run`, the current one otherwise.
+    pub version: u32,
+    /// For `scale`: the count before and after.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<ScaleChange>,
+    /// Every spec field that differs from the current version's, in path order; empty
+    /// for `create`, `unchanged` and `re-run`.
+    #[serde(default)]
+    pub changes: Vec<FieldChange>,
+    /// Whether the tasks applying would start can be placed.
+    pub placement: PlacementPlan,
+    /// The blob `runtime_env.working_dir` names when the caller has not uploaded it:
+    /// applying the spec as it is would be refused until it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missing_blob: Option<String>,
+}
+
+impl PlanResponse {
+    /// Whether applying would change anything.
+    pub fn changes_something(&self) -> bool {
+        self.action != PlanAction::Unchanged
+    }
+}
+
+/// What applying a spec does to the job of its name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanAction {
+    /// No job has the name: version 1 is made.
+    Create,
+    /// The spec changed: a new version, whose tasks replace all of the current one's.
+    Update,
+    /// A running service's spec changed only in `count`: tasks are added or stopped in
+    /// place, the others keep running, the version stays.
+    Scale,
+    /// The same spec as the current version: nothing happens.
+    Unchanged,
+    /// The unchanged spec of a finished job, asked to run again (`rerun=true`): a new
+    /// version.
+    #[serde(rename = "re-run")]
+    Rerun,
+    /// An action this client does not know, from a newer server.
+    #[serde(other)]
+    Unknown,
+}
+
+impl PlanAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlanAction::Create => "create",
+            PlanAction::Update => "update",
+            PlanAction::Scale => "scale",
+            PlanAction::Unchanged => "unchanged",
+            PlanAction::Rerun => "re-run",
+            PlanAction::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for PlanAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A count change of a running service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScaleChange {
+    pub from: u32,
+    pub to: u32,
+}
+
+/// One spec field that differs between two versions. A field absent (or null) on one
+/// side has no `old` or no `new`: it is added or removed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// Where the field is, e.g. `resources.cpu` or `env.GREETING`; a key that is not a
+    /// plain word is quoted, as in `env["A.B"]`.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<serde_json::Value>,
+}
+
+/// The fields of `new` that differ from `old`, from the specs as JSON, so every field
+/// the spec has (and any it gains) is compared. Objects (the spec, its sections, maps
+/// such as `env`) are compared key by key; anything else, lists included, is one value,
+/// since a list reads better whole than as a change of its third element. The list is
+/// as long as the specs are, which their own validation bounds.
+pub fn spec_changes(old: &crate::JobSpec, new: &crate::JobSpec) -> Vec<FieldChange> {
+    // A spec is plain data (strings, numbers, maps with string keys), so it always
+    // turns into a JSON value; should that ever fail, the null compares as a change
+    // of the whole spec rather than as no change.
+    let old = serde_json::to_value(old).unwrap_or_default();
+    let new = serde_json::to_value(new).unwrap_or_default();
+    let mut out = Vec::new();
+    diff_values(String::new(), Some(&old), Some(&new), &mut out);
+    out
+}
+
+fn diff_values(
+    path: String,
+    old: Option<&serde_json::Value>,
+    new: Option<&serde_json::Value>,
+    out: &mut Vec<FieldChange>,
+) {
+    use serde_json::Value;
+    // A null field and a missing one mean the same in a spec: not set.
+    let old = old.filter(|v| !v.is_null());
+    let new = new.filter(|v| !v.is_null());
+    if old == new {
+        return;
+    }
+    let fields = |v: Option<&Value>| match v {
+        Some(Value::Object(m)) => Some(m.clone()),
+        None => Some(serde_json::Map::new()),
+        Some(_) => None,
+    };
+    // An object on one side and an object or nothing on the other is compared field by
+    // field, so a section that appears lists what it sets.
+    let objects = matches!(old, Some(Value::Object(_))) || matches!(new, Some(Value::Object(_)));
+    if objects && let (Some(a), Some(b)) = (fields(old), fields(new)) {
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            diff_values(join_path(&path, k), a.get(k), b.get(k), out);
+        }
+        return;
+    }
+    out.push(FieldChange {
+        path,
+        old: old.cloned(),
+        new: new.cloned(),
+    });
+}
+
+/// `parent.key`, or `parent["key"]` for a key that is not a plain word.
+fn join_path(parent: &str, key: &str) -> String {
+    let plain = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    match (parent.is_empty(), plain) {
+        (true, true) => key.to_string(),
+        (false, true) => format!("{parent}.{key}"),
+        (_, false) => format!("{parent}[{}]", serde_json::Value::from(key)),
+    }
+}
+
+/// Whether the tasks a plan would start can be placed, as the scheduler would decide it
+/// now: against the ready nodes and what their tasks hold, the job's tasks placed one
+/// after another. Tasks still waiting in the queue are not counted, and neither is what
+/// the current version's tasks would free when an update stops them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlacementPlan {
+    /// How many tasks applying would start: every index for a new version, the new
+    /// indexes of a scale up, none otherwise.
+    pub tasks: u32,
+    /// The first index of those tasks; they are placed in index order.
+    #[serde(default)]
+    pub first_index: u32,
+    /// How many of them some ready node can take now.
+    pub placed: u32,
+    /// Where those would go, by node name, as the scheduler spreads them.
+    #[serde(default)]
+    pub nodes: BTreeMap<String, u32>,
+    pub verdict: PlacementVerdict,
+    /// Why the others cannot be placed, in the scheduler's words (as a pending task's
+    /// reason would say it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// For tasks that would wait: whether they fit once the current version's tasks,
+    /// which an update stops, have freed what they hold.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fits_after_current_stops: bool,
+}
+
+/// The placement of a plan's tasks in one word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementVerdict {
+    /// Applying starts no task.
+    Nothing,
+    /// Every task fits on a ready node now.
+    Fits,
+    /// Some tasks find no room now (or no ready node) and would wait as pending until
+    /// there is.
+    Waits,
+    /// No ready node could ever run the tasks as they are (runtime, platform,
+    /// constraints, capacity): they cannot be placed on any node in the cluster.
+    Blocked,
+    /// A verdict this client does not know, from a newer server.
+    #[serde(other)]
+    Unknown,
+}
+
+impl PlacementVerdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlacementVerdict::Nothing => "nothing",
+            PlacementVerdict::Fits => "fits",
+            PlacementVerdict::Waits => "waits",
+            PlacementVerdict::Blocked => "blocked",
+            PlacementVerdict::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for PlacementVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A job with a summary of its tasks.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobView {
@@ -421,6 +651,71 @@ mod tests {
             assert!((400..600).contains(&c.status()), "{c}: {}", c.status());
         }
         assert_eq!(ErrorCode::parse("from_a_newer_server"), None);
+    }
+
+    mod spec_changes {
+        use crate::api::{FieldChange, spec_changes};
+        use crate::spec::JobSpec;
+        use serde_json::json;
+
+        fn spec(yaml: &str) -> JobSpec {
+            JobSpec::from_yaml(yaml, "j.yaml").unwrap()
+        }
+
+        fn change(
+            path: &str,
+            old: Option<serde_json::Value>,
+            new: Option<serde_json::Value>,
+        ) -> FieldChange {
+            FieldChange {
+                path: path.into(),
+                old,
+                new,
+            }
+        }
+
+        #[test]
+        fn every_changed_field_is_named_with_its_old_and_new_value() {
+            let a = spec("name: j\ncommand: [echo, a]\nenv: {KEEP: '1', GONE: x, A.B: y}\n");
+            assert!(spec_changes(&a, &a).is_empty());
+            let b = spec(
+                "name: j\ncommand: [echo, b]\nenv: {KEEP: '1', NEW: z, A.B: w}\nresources: {cpu: 2}\n",
+            );
+            assert_eq!(
+                spec_changes(&a, &b),
+                vec![
+                    change(
+                        "command",
+                        Some(json!(["echo", "a"])),
+                        Some(json!(["echo", "b"]))
+                    ),
+                    change("env[\"A.B\"]", Some(json!("y")), Some(json!("w"))),
+                    change("env.GONE", Some(json!("x")), None),
+                    change("env.NEW", None, Some(json!("z"))),
+                    change("resources.cpu", Some(json!(0.1)), Some(json!(2.0))),
+                ]
+            );
+        }
+
+        #[test]
+        fn a_section_that_appears_lists_what_it_sets() {
+            let a = spec("name: j\ncommand: [x]\n");
+            let b = spec("name: j\ncommand: [x]\nartifact: app:1\nruntime_env: {env: {A: b}}\n");
+            assert_eq!(
+                spec_changes(&a, &b),
+                vec![
+                    change("artifact", None, Some(json!("app:1"))),
+                    change("runtime_env.env.A", None, Some(json!("b"))),
+                ]
+            );
+            assert_eq!(
+                spec_changes(&b, &a),
+                vec![
+                    change("artifact", Some(json!("app:1")), None),
+                    change("runtime_env.env.A", Some(json!("b")), None),
+                ]
+            );
+        }
     }
 
     mod job_state {

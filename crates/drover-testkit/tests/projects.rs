@@ -214,6 +214,72 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             assert!(tasks.iter().all(|t| t.task.state == TaskState::Pending));
             w.alpha(Role::Admin).stop("steal").await.unwrap();
         }
+        ("POST", "/v1/plan") => {
+            // A plan of beta's job names in alpha plans alpha's own job: to create,
+            // compared with nothing of beta's, and it changes nothing of beta's.
+            let spec =
+                r#"{"name":"b-svc","kind":"service","command":["sleep","1"],"runtime":"process"}"#;
+            expect(
+                w.alpha(Role::Read),
+                "alpha read",
+                Method::POST,
+                pattern,
+                Some(spec),
+                403,
+            )
+            .await;
+            for (who, a) in [
+                ("alpha admin", w.alpha(Role::Admin)),
+                ("alpha write", w.alpha(Role::Write)),
+            ] {
+                let body = expect(a, who, Method::POST, pattern, Some(spec), 200).await;
+                let plan: drover_core::api::PlanResponse = serde_json::from_str(&body).unwrap();
+                assert_eq!(
+                    plan.action,
+                    drover_core::api::PlanAction::Create,
+                    "{who}: {body}"
+                );
+                assert!(plan.changes.is_empty(), "{who}: {body}");
+                assert_eq!(plan.project.as_str(), "alpha", "{who}: {body}");
+                assert_no_beta(who, pattern, &body.replace("b-svc", "the-name"), w);
+                // beta's uploaded archive is not alpha's to use: the plan says it is
+                // missing, as apply would refuse it.
+                let with_blob = format!(
+                    r#"{{"name":"b-out","command":["true"],"runtime":"process","runtime_env":{{"working_dir":"{}"}}}}"#,
+                    w.beta_digest
+                );
+                let body = expect(a, who, Method::POST, pattern, Some(&with_blob), 200).await;
+                let plan: drover_core::api::PlanResponse = serde_json::from_str(&body).unwrap();
+                assert_eq!(
+                    plan.action,
+                    drover_core::api::PlanAction::Create,
+                    "{who}: {body}"
+                );
+                assert_eq!(
+                    plan.missing_blob.as_deref(),
+                    Some(w.beta_digest.as_str()),
+                    "{who}: {body}"
+                );
+            }
+            let svc = w.beta.job("b-svc").await.unwrap();
+            assert_eq!(
+                (svc.job.version, svc.job.status),
+                (1, JobStatus::Running),
+                "beta's service is untouched"
+            );
+            // The cluster admin, acting in beta, plans beta's job as an update.
+            let in_beta = w.cluster.clone().in_project("beta");
+            let body = expect(
+                &in_beta,
+                "cluster in beta",
+                Method::POST,
+                pattern,
+                Some(spec),
+                200,
+            )
+            .await;
+            assert!(body.contains(r#""action":"update""#), "{body}");
+        }
         ("GET", "/v1/jobs") | ("GET", "/v1/tasks") | ("GET", "/v1/artifacts") => {
             for r in all_alpha {
                 let body = expect(
