@@ -1250,6 +1250,17 @@ mod tests {
             assert_eq!(std::fs::metadata(&idx).unwrap().len(), 2 * MARK_LEN);
             assert_eq!(bytes.get(), on_disk(dir.path()));
         }
+        // A mark out of order after good ones: the whole index is untrusted, since the
+        // output after the good marks would otherwise take their (earlier) times and
+        // be skipped by --since.
+        let mut damaged = std::fs::read(&idx).unwrap();
+        damaged.extend(encode_marks(&[Mark { offset: 1, at: 900 }]));
+        std::fs::write(&idx, &damaged).unwrap();
+        {
+            let (logs, _) = open(dir.path());
+            assert_eq!(logs.times(&t, out, 0, 10).unwrap(), [(0, None)]);
+            assert_eq!(std::fs::metadata(&idx).unwrap().len(), 0);
+        }
         // Garbage: the segment's times are unknown, --since shows all of it, and new
         // output is marked again.
         std::fs::write(&idx, [0xAB; 48]).unwrap();
