@@ -123,6 +123,10 @@ impl LogShipper {
                 stream,
                 offset: p.sent,
                 data: buf,
+                // Stamped as read: the bytes were written since the last look, so this
+                // is their time to within a tick, which is all `drover logs --since`
+                // and `--timestamps` claim.
+                at: Some(drover_core::now_millis()),
             };
             if !self.link.send(AgentMessage::Log(chunk)) {
                 return Ok(false);
@@ -179,6 +183,8 @@ impl LogShipper {
                 stream,
                 offset: pos[idx(stream)].sent,
                 data: Vec::new(),
+                // A probe carries no bytes, so no time either.
+                at: None,
             };
             self.link.send(AgentMessage::Log(chunk));
         }
@@ -233,6 +239,10 @@ mod tests {
         ship.tick();
         let chunks = collect(&mut rx);
         assert_eq!(chunks.iter().map(|c| c.data.len()).sum::<usize>(), 1500);
+        assert!(
+            chunks.iter().all(|c| c.at.is_some_and(|t| t > 0)),
+            "every chunk is stamped with when it was read"
+        );
         // Fully shipped and over the cap: the next tick rotates.
         ship.tick();
         assert_eq!(

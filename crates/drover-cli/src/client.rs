@@ -446,6 +446,14 @@ impl Client {
         if let Some(n) = q.tail {
             url.push_str(&format!("&tail={n}"));
         }
+        // Sent only when asked for, so a plain stream is the same request an older
+        // server knows.
+        if let Some(since) = q.since {
+            url.push_str(&format!("&since={}", enc(&since.to_string())));
+        }
+        if q.timestamps {
+            url.push_str("&timestamps=true");
+        }
         let resp = self
             .http
             .get(url)
@@ -484,6 +492,10 @@ pub struct StreamQuery {
     pub logs: &'static str,
     /// Start at each stream's last this many lines.
     pub tail: Option<u64>,
+    /// Start at each stream's first line written at or after this.
+    pub since: Option<drover_core::logtime::Since>,
+    /// Ask for the time of each piece of output.
+    pub timestamps: bool,
 }
 
 fn artifact_path(r: &ArtifactRef) -> String {

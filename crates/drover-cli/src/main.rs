@@ -925,9 +925,16 @@ enum ArtifactCmd {
 }
 
 #[derive(Args)]
-#[command(
-    after_help = "Examples:\n  drover logs web                 # every task of job web; [INDEX] before each line when it has several\n  drover logs web/1               # the task of index 1\n  drover logs -f --tail 20 web    # the last 20 lines of each stream, then follow\n  drover logs -f --tail 0 web     # only what comes from now on\n  drover logs -o json web         # one JSON object per chunk of output (NDJSON)"
-)]
+#[command(after_help = "Examples:
+  drover logs web               # every task of job web, [INDEX] before each
+                                # line when it has several
+  drover logs web/1             # the task of index 1
+  drover logs -f --tail 20 web  # the last 20 lines of each stream, then follow
+  drover logs -f --tail 0 web   # only what comes from now on
+  drover logs --since 10m web   # what was written in the last 10 minutes
+  drover logs --since 2026-12-03T10:00:00Z web
+  drover logs -t web            # the time before each line (per chunk)
+  drover logs -o json web       # one JSON object per chunk of output (NDJSON)")]
 struct LogsArgs {
     /// A job name, JOB/INDEX for the current task of that index, or a task id (a unique
     /// prefix is enough).
@@ -939,10 +946,25 @@ struct LogsArgs {
     /// with -f).
     #[arg(long, value_name = "N")]
     tail: Option<u64>,
+    /// Start each stream at its first line written at or after this: a duration
+    /// before now (10m, 1h30m) or an RFC 3339 time (2026-12-03T10:00:00Z). With
+    /// --tail, the last N lines of what is after it.
+    #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+    since: Option<drover_core::logtime::Since>,
+    /// Put the time each line was written before it, after any [INDEX] (RFC 3339 in
+    /// UTC, e.g. 2026-12-03T10:00:00.123Z; `-` when unknown). Times are those of the
+    /// chunks of output the agent read, so to within a fraction of a second, not
+    /// exact per line.
+    #[arg(short, long)]
+    timestamps: bool,
     /// Show what the agent wrote while preparing the task (downloads, unpacking, the
     /// Python environment's build) instead of the task's output.
     #[arg(long)]
     prepare: bool,
+}
+
+fn parse_since(s: &str) -> Result<drover_core::logtime::Since, String> {
+    s.parse()
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -1563,6 +1585,8 @@ async fn run_on(c: &Client, spec: &JobSpec, cluster: RunCluster) -> Result<i32> 
         follow: true,
         logs: "all",
         tail: None,
+        since: None,
+        timestamps: false,
     };
     let follow = c.stream(&path, &query, |ev| {
         pending.event(&ev);
@@ -2022,9 +2046,12 @@ async fn logs(c: &Client, out: Output, a: &LogsArgs) -> Result<i32> {
         follow: a.follow,
         logs: if a.prepare { "prepare" } else { "output" },
         tail: a.tail,
+        since: a.since,
+        // JSON always carries the times: a program reading it may want them.
+        timestamps: a.timestamps || out == Output::Json,
     };
     let mut pending = PendingNotes::default();
-    let mut printer = LogPrinter::new(out, several);
+    let mut printer = LogPrinter::new(out, several, a.timestamps);
     let follow = c.stream(&path, &query, |ev| {
         pending.event(&ev);
         printer.event(ev)
@@ -2087,21 +2114,26 @@ async fn logs_target(c: &Client, target: &str) -> Result<(String, bool)> {
 }
 
 /// Prints a log stream: the output as the tasks wrote it, each line after `[INDEX] `
-/// when the lines come from several tasks, or with `-o json` one JSON object per event
-/// (NDJSON), keepalives left out.
+/// when the lines come from several tasks and then its time with `--timestamps`, or
+/// with `-o json` one JSON object per event (NDJSON), keepalives left out.
 struct LogPrinter {
     out: Output,
     prefix: bool,
+    timestamps: bool,
     /// Per task and stream, whether the next byte starts a line; a chunk can end in the
     /// middle of one.
     at_line_start: HashMap<(drover_core::TaskId, LogStream), bool>,
 }
 
+/// What `--timestamps` puts before a line whose time is unknown, as wide as a time.
+const UNKNOWN_TIME: &str = "-                       ";
+
 impl LogPrinter {
-    fn new(out: Output, prefix: bool) -> LogPrinter {
+    fn new(out: Output, prefix: bool, timestamps: bool) -> LogPrinter {
         LogPrinter {
             out,
             prefix,
+            timestamps,
             at_line_start: HashMap::new(),
         }
     }
@@ -2114,7 +2146,7 @@ impl LogPrinter {
             let line = serde_json::to_string(&ev)?;
             return outln!("{line}");
         }
-        if !self.prefix {
+        if !self.prefix && !self.timestamps {
             return print_event(ev);
         }
         match ev {
@@ -2125,12 +2157,26 @@ impl LogPrinter {
                 offset,
                 data,
                 dropped,
+                time,
             } => {
                 let start = self
                     .at_line_start
                     .entry((task_id.clone(), stream))
                     .or_insert(true);
-                let prefixed = prefix_lines(&data, &format!("[{index}] "), start);
+                let mut prefix = String::new();
+                if self.prefix {
+                    prefix.push_str(&format!("[{index}] "));
+                }
+                if self.timestamps {
+                    match time {
+                        Some(at) => {
+                            prefix.push_str(&drover_core::logtime::format_rfc3339_millis(at))
+                        }
+                        None => prefix.push_str(UNKNOWN_TIME),
+                    }
+                    prefix.push(' ');
+                }
+                let prefixed = prefix_lines(&data, &prefix, start);
                 print_event(StreamEvent::Log {
                     task_id,
                     index,
@@ -2138,6 +2184,7 @@ impl LogPrinter {
                     offset,
                     data: prefixed,
                     dropped,
+                    time,
                 })
             }
             other => print_event(other),

@@ -466,15 +466,43 @@ struct FollowQuery {
     logs: LogsWanted,
     /// Start at each stream's last this many lines.
     tail: Option<u64>,
+    /// Start at the first line read at or after this: a duration before now (by this
+    /// server's clock) or an RFC 3339 time.
+    since: Option<String>,
+    /// Give each log event the time its bytes were read.
+    #[serde(default)]
+    timestamps: bool,
 }
 
 impl FollowQuery {
-    fn options(&self) -> follow::StreamOptions {
-        follow::StreamOptions {
-            follow: self.follow,
-            streams: self.logs.streams(),
-            tail: self.tail,
-        }
+    /// The query as typed options, or an error naming the parameter that is wrong.
+    /// Older clients send none of `since` and `timestamps`, and get what they always did.
+    fn options(
+        query: Result<Query<FollowQuery>, axum::extract::rejection::QueryRejection>,
+    ) -> ApiResult<follow::StreamOptions> {
+        let bad = |m: String| ApiError::new(ErrorCode::InvalidRequest, m);
+        let Query(q) = query.map_err(|e| {
+            bad(format!(
+                "query: {}; the parameters are follow, logs, tail, since and timestamps",
+                e.body_text()
+            ))
+        })?;
+        let since = match q.since.as_deref() {
+            None => None,
+            Some(text) => {
+                let since: drover_core::logtime::Since = text
+                    .parse()
+                    .map_err(|e: String| bad(format!("since: {e}")))?;
+                Some(since.resolve(drover_core::now_millis()))
+            }
+        };
+        Ok(follow::StreamOptions {
+            follow: q.follow,
+            streams: q.logs.streams(),
+            tail: q.tail,
+            since,
+            timestamps: q.timestamps,
+        })
     }
 }
 
@@ -505,14 +533,15 @@ async fn job_logs(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
     Path(name): Path<String>,
-    Query(q): Query<FollowQuery>,
+    query: Result<Query<FollowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     p.require(Action::Read)?;
+    let opts = FollowQuery::options(query)?;
     let view = find_job(&inner, &p, &name).await?;
     Ok(ndjson(follow::stream(
         inner.clone(),
         Target::Job(view.job.id),
-        q.options(),
+        opts,
     )))
 }
 
@@ -572,15 +601,16 @@ async fn task_logs(
     State(inner): Shared,
     Extension(p): Extension<Principal>,
     Path(id): Path<String>,
-    Query(q): Query<FollowQuery>,
+    query: Result<Query<FollowQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     p.require(Action::Read)?;
+    let opts = FollowQuery::options(query)?;
     let t = find_task(&inner, &p, &id).await?;
     let id: TaskId = t.task.id;
     Ok(ndjson(follow::stream(
         inner.clone(),
         Target::Task(id),
-        q.options(),
+        opts,
     )))
 }
 

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use drover_core::api::StreamEvent;
 use drover_core::protocol::LogStream;
 use drover_core::state::JobStatus;
-use drover_core::{JobId, TaskId, TaskState};
-use std::collections::HashMap;
+use drover_core::{JobId, Millis, TaskId, TaskState};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,12 @@ pub(crate) struct StreamOptions {
     /// Start each stream of the tasks there at the start of its last this many lines
     /// (`drover logs --tail N`); tasks that appear later are read from their start.
     pub tail: Option<u64>,
+    /// Start each stream at its first line read at or after this time (`drover logs
+    /// --since`); with `tail` too, at the later of the two starts.
+    pub since: Option<Millis>,
+    /// Split the output at the times of the stream's time index and give each event
+    /// its `time` (`drover logs --timestamps`, and `-o json`).
+    pub timestamps: bool,
 }
 
 struct Follower {
@@ -45,6 +51,11 @@ struct Follower {
     streams: &'static [LogStream],
     /// Until the first step has placed every stream at its tail.
     tail: Option<u64>,
+    since: Option<Millis>,
+    /// The streams already placed at or after `since`. The others are looked up again
+    /// whenever they have new output, which may still be older than `since`.
+    since_found: HashSet<(TaskId, LogStream)>,
+    timestamps: bool,
     offsets: HashMap<(TaskId, LogStream), u64>,
     /// The state and reason last sent for each task; a change of either is sent.
     states: HashMap<TaskId, (TaskState, String)>,
@@ -144,23 +155,55 @@ impl Follower {
                         Err(e) => tracing::warn!(task = %id, "finding the log's tail: {e}"),
                     }
                 }
-                let off = self.offsets.get(&key).copied().unwrap_or(0);
-                if self.inner.logs.size_of(id, stream) <= off {
+                let mut off = self.offsets.get(&key).copied().unwrap_or(0);
+                let size = self.inner.logs.size_of(id, stream);
+                if size <= off {
                     continue;
+                }
+                if let Some(at) = self.since
+                    && !self.since_found.contains(&key)
+                {
+                    match self.inner.logs.since_offset(id, stream, at) {
+                        Ok(start) => {
+                            if start.found {
+                                self.since_found.insert(key.clone());
+                            }
+                            off = off.max(start.offset);
+                            self.offsets.insert(key.clone(), off);
+                        }
+                        Err(e) => {
+                            // Times unknown: the output is shown rather than lost.
+                            tracing::warn!(task = %id, "finding where --since starts: {e}");
+                            self.since_found.insert(key.clone());
+                        }
+                    }
+                    if size <= off {
+                        continue;
+                    }
                 }
                 match self.inner.logs.read_from(id, stream, off, READ_MAX) {
                     Ok(read) if !read.data.is_empty() => {
                         more_logs |= read.data.len() == READ_MAX;
                         self.offsets
                             .insert(key, read.start + read.data.len() as u64);
-                        out.push(StreamEvent::Log {
-                            task_id: id.clone(),
-                            index: *index,
-                            stream,
-                            offset: read.start,
-                            data: String::from_utf8_lossy(&read.data).into_owned(),
-                            dropped: read.start - off,
-                        });
+                        let times = if self.timestamps {
+                            self.times(id, stream, read.start, read.data.len())
+                        } else {
+                            vec![(read.start, None)]
+                        };
+                        let mut dropped = read.start - off;
+                        for (start, end, time) in pieces(&read.data, read.start, &times) {
+                            out.push(StreamEvent::Log {
+                                task_id: id.clone(),
+                                index: *index,
+                                stream,
+                                offset: read.start + start as u64,
+                                data: String::from_utf8_lossy(&read.data[start..end]).into_owned(),
+                                dropped,
+                                time,
+                            });
+                            dropped = 0;
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(task = %id, "reading log: {e}"),
@@ -194,6 +237,63 @@ impl Follower {
     }
 }
 
+impl Follower {
+    /// The times of `len` bytes of a stream from `start`, as [`crate::logs::LogStore::times`]
+    /// gives them; unknown when the index cannot be read.
+    fn times(
+        &self,
+        id: &TaskId,
+        stream: LogStream,
+        start: u64,
+        len: usize,
+    ) -> Vec<(u64, Option<Millis>)> {
+        match self.inner.logs.times(id, stream, start, start + len as u64) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(task = %id, "reading the times of a log: {e}");
+                vec![(start, None)]
+            }
+        }
+    }
+}
+
+/// Splits `data`, which starts at stream offset `base`, where its time changes: the
+/// byte ranges of the pieces with the time of each. A split that would fall inside a
+/// UTF-8 character moves to its end, so every piece reads as the text it holds.
+fn pieces(
+    data: &[u8],
+    base: u64,
+    times: &[(u64, Option<Millis>)],
+) -> Vec<(usize, usize, Option<Millis>)> {
+    let mut out: Vec<(usize, usize, Option<Millis>)> = Vec::new();
+    for (offset, time) in times {
+        let mut at = usize::try_from(offset.saturating_sub(base))
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        // Continuation bytes are 0b10xxxxxx; a character has at most three of them.
+        let mut moved = 0;
+        while at < data.len() && data[at] & 0xC0 == 0x80 && moved < 3 {
+            at += 1;
+            moved += 1;
+        }
+        match out.last_mut() {
+            None => out.push((0, at, *time)),
+            Some(last) if at > last.0 => {
+                last.1 = at;
+                out.push((at, at, *time));
+            }
+            // At the same place as the piece before: the later time wins, as the
+            // piece's first byte was read then.
+            Some(last) => last.2 = *time,
+        }
+    }
+    if let Some(last) = out.last_mut() {
+        last.1 = data.len();
+    }
+    out.retain(|(start, end, _)| end > start);
+    out
+}
+
 fn encode(events: &[StreamEvent]) -> Bytes {
     let mut buf = Vec::new();
     for e in events {
@@ -218,6 +318,9 @@ pub(crate) fn stream(inner: Arc<Inner>, target: Target, opts: StreamOptions) -> 
         follow: opts.follow,
         streams: opts.streams,
         tail: opts.tail,
+        since: opts.since,
+        since_found: HashSet::new(),
+        timestamps: opts.timestamps,
         offsets: HashMap::new(),
         states: HashMap::new(),
         rx,
@@ -246,4 +349,39 @@ pub(crate) fn stream(inner: Arc<Inner>, target: Target, opts: StreamOptions) -> 
         }
     });
     axum::body::Body::from_stream(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_split_where_its_time_changes_and_never_inside_a_character() {
+        let data = "ab\nçd\n".as_bytes();
+        // Times from offset 100; the split at 104 falls inside `ç` (bytes 103 and 104)
+        // and moves to its end.
+        let times = [(100, Some(1)), (103, Some(2)), (104, None), (106, Some(3))];
+        let got = pieces(data, 100, &times);
+        assert_eq!(
+            got,
+            [
+                (0, 3, Some(1)),
+                (3, 5, Some(2)),
+                (5, 6, None),
+                (6, 7, Some(3))
+            ]
+        );
+        assert!(
+            got.iter()
+                .all(|(a, b, _)| std::str::from_utf8(&data[*a..*b]).is_ok())
+        );
+        // Two times at one place after the move: the later one holds.
+        let times = [(100, Some(1)), (104, Some(2)), (105, Some(3))];
+        assert_eq!(
+            pieces(data, 100, &times),
+            [(0, 5, Some(1)), (5, 7, Some(3))]
+        );
+        assert_eq!(pieces(data, 100, &[(100, None)]), [(0, 7, None)]);
+        assert_eq!(pieces(b"", 5, &[(5, Some(1))]), []);
+    }
 }

@@ -311,9 +311,14 @@ async fn handle_batch(
 /// of what is stored when the chunk leaves a gap.
 fn store_chunk(inner: &Inner, tx: &mpsc::Sender<std::sync::Arc<str>>, chunk: LogChunk, cap: u64) {
     let task = &chunk.task_id;
+    // The agent's time, when it sends one, is when it read the bytes; it is held to
+    // this controller's clock, since bytes cannot have been written after they arrived
+    // and an agent's clock running ahead would otherwise put them in the future.
+    let now = drover_core::now_millis();
+    let at = chunk.at.map_or(now, |at| at.min(now));
     match inner
         .logs
-        .append(task, chunk.stream, chunk.offset, &chunk.data, cap)
+        .append(task, chunk.stream, chunk.offset, &chunk.data, cap, at)
     {
         Ok(crate::logs::Appended::Stored) => inner.bump(),
         Ok(crate::logs::Appended::Duplicate) => {}

@@ -577,6 +577,16 @@ pub enum StreamEvent {
         /// since the last event of this stream: the reader has a hole there.
         #[serde(default, skip_serializing_if = "is_zero")]
         dropped: u64,
+        /// When the agent read these bytes from the task's file (RFC 3339), sent when
+        /// the stream was asked for `timestamps`; absent when unknown (output stored
+        /// before the controller kept times, or a damaged time index) and from older
+        /// servers. One time per chunk of output, not per line.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "crate::logtime::rfc3339_opt"
+        )]
+        time: Option<crate::Millis>,
     },
     Task {
         task_id: TaskId,

@@ -9,6 +9,7 @@ pub mod api;
 pub mod artifact;
 pub mod auth;
 pub mod ids;
+pub mod logtime;
 pub mod platform;
 pub mod protocol;
 pub mod quantity;

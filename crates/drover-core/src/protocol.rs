@@ -141,6 +141,11 @@ pub struct LogChunk {
     pub offset: u64,
     #[serde(with = "b64")]
     pub data: Vec<u8>,
+    /// When the agent read the bytes from the task's file, the best time it knows of
+    /// their writing. Absent from older agents, whose chunks the controller stamps with
+    /// the time it receives them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<crate::Millis>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -311,6 +316,7 @@ mod tests {
             stream: LogStream::Stderr,
             offset: 7,
             data: vec![0xff, b'h', b'i'],
+            at: Some(1_000),
         });
         let text = serde_json::to_string(&m).unwrap();
         assert!(text.contains("\"type\":\"log\""), "{text}");

@@ -83,8 +83,20 @@ fn agent_messages_are_pinned() {
             stream: LogStream::Stdout,
             offset: 0,
             data: b"hi\n".to_vec(),
+            at: None,
         }),
         json!({"type": "log", "task_id": "task-1", "stream": "stdout", "offset": 0, "data": "aGkK"}),
+    );
+    // Since the agent stamps its chunks; a controller that does not know `at` ignores it.
+    pinned(
+        AgentMessage::Log(LogChunk {
+            task_id: TaskId::from("task-1"),
+            stream: LogStream::Stdout,
+            offset: 3,
+            data: b"hi\n".to_vec(),
+            at: Some(1_796_292_000_123),
+        }),
+        json!({"type": "log", "task_id": "task-1", "stream": "stdout", "offset": 3, "data": "aGkK", "at": 1_796_292_000_123i64}),
     );
     pinned(
         AgentMessage::Unsupported {

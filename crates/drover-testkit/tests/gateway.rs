@@ -66,6 +66,7 @@ async fn an_agent_writes_no_file_outside_the_logs_and_nothing_into_another_nodes
         stream: LogStream::Stdout,
         offset: 0,
         data: b"real output\n".to_vec(),
+        at: None,
     }))
     .await;
     wait_for("the task to run with its output", T, async || {
@@ -131,6 +132,7 @@ async fn an_agent_writes_no_file_outside_the_logs_and_nothing_into_another_nodes
         stream: LogStream::Stdout,
         offset: 12,
         data: b"more output\n".to_vec(),
+        at: None,
     }))
     .await;
     wait_for("A's second chunk", T, async || {
