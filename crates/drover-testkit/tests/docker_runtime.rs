@@ -68,6 +68,7 @@ impl Fixture {
             stdout_path: dir.join("stdout"),
             stderr_path: dir.join("stderr"),
             user: None,
+            stdin: None,
             dir,
             env,
             spec,
@@ -691,6 +692,7 @@ async fn an_engine_that_is_down_or_hung_is_reported_not_waited_for() {
         stdout_path: dir.path().join("stdout"),
         stderr_path: dir.path().join("stderr"),
         user: None,
+        stdin: None,
     };
     let err = down.prepare(&ctx).await.unwrap_err().to_string();
     assert!(err.contains("cannot reach the Docker engine"), "{err}");
