@@ -201,3 +201,27 @@ fn find_file(dir: &std::path::Path, tail: &str) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+#[test]
+fn piped_stdin_reaches_a_container() {
+    let image = drover_testkit::images::busybox_image().unwrap();
+    let home = Home::new();
+    let out = run_piped(
+        &home,
+        &[
+            "run",
+            "--image",
+            &image,
+            "--",
+            "/bin/sh",
+            "-c",
+            "wc -l; echo done",
+        ],
+        b"a\nb\nc\n",
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
+    assert_eq!(
+        stdout(&out).split_whitespace().collect::<Vec<_>>(),
+        ["3", "done"]
+    );
+}
