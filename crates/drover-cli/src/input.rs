@@ -59,12 +59,12 @@ pub async fn read(mode: Mode) -> Result<Option<Input>> {
         r = &mut reading => r,
         () = tokio::time::sleep(NOTE_AFTER) => {
             // A note only: with stderr closed there is nowhere to say it.
-            if writeln!(
+            if let Err(e) = writeln!(
                 io::stderr(),
                 "drover: reading stdin to send to the task (end it with Ctrl-D, or run with --no-stdin or </dev/null)"
-            )
-            .is_err()
-            {}
+            ) {
+                tracing::debug!("cannot write the note about stdin: {e}");
+            }
             (&mut reading).await
         }
     };
@@ -88,7 +88,7 @@ fn should_read(mode: Mode) -> Result<Option<Option<u64>>> {
         .metadata()
         .context("looking at stdin")?;
     let kind = meta.file_type();
-    let size = kind.is_file().then(|| meta.len());
+    let size = kind.is_file().then_some(meta.len());
     if mode == Mode::Always {
         return Ok(Some(size));
     }
