@@ -356,6 +356,15 @@ impl Agent {
                     for (k, v) in fp.attributes {
                         attributes.insert(format!("{}.{k}", rt.kind()), v);
                     }
+                    // Set by the agent from the trait, over anything the fingerprint
+                    // said: a plugin reporting `stdin` itself must not have the scheduler
+                    // send it input the agent cannot hand over.
+                    let stdin = format!("{}.{}", rt.kind(), drover_core::spec::STDIN_ATTRIBUTE);
+                    if rt.takes_stdin() {
+                        attributes.insert(stdin, "true".into());
+                    } else {
+                        attributes.remove(&stdin);
+                    }
                     runtimes.insert(rt.kind(), rt.clone());
                 }
                 Ok(Err(e)) => tracing::warn!("runtime {} is not offered: {e}", rt.kind()),

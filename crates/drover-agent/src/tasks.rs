@@ -379,6 +379,7 @@ impl TaskManager {
             dir,
             env,
             user: uid.map(TaskUser::private),
+            stdin: None,
         }
     }
 

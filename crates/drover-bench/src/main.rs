@@ -839,6 +839,7 @@ fn plugin_task(base: &std::path::Path, command: &[&str]) -> Result<TaskContext> 
         stdout_path: dir.join("stdout.log"),
         stderr_path: dir.join("stderr.log"),
         user: None,
+        stdin: None,
         dir,
         env,
     })

@@ -3,6 +3,7 @@
 mod client;
 mod cluster;
 mod config;
+mod input;
 mod output;
 mod pack;
 mod wait;
@@ -267,6 +268,14 @@ struct RunArgs {
     /// Memory each task reserves, e.g. 256Mi.
     #[arg(long)]
     memory: Option<String>,
+    /// Send stdin to the tasks even when it is a terminal (read until Ctrl-D). Without
+    /// it, stdin is sent when it is a pipe or a file (`echo x | drover run -- cat`), up
+    /// to 64Mi, and every task of the job reads the same input.
+    #[arg(long = "stdin", short = 'i')]
+    stdin: bool,
+    /// Never send stdin; the tasks read /dev/null.
+    #[arg(long, conflicts_with = "stdin")]
+    no_stdin: bool,
     /// A local executable to run: it is uploaded as an artifact (its platform read from
     /// its header) and each node gets it in the task's directory. Arguments for it go
     /// after `--`.
@@ -1376,6 +1385,18 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         }
         None => None,
     };
+    let mode = match (a.stdin, a.no_stdin) {
+        (true, _) => input::Mode::Always,
+        (false, true) => input::Mode::Never,
+        (false, false) => input::Mode::Auto,
+    };
+    let input = input::read(mode).await?;
+    if let Some(i) = &input {
+        spec.stdin = Some(drover_core::spec::StdinInput {
+            blob: i.digest.clone(),
+            size: i.size,
+        });
+    }
     spec.validate()
         .map_err(|e| anyhow::anyhow!("invalid job: {e}"))?;
     let go = async |c: &Client, cluster: RunCluster| -> Result<i32> {
@@ -1384,6 +1405,9 @@ async fn run(cli: &Cli, a: &RunArgs) -> Result<i32> {
         }
         if let Some((r, path)) = &local {
             upload_if_missing(c, r, path).await?;
+        }
+        if let Some(i) = &input {
+            upload_if_absent(c, "stdin", i.file.path(), &i.digest, i.size).await?;
         }
         let code = run_on(c, &spec, cluster).await?;
         if a.rm {

@@ -244,8 +244,10 @@ async fn apply_job(
     // archive found below stays until the job naming it is stored. Only a job with one
     // takes it, so plain submissions never wait for a collection.
     let mut _gc = None;
-    if let Some(w) = &spec.runtime_env.working_dir {
+    if spec.runtime_env.working_dir.is_some() || spec.stdin.is_some() {
         _gc = Some(inner.blobs.gc_lock.read().await);
+    }
+    if let Some(w) = &spec.runtime_env.working_dir {
         let digest = working_dir_digest(w)?;
         let size = inner.usable_blob_size(&p, &digest).await.map_err(|e| {
             ApiError::new(ErrorCode::Internal, format!("reading blob {digest}: {e}"))
@@ -257,6 +259,34 @@ async fn apply_job(
                     "invalid job spec: runtime_env.working_dir: blob {digest} has not been uploaded (PUT /v1/blobs/{digest})"
                 ),
             ));
+        }
+    }
+    if let Some(input) = &spec.stdin {
+        let digest = &input.blob;
+        let size = inner.usable_blob_size(&p, digest).await.map_err(|e| {
+            ApiError::new(ErrorCode::Internal, format!("reading blob {digest}: {e}"))
+        })?;
+        match size {
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::MissingBlob,
+                    format!(
+                        "invalid job spec: stdin.blob: blob {digest} has not been uploaded (PUT /v1/blobs/{digest})"
+                    ),
+                ));
+            }
+            // The agent's download is held to the declared size, so a wrong one would
+            // only fail every task later; it is refused here instead.
+            Some(stored) if stored != input.size => {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidSpec,
+                    format!(
+                        "invalid job spec: stdin.size: blob {digest} has {stored} bytes, not {}",
+                        input.size
+                    ),
+                ));
+            }
+            Some(_) => {}
         }
     }
     let how = crate::ops::ApplyOptions {
@@ -436,7 +466,21 @@ async fn delete_job(
 ) -> ApiResult<Json<drover_core::api::RemovedJob>> {
     p.require(Action::Write)?;
     let view = find_job(&inner, &p, &name).await?;
-    Ok(Json(inner.remove_job(&view.job).await?))
+    let released = {
+        let state = inner.state.lock().await;
+        crate::artifacts::inputs_of(&state, &view.job.project, &view.job.name)
+    };
+    let removed = inner.remove_job(&view.job).await?;
+    // A job's input is stored for that job alone (unless another names the same
+    // bytes), so it goes with it rather than waiting for the next collection. The
+    // removal is committed; a failure to collect only leaves the files for the next
+    // collection, so it is logged rather than returned.
+    if !released.is_empty()
+        && let Err(e) = inner.collect_blobs(&released).await
+    {
+        tracing::warn!("collecting the removed job's input: {e}");
+    }
+    Ok(Json(removed))
 }
 
 /// Reads `?force=true` (kill at once) or `?force=false` from a stop request. Anything

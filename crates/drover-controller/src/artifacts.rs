@@ -85,6 +85,12 @@ pub(crate) fn owners_from(state: &crate::state::State) -> HashMap<Digest, HashSe
         {
             owners.entry(d).or_default().insert(j.project.clone());
         }
+        if let Some(input) = &j.spec.stdin {
+            owners
+                .entry(input.blob.clone())
+                .or_default()
+                .insert(j.project.clone());
+        }
     }
     owners
 }
@@ -311,6 +317,30 @@ pub(crate) async fn delete_artifact(
     Ok(Json(artifact))
 }
 
+/// The inputs (`stdin` blobs) of every version of a job, each with the latest creation
+/// of a version naming it: what removing the job releases. A blob written after that
+/// (the same input uploaded again for another run) is left for the grace period.
+pub(crate) fn inputs_of(
+    state: &crate::state::State,
+    project: &ProjectId,
+    name: &str,
+) -> HashMap<Digest, SystemTime> {
+    let mut released: HashMap<Digest, SystemTime> = HashMap::new();
+    for j in state.jobs.values() {
+        if j.project != *project || j.name != name {
+            continue;
+        }
+        if let Some(input) = &j.spec.stdin {
+            // As for an artifact's variants: the extra millisecond counts an upload in
+            // the creation's own millisecond as before it.
+            let at = millis_to_time(j.created_at + 1);
+            let e = released.entry(input.blob.clone()).or_insert(at);
+            *e = (*e).max(at);
+        }
+    }
+    released
+}
+
 fn millis_to_time(ms: drover_core::Millis) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
 }
@@ -442,18 +472,25 @@ impl Inner {
         let _gc = self.blobs.gc_lock.write().await;
         let referenced: HashSet<Digest> = {
             let state = self.state.lock().await;
-            // Job versions keep their working_dir archives: a task of any stored version
-            // may still be started (a retry, a rescheduling).
+            // Job versions keep their working_dir archives and their input: a task of
+            // any stored version may still be started (a retry, a rescheduling). Once
+            // the job is removed (by retention or `job rm`), nothing names them and
+            // they go like any other unreferenced blob.
             let working_dirs = state
                 .jobs
                 .values()
                 .filter_map(|j| j.spec.runtime_env.working_dir.as_deref())
                 .filter_map(|w| w.parse::<Digest>().ok());
+            let inputs = state
+                .jobs
+                .values()
+                .filter_map(|j| j.spec.stdin.as_ref().map(|i| i.blob.clone()));
             state
                 .artifacts
                 .values()
                 .flat_map(|a| a.variants.iter().map(|v| v.digest.clone()))
                 .chain(working_dirs)
+                .chain(inputs)
                 .collect()
         };
         let removed = self

@@ -145,6 +145,9 @@ enum Misfit {
     Capacity,
     /// The node has the capacity, but not free now.
     Resources,
+    /// The job has `stdin` and the node's agent does not give the runtime's tasks their
+    /// input (an agent older than the field, or a runtime that cannot).
+    Stdin,
 }
 
 /// Whether a task of `spec` fits on a node that has `allocated` taken (its entry's
@@ -159,6 +162,9 @@ fn fits_given(
 ) -> Result<(), Misfit> {
     if !node.node.info.runtimes.contains(&spec.runtime) {
         return Err(Misfit::Runtime);
+    }
+    if spec.stdin.is_some() && !node.node.info.takes_stdin(&spec.runtime) {
+        return Err(Misfit::Stdin);
     }
     if let Some(vs) = variants {
         let info = &node.node.info;
@@ -712,6 +718,11 @@ fn misfit_text(
                 nodes(*n, "lacks", "lack"),
                 spec.resources.cpu,
                 spec.resources.memory
+            ),
+            Misfit::Stdin => format!(
+                "{} give runtime {}'s tasks their stdin (an agent too old for it, or a runtime that cannot)",
+                nodes(*n, "cannot", "cannot"),
+                spec.runtime
             ),
         });
     }

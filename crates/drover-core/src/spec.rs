@@ -537,7 +537,40 @@ pub struct JobSpec {
     /// one-off runs do not pile up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Dur>,
+    /// What each task reads on its standard input: an uploaded blob, given whole. Absent,
+    /// a task's stdin is `/dev/null`. `drover run` sets it from its own stdin when that
+    /// is piped or redirected from a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<StdinInput>,
 }
+
+/// `stdin`: the content a task reads on its standard input, stored on the controller as
+/// a blob of the job's project.
+///
+/// Input is data given whole before the task starts, not a stream from the client (like
+/// `kubectl create --from-file`, not `kubectl run -i`): the agent fetches the blob and
+/// opens it as the task's stdin, so the input is the same whether the task is started
+/// for the first time, retried, rescheduled on another node or adopted by a restarted
+/// agent, and no client needs to stay connected.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdinInput {
+    /// The blob's digest (`sha256:...`), uploaded with `PUT /v1/blobs/{digest}`.
+    pub blob: crate::artifact::Digest,
+    /// The blob's size in bytes, which the controller checks and the agent's download
+    /// is held to.
+    pub size: u64,
+}
+
+/// The largest `stdin` accepted. Input this size is read whole by the CLI and stored on
+/// the controller for as long as the job is kept; bigger data belongs in an artifact or
+/// a `runtime_env.working_dir`.
+pub const MAX_STDIN_BYTES: u64 = 64 << 20;
+
+/// The node attribute (after the runtime's name: `process.stdin`) that an agent sets to
+/// `true` for each runtime of its that gives tasks their `stdin`. Agents older than the
+/// field do not set it, and the scheduler places a job with `stdin` only where it is
+/// set, so no task is ever started with `/dev/null` in place of its input.
+pub const STDIN_ATTRIBUTE: &str = "stdin";
 
 /// A job's own environment, materialised on the node before its task starts.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -699,6 +732,7 @@ impl JobSpec {
             disconnect: Disconnect::default(),
             logs: Logs::default(),
             retention: None,
+            stdin: None,
         }
     }
 
@@ -1015,6 +1049,20 @@ impl JobSpec {
                 return Err("health: only service jobs have health checks".into());
             }
         }
+        if let Some(input) = &self.stdin {
+            if input.size == 0 || input.size > MAX_STDIN_BYTES {
+                return Err(format!(
+                    "stdin.size: expected 1 to {MAX_STDIN_BYTES} bytes ({}), got {}; give bigger input as an artifact or a runtime_env.working_dir",
+                    ByteSize(MAX_STDIN_BYTES),
+                    input.size
+                ));
+            }
+            // The mock runtime runs no program, so nothing would read the input; saying
+            // so beats a job that seems to use it.
+            if self.runtime == RuntimeKind::Mock {
+                return Err("stdin: runtime mock runs no program to read it".into());
+            }
+        }
         Ok(())
     }
 }
@@ -1099,6 +1147,7 @@ impl JobSpec {
             disconnect,
             logs: _,
             retention,
+            stdin: _,
         } = self;
         let Disconnect {
             lost_after,

@@ -670,6 +670,14 @@ impl NodeInfo {
     pub fn parsed_platform(&self) -> Option<Platform> {
         self.platform.parse().ok()
     }
+
+    /// Whether the node's agent gives tasks of `runtime` their job's `stdin` (it says so
+    /// with the attribute `RUNTIME.stdin`; see [`crate::spec::STDIN_ATTRIBUTE`]).
+    pub fn takes_stdin(&self, runtime: &RuntimeKind) -> bool {
+        self.attributes
+            .get(&format!("{runtime}.{}", crate::spec::STDIN_ATTRIBUTE))
+            .is_some_and(|v| v == "true")
+    }
 }
 
 /// A node, as the controller stores it.

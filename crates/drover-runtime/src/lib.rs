@@ -40,6 +40,10 @@ pub struct TaskContext {
     /// The unprivileged user the task runs as; `None` runs it as the agent's own user.
     /// Only the process runtime uses it (a container has users of its own).
     pub user: Option<sandbox::TaskUser>,
+    /// A file the task reads as its standard input (the job's `stdin`, fetched by the
+    /// agent); `None` gives it `/dev/null`. Only runtimes whose [`Runtime::takes_stdin`]
+    /// is true are ever given one.
+    pub stdin: Option<PathBuf>,
 }
 
 /// How a task's process ended.
@@ -121,6 +125,14 @@ pub trait Runtime: Send + Sync {
 
     /// Whether the runtime works here; an error means it is not offered.
     async fn fingerprint(&self) -> Result<Fingerprint, RuntimeError>;
+
+    /// Whether `start` gives the task the file in [`TaskContext::stdin`] as its standard
+    /// input. The agent advertises it for the runtime, and the scheduler places a job
+    /// with `stdin` only on nodes that do, so a runtime that cannot must say false
+    /// rather than start the task with `/dev/null`.
+    fn takes_stdin(&self) -> bool {
+        false
+    }
 
     /// Gets ready to start (fetches, builds, checks). May be slow; bounded by the agent.
     async fn prepare(&self, ctx: &TaskContext) -> Result<(), RuntimeError>;

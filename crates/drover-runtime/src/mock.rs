@@ -232,6 +232,7 @@ mod tests {
             stdout_path: "/nonexistent/out".into(),
             stderr_path: "/nonexistent/err".into(),
             user: None,
+            stdin: None,
         }
     }
 

@@ -290,7 +290,13 @@ impl ProcessRuntime {
         if !ctx.env.contains_key("PATH") {
             cmd.env("PATH", DEFAULT_PATH);
         }
-        cmd.current_dir(&ctx.dir).stdin(Stdio::null());
+        cmd.current_dir(&ctx.dir).stdin(match &ctx.stdin {
+            // Opened here, by the agent, and inherited through the shim: the task's own
+            // user need not be able to open the agent's cached copy, and once open the
+            // input stays readable whatever happens to that copy or to the agent.
+            Some(path) => Stdio::from(open_stdin(path)?),
+            None => Stdio::null(),
+        });
         cmd.stdout(open_log(&ctx.stdout_path)?);
         cmd.stderr(open_log(&ctx.stderr_path)?);
         if self.config.shim.is_some() {
@@ -361,6 +367,10 @@ impl ProcessRuntime {
 impl Runtime for ProcessRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Process
+    }
+
+    fn takes_stdin(&self) -> bool {
+        true
     }
 
     async fn fingerprint(&self) -> Result<Fingerprint, RuntimeError> {
@@ -806,6 +816,21 @@ fn open_log(path: &Path) -> Result<std::fs::File, RuntimeError> {
         .map_err(|e| RuntimeError::Start(format!("cannot open log file {}: {e}", path.display())))
 }
 
+/// Opens the task's input for reading, refusing to follow a symbolic link to it.
+fn open_stdin(path: &Path) -> Result<std::fs::File, RuntimeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| {
+            RuntimeError::Start(format!(
+                "cannot open the stdin file {}: {e}",
+                path.display()
+            ))
+        })
+}
+
 /// Makes `path` an empty regular file, refusing to follow a symbolic link there.
 fn create_empty(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -933,6 +958,7 @@ mod tests {
             stdout_path: dir.join("stdout.log"),
             stderr_path: dir.join("stderr.log"),
             user: None,
+            stdin: None,
         }
     }
 

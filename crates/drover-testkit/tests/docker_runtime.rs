@@ -68,6 +68,7 @@ impl Fixture {
             stdout_path: dir.join("stdout"),
             stderr_path: dir.join("stderr"),
             user: None,
+            stdin: None,
             dir,
             env,
             spec,
@@ -691,6 +692,7 @@ async fn an_engine_that_is_down_or_hung_is_reported_not_waited_for() {
         stdout_path: dir.path().join("stdout"),
         stderr_path: dir.path().join("stderr"),
         user: None,
+        stdin: None,
     };
     let err = down.prepare(&ctx).await.unwrap_err().to_string();
     assert!(err.contains("cannot reach the Docker engine"), "{err}");
@@ -726,4 +728,84 @@ async fn an_engine_that_is_down_or_hung_is_reported_not_waited_for() {
         began.elapsed()
     );
     holder.abort();
+}
+
+/// A task of `f` running `script` with `input` as its stdin.
+fn fed_task(f: &Fixture, name: &str, script: &str, input: &[u8]) -> TaskContext {
+    let mut ctx = f.task(name, &sh(script), |spec| {
+        spec.stdin = Some(drover_core::spec::StdinInput {
+            blob: drover_core::artifact::Digest::of(input),
+            size: input.len() as u64,
+        });
+    });
+    let path = ctx.dir.join("input");
+    std::fs::write(&path, input).unwrap();
+    ctx.stdin = Some(path);
+    ctx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_reads_its_input_whole_and_then_its_end() {
+    let f = Fixture::new();
+    assert!(f.rt.takes_stdin());
+    // Every byte value, over more than one pipe buffer, so the copy goes in pieces.
+    let input: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    let ctx = fed_task(&f, "fed", "sha256sum; cat", &input);
+    f.rt.start(&ctx).await.unwrap();
+    assert_eq!(wait(&f.rt, &ctx.task_id).await, ExitStatus::Exited(0));
+    let expected = format!("{}  -\n", drover_core::artifact::Digest::of(&input).hex());
+    assert_eq!(read(&ctx.stdout_path), expected);
+    assert!(
+        ctx.dir
+            .join(drover_runtime::docker::STDIN_SENT_FILE)
+            .exists()
+    );
+
+    // Without input the container's stdin is closed, as /dev/null is to a process.
+    let plain = f.task("plain", &sh("cat; echo end"), |_| {});
+    f.rt.start(&plain).await.unwrap();
+    assert_eq!(wait(&f.rt, &plain.task_id).await, ExitStatus::Exited(0));
+    assert_eq!(read(&plain.stdout_path), "end\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_container_whose_input_was_cut_short_is_ended_with_the_reason() {
+    let f = Fixture::new();
+    let ctx = fed_task(
+        &f,
+        "cut",
+        "read line; echo got $line; sleep 60",
+        b"one\ntwo\n",
+    );
+    let first = DockerRuntime::new(config(&f.node)).unwrap();
+    first.start(&ctx).await.unwrap();
+    until_logged(&ctx.stdout_path, "got one\n").await;
+    let sent = ctx.dir.join(drover_runtime::docker::STDIN_SENT_FILE);
+    let deadline = Instant::now() + T;
+    while !sent.exists() {
+        assert!(Instant::now() < deadline, "the input was never all sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(first);
+
+    // Whole input: adopted as ever.
+    let second = DockerRuntime::new(config(&f.node)).unwrap();
+    assert_eq!(second.recover(&ctx).await.unwrap(), Recovered::Adopted);
+    drop(second);
+
+    // As if the agent had stopped while still sending it.
+    std::fs::remove_file(&sent).unwrap();
+    let third = DockerRuntime::new(config(&f.node)).unwrap();
+    match third.recover(&ctx).await.unwrap() {
+        Recovered::Exited(ExitStatus::Unknown(why)) => {
+            assert!(
+                why.contains("before the container had read all of its stdin"),
+                "{why}"
+            )
+        }
+        other => panic!("expected the container to be ended, got {other:?}"),
+    }
+    let name = format!("drover-{}", ctx.task_id);
+    assert_eq!(docker_inspect(&name, "{{.State.Running}}"), "false");
+    third.destroy(&ctx.task_id).await.unwrap();
 }

@@ -104,6 +104,7 @@ fn context(base: &Path, command: &[&str], declared: &[(&str, &str)]) -> TaskCont
         stdout_path: dir.join("stdout.log"),
         stderr_path: dir.join("stderr.log"),
         user: None,
+        stdin: None,
         dir,
         env,
     }

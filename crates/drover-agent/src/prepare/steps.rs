@@ -69,6 +69,7 @@ pub(crate) static STEPS: &[&dyn PrepareStep<PrepareContext>] = &[
     &WorkingDirStep,
     &PythonStep,
     &ArtifactStep,
+    &StdinStep,
     &RuntimeStep,
 ];
 
@@ -472,6 +473,61 @@ async fn install_artifact(
     crate::artifacts::install(&lease, &dest)
         .map_err(|e| format!("artifact {r}: installing {}: {e}", dest.display()))?;
     Ok(lease)
+}
+
+/// Fetches the job's `stdin` blob into the artifact cache (or finds it there) and names
+/// it as the task's input. The runtime opens it when it starts the task, so the lease
+/// only has to keep the file until then; it is held while the task runs all the same,
+/// so that a runtime that reads it later (docker copies it into the container) has it.
+struct StdinStep;
+
+#[async_trait]
+impl PrepareStep<PrepareContext> for StdinStep {
+    fn name(&self) -> &'static str {
+        "stdin"
+    }
+
+    async fn prepare(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
+        let Some(input) = &cx.assignment.spec.stdin else {
+            return Ok(StepGuard::nothing());
+        };
+        // The scheduler sends input only to nodes that advertise it for the runtime, so
+        // this is a controller that did not check; the task fails rather than run
+        // without its input.
+        if !cx.runtime.takes_stdin() {
+            return Err(format!(
+                "stdin: runtime {} on this node cannot give a task its input",
+                cx.runtime.kind()
+            )
+            .into());
+        }
+        let lease = cx
+            .holdings
+            .artifacts
+            .cache
+            .get(&input.blob, input.size)
+            .await
+            .map_err(|e| format!("stdin: {e}"))?;
+        cx.launch.stdin = Some(lease.path().to_path_buf());
+        Ok(StepGuard::holding(lease))
+    }
+
+    /// Leases the adopted task's input again while it is still cached. A process task
+    /// holds its stdin open itself, so an input evicted meanwhile is no error.
+    async fn readopt(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
+        let Some(input) = &cx.assignment.spec.stdin else {
+            return Ok(StepGuard::nothing());
+        };
+        Ok(
+            match cx.holdings.artifacts.cache.lease_cached(&input.blob) {
+                Some(lease) => {
+                    cx.launch.stdin = Some(lease.path().to_path_buf());
+                    StepGuard::holding(lease)
+                }
+                None => StepGuard::nothing(),
+            },
+        )
+    }
 }
 
 /// The runtime's own preparation (pulling an image, say), last, with the task's whole

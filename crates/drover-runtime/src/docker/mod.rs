@@ -25,9 +25,9 @@ use bollard::models::{
     HostConfigLogConfig, PortBinding as EnginePortBinding,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
-    WaitContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    KillContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use drover_core::spec::{PullPolicy, RuntimeKind};
 use drover_core::state::PortBinding;
@@ -62,6 +62,11 @@ pub const LABEL_MANAGED: &str = "drover.managed";
 /// How long a task may take to end after SIGKILL before `stop` gives up. SIGKILL cannot
 /// be caught, so only a container stuck in the kernel or a hung engine gets here.
 const KILL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The file in a task's directory that says the container was given the whole of its
+/// `stdin`: written once the input is sent and the container's stdin closed. A restarted
+/// agent that adopts a running container without it knows the input was cut short.
+pub const STDIN_SENT_FILE: &str = "stdin-sent";
 
 /// How long the end of a task waits for the rest of its output to be copied into its
 /// files, so that the agent, which ships the files when the task ends, sees all of it.
@@ -315,6 +320,7 @@ impl DockerRuntime {
         ctx: &TaskContext,
         container: &str,
         resume: Resume,
+        feeder: Option<AbortHandle>,
     ) -> Arc<TaskEntry> {
         let target = log_target(ctx);
         let copier = tokio::spawn(logs::copy_logs(
@@ -341,7 +347,10 @@ impl DockerRuntime {
             container: container.to_string(),
             status: status_rx,
             signals,
-            background: vec![copier_abort, watcher.abort_handle()],
+            background: [Some(copier_abort), Some(watcher.abort_handle()), feeder]
+                .into_iter()
+                .flatten()
+                .collect(),
         });
         self.tasks().insert(ctx.task_id.clone(), entry.clone());
         entry
@@ -411,6 +420,10 @@ impl DockerRuntime {
 impl Runtime for DockerRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Docker
+    }
+
+    fn takes_stdin(&self) -> bool {
+        true
     }
 
     async fn fingerprint(&self) -> Result<Fingerprint, RuntimeError> {
@@ -546,6 +559,20 @@ impl Runtime for DockerRuntime {
             e => e.start(format!("creating container {name} from image {image}")),
         })?;
         let container = created.id;
+        // Attached before the start, as `docker run -i` does, so the program cannot read
+        // an end of input that comes only from nobody being attached yet.
+        let input = match &ctx.stdin {
+            Some(path) => match self.attach_input(&docker, ctx, path, &container).await {
+                Ok(input) => Some(input),
+                Err(e) => {
+                    if let Err(removing) = self.remove(&docker, &container).await {
+                        tracing::warn!(task = %ctx.task_id, %removing, "cannot remove container {name}, whose stdin could not be attached");
+                    }
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         if let Err(e) = self.request(docker.start_container(&container, None)).await {
             if let Err(removing) = self.remove(&docker, &container).await {
                 tracing::warn!(task = %ctx.task_id, %removing, "cannot remove container {name}, which failed to start");
@@ -556,7 +583,16 @@ impl Runtime for DockerRuntime {
             )));
         }
         tracing::debug!(task = %id, container = %short(&container), "started container");
-        let entry = self.watch(&docker, ctx, &container, Resume::default());
+        let feeder = input.map(|(file, writer)| {
+            tokio::spawn(feed_stdin(
+                file,
+                writer,
+                ctx.dir.join(STDIN_SENT_FILE),
+                container.clone(),
+            ))
+            .abort_handle()
+        });
+        let entry = self.watch(&docker, ctx, &container, Resume::default(), feeder);
 
         // Only published ports need reading back; without any, the inspect is skipped.
         let ports = if ctx.spec.ports.is_empty() {
@@ -705,7 +741,14 @@ impl Runtime for DockerRuntime {
         let target = log_target(ctx);
         let resume = Resume::for_recovery(&target);
         let Some(status) = ended_status(&info, &SentSignals::default()) else {
-            self.watch(&docker, ctx, container, resume);
+            let entry = self.watch(&docker, ctx, container, resume, None);
+            if ctx.spec.stdin.is_some() && !ctx.dir.join(STDIN_SENT_FILE).exists() {
+                // The previous agent was still sending the input when it stopped, and with
+                // it went the container's stdin: the program saw an end of input that was
+                // not the real one. Its results cannot be trusted, so it is ended now and
+                // said to be, rather than left to finish on a part of its input.
+                return self.cut_short(&docker, ctx, &entry).await;
+            }
             tracing::debug!(task = %id, container = %short(container), "adopted container");
             return Ok(Recovered::Adopted);
         };
@@ -875,11 +918,84 @@ impl DockerRuntime {
             labels: Some(labels),
             exposed_ports: Some(port_keys),
             tty: Some(false),
-            open_stdin: Some(false),
-            attach_stdin: Some(false),
+            // With input, stdin is open for the one attachment that sends it and closed
+            // when that attachment ends (`stdin_once`), so the program reads an end.
+            open_stdin: Some(ctx.stdin.is_some()),
+            stdin_once: Some(ctx.stdin.is_some()),
+            attach_stdin: Some(ctx.stdin.is_some()),
             host_config: Some(host_config),
             ..Default::default()
         }
+    }
+
+    /// Opens the task's input and attaches to the created container's stdin.
+    async fn attach_input(
+        &self,
+        docker: &Docker,
+        ctx: &TaskContext,
+        path: &std::path::Path,
+        container: &str,
+    ) -> Result<(tokio::fs::File, StdinWriter), RuntimeError> {
+        let sent = ctx.dir.join(STDIN_SENT_FILE);
+        if let Err(e) = std::fs::remove_file(&sent)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(RuntimeError::Start(format!(
+                "cannot remove {}: {e}",
+                sent.display()
+            )));
+        }
+        let file = tokio::fs::File::open(path).await.map_err(|e| {
+            RuntimeError::Start(format!(
+                "cannot open the stdin file {}: {e}",
+                path.display()
+            ))
+        })?;
+        let options = AttachContainerOptionsBuilder::new()
+            .stdin(true)
+            .stream(true)
+            .build();
+        let attached = self
+            .request(docker.attach_container(container, Some(options)))
+            .await
+            .map_err(|e| {
+                e.start(format!(
+                    "attaching to the stdin of container {}",
+                    short(container)
+                ))
+            })?;
+        Ok((file, attached.input))
+    }
+
+    /// Ends an adopted container whose input was cut short by the agent's restart, and
+    /// reports why.
+    async fn cut_short(
+        &self,
+        docker: &Docker,
+        ctx: &TaskContext,
+        entry: &TaskEntry,
+    ) -> Result<Recovered, RuntimeError> {
+        let id = &ctx.task_id;
+        tracing::warn!(task = %id, "the container's stdin was cut short by the agent's restart; ending it");
+        if self
+            .kill(docker, entry, nix::sys::signal::Signal::SIGKILL)
+            .await?
+        {
+            let mut status = entry.status.clone();
+            if tokio::time::timeout(KILL_TIMEOUT, wait_status(&mut status))
+                .await
+                .is_err()
+            {
+                return Err(RuntimeError::Other(format!(
+                    "task {id} (container {}) did not end within {}s of SIGKILL",
+                    short(&entry.container),
+                    KILL_TIMEOUT.as_secs()
+                )));
+            }
+        }
+        Ok(Recovered::Exited(ExitStatus::Unknown(
+            "the agent restarted before the container had read all of its stdin, so it was stopped rather than left to run on part of its input".into(),
+        )))
     }
 
     /// Probes until the check passes; the error says why the task never became healthy.
@@ -924,6 +1040,36 @@ impl DockerRuntime {
             "the health check ({probe}) did not pass within the start deadline of {}; last attempt: {last_error}",
             check.start_deadline
         ))
+    }
+}
+
+/// Where a container's stdin is written: the attachment's half that goes to the engine.
+type StdinWriter = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
+/// Copies the task's input into the container's stdin and closes it, which the program
+/// reads as the end of its input; then records that all of it was sent. A container
+/// that ends before reading everything breaks the copy, which is then no error of the
+/// task's: its exit status says how it ended.
+async fn feed_stdin(
+    mut file: tokio::fs::File,
+    mut writer: StdinWriter,
+    sent: std::path::PathBuf,
+    container: String,
+) {
+    use tokio::io::AsyncWriteExt;
+    let copied = async {
+        tokio::io::copy(&mut file, &mut writer).await?;
+        writer.shutdown().await
+    };
+    match copied.await {
+        Ok(()) => {
+            if let Err(e) = tokio::fs::write(&sent, b"").await {
+                tracing::warn!(%container, "cannot record that the stdin was sent in {}: {e}", sent.display());
+            }
+        }
+        Err(e) => {
+            tracing::debug!(%container, %e, "sending the stdin stopped");
+        }
     }
 }
 
