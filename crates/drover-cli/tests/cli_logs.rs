@@ -9,24 +9,7 @@ use std::time::{Duration, Instant};
 
 const T: Duration = Duration::from_secs(30);
 
-/// A `drover up` cluster in its own home, with the CLI config pointing at it.
-struct Up {
-    home: Home,
-    _up: Daemon,
-}
-
 impl Up {
-    fn start() -> Up {
-        let home = Home::new();
-        let (up, _) = home.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
-        wait_until("the local agent to be ready", T, || {
-            let n = json(&home.run(&["node", "ls", "-o", "json"]));
-            n.as_array()
-                .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
-        });
-        Up { home, _up: up }
-    }
-
     /// Runs `drover logs ARGS` and returns its stdout, failing on an error.
     fn logs(&self, args: &[&str]) -> String {
         let mut all = vec!["logs"];
@@ -34,15 +17,6 @@ impl Up {
         let out = self.home.run(&all);
         assert!(out.status.success(), "{all:?}: {}", stderr(&out));
         stdout(&out)
-    }
-
-    fn job_status(&self, name: &str) -> String {
-        let out = self.home.run(&["job", "status", name, "-o", "json"]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        json(&out)["job"]["status"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
     }
 }
 

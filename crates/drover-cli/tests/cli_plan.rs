@@ -8,36 +8,9 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
-
-const T: Duration = Duration::from_secs(30);
-
-/// A `drover up` cluster in its own home, with the CLI config pointing at it.
-struct Up {
-    home: Home,
-    url: String,
-    _up: Daemon,
-}
+use std::time::Duration;
 
 impl Up {
-    fn start() -> Up {
-        let home = Home::new();
-        let (up, line) = home.spawn(
-            &["up", "--listen", "127.0.0.1:0", "--no-docker"],
-            "drover is up at",
-        );
-        wait_until("the local agent to be ready", T, || {
-            let n = json(&home.run(&["node", "ls", "-o", "json"]));
-            n.as_array()
-                .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
-        });
-        Up {
-            home,
-            url: url_in(&line),
-            _up: up,
-        }
-    }
-
     fn run(&self, args: &[&str]) -> Output {
         self.home.run(args)
     }
@@ -48,33 +21,6 @@ impl Up {
             .to_str()
             .unwrap()
             .to_string()
-    }
-}
-
-impl Drop for Up {
-    /// Kills every job's tasks, so no service outlives the test.
-    fn drop(&mut self) {
-        let jobs = self.run(&["job", "ls", "-o", "json"]);
-        let Ok(jobs) = serde_json::from_slice::<serde_json::Value>(&jobs.stdout) else {
-            return;
-        };
-        for j in jobs.as_array().into_iter().flatten() {
-            if let Some(name) = j["name"].as_str() {
-                self.run(&["job", "stop", "--force", name]);
-            }
-        }
-        let deadline = Instant::now() + T;
-        while Instant::now() < deadline {
-            let tasks = json(&self.run(&["task", "ls", "--all", "-o", "json"]));
-            let live = tasks.as_array().into_iter().flatten().any(|t| {
-                !["succeeded", "failed", "stopped", "lost"]
-                    .contains(&t["state"].as_str().unwrap_or(""))
-            });
-            if !live {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 }
 
@@ -113,7 +59,7 @@ const WEB: &str =
 
 #[test]
 fn a_plan_says_what_applying_would_do_and_changes_nothing() {
-    let up = Up::start();
+    let up = Up::start_with(&["--no-docker"]);
 
     // A new job: created, and it fits on the one node.
     let web = up.spec("web.yaml", WEB);
@@ -297,7 +243,7 @@ fn a_plan_says_what_applying_would_do_and_changes_nothing() {
 
 #[test]
 fn a_plan_in_one_project_never_shows_another_projects_job() {
-    let up = Up::start();
+    let up = Up::start_with(&["--no-docker"]);
     // The cluster admin's default project has a job `shared` with a secret in its env.
     let theirs = up.spec(
         "theirs.yaml",
@@ -359,7 +305,7 @@ fn a_plan_in_one_project_never_shows_another_projects_job() {
 
 #[test]
 fn an_update_that_needs_the_room_its_current_tasks_hold_fits_once_they_stop() {
-    let up = Up::start();
+    let up = Up::start_with(&["--no-docker"]);
     // A service that takes all the node has free, less a little.
     let nodes = json(&up.run(&["node", "ls", "-o", "json"]));
     let free = nodes[0]["info"]["capacity"]["cpu"].as_f64().unwrap()

@@ -7,25 +7,7 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(60);
 
-/// A `drover up` with its one agent ready; stops every job when dropped, so that no
-/// service's process outlives the test.
-struct Up {
-    home: Home,
-    _up: Daemon,
-}
-
 impl Up {
-    fn start() -> Up {
-        let home = Home::new();
-        let (up, _) = home.spawn(&["up", "--listen", "127.0.0.1:0"], "drover is up at");
-        wait_until("the local agent to be ready", T, || {
-            let n = json(&home.run(&["node", "ls", "-o", "json"]));
-            n.as_array()
-                .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
-        });
-        Up { home, _up: up }
-    }
-
     fn run(&self, args: &[&str]) -> std::process::Output {
         let out = self.home.run(args);
         assert!(out.status.success(), "{args:?}: {}", stderr(&out));
@@ -40,20 +22,6 @@ impl Up {
     /// Stops a job and waits until its tasks have ended.
     fn stop(&self, name: &str) {
         self.run(&["job", "stop", "--force", name]);
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let jobs = self.home.run(&["job", "ls", "-o", "json"]);
-        let Ok(jobs) = serde_json::from_slice::<serde_json::Value>(&jobs.stdout) else {
-            return;
-        };
-        for j in jobs.as_array().into_iter().flatten() {
-            if let Some(name) = j["name"].as_str() {
-                self.home.run(&["job", "stop", "--force", name]);
-            }
-        }
     }
 }
 

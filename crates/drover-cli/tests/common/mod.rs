@@ -215,3 +215,85 @@ pub fn pid_alive(pid: i32) -> bool {
         .map(|s| !s.contains(") Z "))
         .unwrap_or(false)
 }
+
+/// How long `Up` waits for its agent, and for every task to end when it is dropped.
+const UP_WAIT: Duration = Duration::from_secs(60);
+
+/// A `drover up` cluster in its own home, with the CLI config pointing at it.
+pub struct Up {
+    pub home: Home,
+    /// The URL it serves.
+    pub url: String,
+    _up: Daemon,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        self.stop_everything();
+    }
+}
+
+impl Up {
+    pub fn start() -> Up {
+        Up::start_with(&[])
+    }
+
+    /// `drover up` with these arguments added.
+    pub fn start_with(extra: &[&str]) -> Up {
+        let home = Home::new();
+        let mut args = vec!["up", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        let (up, line) = home.spawn(&args, "drover is up at");
+        wait_until("the local agent to be ready", UP_WAIT, || {
+            let n = json(&home.run(&["node", "ls", "-o", "json"]));
+            n.as_array()
+                .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
+        });
+        Up {
+            home,
+            url: url_in(&line),
+            _up: up,
+        }
+    }
+
+    /// Kills every job's tasks. An agent killed with its `drover up` leaves its tasks
+    /// running (a restarted agent adopts them), so a test that ended without stopping
+    /// its services would leave their processes behind.
+    pub fn stop_everything(&self) {
+        let jobs = self.home.run(&["job", "ls", "-o", "json"]);
+        let Ok(jobs) = serde_json::from_slice::<serde_json::Value>(&jobs.stdout) else {
+            return;
+        };
+        for j in jobs.as_array().into_iter().flatten() {
+            if let Some(name) = j["name"].as_str() {
+                self.home.run(&["job", "stop", "--force", "--detach", name]);
+            }
+        }
+        let deadline = Instant::now() + UP_WAIT;
+        while Instant::now() < deadline {
+            let tasks = self.home.run(&["task", "ls", "--all", "-o", "json"]);
+            let live = serde_json::from_slice::<serde_json::Value>(&tasks.stdout)
+                .ok()
+                .and_then(|t| t.as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .any(|t| {
+                    !["succeeded", "failed", "stopped", "lost"]
+                        .contains(&t["state"].as_str().unwrap_or(""))
+                });
+            if !live {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn job_status(&self, name: &str) -> String {
+        let out = self.home.run(&["job", "status", name, "-o", "json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        json(&out)["job"]["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
