@@ -544,10 +544,16 @@ async fn list_tasks(
         None => None,
     };
     let state = inner.state.lock().await;
-    // Tasks of older versions of a job are history: shown only when asked for.
+    // Tasks of older versions of a job are history: shown only when asked for, unless
+    // they still run beside the current version's during a rollout.
     let wanted = |t: &&drover_core::state::Task| {
         all_versions
             || state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id)
+            || (!t.state.is_terminal()
+                && state
+                    .jobs
+                    .get(&t.job_id)
+                    .is_some_and(|j| !j.status.is_final()))
     };
     let mut tasks: Vec<TaskView> = match &job {
         Some(j) if all_versions => state
@@ -556,7 +562,11 @@ async fn list_tasks(
             .filter(|t| t.project == j.project && t.job_name == j.name)
             .map(|t| state.task_view(t))
             .collect(),
-        Some(j) => state.job_tasks(&j.id).map(|t| state.task_view(t)).collect(),
+        Some(j) => state
+            .job_tasks(&j.id)
+            .chain(state.older_live_tasks(j))
+            .map(|t| state.task_view(t))
+            .collect(),
         None => state
             .tasks
             .values()

@@ -18,6 +18,7 @@ pub mod logs;
 pub mod metrics;
 mod ops;
 mod retention;
+mod rollout;
 mod scheduler;
 mod serve;
 pub mod state;
