@@ -385,6 +385,32 @@ mod tests {
             "reached"
         );
         assert_eq!(reached(Goal::Applied, &stopped, &[Stopped]), "failing");
+        // A rollout is waited for until its last index is done, and fails the wait when
+        // it fails, whatever the tasks look like meanwhile.
+        let mut rolling = svc.clone();
+        rolling.job.rollout = Some(drover_core::state::Rollout::start(1, 0));
+        assert_eq!(
+            reached(Goal::Applied, &rolling, &[Running, Running]),
+            "waiting"
+        );
+        assert!(
+            summarise(&rolling, &tasks(&rolling, &[Running, Running]))
+                .starts_with("rolling out version 1: 0/2 tasks updated; 2/2 running")
+        );
+        if let Some(r) = rolling.job.rollout.as_mut() {
+            r.state = RolloutState::Failed;
+        }
+        assert_eq!(
+            reached(Goal::Applied, &rolling, &[Running, Running]),
+            "failing"
+        );
+        if let Some(r) = rolling.job.rollout.as_mut() {
+            r.state = RolloutState::Complete;
+        }
+        assert_eq!(
+            reached(Goal::Applied, &rolling, &[Running, Running]),
+            "reached"
+        );
         // A server that says the job's state is trusted: failures since recovered from
         // do not fail the wait.
         let recovered = JobView {

@@ -1282,6 +1282,9 @@ fn note_unknown(first: &mut Option<(String, String)>, path: serde_ignored::Path<
         serde_ignored::Path::Map { parent, key } => (parent.to_string(), key),
         other => (String::new(), other.to_string()),
     };
+    // serde_ignored names an optional value's inside `?` (`update.?` for a key inside
+    // `update`); the user wrote no such step.
+    let parent = parent.replace(".?", "");
     let parent = if parent == "?" || parent == "." {
         String::new()
     } else {
