@@ -545,15 +545,12 @@ async fn list_tasks(
     };
     let state = inner.state.lock().await;
     // Tasks of older versions of a job are history: shown only when asked for, unless
-    // they still run beside the current version's during a rollout.
+    // they have not ended (the old tasks a rollout has not replaced yet, or ones still
+    // stopping).
     let wanted = |t: &&drover_core::state::Task| {
         all_versions
+            || !t.state.is_terminal()
             || state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id)
-            || (!t.state.is_terminal()
-                && state
-                    .jobs
-                    .get(&t.job_id)
-                    .is_some_and(|j| !j.status.is_final()))
     };
     let mut tasks: Vec<TaskView> = match &job {
         Some(j) if all_versions => state

@@ -391,12 +391,15 @@ impl State {
             .collect()
     }
 
-    /// The tasks not yet ended of the older versions that still run beside `job` (see
-    /// [`State::older_running`]): during a rollout, the old tasks left.
+    /// The tasks of older versions of `job`'s name that have not ended: during a
+    /// rollout the old tasks left, and after a replacement or a stop those still
+    /// stopping.
     pub fn older_live_tasks(&self, job: &Job) -> Vec<&Task> {
-        self.older_running(job)
+        self.versions
+            .get(&(job.project.clone(), job.name.clone()))
             .into_iter()
-            .flat_map(|o| self.job_tasks(&o.id))
+            .flat_map(|v| v.range(..job.version))
+            .flat_map(|(_, id)| self.job_tasks(id))
             .filter(|t| !t.state.is_terminal())
             .collect()
     }

@@ -189,8 +189,9 @@ pub struct ApplyResponse {
 pub struct JobView {
     #[serde(flatten)]
     pub job: Job,
-    /// How many of the current version's tasks are in each state; while a rollout has
-    /// old tasks left (in progress, or failed), their live ones count too.
+    /// How many of the current version's tasks are in each state, counting also the
+    /// tasks of older versions that have not ended (the old tasks a rollout has not
+    /// replaced yet, or ones still stopping).
     pub task_states: BTreeMap<TaskState, u32>,
     /// Why tasks are still pending, when they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
