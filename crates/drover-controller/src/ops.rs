@@ -32,7 +32,9 @@ pub(crate) enum ApplyError {
 
 impl Inner {
     /// Creates a job, or a new version of it when the spec changed (or the previous one
-    /// has finished). Returns once the result is durably stored.
+    /// has finished). A running service's new version is rolled out (see
+    /// [`crate::rollout`]); any other new version replaces the old one's tasks at once.
+    /// Returns once the result is durably stored.
     pub(crate) async fn apply_job(
         &self,
         project: ProjectId,

@@ -245,6 +245,13 @@ async fn a_restarted_controller_carries_a_rollout_on() {
 
     let addr = c.url.trim_start_matches("http://").to_string();
     let dir = c.stop().await;
+    // The stopped server may hold its listener while it drains its connections; the
+    // new one needs the same address, which the agent keeps dialling.
+    drover_testkit::wait_for("the old listener to close", T, async || {
+        std::net::TcpListener::bind(&addr).is_ok()
+    })
+    .await
+    .unwrap();
     let c = TestCluster::start_in(dir, ClusterOptions::default(), &addr)
         .await
         .unwrap();
