@@ -1895,8 +1895,13 @@ async fn finish_apply(
         && let Some(reached) = wait.wait(c, name, wait::Goal::Applied).await?
         && out == Output::Table
     {
+        let rolled = if rolls_out(res) {
+            format!("version {} rolled out: ", res.job.job.version)
+        } else {
+            String::new()
+        };
         outln!(
-            "job {name}: {}",
+            "job {name}: {rolled}{}",
             wait::summarise(&reached.job, &reached.tasks)
         )?;
     }
@@ -1904,6 +1909,12 @@ async fn finish_apply(
         output::json(res)?;
     }
     Ok(0)
+}
+
+/// Whether an apply started a rollout (a running service's new version, replacing its
+/// tasks a few at a time).
+fn rolls_out(res: &drover_core::api::ApplyResponse) -> bool {
+    res.result.starts_with("rolling out") && res.job.job.rollout.is_some()
 }
 
 /// Whether a watched listing can change any more.
@@ -2255,7 +2266,15 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             let job = &res.job.job;
             let finished = res.result == "unchanged" && job.status.is_final();
             if out == Output::Table {
-                outln!("job {} {} (version {})", job.name, res.result, job.version)?;
+                match job.rollout.as_ref().filter(|_| rolls_out(&res)) {
+                    Some(r) => outln!(
+                        "job {}: {} (from version {})",
+                        job.name,
+                        res.result,
+                        r.from_version
+                    )?,
+                    None => outln!("job {} {} (version {})", job.name, res.result, job.version)?,
+                }
                 if finished {
                     outln!(
                         "it has {}; `drover job rerun {}` runs it again",
@@ -2317,12 +2336,20 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
             let res = c.apply(&old.job.spec, &how).await?;
             let job = &res.job.job;
             if out == Output::Table {
-                outln!(
-                    "job {} {} (version {}, the spec of version {version})",
-                    job.name,
-                    res.result,
-                    job.version
-                )?;
+                if rolls_out(&res) {
+                    outln!(
+                        "job {}: {} (the spec of version {version})",
+                        job.name,
+                        res.result
+                    )?;
+                } else {
+                    outln!(
+                        "job {} {} (version {}, the spec of version {version})",
+                        job.name,
+                        res.result,
+                        job.version
+                    )?;
+                }
             }
             finish_apply(c, out, &res, wait, true).await
         }

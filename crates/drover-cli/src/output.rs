@@ -7,7 +7,7 @@ use drover_core::api::{
     JobView, NodeView, PlacementVerdict, PlanAction, PlanResponse, ScaleChange, TaskView,
 };
 use drover_core::artifact::{Artifact, Digest, Variant};
-use drover_core::state::Exit;
+use drover_core::state::{Exit, RolloutState};
 use drover_core::{Millis, now_millis};
 use serde::Serialize;
 
@@ -383,9 +383,24 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
         e.1 += 1;
     }
     let projects = several_projects(tasks.iter().map(|v| &v.task.project));
+    // A listing with tasks of several versions of one job (a rollout under way, or
+    // `--all`) says which version each row is; others have no use for the column.
+    let mut versions: std::collections::HashMap<
+        (&drover_core::ProjectId, &str),
+        &drover_core::JobId,
+    > = std::collections::HashMap::new();
+    let several_versions = tasks.iter().any(|v| {
+        let first = versions
+            .entry((&v.task.project, v.task.job_name.as_str()))
+            .or_insert(&v.task.job_id);
+        *first != &v.task.job_id
+    });
     let mut headers = vec![
         "ID", "JOB", "INDEX", "STATE", "RESTARTS", "NODE", "PORTS", "EXIT", "AGE", "REASON",
     ];
+    if several_versions {
+        headers.push("VERSION");
+    }
     if projects {
         headers.insert(1, "PROJECT");
     }
@@ -428,6 +443,9 @@ pub fn tasks(out: Output, tasks: &[TaskView], attempts: Attempts) -> Result<()> 
             age(task.created_at),
             one_line(reason),
         ];
+        if several_versions {
+            row.push(v.version.map_or_else(|| "?".to_string(), |n| n.to_string()));
+        }
         if projects {
             row.insert(1, task.project.to_string());
         }
@@ -556,6 +574,23 @@ pub fn job_status(
         outln!("exit:     {}", exit_text(&Some(e.clone())))?;
     }
     outln!("version:  {}", j.version)?;
+    if let Some(r) = j.rollout.as_ref().filter(|_| !j.status.is_final()) {
+        match r.state {
+            RolloutState::InProgress => {
+                let policy = j.spec.update_policy();
+                outln!(
+                    "rollout:  from version {}: {}/{} tasks updated ({} at a time, each running {} before the next)",
+                    r.from_version,
+                    r.updated(j.spec.count),
+                    j.spec.count,
+                    policy.max_parallel,
+                    policy.min_healthy_time
+                )?;
+            }
+            RolloutState::Failed => outln!("rollout:  {}", r.reason)?,
+            _ => {}
+        }
+    }
     outln!("count:    {}", j.spec.count)?;
     outln!("runtime:  {}", j.spec.runtime)?;
     outln!("command:  {}", j.spec.command.join(" "))?;

@@ -6,6 +6,7 @@ use crate::client::Client;
 use anyhow::{Result, bail};
 use drover_core::api::{JobState, JobView, TaskView};
 use drover_core::spec::JobKind;
+use drover_core::state::RolloutState;
 use drover_core::{TaskId, TaskState};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -149,6 +150,23 @@ fn check(target: Target, job: &JobView, tasks: &[TaskView]) -> Check {
         }
         _ => {}
     }
+    // While a service rolls out a new version, it has reached what was applied only
+    // once every index runs the new version; a rollout that failed will not get there.
+    if target == Target::Running
+        && !j.status.is_final()
+        && let Some(r) = &j.rollout
+    {
+        match r.state {
+            RolloutState::InProgress => return Check::Waiting,
+            RolloutState::Failed => {
+                return Check::Failing(format!(
+                    "{}; the old tasks not replaced keep running: fix the spec and apply it again, or go back with `drover job revert {} {}`",
+                    r.reason, j.name, r.from_version
+                ));
+            }
+            _ => {}
+        }
+    }
     let all_ended = tasks.iter().all(|t| t.task.state.is_terminal());
     match target {
         Target::Stopped => {
@@ -223,6 +241,17 @@ pub fn summarise(job: &JobView, tasks: &[TaskView]) -> String {
     let mut parts = vec![format!("{running}/{} running", job.job.spec.count)];
     parts.extend(by_state.iter().map(|(s, n)| format!("{n} {s}")));
     let mut line = parts.join(", ");
+    let j = &job.job;
+    if let Some(r) = j.rollout.as_ref().filter(|r| r.in_progress())
+        && !j.status.is_final()
+    {
+        line = format!(
+            "rolling out version {}: {}/{} tasks updated; {line}",
+            j.version,
+            r.updated(j.spec.count),
+            j.spec.count
+        );
+    }
     if let Some(why) = &job.pending_reason {
         line.push_str(&format!(" (waiting: {why})"));
     }
@@ -302,6 +331,7 @@ mod tests {
                     usage: None,
                     unknown: false,
                     pending_reason: None,
+                    version: None,
                 }
             })
             .collect()
@@ -355,6 +385,32 @@ mod tests {
             "reached"
         );
         assert_eq!(reached(Goal::Applied, &stopped, &[Stopped]), "failing");
+        // A rollout is waited for until its last index is done, and fails the wait when
+        // it fails, whatever the tasks look like meanwhile.
+        let mut rolling = svc.clone();
+        rolling.job.rollout = Some(drover_core::state::Rollout::start(1, 0));
+        assert_eq!(
+            reached(Goal::Applied, &rolling, &[Running, Running]),
+            "waiting"
+        );
+        assert!(
+            summarise(&rolling, &tasks(&rolling, &[Running, Running]))
+                .starts_with("rolling out version 1: 0/2 tasks updated; 2/2 running")
+        );
+        if let Some(r) = rolling.job.rollout.as_mut() {
+            r.state = RolloutState::Failed;
+        }
+        assert_eq!(
+            reached(Goal::Applied, &rolling, &[Running, Running]),
+            "failing"
+        );
+        if let Some(r) = rolling.job.rollout.as_mut() {
+            r.state = RolloutState::Complete;
+        }
+        assert_eq!(
+            reached(Goal::Applied, &rolling, &[Running, Running]),
+            "reached"
+        );
         // A server that says the job's state is trusted: failures since recovered from
         // do not fail the wait.
         let recovered = JobView {

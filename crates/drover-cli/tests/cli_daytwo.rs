@@ -821,7 +821,7 @@ fn history_lists_the_versions_and_revert_applies_an_earlier_one() {
             h.path(),
             "svc.yaml",
             &format!(
-                "name: svc\nkind: service\ncommand: [sh, -c, 'echo {word}; exec sleep 600']\nstop_grace: 1s\n"
+                "name: svc\nkind: service\ncommand: [sh, -c, 'echo {word}; exec sleep 600']\nstop_grace: 1s\nupdate: {{ min_healthy_time: 1s }}\n"
             ),
         );
         assert!(
@@ -833,7 +833,7 @@ fn history_lists_the_versions_and_revert_applies_an_earlier_one() {
     let out = h.run(&["job", "revert", "svc", "1"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).starts_with("job svc updated (version 3, the spec of version 1)"),
+        stdout(&out).starts_with("job svc: rolling out version 3 (the spec of version 1)"),
         "{}",
         stdout(&out)
     );
@@ -877,5 +877,80 @@ fn history_lists_the_versions_and_revert_applies_an_earlier_one() {
         stderr(&out).contains("no version 9 kept (it has: 3, 2, 1)"),
         "{}",
         stderr(&out)
+    );
+}
+
+#[test]
+fn apply_waits_for_a_rollout_and_fails_with_the_reason_when_a_new_task_fails() {
+    let up = Up::start();
+    let h = &up.home;
+    let spec = |cmd: &str| {
+        format!(
+            "name: web\nkind: service\ncount: 3\ncommand: [sh, -c, '{cmd}']\nstop_grace: 1s\nupdate: {{ max_parallel: 1, min_healthy_time: 1s }}\n"
+        )
+    };
+    let apply = |cmd: &str| {
+        let file = write(h.path(), "web.yaml", &spec(cmd));
+        run_with_timeout(
+            h.cmd(&["job", "apply", "-f", file.to_str().unwrap()]),
+            Duration::from_secs(90),
+        )
+    };
+    let out = apply("echo one; exec sleep 600");
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // A new version rolls over one task at a time, each running a second before the
+    // next, and apply returns once the last has.
+    let began = Instant::now();
+    let out = apply("echo two; exec sleep 600");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        began.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+    let said = stdout(&out);
+    assert!(
+        said.starts_with("job web: rolling out version 2 (from version 1)\n"),
+        "{said}"
+    );
+    assert!(
+        said.contains("job web: version 2 rolled out: 3/3 running"),
+        "{said}"
+    );
+
+    // A new version whose task fails stops after its first index, and apply says why.
+    let out = apply("exit 1");
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("rollout to version 3 failed: web[0] exited with code 1; the old tasks not replaced keep running"),
+        "{err}"
+    );
+    assert!(err.contains("drover job revert web 2"), "{err}");
+    let status = stdout(&h.run(&["job", "status", "web"]));
+    assert!(status.contains("state:    rollout-failed\n"), "{status}");
+    assert!(
+        status.contains("rollout:  rollout to version 3 failed: web[0] exited with code 1\n"),
+        "{status}"
+    );
+    // The two old tasks not replaced still run, listed beside the new version's.
+    let tasks = json(&h.run(&["task", "ls", "--job", "web", "-o", "json"]));
+    let running: Vec<(u64, u64)> = tasks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["state"] == "running")
+        .map(|t| (t["index"].as_u64().unwrap(), t["version"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(running, [(1, 2), (2, 2)], "{tasks}");
+    let table = stdout(&h.run(&["task", "ls", "--job", "web"]));
+    assert!(
+        table
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .ends_with("VERSION"),
+        "{table}"
     );
 }

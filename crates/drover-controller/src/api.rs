@@ -707,9 +707,12 @@ async fn list_tasks(
             state.task_view_brief(t)
         }
     };
-    // Tasks of older versions of a job are history: shown only when asked for.
+    // Tasks of older versions of a job are history: shown only when asked for, unless
+    // they have not ended (the old tasks a rollout has not replaced yet, or ones still
+    // stopping).
     let wanted = |t: &&drover_core::state::Task| {
         all_versions
+            || !t.state.is_terminal()
             || state.current.get(&(t.project.clone(), t.job_name.clone())) == Some(&t.job_id)
     };
     let mut tasks: Vec<TaskView> = match &job {
@@ -719,7 +722,11 @@ async fn list_tasks(
             .filter(|t| t.project == j.project && t.job_name == j.name)
             .map(view)
             .collect(),
-        Some(j) => state.job_tasks(&j.id).map(view).collect(),
+        Some(j) => state
+            .job_tasks(&j.id)
+            .chain(state.older_live_tasks(j))
+            .map(view)
+            .collect(),
         None => state
             .tasks
             .values()

@@ -19,6 +19,7 @@ pub mod metrics;
 mod ops;
 mod plan;
 mod retention;
+mod rollout;
 mod scheduler;
 mod serve;
 pub mod state;

@@ -7,7 +7,9 @@ use drover_core::api::ApplyResponse;
 use drover_core::protocol::{AgentEvent, Command, ControllerMessage, Hello, UsageSample};
 use drover_core::spec::HealthCheck;
 use drover_core::spec::OnLost;
-use drover_core::state::{Exit, Job, JobStatus, Node, NodeStatus, Task, TaskEventKind};
+use drover_core::state::{
+    Exit, Job, JobStatus, Node, NodeStatus, Rollout, RolloutState, Task, TaskEventKind,
+};
 use drover_core::{JobId, JobKind, JobSpec, NodeId, ProjectId, TaskId, TaskState, duration_millis};
 use drover_store::{Change, StoreError};
 use std::collections::{HashMap, HashSet};
@@ -84,9 +86,30 @@ pub(crate) fn decide(current: Option<&Job>, spec: &JobSpec, rerun: bool) -> Deci
     Decision::Update { version }
 }
 
+/// [`decide`] for a job as the state holds it: a count change is a new version, not a
+/// scaling, while a rollout has left older versions running (scaling would touch only
+/// the current version's tasks). Applying and planning both decide through this.
+pub(crate) fn decide_in(
+    state: &State,
+    current: Option<&Job>,
+    spec: &JobSpec,
+    rerun: bool,
+) -> Decision {
+    match (decide(current, spec, rerun), current) {
+        (Decision::Scale { .. }, Some(cur)) if !state.older_running(cur).is_empty() => {
+            Decision::Update {
+                version: cur.version + 1,
+            }
+        }
+        (d, _) => d,
+    }
+}
+
 impl Inner {
     /// Creates a job, or a new version of it when the spec changed (or the previous one
-    /// has finished). Returns once the result is durably stored.
+    /// has finished). A running service's new version is rolled out (see
+    /// [`crate::rollout`]); any other new version replaces the old one's tasks at once.
+    /// Returns once the result is durably stored.
     pub(crate) async fn apply_job(
         &self,
         project: ProjectId,
@@ -120,7 +143,7 @@ impl Inner {
         }
         let existing = state.job_by_name(&project, &spec.name).cloned();
         // Unchanged and Scale are only ever decided for a job that exists.
-        let decision = decide(existing.as_ref(), &spec, how.rerun);
+        let decision = decide_in(state, existing.as_ref(), &spec, how.rerun);
         if let (Decision::Unchanged, Some(cur)) = (decision, &existing) {
             return Ok(ApplyResponse {
                 job: state.job_view(cur),
@@ -138,27 +161,59 @@ impl Inner {
             });
         }
         let version = existing.as_ref().map(|j| j.version + 1).unwrap_or(1);
-        if let Some(cur) = existing
-            && !cur.status.is_final()
-        {
-            let mut old = cur.clone();
-            old.status = JobStatus::Stopped;
-            old.reason = format!("replaced by version {version}");
-            old.updated_at = now;
-            tx.put(state, Change::Job(old));
-            self.stop_tasks_of(
-                state,
-                &mut tx,
-                &cur.id,
-                &format!("job updated to version {version}"),
-                false,
-            );
+        // A running service that stays a service is rolled over to the new version a
+        // few tasks at a time; anything else is replaced at once.
+        let running = existing.as_ref().filter(|cur| !cur.status.is_final());
+        let rolls = spec.kind == JobKind::Service
+            && running.is_some_and(|cur| cur.spec.kind == JobKind::Service);
+        if let Some(cur) = running {
+            if rolls {
+                // The versions that run keep running: the new rollout replaces their
+                // tasks, and takes over from a rollout still under way.
+                if let Some(r) = cur.rollout.as_ref().filter(|r| r.in_progress()) {
+                    let mut r = r.clone();
+                    r.state = RolloutState::Stopped;
+                    r.reason = format!("superseded by version {version}");
+                    r.finished_at = Some(now);
+                    let prev = Job {
+                        rollout: Some(r),
+                        updated_at: now,
+                        ..cur.clone()
+                    };
+                    tx.put(state, Change::Job(prev));
+                }
+            } else {
+                let mut replaced: Vec<JobId> = state
+                    .older_running(cur)
+                    .into_iter()
+                    .map(|j| j.id.clone())
+                    .collect();
+                replaced.push(cur.id.clone());
+                for id in replaced {
+                    self.retire(state, &mut tx, &id, version, now);
+                }
+            }
         }
         let job = Job {
             idempotency_key: how.idempotency_key,
+            rollout: running
+                .filter(|_| rolls)
+                .map(|cur| Rollout::start(cur.version, now)),
             ..Job::new(project.clone(), spec, version, now)
         };
         tx.put(state, Change::Job(job.clone()));
+        if rolls {
+            self.step_rollout(state, &mut tx, &job.id, now);
+            self.commit(state, tx).await?;
+            self.flush_all(state);
+            self.schedule.notify_one();
+            tracing::info!(job = %job.name, version, "rolling out");
+            let job = state.jobs.get(&job.id).unwrap_or(&job);
+            return Ok(ApplyResponse {
+                job: state.job_view(job),
+                result: format!("rolling out version {version}"),
+            });
+        }
         let mut ids = Vec::with_capacity(job.spec.count as usize);
         for index in 0..job.spec.count {
             let t = Task::pending(&job, index, 0, now, now);
@@ -215,6 +270,82 @@ impl Inner {
         job
     }
 
+    /// A version replaced by `version` is stopped, with its tasks.
+    fn retire(&self, state: &mut State, tx: &mut Tx, id: &JobId, version: u32, now: i64) {
+        let Some(old) = state.jobs.get(id) else {
+            return;
+        };
+        let old = Job {
+            status: JobStatus::Stopped,
+            reason: format!("replaced by version {version}"),
+            updated_at: now,
+            ..old.clone()
+        };
+        tx.put(state, Change::Job(old));
+        self.stop_tasks_of(
+            state,
+            tx,
+            id,
+            &format!("job updated to version {version}"),
+            false,
+        );
+    }
+
+    /// Moves a job's rollout on as far as it goes now (see [`crate::rollout`]): stops
+    /// the old tasks it takes, starts new ones where the old have ended, and retires the
+    /// old versions when it completes.
+    fn step_rollout(&self, state: &mut State, tx: &mut Tx, job_id: &JobId, now: i64) {
+        // A step changes the state the next one reads (a pending old task stopped at
+        // once frees its index now), so a few steps are taken together; more than this
+        // are never needed, since each step only acts on what the one before did.
+        for _ in 0..4 {
+            let Some(step) = crate::rollout::step(state, job_id, now) else {
+                return;
+            };
+            let version = match &step.job {
+                Some(job) => {
+                    if let Some(r) = &job.rollout {
+                        tracing::info!(job = %job.name, version = job.version, state = %r.state, updated = r.updated(job.spec.count), "rollout moved on");
+                    }
+                    let version = job.version;
+                    tx.put(state, Change::Job(job.clone()));
+                    version
+                }
+                None => state.jobs.get(job_id).map_or(0, |j| j.version),
+            };
+            for (id, reason) in step.stop {
+                if let Some(t) = state.tasks.get(&id).cloned() {
+                    self.stop_task(state, tx, t, &reason, false);
+                }
+            }
+            if !step.start.is_empty()
+                && let Some(job) = state.jobs.get(job_id).cloned()
+            {
+                for index in step.start {
+                    tx.put(state, Change::Task(Task::pending(&job, index, 0, now, now)));
+                }
+                self.schedule.notify_one();
+            }
+            for id in step.retire {
+                self.retire(state, tx, &id, version, now);
+            }
+        }
+    }
+
+    /// Moves on the rollouts whose tasks changed (`due`), or every rollout in progress.
+    fn step_rollouts(&self, state: &mut State, tx: &mut Tx, all: bool) {
+        let due: Vec<JobId> = if all {
+            state.rollouts_due.clear();
+            state.rolling.values().cloned().collect()
+        } else {
+            state.rollouts_due.drain().collect()
+        };
+        let now = self.now();
+        for id in due {
+            self.step_rollout(state, tx, &id, now);
+        }
+    }
+
     /// Stops every task of the named job and marks it stopped. A forced stop gives the
     /// tasks no grace, including those already stopping under a longer one.
     pub(crate) async fn stop_job(
@@ -228,10 +359,19 @@ impl Inner {
             return Ok(None);
         };
         let mut tx = Tx::default();
+        let now = self.now();
+        // The versions a rollout has not replaced yet run beside this one, and stop with
+        // it.
+        let older: Vec<Job> = state.older_running(&job).into_iter().cloned().collect();
         if job.status == JobStatus::Running {
             job.status = JobStatus::Stopped;
             job.reason = "stopped by user".into();
-            job.updated_at = self.now();
+            job.updated_at = now;
+            if let Some(r) = job.rollout.as_mut().filter(|r| r.in_progress()) {
+                r.state = RolloutState::Stopped;
+                r.reason = "the job was stopped".into();
+                r.finished_at = Some(now);
+            }
             tx.put(state, Change::Job(job.clone()));
         }
         let reason = if force {
@@ -239,6 +379,14 @@ impl Inner {
         } else {
             "stopped by user"
         };
+        for mut old in older {
+            old.status = JobStatus::Stopped;
+            old.reason = "stopped by user".into();
+            old.updated_at = now;
+            let id = old.id.clone();
+            tx.put(state, Change::Job(old));
+            self.stop_tasks_of(state, &mut tx, &id, reason, force);
+        }
         self.stop_tasks_of(state, &mut tx, job_id, reason, force);
         self.commit(state, tx).await?;
         self.flush_all(state);
@@ -523,6 +671,9 @@ impl Inner {
                 format!("health check passed ({})", probe_text(h)),
             );
         }
+        if let Some(rolling) = state.rolling.get(&(t.project.clone(), t.job_name.clone())) {
+            state.rollouts_due.insert(rolling.clone());
+        }
         tx.put(state, Change::Task(t.clone()));
         if t.state.is_terminal() {
             state.usage_dirty |= state.usage.remove(&t.id).is_some();
@@ -708,6 +859,9 @@ impl Inner {
                 self.advance_task_reported(state, &mut tx, ev);
             }
         }
+        // A task's change can move its job's rollout on (an old task ended, a new one
+        // failed), in the same commit as the change.
+        self.step_rollouts(state, &mut tx, false);
         let seq = node.last_event_seq;
         node.last_seen = self.now();
         tx.put(state, Change::Node(node));
@@ -982,6 +1136,9 @@ impl Inner {
                 self.enqueue(state, &node, Command::Forget { task_id: id });
             }
         }
+        // A new task's healthy time runs out without any event, so every rollout in
+        // progress is looked at on each pass.
+        self.step_rollouts(state, &mut tx, true);
         if let Err(e) = self.commit(state, tx).await {
             tracing::error!("liveness pass: {e}");
         }

@@ -1,10 +1,10 @@
 //! Plans (`POST /v1/plan`): what applying a spec would do, worked out under the state
-//! lock from the rule apply itself follows ([`decide`]) and the scheduler's own fit
+//! lock from the rule apply itself follows ([`decide_in`]) and the scheduler's own fit
 //! logic ([`plan_placement`]), without changing anything: nothing is stored or
 //! committed, no task is made, no version or idempotency key is used.
 
 use crate::Inner;
-use crate::ops::{Decision, decide};
+use crate::ops::{Decision, decide_in};
 use crate::scheduler::plan_placement;
 use drover_core::api::{PlanAction, PlanResponse, ScaleChange, spec_changes};
 use drover_core::{JobSpec, ProjectId};
@@ -22,7 +22,7 @@ impl Inner {
     ) -> PlanResponse {
         let state = self.state.lock().await;
         let current = state.job_by_name(&project, &spec.name);
-        let decision = decide(current, &spec, rerun);
+        let decision = decide_in(&state, current, &spec, rerun);
         let current_version = current.map(|j| j.version);
         // What starts: the tasks of every index for a new version, the new indexes of
         // a scale up, nothing otherwise.

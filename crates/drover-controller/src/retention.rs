@@ -357,6 +357,7 @@ mod tests {
             created_at: 0,
             updated_at,
             idempotency_key: None,
+            rollout: None,
         }
     }
 

@@ -76,6 +76,13 @@ pub struct State {
     /// surplus copy is stopped); every other index has one live task and skips that
     /// work. Kept in memory and rebuilt from the tasks at start-up.
     pub doubled: HashSet<(JobId, u32)>,
+    /// The version of each job name whose rollout is in progress (a running service
+    /// replacing its old tasks). Derived from the jobs, kept by [`State::apply`].
+    pub rolling: HashMap<(ProjectId, String), JobId>,
+    /// Rolling jobs one of whose tasks (of any version) changed since their rollout was
+    /// last moved on: looked at once per batch of agent events rather than per event.
+    /// Only a hint, kept in memory: the liveness pass moves every rollout on anyway.
+    pub rollouts_due: HashSet<JobId>,
     /// Artifact versions by project, name and version.
     pub artifacts: HashMap<(ProjectId, String, String), Artifact>,
     /// Every project, `default` included.
@@ -163,6 +170,14 @@ impl State {
                 if let Some(k) = &j.idempotency_key {
                     self.by_key
                         .insert((j.project.clone(), k.clone()), j.id.clone());
+                }
+                let rolls =
+                    !j.status.is_final() && j.rollout.as_ref().is_some_and(|r| r.in_progress());
+                let name = (j.project.clone(), j.name.clone());
+                if rolls {
+                    self.rolling.insert(name, j.id.clone());
+                } else if self.rolling.get(&name) == Some(&j.id) {
+                    self.rolling.remove(&name);
                 }
                 self.jobs.insert(j.id.clone(), j);
             }
@@ -271,6 +286,10 @@ impl State {
             }
         }
         let name = (job.project.clone(), job.name.clone());
+        if self.rolling.get(&name) == Some(id) {
+            self.rolling.remove(&name);
+        }
+        self.rollouts_due.remove(id);
         let mut emptied = false;
         if let Some(v) = self.versions.get_mut(&name) {
             v.remove(&job.version);
@@ -359,10 +378,42 @@ impl State {
             .filter_map(|id| self.tasks.get(id))
     }
 
+    /// The versions of `job`'s name older than it that still run: those a rollout to
+    /// it (or to a version before it) has not replaced yet. Empty for any job that was
+    /// not rolled out.
+    pub fn older_running(&self, job: &Job) -> Vec<&Job> {
+        self.versions
+            .get(&(job.project.clone(), job.name.clone()))
+            .into_iter()
+            .flat_map(|v| v.range(..job.version))
+            .filter_map(|(_, id)| self.jobs.get(id))
+            .filter(|j| !j.status.is_final())
+            .collect()
+    }
+
+    /// The tasks of older versions of `job`'s name that have not ended: during a
+    /// rollout the old tasks left, and after a replacement or a stop those still
+    /// stopping.
+    pub fn older_live_tasks(&self, job: &Job) -> Vec<&Task> {
+        self.versions
+            .get(&(job.project.clone(), job.name.clone()))
+            .into_iter()
+            .flat_map(|v| v.range(..job.version))
+            .flat_map(|(_, id)| self.job_tasks(id))
+            .filter(|t| !t.state.is_terminal())
+            .collect()
+    }
+
     pub fn job_view(&self, job: &Job) -> JobView {
         let mut task_states = BTreeMap::new();
         for t in self.job_tasks(&job.id) {
             *task_states.entry(t.state).or_insert(0) += 1;
+        }
+        // During a rollout the old tasks left are part of what the job runs.
+        if self.current.get(&(job.project.clone(), job.name.clone())) == Some(&job.id) {
+            for t in self.older_live_tasks(job) {
+                *task_states.entry(t.state).or_insert(0) += 1;
+            }
         }
         let has_pending = task_states.contains_key(&TaskState::Pending);
         let pending = self.pending_reasons.get(&job.id).filter(|_| has_pending);
@@ -404,6 +455,7 @@ impl State {
                 .get(&t.job_id)
                 .filter(|_| t.state == TaskState::Pending)
                 .map(|p| p.text.clone()),
+            version: self.jobs.get(&t.job_id).map(|j| j.version),
         }
     }
 

@@ -5,7 +5,7 @@ use crate::Millis;
 use crate::ids::{JobId, TaskId};
 use crate::protocol::LogStream;
 use crate::spec::Resources;
-use crate::state::{Exit, Job, JobStatus, Node, Task, TaskState};
+use crate::state::{Exit, Job, JobStatus, Node, RolloutState, Task, TaskState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -176,6 +176,8 @@ pub fn parse_idempotency_key(key: &str) -> Result<String, String> {
 pub struct ApplyResponse {
     pub job: JobView,
     /// `created`, `updated` (a new version: the spec changed, or a rerun was asked for),
+    /// `rolling out version N` (a new version of a running service, whose tasks replace
+    /// the old ones a few at a time: the job's `rollout` says how far it has got),
     /// `scaled` (a running service's count alone changed: tasks were added or stopped,
     /// the others left running, same version) or `unchanged` (the same spec as the
     /// current version, running or finished).
@@ -417,7 +419,9 @@ impl std::fmt::Display for PlacementVerdict {
 pub struct JobView {
     #[serde(flatten)]
     pub job: Job,
-    /// How many of the current version's tasks are in each state.
+    /// How many of the current version's tasks are in each state, counting also the
+    /// tasks of older versions that have not ended (the old tasks a rollout has not
+    /// replaced yet, or ones still stopping).
     pub task_states: BTreeMap<TaskState, u32>,
     /// Why tasks are still pending, when they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -455,6 +459,12 @@ pub enum JobState {
     Degraded,
     /// A service's task keeps failing and is restarted with back-off.
     CrashLooping,
+    /// A service's tasks are being replaced by those of its newest version, a few at a
+    /// time; the job's `rollout` says how far it has got.
+    RollingOut,
+    /// A new version's task failed during its rollout: the rollout stopped, and the old
+    /// tasks not yet replaced keep running. The job's `rollout.reason` says why.
+    RolloutFailed,
     Succeeded,
     Failed,
     Stopped,
@@ -475,6 +485,11 @@ impl JobState {
             JobStatus::Failed => return JobState::Failed,
             JobStatus::Stopped => return JobState::Stopped,
             JobStatus::Running => {}
+        }
+        match job.rollout.as_ref().map(|r| r.state) {
+            Some(RolloutState::InProgress) => return JobState::RollingOut,
+            Some(RolloutState::Failed) => return JobState::RolloutFailed,
+            _ => {}
         }
         let mut by_index: BTreeMap<u32, Vec<&Task>> = BTreeMap::new();
         for t in tasks {
@@ -519,6 +534,8 @@ impl JobState {
             JobState::Running => "running",
             JobState::Degraded => "degraded",
             JobState::CrashLooping => "crash-looping",
+            JobState::RollingOut => "rolling-out",
+            JobState::RolloutFailed => "rollout-failed",
             JobState::Succeeded => "succeeded",
             JobState::Failed => "failed",
             JobState::Stopped => "stopped",
@@ -550,6 +567,10 @@ pub struct TaskView {
     /// Why a pending task is not placed yet (its job's pending reason).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending_reason: Option<String>,
+    /// The version of the job the task runs, so that a listing during a rollout can
+    /// tell old tasks from new; absent from older servers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
 }
 
 /// A node with what is allocated on it.
@@ -732,7 +753,7 @@ mod tests {
         use crate::api::JobState;
         use crate::ids::ProjectId;
         use crate::spec::{JobKind, JobSpec};
-        use crate::state::{Job, JobStatus, Task, TaskState};
+        use crate::state::{Job, JobStatus, Rollout, RolloutState, Task, TaskState};
 
         fn job(kind: JobKind, count: u32, status: JobStatus) -> Job {
             let mut spec = JobSpec::new("j", vec!["true".into()]);
@@ -821,6 +842,19 @@ mod tests {
             ] {
                 assert_eq!(state(&job(JobKind::Batch, 1, status), &[], true), want);
             }
+            // A rollout says what the job is doing until it completes.
+            let mut rolling = svc.clone();
+            rolling.rollout = Some(Rollout::start(1, 0));
+            let mixed = [(0, 0, Running), (1, 0, Pending)];
+            assert_eq!(state(&rolling, &mixed, false), JobState::RollingOut);
+            if let Some(r) = rolling.rollout.as_mut() {
+                r.state = RolloutState::Failed;
+            }
+            assert_eq!(state(&rolling, &mixed, false), JobState::RolloutFailed);
+            if let Some(r) = rolling.rollout.as_mut() {
+                r.state = RolloutState::Complete;
+            }
+            assert_eq!(state(&rolling, &mixed, false), JobState::Degraded);
             let unknown: JobState = serde_json::from_str("\"hibernating\"").unwrap();
             assert_eq!(unknown, JobState::Unknown);
             assert_eq!(

@@ -399,6 +399,54 @@ impl Logs {
     }
 }
 
+/// `update`: how a running service moves to a new version of its spec. Its tasks are
+/// replaced a few indexes at a time: for each index the old task is stopped and a task
+/// of the new version started in its place, and the next index is taken only once the
+/// new task has run (and passed its health check, if it has one) for
+/// `min_healthy_time`. A new task that fails before then stops the rollout, and the old
+/// tasks not yet replaced keep running. Only services have it; a change of `count`
+/// alone never rolls anything.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpdatePolicy {
+    /// How many indexes are replaced at once.
+    pub max_parallel: u32,
+    /// How long a new task must run before its index counts as updated.
+    pub min_healthy_time: Dur,
+}
+
+/// A rollout replaces one index at a time unless the spec says otherwise.
+pub const DEFAULT_MAX_PARALLEL: u32 = 1;
+/// How long a new task must run before its index counts as updated, unless the spec
+/// says otherwise (Nomad's default).
+pub const DEFAULT_MIN_HEALTHY_TIME: Dur = Dur::from_secs(10);
+/// The longest `update.min_healthy_time`: a task that must run an hour before it counts
+/// makes a rollout of a few tasks last a day.
+pub const MAX_MIN_HEALTHY_TIME: Dur = Dur::from_secs(60 * 60);
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        UpdatePolicy {
+            max_parallel: DEFAULT_MAX_PARALLEL,
+            min_healthy_time: DEFAULT_MIN_HEALTHY_TIME,
+        }
+    }
+}
+
+impl UpdatePolicy {
+    fn validate(&self) -> Result<(), String> {
+        // As many at once as a job may have tasks means "all at once"; more says nothing
+        // more, and a bound keeps the rollout's bookkeeping bounded too.
+        if self.max_parallel == 0 || self.max_parallel > MAX_COUNT {
+            return Err(format!(
+                "update.max_parallel: expected 1 to {MAX_COUNT} (how many tasks are replaced at once), got {}",
+                self.max_parallel
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// An HTTP health probe: healthy when `GET path` on the port answers 2xx or 3xx.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HttpProbe {
@@ -542,6 +590,10 @@ pub struct JobSpec {
     /// is piped or redirected from a file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<StdinInput>,
+    /// How a running service rolls over to a new version of this spec; the defaults of
+    /// [`UpdatePolicy`] when absent. Services only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdatePolicy>,
 }
 
 /// `stdin`: the content a task reads on its standard input, stored on the controller as
@@ -733,7 +785,13 @@ impl JobSpec {
             logs: Logs::default(),
             retention: None,
             stdin: None,
+            update: None,
         }
+    }
+
+    /// The update policy in force: the spec's, or the defaults.
+    pub fn update_policy(&self) -> UpdatePolicy {
+        self.update.unwrap_or_default()
     }
 
     /// How long a task of this job on an unreachable node is waited for before it is
@@ -1063,6 +1121,14 @@ impl JobSpec {
                 return Err("stdin: runtime mock runs no program to read it".into());
             }
         }
+        if let Some(u) = &self.update {
+            if self.kind != JobKind::Service {
+                return Err(
+                    "update: only services roll out new versions; a batch job's new version replaces the old one at once, so remove update or use kind: service".into(),
+                );
+            }
+            u.validate()?;
+        }
         Ok(())
     }
 }
@@ -1148,6 +1214,7 @@ impl JobSpec {
             logs: _,
             retention,
             stdin: _,
+            update,
         } = self;
         let Disconnect {
             lost_after,
@@ -1179,6 +1246,17 @@ impl JobSpec {
         }
         if let Some(t) = retention {
             all.push(("retention", *t, MAX_RETENTION));
+        }
+        if let Some(UpdatePolicy {
+            max_parallel: _,
+            min_healthy_time,
+        }) = update
+        {
+            all.push((
+                "update.min_healthy_time",
+                *min_healthy_time,
+                MAX_MIN_HEALTHY_TIME,
+            ));
         }
         if let Some(HealthCheck {
             http: _,
@@ -1253,6 +1331,9 @@ fn note_unknown(first: &mut Option<(String, String)>, path: serde_ignored::Path<
         serde_ignored::Path::Map { parent, key } => (parent.to_string(), key),
         other => (String::new(), other.to_string()),
     };
+    // serde_ignored names an optional value's inside `?` (`update.?` for a key inside
+    // `update`); the user wrote no such step.
+    let parent = parent.replace(".?", "");
     let parent = if parent == "?" || parent == "." {
         String::new()
     } else {
@@ -1573,6 +1654,11 @@ stop_grace: 2s
                 "mock.exit_after: expected at most 24h",
                 format!("{MOCK}mock: {{ exit_after: 24h }}\n"),
             ),
+            (
+                format!("{SVC}update: {{ min_healthy_time: 61m }}\n"),
+                "update.min_healthy_time: expected at most 1h, got 1h 1m",
+                format!("{SVC}update: {{ min_healthy_time: 1h }}\n"),
+            ),
         ];
         for (bad, needle, at_bound) in cases {
             let err = JobSpec::from_yaml(bad, "job.yaml").unwrap_err().to_string();
@@ -1586,6 +1672,73 @@ stop_grace: 2s
                 panic!("{at_bound:?} is at the bound and must be accepted: {e}");
             }
         }
+    }
+
+    #[test]
+    fn update_is_for_services_with_a_bounded_parallelism() {
+        const SVC: &str = "name: a\nkind: service\ncommand: [x]\n";
+        // Absent, the defaults: one index at a time, each healthy for 10s.
+        let plain = JobSpec::from_yaml(SVC, "job.yaml").unwrap();
+        assert_eq!(plain.update, None);
+        assert_eq!(
+            plain.update_policy(),
+            UpdatePolicy {
+                max_parallel: 1,
+                min_healthy_time: Dur::from_secs(10),
+            }
+        );
+        // A field left out keeps its default.
+        let some = JobSpec::from_yaml(&format!("{SVC}update: {{ max_parallel: 2 }}\n"), "job.yaml")
+            .unwrap();
+        assert_eq!(
+            some.update_policy(),
+            UpdatePolicy {
+                max_parallel: 2,
+                min_healthy_time: Dur::from_secs(10),
+            }
+        );
+        let quick = JobSpec::from_yaml(
+            &format!("{SVC}update: {{ max_parallel: 100000, min_healthy_time: 0s }}\n"),
+            "job.yaml",
+        )
+        .unwrap();
+        assert_eq!(quick.update_policy().min_healthy_time, Dur::from_secs(0));
+        let cases = [
+            (
+                format!("{SVC}update: {{ max_parallel: 0 }}\n"),
+                "job.yaml:4:1: update.max_parallel: expected 1 to 100000 (how many tasks are replaced at once), got 0",
+            ),
+            (
+                format!("{SVC}update: {{ max_parallel: 100001 }}\n"),
+                "update.max_parallel: expected 1 to 100000",
+            ),
+            (
+                format!("{SVC}update: {{ max_parallel: two }}\n"),
+                "update.max_parallel: expected a whole number",
+            ),
+            (
+                format!("{SVC}update: {{ min_healthy_time: soon }}\n"),
+                "update.min_healthy_time:",
+            ),
+            (
+                format!("{SVC}update: {{ max_paralel: 2 }}\n"),
+                "update: unknown field `max_paralel`",
+            ),
+            (
+                "name: a\ncommand: [x]\nupdate: { max_parallel: 2 }\n".to_string(),
+                "job.yaml:3:1: update: only services roll out new versions",
+            ),
+        ];
+        for (bad, want) in cases {
+            let err = JobSpec::from_yaml(&bad, "job.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{bad:?} -> {err} (wanted {want:?})");
+        }
+        // The API's JSON goes through the same rules.
+        let batch = br#"{"name": "a", "command": ["x"], "update": {}}"#;
+        let err = JobSpec::from_json(batch).unwrap_err().to_string();
+        assert!(err.starts_with("update: only services"), "{err}");
     }
 
     /// Arguments and environments a node could not exec are refused, naming the field

@@ -9,7 +9,7 @@ use crate::ids::{JobId, NodeId, ProjectId, TaskId};
 use crate::platform::{Libc, Platform, Uname};
 use crate::spec::{JobSpec, Resources, RuntimeKind};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -564,6 +564,102 @@ pub struct Job {
     /// of that request gets this version back instead of making another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// For a version of a service that replaces a running one: how far the replacement
+    /// of the old tasks has got. Kept with the job, so a restarted controller carries
+    /// on where it was; absent from records older than rollouts, which load as having
+    /// none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+}
+
+/// Where a rollout stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RolloutState {
+    /// Old tasks are being replaced, a few indexes at a time.
+    InProgress,
+    /// Every index runs the new version; the old versions are stopped.
+    Complete,
+    /// A new task failed before it had been healthy long enough: nothing more is
+    /// replaced, and the old tasks still running keep running.
+    Failed,
+    /// Ended before it finished, without failing: a newer version took over, or the
+    /// job was stopped. `reason` says which.
+    Stopped,
+    /// A state this client does not know, from a newer server.
+    #[serde(other)]
+    Unknown,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::InProgress => "in-progress",
+            RolloutState::Complete => "complete",
+            RolloutState::Failed => "failed",
+            RolloutState::Stopped => "stopped",
+            RolloutState::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for RolloutState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The replacement of a service's running tasks by those of a new version (the job
+/// record it is kept on), one index after another.
+///
+/// For an index in `in_flight` the old task has been asked to stop, and the new one is
+/// started once the old one has ended; the index is `done` when its new task has been
+/// running for the spec's `update.min_healthy_time`. Indexes the old versions never
+/// ran are started at once and are done the same way. Both sets hold indexes below the
+/// job's count, so they are bounded by it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The version that was running when the rollout began; its tasks, and those of any
+    /// older version still running, are the ones replaced.
+    pub from_version: u32,
+    pub state: RolloutState,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub in_flight: BTreeSet<u32>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub done: BTreeSet<u32>,
+    /// Why it failed or stopped, in a sentence: "rollout to version 3 failed: web[1]
+    /// exited with code 1".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub started_at: Millis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Millis>,
+}
+
+impl Rollout {
+    /// A rollout from `from_version`, just begun.
+    pub fn start(from_version: u32, now: Millis) -> Rollout {
+        Rollout {
+            from_version,
+            state: RolloutState::InProgress,
+            in_flight: BTreeSet::new(),
+            done: BTreeSet::new(),
+            reason: String::new(),
+            started_at: now,
+            finished_at: None,
+        }
+    }
+
+    /// Whether it still replaces tasks.
+    pub fn in_progress(&self) -> bool {
+        self.state == RolloutState::InProgress
+    }
+
+    /// How many of a job's `count` indexes run the new version and have been healthy
+    /// for long enough.
+    pub fn updated(&self, count: u32) -> usize {
+        self.done.range(..count).count()
+    }
 }
 
 impl Job {
@@ -581,6 +677,7 @@ impl Job {
             created_at: now,
             updated_at: now,
             idempotency_key: None,
+            rollout: None,
         }
     }
 }

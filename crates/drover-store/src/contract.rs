@@ -55,6 +55,7 @@ fn job(id: &str, status: JobStatus) -> Job {
         created_at: 1,
         updated_at: 1,
         idempotency_key: None,
+        rollout: None,
     }
 }
 

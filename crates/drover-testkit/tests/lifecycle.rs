@@ -350,7 +350,7 @@ async fn reapplying_a_changed_spec_replaces_the_tasks_and_an_unchanged_one_does_
     assert_eq!(api.apply_yaml(v1).await.unwrap().result, "unchanged");
     let v2 = "name: web\nkind: service\ncommand: [sleep, '31']\nstop_grace: 1s\n";
     let r = api.apply_yaml(v2).await.unwrap();
-    assert_eq!(r.result, "updated");
+    assert_eq!(r.result, "rolling out version 2");
     assert_eq!(r.job.job.version, 2);
     api.wait_job("web", T, |j, t| {
         j.job.version == 2 && t.iter().any(|t| t.task.state == TaskState::Running)

@@ -176,7 +176,7 @@ runtime_env:
     .await
     .unwrap();
     let applied = api.apply_yaml(&service(2)).await.unwrap();
-    assert_eq!(applied.result, "updated");
+    assert_eq!(applied.result, "rolling out version 2");
     let logs = drover_testkit::wait_for("the new config in the logs", T, async || {
         api.logs("svc")
             .await

@@ -71,14 +71,25 @@ async fn a_count_change_alone_adds_or_stops_tasks_and_leaves_the_rest_running() 
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert_eq!(running(&api, 1).await[&0], two[&0]);
 
-    // Any other change is a new version, and its tasks are new.
+    // Any other change is a new version, rolled out, and its tasks are new.
     let changed = api.apply_yaml(&spec(1, "bye")).await.unwrap();
     assert_eq!(
         (changed.result.as_str(), changed.job.job.version),
-        ("updated", 2)
+        ("rolling out version 2", 2)
     );
-    let new = running(&api, 1).await;
-    assert_ne!(new[&0].0, two[&0].0);
+    let v2 = changed.job.job.id.clone();
+    let (_, tasks) = api
+        .wait_job("web", T, |_, t| {
+            t.iter()
+                .any(|t| t.task.job_id == v2 && t.task.state == TaskState::Running)
+        })
+        .await
+        .unwrap();
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t.task.id.to_string() != two[&0].0 || t.task.desired_stop)
+    );
 
     // An in-process agent's tasks outlive the test unless stopped.
     api.stop_forced("web").await.unwrap();
