@@ -303,21 +303,18 @@ fn short_json(v: &serde_json::Value) -> String {
     }
 }
 
-/// The top-level spec fields that differ between two versions, e.g. `command, env`.
+/// The top-level spec fields that differ between two versions, e.g. `command, env`:
+/// the first part of each path the plan's field diff gives.
 fn changed_fields(before: &drover_core::JobSpec, after: &drover_core::JobSpec) -> String {
-    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
-        (serde_json::to_value(before), serde_json::to_value(after))
-    else {
-        return String::new();
-    };
-    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let changed: Vec<&str> = keys
+    let mut changed: Vec<String> = drover_core::api::spec_changes(before, after)
         .into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(String::as_str)
+        .map(|c| {
+            let end = c.path.find(['.', '[']).unwrap_or(c.path.len());
+            c.path[..end].to_string()
+        })
         .collect();
+    changed.sort();
+    changed.dedup();
     if changed.is_empty() {
         "(same spec: a rerun)".to_string()
     } else {
