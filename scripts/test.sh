@@ -43,6 +43,13 @@ if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     fi
 fi
 
+# The terminal tests run the CLI inside tmux and read its screen.
+if ! command -v tmux >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && apt-get install -y -qq tmux
+    fi
+fi
+
 # The lints run after the tests, so one run reports both; either failing fails it.
 for component in rustfmt clippy; do
     if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then

@@ -3,13 +3,14 @@
 mod client;
 mod cluster;
 mod config;
+mod globals;
 mod input;
 mod output;
 mod pack;
 mod wait;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use client::Client;
 use drover_core::api::StreamEvent;
 use drover_core::artifact::{Artifact, ArtifactRef, Digest, NewArtifact, Variant};
@@ -66,11 +67,12 @@ const JOIN_TOKEN_ENV: &str = drover_agent::JOIN_TOKEN_ENV_NAME;
         `drover task`, `drover logs` and `drover node` from another.\n\n\
         Logs go to stderr; DROVER_LOG sets the level (e.g. debug, or drover_agent=debug) and\n\
         DROVER_LOG_FORMAT=json makes them one JSON object per line.",
-    after_help = "Server and token come from --server/--token, then DROVER_SERVER/DROVER_TOKEN, then\n\
-        a context of the config file ($XDG_CONFIG_HOME/drover/config.yaml): the one\n\
-        --context or DROVER_CONTEXT names, else the current one (`drover context ls`).\n\
-        Each `drover up` adds a context for its cluster. The project comes from --project,\n\
-        then DROVER_PROJECT, then the context's `project:`."
+    after_help = "Server and token come from --server/--token, then DROVER_SERVER and\n\
+        DROVER_TOKEN, then a context of the config file\n\
+        ($XDG_CONFIG_HOME/drover/config.yaml): the one --context or DROVER_CONTEXT\n\
+        names, else the current one (`drover context ls`). Each `drover up` adds a\n\
+        context for its cluster. The project comes from --project, then\n\
+        DROVER_PROJECT, then the context's `project:`."
 )]
 struct Cli {
     /// The controller's URL, e.g. https://controller:7700 (`drover up` serves
@@ -116,7 +118,7 @@ enum Cmd {
     ///
     /// Without a configured server this starts a throwaway cluster in this process.
     #[command(
-        after_help = "Examples:\n  drover run -- sh -c 'echo hello'\n  drover run --count 3 --env GREETING=hi -- sh -c 'echo $GREETING $DROVER_TASK_INDEX'\n  drover run --service -- python3 -m http.server 8000"
+        after_help = "Examples:\n  drover run -- sh -c 'echo hello'\n  drover run --count 3 -e WORD=hi -- sh -c 'echo $WORD $DROVER_TASK_INDEX'\n  drover run --service -- python3 -m http.server 8000"
     )]
     Run(RunArgs),
     /// Run a persistent controller and a local agent (SQLite in the data dir).
@@ -126,28 +128,35 @@ enum Cmd {
     Up(UpArgs),
     /// Run only the controller; agents join with the join token it keeps in its data dir.
     #[command(
-        after_help = "The server serves HTTPS: with --tls-cert and --tls-key, or else with a certificate it\n\
-            generates once and keeps in DATA_DIR/tls/. It prints the certificate's fingerprint, which\n\
-            agents and clients pin to trust it (--insecure-http serves plain HTTP instead).\n\n\
-            Agents join with the token in DATA_DIR/join-token. Give it to them in a file or in\n\
-            the environment, not on the command line, where `ps` shows it to every user:\n  \
-            drover agent --server https://CONTROLLER:7700 --server-fingerprint sha256:HEX --join-token-file /etc/drover/join-token\n  \
-            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server https://CONTROLLER:7700 --ca cert.pem\n\n\
-            The cluster admin token is in DATA_DIR/admin-token. If every cluster admin token was\n\
-            revoked or lost, make a new one on this host (it needs the data dir, not a token):\n  \
+        after_help = "The server serves HTTPS: with --tls-cert and --tls-key, or else with a\n\
+            certificate it generates once and keeps in DATA_DIR/tls/. It prints the\n\
+            certificate's fingerprint, which agents and clients pin to trust it\n\
+            (--insecure-http serves plain HTTP instead).\n\n\
+            Agents join with the token in DATA_DIR/join-token. Give it to them in a file\n\
+            or in the environment, not on the command line, where `ps` shows it to every\n\
+            user:\n  \
+            drover agent --server https://CONTROLLER:7700 \\\n      \
+            --server-fingerprint sha256:HEX --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" \\\n      \
+            drover agent --server https://CONTROLLER:7700 --ca cert.pem\n\n\
+            The cluster admin token is in DATA_DIR/admin-token. If every cluster admin\n\
+            token was revoked or lost, make a new one on this host (it needs the data\n\
+            dir, not a token):\n  \
             drover server --reset-admin-token --data-dir DATA_DIR"
     )]
     Server(ServerArgs),
     /// Run only an agent that dials out to a controller.
     #[command(
-        after_help = "The join token comes from --join-token-file or, without it, from DROVER_JOIN_TOKEN.\n\
-            --join-token still works (a flag wins over the variable), but `ps` shows it to every\n\
-            user of the machine:\n  \
-            drover agent --server https://CONTROLLER:7700 --server-fingerprint sha256:HEX --join-token-file /etc/drover/join-token\n  \
-            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" drover agent --server https://CONTROLLER:7700 --ca cert.pem\n\n\
-            An https:// server's certificate is trusted by --server-fingerprint (as `drover server`\n\
-            prints it), by --ca FILE, or else by the system's roots; nothing is sent to a server\n\
-            that is not trusted."
+        after_help = "The join token comes from --join-token-file or, without it, from\n\
+            DROVER_JOIN_TOKEN. --join-token still works (a flag wins over the variable),\n\
+            but `ps` shows it to every user of the machine:\n  \
+            drover agent --server https://CONTROLLER:7700 \\\n      \
+            --server-fingerprint sha256:HEX --join-token-file /etc/drover/join-token\n  \
+            DROVER_JOIN_TOKEN=\"$(cat /etc/drover/join-token)\" \\\n      \
+            drover agent --server https://CONTROLLER:7700 --ca cert.pem\n\n\
+            An https:// server's certificate is trusted by --server-fingerprint (as\n\
+            `drover server` prints it), by --ca FILE, or else by the system's roots;\n\
+            nothing is sent to a server that is not trusted."
     )]
     Agent(AgentArgs),
     /// Submit, list, inspect and stop jobs.
@@ -177,7 +186,8 @@ enum Cmd {
             stored, and uploaded, once. Removing an artifact deletes the files no other\n\
             artifact uses.",
         after_help = "Examples:\n  \
-            drover artifact push app:1.0 target/x86_64-unknown-linux-gnu/release/app target/aarch64-unknown-linux-gnu/release/app\n  \
+            drover artifact push app:1.0 target/x86_64-unknown-linux-gnu/release/app \\\n      \
+            target/aarch64-unknown-linux-gnu/release/app\n  \
             drover artifact push tool:2 tool.sh\n  \
             drover artifact ls\n  \
             drover artifact inspect app:1.0 -o json\n  \
@@ -215,7 +225,7 @@ enum Cmd {
     /// Switch between clusters (and projects, and tokens) kept in the CLI config.
     #[command(
         subcommand,
-        after_help = "Each `drover up` adds a context for its cluster and makes it current; `drover token create --save NAME` adds one for the new token.\n\nExamples:\n  drover context ls\n  drover context use local-7701\n  drover --context local job ls\n  DROVER_CONTEXT=team-a drover run -- echo hi"
+        after_help = "Each `drover up` adds a context for its cluster and makes it current;\n`drover token create --save NAME` adds one for the new token.\n\nExamples:\n  drover context ls\n  drover context use local-7701\n  drover --context local job ls\n  DROVER_CONTEXT=team-a drover run -- echo hi"
     )]
     Context(ContextCmd),
     /// Print this client's version and commit, and the server's when one is configured.
@@ -904,7 +914,8 @@ enum ArtifactCmd {
             are immutable: pushing an existing NAME:VERSION fails; push a new version.",
         after_help = "Examples:\n  \
             drover artifact push app:1.0 build/app-amd64 build/app-arm64\n  \
-            drover artifact push app:1.1 build/app@linux/amd64/v3+gnu build/app-v1@linux/amd64+gnu\n  \
+            drover artifact push app:1.1 \\\n      \
+            build/app@linux/amd64/v3+gnu build/app-v1@linux/amd64+gnu\n  \
             drover artifact push model:7 weights.bin@any"
     )]
     Push {
@@ -1000,7 +1011,7 @@ fn main() {
             }
         }
     }
-    let cli = match Cli::try_parse() {
+    let cli = match parse(&args) {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() && asks_for_plan(&args) => {
             if let Err(printing) = e.print() {
@@ -1129,40 +1140,24 @@ fn require(cli: &Cli) -> Result<Client> {
     resolve(cli)?.context("no Drover server configured: start one with `drover up`, or pass --server and --token (or DROVER_SERVER and DROVER_TOKEN)")
 }
 
-/// The name of a command that has no JSON output, for refusing `-o json` on it rather
-/// than silently printing text a script would then fail to parse.
-fn without_json(cmd: &Cmd) -> Option<&'static str> {
-    match cmd {
-        Cmd::Run(_) => Some("run"),
-        Cmd::Up(_) => Some("up"),
-        Cmd::Server(_) => Some("server"),
-        Cmd::Agent(_) => Some("agent"),
-        Cmd::Completions { .. } => Some("completions"),
-        Cmd::Context(ContextCmd::Use { .. }) => Some("context use"),
-        Cmd::Context(ContextCmd::Rm { .. }) => Some("context rm"),
-        Cmd::Context(ContextCmd::Rename { .. }) => Some("context rename"),
-        Cmd::Job(_)
-        | Cmd::Task(_)
-        | Cmd::Node(_)
-        | Cmd::Logs(_)
-        | Cmd::Env(_)
-        | Cmd::Artifact(_)
-        | Cmd::Project(_)
-        | Cmd::Token(_)
-        | Cmd::Version
-        | Cmd::Context(ContextCmd::Ls) => None,
+/// Parses the command line into a `Cli`, refusing a global flag given to a command that
+/// does not read it (see `globals`), with clap's usage error (exit 2).
+fn parse(args: &[String]) -> Result<Cli, clap::Error> {
+    use clap::FromArgMatches;
+    let mut cmd = globals::command::<Cli>();
+    let matches = cmd.try_get_matches_from_mut(args)?;
+    if let Some((flag, name)) = globals::refused(&matches) {
+        let what = if flag.starts_with("-o") {
+            format!("`drover {name}` has no JSON output; leave out -o")
+        } else {
+            format!("`drover {name}` does not use {flag}; leave it out")
+        };
+        return Err(cmd.error(clap::error::ErrorKind::ArgumentConflict, what));
     }
+    Cli::from_arg_matches(&matches).map_err(|e| e.format(&mut cmd))
 }
 
 async fn dispatch(cli: Cli) -> Result<i32> {
-    if cli.output == Output::Json
-        && let Some(name) = without_json(&cli.command)
-    {
-        return Err(UsageError(format!(
-            "-o json: `drover {name}` has no JSON output; leave out -o json"
-        ))
-        .into());
-    }
     match &cli.command {
         Cmd::Run(a) => run(&cli, a).await,
         Cmd::Up(a) => up(a).await,
@@ -1315,7 +1310,12 @@ async fn dispatch(cli: Cli) -> Result<i32> {
             // Generated into memory first: clap_complete panics when its writer fails,
             // and a closed stdout must end the command quietly.
             let mut script = Vec::new();
-            clap_complete::generate(*shell, &mut Cli::command(), "drover", &mut script);
+            clap_complete::generate(
+                *shell,
+                &mut globals::command::<Cli>(),
+                "drover",
+                &mut script,
+            );
             output::write_to(std::io::stdout().lock(), &script, "stdout")?;
             Ok(0)
         }
@@ -3035,6 +3035,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::CommandFactory;
 
     /// Every command, flag and argument says what it is for in `--help`.
     #[test]
@@ -3083,6 +3084,144 @@ mod tests {
     #[test]
     fn the_cli_definition_is_consistent() {
         Cli::command().debug_assert();
+        globals::command::<Cli>().debug_assert();
+    }
+
+    /// The help of the command at `path`, as `drover PATH --help` prints it.
+    fn long_help(path: &[&str]) -> String {
+        let mut cmd = globals::command::<Cli>();
+        // Building copies the globals onto the subcommands, as parsing does.
+        cmd.build();
+        let mut here = &mut cmd;
+        for name in path {
+            here = here
+                .find_subcommand_mut(name)
+                .unwrap_or_else(|| panic!("no command {name} in {path:?}"));
+        }
+        here.render_long_help().to_string()
+    }
+
+    fn args(line: &str) -> Vec<String> {
+        std::iter::once("drover")
+            .chain(line.split_whitespace())
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn help_offers_only_the_global_flags_a_command_reads() {
+        // (command, flags its help must show, flags it must not)
+        let cases: &[(&[&str], &[&str], &[&str])] = &[
+            (
+                &["up"],
+                &["--listen"],
+                &["--token", "--server", "--output", "--context"],
+            ),
+            (
+                &["server"],
+                &["--listen"],
+                &["--token", "--server", "--project"],
+            ),
+            (&["completions"], &[], &["--token", "--output"]),
+            (
+                &["agent"],
+                &["--server", "--ca", "--server-fingerprint"],
+                &["--token", "--project", "--output"],
+            ),
+            (
+                &["run"],
+                &["--server", "--token", "--project"],
+                &["--output"],
+            ),
+            (
+                &["job", "ls"],
+                &["--server", "--token", "--project", "--output", "--context"],
+                &[],
+            ),
+            (&["context", "use"], &[], &["--server", "--output"]),
+            (&["context", "ls"], &["--output"], &["--server", "--token"]),
+            (&["version"], &["--server", "--output"], &["--project"]),
+        ];
+        for (path, shown, hidden) in cases {
+            let help = long_help(path);
+            // An option's own line, `--server <SERVER>`, not an example that uses it.
+            let offers = |flag: &str| help.contains(&format!("{} <", flag.trim()));
+            for flag in *shown {
+                assert!(offers(flag), "drover {path:?} --help lacks {flag}:\n{help}");
+            }
+            for flag in *hidden {
+                assert!(
+                    !offers(flag),
+                    "drover {path:?} --help offers {flag}:\n{help}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_global_flag_a_command_does_not_read_is_refused() {
+        for (line, refused) in [
+            ("up --token abc", Some("--token")),
+            ("completions bash --server http://x", Some("--server")),
+            ("context use local -o json", Some("-o")),
+            ("run -o json -- echo", Some("-o")),
+            ("agent --project a --server http://x", Some("--project")),
+            ("job ls --token abc -o json", None),
+            ("agent --server http://x --ca ca.pem", None),
+        ] {
+            match (parse(&args(line)), refused) {
+                (Ok(_), None) => {}
+                (Err(e), Some(flag)) => {
+                    assert_eq!(
+                        e.kind(),
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "{line}: {e}"
+                    );
+                    assert_eq!(e.exit_code(), code::USAGE, "{line}");
+                    assert!(e.to_string().contains(flag), "{line}: {e}");
+                }
+                (Ok(_), Some(flag)) => panic!("{line}: {flag} was accepted"),
+                (Err(e), None) => panic!("{line}: refused: {e}"),
+            }
+        }
+    }
+
+    #[test]
+    fn examples_and_explanations_fit_80_columns() {
+        fn walk(cmd: &clap::Command, path: &str, long: &mut Vec<String>) {
+            let here = format!("{path} {}", cmd.get_name());
+            // Notes and examples after the options are laid out by hand, and an example
+            // that clap wrapped could not be pasted; a description (from a doc comment)
+            // is one paragraph per line that clap wraps, but the examples indented in it
+            // must fit too.
+            let after = [cmd.get_after_help(), cmd.get_after_long_help()];
+            for text in after.into_iter().flatten() {
+                long.extend(
+                    text.to_string()
+                        .lines()
+                        .filter(|l| l.chars().count() > 80)
+                        .map(|l| format!("{here}: {l}")),
+                );
+            }
+            if let Some(text) = cmd.get_long_about() {
+                long.extend(
+                    text.to_string()
+                        .lines()
+                        .filter(|l| l.starts_with(' ') && l.chars().count() > 80)
+                        .map(|l| format!("{here}: {l}")),
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &here, long);
+            }
+        }
+        let mut long = Vec::new();
+        walk(&Cli::command(), "", &mut long);
+        assert!(
+            long.is_empty(),
+            "lines wider than 80 columns:\n{}",
+            long.join("\n")
+        );
     }
 
     #[test]

@@ -74,9 +74,51 @@ pub async fn stdout_closed() {
     }
 }
 
+/// Prints `v` as pretty JSON, with its times as RFC 3339 (see [`times_as_rfc3339`]).
 pub fn json<T: Serialize>(v: &T) -> Result<()> {
-    outln!("{}", serde_json::to_string_pretty(v)?)?;
+    let mut value = serde_json::to_value(v)?;
+    times_as_rfc3339(&mut value);
+    outln!("{}", serde_json::to_string_pretty(&value)?)?;
     Ok(())
+}
+
+/// The fields of the API's objects that hold a time, as milliseconds since the epoch.
+const TIME_FIELDS: &[&str] = &[
+    "at",
+    "created_at",
+    "finished_at",
+    "last_seen",
+    "not_before",
+    "registered_at",
+    "started_at",
+    "unreachable_since",
+    "updated_at",
+];
+
+/// Fields whose keys are the user's own (a spec's env, labels or config), so a key that
+/// looks like a time there is not one.
+const USER_FIELDS: &[&str] = &["spec", "env", "labels", "config"];
+
+/// Rewrites the times in `v` from milliseconds since the epoch, as the API sends them,
+/// to RFC 3339 with milliseconds in UTC (`2026-12-03T10:00:00.123Z`), which people and
+/// `jq`'s `fromdate` read without arithmetic. The API keeps milliseconds, which older
+/// clients read; the CLI's JSON is for people and scripts, as kubectl's is.
+pub fn times_as_rfc3339(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (key, field) in map.iter_mut() {
+                if TIME_FIELDS.contains(&key.as_str()) {
+                    if let Some(ms) = field.as_i64() {
+                        *field = drover_core::logtime::format_rfc3339_millis(ms).into();
+                    }
+                } else if !USER_FIELDS.contains(&key.as_str()) {
+                    times_as_rfc3339(field);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(times_as_rfc3339),
+        _ => {}
+    }
 }
 
 fn table(headers: &[&str]) -> Table {
@@ -878,5 +920,27 @@ mod tests {
         assert_eq!(size(1024), "1.0 KiB");
         assert_eq!(size(39_800), "38.9 KiB");
         assert_eq!(size(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn json_times_are_rfc3339_but_the_users_own_keys_are_kept() {
+        let mut v = serde_json::json!({
+            "job": {"created_at": 1_764_756_000_123_i64, "spec": {"env": {"created_at": 5}}},
+            "tasks": [{
+                "started_at": 1_764_756_001_000_i64,
+                "finished_at": null,
+                "events": [{"at": 0, "message": "placed"}],
+                "labels": {"updated_at": 7},
+                "count": 3
+            }]
+        });
+        times_as_rfc3339(&mut v);
+        assert_eq!(v["job"]["created_at"], "2025-12-03T10:00:00.123Z");
+        assert_eq!(v["job"]["spec"]["env"]["created_at"], 5);
+        assert_eq!(v["tasks"][0]["started_at"], "2025-12-03T10:00:01.000Z");
+        assert_eq!(v["tasks"][0]["finished_at"], serde_json::Value::Null);
+        assert_eq!(v["tasks"][0]["events"][0]["at"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["tasks"][0]["labels"]["updated_at"], 7);
+        assert_eq!(v["tasks"][0]["count"], 3);
     }
 }

@@ -107,9 +107,17 @@ fn job_status_shows_a_crashing_service_placed_started_exited_and_restarted_with_
     );
     let second = tasks.iter().find(|t| t["attempt"] == 1).unwrap();
     assert_eq!(second["events"][0]["kind"], "restart", "{second}");
-    assert!(
-        second["events"][0]["at"].as_i64().unwrap() >= first["events"][4]["at"].as_i64().unwrap()
-    );
+    // Times in JSON are RFC 3339 in UTC with milliseconds, always 24 characters, so
+    // they also sort as text.
+    let restarted = second["events"][0]["at"].as_str().unwrap();
+    let exited = first["events"][4]["at"].as_str().unwrap();
+    for time in [restarted, exited, second["created_at"].as_str().unwrap()] {
+        assert!(
+            time.len() == 24 && time.ends_with('Z') && time.as_bytes()[10] == b'T',
+            "{time}"
+        );
+    }
+    assert!(restarted >= exited, "{restarted} < {exited}");
 
     // Listings of many tasks leave the timelines out.
     let listing = json(&up.run(&["task", "ls", "--all", "-o", "json"]));
