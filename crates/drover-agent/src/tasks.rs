@@ -603,7 +603,13 @@ impl TaskManager {
             })
         });
         let timeout = cx.timeout;
-        let prepared = tokio::time::timeout(timeout, prepare_all(STEPS, cx, guards)).await;
+        // Each step that did something a user waits for (an environment built, an
+        // artifact fetched) is reported as it ends, for the task's timeline.
+        let mut done = |note: &str| {
+            self.emit(&id, TaskState::Preparing, note, None);
+        };
+        let prepared =
+            tokio::time::timeout(timeout, prepare_all(STEPS, cx, guards, &mut done)).await;
         if let Some(t) = ticker {
             t.abort();
         }

@@ -72,7 +72,19 @@ fn a_working_dir_is_packed_honouring_ignore_files_and_runs_in_the_task() {
     }
     let prepare = stdout(&home.run(&["logs", "wd", "--prepare"]))
         + &stderr(&home.run(&["logs", "wd", "--prepare"]));
-    assert!(prepare.contains("unpacked working_dir"), "{prepare}");
+    assert!(prepare.contains("working_dir unpacked: "), "{prepare}");
+    // The step is in the task's timeline too, between preparing and starting.
+    let status = stdout(&home.run(&["job", "status", "wd", "--events", "all"]));
+    let at = |what: &str| {
+        status
+            .find(what)
+            .unwrap_or_else(|| panic!("{what:?} missing from:\n{status}"))
+    };
+    assert!(
+        at("preparing") < at("working_dir unpacked: ")
+            && at("working_dir unpacked: ") < at("starting"),
+        "{status}"
+    );
 
     // The same directory packs to the same archive (the same digest), which the
     // controller has, so nothing is uploaded again.

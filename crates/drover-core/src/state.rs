@@ -205,6 +205,9 @@ pub enum TaskEventKind {
     Placed,
     /// The agent began preparing it (directory, files, environment, image).
     Preparing,
+    /// One step of its preparation is done: its working_dir unpacked, its Python
+    /// environment built or reused, its artifact installed, its image ready.
+    Prepared,
     /// The agent is starting it through its runtime.
     Starting,
     /// It runs (for a task with a health check, a probe has passed).
@@ -237,6 +240,7 @@ impl TaskEventKind {
             TaskEventKind::Replacement => "replacement",
             TaskEventKind::Placed => "placed",
             TaskEventKind::Preparing => "preparing",
+            TaskEventKind::Prepared => "prepared",
             TaskEventKind::Starting => "starting",
             TaskEventKind::Started => "started",
             TaskEventKind::HealthPassed => "health_passed",
@@ -261,6 +265,7 @@ impl TaskEventKind {
             TaskEventKind::Replacement => "replacement",
             TaskEventKind::Placed => "placed",
             TaskEventKind::Preparing => "preparing",
+            TaskEventKind::Prepared => "prepared",
             TaskEventKind::Starting => "starting",
             TaskEventKind::Started => "started",
             TaskEventKind::HealthPassed => "health check passed",
@@ -418,6 +423,9 @@ impl Task {
         at: Millis,
         happened: Millis,
     ) -> bool {
+        if next == self.state && next == TaskState::Preparing && !reason.is_empty() {
+            return self.note_prepared(reason, happened.min(at));
+        }
         if !self.state.can_move_to(next) {
             return false;
         }
@@ -431,6 +439,25 @@ impl Task {
         self.updated_at = at;
         let (kind, message) = self.describe_move(reason);
         self.record(happened.min(at), kind, message);
+        true
+    }
+
+    /// Records a step of the task's preparation that its agent reported (as `preparing`
+    /// again, with what the step did), unless the latest such note says the same, as
+    /// a replayed event would. The task's state, reason and deadlines stay as they are:
+    /// an older controller ignores these reports as repeated moves, and nothing else
+    /// depends on them. Returns whether the timeline changed.
+    fn note_prepared(&mut self, what: &str, at: Millis) -> bool {
+        let seen = self
+            .events
+            .iter()
+            .rev()
+            .take_while(|e| e.kind != TaskEventKind::Preparing)
+            .any(|e| e.kind == TaskEventKind::Prepared && e.message == what);
+        if seen {
+            return false;
+        }
+        self.record(at, TaskEventKind::Prepared, what);
         true
     }
 
@@ -920,6 +947,58 @@ mod tests {
                 "failed: runtime_env.python: no pip"
             )
         );
+    }
+
+    #[test]
+    fn preparation_steps_join_the_timeline_once_and_change_nothing_else() {
+        let mut t = a_task();
+        assert!(t.advance_reported(TaskState::Preparing, "", None, 20, 20));
+        let updated = t.updated_at;
+        assert!(t.advance_reported(
+            TaskState::Preparing,
+            "working_dir unpacked: 3 files, 120 bytes",
+            None,
+            30,
+            25
+        ));
+        assert!(t.advance_reported(
+            TaskState::Preparing,
+            "python environment ready in 4.2s",
+            None,
+            40,
+            40
+        ));
+        // A replayed report of a step adds nothing.
+        assert!(!t.advance_reported(
+            TaskState::Preparing,
+            "working_dir unpacked: 3 files, 120 bytes",
+            None,
+            50,
+            25
+        ));
+        assert_eq!(t.state, TaskState::Preparing);
+        assert_eq!(
+            t.updated_at, updated,
+            "the prepare deadline still counts from its start"
+        );
+        assert_eq!(t.reason, "");
+        let seen: Vec<(TaskEventKind, &str)> =
+            t.events.iter().map(|e| (e.kind, e.text())).collect();
+        assert_eq!(
+            seen,
+            [
+                (TaskEventKind::Preparing, "preparing"),
+                (
+                    TaskEventKind::Prepared,
+                    "working_dir unpacked: 3 files, 120 bytes"
+                ),
+                (TaskEventKind::Prepared, "python environment ready in 4.2s"),
+            ]
+        );
+        // Once it has moved on, a late note of its preparation is still not a move.
+        assert!(t.advance(TaskState::Starting, "", None, 60));
+        assert!(!t.advance_reported(TaskState::Preparing, "image x ready", None, 70, 70));
+        assert_eq!(t.state, TaskState::Starting);
     }
 
     #[test]

@@ -241,7 +241,7 @@ async fn a_working_dir_is_unpacked_into_the_task_and_an_escaping_one_is_refused(
     assert!(out.contains("the data"), "{out}");
     let prepare = api.prepare_logs("files").await.unwrap();
     assert!(
-        prepare.contains("unpacked working_dir: 2 files"),
+        prepare.contains("working_dir unpacked: 2 files"),
         "{prepare}"
     );
 

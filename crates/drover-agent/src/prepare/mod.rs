@@ -76,6 +76,9 @@ pub(crate) enum Lasts {
 pub(crate) struct StepGuard {
     lasts: Lasts,
     undo: Option<Box<dyn FnOnce() + Send>>,
+    /// What the step did, for the task's timeline (`working_dir unpacked: 12 files`),
+    /// when it did something a user waits for; reported once the step is done.
+    note: Option<String>,
 }
 
 impl StepGuard {
@@ -85,7 +88,14 @@ impl StepGuard {
         StepGuard {
             lasts: Lasts::Run,
             undo: None,
+            note: None,
         }
+    }
+
+    /// This guard, with what its step did for the task's timeline.
+    pub fn noting(mut self, note: impl Into<String>) -> StepGuard {
+        self.note = Some(note.into());
+        self
     }
 
     /// A guard that runs `undo` once the task's run is over.
@@ -93,6 +103,7 @@ impl StepGuard {
         StepGuard {
             lasts: Lasts::Run,
             undo: Some(Box::new(undo)),
+            note: None,
         }
     }
 
@@ -107,6 +118,7 @@ impl StepGuard {
         StepGuard {
             lasts: Lasts::UntilRetired,
             undo: Some(Box::new(undo)),
+            note: None,
         }
     }
 
@@ -167,7 +179,8 @@ impl Drop for Guards {
     }
 }
 
-/// Runs `steps` in order, pushing each one's guard onto `guards`, until one fails.
+/// Runs `steps` in order, pushing each one's guard onto `guards`, until one fails, and
+/// hands each step's note (what it did, for the task's timeline) to `done` as it ends.
 /// The guards are the caller's, outside this future, so that what was done before a
 /// deadline cut the preparation short is still undone; the caller undoes them with
 /// [`Guards::end_run`] whenever the task ends, failed here or not.
@@ -175,10 +188,16 @@ pub(crate) async fn prepare_all<Cx: Send>(
     steps: &[&dyn PrepareStep<Cx>],
     cx: &mut Cx,
     guards: &mut Guards,
+    done: &mut (dyn FnMut(&str) + Send),
 ) -> Result<(), PrepareError> {
     for step in steps {
         match step.prepare(cx).await {
-            Ok(guard) => guards.push(guard),
+            Ok(mut guard) => {
+                if let Some(note) = guard.note.take() {
+                    done(&note);
+                }
+                guards.push(guard);
+            }
             Err(mut e) => {
                 e.step = step.name();
                 return Err(e);
@@ -251,10 +270,11 @@ mod tests {
         fn guard(&self, journal: &Journal) -> StepGuard {
             let (journal, name) = (journal.clone(), self.name);
             let undo = move || record(&journal, format!("undo {name}"));
-            match self.lasts {
+            let guard = match self.lasts {
                 Lasts::Run => StepGuard::for_run(undo),
                 Lasts::UntilRetired => StepGuard::until_retired(undo),
-            }
+            };
+            guard.noting(format!("{name} done"))
         }
     }
 
@@ -297,10 +317,15 @@ mod tests {
         let steps: [&dyn PrepareStep<Journal>; 4] = [&a, &b, &c, &d];
         let mut journal = Journal::default();
         let mut guards = Guards::default();
-        let err = prepare_all(&steps, &mut journal, &mut guards)
-            .await
-            .unwrap_err();
+        let mut notes = Vec::new();
+        let err = prepare_all(&steps, &mut journal, &mut guards, &mut |n| {
+            notes.push(n.to_string())
+        })
+        .await
+        .unwrap_err();
         assert_eq!((err.step, err.reason.as_str()), ("c", "c failed"));
+        // Each step that finished said what it did, in order; the failed one did not.
+        assert_eq!(notes, ["a done", "b done"]);
         let kept = guards.end_run();
         assert!(kept.is_empty());
         assert_eq!(
@@ -319,7 +344,7 @@ mod tests {
         let steps: [&dyn PrepareStep<Journal>; 3] = [&home, &a, &b];
         let mut journal = Journal::default();
         let mut guards = Guards::default();
-        prepare_all(&steps, &mut journal, &mut guards)
+        prepare_all(&steps, &mut journal, &mut guards, &mut |_| {})
             .await
             .unwrap();
         // The run is over: what lasts only as long as the run goes at once.
@@ -350,7 +375,7 @@ mod tests {
         let steps: [&dyn PrepareStep<Journal>; 3] = [&a, &home, &b];
         let mut journal = Journal::default();
         let mut guards = Guards::default();
-        prepare_all(&steps, &mut journal, &mut guards)
+        prepare_all(&steps, &mut journal, &mut guards, &mut |_| {})
             .await
             .unwrap();
         let kept = guards.end_run();
@@ -374,7 +399,7 @@ mod tests {
         let mut guards = Guards::default();
         let timed = tokio::time::timeout(
             Duration::from_millis(20),
-            prepare_all(&steps, &mut journal, &mut guards),
+            prepare_all(&steps, &mut journal, &mut guards, &mut |_| {}),
         )
         .await;
         assert!(timed.is_err(), "the hanging step cannot have finished");

@@ -312,15 +312,12 @@ impl PrepareStep<PrepareContext> for WorkingDirStep {
                     format!("runtime_env.working_dir: giving the files to the task's user: {e}")
                 })?;
         }
-        note(
-            &log,
-            &format!(
-                "unpacked working_dir: {} files, {} bytes\n",
-                unpacked.files, unpacked.bytes
-            ),
-        )
-        .await;
-        Ok(StepGuard::nothing())
+        let done = format!(
+            "working_dir unpacked: {} files, {} bytes",
+            unpacked.files, unpacked.bytes
+        );
+        note(&log, &format!("{done}\n")).await;
+        Ok(StepGuard::nothing().noting(done))
     }
 }
 
@@ -353,6 +350,7 @@ impl PrepareStep<PrepareContext> for PythonStep {
         let Some(py) = &cx.assignment.spec.runtime_env.python else {
             return Ok(StepGuard::nothing());
         };
+        let began = std::time::Instant::now();
         let lease = cx
             .holdings
             .artifacts
@@ -361,7 +359,11 @@ impl PrepareStep<PrepareContext> for PythonStep {
             .await
             .map_err(|e| format!("runtime_env.python: {e}"))?;
         PythonStep::activate(cx, &lease);
-        Ok(StepGuard::holding(lease))
+        let done = format!(
+            "python environment ready in {:.1}s",
+            began.elapsed().as_secs_f64()
+        );
+        Ok(StepGuard::holding(lease).noting(done))
     }
 
     /// Leases the environment the adopted task runs in again, so that a prune or an
@@ -406,7 +408,11 @@ impl PrepareStep<PrepareContext> for ArtifactStep {
             return Ok(StepGuard::nothing());
         };
         let lease = install_artifact(&cx.holdings, art, &cx.launch).await?;
-        Ok(StepGuard::holding(lease))
+        let done = format!(
+            "artifact {} installed ({})",
+            art.reference, art.variant.platform
+        );
+        Ok(StepGuard::holding(lease).noting(done))
     }
 
     /// Leases the adopted task's blob again while it is still cached, so the cache
@@ -546,7 +552,13 @@ impl PrepareStep<PrepareContext> for RuntimeStep {
             .prepare(&cx.launch)
             .await
             .map_err(|e| format!("prepare: {e}"))?;
-        Ok(StepGuard::nothing())
+        // The runtime's own preparation is worth a line when it fetched something, as
+        // a container image; a process needs none.
+        let guard = StepGuard::nothing();
+        Ok(match &cx.assignment.spec.image {
+            Some(image) => guard.noting(format!("image {image} ready")),
+            None => guard,
+        })
     }
 }
 
