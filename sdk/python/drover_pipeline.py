@@ -424,7 +424,7 @@ def source(obj, path=None):
             body.finish()
             ids = unacked.pop(batch, None)
             if ids is None:
-                raise ProtocolError("AckRequest for batch %d, which this source never answered or already acknowledged"
+                raise ProtocolError("AckRequest for batch %d, which was never read or is already acknowledged"
                                     % batch)
             if ids:
                 obj.ack(ids)

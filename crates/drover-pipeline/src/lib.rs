@@ -222,10 +222,7 @@ pub fn source_at<S: Source>(path: &Path, mut s: S) -> Result<(), PipelineError> 
             }
             Frame::AckRequest { batch } => {
                 let Some(ids) = unacked.remove(&batch) else {
-                    return Err(session.protocol(ProtoError::UnknownBatch {
-                        kind: Kind::AckRequest,
-                        batch,
-                    }));
+                    return Err(session.protocol(ProtoError::UnknownAck { batch }));
                 };
                 if !ids.is_empty()
                     && let Err(e) = s.ack(&ids)

@@ -320,6 +320,8 @@ pub enum ProtoError {
         len: usize,
         max: usize,
     },
+    #[error("AckRequest for batch {batch}, which was never read or is already acknowledged")]
+    UnknownAck { batch: u64 },
     #[error("{kind} frame for batch {batch}, which has no request outstanding")]
     UnknownBatch { kind: Kind, batch: u64 },
     #[error("{got} frame for batch {batch}, whose request was a {sent}; expected a {expected}")]

@@ -140,6 +140,12 @@ impl Conn {
         }
     }
 
+    /// The connection's two halves, for a test that reads and writes on separate
+    /// threads (and so checks responses itself).
+    pub fn into_parts(self) -> (BufReader<UnixStream>, UnixStream) {
+        (self.reader, self.writer)
+    }
+
     /// Closes the agent's side, which tells the program to stop.
     pub fn close(self) {
         drop(self);
@@ -159,7 +165,7 @@ pub fn example(name: &str) -> PathBuf {
         .join(name);
     assert!(
         path.exists(),
-        "{} is not built; `cargo test -p drover-pipeline` (or nextest) builds the examples with the tests",
+        "{} is not built: a plain `cargo test -p drover-pipeline` (or nextest) builds the examples, a run of one --test does not (`cargo build -p drover-pipeline --examples` first)",
         path.display()
     );
     path
