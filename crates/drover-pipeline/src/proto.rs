@@ -361,6 +361,13 @@ const MIN_OUTPUT: usize = 4 + 2 + 4;
 const MIN_TAG: usize = 4;
 const MIN_STATUS: usize = 1;
 
+/// Which index a counted list's entries take in error messages.
+#[derive(Clone, Copy)]
+enum Level {
+    Message,
+    Output,
+}
+
 /// Reads a frame's body field by field, keeping the position for error messages.
 struct Reader<'a> {
     buf: &'a [u8],
@@ -465,20 +472,67 @@ impl<'a> Reader<'a> {
         Ok(count)
     }
 
-    fn in_messages(&mut self) -> Result<Vec<InMessage>, ProtoError> {
-        let count = self.count("count", MIN_IN_MESSAGE, true)?;
-        let mut messages = Vec::with_capacity(count as usize);
+    /// A `u32`-counted list whose entries (messages, or a message's outputs, as `level`
+    /// says) are read by `item`, with each entry's index kept for error messages.
+    fn list<T>(
+        &mut self,
+        level: Level,
+        min_each: usize,
+        mut item: impl FnMut(&mut Self) -> Result<T, ProtoError>,
+    ) -> Result<Vec<T>, ProtoError> {
+        let name = match level {
+            Level::Message => "count",
+            Level::Output => "output count",
+        };
+        let count = self.count(name, min_each, true)?;
+        let mut items = Vec::with_capacity(count as usize);
         for i in 0..count {
-            self.message = Some(i);
-            messages.push(InMessage {
-                id: self.array("id")?,
-                event_time: self.i64("event_time")?,
-                key: self.bytes("key")?.to_vec(),
-                payload: self.bytes("payload")?.to_vec(),
-            });
+            self.at(level, Some(i));
+            items.push(item(self)?);
         }
-        self.message = None;
-        Ok(messages)
+        self.at(level, None);
+        Ok(items)
+    }
+
+    fn at(&mut self, level: Level, index: Option<u32>) {
+        match level {
+            Level::Message => self.message = index,
+            Level::Output => self.output = index,
+        }
+    }
+
+    fn in_messages(&mut self) -> Result<Vec<InMessage>, ProtoError> {
+        self.list(Level::Message, MIN_IN_MESSAGE, |r| {
+            Ok(InMessage {
+                id: r.array("id")?,
+                event_time: r.i64("event_time")?,
+                key: r.bytes("key")?.to_vec(),
+                payload: r.bytes("payload")?.to_vec(),
+            })
+        })
+    }
+
+    fn output(&mut self) -> Result<Output, ProtoError> {
+        let key = self.bytes("key")?.to_vec();
+        let tag_count = self.count("tag count", MIN_TAG, false)?;
+        let mut tags = Vec::with_capacity(tag_count as usize);
+        for _ in 0..tag_count {
+            tags.push(self.string("tag")?);
+        }
+        let payload = self.bytes("payload")?.to_vec();
+        Ok(Output { key, tags, payload })
+    }
+
+    fn status(&mut self) -> Result<Result<(), String>, ProtoError> {
+        match self.u8("status")? {
+            0 => Ok(Ok(())),
+            1 => Ok(Err(self.string("error")?)),
+            value => Err(ProtoError::BadStatus {
+                kind: self.kind,
+                field: self.field("status"),
+                value,
+            }),
+        }
     }
 
     fn finish(self) -> Result<(), ProtoError> {
@@ -549,73 +603,32 @@ pub fn decode_body(bytes: &[u8]) -> Result<Frame, ProtoError> {
                 Frame::SinkRequest { batch, messages }
             }
         }
-        Kind::MapResponse => {
-            let batch = r.u64("batch id")?;
-            let count = r.count("count", MIN_MAP_RESULT, true)?;
-            let mut results = Vec::with_capacity(count as usize);
-            for i in 0..count {
-                r.message = Some(i);
-                let n = r.count("output count", MIN_OUTPUT, true)?;
-                let mut outputs = Vec::with_capacity(n as usize);
-                for o in 0..n {
-                    r.output = Some(o);
-                    let key = r.bytes("key")?.to_vec();
-                    let tag_count = r.count("tag count", MIN_TAG, false)?;
-                    let mut tags = Vec::with_capacity(tag_count as usize);
-                    for _ in 0..tag_count {
-                        tags.push(r.string("tag")?);
-                    }
-                    let payload = r.bytes("payload")?.to_vec();
-                    outputs.push(Output { key, tags, payload });
-                }
-                r.output = None;
-                results.push(outputs);
-            }
-            r.message = None;
-            Frame::MapResponse { batch, results }
-        }
-        Kind::SinkResponse => {
-            let batch = r.u64("batch id")?;
-            let count = r.count("count", MIN_STATUS, true)?;
-            let mut statuses = Vec::with_capacity(count as usize);
-            for i in 0..count {
-                r.message = Some(i);
-                statuses.push(match r.u8("status")? {
-                    0 => Ok(()),
-                    1 => Err(r.string("error")?),
-                    value => {
-                        return Err(ProtoError::BadStatus {
-                            kind,
-                            field: r.field("status"),
-                            value,
-                        });
-                    }
-                });
-            }
-            r.message = None;
-            Frame::SinkResponse { batch, statuses }
-        }
+        Kind::MapResponse => Frame::MapResponse {
+            batch: r.u64("batch id")?,
+            results: r.list(Level::Message, MIN_MAP_RESULT, |r| {
+                r.list(Level::Output, MIN_OUTPUT, Reader::output)
+            })?,
+        },
+        Kind::SinkResponse => Frame::SinkResponse {
+            batch: r.u64("batch id")?,
+            statuses: r.list(Level::Message, MIN_STATUS, Reader::status)?,
+        },
         Kind::ReadRequest => Frame::ReadRequest {
             batch: r.u64("batch id")?,
             max: r.u32("max messages")?,
             wait_ms: r.u32("wait ms")?,
         },
-        Kind::ReadResponse => {
-            let batch = r.u64("batch id")?;
-            let count = r.count("count", MIN_SOURCE_MESSAGE, true)?;
-            let mut messages = Vec::with_capacity(count as usize);
-            for i in 0..count {
-                r.message = Some(i);
-                messages.push(SourceMessage {
+        Kind::ReadResponse => Frame::ReadResponse {
+            batch: r.u64("batch id")?,
+            messages: r.list(Level::Message, MIN_SOURCE_MESSAGE, |r| {
+                Ok(SourceMessage {
                     id: r.bytes("id")?.to_vec(),
                     event_time: r.i64("event_time")?,
                     key: r.bytes("key")?.to_vec(),
                     payload: r.bytes("payload")?.to_vec(),
-                });
-            }
-            r.message = None;
-            Frame::ReadResponse { batch, messages }
-        }
+                })
+            })?,
+        },
         Kind::AckRequest => Frame::AckRequest {
             batch: r.u64("batch id")?,
         },

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Agent, input};
+use common::{Agent, input, read};
 use drover_pipeline::proto::{Frame, HelloReply, Role};
 use drover_pipeline::{PipelineError, Source, SourceMessage};
 use std::path::PathBuf;
@@ -72,17 +72,13 @@ fn a_source_that_reads_too_much_or_fails_tells_the_agent_why() {
             "the source's read failed: the upstream is gone",
         ),
     ];
-    for (read, text) in cases {
+    for (answer, text) in cases {
         let agent = Agent::new();
         let program = serve(&agent, move |p| {
-            drover_pipeline::source_at(&p, scripted(vec![read]))
+            drover_pipeline::source_at(&p, scripted(vec![answer]))
         });
         let mut conn = agent.accept(Role::Source);
-        conn.send(&Frame::ReadRequest {
-            batch: 1,
-            max: 1,
-            wait_ms: 0,
-        });
+        conn.send(&read(1, 1, 0));
         let told = conn.expect_error();
         assert!(told.contains(text), "{told}");
         let err = program.join().unwrap().unwrap_err();
@@ -103,16 +99,8 @@ fn a_source_acks_exactly_the_ids_of_the_batch_and_refuses_an_ack_for_no_batch() 
     let acked = source.acked.clone();
     let program = serve(&agent, move |p| drover_pipeline::source_at(&p, source));
     let mut conn = agent.accept(Role::Source);
-    conn.send(&Frame::ReadRequest {
-        batch: 5,
-        max: 9,
-        wait_ms: 0,
-    });
-    conn.send(&Frame::ReadRequest {
-        batch: 6,
-        max: 9,
-        wait_ms: 0,
-    });
+    conn.send(&read(5, 9, 0));
+    conn.send(&read(6, 9, 0));
     conn.expect();
     conn.expect();
     conn.send(&Frame::AckRequest { batch: 6 });

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Agent, example, finish, input, python, python_code, python_sdk, start};
+use common::{Agent, example, finish, input, python, python_code, python_sdk, read, start};
 use drover_pipeline::proto::{Frame, HelloReply, Output, Role, SourceMessage};
 use std::process::Command;
 
@@ -149,16 +149,8 @@ fn check_counter_source(mut cmd: Command) {
     let agent = Agent::new();
     let child = start(cmd, &agent);
     let mut conn = agent.accept(Role::Source);
-    conn.send(&Frame::ReadRequest {
-        batch: 1,
-        max: 3,
-        wait_ms: 0,
-    });
-    conn.send(&Frame::ReadRequest {
-        batch: 2,
-        max: 10,
-        wait_ms: 0,
-    });
+    conn.send(&read(1, 3, 0));
+    conn.send(&read(2, 10, 0));
     let counted = |range: std::ops::Range<u64>| -> Vec<SourceMessage> {
         range
             .map(|n| {
@@ -183,11 +175,7 @@ fn check_counter_source(mut cmd: Command) {
         }
     );
     let asked = std::time::Instant::now();
-    conn.send(&Frame::ReadRequest {
-        batch: 3,
-        max: 10,
-        wait_ms: 100,
-    });
+    conn.send(&read(3, 10, 100));
     assert_eq!(
         conn.expect(),
         Frame::ReadResponse {

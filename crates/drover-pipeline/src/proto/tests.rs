@@ -159,6 +159,9 @@ fn cat(parts: &[&[u8]]) -> Vec<u8> {
 #[test]
 fn malformed_frames_give_their_specific_error() {
     let batch = 5u64.to_le_bytes();
+    // A MapResponse's head up to its one output's tag count: one message, one output,
+    // an empty key.
+    let output_head = cat(&[&batch, &le32(1), &le32(1), &le32(0)]);
     let one_msg_head = cat(&[&batch, &le32(1), &[9; 16], &0i64.to_le_bytes()]);
     type Check = fn(&ProtoError) -> bool;
     let cases: Vec<(&str, Vec<u8>, Check, &str)> = vec![
@@ -273,10 +276,7 @@ fn malformed_frames_give_their_specific_error() {
             raw(
                 2,
                 &cat(&[
-                    &batch,
-                    &le32(1),
-                    &le32(1),
-                    &le32(0),
+                    &output_head,
                     &1u16.to_le_bytes(),
                     &le32(2),
                     &[0xff, 0xfe],
@@ -288,17 +288,7 @@ fn malformed_frames_give_their_specific_error() {
         ),
         (
             "tag count past the frame",
-            raw(
-                2,
-                &cat(&[
-                    &batch,
-                    &le32(1),
-                    &le32(1),
-                    &le32(0),
-                    &u16::MAX.to_le_bytes(),
-                    &[0; 8],
-                ]),
-            ),
+            raw(2, &cat(&[&output_head, &u16::MAX.to_le_bytes(), &[0; 8]])),
             |e| {
                 matches!(
                     e,
@@ -559,6 +549,14 @@ fn outstanding_requests_check_each_response() {
     assert!(o.received(&map_resp(1, 2)).is_err());
 }
 
+/// Each line is refused by `parse` with an error containing its text.
+fn refuses(parse: impl Fn(&[u8]) -> Result<(), ProtoError>, cases: &[(&[u8], &str)]) {
+    for (line, text) in cases {
+        let err = parse(line).unwrap_err().to_string();
+        assert!(err.contains(text), "{line:?}: {err}");
+    }
+}
+
 #[test]
 fn handshake_lines_round_trip_and_bad_ones_say_what_was_expected() {
     let hello = Hello {
@@ -570,21 +568,21 @@ fn handshake_lines_round_trip_and_bad_ones_say_what_was_expected() {
         b"{\"op\":\"data\",\"version\":1,\"role\":\"map\"}\n"
     );
     assert_eq!(Hello::parse(&hello.to_line()), Ok(hello));
-    for (line, text) in [
-        (
-            &b"{\"op\":\"config\",\"version\":1,\"role\":\"map\"}"[..],
-            "expected \"data\"",
-        ),
-        (
-            b"{\"op\":\"data\",\"version\":1,\"role\":\"reduce\"}",
-            "role",
-        ),
-        (b"{\"op\":\"data\",\"role\":\"map\"}", "version"),
-        (b"not json", "expected {\"op\":\"data\""),
-    ] {
-        let err = Hello::parse(line).unwrap_err().to_string();
-        assert!(err.contains(text), "{err}");
-    }
+    refuses(
+        |l| Hello::parse(l).map(drop),
+        &[
+            (
+                &b"{\"op\":\"config\",\"version\":1,\"role\":\"map\"}"[..],
+                "expected \"data\"",
+            ),
+            (
+                b"{\"op\":\"data\",\"version\":1,\"role\":\"reduce\"}",
+                "role",
+            ),
+            (b"{\"op\":\"data\",\"role\":\"map\"}", "version"),
+            (b"not json", "expected {\"op\":\"data\""),
+        ],
+    );
     for reply in [
         HelloReply::Ok {
             version: 1,
@@ -604,20 +602,20 @@ fn handshake_lines_round_trip_and_bad_ones_say_what_was_expected() {
         }),
         "unknown fields are ignored"
     );
-    for (line, text) in [
-        (&b"{\"ok\":true,\"version\":1}"[..], "no max_batch"),
-        (
-            b"{\"ok\":true,\"version\":1,\"max_batch\":0}",
-            "max_batch 0",
-        ),
-        (
-            b"{\"ok\":true,\"version\":-1,\"max_batch\":5}",
-            "no version",
-        ),
-        (b"{\"version\":1}", "no boolean \"ok\""),
-        (b"\x00garbage", "not JSON"),
-    ] {
-        let err = HelloReply::parse(line).unwrap_err().to_string();
-        assert!(err.contains(text), "{line:?}: {err}");
-    }
+    refuses(
+        |l| HelloReply::parse(l).map(drop),
+        &[
+            (&b"{\"ok\":true,\"version\":1}"[..], "no max_batch"),
+            (
+                b"{\"ok\":true,\"version\":1,\"max_batch\":0}",
+                "max_batch 0",
+            ),
+            (
+                b"{\"ok\":true,\"version\":-1,\"max_batch\":5}",
+                "no version",
+            ),
+            (b"{\"version\":1}", "no boolean \"ok\""),
+            (b"\x00garbage", "not JSON"),
+        ],
+    );
 }

@@ -247,3 +247,12 @@ pub fn input(n: u8, key: &str, payload: &str) -> proto::InMessage {
         payload: payload.as_bytes().to_vec(),
     }
 }
+
+/// A source's read request.
+pub fn read(batch: u64, max: u32, wait_ms: u32) -> Frame {
+    Frame::ReadRequest {
+        batch,
+        max,
+        wait_ms,
+    }
+}
