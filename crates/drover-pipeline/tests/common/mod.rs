@@ -182,7 +182,10 @@ pub fn python_sdk() -> PathBuf {
 /// `python3` running `script` with the Python SDK importable.
 pub fn python(script: &Path) -> Command {
     let mut c = Command::new("python3");
-    c.arg(script).env("PYTHONPATH", python_sdk());
+    // No bytecode caches written into the source tree by a test run.
+    c.arg(script)
+        .env("PYTHONPATH", python_sdk())
+        .env("PYTHONDONTWRITEBYTECODE", "1");
     c
 }
 
