@@ -9,6 +9,7 @@ pub mod artifacts;
 mod cache;
 mod cleanup;
 mod connection;
+pub mod dataplane;
 mod dirpool;
 mod holdings;
 mod link;

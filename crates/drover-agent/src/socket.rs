@@ -74,6 +74,16 @@ impl TaskSocket {
     /// Binds the socket at `path` (replacing a stale file from an earlier agent) and
     /// serves it until dropped.
     pub fn bind(path: &Path, facts: TaskFacts) -> std::io::Result<TaskSocket> {
+        TaskSocket::bind_with(path, facts, None)
+    }
+
+    /// [`TaskSocket::bind`] for a pipeline vertex's replica, whose program may switch a
+    /// connection to the data protocol, served by `data`.
+    pub fn bind_with(
+        path: &Path,
+        facts: TaskFacts,
+        data: Option<Arc<DataEndpoint>>,
+    ) -> std::io::Result<TaskSocket> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
@@ -84,7 +94,7 @@ impl TaskSocket {
         }
         let listener = UnixListener::bind(path)?;
         let stop = CancellationToken::new();
-        tokio::spawn(serve(listener, Arc::new(facts), stop.clone()));
+        tokio::spawn(serve(listener, Arc::new(facts), data, stop.clone()));
         Ok(TaskSocket {
             path: path.to_path_buf(),
             stop,
@@ -109,7 +119,19 @@ impl Drop for TaskSocket {
     }
 }
 
-async fn serve(listener: UnixListener, facts: Arc<TaskFacts>, stop: CancellationToken) {
+/// What a vertex replica's data connections are served with: the role its program
+/// must announce, and the buffers it reads and writes.
+pub struct DataEndpoint {
+    pub role: drover_pipeline::proto::Role,
+    pub plane: crate::dataplane::Plane,
+}
+
+async fn serve(
+    listener: UnixListener,
+    facts: Arc<TaskFacts>,
+    data: Option<Arc<DataEndpoint>>,
+    stop: CancellationToken,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let conn = tokio::select! {
@@ -139,12 +161,10 @@ async fn serve(listener: UnixListener, facts: Arc<TaskFacts>, stop: Cancellation
             continue;
         };
         let facts = facts.clone();
+        let data = data.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = connection(stream, &facts) => {}
-            }
+            connection(stream, &facts, data.as_deref(), &stop).await;
             drop(permit);
         });
     }
@@ -183,7 +203,12 @@ fn answer(facts: &TaskFacts, line: &[u8]) -> Vec<u8> {
     out
 }
 
-async fn connection(stream: UnixStream, facts: &TaskFacts) {
+async fn connection(
+    stream: UnixStream,
+    facts: &TaskFacts,
+    data: Option<&DataEndpoint>,
+    stop: &CancellationToken,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -192,10 +217,11 @@ async fn connection(stream: UnixStream, facts: &TaskFacts) {
         // Reading through `take` bounds a line without a newline to MAX_REQUEST + 1
         // bytes of memory.
         let mut limited = (&mut reader).take(MAX_REQUEST as u64 + 1);
-        let n = match limited.read_until(b'\n', &mut line).await {
-            Ok(n) => n,
-            Err(_) => return,
+        let read = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = limited.read_until(b'\n', &mut line) => r,
         };
+        let Ok(n) = read else { return };
         if n == 0 {
             return;
         }
@@ -213,9 +239,87 @@ async fn connection(stream: UnixStream, facts: &TaskFacts) {
         if trimmed.is_empty() {
             continue;
         }
-        if write.write_all(&answer(facts, trimmed)).await.is_err() {
+        if wants_data(trimmed) {
+            // The rest of the connection is the data protocol's; what the reader has
+            // buffered past this line belongs to it.
+            let stream = tokio::io::join(reader, write);
+            data_connection(trimmed, stream, data, stop).await;
             return;
         }
+        let reply = answer(facts, trimmed);
+        let answered = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = write.write_all(&reply) => r,
+        };
+        if answered.is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether a request line asks to switch to the data protocol (`"op":"data"`).
+fn wants_data(line: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Op<'a> {
+        #[serde(borrow)]
+        op: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_slice::<Op>(line).is_ok_and(|o| o.op == "data")
+}
+
+/// Answers a data handshake and, when it is accepted, serves the data protocol on the
+/// connection until it ends. A replica whose data plane fails is reported in the
+/// agent's log; its program sees the connection close and its task ends by itself.
+async fn data_connection<S>(
+    line: &[u8],
+    mut stream: S,
+    data: Option<&DataEndpoint>,
+    stop: &CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    use drover_pipeline::proto::{self, Hello, HelloReply};
+    let refuse = |error: String| HelloReply::Refused { error }.to_line();
+    let (reply, hello) = match (Hello::parse(line), data) {
+        (Err(e), _) => (refuse(e.to_string()), None),
+        (Ok(_), None) => (
+            refuse(
+                "this task is not a pipeline vertex's replica, so it has no data to serve".into(),
+            ),
+            None,
+        ),
+        (Ok(h), Some(_)) if h.version != proto::VERSION => (
+            refuse(format!(
+                "data protocol version {} is not spoken here; this agent speaks version {}",
+                h.version,
+                proto::VERSION
+            )),
+            None,
+        ),
+        (Ok(h), Some(d)) if h.role != d.role => (
+            refuse(format!(
+                "the program connected as a {}, but this vertex is a {}",
+                h.role, d.role
+            )),
+            None,
+        ),
+        (Ok(h), Some(d)) => (
+            HelloReply::Ok {
+                version: proto::VERSION,
+                max_batch: d.plane.config.max_batch,
+            }
+            .to_line(),
+            Some(h),
+        ),
+    };
+    if stream.write_all(&reply).await.is_err() {
+        return;
+    }
+    let (Some(hello), Some(d)) = (hello, data) else {
+        return;
+    };
+    if let Err(e) = crate::dataplane::serve(&d.plane, hello.role, d.role, stream, stop).await {
+        tracing::warn!(vertex = %d.plane.identity, "data connection ended: {e}");
     }
 }
 
