@@ -363,16 +363,7 @@ impl Session<'_> {
         let Some(input) = &self.plane.input else {
             return;
         };
-        let tags: Vec<DeliveryTag> = self
-            .pending
-            .lock()
-            .await
-            .iter()
-            .flat_map(|(_, _, p)| match p {
-                Pending::Input(d) => d.iter().map(|d| d.tag).collect::<Vec<_>>(),
-                Pending::Read => Vec::new(),
-            })
-            .collect();
+        let tags = held(self.pending.lock().await.iter());
         if tags.is_empty() {
             return;
         }
@@ -574,16 +565,12 @@ impl Session<'_> {
         let Some(input) = &self.plane.input else {
             return;
         };
-        let tags: Vec<DeliveryTag> = self
-            .pending
-            .lock()
-            .await
-            .drain(..)
-            .flat_map(|(_, _, p)| match p {
-                Pending::Input(d) => d.into_iter().map(|d| d.tag).collect::<Vec<_>>(),
-                Pending::Read => Vec::new(),
-            })
-            .collect();
+        let tags = {
+            let mut pending = self.pending.lock().await;
+            let tags = held(pending.iter());
+            pending.clear();
+            tags
+        };
         if tags.is_empty() {
             return;
         }
@@ -591,6 +578,19 @@ impl Session<'_> {
             tracing::warn!(buffer = %input.name(), "giving back {} messages: {e}; they return when their leases lapse", tags.len());
         }
     }
+}
+
+/// The delivery tags of the input messages the program holds in `pending` requests.
+fn held<'a>(
+    pending: impl Iterator<Item = &'a (u64, tokio::time::Instant, Pending)>,
+) -> Vec<DeliveryTag> {
+    pending
+        .flat_map(|(_, _, p)| match p {
+            Pending::Input(d) => d.as_slice(),
+            Pending::Read => &[],
+        })
+        .map(|d| d.tag)
+        .collect()
 }
 
 /// The partition a message goes to: by its key's hash when it has one, so one key's

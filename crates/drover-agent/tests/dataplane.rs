@@ -151,6 +151,19 @@ fn message(i: u64, payload: &str) -> Message {
     }
 }
 
+/// What the socket tells the replica's program about its task.
+fn facts() -> TaskFacts {
+    TaskFacts {
+        task_id: "task-1".into(),
+        job: "vertex".into(),
+        job_id: "job-1".into(),
+        project: "default".into(),
+        index: 0,
+        attempt: 0,
+        config: None,
+    }
+}
+
 fn sdk_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../sdk/python")
 }
@@ -172,17 +185,8 @@ impl Replica {
     fn start_with(role: Role, plane: Plane, program: Program, env: &[(&str, &Path)]) -> Replica {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("drover.sock");
-        let facts = TaskFacts {
-            task_id: "task-1".into(),
-            job: "vertex".into(),
-            job_id: "job-1".into(),
-            project: "default".into(),
-            index: 0,
-            attempt: 0,
-            config: None,
-        };
         let endpoint = Arc::new(DataEndpoint { role, plane });
-        let socket = TaskSocket::bind_with(&path, facts, Some(endpoint)).unwrap();
+        let socket = TaskSocket::bind_with(&path, facts(), Some(endpoint)).unwrap();
         let mut cmd = tokio::process::Command::new("python3");
         match program {
             Program::File(f) => cmd.arg(f),
@@ -414,18 +418,9 @@ async fn a_program_of_the_wrong_role_or_version_is_refused_with_the_reason() {
     let p = plane(Some(input), vec![]);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("drover.sock");
-    let facts = TaskFacts {
-        task_id: "t".into(),
-        job: "j".into(),
-        job_id: "j".into(),
-        project: "default".into(),
-        index: 0,
-        attempt: 0,
-        config: None,
-    };
     let _socket = TaskSocket::bind_with(
         &path,
-        facts,
+        facts(),
         Some(Arc::new(DataEndpoint {
             role: Role::Sink,
             plane: p,
