@@ -1248,12 +1248,7 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
         let loc = e.location();
         let path = path.into_inner();
         let found = loc.and_then(|l| value_at(text, l.line(), l.column()));
-        let message = plain_words(
-            &path,
-            &yaml_message(&e.to_string()),
-            found.as_deref(),
-            what,
-        );
+        let message = plain_words(&path, &yaml_message(&e.to_string()), found.as_deref(), what);
         SpecError {
             file: Some(file.to_string()),
             line: loc.map(|l| l.line()),
@@ -1355,18 +1350,28 @@ fn note_unknown(first: &mut Option<(String, String)>, path: serde_ignored::Path<
         return;
     }
     let (parent, leaf) = match path {
-        serde_ignored::Path::Map { parent, key } => (parent.to_string(), key),
-        other => (String::new(), other.to_string()),
-    };
-    // serde_ignored names an optional value's inside `?` (`update.?` for a key inside
-    // `update`); the user wrote no such step.
-    let parent = parent.replace(".?", "");
-    let parent = if parent == "?" || parent == "." {
-        String::new()
-    } else {
-        parent
+        serde_ignored::Path::Map { parent, key } => (path_text(parent), key),
+        other => (String::new(), path_text(&other)),
     };
     *first = Some((parent, leaf));
+}
+
+/// A path as validation messages write it (`constraints[0].key`), rather than as
+/// serde_ignored does (`constraints.0.key`, with `?` for an optional value's inside,
+/// a step the user never wrote).
+fn path_text(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", path_text(parent)),
+        Path::Map { parent, key } => match path_text(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => path_text(parent),
+    }
 }
 
 fn unknown_message(parent: &str, leaf: &str) -> String {
@@ -1428,7 +1433,9 @@ fn plain_words(path: &str, message: &str, found: Option<&str>, what: &str) -> St
             found("expected a mapping like { key: value }")
         }
         m if m.starts_with("multiple YAML documents") => {
-            format!("the file holds several YAML documents (separated by ---), but {what} is exactly one")
+            format!(
+                "the file holds several YAML documents (separated by ---), but {what} is exactly one"
+            )
         }
         m => m.to_string(),
     }
