@@ -137,7 +137,7 @@ pub fn step(
     };
     match (desired, status.phase) {
         (DesiredPhase::Paused, PipelinePhase::Running | PipelinePhase::Failed) => {
-            pausing(spec, &begin_pause(spec, status, obs, now), obs, now)
+            pausing(spec, &begin_pause(spec, obs, now), obs, now)
         }
         (DesiredPhase::Paused, PipelinePhase::Pausing) => pausing(spec, status, obs, now),
         (DesiredPhase::Paused, _) => paused(spec, status.clone()),
@@ -149,12 +149,7 @@ pub fn step(
 }
 
 /// The status at the start of a pause: when, and each vertex's replicas to restore.
-fn begin_pause(
-    spec: &PipelineSpec,
-    status: &PipelineStatus,
-    obs: &PipelineObservation,
-    now: Millis,
-) -> PipelineStatus {
+fn begin_pause(spec: &PipelineSpec, obs: &PipelineObservation, now: Millis) -> PipelineStatus {
     let before = spec
         .vertices
         .iter()
@@ -172,7 +167,6 @@ fn begin_pause(
         pause_started_at: Some(now),
         drained_on_pause: false,
         replicas_before_pause: before,
-        ..status.clone()
     }
 }
 
@@ -365,4 +359,437 @@ fn directives(
             (v.name.clone(), d)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::spec::DesiredPhase::{Paused, Running};
+
+    const S: Millis = 1000;
+    const T0: Millis = 5_000_000;
+
+    /// gen -> upper -> out, with upper scaling 1..5 and a 30s pause grace.
+    fn pipeline(desired: DesiredPhase, upper_max: u32) -> PipelineSpec {
+        let min = upper_max.min(1);
+        let yaml = format!(
+            "name: etl\nvertices:\n  - {{ name: gen, source: {{ generator: {{}} }} }}\n  - {{ name: upper, map: {{ run: {{ command: [x] }} }}, scale: {{ min: {min}, max: {upper_max} }} }}\n  - {{ name: out, sink: {{ log: {{}} }} }}\nedges: [{{ from: gen, to: upper }}, {{ from: upper, to: out }}]\nlifecycle: {{ desired_phase: {desired} }}\n"
+        );
+        PipelineSpec::from_yaml(&yaml, "etl.yaml").unwrap()
+    }
+
+    /// Observations: (vertex, spec replicas, running) and (buffer, pending, unacked).
+    fn obs(vertices: &[(&str, u32, u32)], buffers: &[(&str, u64, u64)]) -> PipelineObservation {
+        PipelineObservation {
+            vertices: vertices
+                .iter()
+                .map(|(n, replicas, running)| {
+                    let o = VertexObservation {
+                        replicas: *replicas,
+                        running: *running,
+                        failed: None,
+                    };
+                    (n.to_string(), o)
+                })
+                .collect(),
+            buffers: buffers
+                .iter()
+                .map(|(n, pending, unacked)| {
+                    let level = BufferLevel::Known {
+                        pending: *pending,
+                        unacked: *unacked,
+                    };
+                    (n.to_string(), level)
+                })
+                .collect(),
+        }
+    }
+
+    /// Every vertex at its spec count, all running.
+    fn all_up() -> PipelineObservation {
+        obs(&[("gen", 1, 1), ("upper", 3, 3), ("out", 1, 1)], &[])
+    }
+
+    /// The directives in one line: `gen=paused upper=running:3`.
+    fn said(step: &LifecycleStep) -> String {
+        step.vertices
+            .iter()
+            .map(|(n, d)| match d.replicas {
+                Some(r) => format!("{n}={}:{r}", d.desired_phase),
+                None => format!("{n}={}", d.desired_phase),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn pausing_since(at: Millis) -> PipelineStatus {
+        PipelineStatus {
+            phase: PipelinePhase::Pausing,
+            reason: "pausing: stopping the sources".into(),
+            pause_started_at: Some(at),
+            drained_on_pause: false,
+            replicas_before_pause: BTreeMap::from([
+                ("gen".into(), 1),
+                ("upper".into(), 3),
+                ("out".into(), 1),
+            ]),
+        }
+    }
+
+    fn paused_status(drained: bool) -> PipelineStatus {
+        PipelineStatus {
+            phase: PipelinePhase::Paused,
+            reason: "paused: sources stopped and every buffer drained".into(),
+            drained_on_pause: drained,
+            ..pausing_since(T0 - 60 * S)
+        }
+    }
+
+    #[test]
+    fn each_step_decides_from_its_inputs() {
+        let sources_down = obs(
+            &[("gen", 1, 0), ("upper", 3, 3), ("out", 1, 1)],
+            &[("default.etl.upper.0", 0, 0), ("default.etl.out.0", 0, 0)],
+        );
+        let in_flight = obs(
+            &[("gen", 1, 0), ("upper", 3, 3), ("out", 1, 1)],
+            &[
+                ("default.etl.upper.0", 1200, 0),
+                ("default.etl.out.0", 0, 34),
+            ],
+        );
+        let mut unreadable = sources_down.clone();
+        unreadable
+            .buffers
+            .insert("default.etl.out.0".into(), BufferLevel::Unknown);
+        let mut failing = all_up();
+        if let Some(v) = failing.vertices.get_mut("upper") {
+            v.failed = Some("image local/upper:1 not found".into());
+        }
+        let running = PipelineStatus {
+            reason: "running".into(),
+            ..PipelineStatus::default()
+        };
+        // (name, desired, status, observation, request, now, phase, reason, directives)
+        type Case<'a> = (
+            &'a str,
+            DesiredPhase,
+            PipelineStatus,
+            PipelineObservation,
+            Option<LifecycleRequest>,
+            Millis,
+            PipelinePhase,
+            &'a str,
+            &'a str,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "running stays running and leaves replicas to the autoscaler",
+                Running,
+                running.clone(),
+                all_up(),
+                None,
+                T0,
+                PipelinePhase::Running,
+                "running",
+                "gen=running out=running upper=running",
+            ),
+            (
+                "a vertex that cannot run fails the pipeline, which keeps it running",
+                Running,
+                running.clone(),
+                failing.clone(),
+                None,
+                T0,
+                PipelinePhase::Failed,
+                "vertex upper: image local/upper:1 not found",
+                "gen=running out=running upper=running",
+            ),
+            (
+                "a pause stops the sources first",
+                Paused,
+                running.clone(),
+                all_up(),
+                None,
+                T0,
+                PipelinePhase::Pausing,
+                "pausing: waiting for 1 source replica(s) to stop (30s of grace left)",
+                "gen=paused out=running upper=running",
+            ),
+            (
+                "a failed pipeline can be paused",
+                Paused,
+                PipelineStatus {
+                    phase: PipelinePhase::Failed,
+                    ..running.clone()
+                },
+                failing,
+                None,
+                T0,
+                PipelinePhase::Pausing,
+                "pausing: waiting for 1 source replica(s) to stop",
+                "gen=paused out=running upper=running",
+            ),
+            (
+                "with the sources stopped, in-flight messages drain",
+                Paused,
+                pausing_since(T0 - 10 * S),
+                in_flight.clone(),
+                None,
+                T0,
+                PipelinePhase::Pausing,
+                "pausing: waiting for 1,234 message(s) in 2 buffer(s) to drain (default.etl.out.0, default.etl.upper.0) (20s of grace left)",
+                "gen=paused out=running upper=running",
+            ),
+            (
+                "drained: every vertex paused",
+                Paused,
+                pausing_since(T0 - 10 * S),
+                sources_down.clone(),
+                None,
+                T0,
+                PipelinePhase::Paused,
+                "paused: sources stopped and every buffer drained",
+                "gen=paused out=paused upper=paused",
+            ),
+            (
+                "a buffer that cannot be read is not taken to be empty",
+                Paused,
+                pausing_since(T0 - 10 * S),
+                unreadable.clone(),
+                None,
+                T0,
+                PipelinePhase::Pausing,
+                "pausing: waiting for 0 message(s) in 1 buffer(s) to drain (default.etl.out.0)",
+                "gen=paused out=running upper=running",
+            ),
+            (
+                "the grace ends the wait for buffers",
+                Paused,
+                pausing_since(T0 - 30 * S),
+                in_flight,
+                None,
+                T0,
+                PipelinePhase::Paused,
+                "paused at the end of the 30s grace, 1,234 message(s) in 2 buffer(s) to drain",
+                "gen=paused out=paused upper=paused",
+            ),
+            (
+                "the grace ends the wait for a source that will not stop",
+                Paused,
+                pausing_since(T0 - 31 * S),
+                all_up(),
+                None,
+                T0,
+                PipelinePhase::Paused,
+                "paused at the end of the 30s grace, 1 source replica(s) to stop",
+                "gen=paused out=paused upper=paused",
+            ),
+            (
+                "paused stays paused",
+                Paused,
+                paused_status(true),
+                obs(&[("gen", 1, 0), ("upper", 3, 0), ("out", 1, 0)], &[]),
+                None,
+                T0,
+                PipelinePhase::Paused,
+                "paused: sources stopped and every buffer drained",
+                "gen=paused out=paused upper=paused",
+            ),
+            (
+                "resume restores the replicas from before the pause",
+                Running,
+                paused_status(true),
+                obs(&[("gen", 1, 0), ("upper", 1, 0), ("out", 1, 0)], &[]),
+                None,
+                T0,
+                PipelinePhase::Running,
+                "running: resumed with the replicas from before the pause",
+                "gen=running:1 out=running:1 upper=running:3",
+            ),
+            (
+                "an explicit resume overrides a paused spec",
+                Paused,
+                paused_status(false),
+                obs(&[], &[]),
+                Some(LifecycleRequest::Resume { slow: false }),
+                T0,
+                PipelinePhase::Running,
+                "running: resumed with the replicas from before the pause",
+                "gen=running:1 out=running:1 upper=running:3",
+            ),
+            (
+                "a slow resume starts each vertex at its min",
+                Paused,
+                paused_status(true),
+                obs(&[], &[]),
+                Some(LifecycleRequest::Resume { slow: true }),
+                T0,
+                PipelinePhase::Running,
+                "running: resumed slowly, each vertex at its scale.min",
+                "gen=running:1 out=running:1 upper=running:1",
+            ),
+            (
+                "resuming in the middle of a pause restores too",
+                Running,
+                pausing_since(T0 - 5 * S),
+                all_up(),
+                None,
+                T0,
+                PipelinePhase::Running,
+                "running: resumed with the replicas from before the pause",
+                "gen=running:1 out=running:1 upper=running:3",
+            ),
+            (
+                "delete stops everything",
+                Running,
+                running.clone(),
+                all_up(),
+                Some(LifecycleRequest::Delete),
+                T0,
+                PipelinePhase::Deleting,
+                "deleting: waiting for 5 replica(s) to stop",
+                "gen=paused out=paused upper=paused",
+            ),
+            (
+                "deleting outlasts the request and the desired phase",
+                Running,
+                PipelineStatus {
+                    phase: PipelinePhase::Deleting,
+                    ..running
+                },
+                obs(&[("gen", 1, 0), ("upper", 3, 0), ("out", 1, 0)], &[]),
+                Some(LifecycleRequest::Resume { slow: false }),
+                T0,
+                PipelinePhase::Deleting,
+                "deleting: every replica stopped",
+                "gen=paused out=paused upper=paused",
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (name, desired, status, o, request, now, phase, reason, directives) in cases {
+            let out = step(&pipeline(desired, 5), &status, &o, request, now);
+            let got = (out.status.phase, said(&out));
+            if got != (phase, directives.to_string()) || !out.status.reason.starts_with(reason) {
+                wrong.push(format!(
+                    "{name}: got {got:?} {:?}, wanted {phase:?} {directives:?} {reason:?}",
+                    out.status.reason
+                ));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// Runs steps every 5 seconds from T0 while `observe` says what the cluster does
+    /// with the last directives, until the pipeline is paused; returns the final step
+    /// and how many steps it took. Bounded, so a hang fails instead of spinning.
+    fn pause_until_done(
+        spec: &PipelineSpec,
+        start: PipelineStatus,
+        observe: impl Fn(&LifecycleStep) -> PipelineObservation,
+    ) -> (LifecycleStep, usize) {
+        let mut status = start;
+        let mut o = all_up();
+        for n in 1..=100 {
+            let now = T0 + (n as Millis - 1) * 5 * S;
+            let out = step(spec, &status, &o, None, now);
+            if out.status.phase == PipelinePhase::Paused {
+                return (out, n);
+            }
+            o = observe(&out);
+            status = out.status;
+        }
+        panic!("the pause did not finish in 100 steps");
+    }
+
+    /// The cluster obeys at once: a paused vertex has no replicas running.
+    fn obedient(
+        buffers: &'static [(&'static str, u64, u64)],
+    ) -> impl Fn(&LifecycleStep) -> PipelineObservation {
+        move |out: &LifecycleStep| {
+            let mut o = obs(&[], buffers);
+            for (n, d) in &out.vertices {
+                let running = if d.desired_phase == Paused { 0 } else { 1 };
+                o.vertices.insert(
+                    n.clone(),
+                    VertexObservation {
+                        replicas: 1,
+                        running,
+                        failed: None,
+                    },
+                );
+            }
+            o
+        }
+    }
+
+    #[test]
+    fn a_pause_completes_where_numaflow_hung() {
+        let running = PipelineStatus::default();
+        // No data ever flowed: no buffer exists, so nothing is waited for.
+        let (out, steps) = pause_until_done(&pipeline(Paused, 5), running.clone(), obedient(&[]));
+        assert!(out.status.drained_on_pause);
+        assert_eq!(steps, 2);
+        // A vertex with max 0 never reads its buffer; the grace ends the wait.
+        let stuck: &[(&str, u64, u64)] = &[("default.etl.upper.0", 500, 0)];
+        let (out, steps) = pause_until_done(&pipeline(Paused, 0), running.clone(), obedient(stuck));
+        assert!(!out.status.drained_on_pause);
+        assert_eq!(steps, 7, "30s of grace at a step every 5s");
+        assert_eq!(out.status.replicas_before_pause.get("upper"), Some(&3));
+        // The pipeline resumes the vertex with max 0 at 0.
+        let resumed = step(&pipeline(Running, 0), &out.status, &obs(&[], &[]), None, T0);
+        assert_eq!(resumed.vertices["upper"].replicas, Some(0));
+        // Pausing again once paused changes nothing: the replicas to restore are those
+        // from before the first pause, not the zeros of the paused vertices.
+        let again = step(
+            &pipeline(Paused, 5),
+            &out.status,
+            &obs(&[("gen", 1, 0), ("upper", 3, 0), ("out", 1, 0)], &[]),
+            None,
+            T0 + 600 * S,
+        );
+        assert_eq!(again.status, out.status);
+        assert_eq!(said(&again), "gen=paused out=paused upper=paused");
+    }
+
+    #[test]
+    fn a_restarted_controller_decides_as_the_old_one_would() {
+        let spec = pipeline(Paused, 5);
+        let o = obs(
+            &[("gen", 1, 0), ("upper", 3, 3), ("out", 1, 1)],
+            &[("default.etl.upper.0", 10, 2)],
+        );
+        let first = step(&spec, &PipelineStatus::default(), &all_up(), None, T0);
+        assert_eq!(first.status.pause_started_at, Some(T0));
+        // The controller stored `first.status` and restarted: the same status and
+        // observation give the same decisions, and the pause keeps its start time.
+        let a = step(&spec, &first.status, &o, None, T0 + 10 * S);
+        let b = step(&spec, &first.status, &o, None, T0 + 10 * S);
+        assert_eq!(a, b);
+        assert_eq!(a.status.pause_started_at, Some(T0));
+        assert_eq!(a.status.phase, PipelinePhase::Pausing);
+        // Fed its own output again, the step is at rest.
+        let c = step(&spec, &a.status, &o, None, T0 + 10 * S);
+        assert_eq!(c, a);
+        // And the grace counts from the stored start, not from the restart.
+        let d = step(&spec, &a.status, &o, None, T0 + 30 * S);
+        assert_eq!(d.status.phase, PipelinePhase::Paused);
+    }
+
+    #[test]
+    fn delete_finishes_once_nothing_runs() {
+        let spec = pipeline(Running, 5);
+        let out = step(
+            &spec,
+            &PipelineStatus::default(),
+            &all_up(),
+            Some(LifecycleRequest::Delete),
+            T0,
+        );
+        assert!(!out.removable);
+        let idle = obs(&[("gen", 1, 0), ("upper", 3, 0), ("out", 1, 0)], &[]);
+        let out = step(&spec, &out.status, &idle, None, T0 + S);
+        assert!(out.removable);
+        assert_eq!(out.status.phase, PipelinePhase::Deleting);
+    }
 }

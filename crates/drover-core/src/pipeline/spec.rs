@@ -156,7 +156,7 @@ impl VertexRole {
         match self {
             VertexRole::Source(SourceDef::Run(r))
             | VertexRole::Map(MapDef::Run(r))
-            | VertexRole::Sink(SinkDef::Run(r)) => Some(r),
+            | VertexRole::Sink(SinkDef::Run(r)) => Some(r.as_ref()),
             _ => None,
         }
     }
@@ -229,8 +229,8 @@ pub enum SourceDef {
     Generator(GeneratorSource),
     /// Built in: messages POSTed to the vertex's HTTP endpoint.
     Http(HttpSource),
-    /// The user's program.
-    Run(RunDef),
+    /// The user's program. Boxed, since it is much larger than the built-ins.
+    Run(Box<RunDef>),
 }
 
 /// `source: { generator: {...} }`.
@@ -271,7 +271,7 @@ pub struct HttpSource {}
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MapDef {
-    Run(RunDef),
+    Run(Box<RunDef>),
 }
 
 /// `sink`: where messages end.
@@ -282,7 +282,7 @@ pub enum SinkDef {
     Log(LogSink),
     /// Built in: acknowledges and drops every message, for benchmarks.
     Blackhole(BlackholeSink),
-    Run(RunDef),
+    Run(Box<RunDef>),
 }
 
 /// `sink: { log: {} }`.
