@@ -564,33 +564,18 @@ mod tests {
     use crate::pipeline::spec::{BufferBackend, MapDef, SinkDef, TagCondition};
     use crate::spec::RuntimeKind;
 
-    /// The example of docs/pipeline-spec.md.
-    pub(crate) const EXAMPLE: &str = r#"name: etl
-vertices:
-  - name: gen
-    source: { generator: { rate: 500, message_size: 128 } }
-  - name: upper
-    map:
-      run:
-        runtime: process
-        command: [python3, upper.py]
-        runtime_env: { working_dir: ./upper }
-    scale: { min: 0, max: 5, zero_after: 5m }
-    partitions: 2
-  - name: out
-    sink: { log: {} }
-edges:
-  - { from: gen, to: upper }
-  - from: upper
-    to: out
-    condition: { tags: { none: [drop] } }
-lifecycle: { pause_grace: 1m }
-buffer: { backend: nats, max_length: 1000, usage_limit: 0.5 }
-"#;
+    /// The example of docs/pipeline-spec.md: its first YAML block, so the document
+    /// cannot drift from what the code accepts.
+    fn example() -> &'static str {
+        let doc = include_str!("../../../../docs/pipeline-spec.md");
+        let start = doc.find("```yaml\n").map(|i| i + 8).unwrap_or(0);
+        let len = doc[start..].find("```").unwrap_or(0);
+        &doc[start..start + len]
+    }
 
     #[test]
     fn the_documented_example_parses_into_typed_values() {
-        let spec = PipelineSpec::from_yaml(EXAMPLE, "etl.yaml").unwrap();
+        let spec = PipelineSpec::from_yaml(example(), "etl.yaml").unwrap();
         assert_eq!(spec.vertices.len(), 3);
         let upper = spec.vertex("upper").unwrap();
         let VertexRole::Map(MapDef::Run(run)) = &upper.role else {
@@ -958,7 +943,7 @@ buffer: { backend: nats, max_length: 1000, usage_limit: 0.5 }
 
     #[test]
     fn vertex_specs_carry_their_buffers_and_conditions() {
-        let spec = PipelineSpec::from_yaml(EXAMPLE, "etl.yaml").unwrap();
+        let spec = PipelineSpec::from_yaml(example(), "etl.yaml").unwrap();
         let project = ProjectId::default_project();
         let gen_ = spec
             .vertex_spec(&project, "gen", 1, DesiredPhase::Running, 7)
