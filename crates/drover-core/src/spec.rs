@@ -1872,6 +1872,20 @@ stop_grace: 2s
         assert_eq!(ok.validate(), Ok(()));
     }
 
+    /// An unknown key inside a list is named with the list index as validation
+    /// messages write it, in YAML and in JSON.
+    #[test]
+    fn unknown_keys_in_lists_are_named_by_index() {
+        let yaml = "name: a\ncommand: [x]\nconstraints:\n  - { key: os, value: linux }\n  - { key: os, value: linux, kee: x }\n";
+        let err = JobSpec::from_yaml(yaml, "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("constraints[1]: unknown field `kee`"), "{err}");
+        let json = br#"{"name":"a","command":["x"],"restart":{"attempts":1,"atempts":2}}"#;
+        let err = JobSpec::from_json(json).unwrap_err().to_string();
+        assert!(err.starts_with("restart: unknown field `atempts`"), "{err}");
+    }
+
     #[test]
     fn json_with_anything_after_the_spec_is_refused() {
         let good = br#"{"name":"a","command":["x"]}"#;

@@ -23,4 +23,6 @@ pub use spec::{
     BufferBackend, BufferSpec, DesiredPhase, EdgeCondition, EdgeDef, LifecycleSpec, MapDef,
     PipelineSpec, RunDef, SinkDef, SourceDef, TagCondition, VertexDef, VertexRole,
 };
-pub use vertex::{Vertex, VertexSpec, VertexStatus, desired_replicas};
+pub use vertex::{
+    Vertex, VertexSpec, VertexStatus, autoscale as autoscale_vertex, desired_replicas,
+};

@@ -7,7 +7,7 @@
 //! was paused, a pipeline half-way through a change (or gone) left vertices deciding
 //! from a state that was no longer, or not yet, theirs.
 
-use super::autoscale::{ScaleConfig, ScaleState};
+use super::autoscale::{Observation, ScaleConfig, ScaleState, decide};
 use super::spec::{BufferSpec, DesiredPhase, EdgeCondition, VertexRole};
 use crate::spec::JobSpec;
 use crate::{Millis, ProjectId};
@@ -105,6 +105,34 @@ pub fn desired_replicas(spec: &VertexSpec) -> u32 {
     }
 }
 
+/// One autoscaler round for a vertex, from the vertex alone: the replica count to
+/// write into its spec and its new status. The spec's replicas and phase are the
+/// autoscaler's starting point; its timers come from the status. The status records the
+/// decision whenever the count changes, so `drover pipeline status` can say why.
+pub fn autoscale(
+    spec: &VertexSpec,
+    status: &VertexStatus,
+    obs: &Observation,
+    now: Millis,
+) -> (u32, VertexStatus) {
+    let state = ScaleState {
+        replicas: spec.replicas,
+        phase: spec.lifecycle.desired_phase,
+        ..status.autoscale.clone()
+    };
+    let d = decide(&spec.scale, obs, &state, now);
+    let mut next = status.clone();
+    if d.replicas != spec.replicas {
+        next.last_scale = Some(ScaleRecord {
+            replicas: d.replicas,
+            reason: d.reason,
+            at: now,
+        });
+    }
+    next.autoscale = d.state;
+    (d.replicas, next)
+}
+
 impl VertexSpec {
     /// The job name of the vertex's tasks: `pipeline-vertex`.
     pub fn job_name(&self) -> String {
@@ -179,6 +207,35 @@ mod tests {
                 "{phase} replicas {replicas} min {min} max {max}"
             );
         }
+    }
+
+    #[test]
+    fn autoscale_starts_from_the_spec_and_records_changes() {
+        let mut s = spec(DesiredPhase::Running, 1, 1, 10);
+        let obs = Observation {
+            pending: Some(12_000),
+            rate_per_replica: Some(100.0),
+            backpressure: None,
+        };
+        let (n, status) = autoscale(&s, &VertexStatus::default(), &obs, 1_000);
+        assert_eq!(n, 3);
+        let rec = status.last_scale.clone().unwrap();
+        assert_eq!(
+            (rec.replicas, rec.at, rec.reason.as_str()),
+            (
+                3,
+                1_000,
+                "scaled up from 1 to 3: 12,000 pending at 100/s per replica"
+            )
+        );
+        // The next round is in the cooldown: the count holds and the record stays.
+        s.replicas = n;
+        let (n2, status2) = autoscale(&s, &status, &obs, 2_000);
+        assert_eq!(n2, 3);
+        assert_eq!(status2.last_scale, status.last_scale);
+        // A paused vertex is left alone, whatever its status says.
+        s.lifecycle.desired_phase = DesiredPhase::Paused;
+        assert_eq!(autoscale(&s, &status, &obs, 999_000).0, 3);
     }
 
     #[test]
