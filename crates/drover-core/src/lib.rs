@@ -10,6 +10,7 @@ pub mod artifact;
 pub mod auth;
 pub mod ids;
 pub mod logtime;
+pub mod pipeline;
 pub mod platform;
 pub mod protocol;
 pub mod quantity;

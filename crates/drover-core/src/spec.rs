@@ -875,7 +875,7 @@ impl fmt::Display for SpecError {
 }
 
 impl SpecError {
-    fn invalid(file: Option<&str>, message: String) -> Self {
+    pub(crate) fn invalid(file: Option<&str>, message: String) -> Self {
         SpecError {
             file: file.map(str::to_string),
             line: None,
@@ -903,49 +903,7 @@ pub fn is_valid_job_name(name: &str) -> bool {
 impl JobSpec {
     /// Parses and validates a YAML spec; `file` names it in error messages.
     pub fn from_yaml(text: &str, file: &str) -> Result<JobSpec, SpecError> {
-        // serde_path_to_error records which field failed, so a type error names it even
-        // when the YAML library's own message only names the expected type.
-        let path = std::cell::RefCell::new(String::new());
-        let mut unknown = None;
-        let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
-            let mut note = |p: serde_ignored::Path<'_>| note_unknown(&mut unknown, p);
-            let de = serde_ignored::Deserializer::new(de, &mut note);
-            serde_path_to_error::deserialize(de).map_err(|e| {
-                *path.borrow_mut() = e.path().to_string();
-                e.into_inner()
-            })
-        });
-        let spec: JobSpec = parsed.map_err(|e| {
-            let loc = e.location();
-            let path = path.into_inner();
-            let found = loc.and_then(|l| value_at(text, l.line(), l.column()));
-            let message = plain_words(&path, &yaml_message(&e.to_string()), found.as_deref());
-            SpecError {
-                file: Some(file.to_string()),
-                line: loc.map(|l| l.line()),
-                column: loc.map(|l| l.column()),
-                message: if path.is_empty() || path == "." {
-                    message
-                } else {
-                    format!("{path}: {message}")
-                },
-            }
-        })?;
-        if let Some((parent, leaf)) = unknown {
-            let line = text.lines().position(|l| {
-                l.trim_start()
-                    .trim_start_matches("- ")
-                    .trim_start_matches('{')
-                    .trim_start()
-                    .starts_with(&format!("{leaf}:"))
-            });
-            return Err(SpecError {
-                file: Some(file.to_string()),
-                line: line.map(|l| l as u64 + 1),
-                column: line.map(|_| 1),
-                message: unknown_message(&parent, &leaf),
-            });
-        }
+        let spec: JobSpec = parse_yaml(text, file, "a job spec")?;
         spec.validate().map_err(|message| {
             // Point at the top-level key the message names, so a rule the types alone
             // cannot express is reported with a line like a type error is.
@@ -966,39 +924,7 @@ impl JobSpec {
 
     /// Parses and validates a JSON spec, as the API receives it.
     pub fn from_json(text: &[u8]) -> Result<JobSpec, SpecError> {
-        let mut de = serde_json::Deserializer::from_slice(text);
-        let mut unknown = None;
-        let mut note = |p: serde_ignored::Path<'_>| note_unknown(&mut unknown, p);
-        let watched = serde_ignored::Deserializer::new(&mut de, &mut note);
-        let spec: JobSpec = serde_path_to_error::deserialize(watched).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            // serde_json appends its own " at line L column C"; the location is kept
-            // in the fields instead, so it is not said twice.
-            let msg = inner.to_string();
-            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            SpecError {
-                file: None,
-                line: Some(inner.line() as u64),
-                column: Some(inner.column() as u64),
-                message: if path.is_empty() || path == "." {
-                    msg
-                } else {
-                    format!("{path}: {msg}")
-                },
-            }
-        })?;
-        // `from_slice` on a Deserializer reads one value and stops; without this check
-        // `{...} not json` would be accepted as if the garbage were not there.
-        de.end().map_err(|e| SpecError {
-            file: None,
-            line: Some(e.line() as u64),
-            column: Some(e.column() as u64),
-            message: "unexpected data after the job spec; send exactly one JSON object".into(),
-        })?;
-        if let Some((parent, leaf)) = unknown {
-            return Err(SpecError::invalid(None, unknown_message(&parent, &leaf)));
-        }
+        let spec: JobSpec = parse_json(text, "the job spec")?;
         spec.validate().map_err(|m| SpecError::invalid(None, m))?;
         Ok(spec)
     }
@@ -1298,9 +1224,105 @@ impl JobSpec {
     }
 }
 
+/// Reads a YAML document into `T`, refusing a key no field takes, with the file, line,
+/// column and field path in the error. `what` names the document in messages ("a job
+/// spec"). Shared by every spec a user writes, so each is read with the same care.
+pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+    what: &str,
+) -> Result<T, SpecError> {
+    // serde_path_to_error records which field failed, so a type error names it even
+    // when the YAML library's own message only names the expected type.
+    let path = std::cell::RefCell::new(String::new());
+    let mut unknown = None;
+    let parsed = serde_saphyr::with_deserializer_from_str(text, |de| {
+        let mut note = |p: serde_ignored::Path<'_>| note_unknown(&mut unknown, p);
+        let de = serde_ignored::Deserializer::new(de, &mut note);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            *path.borrow_mut() = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    let value: T = parsed.map_err(|e| {
+        let loc = e.location();
+        let path = path.into_inner();
+        let found = loc.and_then(|l| value_at(text, l.line(), l.column()));
+        let message = plain_words(&path, &yaml_message(&e.to_string()), found.as_deref(), what);
+        SpecError {
+            file: Some(file.to_string()),
+            line: loc.map(|l| l.line()),
+            column: loc.map(|l| l.column()),
+            message: if path.is_empty() || path == "." {
+                message
+            } else {
+                format!("{path}: {message}")
+            },
+        }
+    })?;
+    if let Some((parent, leaf)) = unknown {
+        let line = text.lines().position(|l| {
+            l.trim_start()
+                .trim_start_matches("- ")
+                .trim_start_matches('{')
+                .trim_start()
+                .starts_with(&format!("{leaf}:"))
+        });
+        return Err(SpecError {
+            file: Some(file.to_string()),
+            line: line.map(|l| l as u64 + 1),
+            column: line.map(|_| 1),
+            message: unknown_message(&parent, &leaf),
+        });
+    }
+    Ok(value)
+}
+
+/// Reads one JSON object into `T` as the API receives it, refusing unknown keys and
+/// anything after the object. `what` names the document in messages ("the job spec").
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &[u8],
+    what: &str,
+) -> Result<T, SpecError> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let mut unknown = None;
+    let mut note = |p: serde_ignored::Path<'_>| note_unknown(&mut unknown, p);
+    let watched = serde_ignored::Deserializer::new(&mut de, &mut note);
+    let value: T = serde_path_to_error::deserialize(watched).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        // serde_json appends its own " at line L column C"; the location is kept
+        // in the fields instead, so it is not said twice.
+        let msg = inner.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        SpecError {
+            file: None,
+            line: Some(inner.line() as u64),
+            column: Some(inner.column() as u64),
+            message: if path.is_empty() || path == "." {
+                msg
+            } else {
+                format!("{path}: {msg}")
+            },
+        }
+    })?;
+    // `from_slice` on a Deserializer reads one value and stops; without this check
+    // `{...} not json` would be accepted as if the garbage were not there.
+    de.end().map_err(|e| SpecError {
+        file: None,
+        line: Some(e.line() as u64),
+        column: Some(e.column() as u64),
+        message: format!("unexpected data after {what}; send exactly one JSON object"),
+    })?;
+    if let Some((parent, leaf)) = unknown {
+        return Err(SpecError::invalid(None, unknown_message(&parent, &leaf)));
+    }
+    Ok(value)
+}
+
 /// A bound as a user would write it: the bounds are whole hours, which humantime would
 /// print as `1day` for 24h.
-fn bound_text(max: Dur) -> String {
+pub(crate) fn bound_text(max: Dur) -> String {
     let secs = max.0.as_secs();
     if secs > 0 && secs.is_multiple_of(3600) && max.0.subsec_nanos() == 0 {
         format!("{}h", secs / 3600)
@@ -1328,18 +1350,28 @@ fn note_unknown(first: &mut Option<(String, String)>, path: serde_ignored::Path<
         return;
     }
     let (parent, leaf) = match path {
-        serde_ignored::Path::Map { parent, key } => (parent.to_string(), key),
-        other => (String::new(), other.to_string()),
-    };
-    // serde_ignored names an optional value's inside `?` (`update.?` for a key inside
-    // `update`); the user wrote no such step.
-    let parent = parent.replace(".?", "");
-    let parent = if parent == "?" || parent == "." {
-        String::new()
-    } else {
-        parent
+        serde_ignored::Path::Map { parent, key } => (path_text(parent), key),
+        other => (String::new(), path_text(&other)),
     };
     *first = Some((parent, leaf));
+}
+
+/// A path as validation messages write it (`constraints[0].key`), rather than as
+/// serde_ignored does (`constraints.0.key`, with `?` for an optional value's inside,
+/// a step the user never wrote).
+fn path_text(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", path_text(parent)),
+        Path::Map { parent, key } => match path_text(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => path_text(parent),
+    }
 }
 
 fn unknown_message(parent: &str, leaf: &str) -> String {
@@ -1381,7 +1413,7 @@ fn value_at(text: &str, line: u64, column: u64) -> Option<String> {
 /// found where it can be read back: "expected a whole number, found three" rather than
 /// "invalid u32", "expected a list like [\"echo\", \"hi\"]" rather than "expected
 /// sequence start".
-fn plain_words(path: &str, message: &str, found: Option<&str>) -> String {
+fn plain_words(path: &str, message: &str, found: Option<&str>, what: &str) -> String {
     let found = |what: &str| match found {
         Some(v) => format!("{what}, found {v}"),
         None => what.to_string(),
@@ -1401,8 +1433,9 @@ fn plain_words(path: &str, message: &str, found: Option<&str>) -> String {
             found("expected a mapping like { key: value }")
         }
         m if m.starts_with("multiple YAML documents") => {
-            "the file holds several YAML documents (separated by ---), but a job spec is exactly one"
-                .to_string()
+            format!(
+                "the file holds several YAML documents (separated by ---), but {what} is exactly one"
+            )
         }
         m => m.to_string(),
     }
@@ -1837,6 +1870,20 @@ stop_grace: 2s
             }
         });
         assert_eq!(ok.validate(), Ok(()));
+    }
+
+    /// An unknown key inside a list is named with the list index as validation
+    /// messages write it, in YAML and in JSON.
+    #[test]
+    fn unknown_keys_in_lists_are_named_by_index() {
+        let yaml = "name: a\ncommand: [x]\nconstraints:\n  - { key: os, value: linux }\n  - { key: os, value: linux, kee: x }\n";
+        let err = JobSpec::from_yaml(yaml, "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("constraints[1]: unknown field `kee`"), "{err}");
+        let json = br#"{"name":"a","command":["x"],"restart":{"attempts":1,"atempts":2}}"#;
+        let err = JobSpec::from_json(json).unwrap_err().to_string();
+        assert!(err.starts_with("restart: unknown field `atempts`"), "{err}");
     }
 
     #[test]
