@@ -22,6 +22,7 @@
 
 use bytes::Bytes;
 use drover_buffer::{Buffer, BufferError, Delivery, DeliveryTag, Message, MessageId};
+use drover_core::pipeline::spec::TagCondition;
 use drover_pipeline::proto::{self, Frame, InMessage, Outstanding, Role};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -31,35 +32,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-/// Which messages an outgoing edge takes, by the tags the map gave them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum TagFilter {
-    /// An edge without a condition takes every message.
-    Always,
-    /// Messages with at least one of these tags.
-    Any(Vec<String>),
-    /// Messages with every one of these tags.
-    All(Vec<String>),
-    /// Messages with none of these tags.
-    None(Vec<String>),
-}
-
-impl TagFilter {
-    pub fn accepts(&self, tags: &[String]) -> bool {
-        match self {
-            TagFilter::Always => true,
-            TagFilter::Any(want) => want.iter().any(|w| tags.contains(w)),
-            TagFilter::All(want) => want.iter().all(|w| tags.contains(w)),
-            TagFilter::None(want) => !want.iter().any(|w| tags.contains(w)),
-        }
-    }
-}
-
 /// An outgoing edge: which messages it takes, and the buffers of the receiving
 /// vertex's partitions.
 #[derive(Clone)]
 pub struct Route {
-    pub filter: TagFilter,
+    /// The edge's condition on the tags the map gave a message; an edge without one
+    /// takes every message.
+    pub condition: Option<TagCondition>,
     pub partitions: Vec<Arc<dyn Buffer>>,
 }
 
@@ -506,8 +485,10 @@ impl Session<'_> {
     async fn write_downstream(&self, out: Vec<(Message, Vec<String>)>) -> Result<(), PlaneError> {
         let mut per_buffer: HashMap<(usize, usize), Vec<Message>> = HashMap::new();
         for (message, tags) in out {
+            let tags: Vec<&str> = tags.iter().map(String::as_str).collect();
             for (r, route) in self.plane.routes.iter().enumerate() {
-                if route.partitions.is_empty() || !route.filter.accepts(&tags) {
+                let takes = route.condition.as_ref().is_none_or(|c| c.matches(&tags));
+                if route.partitions.is_empty() || !takes {
                     continue;
                 }
                 let p = partition_of(&message, route.partitions.len());

@@ -3,12 +3,13 @@
 //! dials the task socket as a vertex replica's program does.
 
 use async_trait::async_trait;
-use drover_agent::dataplane::{Plane, PlaneConfig, PlaneCounters, Route, TagFilter};
+use drover_agent::dataplane::{Plane, PlaneConfig, PlaneCounters, Route};
 use drover_agent::socket::{DataEndpoint, TaskFacts, TaskSocket};
 use drover_buffer::{
     Appended, Buffer, BufferError, BufferName, BufferStats, Delivery, DeliveryTag, Message,
     MessageId,
 };
+use drover_core::pipeline::spec::TagCondition;
 use drover_pipeline::proto::Role;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -225,9 +226,9 @@ fn plane(input: Option<Arc<MemBuffer>>, routes: Vec<Route>) -> Plane {
     }
 }
 
-fn route(filter: TagFilter, to: &Arc<MemBuffer>) -> Route {
+fn route(condition: Option<TagCondition>, to: &Arc<MemBuffer>) -> Route {
     Route {
-        filter,
+        condition,
         partitions: vec![to.clone() as Arc<dyn Buffer>],
     }
 }
@@ -258,8 +259,8 @@ async fn a_python_map_upper_cases_every_message_and_tags_route_them() {
     let p = plane(
         Some(input.clone()),
         vec![
-            route(TagFilter::Any(vec!["upper".into()]), &upper),
-            route(TagFilter::None(vec!["upper".into()]), &rest),
+            route(Some(TagCondition::Any(vec!["upper".into()])), &upper),
+            route(Some(TagCondition::NoneOf(vec!["upper".into()])), &rest),
         ],
     );
     let counters = p.counters.clone();
@@ -321,7 +322,7 @@ class Numbers:
             f.write(str(self.acked))
 dp.source(Numbers())
 "#;
-    let p = plane(None, vec![route(TagFilter::Always, &out)]);
+    let p = plane(None, vec![route(None, &out)]);
     let mut replica =
         Replica::start_with(Role::Source, p, Program::Code(code), &[("ACKED", &acked)]);
     until("350 acknowledged reads", || {
@@ -399,7 +400,7 @@ time.sleep(30)
             .append(&(0..10).map(|i| message(i, "x")).collect::<Vec<_>>())
             .await
             .unwrap();
-        let p = plane(Some(input.clone()), vec![route(TagFilter::Always, &out)]);
+        let p = plane(Some(input.clone()), vec![route(None, &out)]);
         let _replica = Replica::start(Role::Map, p, Program::Code(code));
         // Once the agent gives up on the program, every message is pending again,
         // none lost and none written downstream.
