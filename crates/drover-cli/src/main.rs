@@ -7,6 +7,7 @@ mod globals;
 mod input;
 mod output;
 mod pack;
+mod vertex;
 mod wait;
 
 use anyhow::{Context, Result, bail};
@@ -1010,6 +1011,11 @@ fn main() {
                 std::process::exit(2);
             }
         }
+    }
+    // A built-in pipeline vertex is a blocking program of the data protocol; like the
+    // shim it starts no async runtime.
+    if args.get(1).map(String::as_str) == Some(vertex::SUBCOMMAND) {
+        std::process::exit(vertex::run(&args[2..]));
     }
     let cli = match parse(&args) {
         Ok(cli) => cli,

@@ -19,6 +19,7 @@
 //!
 //! It depends on nothing of Drover's and on no async runtime.
 
+pub mod builtin;
 pub mod proto;
 
 use proto::{Frame, FrameIoError, Hello, HelloReply, InMessage, Kind, ProtoError, Role};
