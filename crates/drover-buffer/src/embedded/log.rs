@@ -45,7 +45,7 @@ fn parse_segment_name(name: &str) -> Option<u64> {
         .ok()
 }
 
-fn frame(buf: &mut Vec<u8>, body_start: usize) {
+fn frame(buf: &mut [u8], body_start: usize) {
     let body = &buf[body_start + FRAME_HEADER..];
     // Every body is far below 4 GiB: messages are bounded by MAX_RECORD_BYTES on the
     // way in and ack records by RANGES_PER_RECORD.
@@ -440,7 +440,8 @@ mod tests {
         let first_len = buf.len();
         encode_message(&mut buf, 1, 1, &message(2, "second"));
         // Each case damages the second record; only the first must remain.
-        let cases: [(&str, fn(&mut Vec<u8>)); 3] = [
+        type Damage = fn(&mut Vec<u8>);
+        let cases: [(&str, Damage); 3] = [
             ("cut short", |b| b.truncate(b.len() - 3)),
             ("flipped payload byte", |b| {
                 let n = b.len();

@@ -82,7 +82,11 @@ impl BufferBackend for EmbeddedBackend {
         name: &BufferName,
         config: &BufferConfig,
     ) -> Result<Arc<dyn Buffer>, BufferError> {
-        if config.max_length == 0 || !(config.usage_limit > 0.0) || config.lease.is_zero() {
+        if config.max_length == 0
+            || config.usage_limit.is_nan()
+            || config.usage_limit <= 0.0
+            || config.lease.is_zero()
+        {
             return Err(BufferError::Invalid(format!(
                 "buffer {name}: expected max_length > 0, usage_limit > 0 and a lease > 0, got {config:?}"
             )));
@@ -115,14 +119,13 @@ impl BufferBackend for EmbeddedBackend {
             buffer.close().await;
         }
         let dir = self.buffer_dir(name);
-        let removed = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(log::io_err(&dir, "deleting", e)),
         })
         .await
-        .map_err(|e| BufferError::Backend(format!("deleting buffer {name}: {e}")))?;
-        removed
+        .map_err(|e| BufferError::Backend(format!("deleting buffer {name}: {e}")))?
     }
 
     async fn list(&self) -> Result<Vec<BufferName>, BufferError> {

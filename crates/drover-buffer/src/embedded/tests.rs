@@ -94,7 +94,8 @@ async fn a_restart_keeps_pending_forgets_acked_and_remembers_ids() {
 #[tokio::test]
 async fn a_torn_tail_is_truncated_with_the_rest_kept() {
     // (what is done to the end of the segment, messages expected back)
-    let cases: [(&str, fn(&mut Vec<u8>), usize); 4] = [
+    type Damage = fn(&mut Vec<u8>);
+    let cases: [(&str, Damage, usize); 4] = [
         ("last record cut short", |b| b.truncate(b.len() - 7), 4),
         ("garbage appended", |b| b.extend_from_slice(&[0xff; 13]), 5),
         ("last byte flipped", |b| *b.last_mut().unwrap() ^= 1, 4),
