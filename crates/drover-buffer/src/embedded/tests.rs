@@ -1,6 +1,7 @@
 use super::*;
 use crate::{BufferStats, Message, MessageId};
 use bytes::Bytes;
+use std::sync::Arc;
 use std::time::Duration;
 
 fn msg(i: u128) -> Message {
@@ -20,7 +21,7 @@ async fn fetch_all(buffer: &dyn Buffer, n: usize) -> Vec<crate::Delivery> {
     let mut out = Vec::new();
     while out.len() < n {
         let got = buffer
-            .fetch(n - out.len(), Duration::from_secs(2))
+            .fetch(n - out.len(), Duration::from_millis(300))
             .await
             .unwrap();
         if got.is_empty() {
@@ -29,6 +30,16 @@ async fn fetch_all(buffer: &dyn Buffer, n: usize) -> Vec<crate::Delivery> {
         out.extend(got);
     }
     out
+}
+
+/// A backend on `dir` with the test buffer "v" opened in it.
+async fn open_v(
+    dir: &std::path::Path,
+    config: &BufferConfig,
+) -> (EmbeddedBackend, Arc<dyn Buffer>) {
+    let backend = EmbeddedBackend::open(dir.to_path_buf()).unwrap();
+    let buf = backend.open(&name("v"), config).await.unwrap();
+    (backend, buf)
 }
 
 fn ids(deliveries: &[crate::Delivery]) -> Vec<u128> {
@@ -54,8 +65,7 @@ async fn a_restart_keeps_pending_forgets_acked_and_remembers_ids() {
     let dir = tempfile::tempdir().unwrap();
     let config = BufferConfig::default();
     {
-        let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-        let buf = backend.open(&name("v"), &config).await.unwrap();
+        let (_backend, buf) = open_v(dir.path(), &config).await;
         buf.append(&(0..10).map(msg).collect::<Vec<_>>())
             .await
             .unwrap();
@@ -64,8 +74,7 @@ async fn a_restart_keeps_pending_forgets_acked_and_remembers_ids() {
         // Acks 0..4; 4 and 5 stay leased (unacked) when the process goes.
         buf.ack(&tags(&got[..4])).await.unwrap();
     }
-    let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-    let buf = backend.open(&name("v"), &config).await.unwrap();
+    let (_backend, buf) = open_v(dir.path(), &config).await;
     let stats = buf.stats().await.unwrap();
     assert_eq!(
         stats,
@@ -104,11 +113,7 @@ async fn a_torn_tail_is_truncated_with_the_rest_kept() {
     for (what, damage, expected) in cases {
         let dir = tempfile::tempdir().unwrap();
         {
-            let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-            let buf = backend
-                .open(&name("v"), &BufferConfig::default())
-                .await
-                .unwrap();
+            let (_backend, buf) = open_v(dir.path(), &BufferConfig::default()).await;
             buf.append(&(0..5).map(msg).collect::<Vec<_>>())
                 .await
                 .unwrap();
@@ -118,11 +123,7 @@ async fn a_torn_tail_is_truncated_with_the_rest_kept() {
         damage(&mut bytes);
         std::fs::write(&seg, &bytes).unwrap();
 
-        let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-        let buf = backend
-            .open(&name("v"), &BufferConfig::default())
-            .await
-            .unwrap();
+        let (_backend, buf) = open_v(dir.path(), &BufferConfig::default()).await;
         let got = fetch_all(&*buf, 10).await;
         assert_eq!(
             ids(&got),
@@ -131,12 +132,8 @@ async fn a_torn_tail_is_truncated_with_the_rest_kept() {
         );
         // The log goes on cleanly after the cut: a new message survives another restart.
         buf.append(&[msg(100)]).await.unwrap();
-        drop((buf, backend));
-        let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-        let buf = backend
-            .open(&name("v"), &BufferConfig::default())
-            .await
-            .unwrap();
+        drop((buf, _backend));
+        let (_backend, buf) = open_v(dir.path(), &BufferConfig::default()).await;
         let got = fetch_all(&*buf, 10).await;
         assert_eq!(
             got.len(),
@@ -151,11 +148,7 @@ async fn a_torn_tail_is_truncated_with_the_rest_kept() {
 async fn a_torn_ack_log_is_truncated_and_the_unrecorded_acks_redelivered() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-        let buf = backend
-            .open(&name("v"), &BufferConfig::default())
-            .await
-            .unwrap();
+        let (_backend, buf) = open_v(dir.path(), &BufferConfig::default()).await;
         buf.append(&(0..4).map(msg).collect::<Vec<_>>())
             .await
             .unwrap();
@@ -167,11 +160,7 @@ async fn a_torn_ack_log_is_truncated_and_the_unrecorded_acks_redelivered() {
     let mut bytes = std::fs::read(&acks).unwrap();
     bytes.truncate(bytes.len() - 1);
     std::fs::write(&acks, &bytes).unwrap();
-    let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-    let buf = backend
-        .open(&name("v"), &BufferConfig::default())
-        .await
-        .unwrap();
+    let (_backend, buf) = open_v(dir.path(), &BufferConfig::default()).await;
     assert_eq!(ids(&fetch_all(&*buf, 10).await), vec![1, 2, 3]);
 }
 
@@ -238,8 +227,7 @@ async fn acked_segments_are_deleted_and_the_ack_log_compacted() {
     assert_eq!(segments(), 1, "all acked: only the open segment is left");
     // Sequence numbers go on from where they were, even with every old segment gone.
     drop((buf, backend));
-    let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
-    let buf = backend.open(&name("v"), &config).await.unwrap();
+    let (_backend, buf) = open_v(dir.path(), &config).await;
     buf.append(&[msg(1000)]).await.unwrap();
     let stats = buf.stats().await.unwrap();
     assert_eq!(
