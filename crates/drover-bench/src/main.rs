@@ -5,6 +5,8 @@
 //! the plugin runtime directly) and prints its figures next to a baseline measured in the
 //! same run.
 
+mod buffer;
+
 use anyhow::{Context, Result, bail};
 use drover_core::api::StreamEvent;
 use drover_core::protocol::{
@@ -1277,6 +1279,7 @@ async fn main() -> Result<()> {
         "plugin" => plugin(plugin_n, plugin_tasks).await,
         "artifacts" => artifacts(artifact_mib, artifact_rounds, artifact_hits).await,
         "envs" => envs(if quick { 5 } else { 30 }).await,
+        "buffer" => buffer::run(if quick { 200_000 } else { 1_000_000 }).await,
         "all" => {
             memory().await?;
             launch().await?;
@@ -1284,11 +1287,12 @@ async fn main() -> Result<()> {
             plugin(plugin_n, plugin_tasks).await?;
             artifacts(artifact_mib, artifact_rounds, artifact_hits).await?;
             envs(if quick { 5 } else { 30 }).await?;
+            buffer::run(if quick { 200_000 } else { 1_000_000 }).await?;
             scheduling(nodes, jobs, per_job).await
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs or all"
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer or all"
             )
         }
     }

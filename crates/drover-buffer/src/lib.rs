@@ -18,6 +18,14 @@
 //! This crate does no networking of its own besides the NATS client: agents reach the
 //! embedded buffers through the controller, which calls these traits for them.
 
+pub mod embedded;
+pub use embedded::EmbeddedBackend;
+
+/// The behavioural suite every backend must pass; for backends' tests, not for use.
+#[cfg(any(test, feature = "contract"))]
+#[doc(hidden)]
+pub mod contract;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
