@@ -18,6 +18,9 @@
 //! This crate does no networking of its own besides the NATS client: agents reach the
 //! embedded buffers through the controller, which calls these traits for them.
 
+#[cfg(feature = "nats")]
+pub mod nats;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
