@@ -193,11 +193,9 @@ impl BufferBackend for NatsBackend {
             stream_name,
             subject: Subject::from(subject),
             config: config.clone(),
-            client: self.client.clone(),
-            js: self.js.clone(),
+            backend: self.clone(),
             stream,
             consumer,
-            options: self.options.clone(),
             next_tag: AtomicU64::new(1),
             in_flight: Mutex::new(HashMap::new()),
             // A lease that ended leaves its entry until the next prune, while the same
@@ -273,11 +271,10 @@ struct NatsBuffer {
     stream_name: String,
     subject: Subject,
     config: BufferConfig,
-    client: Client,
-    js: jetstream::Context,
+    /// The connection, its JetStream context and options, shared with the backend.
+    backend: NatsBackend,
     stream: jetstream::stream::Stream<()>,
     consumer: PullConsumer,
-    options: NatsOptions,
     next_tag: AtomicU64,
     /// Deliveries handed out and not yet acked or given back, bounded by
     /// `in_flight_cap`: `fetch` asks for no more than fits.
@@ -288,14 +285,6 @@ struct NatsBuffer {
 }
 
 impl NatsBuffer {
-    async fn request<T, E: Display>(
-        &self,
-        what: impl FnOnce() -> String,
-        fut: impl Future<Output = Result<T, E>>,
-    ) -> Result<T, BufferError> {
-        bounded(self.options.request_timeout, what, fut).await
-    }
-
     fn in_flight(&self) -> MutexGuard<'_, HashMap<DeliveryTag, InFlight>> {
         // A poisoned lock means a panic while the map was changed; each change is a
         // single insert, remove or retain, so the map is still whole and usable.
@@ -314,11 +303,12 @@ impl NatsBuffer {
     /// Pending plus unacknowledged, from the consumer at most once per cache period.
     async fn occupied(&self) -> Result<u64, BufferError> {
         if let Some(counts) = self.counts().as_ref()
-            && counts.read_at.elapsed() < self.options.counts_cache
+            && counts.read_at.elapsed() < self.backend.options.counts_cache
         {
             return Ok(counts.occupied);
         }
         let info = self
+            .backend
             .request(
                 || format!("reading consumer {CONSUMER} of stream {}", self.stream_name),
                 self.consumer.get_info(),
@@ -356,24 +346,28 @@ impl NatsBuffer {
         }
         let send = async {
             for reply in &replies {
-                self.client.publish(reply.clone(), kind.into()).await?;
+                self.backend
+                    .client
+                    .publish(reply.clone(), kind.into())
+                    .await?;
             }
             // Publishing only queues the acks; the flush returns once they are written
             // to the server, so a success here means the server has them.
-            self.client.flush().await?;
+            self.backend.client.flush().await?;
             Ok::<_, async_nats::Error>(())
         };
-        self.request(
-            || {
-                format!(
-                    "sending {} {kind:?} for stream {}",
-                    replies.len(),
-                    self.stream_name
-                )
-            },
-            send,
-        )
-        .await?;
+        self.backend
+            .request(
+                || {
+                    format!(
+                        "sending {} {kind:?} for stream {}",
+                        replies.len(),
+                        self.stream_name
+                    )
+                },
+                send,
+            )
+            .await?;
         // Only now are the tags forgotten, so a failed call can be retried with them.
         let mut in_flight = self.in_flight();
         if matches!(kind, AckKind::Progress) {
@@ -416,11 +410,12 @@ impl NatsBuffer {
             }
             Ok::<_, async_nats::Error>(messages)
         };
-        self.request(
-            || format!("fetching from stream {}", self.stream_name),
-            collect,
-        )
-        .await
+        self.backend
+            .request(
+                || format!("fetching from stream {}", self.stream_name),
+                collect,
+            )
+            .await
     }
 
     /// Waits up to `wait` for one message.
@@ -441,7 +436,7 @@ impl NatsBuffer {
             }
         };
         bounded(
-            wait + self.options.request_timeout,
+            wait + self.backend.options.request_timeout,
             || format!("waiting for a message in stream {}", self.stream_name),
             collect,
         )
@@ -484,7 +479,12 @@ impl NatsBuffer {
             }
             Err(err) => {
                 tracing::warn!(stream = %self.stream_name, %err, "dropping a message that is not a Drover envelope");
-                if let Err(err) = self.client.publish(reply, AckKind::Term.into()).await {
+                if let Err(err) = self
+                    .backend
+                    .client
+                    .publish(reply, AckKind::Term.into())
+                    .await
+                {
                     tracing::warn!(stream = %self.stream_name, %err, "terminating the undecodable message failed; it will come back after its lease");
                 }
                 None
@@ -533,12 +533,18 @@ impl Buffer for NatsBuffer {
                 let publish = PublishMessage::build()
                     .payload(encode(message))
                     .message_id(message.id.to_string());
-                acks.push(self.js.send_publish(self.subject.clone(), publish).await?);
+                acks.push(
+                    self.backend
+                        .js
+                        .send_publish(self.subject.clone(), publish)
+                        .await?,
+                );
             }
             Ok::<_, async_nats::jetstream::context::PublishError>(acks)
         };
         // Every publish goes out before any ack is awaited: one round trip per batch.
         let acks = self
+            .backend
             .request(
                 || format!("publishing to stream {}", self.stream_name),
                 publish_all,
@@ -548,13 +554,13 @@ impl Buffer for NatsBuffer {
         let mut refused_full = false;
         // One deadline for the batch's acks: each future's own timeout starts when it is
         // awaited, so during an outage they would add up.
-        let deadline = tokio::time::Instant::now() + self.options.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.backend.options.request_timeout;
         for ack in acks {
             let Ok(ack) = tokio::time::timeout_at(deadline, ack.into_future()).await else {
                 first_error.get_or_insert_with(|| {
                     format!(
                         "no ack within {:?}; is the NATS server reachable?",
-                        self.options.request_timeout
+                        self.backend.options.request_timeout
                     )
                 });
                 continue;
@@ -636,11 +642,11 @@ impl Buffer for NatsBuffer {
 
     async fn stats(&self) -> Result<BufferStats, BufferError> {
         let (consumer, stream) = tokio::join!(
-            self.request(
+            self.backend.request(
                 || format!("reading consumer {CONSUMER} of stream {}", self.stream_name),
                 self.consumer.get_info(),
             ),
-            self.request(
+            self.backend.request(
                 || format!("reading stream {}", self.stream_name),
                 self.stream.get_info(),
             ),

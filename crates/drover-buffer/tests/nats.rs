@@ -73,6 +73,14 @@ async fn eventually(buffer: &dyn Buffer, done: impl Fn(&BufferStats) -> bool) ->
     }
 }
 
+/// Nothing comes back within a second, and the counts say the buffer is empty.
+async fn assert_settled(buffer: &dyn Buffer) {
+    let late = buffer.fetch(10, Duration::from_secs(1)).await.unwrap();
+    assert!(late.is_empty(), "delivered again: {:?}", ids(&late));
+    let stats = eventually(buffer, BufferStats::is_drained).await;
+    assert!(stats.is_drained(), "{stats:?}");
+}
+
 #[tokio::test]
 async fn appended_messages_are_fetched_in_order_and_gone_once_acked() {
     let (_server, _backend, buffer) = open(BufferConfig::default()).await;
@@ -95,16 +103,9 @@ async fn appended_messages_are_fetched_in_order_and_gone_once_acked() {
     buffer.ack(&tags).await.unwrap();
     // A second ack of the same tags is not an error.
     buffer.ack(&tags).await.unwrap();
-    let stats = eventually(&*buffer, BufferStats::is_drained).await;
-    assert!(stats.is_drained(), "{stats:?}");
+    assert_settled(&*buffer).await;
+    let stats = buffer.stats().await.unwrap();
     assert_eq!((stats.written_total, stats.acked_total), (10, 10));
-    assert!(
-        buffer
-            .fetch(10, Duration::from_millis(200))
-            .await
-            .unwrap()
-            .is_empty()
-    );
 }
 
 #[tokio::test]
@@ -243,18 +244,7 @@ async fn an_unacked_message_comes_back_when_its_lease_ends() {
     // Acking the expired delivery is not an error; acking the new one settles it.
     buffer.ack(&[first[0].tag]).await.unwrap();
     buffer.ack(&[again[0].tag]).await.unwrap();
-    assert!(
-        buffer
-            .fetch(1, Duration::from_secs(1))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        eventually(&*buffer, BufferStats::is_drained)
-            .await
-            .is_drained()
-    );
+    assert_settled(&*buffer).await;
 }
 
 #[tokio::test]
@@ -297,18 +287,7 @@ async fn keep_alive_holds_a_lease_past_its_end() {
         assert!(buffer.fetch(1, Duration::ZERO).await.unwrap().is_empty());
     }
     buffer.ack(&[got[0].tag]).await.unwrap();
-    assert!(
-        buffer
-            .fetch(1, Duration::from_secs(1))
-            .await
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        eventually(&*buffer, BufferStats::is_drained)
-            .await
-            .is_drained()
-    );
+    assert_settled(&*buffer).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
