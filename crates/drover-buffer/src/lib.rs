@@ -21,6 +21,9 @@
 pub mod embedded;
 pub use embedded::EmbeddedBackend;
 
+#[cfg(feature = "nats")]
+pub mod nats;
+
 /// The behavioural suite every backend must pass; for backends' tests, not for use.
 #[cfg(any(test, feature = "contract"))]
 #[doc(hidden)]
