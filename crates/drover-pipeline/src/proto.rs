@@ -122,7 +122,8 @@ pub struct InMessage {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Output {
     pub key: Vec<u8>,
-    /// Which conditional edges the message follows; none means every edge.
+    /// Which conditional edges the message follows: an edge without a condition takes
+    /// every message, one with a condition the messages whose tags satisfy it.
     pub tags: Vec<String>,
     pub payload: Vec<u8>,
 }
