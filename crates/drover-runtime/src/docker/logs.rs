@@ -55,6 +55,9 @@ pub(super) struct Resume {
     pub since: i64,
     /// Skip frames stamped at or before this; they were copied already.
     pub after: Option<Stamp>,
+    /// For stderr, when the position recorded it apart from stdout's (`after` is then
+    /// stdout's).
+    pub stderr_after: Option<Stamp>,
 }
 
 impl Resume {
@@ -68,13 +71,20 @@ impl Resume {
     /// at most the frames of that second, while starting from the beginning would
     /// repeat everything. Empty files mean nothing was copied: start from the beginning.
     pub fn for_recovery(target: &LogTarget) -> Resume {
-        if let Some(stamp) = std::fs::read_to_string(&target.position)
+        if let Some((out, err)) = std::fs::read_to_string(&target.position)
             .ok()
-            .and_then(|s| parse_stamp(s.trim()))
+            .and_then(|s| parse_position(s.trim()))
         {
+            // From the older of the two positions: the engine's `since` is shared by
+            // the streams, and the stamps skip what each had copied.
+            let since = match (out, err) {
+                (Some(o), Some(e)) => o.secs.min(e.secs),
+                _ => 0,
+            };
             return Resume {
-                since: stamp.secs,
-                after: Some(stamp),
+                since,
+                after: out,
+                stderr_after: err,
             };
         }
         let newest = [&target.stdout, &target.stderr]
@@ -87,6 +97,7 @@ impl Resume {
             Some(d) => Resume {
                 since: d.as_secs() as i64,
                 after: None,
+                stderr_after: None,
             },
             None => Resume::default(),
         }
@@ -104,7 +115,7 @@ pub(super) async fn copy_logs(
     resume: Resume,
     mut follow: bool,
 ) {
-    let mut copier = match Copier::open(&target, resume.after) {
+    let mut copier = match Copier::open(&target, [resume.after, resume.stderr_after]) {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(%container, %e, "cannot open the task's log files; its output is not copied");
@@ -113,7 +124,10 @@ pub(super) async fn copy_logs(
     };
     let mut retries = 0;
     loop {
-        let since = copier.last.map_or(resume.since, |s| s.secs);
+        let since = match copier.last {
+            [Some(o), Some(e)] => o.secs.min(e.secs),
+            _ => resume.since,
+        };
         let options = LogsOptionsBuilder::new()
             .follow(follow)
             .stdout(true)
@@ -185,47 +199,51 @@ pub(super) async fn copy_logs(
     }
 }
 
-/// Appends frames to the task's files, remembering the stamp of the last one.
+/// Appends frames to the task's files, remembering the stamp of the last one of each
+/// stream. The two are kept apart because the engine stamps each stream as it reads
+/// it, so a stderr line may come after a stdout line stamped later than it; one
+/// position for both would skip that line as copied already.
 struct Copier {
     stdout: File,
     stderr: File,
     position: PathBuf,
-    /// The stamp of the last frame copied (or skipped as already copied).
-    last: Option<Stamp>,
+    /// The stamp of the last frame copied (or skipped as already copied), for stdout
+    /// and for stderr.
+    last: [Option<Stamp>; 2],
     /// The text of `last` as the engine wrote it, for the position file.
-    last_text: Option<String>,
+    last_text: [Option<String>; 2],
     /// Whether `last` changed since it was recorded.
     dirty: bool,
 }
 
 impl Copier {
-    fn open(target: &LogTarget, after: Option<Stamp>) -> io::Result<Copier> {
+    fn open(target: &LogTarget, after: [Option<Stamp>; 2]) -> io::Result<Copier> {
         Ok(Copier {
             stdout: open_append(&target.stdout)?,
             stderr: open_append(&target.stderr)?,
             position: target.position.clone(),
             last: after,
-            last_text: None,
+            last_text: after.map(|a| a.map(format_stamp)),
             dirty: false,
         })
     }
 
     /// Appends one frame's text to its file, unless it was copied before.
     fn copy(&mut self, frame: LogOutput) -> io::Result<()> {
-        let (file, message) = match frame {
+        let (file, stream, message) = match frame {
             LogOutput::StdOut { message } | LogOutput::Console { message } => {
-                (&mut self.stdout, message)
+                (&mut self.stdout, 0, message)
             }
-            LogOutput::StdErr { message } => (&mut self.stderr, message),
+            LogOutput::StdErr { message } => (&mut self.stderr, 1, message),
             LogOutput::StdIn { .. } => return Ok(()),
         };
         let (stamp, text) = split_stamp(&message);
         if let Some((stamp, raw)) = stamp {
-            if self.last.is_some_and(|last| stamp <= last) {
+            if self.last[stream].is_some_and(|last| stamp <= last) {
                 return Ok(());
             }
-            self.last = Some(stamp);
-            self.last_text = Some(raw.to_string());
+            self.last[stream] = Some(stamp);
+            self.last_text[stream] = Some(raw.to_string());
             self.dirty = true;
         }
         // Plain blocking writes: appends to a local file are short, and keeping them in
@@ -240,10 +258,16 @@ impl Copier {
         if !self.dirty {
             return;
         }
-        let Some(text) = &self.last_text else {
+        if self.last_text.iter().all(Option::is_none) {
             return;
-        };
-        if let Err(e) = write_atomically(&self.position, text) {
+        }
+        // `STDOUT STDERR`, `-` for a stream with nothing copied yet.
+        let [out, err] = self
+            .last_text
+            .clone()
+            .map(|t| t.unwrap_or_else(|| "-".into()));
+        let text = format!("{out} {err}");
+        if let Err(e) = write_atomically(&self.position, &text) {
             tracing::debug!(path = %self.position.display(), %e, "cannot record the log position");
             return;
         }
@@ -286,6 +310,30 @@ fn split_stamp(message: &[u8]) -> (Option<(Stamp, &str)>, &[u8]) {
 }
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`.
+/// Reads the position file: `STDOUT STDERR` stamps (`-` for none), or one stamp for
+/// both, as agents before the two were kept apart wrote it.
+fn parse_position(s: &str) -> Option<(Option<Stamp>, Option<Stamp>)> {
+    let one = |t: &str| {
+        if t == "-" {
+            Some(None)
+        } else {
+            parse_stamp(t).map(Some)
+        }
+    };
+    match s.split_whitespace().collect::<Vec<_>>()[..] {
+        [both] => parse_stamp(both).map(|b| (Some(b), Some(b))),
+        [out, err] => Some((one(out)?, one(err)?)),
+        _ => None,
+    }
+}
+
+/// A stamp as the engine writes it (RFC 3339, nanoseconds, UTC), for a position
+/// recorded from a stamp rather than from the engine's text.
+fn format_stamp(stamp: Stamp) -> String {
+    let at = UNIX_EPOCH + Duration::new(u64::try_from(stamp.secs).unwrap_or(0), stamp.nanos);
+    humantime::format_rfc3339_nanos(at).to_string()
+}
+
 pub(super) fn parse_stamp(s: &str) -> Option<Stamp> {
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
@@ -407,7 +455,10 @@ mod tests {
             position: dir.path().join(POSITION_FILE),
         };
         let fresh = Resume::for_recovery(&target);
-        assert_eq!((fresh.since, fresh.after), (0, None));
+        assert_eq!(
+            (fresh.since, fresh.after, fresh.stderr_after),
+            (0, None, None)
+        );
 
         std::fs::write(&target.stdout, "copied\n").unwrap();
         let guessed = Resume::for_recovery(&target);
@@ -434,7 +485,7 @@ mod tests {
             position: dir.path().join(POSITION_FILE),
         };
         let after = parse_stamp("2024-01-01T00:00:01Z");
-        let mut copier = Copier::open(&target, after).unwrap();
+        let mut copier = Copier::open(&target, [after, after]).unwrap();
         for (line, err) in [
             ("2024-01-01T00:00:00.5Z old\n", false),
             ("2024-01-01T00:00:01Z same\n", false),
@@ -454,7 +505,50 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&target.stderr).unwrap(), "oops\n");
         assert_eq!(
             std::fs::read_to_string(&target.position).unwrap(),
-            "2024-01-01T00:00:02Z"
+            "2024-01-01T00:00:01.000000001Z 2024-01-01T00:00:02Z"
         );
+    }
+
+    #[test]
+    fn a_stderr_line_stamped_before_the_last_stdout_line_is_still_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = LogTarget {
+            stdout: dir.path().join("stdout"),
+            stderr: dir.path().join("stderr"),
+            position: dir.path().join(POSITION_FILE),
+        };
+        let mut copier = Copier::open(&target, [None, None]).unwrap();
+        // The engine read "out" from stdout after "err" from stderr, but sent it first.
+        copier
+            .copy(LogOutput::StdOut {
+                message: b"2024-01-01T00:00:02Z out\n".to_vec().into(),
+            })
+            .unwrap();
+        copier
+            .copy(LogOutput::StdErr {
+                message: b"2024-01-01T00:00:01Z err\n".to_vec().into(),
+            })
+            .unwrap();
+        copier.record();
+        assert_eq!(std::fs::read_to_string(&target.stderr).unwrap(), "err\n");
+        // A restart resumes each stream after its own last line, from the older second.
+        let resume = Resume::for_recovery(&target);
+        assert_eq!(resume.since, 1_704_067_201);
+        assert_eq!(resume.after, parse_stamp("2024-01-01T00:00:02Z"));
+        assert_eq!(resume.stderr_after, parse_stamp("2024-01-01T00:00:01Z"));
+        // A position an older agent wrote (one stamp) stands for both streams.
+        std::fs::write(&target.position, "2024-01-01T00:00:03Z").unwrap();
+        let old = Resume::for_recovery(&target);
+        assert_eq!(
+            (old.after, old.stderr_after),
+            (
+                parse_stamp("2024-01-01T00:00:03Z"),
+                parse_stamp("2024-01-01T00:00:03Z")
+            )
+        );
+        // Nothing copied from stderr yet: it starts from the beginning.
+        std::fs::write(&target.position, "2024-01-01T00:00:03Z -").unwrap();
+        let half = Resume::for_recovery(&target);
+        assert_eq!((half.since, half.stderr_after), (0, None));
     }
 }
