@@ -8,10 +8,10 @@
 //! the controller: the agents' connections to the controller's buffers.
 
 use anyhow::{Context, Result, bail};
-use drover_agent::dataplane::{Plane, PlaneConfig, PlaneCounters, Route};
-use drover_agent::socket::{DataEndpoint, TaskFacts, TaskSocket};
+use drover_agent::dataplane::{PlaneConfig, Route};
 use drover_buffer::{Buffer, BufferBackend, BufferConfig, BufferName, EmbeddedBackend};
 use drover_pipeline::proto::Role;
+use drover_testkit::vertex::{Replica, ReplicaSpec};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -35,12 +35,7 @@ fn identity_map() -> Result<PathBuf> {
     Ok(map)
 }
 
-struct Replica {
-    _socket: TaskSocket,
-    child: tokio::process::Child,
-    counters: Arc<PlaneCounters>,
-}
-
+/// One replica of the benchmark's pipeline, writing to `output` when given.
 fn replica(
     dir: &Path,
     name: &str,
@@ -50,18 +45,10 @@ fn replica(
     window: usize,
     program: &mut tokio::process::Command,
 ) -> Result<Replica> {
-    let path = dir.join(format!("{name}.sock"));
-    let facts = TaskFacts {
-        task_id: format!("task-{name}"),
-        job: name.into(),
-        job_id: format!("job-{name}"),
-        project: "bench".into(),
-        index: 0,
-        attempt: 0,
-        config: None,
-    };
-    let counters = Arc::new(PlaneCounters::default());
-    let plane = Plane {
+    let spec = ReplicaSpec {
+        name,
+        project: "bench",
+        role,
         input,
         routes: output
             .into_iter()
@@ -70,25 +57,12 @@ fn replica(
                 partitions: vec![b],
             })
             .collect(),
-        identity: format!("bench/pipe/{name}"),
         config: PlaneConfig {
             window,
             ..PlaneConfig::default()
         },
-        counters: counters.clone(),
     };
-    let socket = TaskSocket::bind_with(&path, facts, Some(Arc::new(DataEndpoint { role, plane })))?;
-    let child = program
-        .env("DROVER_SOCKET", &path)
-        .env("DROVER_TASK_INDEX", "0")
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    Ok(Replica {
-        _socket: socket,
-        child,
-        counters,
-    })
+    Ok(spec.start(dir, program.stdout(std::process::Stdio::null()))?)
 }
 
 /// Seconds for `n` messages to go from the generator to the blackhole, with `window`

@@ -3,25 +3,19 @@
 //! each a process on its own task socket, joined by the agent's data plane through
 //! embedded buffers on disk. Every message the generator makes reaches the log once.
 
-use drover_agent::dataplane::{Plane, PlaneConfig, PlaneCounters, Route};
-use drover_agent::socket::{DataEndpoint, TaskFacts, TaskSocket};
+use drover_agent::dataplane::{PlaneConfig, Route};
 use drover_buffer::embedded::EmbeddedBackend;
 use drover_buffer::{Buffer, BufferBackend, BufferConfig, BufferName};
 use drover_core::pipeline::spec::TagCondition;
 use drover_pipeline::proto::Role;
+use drover_testkit::vertex::{Replica, ReplicaSpec};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_drover");
 
-/// One vertex replica: its task socket, served with its place in the pipeline, and
-/// its program.
-struct Replica {
-    _socket: TaskSocket,
-    child: tokio::process::Child,
-}
-
+/// One vertex replica of the test's pipeline, its program started on its socket.
 fn replica(
     dir: &Path,
     name: &str,
@@ -30,38 +24,18 @@ fn replica(
     routes: Vec<Route>,
     program: &mut tokio::process::Command,
 ) -> Replica {
-    let path = dir.join(format!("{name}.sock"));
-    let facts = TaskFacts {
-        task_id: format!("task-{name}"),
-        job: name.into(),
-        job_id: format!("job-{name}"),
-        project: "default".into(),
-        index: 0,
-        attempt: 0,
-        config: None,
-    };
-    let plane = Plane {
+    let spec = ReplicaSpec {
+        name,
+        project: "default",
+        role,
         input,
         routes,
-        identity: format!("default/demo/{name}"),
         config: PlaneConfig {
             answer_timeout: Duration::from_secs(10),
             ..PlaneConfig::default()
         },
-        counters: Arc::new(PlaneCounters::default()),
     };
-    let socket =
-        TaskSocket::bind_with(&path, facts, Some(Arc::new(DataEndpoint { role, plane }))).unwrap();
-    let child = program
-        .env("DROVER_SOCKET", &path)
-        .env("DROVER_TASK_INDEX", "0")
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    Replica {
-        _socket: socket,
-        child,
-    }
+    spec.start(dir, program).unwrap()
 }
 
 fn sdk() -> PathBuf {

@@ -6,6 +6,7 @@
 
 pub mod fake_agent;
 pub mod images;
+pub mod vertex;
 
 use anyhow::{Context, Result, bail};
 use drover_agent::{Agent, AgentConfig};
