@@ -951,6 +951,7 @@ impl TaskManager {
                     TaskUsage {
                         cpu_seconds: s.cpu_seconds,
                         memory_bytes: s.memory_bytes,
+                        plane: None,
                     },
                 );
             }

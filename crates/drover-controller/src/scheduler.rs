@@ -763,6 +763,7 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
         spec,
         artifact,
         config,
+        nats_url: None,
     })))
 }
 

@@ -22,7 +22,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// - 1: the first.
 /// - 2: unknown message types, commands and fields are tolerated (`Unknown` variants,
 ///   `Unsupported` answers); hello carries a version range; idle connections are pinged.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// - 3: pipeline vertices: a task's spec may carry `vertex`, its assignment `nats_url`,
+///   usage samples a replica's message counts, and binary frames carry buffer calls
+///   (see `drover_buffer::remote`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
@@ -219,6 +222,11 @@ pub struct TaskAssignment {
     /// versioned encoding.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<EncodedConfig>,
+    /// For a pipeline vertex's replica whose buffers are in NATS: the server's URL, as
+    /// the controller was configured (`--nats`). Absent for the embedded backend, whose
+    /// buffers the agent reaches through this connection. Since version 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nats_url: Option<String>,
 }
 
 /// The config format this build writes: the object as JSON.

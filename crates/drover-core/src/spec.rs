@@ -594,6 +594,11 @@ pub struct JobSpec {
     /// [`UpdatePolicy`] when absent. Services only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<UpdatePolicy>,
+    /// Set only by the controller, on the jobs whose tasks are a pipeline vertex's
+    /// replicas: where each replica reads and writes messages. The API refuses a job
+    /// spec that carries it, so no user job can reach a pipeline's buffers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vertex: Option<Box<crate::pipeline::vertex::VertexPlane>>,
 }
 
 /// `stdin`: the content a task reads on its standard input, stored on the controller as
@@ -786,6 +791,7 @@ impl JobSpec {
             retention: None,
             stdin: None,
             update: None,
+            vertex: None,
         }
     }
 
@@ -952,6 +958,8 @@ impl JobSpec {
             }
             RuntimeKind::Docker => {}
             RuntimeKind::Process if self.artifact.is_some() => {}
+            // A built-in vertex runs the agent's own binary, which only the agent knows.
+            RuntimeKind::Process if self.vertex.as_ref().is_some_and(|v| v.is_builtin()) => {}
             _ if self.command.is_empty() => {
                 return Err(format!(
                     "command: required for runtime {}; give the program and its arguments as a list, e.g. [\"sh\", \"-c\", \"echo hi\"]",
@@ -1141,6 +1149,7 @@ impl JobSpec {
             retention,
             stdin: _,
             update,
+            vertex: _,
         } = self;
         let Disconnect {
             lost_after,

@@ -147,6 +147,23 @@ pub struct TaskUsage {
     pub cpu_seconds: f64,
     /// Resident memory, in bytes.
     pub memory_bytes: u64,
+    /// For a pipeline vertex's replica: its message counts since it started. Since
+    /// protocol version 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plane: Option<PlaneCounts>,
+}
+
+/// A vertex replica's message counts since it started, from its agent's data plane.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaneCounts {
+    /// Messages handed to the program (maps and sinks) or read from it (sources).
+    pub read: u64,
+    /// Messages written downstream.
+    pub written: u64,
+    /// Input messages acknowledged.
+    pub acked: u64,
+    /// Writes downstream refused because a buffer was full (back-pressure).
+    pub backpressured: u64,
 }
 
 /// One placed instance of a job, as the controller stores it.

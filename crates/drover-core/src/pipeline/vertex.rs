@@ -139,12 +139,127 @@ impl VertexSpec {
         job_name(&self.pipeline, &self.name)
     }
 
-    /// The service job whose tasks are this vertex's replicas, for a vertex that runs
-    /// the user's program; `None` for a built-in. Its count is [`desired_replicas`], at
-    /// least 1: a vertex at zero is one whose job is stopped.
+    /// The service job whose tasks are this vertex's replicas: the user's program, or
+    /// for a built-in the agent's own binary (`drover __vertex KIND`). `None` for an
+    /// `http` source, whose messages the controller writes downstream itself, so it
+    /// has no replicas. Its count is [`desired_replicas`], at least 1: a vertex at zero
+    /// is one whose job is stopped.
     pub fn job_spec(&self) -> Option<JobSpec> {
-        let run = self.role.run()?;
-        Some(run.job_spec(&self.job_name(), desired_replicas(self)))
+        let count = desired_replicas(self);
+        let (mut spec, builtin) = match (&self.role, builtin_args(&self.role)) {
+            (_, Some(args)) => {
+                let mut spec = JobSpec::new(self.job_name(), Vec::new());
+                spec.kind = crate::spec::JobKind::Service;
+                spec.count = count.max(1);
+                // A built-in moves bytes and little else; the default share of a core
+                // would make a small node refuse a pipeline of a few vertices.
+                spec.resources.cpu = BUILTIN_CPU;
+                (spec, args)
+            }
+            (role, None) => (role.run()?.job_spec(&self.job_name(), count), Vec::new()),
+        };
+        spec.vertex = Some(Box::new(VertexPlane {
+            pipeline: self.pipeline.clone(),
+            vertex: self.name.clone(),
+            role: PlaneRole::of(&self.role),
+            builtin,
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            buffer: self.buffer.clone(),
+        }));
+        Some(spec)
+    }
+}
+
+/// The cores a built-in vertex's replica asks for.
+pub const BUILTIN_CPU: f64 = 0.1;
+
+/// The arguments of `drover __vertex` that run a built-in vertex; `None` for the
+/// user's program and for the `http` source, which runs no replicas.
+pub fn builtin_args(role: &VertexRole) -> Option<Vec<String>> {
+    use super::spec::{SinkDef, SourceDef};
+    let args = match role {
+        VertexRole::Source(SourceDef::Generator(g)) => {
+            let mut args = vec![
+                "generator".to_string(),
+                "--rate".into(),
+                g.rate.to_string(),
+                "--size".into(),
+                g.message_size.to_string(),
+            ];
+            if let Some(total) = g.total {
+                args.extend(["--total".to_string(), total.to_string()]);
+            }
+            args
+        }
+        VertexRole::Sink(SinkDef::Log(_)) => vec!["log".to_string()],
+        VertexRole::Sink(SinkDef::Blackhole(_)) => vec!["blackhole".to_string()],
+        _ => return None,
+    };
+    Some(args)
+}
+
+/// Where a vertex replica reads and writes, carried in its job's spec to the agent,
+/// which serves the replica's data plane from it. Written by the controller from the
+/// vertex object alone; users cannot submit it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VertexPlane {
+    pub pipeline: String,
+    pub vertex: String,
+    pub role: PlaneRole,
+    /// For a built-in vertex, the arguments of the agent's own `drover __vertex` that
+    /// run it; empty for the user's program.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub builtin: Vec<String>,
+    /// The input buffers, one per partition; empty for a source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<String>,
+    /// The outgoing edges; empty for a sink.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<VertexOutput>,
+    /// The buffers' backend and limits.
+    pub buffer: BufferSpec,
+}
+
+impl VertexPlane {
+    pub fn is_builtin(&self) -> bool {
+        !self.builtin.is_empty()
+    }
+
+    /// Every buffer the replica may touch: its inputs and its outputs' partitions. The
+    /// controller lets a node use a buffer only when one of its tasks' planes names it.
+    pub fn buffers(&self) -> impl Iterator<Item = &str> {
+        self.inputs
+            .iter()
+            .chain(self.outputs.iter().flat_map(|o| o.buffers.iter()))
+            .map(String::as_str)
+    }
+}
+
+/// A replica's side of the data protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlaneRole {
+    Source,
+    Map,
+    Sink,
+}
+
+impl PlaneRole {
+    pub fn of(role: &VertexRole) -> PlaneRole {
+        match role {
+            VertexRole::Source(_) => PlaneRole::Source,
+            VertexRole::Map(_) => PlaneRole::Map,
+            VertexRole::Sink(_) => PlaneRole::Sink,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PlaneRole::Source => "source",
+            PlaneRole::Map => "map",
+            PlaneRole::Sink => "sink",
+        }
     }
 }
 
@@ -239,9 +354,15 @@ mod tests {
     }
 
     #[test]
-    fn a_built_in_has_no_job_and_a_vertex_round_trips_as_json() {
+    fn a_built_in_runs_the_agents_binary_and_a_vertex_round_trips_as_json() {
         let s = spec(DesiredPhase::Running, 1, 1, 1);
-        assert_eq!(s.job_spec(), None);
+        let job = s.job_spec().unwrap();
+        assert!(job.command.is_empty());
+        let plane = job.vertex.as_deref().unwrap();
+        assert_eq!(plane.builtin, ["log"]);
+        assert_eq!(plane.role, PlaneRole::Sink);
+        assert_eq!(plane.buffers().collect::<Vec<_>>(), ["default.etl.out.0"]);
+        job.validate().unwrap();
         assert_eq!(s.job_name(), "etl-out");
         let v = Vertex {
             project: ProjectId::default(),
