@@ -11,6 +11,7 @@ mod api;
 mod artifacts;
 mod auth;
 pub mod blobs;
+mod buffers;
 mod error;
 mod follow;
 mod gateway;
@@ -38,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use api::ROUTES;
 pub use auth::Principal;
+pub use buffers::BufferSettings;
 pub use drover_core::api::MAX_BLOB_SIZE_HEADER;
 pub use retention::Retention;
 pub use tenants::reset_admin_token;
@@ -94,6 +96,8 @@ pub struct ControllerConfig {
     /// The commit the binary was built from, which `/health` reports; the binary knows
     /// it, this library does not.
     pub commit: Option<String>,
+    /// Where pipelines' buffers are kept besides the embedded backend.
+    pub buffers: BufferSettings,
 }
 
 impl ControllerConfig {
@@ -114,6 +118,7 @@ impl ControllerConfig {
             max_connections: serve::default_max_connections(),
             retention: Retention::default(),
             commit: None,
+            buffers: BufferSettings::default(),
         }
     }
 }
@@ -124,6 +129,8 @@ pub enum ControllerError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("pipeline buffers: {0}")]
+    Buffers(#[from] drover_buffer::BufferError),
 }
 
 /// An open agent connection.
@@ -161,6 +168,8 @@ pub(crate) struct Inner {
     /// Nodes that came back after being unreachable and whose tasks are settled at
     /// their first heartbeat; read on every heartbeat without the state lock.
     returning: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// The pipelines' buffer backends.
+    buffers: buffers::Buffers,
     shutdown: CancellationToken,
 }
 
@@ -259,6 +268,7 @@ impl Controller {
         }
         let blobs =
             blobs::BlobStore::open(cfg.data_dir.join("blobs").join("sha256"), cfg.max_blob_size)?;
+        let buffers = buffers::Buffers::open(&cfg.data_dir, &cfg.buffers).await?;
         let (changed, _) = watch::channel(0);
         let blob_owners = artifacts::owners_from(&state);
         let inner = Arc::new(Inner {
@@ -276,6 +286,7 @@ impl Controller {
             node_envs: std::sync::Mutex::new(HashMap::new()),
             blob_owners: std::sync::Mutex::new(blob_owners),
             returning: std::sync::Mutex::new(Default::default()),
+            buffers,
             shutdown: CancellationToken::new(),
         });
         let c = Controller { inner };
