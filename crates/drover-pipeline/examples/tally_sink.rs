@@ -15,7 +15,9 @@
 //! however late it reads the line.
 //!
 //! With `--list`, it also prints each distinct record once, as `record G0-17`, so a test
-//! can say which ones are missing.
+//! can say which ones are missing. With `--out FILE`, those lines go to FILE instead,
+//! appended and flushed before the batch is acknowledged, so they outlive a restart of
+//! the replica (whose counts start again from zero).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -93,7 +95,31 @@ fn now_ms() -> i64 {
 }
 
 fn main() {
-    let list = std::env::args().skip(1).any(|a| a == "--list");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Records going to a file are always listed: that is what the file is for.
+    let list = args.iter().any(|a| a == "--list" || a == "--out");
+    let out_file = args
+        .iter()
+        .position(|a| a == "--out")
+        .map(|i| args.get(i + 1).cloned());
+    let mut records: Box<dyn Write> = match out_file {
+        None => Box::new(std::io::stdout()),
+        Some(None) => {
+            eprintln!("tally_sink: --out needs a file");
+            std::process::exit(2);
+        }
+        Some(Some(path)) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+        {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                eprintln!("tally_sink: opening {path}: {e}");
+                std::process::exit(1);
+            }
+        },
+    };
     let mut tally = Tally {
         received: 0,
         seen: HashSet::new(),
@@ -107,7 +133,8 @@ fn main() {
         let now = now_ms();
         let written = batch
             .iter()
-            .try_for_each(|msg| tally.add(msg.payload, msg.event_time, now, &mut out))
+            .try_for_each(|msg| tally.add(msg.payload, msg.event_time, now, &mut records))
+            .and_then(|()| records.flush())
             .and_then(|()| tally.summary(&mut out));
         match written {
             Ok(()) => batch.iter().map(|_| Ok(())).collect(),
@@ -115,7 +142,7 @@ fn main() {
             // delivered that the summary could not report.
             Err(e) => batch
                 .iter()
-                .map(|_| Err(format!("writing to stdout: {e}")))
+                .map(|_| Err(format!("writing the tally: {e}")))
                 .collect(),
         }
     });
