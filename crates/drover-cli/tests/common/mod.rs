@@ -224,6 +224,8 @@ pub struct Up {
     pub home: Home,
     /// The URL it serves.
     pub url: String,
+    /// The arguments it was started with, for a restart.
+    args: Vec<String>,
     _up: Daemon,
 }
 
@@ -244,16 +246,26 @@ impl Up {
         let mut args = vec!["up", "--listen", "127.0.0.1:0"];
         args.extend_from_slice(extra);
         let (up, line) = home.spawn(&args, "drover is up at");
-        wait_until("the local agent to be ready", UP_WAIT, || {
-            let n = json(&home.run(&["node", "ls", "-o", "json"]));
-            n.as_array()
-                .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
-        });
+        wait_for_local_agent(&home);
         Up {
             home,
             url: url_in(&line),
+            args: args.iter().map(|a| a.to_string()).collect(),
             _up: up,
         }
+    }
+
+    /// Kills `drover up` (controller and agent) with SIGKILL and starts it again on the
+    /// same data dir, with the same arguments; the tasks it started keep running and the
+    /// new agent adopts them.
+    pub fn restart_after_kill9(mut self) -> Up {
+        self._up.kill9();
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let (up, line) = self.home.spawn(&args, "drover is up at");
+        self._up = up;
+        self.url = url_in(&line);
+        wait_for_local_agent(&self.home);
+        self
     }
 
     /// Kills every job's tasks. An agent killed with its `drover up` leaves its tasks
@@ -296,4 +308,13 @@ impl Up {
             .unwrap_or_default()
             .to_string()
     }
+}
+
+/// Waits until `drover up`'s own agent is the one ready node.
+fn wait_for_local_agent(home: &Home) {
+    wait_until("the local agent to be ready", UP_WAIT, || {
+        let n = json(&home.run(&["node", "ls", "-o", "json"]));
+        n.as_array()
+            .is_some_and(|a| a.len() == 1 && a[0]["status"] == "ready")
+    });
 }

@@ -1,0 +1,364 @@
+//! Pipelines end to end, the way a user runs them: `drover up`, `drover pipeline apply`
+//! of a generator → Python map → Rust sink, and the lifecycle commands, with every part
+//! real: the built-in generator as `drover __vertex`, the Python SDK's example map, the
+//! Rust SDK's `tally_sink` example, the agent's data plane, and the embedded buffers on
+//! the controller's disk (or a real NATS server).
+//!
+//! The sink appends each record it receives to a file before acknowledging it, so a test
+//! reads exactly what arrived, across restarts of anything.
+
+mod common;
+
+#[path = "../../drover-buffer/tests/support/nats_server.rs"]
+#[allow(dead_code)]
+mod nats_server;
+
+use common::{Home, Up, json, stderr, stdout, wait_until, write};
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The Rust SDK's example sink, built on first use when the test command did not build
+/// it already.
+fn tally_sink() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = Path::new(common::BIN).parent().unwrap();
+            let path = dir.join("examples").join("tally_sink");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .args(["build", "-p", "drover-pipeline", "--example", "tally_sink"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success() && path.is_file(),
+                "building tally_sink: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            path
+        })
+        .clone()
+}
+
+fn sdk() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../sdk/python")
+        .canonicalize()
+        .unwrap()
+}
+
+/// A directory every task user may write to, for the sink's record file.
+fn shared_dir(home: &Home) -> PathBuf {
+    let dir = home.path().join("shared");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(
+        &dir,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o777),
+    )
+    .unwrap();
+    dir
+}
+
+/// What a test pipeline looks like.
+struct Demo {
+    name: &'static str,
+    total: u64,
+    rate: u64,
+    /// `embedded` or `nats`.
+    backend: &'static str,
+    /// The map's command, instead of the Python SDK's upper-casing example.
+    map_command: Option<Vec<String>>,
+    extra: &'static str,
+}
+
+impl Demo {
+    fn new(name: &'static str, total: u64) -> Demo {
+        Demo {
+            name,
+            total,
+            rate: 0,
+            backend: "embedded",
+            map_command: None,
+            extra: "",
+        }
+    }
+
+    /// Writes the spec beside the records file; returns the spec's path and the file.
+    fn write(&self, home: &Home) -> (PathBuf, PathBuf) {
+        let shared = shared_dir(home);
+        let records = shared.join(format!("{}.records", self.name));
+        let map_command = self
+            .map_command
+            .clone()
+            .unwrap_or_else(|| vec!["python3".into(), "examples/upper_map.py".into()]);
+        let spec = format!(
+            r#"name: {name}
+vertices:
+  - name: gen
+    source: {{ generator: {{ rate: {rate}, message_size: 32, total: {total} }} }}
+  - name: upper
+    map:
+      run:
+        command: {map_command:?}
+        env: {{ PYTHONPATH: "." }}
+        runtime_env: {{ working_dir: {sdk:?} }}
+  - name: out
+    sink:
+      run:
+        command: [{tally:?}, --out, {records:?}]
+edges:
+  - {{ from: gen, to: upper }}
+  - {{ from: upper, to: out }}
+buffer: {{ backend: {backend} }}
+{extra}"#,
+            name = self.name,
+            rate = self.rate,
+            total = self.total,
+            sdk = sdk().display().to_string(),
+            tally = tally_sink().display().to_string(),
+            records = records.display().to_string(),
+            backend = self.backend,
+            extra = self.extra,
+        );
+        (
+            write(home.path(), &format!("{}.yaml", self.name), &spec),
+            records,
+        )
+    }
+}
+
+/// The records in the sink's file: each distinct one, and how many lines in all.
+fn records(path: &Path) -> (HashSet<String>, usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("record "))
+        .collect();
+    (lines.iter().map(|s| s.to_string()).collect(), lines.len())
+}
+
+/// What the generator's single replica makes, upper-cased by the map.
+fn expected(total: u64) -> HashSet<String> {
+    (0..total).map(|i| format!("G0-{i}")).collect()
+}
+
+/// Waits until the sink has every record, then says how many arrived twice.
+fn wait_for_every_record(records_file: &Path, total: u64, limit: Duration) -> usize {
+    wait_until("every record at the sink", limit, || {
+        records(records_file).0.len() as u64 >= total
+    });
+    let (seen, lines) = records(records_file);
+    let want = expected(total);
+    let missing: Vec<_> = want.difference(&seen).take(5).collect();
+    assert!(missing.is_empty(), "missing at the sink, e.g. {missing:?}");
+    let strange: Vec<_> = seen.difference(&want).take(5).collect();
+    assert!(strange.is_empty(), "records nobody made: {strange:?}");
+    lines - seen.len()
+}
+
+fn apply(home: &Home, spec: &Path) {
+    let out = home.run(&["pipeline", "apply", "-f", spec.to_str().unwrap()]);
+    assert!(out.status.success(), "apply: {}", stderr(&out));
+}
+
+fn status(home: &Home, name: &str) -> serde_json::Value {
+    let out = home.run(&["pipeline", "status", name, "-o", "json"]);
+    assert!(out.status.success(), "status: {}", stderr(&out));
+    json(&out)
+}
+
+fn phase(home: &Home, name: &str) -> String {
+    status(home, name)["status"]["phase"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn wait_phase(home: &Home, name: &str, want: &str, limit: Duration) {
+    wait_until(&format!("pipeline {name} to be {want}"), limit, || {
+        phase(home, name) == want
+    });
+}
+
+/// Deletes every pipeline, so `Up`'s clean-up finds only jobs no controller restarts.
+fn delete_pipelines(home: &Home) {
+    let out = home.run(&["pipeline", "ls", "-o", "json"]);
+    let Ok(list) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+        return;
+    };
+    for p in list.as_array().into_iter().flatten() {
+        if let Some(name) = p["name"].as_str() {
+            home.run(&["pipeline", "delete", name]);
+        }
+    }
+    wait_until("every pipeline deleted", Duration::from_secs(60), || {
+        let out = home.run(&["pipeline", "ls", "-o", "json"]);
+        json(&out).as_array().is_some_and(|a| a.is_empty())
+    });
+}
+
+#[test]
+fn generator_python_map_rust_sink_delivers_every_message_on_embedded_buffers() {
+    let up = Up::start();
+    let demo = Demo::new("etl", 5_000);
+    let (spec, records_file) = demo.write(&up.home);
+    apply(&up.home, &spec);
+    let doubled = wait_for_every_record(&records_file, demo.total, Duration::from_secs(120));
+    eprintln!("{doubled} records arrived more than once");
+    let st = status(&up.home, "etl");
+    assert_eq!(st["status"]["phase"], "running", "{st:#}");
+    delete_pipelines(&up.home);
+}
+
+#[test]
+fn the_same_pipeline_on_nats_delivers_every_message() {
+    let nats = nats_server::NatsServer::start();
+    let up = Up::start_with(&["--nats", &nats.url()]);
+    let mut demo = Demo::new("etl-nats", 5_000);
+    demo.backend = "nats";
+    let (spec, records_file) = demo.write(&up.home);
+    apply(&up.home, &spec);
+    let doubled = wait_for_every_record(&records_file, demo.total, Duration::from_secs(120));
+    eprintln!("{doubled} records arrived more than once");
+    delete_pipelines(&up.home);
+}
+
+#[test]
+fn a_nats_pipeline_is_refused_by_a_controller_without_nats() {
+    let up = Up::start();
+    let mut demo = Demo::new("nonats", 10);
+    demo.backend = "nats";
+    let (spec, _) = demo.write(&up.home);
+    let out = up
+        .home
+        .run(&["pipeline", "apply", "-f", spec.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--nats"), "{}", stderr(&out));
+    let ls = json(&up.home.run(&["pipeline", "ls", "-o", "json"]));
+    assert_eq!(ls.as_array().map(Vec::len), Some(0), "{ls:#}");
+}
+
+#[test]
+fn pause_drains_every_buffer_and_resume_goes_on_from_there() {
+    let up = Up::start();
+    let mut demo = Demo::new("pausing", 20_000);
+    // Slow enough that the pause lands mid-stream.
+    demo.rate = 2_000;
+    let (spec, records_file) = demo.write(&up.home);
+    apply(&up.home, &spec);
+    wait_until(
+        "the first records at the sink",
+        Duration::from_secs(60),
+        || !records(&records_file).0.is_empty(),
+    );
+    let out = up.home.run(&["pipeline", "pause", "pausing"]);
+    assert!(out.status.success(), "pause: {}", stderr(&out));
+    wait_phase(&up.home, "pausing", "paused", Duration::from_secs(60));
+    let st = status(&up.home, "pausing");
+    assert_eq!(st["status"]["drained_on_pause"], true, "{st:#}");
+    // Drained: what the sink has now is everything the source made before it paused,
+    // and nothing more arrives while paused.
+    let (at_pause, _) = records(&records_file);
+    assert!(
+        (at_pause.len() as u64) < demo.total,
+        "the pause came too late"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(records(&records_file).0.len(), at_pause.len());
+    // A second pause of a paused pipeline completes at once.
+    let out = up.home.run(&["pipeline", "pause", "pausing"]);
+    assert!(out.status.success(), "second pause: {}", stderr(&out));
+    wait_phase(&up.home, "pausing", "paused", Duration::from_secs(10));
+
+    let out = up.home.run(&["pipeline", "resume", "pausing"]);
+    assert!(out.status.success(), "resume: {}", stderr(&out));
+    wait_phase(&up.home, "pausing", "running", Duration::from_secs(30));
+    wait_for_every_record(&records_file, demo.total, Duration::from_secs(120));
+    delete_pipelines(&up.home);
+}
+
+#[test]
+fn a_map_that_never_answers_ends_the_pause_at_its_grace() {
+    let up = Up::start();
+    let mut demo = Demo::new("stuck", 100);
+    // A program that connects to nothing and sleeps: whatever reaches its buffer stays
+    // there, so the pause cannot drain.
+    demo.map_command = Some(vec!["sleep".into(), "600".into()]);
+    demo.extra = "lifecycle: { pause_grace: 3s }\n";
+    let (spec, _) = demo.write(&up.home);
+    apply(&up.home, &spec);
+    wait_until(
+        "messages waiting for the map",
+        Duration::from_secs(60),
+        || {
+            let st = status(&up.home, "stuck");
+            pending_of(&st, "upper") > 0
+        },
+    );
+    let started = std::time::Instant::now();
+    let out = up.home.run(&["pipeline", "pause", "stuck"]);
+    assert!(out.status.success(), "pause: {}", stderr(&out));
+    wait_phase(&up.home, "stuck", "paused", Duration::from_secs(30));
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "paused before the grace"
+    );
+    let st = status(&up.home, "stuck");
+    assert_eq!(st["status"]["drained_on_pause"], false, "{st:#}");
+    delete_pipelines(&up.home);
+}
+
+/// The pending count of a vertex's input buffers, from `status -o json`.
+fn pending_of(status: &serde_json::Value, vertex: &str) -> u64 {
+    let mut by_vertex: BTreeMap<String, u64> = BTreeMap::new();
+    for v in status["vertices"].as_array().into_iter().flatten() {
+        let name = v["name"].as_str().unwrap_or_default().to_string();
+        let pending = v["buffers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["pending"].as_u64())
+            .sum();
+        by_vertex.insert(name, pending);
+    }
+    by_vertex.get(vertex).copied().unwrap_or(0)
+}
+
+#[test]
+fn a_controller_killed_mid_stream_loses_no_message() {
+    let up = Up::start();
+    let mut demo = Demo::new("crash", 20_000);
+    demo.rate = 4_000;
+    let (spec, records_file) = demo.write(&up.home);
+    apply(&up.home, &spec);
+    wait_until(
+        "the first records at the sink",
+        Duration::from_secs(60),
+        || records(&records_file).0.len() > 1_000,
+    );
+    let up = up.restart_after_kill9();
+    let doubled = wait_for_every_record(&records_file, demo.total, Duration::from_secs(180));
+    eprintln!("{doubled} records arrived more than once after the crash");
+    delete_pipelines(&up.home);
+}
+
+#[test]
+fn a_bad_pipeline_is_refused_with_its_file_and_line_and_nothing_is_stored() {
+    let up = Up::start();
+    let spec = write(
+        up.home.path(),
+        "bad.yaml",
+        "name: bad\nvertices:\n  - name: a\n    sink: { log: {} }\n  - name: b\n    source: { generator: {} }\nedges:\n  - { from: a, to: b }\n",
+    );
+    let out = up
+        .home
+        .run(&["pipeline", "apply", "-f", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("bad.yaml"), "{err}");
+    let ls = json(&up.home.run(&["pipeline", "ls", "-o", "json"]));
+    assert_eq!(ls.as_array().map(Vec::len), Some(0), "{ls:#}");
+}
