@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 ///
 /// Each message says which replica made it and its number, `g<replica>-<seq>`, padded
 /// to `size` with `.` (a size smaller than that text gives the text alone), so a sink
-/// can tell exactly which messages arrived. Its id for the agent is the same pair, so
-/// a message the agent re-reads after a failure is recognised downstream as the same.
+/// can tell exactly which messages arrived. Its id for the agent is that pair and the
+/// moment the process started: a message the agent re-reads from the same process
+/// after a failure is recognised downstream as the same, while a generator started
+/// again (after a pause, a crash) makes new messages, as a generator should, rather
+/// than ones the buffers would drop as duplicates of the last run's.
 #[derive(Debug)]
 pub struct Generator {
     rate: u64,
@@ -21,6 +24,8 @@ pub struct Generator {
     replica: u32,
     next: u64,
     started: Instant,
+    /// Nanoseconds since the epoch when this generator started, in every id it makes.
+    run: u64,
 }
 
 /// What a generator is told by its vertex's spec.
@@ -46,6 +51,9 @@ impl Generator {
             replica: cfg.replica,
             next: 0,
             started: Instant::now(),
+            run: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
         }
     }
 
@@ -64,7 +72,8 @@ impl Generator {
         if payload.len() < self.size {
             payload.resize(self.size, b'.');
         }
-        let mut id = Vec::with_capacity(12);
+        let mut id = Vec::with_capacity(20);
+        id.extend_from_slice(&self.run.to_le_bytes());
         id.extend_from_slice(&self.replica.to_le_bytes());
         id.extend_from_slice(&seq.to_le_bytes());
         SourceMessage::new(id, payload).event_time(now_ms)
@@ -146,11 +155,18 @@ mod tests {
         let batch = g.read(10, Duration::ZERO).unwrap();
         assert_eq!(batch.len(), 5);
         assert_eq!(batch[4].payload, b"g3-4............");
-        assert_eq!(batch[4].id, [3, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(batch[4].id[8..], [3, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(batch[4].id[..8], batch[0].id[..8], "one run, one prefix");
         // Done: nothing more, however often it is asked.
         assert!(g.read(10, Duration::ZERO).unwrap().is_empty());
         let small = generator(0, 2, Some(1)).read(1, Duration::ZERO).unwrap();
         assert_eq!(small[0].payload, b"g3-0");
+        // A generator started again makes the same records under new ids, so the
+        // buffers do not drop them as the last run's duplicates.
+        std::thread::sleep(Duration::from_millis(1));
+        let again = generator(0, 16, Some(5)).read(10, Duration::ZERO).unwrap();
+        assert_eq!(again[4].payload, batch[4].payload);
+        assert_ne!(again[4].id, batch[4].id);
     }
 
     #[test]
