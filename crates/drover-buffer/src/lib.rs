@@ -140,7 +140,17 @@ pub struct BufferConfig {
     pub lease: Duration,
     /// How long a written id is remembered, to drop a second write of it.
     pub dedup_window: Duration,
+    /// The most ids remembered at once, whatever the window: past it the oldest are
+    /// forgotten early, so a buffer written very fast keeps a bounded memory (about 64
+    /// bytes an id) at the cost of a shorter window. The embedded backend holds to it;
+    /// NATS keeps its own bounded window on the server.
+    pub dedup_max_ids: usize,
 }
+
+/// The default [`BufferConfig::dedup_max_ids`]: two million ids, about 128 MB, covers the
+/// default two-minute window up to some 16,000 messages a second, and a retry (which
+/// comes within a lease, 30 s) up to some 65,000.
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 2_000_000;
 
 impl Default for BufferConfig {
     fn default() -> Self {
@@ -149,6 +159,7 @@ impl Default for BufferConfig {
             usage_limit: 0.8,
             lease: Duration::from_secs(30),
             dedup_window: Duration::from_secs(120),
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
         }
     }
 }

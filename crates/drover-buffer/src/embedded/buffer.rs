@@ -113,11 +113,13 @@ impl State {
         Ok(())
     }
 
-    /// Forgets ids written before the window.
-    fn prune_dedup(&mut self, now_ms: i64) {
+    /// Forgets ids written before the window, and the oldest beyond the most it may
+    /// remember (leaving room for a batch of `incoming` more).
+    fn prune_dedup(&mut self, now_ms: i64, incoming: usize) {
         let start = now_ms.saturating_sub(window_ms(&self.config));
+        let keep = self.config.dedup_max_ids.saturating_sub(incoming);
         while let Some(&(ms, id)) = self.dedup_order.front() {
-            if ms >= start {
+            if ms >= start && self.dedup_order.len() <= keep {
                 break;
             }
             self.dedup_order.pop_front();
@@ -540,7 +542,7 @@ impl Buffer for EmbeddedBuffer {
             let state = &mut *guard;
             state.usable(&self.name)?;
             let now_ms = wall_ms();
-            state.prune_dedup(now_ms);
+            state.prune_dedup(now_ms, batch.len());
             let limit = state.config.limit();
             let held = state.entries.len() as u64;
             if !batch.is_empty() && held >= limit {

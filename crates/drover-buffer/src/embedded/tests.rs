@@ -267,3 +267,25 @@ fn directory_names_parse_back_exactly() {
         assert_eq!(parse_name(dir_name).is_some(), ok, "{dir_name}");
     }
 }
+
+#[tokio::test]
+async fn the_dedup_window_holds_at_most_its_cap_of_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = BufferConfig {
+        dedup_max_ids: 10,
+        ..BufferConfig::default()
+    };
+    let (_backend, buf) = open_v(dir.path(), &config).await;
+    for i in 0..20u128 {
+        let appended = buf.append(&[msg(i)]).await.unwrap();
+        assert_eq!(appended.written, 1, "message {i}");
+    }
+    // The ten newest ids are remembered; the older ones were forgotten early, inside
+    // their time window, to keep the cap.
+    let again = buf.append(&[msg(19)]).await.unwrap();
+    assert_eq!((again.written, again.duplicates), (0, 1));
+    let again = buf.append(&[msg(15)]).await.unwrap();
+    assert_eq!((again.written, again.duplicates), (0, 1));
+    let old = buf.append(&[msg(0)]).await.unwrap();
+    assert_eq!((old.written, old.duplicates), (1, 0));
+}
