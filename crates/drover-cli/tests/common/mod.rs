@@ -272,6 +272,15 @@ impl Up {
     /// running (a restarted agent adopts them), so a test that ended without stopping
     /// its services would leave their processes behind.
     pub fn stop_everything(&self) {
+        // Pipelines first: their controller would start their vertices' jobs again.
+        let pipelines = self.home.run(&["pipeline", "ls", "-o", "json"]);
+        if let Ok(list) = serde_json::from_slice::<serde_json::Value>(&pipelines.stdout) {
+            for p in list.as_array().into_iter().flatten() {
+                if let Some(name) = p["name"].as_str() {
+                    self.home.run(&["pipeline", "delete", name]);
+                }
+            }
+        }
         let jobs = self.home.run(&["job", "ls", "-o", "json"]);
         let Ok(jobs) = serde_json::from_slice::<serde_json::Value>(&jobs.stdout) else {
             return;
