@@ -146,7 +146,7 @@ pub struct HttpMessages {
 /// The most messages one http-source request may carry.
 pub const MAX_HTTP_MESSAGES: usize = 1000;
 /// The largest http-source request body.
-pub const MAX_HTTP_BODY: usize = 4 << 20;
+pub const MAX_HTTP_BODY: usize = 1 << 20;
 
 /// The answer to an http-source request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
