@@ -49,6 +49,11 @@ pub(crate) struct Runtime {
     rates: std::sync::Mutex<HashMap<VertexKey, Ring>>,
     /// Woken by the API on every change to a pipeline.
     pub(crate) wake: tokio::sync::Notify,
+    /// Held shared by API requests that open a pipeline's buffers, and exclusively
+    /// while a deleted pipeline's buffers and records are removed: opening a buffer
+    /// creates it, so a request that looked the pipeline up just before its removal
+    /// would otherwise make a buffer again after it was deleted.
+    gate: tokio::sync::RwLock<()>,
 }
 
 type VertexKey = (ProjectId, String, String);
@@ -346,6 +351,7 @@ impl Inner {
             now,
         );
         if step.removable && orphans_live == 0 {
+            let _gate = self.pipes.gate.write().await;
             // The buffers go first: if the controller stops half-way, the pipeline is
             // still stored and the next round removes what is left.
             if let Ok(b) = &backend {
@@ -642,6 +648,7 @@ impl Inner {
         vertex: &str,
         body: &[u8],
     ) -> ApiResult<HttpAccepted> {
+        let _gate = self.pipes.gate.read().await;
         let pipeline = {
             let state = self.state.lock().await;
             let key = find_pipeline(&state, p, name)?;
@@ -778,6 +785,11 @@ impl Inner {
             }
             (pl, views)
         };
+        let _gate = self.pipes.gate.read().await;
+        let key = (pipeline.project.clone(), pipeline.name.clone());
+        if !self.state.lock().await.pipelines.contains_key(&key) {
+            return Err(ApiError::not_found(&format!("pipeline {name:?}")));
+        }
         let backend = self.buffers.backend(pipeline.spec.buffer.backend);
         let config = buffer_config(&pipeline.spec.buffer);
         let all = buffers_of(&pipeline.project, &pipeline.spec);
