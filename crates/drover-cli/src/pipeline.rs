@@ -58,9 +58,11 @@ pub(crate) enum PipelineCmd {
     },
     /// Send messages to a pipeline's http source: one per DATA argument, or one per
     /// line of standard input with `-`.
-    #[command(after_help = "Examples:\n  drover pipeline send web in hello world\n  \
+    #[command(
+        after_help = "Examples:\n  drover pipeline send web in hello world\n  \
         drover pipeline send web in --key user-7 '{\"clicks\": 3}'\n  \
-        seq 100 | drover pipeline send web in -")]
+        seq 100 | drover pipeline send web in -"
+    )]
     Send {
         /// The pipeline's name.
         name: String,
@@ -215,7 +217,12 @@ fn status(out: Output, v: &PipelineView) -> Result<()> {
         return output::json(v);
     }
     let p = &v.pipeline;
-    outln!("pipeline: {} (version {}, project {})", p.name, p.version, p.project)?;
+    outln!(
+        "pipeline: {} (version {}, project {})",
+        p.name,
+        p.version,
+        p.project
+    )?;
     outln!("phase:    {}", serde_plain(&p.status.phase))?;
     outln!("reason:   {}", p.status.reason)?;
     if p.status.pause_started_at.is_some() {
@@ -223,7 +230,12 @@ fn status(out: Output, v: &PipelineView) -> Result<()> {
     }
     outln!()?;
     let mut t = output::table(&[
-        "VERTEX", "KIND", "PHASE", "REPLICAS", "IN/S 1/5/15M", "OUT/S 1/5/15M",
+        "VERTEX",
+        "KIND",
+        "PHASE",
+        "REPLICAS",
+        "IN/S 1/5/15M",
+        "OUT/S 1/5/15M",
     ]);
     for x in &v.vertices {
         t.add_row(vec![

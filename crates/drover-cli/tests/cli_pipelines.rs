@@ -57,7 +57,9 @@ fn pipelines_are_applied_inspected_paused_resumed_fed_and_deleted_from_the_cli()
 
     // A mistake is reported with the file, line and field, and nothing is sent.
     let bad = write(dir, "bad.yaml", &ETL.replace("to: out", "to: nowhere"));
-    let out = up.home.run(&["pipeline", "apply", "-f", bad.to_str().unwrap()]);
+    let out = up
+        .home
+        .run(&["pipeline", "apply", "-f", bad.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("bad.yaml:9:"), "{err}");
@@ -66,10 +68,23 @@ fn pipelines_are_applied_inspected_paused_resumed_fed_and_deleted_from_the_cli()
     assert_eq!(ls, serde_json::json!([]));
 
     let etl = write(dir, "etl.yaml", ETL);
-    let out = up.home.run(&["pipeline", "apply", "-f", etl.to_str().unwrap()]);
+    let out = up
+        .home
+        .run(&["pipeline", "apply", "-f", etl.to_str().unwrap()]);
     ok(&out, "apply");
-    assert!(stdout(&out).contains("pipeline etl created (version 1)"), "{}", stdout(&out));
-    let out = up.home.run(&["pipeline", "apply", "-f", etl.to_str().unwrap(), "-o", "json"]);
+    assert!(
+        stdout(&out).contains("pipeline etl created (version 1)"),
+        "{}",
+        stdout(&out)
+    );
+    let out = up.home.run(&[
+        "pipeline",
+        "apply",
+        "-f",
+        etl.to_str().unwrap(),
+        "-o",
+        "json",
+    ]);
     ok(&out, "apply again");
     assert_eq!(json(&out)["result"], "unchanged");
 
@@ -85,21 +100,35 @@ fn pipelines_are_applied_inspected_paused_resumed_fed_and_deleted_from_the_cli()
     assert_eq!(ls[0]["name"], "etl");
     assert_eq!(ls[0]["phase"], "running");
     let table = stdout(&up.home.run(&["pipeline", "status", "etl"]));
-    assert!(table.contains("VERTEX") && table.contains("sink/run"), "{table}");
+    assert!(
+        table.contains("VERTEX") && table.contains("sink/run"),
+        "{table}"
+    );
 
     ok(&up.home.run(&["pipeline", "pause", "etl"]), "pause");
     wait_phase(&up, "etl", "paused");
     let s = status(&up, "etl");
     assert_eq!(s["pipeline"]["status"]["drained_on_pause"], true, "{s}");
-    ok(&up.home.run(&["pipeline", "resume", "etl", "--slow"]), "resume");
+    ok(
+        &up.home.run(&["pipeline", "resume", "etl", "--slow"]),
+        "resume",
+    );
     wait_phase(&up, "etl", "running");
 
     // An http source takes messages from arguments and from standard input; they
     // wait in the sink's buffer, which is a plain sleep that never reads.
     let web = write(dir, "web.yaml", WEB);
-    ok(&up.home.run(&["pipeline", "apply", "-f", web.to_str().unwrap()]), "apply web");
+    ok(
+        &up.home
+            .run(&["pipeline", "apply", "-f", web.to_str().unwrap()]),
+        "apply web",
+    );
     wait_phase(&up, "web", "running");
-    ok(&up.home.run(&["pipeline", "send", "web", "in", "a", "b", "--key", "k"]), "send");
+    ok(
+        &up.home
+            .run(&["pipeline", "send", "web", "in", "a", "b", "--key", "k"]),
+        "send",
+    );
     let mut child = up
         .home
         .cmd(&["pipeline", "send", "web", "in", "-", "-o", "json"])
@@ -125,7 +154,11 @@ fn pipelines_are_applied_inspected_paused_resumed_fed_and_deleted_from_the_cli()
     assert_eq!(pending, 5, "{s}");
     let out = up.home.run(&["pipeline", "send", "web", "out", "a"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("not an http source"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not an http source"),
+        "{}",
+        stderr(&out)
+    );
 
     for name in ["etl", "web"] {
         ok(&up.home.run(&["pipeline", "delete", name]), "delete");
@@ -134,5 +167,9 @@ fn pipelines_are_applied_inspected_paused_resumed_fed_and_deleted_from_the_cli()
         json(&up.home.run(&["pipeline", "ls", "-o", "json"])) == serde_json::json!([])
     });
     let jobs = json(&up.home.run(&["job", "ls", "-o", "json"]));
-    assert_eq!(jobs, serde_json::json!([]), "the vertices' jobs are removed");
+    assert_eq!(
+        jobs,
+        serde_json::json!([]),
+        "the vertices' jobs are removed"
+    );
 }

@@ -19,17 +19,18 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use drover_buffer::{BufferBackend, BufferConfig, BufferError, BufferName, BufferStats, Message, MessageId};
+use drover_buffer::{
+    BufferBackend, BufferConfig, BufferError, BufferName, BufferStats, Message, MessageId,
+};
 use drover_core::api::ErrorCode;
 use drover_core::pipeline::autoscale::Observation;
+use drover_core::pipeline::object::{MAX_HTTP_BODY, MAX_HTTP_MESSAGES};
 use drover_core::pipeline::vertex::{desired_replicas, job_name};
 use drover_core::pipeline::{
     BufferLevel, BufferSpec, BufferView, DesiredPhase, HttpAccepted, HttpMessages,
-    LifecycleRequest, Pipeline, PipelineApplied, PipelineObservation, PipelinePhase,
-    PipelineSpec, PipelineSummary, PipelineView, SourceDef, Vertex, VertexObservation,
-    VertexRole, VertexView,
+    LifecycleRequest, Pipeline, PipelineApplied, PipelineObservation, PipelinePhase, PipelineSpec,
+    PipelineSummary, PipelineView, SourceDef, Vertex, VertexObservation, VertexRole, VertexView,
 };
-use drover_core::pipeline::object::{MAX_HTTP_BODY, MAX_HTTP_MESSAGES};
 use drover_core::{JobId, ProjectId, TaskState};
 use drover_store::Change;
 use serde::Deserialize;
@@ -171,9 +172,12 @@ impl Inner {
         project: ProjectId,
         spec: PipelineSpec,
     ) -> ApiResult<(PipelineApplied, bool)> {
-        self.buffers
-            .backend(spec.buffer.backend)
-            .map_err(|e| ApiError::new(ErrorCode::InvalidSpec, format!("invalid pipeline spec: {e}")))?;
+        self.buffers.backend(spec.buffer.backend).map_err(|e| {
+            ApiError::new(
+                ErrorCode::InvalidSpec,
+                format!("invalid pipeline spec: {e}"),
+            )
+        })?;
         let mut state = self.state.lock().await;
         let state = &mut *state;
         let now = self.now();
@@ -356,7 +360,9 @@ impl Inner {
             // still stored and the next round removes what is left.
             if let Ok(b) = &backend {
                 for n in &names {
-                    b.delete(n).await.map_err(|e| format!("deleting buffer {n}: {e}"))?;
+                    b.delete(n)
+                        .await
+                        .map_err(|e| format!("deleting buffer {n}: {e}"))?;
                 }
             }
             return self.remove_pipeline(&pipeline).await;
@@ -370,12 +376,17 @@ impl Inner {
         }
         let mut tx = Tx::default();
         for (name, d) in &step.vertices {
-            let vkey = (pipeline.project.clone(), pipeline.name.clone(), name.clone());
+            let vkey = (
+                pipeline.project.clone(),
+                pipeline.name.clone(),
+                name.clone(),
+            );
             let existing = state.vertices.get(&vkey).cloned();
             let replicas = d.replicas.unwrap_or_else(|| {
-                existing
-                    .as_ref()
-                    .map_or_else(|| initial_replicas(&pipeline.spec, name), |v| v.spec.replicas)
+                existing.as_ref().map_or_else(
+                    || initial_replicas(&pipeline.spec, name),
+                    |v| v.spec.replicas,
+                )
             });
             let generation = existing.as_ref().map_or(1, |v| v.spec.generation);
             let Some(spec) = pipeline.spec.vertex_spec(
@@ -495,9 +506,9 @@ impl Inner {
             },
         );
         self.commit(state, tx).await.map_err(|e| e.to_string())?;
-        self.pipes.rates_lock().retain(|(p, pl, _), _| {
-            !(p == &pipeline.project && pl == &pipeline.name)
-        });
+        self.pipes
+            .rates_lock()
+            .retain(|(p, pl, _), _| !(p == &pipeline.project && pl == &pipeline.name));
         tracing::info!(pipeline = %pipeline.name, "pipeline deleted");
         Ok(())
     }
@@ -542,7 +553,11 @@ impl Inner {
                 }
             }
             if let Some(s) = counts {
-                self.pipes.rates_lock().entry(key.clone()).or_default().push(s);
+                self.pipes
+                    .rates_lock()
+                    .entry(key.clone())
+                    .or_default()
+                    .push(s);
             }
             (v.clone(), job, running, cur.map(|j| j.id.clone()))
         };
@@ -601,7 +616,9 @@ impl Inner {
         let backend = self.buffers.backend(v.spec.buffer.backend);
         let config = buffer_config(&v.spec.buffer);
         let inputs: Vec<BufferName> = (0..v.spec.inputs.len() as u32)
-            .filter_map(|p| BufferName::new(v.project.as_str(), &v.spec.pipeline, &v.spec.name, p).ok())
+            .filter_map(|p| {
+                BufferName::new(v.project.as_str(), &v.spec.pipeline, &v.spec.name, p).ok()
+            })
             .collect();
         let outputs: Vec<BufferName> = v
             .spec
@@ -623,7 +640,10 @@ impl Inner {
         let backpressure = read_levels(&backend, &outputs, &config)
             .await
             .into_iter()
-            .find(|(_, s)| s.as_ref().is_ok_and(|s| s.usage >= v.spec.buffer.usage_limit))
+            .find(|(_, s)| {
+                s.as_ref()
+                    .is_ok_and(|s| s.usage >= v.spec.buffer.usage_limit)
+            })
             .map(|(n, _)| n.to_string());
         let rate_per_replica = {
             let rates = self.pipes.rates_lock();
@@ -672,7 +692,8 @@ impl Inner {
                 ),
             ));
         }
-        if pipeline.deleting() || pipeline.status.phase != PipelinePhase::Running
+        if pipeline.deleting()
+            || pipeline.status.phase != PipelinePhase::Running
             || pipeline.spec.lifecycle.desired_phase != DesiredPhase::Running
         {
             return Err(ApiError::new(
@@ -687,7 +708,10 @@ impl Inner {
         if body.len() > MAX_HTTP_BODY {
             return Err(ApiError::new(
                 ErrorCode::TooLarge,
-                format!("the body is {} bytes; at most {MAX_HTTP_BODY} are taken", body.len()),
+                format!(
+                    "the body is {} bytes; at most {MAX_HTTP_BODY} are taken",
+                    body.len()
+                ),
             ));
         }
         let req: HttpMessages = serde_json::from_slice(body).map_err(|e| {
@@ -737,8 +761,9 @@ impl Inner {
                 batches.entry(part).or_default().push(m.clone());
             }
             for (part, batch) in batches {
-                let bname = BufferName::new(pipeline.project.as_str(), &pipeline.name, &to.name, part)
-                    .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
+                let bname =
+                    BufferName::new(pipeline.project.as_str(), &pipeline.name, &to.name, part)
+                        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
                 let buffer = backend.open(&bname, &config).await.map_err(buffer_error)?;
                 let done = buffer.append(&batch).await.map_err(buffer_error)?;
                 written += done.written as u64;
@@ -768,7 +793,8 @@ impl Inner {
                 views.push(VertexView {
                     name: def.name.clone(),
                     kind: role_kind(&def.role),
-                    desired_phase: v.map_or(DesiredPhase::Running, |v| v.spec.lifecycle.desired_phase),
+                    desired_phase: v
+                        .map_or(DesiredPhase::Running, |v| v.spec.lifecycle.desired_phase),
                     desired_replicas: v.map_or(0, |v| {
                         if v.spec.job_spec().is_some() {
                             desired_replicas(&v.spec)
@@ -826,10 +852,7 @@ impl Inner {
                 v.buffers.push(view);
             }
         }
-        Ok(PipelineView {
-            pipeline,
-            vertices,
-        })
+        Ok(PipelineView { pipeline, vertices })
     }
 }
 
@@ -941,7 +964,10 @@ pub(crate) async fn apply(
 ) -> ApiResult<Response> {
     p.require(Action::Write)?;
     let spec = PipelineSpec::from_json(&body).map_err(|e| {
-        ApiError::new(ErrorCode::InvalidSpec, format!("invalid pipeline spec: {e}"))
+        ApiError::new(
+            ErrorCode::InvalidSpec,
+            format!("invalid pipeline spec: {e}"),
+        )
     })?;
     let (applied, created) = inner.apply_pipeline(p.project.clone(), spec).await?;
     let status = if created {
@@ -1016,7 +1042,10 @@ pub(crate) async fn resume(
     let axum::extract::Query(q) = query.map_err(|e| {
         ApiError::new(
             ErrorCode::InvalidRequest,
-            format!("query: {}; the only parameter is slow=true|false", e.body_text()),
+            format!(
+                "query: {}; the only parameter is slow=true|false",
+                e.body_text()
+            ),
         )
     })?;
     Ok(Json(

@@ -267,7 +267,8 @@ impl State {
                 self.artifacts.remove(&(project, name, version));
             }
             Change::Pipeline(p) => {
-                self.pipelines.insert((p.project.clone(), p.name.clone()), p);
+                self.pipelines
+                    .insert((p.project.clone(), p.name.clone()), p);
             }
             Change::Vertex(v) => {
                 let key = (

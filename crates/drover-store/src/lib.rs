@@ -13,8 +13,8 @@ pub use sqlite::{Durability, SqliteConfig, SqliteStore};
 
 use async_trait::async_trait;
 use drover_core::artifact::Artifact;
-use drover_core::pipeline::{Pipeline, Vertex};
 use drover_core::auth::{Project, TokenView};
+use drover_core::pipeline::{Pipeline, Vertex};
 use drover_core::state::{Job, Node, Task};
 use drover_core::{JobId, Millis, NodeId, ProjectId, TaskId};
 use serde::{Deserialize, Serialize};
@@ -71,7 +71,10 @@ pub enum Change {
     /// A vertex, new or changed; one is stored per project, pipeline and name.
     Vertex(Vertex),
     /// Removes a pipeline; its vertices are removed by their own changes.
-    DeletePipeline { project: ProjectId, name: String },
+    DeletePipeline {
+        project: ProjectId,
+        name: String,
+    },
     /// Removes one vertex of a pipeline.
     DeleteVertex {
         project: ProjectId,

@@ -2,10 +2,10 @@
 //! (`sleep`), so these tests exercise the pipeline and vertex controllers and not the
 //! data plane.
 
+use drover_core::TaskState;
 use drover_core::pipeline::{
     PipelineApplied, PipelinePhase, PipelineSpec, PipelineSummary, PipelineView,
 };
-use drover_core::TaskState;
 use drover_testkit::{AgentOptions, Api, ClusterOptions, TestCluster, wait_for};
 use reqwest::Method;
 use std::time::{Duration, Instant};
@@ -44,7 +44,12 @@ async fn post(api: &Api, path: &str) -> PipelineSummary {
 }
 
 /// Polls the pipeline's status until `f` holds, failing with the last one seen.
-async fn wait_view(api: &Api, name: &str, what: &str, f: impl Fn(&PipelineView) -> bool) -> PipelineView {
+async fn wait_view(
+    api: &Api,
+    name: &str,
+    what: &str,
+    f: impl Fn(&PipelineView) -> bool,
+) -> PipelineView {
     let start = Instant::now();
     loop {
         let v = view(api, name).await;
@@ -84,7 +89,10 @@ async fn wait_replicas(api: &Api, job: &str, running: usize, live: usize) {
         last == (running, live)
     })
     .await;
-    assert!(ok.is_ok(), "{job}: wanted ({running}, {live}), last {last:?}");
+    assert!(
+        ok.is_ok(),
+        "{job}: wanted ({running}, {live}), last {last:?}"
+    );
 }
 
 fn etl(work_scale: &str) -> String {
@@ -112,26 +120,43 @@ async fn a_pipeline_runs_pauses_resumes_and_is_deleted() {
     let api = c.api();
 
     let applied = apply(&api, &etl("{ min: 2, max: 3 }")).await;
-    assert_eq!((applied.result.as_str(), applied.pipeline.version), ("created", 1));
+    assert_eq!(
+        (applied.result.as_str(), applied.pipeline.version),
+        ("created", 1)
+    );
     wait_replicas(&api, "etl-src", 1, 1).await;
     wait_replicas(&api, "etl-work", 2, 2).await;
     wait_replicas(&api, "etl-out", 1, 1).await;
     let v = wait_view(&api, "etl", "running", |v| {
         v.pipeline.status.phase == PipelinePhase::Running
-            && v.vertices.iter().find(|x| x.name == "work").unwrap().running_replicas == 2
+            && v.vertices
+                .iter()
+                .find(|x| x.name == "work")
+                .unwrap()
+                .running_replicas
+                == 2
     })
     .await;
     let idle = v.vertices.iter().find(|x| x.name == "idle").unwrap();
     assert_eq!((idle.desired_replicas, idle.running_replicas), (0, 0));
     // A vertex with max 0 never gets a job.
-    assert_eq!(call(&api, Method::GET, "/v1/jobs/etl-idle", None).await.0, 404);
+    assert_eq!(
+        call(&api, Method::GET, "/v1/jobs/etl-idle", None).await.0,
+        404
+    );
 
     // The same spec again changes nothing; a changed one is a new version, and the
     // running vertex keeps its replicas (2 is within the new 1..3).
     let again = apply(&api, &etl("{ min: 2, max: 3 }")).await;
-    assert_eq!((again.result.as_str(), again.pipeline.version), ("unchanged", 1));
+    assert_eq!(
+        (again.result.as_str(), again.pipeline.version),
+        ("unchanged", 1)
+    );
     let changed = apply(&api, &etl("{ min: 1, max: 3 }")).await;
-    assert_eq!((changed.result.as_str(), changed.pipeline.version), ("updated", 2));
+    assert_eq!(
+        (changed.result.as_str(), changed.pipeline.version),
+        ("updated", 2)
+    );
 
     // Pause: no buffer was ever created, so the pause drains at once and every replica
     // stops.
@@ -140,8 +165,15 @@ async fn a_pipeline_runs_pauses_resumes_and_is_deleted() {
         v.pipeline.status.phase == PipelinePhase::Paused
     })
     .await;
-    assert!(v.pipeline.status.drained_on_pause, "{:?}", v.pipeline.status);
-    assert_eq!(v.pipeline.status.replicas_before_pause.get("work"), Some(&2));
+    assert!(
+        v.pipeline.status.drained_on_pause,
+        "{:?}",
+        v.pipeline.status
+    );
+    assert_eq!(
+        v.pipeline.status.replicas_before_pause.get("work"),
+        Some(&2)
+    );
     for job in ["etl-src", "etl-work", "etl-out"] {
         wait_replicas(&api, job, 0, 0).await;
     }
@@ -162,7 +194,10 @@ async fn a_pipeline_runs_pauses_resumes_and_is_deleted() {
 
     // Pause and resume slowly: each vertex at its scale.min.
     post(&api, "/v1/pipelines/etl/pause").await;
-    wait_view(&api, "etl", "paused", |v| v.pipeline.status.phase == PipelinePhase::Paused).await;
+    wait_view(&api, "etl", "paused", |v| {
+        v.pipeline.status.phase == PipelinePhase::Paused
+    })
+    .await;
     wait_replicas(&api, "etl-work", 0, 0).await;
     post(&api, "/v1/pipelines/etl/resume?slow=true").await;
     wait_replicas(&api, "etl-work", 1, 1).await;
@@ -170,7 +205,11 @@ async fn a_pipeline_runs_pauses_resumes_and_is_deleted() {
         v.pipeline.status.phase == PipelinePhase::Running
     })
     .await;
-    assert!(v.pipeline.status.reason.contains("slowly"), "{:?}", v.pipeline.status);
+    assert!(
+        v.pipeline.status.reason.contains("slowly"),
+        "{:?}",
+        v.pipeline.status
+    );
     let (status, body) = call(&api, Method::POST, "/v1/pipelines/etl/resume?fast=1", None).await;
     assert_eq!(status, 400, "{body}");
 
@@ -191,7 +230,9 @@ async fn a_pipeline_runs_pauses_resumes_and_is_deleted() {
     assert!(gone.is_ok());
     for job in ["etl-src", "etl-work", "etl-out"] {
         assert_eq!(
-            call(&api, Method::GET, &format!("/v1/jobs/{job}"), None).await.0,
+            call(&api, Method::GET, &format!("/v1/jobs/{job}"), None)
+                .await
+                .0,
             404,
             "{job} removed"
         );
@@ -217,14 +258,23 @@ async fn http_messages_wait_in_the_buffer_and_a_restart_mid_pause_keeps_its_grac
     apply(&api, WEB).await;
     wait_replicas(&api, "web-work", 1, 1).await;
     // The http source has no replicas: no job at all.
-    assert_eq!(call(&api, Method::GET, "/v1/jobs/web-in", None).await.0, 404);
+    assert_eq!(
+        call(&api, Method::GET, "/v1/jobs/web-in", None).await.0,
+        404
+    );
 
     let msgs = serde_json::json!({ "messages": [
         { "data": "a" }, { "data": "b" }, { "key": "k", "data": "c" },
         { "data": "d" }, { "data": "e" },
     ]});
     let path = "/v1/pipelines/web/vertices/in/messages";
-    let (status, body) = call(&api, Method::POST, path, Some(serde_json::to_vec(&msgs).unwrap())).await;
+    let (status, body) = call(
+        &api,
+        Method::POST,
+        path,
+        Some(serde_json::to_vec(&msgs).unwrap()),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let accepted: drover_core::pipeline::HttpAccepted = serde_json::from_str(&body).unwrap();
     assert_eq!((accepted.ids.len(), accepted.written), (5, 5));
@@ -258,9 +308,19 @@ async fn http_messages_wait_in_the_buffer_and_a_restart_mid_pause_keeps_its_grac
     })
     .await;
     let started = pausing.pipeline.status.pause_started_at.unwrap();
-    assert!(pausing.pipeline.status.reason.contains("to drain"), "{:?}", pausing.pipeline.status);
+    assert!(
+        pausing.pipeline.status.reason.contains("to drain"),
+        "{:?}",
+        pausing.pipeline.status
+    );
     // While pausing, the source takes nothing more.
-    let (status, body) = call(&api, Method::POST, path, Some(serde_json::to_vec(&msgs).unwrap())).await;
+    let (status, body) = call(
+        &api,
+        Method::POST,
+        path,
+        Some(serde_json::to_vec(&msgs).unwrap()),
+    )
+    .await;
     assert_eq!(status, 409, "{body}");
 
     let addr = c.url.trim_start_matches("http://").to_string();
@@ -275,16 +335,36 @@ async fn http_messages_wait_in_the_buffer_and_a_restart_mid_pause_keeps_its_grac
         .unwrap();
     let api = c.api();
     let v = view(&api, "web").await;
-    assert_eq!(v.pipeline.status.pause_started_at, Some(started), "{:?}", v.pipeline.status);
+    assert_eq!(
+        v.pipeline.status.pause_started_at,
+        Some(started),
+        "{:?}",
+        v.pipeline.status
+    );
     let v = wait_view(&api, "web", "paused at the grace", |v| {
         v.pipeline.status.phase == PipelinePhase::Paused
     })
     .await;
     let now = drover_core::now_millis();
-    assert!(now - started >= 6_000, "paused after its grace, counted from before the restart");
-    assert!(now - started < 20_000, "not a grace restarted from the restart: {}", now - started);
-    assert!(!v.pipeline.status.drained_on_pause, "{:?}", v.pipeline.status);
-    assert!(v.pipeline.status.reason.contains("grace"), "{:?}", v.pipeline.status);
+    assert!(
+        now - started >= 6_000,
+        "paused after its grace, counted from before the restart"
+    );
+    assert!(
+        now - started < 20_000,
+        "not a grace restarted from the restart: {}",
+        now - started
+    );
+    assert!(
+        !v.pipeline.status.drained_on_pause,
+        "{:?}",
+        v.pipeline.status
+    );
+    assert!(
+        v.pipeline.status.reason.contains("grace"),
+        "{:?}",
+        v.pipeline.status
+    );
     wait_replicas(&api, "web-work", 0, 0).await;
 
     // Delete removes the buffers too.
@@ -302,7 +382,10 @@ async fn http_messages_wait_in_the_buffer_and_a_restart_mid_pause_keeps_its_grac
     .await
     .unwrap();
     assert!(!holds("web.work"), "the buffers are deleted");
-    assert_eq!(call(&api, Method::GET, "/v1/jobs/web-work", None).await.0, 404);
+    assert_eq!(
+        call(&api, Method::GET, "/v1/jobs/web-work", None).await.0,
+        404
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -348,8 +431,13 @@ async fn bad_pipelines_and_vertex_jobs_are_refused_and_nothing_is_stored() {
         ),
     ];
     for (body, needle) in cases {
-        let (status, text) =
-            call(&api, Method::POST, "/v1/pipelines", Some(serde_json::to_vec(&body).unwrap())).await;
+        let (status, text) = call(
+            &api,
+            Method::POST,
+            "/v1/pipelines",
+            Some(serde_json::to_vec(&body).unwrap()),
+        )
+        .await;
         assert_eq!(status, 400, "{text}");
         assert!(text.contains(needle), "{needle}: {text}");
         assert!(text.contains("invalid_spec"), "{text}");
@@ -365,13 +453,21 @@ async fn bad_pipelines_and_vertex_jobs_are_refused_and_nothing_is_stored() {
         .unwrap();
     let job = vertex.job_spec().unwrap();
     for route in ["/v1/jobs", "/v1/plan"] {
-        let (status, text) =
-            call(&api, Method::POST, route, Some(serde_json::to_vec(&job).unwrap())).await;
+        let (status, text) = call(
+            &api,
+            Method::POST,
+            route,
+            Some(serde_json::to_vec(&job).unwrap()),
+        )
+        .await;
         assert_eq!(status, 400, "{text}");
         assert!(
             text.contains("vertex: set by the pipeline controller; submit a pipeline instead"),
             "{text}"
         );
     }
-    assert_eq!(call(&api, Method::GET, "/v1/jobs/etl-work", None).await.0, 404);
+    assert_eq!(
+        call(&api, Method::GET, "/v1/jobs/etl-work", None).await.0,
+        404
+    );
 }

@@ -765,7 +765,15 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             assert_beta_pipeline_untouched(w).await;
             // alpha removes its own again, which leaves beta's alone.
             let path = "/v1/pipelines/b-pipe";
-            expect(w.alpha(Role::Write), "alpha write", Method::DELETE, path, None, 200).await;
+            expect(
+                w.alpha(Role::Write),
+                "alpha write",
+                Method::DELETE,
+                path,
+                None,
+                200,
+            )
+            .await;
             drover_testkit::wait_for("alpha's pipeline to go", T, async || {
                 call(w.alpha(Role::Write), Method::GET, path, None).await.0 == 404
             })
@@ -780,12 +788,23 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
                 assert_no_beta(&who, pattern, &body, w);
             }
             let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
-            assert!(body.contains("b-pipe"), "the cluster admin sees beta's: {body}");
+            assert!(
+                body.contains("b-pipe"),
+                "the cluster admin sees beta's: {body}"
+            );
         }
         ("GET", "/v1/pipelines/{name}") => {
             let path = pattern.replace("{name}", "b-pipe");
             for r in all_alpha {
-                let body = expect(w.alpha(r), &format!("alpha {r}"), Method::GET, &path, None, 404).await;
+                let body = expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::GET,
+                    &path,
+                    None,
+                    404,
+                )
+                .await;
                 let nobody = path.replace("b-pipe", "no-such-pipe");
                 let (_, other) = call(w.alpha(r), Method::GET, &nobody, None).await;
                 assert_eq!(body.replace("b-pipe", "no-such-pipe"), other, "alpha {r}");
@@ -801,7 +820,15 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
                 .replace("{vertex}", "in");
             let m = Method::from_bytes(method.as_bytes()).unwrap();
             let body = pattern.ends_with("messages").then_some(MESSAGES);
-            expect(w.alpha(Role::Read), "alpha read", m.clone(), &path, body, 403).await;
+            expect(
+                w.alpha(Role::Read),
+                "alpha read",
+                m.clone(),
+                &path,
+                body,
+                403,
+            )
+            .await;
             for a in w.alpha_writers() {
                 expect(a, "alpha writer", m.clone(), &path, body, 404).await;
             }

@@ -21,8 +21,8 @@ pub use lifecycle::{
     PipelineStatus, VertexDirective, VertexObservation, step,
 };
 pub use object::{
-    BufferView, HttpAccepted, HttpMessage, HttpMessages, Pipeline, PipelineApplied, PipelineSummary,
-    PipelineView, Rates, VertexView,
+    BufferView, HttpAccepted, HttpMessage, HttpMessages, Pipeline, PipelineApplied,
+    PipelineSummary, PipelineView, Rates, VertexView,
 };
 pub use spec::{
     BufferBackend, BufferSpec, DesiredPhase, EdgeCondition, EdgeDef, LifecycleSpec, MapDef,
