@@ -293,6 +293,23 @@ async fn apply_job(
             Some(_) => {}
         }
     }
+    // A vertex's job is its pipeline's: a user's spec of the same name would replace
+    // it, and the vertex controller would put it back.
+    {
+        let state = inner.state.lock().await;
+        if let Some(plane) = state
+            .job_by_name(&p.project, &spec.name)
+            .and_then(|j| j.spec.vertex.as_ref())
+        {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!(
+                    "job {} runs vertex {} of pipeline {}; change the pipeline instead (drover pipeline apply -f FILE)",
+                    spec.name, plane.vertex, plane.pipeline
+                ),
+            ));
+        }
+    }
     let how = crate::ops::ApplyOptions {
         idempotency_key,
         rerun: query.rerun,

@@ -180,6 +180,7 @@ impl Inner {
         })?;
         let mut state = self.state.lock().await;
         let state = &mut *state;
+        name_clash(state, &project, &spec)?;
         let now = self.now();
         let key = (project.clone(), spec.name.clone());
         let (pipeline, result) = match state.pipelines.get(&key) {
@@ -897,6 +898,48 @@ fn buffer_error(e: BufferError) -> ApiError {
         BufferError::Invalid(m) => ApiError::new(ErrorCode::InvalidRequest, m),
         other => ApiError::new(ErrorCode::BufferUnavailable, other.to_string()),
     }
+}
+
+/// Refuses a pipeline one of whose vertices' jobs (`PIPELINE-VERTEX`) would take the
+/// name of a job that is not that vertex's: a user's job, or another pipeline's vertex
+/// (pipeline `a` with vertex `b-c` and pipeline `a-b` with vertex `c` are both `a-b-c`).
+fn name_clash(state: &CtlState, project: &ProjectId, spec: &PipelineSpec) -> ApiResult<()> {
+    for (i, v) in spec.vertices.iter().enumerate() {
+        let job = job_name(&spec.name, &v.name);
+        let clash = match state.job_by_name(project, &job) {
+            Some(j) => match &j.spec.vertex {
+                None => Some(format!("job {job} exists and is not a pipeline's")),
+                Some(plane) if plane.pipeline != spec.name => Some(format!(
+                    "job {job} runs vertex {} of pipeline {}",
+                    plane.vertex, plane.pipeline
+                )),
+                Some(_) => None,
+            },
+            None => state
+                .vertices
+                .values()
+                .find(|o| {
+                    &o.project == project
+                        && o.spec.pipeline != spec.name
+                        && o.spec.job_name() == job
+                })
+                .map(|o| {
+                    format!(
+                        "vertex {} of pipeline {} has the job name {job} too",
+                        o.spec.name, o.spec.pipeline
+                    )
+                }),
+        };
+        if let Some(why) = clash {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!(
+                    "vertices[{i}].name: its job would be named {job}, but {why}; rename the vertex or the pipeline"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The replicas running now over a pipeline's vertices.

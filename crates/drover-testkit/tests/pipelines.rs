@@ -470,4 +470,63 @@ async fn bad_pipelines_and_vertex_jobs_are_refused_and_nothing_is_stored() {
         call(&api, Method::GET, "/v1/jobs/etl-work", None).await.0,
         404
     );
+
+    // A vertex's job may not take a user's job's name, nor another pipeline's vertex's.
+    api.apply_yaml("name: clash-src\nruntime: process\ncommand: ['true']\n")
+        .await
+        .unwrap();
+    let clash = |name: &str, vertex: &str| {
+        serde_json::json!({ "name": name, "vertices": [
+            { "name": vertex, "source": { "run": { "runtime": "process", "command": ["sleep", "600"] } } },
+            { "name": "out", "sink": { "run": { "runtime": "process", "command": ["sleep", "600"] } }, "scale": { "min": 0, "max": 0 } }],
+          "edges": [{ "from": vertex, "to": "out" }] })
+    };
+    let (status, text) = call(
+        &api,
+        Method::POST,
+        "/v1/pipelines",
+        Some(serde_json::to_vec(&clash("clash", "src")).unwrap()),
+    )
+    .await;
+    assert_eq!(status, 409, "{text}");
+    assert!(
+        text.contains("vertices[0].name") && text.contains("clash-src"),
+        "{text}"
+    );
+    // Pipeline p with vertex q-src and pipeline p-q with vertex src are both p-q-src.
+    let (status, text) = call(
+        &api,
+        Method::POST,
+        "/v1/pipelines",
+        Some(serde_json::to_vec(&clash("p", "q-src")).unwrap()),
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    wait_for("p's vertex job", T, async || {
+        call(&api, Method::GET, "/v1/jobs/p-q-src", None).await.0 == 200
+    })
+    .await
+    .unwrap();
+    let (status, text) = call(
+        &api,
+        Method::POST,
+        "/v1/pipelines",
+        Some(serde_json::to_vec(&clash("p-q", "src")).unwrap()),
+    )
+    .await;
+    assert_eq!(status, 409, "{text}");
+    assert!(
+        text.contains("p-q-src") && text.contains("pipeline p;"),
+        "{text}"
+    );
+    // And a user's job may not replace a vertex's.
+    let (status, text) = call(
+        &api,
+        Method::POST,
+        "/v1/jobs",
+        Some(br#"{"name":"p-q-src","command":["true"],"runtime":"process"}"#.to_vec()),
+    )
+    .await;
+    assert_eq!(status, 409, "{text}");
+    assert!(text.contains("runs vertex q-src of pipeline p"), "{text}");
 }
