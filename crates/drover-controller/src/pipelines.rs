@@ -517,6 +517,11 @@ impl Inner {
     /// One round of the vertex controller over every vertex.
     async fn vertices_pass(&self) {
         let keys: Vec<VertexKey> = self.state.lock().await.vertices.keys().cloned().collect();
+        // The rates of vertices that are gone (removed from their pipeline's spec) go
+        // with them; the keys come sorted from the map, so a binary search finds them.
+        self.pipes
+            .rates_lock()
+            .retain(|k, _| keys.binary_search(k).is_ok());
         for key in keys {
             if let Err(e) = self.reconcile_vertex(&key).await {
                 tracing::warn!(project = %key.0, pipeline = %key.1, vertex = %key.2, "vertex controller: {e}");

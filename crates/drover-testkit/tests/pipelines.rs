@@ -530,3 +530,40 @@ async fn bad_pipelines_and_vertex_jobs_are_refused_and_nothing_is_stored() {
     assert_eq!(status, 409, "{text}");
     assert!(text.contains("runs vertex q-src of pipeline p"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vertex_no_node_can_run_fails_the_pipeline_with_the_reason() {
+    let c = TestCluster::start().await.unwrap();
+    let _agent = c.agent(AgentOptions::named("n1")).await.unwrap();
+    let api = c.api();
+    apply(
+        &api,
+        "name: big
+vertices:
+  - { name: src, source: { run: { runtime: process, command: [sleep, '600'] } } }
+  - { name: out, sink: { run: { runtime: process, command: [sleep, '600'], resources: { cpu: 64 } } } }
+edges: [{ from: src, to: out }]
+",
+    )
+    .await;
+    let v = wait_view(&api, "big", "failed", |v| {
+        v.pipeline.status.phase == PipelinePhase::Failed
+    })
+    .await;
+    assert!(
+        v.pipeline.status.reason.starts_with("vertex out: "),
+        "{:?}",
+        v.pipeline.status
+    );
+    // The pipeline still deletes, taking the vertex that never ran with it.
+    call(&api, Method::DELETE, "/v1/pipelines/big", None).await;
+    wait_for("the pipeline to be removed", T, async || {
+        call(&api, Method::GET, "/v1/pipelines/big", None).await.0 == 404
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        call(&api, Method::GET, "/v1/jobs/big-out", None).await.0,
+        404
+    );
+}
