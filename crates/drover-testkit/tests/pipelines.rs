@@ -567,3 +567,61 @@ edges: [{ from: src, to: out }]
         404
     );
 }
+
+#[path = "../../drover-buffer/tests/support/nats_server.rs"]
+mod nats_server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_backed_pipeline_keeps_its_messages_in_jetstream_and_deletes_them() {
+    let nats = nats_server::NatsServer::start();
+    let c = TestCluster::start_with(ClusterOptions {
+        nats_url: Some(nats.url()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    let _agent = c.agent(AgentOptions::named("n1")).await.unwrap();
+    let api = c.api();
+    apply(&api, &format!("{WEB}buffer: {{ backend: nats }}\n")).await;
+    wait_replicas(&api, "web-work", 1, 1).await;
+    let msgs =
+        serde_json::json!({ "messages": [{ "data": "a" }, { "data": "b" }, { "data": "c" }] });
+    let path = "/v1/pipelines/web/vertices/in/messages";
+    let (status, body) = call(
+        &api,
+        Method::POST,
+        path,
+        Some(serde_json::to_vec(&msgs).unwrap()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let v = view(&api, "web").await;
+    let work = v.vertices.iter().find(|x| x.name == "work").unwrap();
+    let pending: u64 = work.buffers.iter().map(|b| b.pending.unwrap()).sum();
+    assert_eq!(pending, 3, "{work:?}");
+    // The buffers are JetStream's, not the embedded backend's.
+    let embedded = c.dir.path().join("controller").join("buffers");
+    assert!(
+        !walk(&embedded)
+            .iter()
+            .any(|p| p.to_string_lossy().contains("web.work"))
+    );
+
+    // Deleting removes the streams: a pipeline of the same name starts empty.
+    call(&api, Method::DELETE, "/v1/pipelines/web", None).await;
+    wait_for("the pipeline to be removed", T, async || {
+        call(&api, Method::GET, "/v1/pipelines/web", None).await.0 == 404
+    })
+    .await
+    .unwrap();
+    apply(&api, &format!("{WEB}buffer: {{ backend: nats }}\n")).await;
+    let v = view(&api, "web").await;
+    let work = v.vertices.iter().find(|x| x.name == "work").unwrap();
+    assert!(work.buffers.iter().all(|b| !b.exists), "{work:?}");
+    call(&api, Method::DELETE, "/v1/pipelines/web", None).await;
+    wait_for("the pipeline to be removed", T, async || {
+        call(&api, Method::GET, "/v1/pipelines/web", None).await.0 == 404
+    })
+    .await
+    .unwrap();
+}
