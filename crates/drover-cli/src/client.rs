@@ -498,6 +498,55 @@ pub struct StreamQuery {
     pub timestamps: bool,
 }
 
+/// Pipelines (`drover pipeline ...`).
+impl Client {
+    pub async fn apply_pipeline(
+        &self,
+        spec: &drover_core::pipeline::PipelineSpec,
+    ) -> Result<drover_core::pipeline::PipelineApplied> {
+        self.post("/v1/pipelines", serde_json::to_vec(spec)?).await
+    }
+
+    pub async fn pipelines(&self) -> Result<Vec<drover_core::pipeline::PipelineSummary>> {
+        self.get("/v1/pipelines").await
+    }
+
+    pub async fn pipeline(&self, name: &str) -> Result<drover_core::pipeline::PipelineView> {
+        self.get(&format!("/v1/pipelines/{}", enc(name))).await
+    }
+
+    /// `action` is `pause`, `resume` or `resume?slow=true`.
+    pub async fn pipeline_action(
+        &self,
+        name: &str,
+        action: &str,
+    ) -> Result<drover_core::pipeline::PipelineSummary> {
+        self.post(&format!("/v1/pipelines/{}/{action}", enc(name)), Vec::new())
+            .await
+    }
+
+    pub async fn delete_pipeline(
+        &self,
+        name: &str,
+    ) -> Result<drover_core::pipeline::PipelineSummary> {
+        self.delete(&format!("/v1/pipelines/{}", enc(name))).await
+    }
+
+    pub async fn send_messages(
+        &self,
+        name: &str,
+        vertex: &str,
+        messages: &drover_core::pipeline::HttpMessages,
+    ) -> Result<drover_core::pipeline::HttpAccepted> {
+        let path = format!(
+            "/v1/pipelines/{}/vertices/{}/messages",
+            enc(name),
+            enc(vertex)
+        );
+        self.post(&path, serde_json::to_vec(messages)?).await
+    }
+}
+
 fn artifact_path(r: &ArtifactRef) -> String {
     format!("/v1/artifacts/{}/{}", enc(&r.name), enc(&r.version))
 }

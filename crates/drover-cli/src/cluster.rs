@@ -113,6 +113,8 @@ pub struct ServerOptions {
     pub connections: ConnectionLimits,
     /// Serve HTTPS (and WSS to agents) with this; plain HTTP when `None`.
     pub tls: Option<drover_tls::ServerIdentity>,
+    /// A NATS server for pipelines with `buffer.backend: nats`.
+    pub nats_url: Option<String>,
 }
 
 pub struct RunningServer {
@@ -162,6 +164,7 @@ pub async fn start_server(opts: ServerOptions) -> Result<RunningServer> {
     }
     cfg.header_read_timeout = opts.connections.header_read_timeout;
     cfg.commit = Some(crate::COMMIT.to_string());
+    cfg.buffers.nats_url = opts.nats_url.clone();
     cfg.bootstrap_tokens = vec![
         BootstrapToken {
             secret: opts.admin_token.clone(),
@@ -301,6 +304,7 @@ impl Ephemeral {
             // The cluster lives and dies with this process on loopback; TLS would only
             // slow every `drover run` down.
             tls: None,
+            nats_url: None,
         })
         .await?;
         let agent = start_agent(AgentOptions {

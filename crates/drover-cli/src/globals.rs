@@ -64,6 +64,8 @@ pub fn reads(path: &[&str]) -> &'static [&'static str] {
         ["context", "ls", ..] => OUTPUT_ONLY,
         ["context", "use" | "rm" | "rename", ..] => NOTHING,
         ["context"] => OUTPUT_ONLY,
+        // Pipelines are a client's, with a JSON form of every answer.
+        ["pipeline", ..] => CLIENT,
         // Every other command talks to the server and prints a listing or an answer
         // that has a JSON form.
         _ => CLIENT,

@@ -7,6 +7,7 @@ mod globals;
 mod input;
 mod output;
 mod pack;
+mod pipeline;
 mod vertex;
 mod wait;
 
@@ -229,6 +230,21 @@ enum Cmd {
         after_help = "Each `drover up` adds a context for its cluster and makes it current;\n`drover token create --save NAME` adds one for the new token.\n\nExamples:\n  drover context ls\n  drover context use local-7701\n  drover --context local job ls\n  DROVER_CONTEXT=team-a drover run -- echo hi"
     )]
     Context(ContextCmd),
+    /// Apply, list, inspect, pause, resume and delete pipelines: sources, maps and
+    /// sinks joined by durable buffers, each vertex a service whose tasks are its
+    /// replicas.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+            drover pipeline apply -f etl.yaml\n  \
+            drover pipeline ls\n  \
+            drover pipeline status etl -o json\n  \
+            drover pipeline pause etl\n  \
+            drover pipeline resume etl --slow\n  \
+            drover pipeline send web in 'hello'\n  \
+            drover pipeline delete etl"
+    )]
+    Pipeline(pipeline::PipelineCmd),
     /// Print this client's version and commit, and the server's when one is configured.
     Version,
     /// Print shell completions, e.g. `drover completions bash > /etc/bash_completion.d/drover`.
@@ -299,6 +315,11 @@ struct RunArgs {
 
 #[derive(Args)]
 struct UpArgs {
+    /// A NATS server (with JetStream) for pipelines whose spec says `buffer.backend:
+    /// nats`, e.g. nats://127.0.0.1:4222; without it such pipelines are refused. The
+    /// server must be reachable at start-up.
+    #[arg(long, value_name = "URL", env = "DROVER_NATS")]
+    nats: Option<String>,
     /// Where the database, logs and the agent's tasks live.
     #[arg(long, env = "DROVER_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -318,6 +339,11 @@ struct UpArgs {
 
 #[derive(Args)]
 struct ServerArgs {
+    /// A NATS server (with JetStream) for pipelines whose spec says `buffer.backend:
+    /// nats`, e.g. nats://127.0.0.1:4222; without it such pipelines are refused. The
+    /// server must be reachable at start-up.
+    #[arg(long, value_name = "URL", env = "DROVER_NATS")]
+    nats: Option<String>,
     /// Where the database, logs, blobs and the admin and join tokens live.
     #[arg(long, env = "DROVER_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -1310,6 +1336,10 @@ async fn dispatch(cli: Cli) -> Result<i32> {
         Cmd::Artifact(a) => {
             let c = require(&cli)?;
             artifact(&c, cli.output, a).await
+        }
+        Cmd::Pipeline(p) => {
+            let c = require(&cli)?;
+            pipeline::run(&c, cli.output, p).await
         }
         Cmd::Version => version(&cli).await,
         Cmd::Completions { shell } => {
@@ -2739,6 +2769,7 @@ async fn up(a: &UpArgs) -> Result<i32> {
         // `drover up` is a single machine's cluster, on loopback unless told otherwise;
         // its agent and CLI reach it over plain HTTP, as before.
         tls: None,
+        nats_url: a.nats.clone(),
     })
     .await?;
     let url = server.url();
@@ -2816,6 +2847,7 @@ async fn server(a: &ServerArgs) -> Result<i32> {
         retention: a.timing.retention(),
         connections: a.connections.limits(),
         tls: tls.as_ref().map(|t| t.identity.clone()),
+        nats_url: a.nats.clone(),
     })
     .await?;
     eprintln!("drover server listening on {}", server.url());

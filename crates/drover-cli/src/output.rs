@@ -121,14 +121,14 @@ pub fn times_as_rfc3339(v: &mut serde_json::Value) {
     }
 }
 
-fn table(headers: &[&str]) -> Table {
+pub(crate) fn table(headers: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(presets::NOTHING);
     t.set_header(headers.to_vec());
     t
 }
 
-fn print(t: Table) -> Result<()> {
+pub(crate) fn print(t: Table) -> Result<()> {
     // comfy-table pads every line to the table's width; trailing spaces only get in the
     // way of grep and copy-paste.
     let mut text = String::new();
@@ -139,7 +139,7 @@ fn print(t: Table) -> Result<()> {
     out(&text)
 }
 
-fn age(at: Millis) -> String {
+pub(crate) fn age(at: Millis) -> String {
     let secs = ((now_millis() - at).max(0) / 1000) as u64;
     match secs {
         s if s < 60 => format!("{s}s"),

@@ -4,7 +4,7 @@
 use crate::auth::{Action, Principal};
 use crate::error::{ApiError, ApiResult};
 use crate::follow::{self, Target};
-use crate::{Inner, artifacts, tenants};
+use crate::{Inner, artifacts, pipelines, tenants};
 use axum::extract::{Path, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
@@ -83,6 +83,11 @@ authed_routes! {
     "/v1/projects" => { post tenants::create_project, get tenants::list_projects }
     "/v1/tokens" => { post tenants::create_token, get tenants::list_tokens }
     "/v1/tokens/{id}/revoke" => { post tenants::revoke_token }
+    "/v1/pipelines" => { post pipelines::apply, get pipelines::list }
+    "/v1/pipelines/{name}" => { get pipelines::get, delete pipelines::delete }
+    "/v1/pipelines/{name}/pause" => { post pipelines::pause }
+    "/v1/pipelines/{name}/resume" => { post pipelines::resume }
+    "/v1/pipelines/{name}/vertices/{vertex}/messages" => { post pipelines::send }
     "/metrics" => { get metrics }
 }
 
@@ -238,8 +243,7 @@ async fn apply_job(
                 .map_err(|e| ApiError::new(ErrorCode::InvalidRequest, e))?,
         ),
     };
-    let spec = JobSpec::from_json(&body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidSpec, format!("invalid job spec: {e}")))?;
+    let spec = user_job_spec(&body)?;
     // Shared with other submissions, exclusive of blob collection: the working_dir
     // archive found below stays until the job naming it is stored. Only a job with one
     // takes it, so plain submissions never wait for a collection.
@@ -289,6 +293,23 @@ async fn apply_job(
             Some(_) => {}
         }
     }
+    // A vertex's job is its pipeline's: a user's spec of the same name would replace
+    // it, and the vertex controller would put it back.
+    {
+        let state = inner.state.lock().await;
+        if let Some(plane) = state
+            .job_by_name(&p.project, &spec.name)
+            .and_then(|j| j.spec.vertex.as_ref())
+        {
+            return Err(ApiError::new(
+                ErrorCode::InUse,
+                format!(
+                    "job {} runs vertex {} of pipeline {}; change the pipeline instead (drover pipeline apply -f FILE)",
+                    spec.name, plane.vertex, plane.pipeline
+                ),
+            ));
+        }
+    }
     let how = crate::ops::ApplyOptions {
         idempotency_key,
         rerun: query.rerun,
@@ -308,6 +329,21 @@ async fn apply_job(
         StatusCode::OK
     };
     Ok((status, Json(res)).into_response())
+}
+
+/// A job spec as a user may submit it: valid, and without the `vertex` plane, which
+/// only the vertex controller sets (it applies vertex jobs directly, not through the
+/// API), so no user job can reach a pipeline's buffers.
+fn user_job_spec(body: &[u8]) -> ApiResult<JobSpec> {
+    let spec = JobSpec::from_json(body)
+        .map_err(|e| ApiError::new(ErrorCode::InvalidSpec, format!("invalid job spec: {e}")))?;
+    if spec.vertex.is_some() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidSpec,
+            "invalid job spec: vertex: set by the pipeline controller; submit a pipeline instead (drover pipeline apply -f FILE)",
+        ));
+    }
+    Ok(spec)
 }
 
 /// Reads apply's query (and the plan's, which takes the same), naming the one
@@ -349,8 +385,7 @@ async fn plan_job(
 ) -> ApiResult<Json<drover_core::api::PlanResponse>> {
     p.require(Action::Write)?;
     let Query(query) = apply_query(query)?;
-    let spec = JobSpec::from_json(&body)
-        .map_err(|e| ApiError::new(ErrorCode::InvalidSpec, format!("invalid job spec: {e}")))?;
+    let spec = user_job_spec(&body)?;
     let missing_blob = match &spec.runtime_env.working_dir {
         None => None,
         Some(w) => {

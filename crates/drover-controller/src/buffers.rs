@@ -22,6 +22,9 @@ pub struct BufferSettings {
 pub(crate) struct Buffers {
     pub(crate) embedded: Arc<EmbeddedBackend>,
     pub(crate) nats: Option<Arc<NatsBackend>>,
+    // Read by the agent gateway, which hands the URL to vertex replicas in their
+    // assignments; until that lands nothing else needs it.
+    #[allow(dead_code)]
     pub(crate) nats_url: Option<String>,
 }
 

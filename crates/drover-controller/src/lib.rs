@@ -18,6 +18,7 @@ mod gateway;
 pub mod logs;
 pub mod metrics;
 mod ops;
+mod pipelines;
 mod plan;
 mod retention;
 mod rollout;
@@ -25,6 +26,7 @@ mod scheduler;
 mod serve;
 pub mod state;
 mod tenants;
+mod vertices;
 
 use drover_core::protocol::ControllerMessage;
 use drover_core::{Millis, NodeId, ProjectId, now_millis};
@@ -170,6 +172,8 @@ pub(crate) struct Inner {
     returning: std::sync::Mutex<std::collections::HashSet<NodeId>>,
     /// The pipelines' buffer backends.
     buffers: buffers::Buffers,
+    /// The pipeline and vertex controllers' observations and wake-up.
+    pipes: pipelines::Runtime,
     shutdown: CancellationToken,
 }
 
@@ -287,6 +291,7 @@ impl Controller {
             blob_owners: std::sync::Mutex::new(blob_owners),
             returning: std::sync::Mutex::new(Default::default()),
             buffers,
+            pipes: pipelines::Runtime::default(),
             shutdown: CancellationToken::new(),
         });
         let c = Controller { inner };
@@ -294,6 +299,7 @@ impl Controller {
         tokio::spawn(ops::liveness_loop(c.inner.clone()));
         tokio::spawn(artifacts::gc_loop(c.inner.clone()));
         tokio::spawn(retention::gc_loop(c.inner.clone()));
+        tokio::spawn(pipelines::run(c.inner.clone()));
         Ok(c)
     }
 

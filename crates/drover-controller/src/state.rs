@@ -4,6 +4,7 @@
 
 use drover_core::api::{JobView, NodeView, TaskView};
 use drover_core::artifact::Artifact;
+use drover_core::pipeline::{Pipeline, Vertex};
 use drover_core::spec::Resources;
 use drover_core::state::{Job, Node, NodeStatus, Task};
 use drover_core::{JobId, NodeId, ProjectId, TaskId, TaskState};
@@ -87,6 +88,10 @@ pub struct State {
     pub artifacts: HashMap<(ProjectId, String, String), Artifact>,
     /// Every project, `default` included.
     pub projects: BTreeMap<ProjectId, drover_core::auth::Project>,
+    /// Pipelines by project and name.
+    pub pipelines: BTreeMap<(ProjectId, String), Pipeline>,
+    /// Vertices by project, pipeline and name.
+    pub vertices: BTreeMap<(ProjectId, String, String), Vertex>,
 }
 
 /// A command waiting for an agent's acknowledgement, serialised once when queued so
@@ -124,6 +129,12 @@ impl State {
         }
         for p in snap.projects {
             s.apply(Change::Project(p));
+        }
+        for p in snap.pipelines {
+            s.apply(Change::Pipeline(p));
+        }
+        for v in snap.vertices {
+            s.apply(Change::Vertex(v));
         }
         let mut live: HashMap<(JobId, u32), u32> = HashMap::new();
         for t in s.tasks.values().filter(|t| is_live(t)) {
@@ -254,6 +265,28 @@ impl State {
                 version,
             } => {
                 self.artifacts.remove(&(project, name, version));
+            }
+            Change::Pipeline(p) => {
+                self.pipelines
+                    .insert((p.project.clone(), p.name.clone()), p);
+            }
+            Change::Vertex(v) => {
+                let key = (
+                    v.project.clone(),
+                    v.spec.pipeline.clone(),
+                    v.spec.name.clone(),
+                );
+                self.vertices.insert(key, v);
+            }
+            Change::DeletePipeline { project, name } => {
+                self.pipelines.remove(&(project, name));
+            }
+            Change::DeleteVertex {
+                project,
+                pipeline,
+                name,
+            } => {
+                self.vertices.remove(&(project, pipeline, name));
             }
             Change::DeleteJob(id) => self.remove_job(&id),
             Change::DeleteTask(id) => self.remove_task(&id),
@@ -457,6 +490,18 @@ impl State {
                 .map(|p| p.text.clone()),
             version: self.jobs.get(&t.job_id).map(|j| j.version),
         }
+    }
+
+    /// The vertices of one pipeline, by name.
+    pub fn vertices_of<'a>(
+        &'a self,
+        project: &'a ProjectId,
+        pipeline: &'a str,
+    ) -> impl Iterator<Item = &'a Vertex> + 'a {
+        self.vertices
+            .iter()
+            .filter(move |((p, pl, _), _)| p == project && pl == pipeline)
+            .map(|(_, v)| v)
     }
 
     pub fn node_view(&self, e: &NodeEntry) -> NodeView {

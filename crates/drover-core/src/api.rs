@@ -63,10 +63,15 @@ pub enum ErrorCode {
     Internal,
     /// The store did not take the change; nothing was done, and the request may be retried.
     StoreUnavailable,
+    /// A pipeline buffer is at its usage limit; retry the same request later.
+    BufferFull,
+    /// A pipeline buffer could not be written (its backend failed); the request may be
+    /// retried.
+    BufferUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
         ErrorCode::NotFound,
@@ -87,6 +92,8 @@ impl ErrorCode {
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::Internal,
         ErrorCode::StoreUnavailable,
+        ErrorCode::BufferFull,
+        ErrorCode::BufferUnavailable,
     ];
 
     /// The code as it appears on the wire.
@@ -112,6 +119,8 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::Internal => "internal",
             ErrorCode::StoreUnavailable => "store_unavailable",
+            ErrorCode::BufferFull => "buffer_full",
+            ErrorCode::BufferUnavailable => "buffer_unavailable",
         }
     }
 
@@ -138,6 +147,8 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyReused => 422,
             ErrorCode::Internal => 500,
             ErrorCode::StoreUnavailable => 503,
+            ErrorCode::BufferFull => 429,
+            ErrorCode::BufferUnavailable => 503,
         }
     }
 

@@ -30,6 +30,7 @@ macro_rules! store_contract {
             deleting_a_job_takes_its_tasks_and_deletions_come_last,
             artifacts_are_stored_listed_and_deleted,
             an_existing_artifact_version_is_never_overwritten,
+            pipelines_and_vertices_are_stored_updated_and_deleted,
         );
     };
     (@tests $fresh:expr; $($name:ident),* $(,)?) => {
@@ -321,4 +322,81 @@ pub async fn an_existing_artifact_version_is_never_overwritten(s: &dyn Reopen) {
     )
     .await;
     assert_eq!(store.load().await.expect("load").artifacts, vec![again]);
+}
+
+fn pipeline(project: &str, name: &str, version: u32) -> drover_core::pipeline::Pipeline {
+    let yaml = format!(
+        "name: {name}\nvertices:\n  - {{ name: src, source: {{ http: {{}} }} }}\n  - {{ name: out, sink: {{ log: {{}} }} }}\nedges: [{{ from: src, to: out }}]\n"
+    );
+    drover_core::pipeline::Pipeline {
+        project: ProjectId(project.to_string()),
+        name: name.into(),
+        version,
+        spec: drover_core::pipeline::PipelineSpec::from_yaml(&yaml, "p.yaml").expect("a spec"),
+        status: Default::default(),
+        request: None,
+        created_at: 1,
+        updated_at: 1,
+    }
+}
+
+fn vertex(p: &drover_core::pipeline::Pipeline, name: &str) -> drover_core::pipeline::Vertex {
+    drover_core::pipeline::Vertex {
+        project: p.project.clone(),
+        spec: p
+            .spec
+            .vertex_spec(&p.project, name, 1, Default::default(), 1)
+            .expect("a vertex of the spec"),
+        status: Default::default(),
+    }
+}
+
+/// Pipelines are kept one per project and name, vertices one per project, pipeline
+/// and name; a later write replaces an earlier one, and deletions remove exactly the
+/// named object.
+pub async fn pipelines_and_vertices_are_stored_updated_and_deleted(s: &dyn Reopen) {
+    let a1 = pipeline("alpha", "etl", 1);
+    let b1 = pipeline("beta", "etl", 1);
+    {
+        let store = s.open().await;
+        commit(
+            &store,
+            &[
+                Change::Pipeline(a1.clone()),
+                Change::Pipeline(b1.clone()),
+                Change::Vertex(vertex(&a1, "src")),
+                Change::Vertex(vertex(&a1, "out")),
+                Change::Vertex(vertex(&b1, "src")),
+            ],
+        )
+        .await;
+    }
+    let mut a2 = pipeline("alpha", "etl", 2);
+    a2.request = Some(drover_core::pipeline::LifecycleRequest::Resume { slow: true });
+    let mut out2 = vertex(&a1, "out");
+    out2.spec.generation = 2;
+    out2.status.observed_replicas = 1;
+    {
+        let store = s.open().await;
+        commit(
+            &store,
+            &[
+                Change::Pipeline(a2.clone()),
+                Change::Vertex(out2.clone()),
+                Change::DeleteVertex {
+                    project: ProjectId("beta".into()),
+                    pipeline: "etl".into(),
+                    name: "src".into(),
+                },
+                Change::DeletePipeline {
+                    project: ProjectId("beta".into()),
+                    name: "etl".into(),
+                },
+            ],
+        )
+        .await;
+    }
+    let snap = s.open().await.load().await.expect("load");
+    assert_eq!(snap.pipelines, vec![a2]);
+    assert_eq!(snap.vertices, vec![out2, vertex(&a1, "src")]);
 }

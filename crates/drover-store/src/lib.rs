@@ -14,6 +14,7 @@ pub use sqlite::{Durability, SqliteConfig, SqliteStore};
 use async_trait::async_trait;
 use drover_core::artifact::Artifact;
 use drover_core::auth::{Project, TokenView};
+use drover_core::pipeline::{Pipeline, Vertex};
 use drover_core::state::{Job, Node, Task};
 use drover_core::{JobId, Millis, NodeId, ProjectId, TaskId};
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,21 @@ pub enum Change {
     DeleteTask(TaskId),
     /// Removes a node registration; its tasks keep the node's id as history.
     DeleteNode(NodeId),
+    /// A pipeline, new or changed; one is stored per project and name.
+    Pipeline(Pipeline),
+    /// A vertex, new or changed; one is stored per project, pipeline and name.
+    Vertex(Vertex),
+    /// Removes a pipeline; its vertices are removed by their own changes.
+    DeletePipeline {
+        project: ProjectId,
+        name: String,
+    },
+    /// Removes one vertex of a pipeline.
+    DeleteVertex {
+        project: ProjectId,
+        pipeline: String,
+        name: String,
+    },
 }
 
 /// Everything the controller needs to rebuild its state at start-up.
@@ -76,6 +92,8 @@ pub struct Snapshot {
     pub artifacts: Vec<Artifact>,
     pub projects: Vec<Project>,
     pub tokens: Vec<TokenRecord>,
+    pub pipelines: Vec<Pipeline>,
+    pub vertices: Vec<Vertex>,
 }
 
 pub use drover_core::auth::Role;

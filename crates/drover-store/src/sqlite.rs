@@ -131,6 +131,25 @@ impl Store for SqliteStore {
             let hash: String = row.get(0);
             snap.tokens.push(from_json(&hash, row.get(1))?);
         }
+        for row in sqlx::query("SELECT project, name, data FROM pipelines ORDER BY project, name")
+            .fetch_all(&self.pool)
+            .await?
+        {
+            let (project, name): (String, String) = (row.get(0), row.get(1));
+            let id = format!("pipeline {project}/{name}");
+            snap.pipelines.push(from_json(&id, row.get(2))?);
+        }
+        for row in sqlx::query(
+            "SELECT project, pipeline, name, data FROM vertices ORDER BY project, pipeline, name",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        {
+            let (project, pipeline, name): (String, String, String) =
+                (row.get(0), row.get(1), row.get(2));
+            let id = format!("vertex {project}/{pipeline}/{name}");
+            snap.vertices.push(from_json(&id, row.get(3))?);
+        }
         Ok(snap)
     }
 
@@ -233,8 +252,35 @@ impl Store for SqliteStore {
                     .execute(&mut *tx)
                     .await?;
                 }
+                Change::Pipeline(p) => {
+                    sqlx::query(
+                        "INSERT INTO pipelines (project, name, data) VALUES (?, ?, ?) \
+                         ON CONFLICT(project, name) DO UPDATE SET data = excluded.data",
+                    )
+                    .bind(p.project.as_str())
+                    .bind(&p.name)
+                    .bind(to_json(p)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Change::Vertex(v) => {
+                    sqlx::query(
+                        "INSERT INTO vertices (project, pipeline, name, data) VALUES (?, ?, ?, ?) \
+                         ON CONFLICT(project, pipeline, name) DO UPDATE SET data = excluded.data",
+                    )
+                    .bind(v.project.as_str())
+                    .bind(&v.spec.pipeline)
+                    .bind(&v.spec.name)
+                    .bind(to_json(v)?)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 // Applied below, after the task upserts.
-                Change::DeleteJob(_) | Change::DeleteTask(_) | Change::DeleteNode(_) => {}
+                Change::DeleteJob(_)
+                | Change::DeleteTask(_)
+                | Change::DeleteNode(_)
+                | Change::DeletePipeline { .. }
+                | Change::DeleteVertex { .. } => {}
             }
         }
         // One change per task survives: the furthest along, and of equals the last (a
@@ -315,6 +361,27 @@ impl Store for SqliteStore {
                         .bind(id.as_str())
                         .execute(&mut *tx)
                         .await?;
+                }
+                Change::DeletePipeline { project, name } => {
+                    sqlx::query("DELETE FROM pipelines WHERE project = ? AND name = ?")
+                        .bind(project.as_str())
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                Change::DeleteVertex {
+                    project,
+                    pipeline,
+                    name,
+                } => {
+                    sqlx::query(
+                        "DELETE FROM vertices WHERE project = ? AND pipeline = ? AND name = ?",
+                    )
+                    .bind(project.as_str())
+                    .bind(pipeline)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
                 }
                 _ => {}
             }

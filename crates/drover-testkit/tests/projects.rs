@@ -99,6 +99,7 @@ fn assert_no_beta(who: &str, path: &str, body: &str, w: &World) {
         // alpha's own job names b-art:1 (and finds nothing); beta's artifact would
         // show as an object of that name.
         "\"name\":\"b-art\"",
+        "b-pipe",
         BETA_OUTPUT,
         w.beta_task.as_str(),
         w.beta_digest.as_str(),
@@ -141,6 +142,26 @@ async fn setup(c: &TestCluster) -> World {
     assert!(beta.logs("b-out").await.unwrap().contains(BETA_OUTPUT));
     beta.wait_final("shared", T).await.unwrap();
     beta.wait_running("b-svc", T).await.unwrap();
+    // A pipeline whose sink may not run (max 0), so it adds no task to beta, with
+    // messages waiting in its buffer.
+    let (status, body) = beta
+        .raw(
+            Method::POST,
+            "/v1/pipelines",
+            Some(pipeline_json("b-pipe").into_bytes()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = beta
+        .raw(
+            Method::POST,
+            "/v1/pipelines/b-pipe/vertices/in/messages",
+            Some(MESSAGES.as_bytes().to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
     let beta_bytes = b"beta's private build".to_vec();
     beta.push_artifact("b-art", &[("any", &beta_bytes)])
         .await
@@ -154,6 +175,39 @@ async fn setup(c: &TestCluster) -> World {
         beta_digest: digest_of(&beta_bytes),
         beta_bytes,
     }
+}
+
+const MESSAGES: &str = r#"{"messages":[{"data":"beta's message"}]}"#;
+
+/// A pipeline of an http source and a sink that never runs.
+fn pipeline_json(name: &str) -> String {
+    let yaml = format!(
+        "name: {name}\nvertices:\n  - {{ name: in, source: {{ http: {{}} }} }}\n  - {{ name: out, sink: {{ run: {{ runtime: process, command: [sleep, '600'] }} }}, scale: {{ min: 0, max: 0 }} }}\nedges: [{{ from: in, to: out }}]\n"
+    );
+    let spec = drover_core::pipeline::PipelineSpec::from_yaml(&yaml, "p.yaml").unwrap();
+    serde_json::to_string(&spec).unwrap()
+}
+
+/// beta's pipeline as beta sees it: running, asked nothing, its message still pending.
+async fn assert_beta_pipeline_untouched(w: &World) {
+    let (status, body) = call(&w.beta, Method::GET, "/v1/pipelines/b-pipe", None).await;
+    assert_eq!(status, 200, "{body}");
+    let v: drover_core::pipeline::PipelineView = serde_json::from_str(&body).unwrap();
+    assert_eq!(v.pipeline.project.as_str(), "beta");
+    assert_eq!(v.pipeline.version, 1, "{body}");
+    assert_eq!(
+        v.pipeline.spec.lifecycle.desired_phase,
+        drover_core::pipeline::DesiredPhase::Running,
+        "{body}"
+    );
+    assert!(v.pipeline.request.is_none(), "{body}");
+    let pending: u64 = v
+        .vertices
+        .iter()
+        .flat_map(|x| &x.buffers)
+        .filter_map(|b| b.pending)
+        .sum();
+    assert_eq!(pending, 1, "{body}");
 }
 
 /// Checks one route. Every route of the controller must have an arm here.
@@ -685,6 +739,100 @@ async fn check_route(w: &World, method: &str, pattern: &str) {
             )
             .await;
             expect(&w.beta, "beta", Method::GET, "/v1/jobs", None, 200).await;
+        }
+        ("POST", "/v1/pipelines") => {
+            // A pipeline of beta's name in alpha is alpha's own; beta's is untouched.
+            let spec = pipeline_json("b-pipe");
+            expect(
+                w.alpha(Role::Read),
+                "alpha read",
+                Method::POST,
+                pattern,
+                Some(&spec),
+                403,
+            )
+            .await;
+            let body = expect(
+                w.alpha(Role::Write),
+                "alpha write",
+                Method::POST,
+                pattern,
+                Some(&spec),
+                201,
+            )
+            .await;
+            assert!(body.contains("\"project\":\"alpha\""), "{body}");
+            assert_beta_pipeline_untouched(w).await;
+            // alpha removes its own again, which leaves beta's alone.
+            let path = "/v1/pipelines/b-pipe";
+            expect(
+                w.alpha(Role::Write),
+                "alpha write",
+                Method::DELETE,
+                path,
+                None,
+                200,
+            )
+            .await;
+            drover_testkit::wait_for("alpha's pipeline to go", T, async || {
+                call(w.alpha(Role::Write), Method::GET, path, None).await.0 == 404
+            })
+            .await
+            .unwrap();
+            assert_beta_pipeline_untouched(w).await;
+        }
+        ("GET", "/v1/pipelines") => {
+            for r in all_alpha {
+                let who = format!("alpha {r}");
+                let body = expect(w.alpha(r), &who, Method::GET, pattern, None, 200).await;
+                assert_no_beta(&who, pattern, &body, w);
+            }
+            let body = expect(&w.cluster, "cluster", Method::GET, pattern, None, 200).await;
+            assert!(
+                body.contains("b-pipe"),
+                "the cluster admin sees beta's: {body}"
+            );
+        }
+        ("GET", "/v1/pipelines/{name}") => {
+            let path = pattern.replace("{name}", "b-pipe");
+            for r in all_alpha {
+                let body = expect(
+                    w.alpha(r),
+                    &format!("alpha {r}"),
+                    Method::GET,
+                    &path,
+                    None,
+                    404,
+                )
+                .await;
+                let nobody = path.replace("b-pipe", "no-such-pipe");
+                let (_, other) = call(w.alpha(r), Method::GET, &nobody, None).await;
+                assert_eq!(body.replace("b-pipe", "no-such-pipe"), other, "alpha {r}");
+            }
+            expect(&w.cluster, "cluster", Method::GET, &path, None, 200).await;
+        }
+        ("DELETE", "/v1/pipelines/{name}")
+        | ("POST", "/v1/pipelines/{name}/pause")
+        | ("POST", "/v1/pipelines/{name}/resume")
+        | ("POST", "/v1/pipelines/{name}/vertices/{vertex}/messages") => {
+            let path = pattern
+                .replace("{name}", "b-pipe")
+                .replace("{vertex}", "in");
+            let m = Method::from_bytes(method.as_bytes()).unwrap();
+            let body = pattern.ends_with("messages").then_some(MESSAGES);
+            expect(
+                w.alpha(Role::Read),
+                "alpha read",
+                m.clone(),
+                &path,
+                body,
+                403,
+            )
+            .await;
+            for a in w.alpha_writers() {
+                expect(a, "alpha writer", m.clone(), &path, body, 404).await;
+            }
+            assert_beta_pipeline_untouched(w).await;
         }
         _ => panic!(
             "route {method} {pattern} has no case in the project isolation matrix; add one to check_route"

@@ -48,6 +48,7 @@ impl Home {
             .env_remove("DROVER_TOKEN")
             .env_remove("DROVER_PROJECT")
             .env_remove("DROVER_JOIN_TOKEN")
+            .env_remove("DROVER_NATS")
             .env_remove("DROVER_LOG")
             .env("HOME", self.path())
             .env("XDG_CONFIG_HOME", self.path().join("config"))

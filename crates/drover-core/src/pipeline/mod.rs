@@ -11,6 +11,7 @@
 pub mod autoscale;
 pub mod graph;
 pub mod lifecycle;
+pub mod object;
 pub mod spec;
 pub mod vertex;
 
@@ -18,6 +19,10 @@ pub use autoscale::{Decision, Observation, ScaleConfig, ScaleState, decide};
 pub use lifecycle::{
     BufferLevel, LifecycleRequest, LifecycleStep, PipelineObservation, PipelinePhase,
     PipelineStatus, VertexDirective, VertexObservation, step,
+};
+pub use object::{
+    BufferView, HttpAccepted, HttpMessage, HttpMessages, Pipeline, PipelineApplied,
+    PipelineSummary, PipelineView, Rates, VertexView,
 };
 pub use spec::{
     BufferBackend, BufferSpec, DesiredPhase, EdgeCondition, EdgeDef, LifecycleSpec, MapDef,
