@@ -1722,7 +1722,7 @@ async fn run_on(c: &Client, spec: &JobSpec, cluster: RunCluster) -> Result<i32> 
 /// A spec file's name for errors, its text, and the directory its relative paths
 /// (a working_dir) start from. `-` is standard input, whose paths start from the
 /// current directory.
-fn read_spec_file(file: &Path) -> Result<(String, String, PathBuf)> {
+pub(crate) fn read_spec_file(file: &Path) -> Result<(String, String, PathBuf)> {
     if file == Path::new("-") {
         let mut text = String::new();
         std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
@@ -1887,7 +1887,7 @@ async fn plan(c: &Client, out: Output, file: &Path) -> Result<i32> {
     let mut spec = JobSpec::from_yaml(&text, &name)?;
     // A local working_dir is packed for its digest, which is what a change of its
     // files changes in the spec, but not uploaded: a plan leaves the server as it is.
-    let packed = resolve_working_dir(c, &mut spec, &base, false).await?;
+    let packed = resolve_working_dir(c, &mut spec.runtime_env, &base, false).await?;
     let plan = c.plan(&spec).await?;
     match out {
         Output::Json => output::json(&plan)?,
@@ -2293,7 +2293,7 @@ async fn job(c: &Client, out: Output, cmd: &JobCmd) -> Result<i32> {
         } => {
             let (name, text, base) = read_spec_file(file)?;
             let mut spec = JobSpec::from_yaml(&text, &name)?;
-            resolve_working_dir(c, &mut spec, &base, true).await?;
+            resolve_working_dir(c, &mut spec.runtime_env, &base, true).await?;
             let how = client::ApplyRequest {
                 idempotency_key: idempotency_key.clone(),
                 rerun: false,
@@ -2701,20 +2701,18 @@ async fn upload_if_absent(
     Ok(true)
 }
 
-/// Replaces a local `runtime_env.working_dir` (relative to `base`, the job file's
-/// directory) with the digest of its packed archive, uploading the archive unless the
-/// controller has it. A value that already is a digest is left as it is.
-/// Packs a spec's local working_dir and puts the archive's digest in its place,
-/// uploading the archive first when `upload` (a plan only needs the digest). Returns
-/// what was packed, e.g. "working_dir ./app (3 files, 1.2 KiB)", when it was a local
-/// directory.
-async fn resolve_working_dir(
+/// Replaces a local `runtime_env.working_dir` (relative to `base`, the spec file's
+/// directory) with the digest of its packed archive, uploading the archive first when
+/// `upload` (a plan only needs the digest) unless the controller has it. A value that
+/// already is a digest is left as it is. Returns what was packed, e.g. "working_dir
+/// ./app (3 files, 1.2 KiB)", when it was a local directory.
+pub(crate) async fn resolve_working_dir(
     c: &Client,
-    spec: &mut JobSpec,
+    runtime_env: &mut drover_core::spec::RuntimeEnv,
     base: &Path,
     upload: bool,
 ) -> Result<Option<String>> {
-    let Some(w) = spec.runtime_env.working_dir.clone() else {
+    let Some(w) = runtime_env.working_dir.clone() else {
         return Ok(None);
     };
     if w.parse::<Digest>().is_ok() {
@@ -2736,7 +2734,7 @@ async fn resolve_working_dir(
     if upload {
         upload_if_absent(c, &name, packed.file.path(), &digest, packed.size).await?;
     }
-    spec.runtime_env.working_dir = Some(digest.to_string());
+    runtime_env.working_dir = Some(digest.to_string());
     Ok(Some(name))
 }
 

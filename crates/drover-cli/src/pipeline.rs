@@ -4,7 +4,7 @@
 use crate::client::Client;
 use crate::outln;
 use crate::output::{self, Output};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use drover_core::pipeline::{
     HttpMessage, HttpMessages, PipelineSpec, PipelineSummary, PipelineView, Rates,
@@ -80,9 +80,18 @@ pub(crate) enum PipelineCmd {
 pub(crate) async fn run(c: &Client, out: Output, cmd: &PipelineCmd) -> Result<i32> {
     match cmd {
         PipelineCmd::Apply { file } => {
-            let (name, text, _) = crate::read_spec_file(file)?;
+            let (name, text, base) = crate::read_spec_file(file)?;
             // Checked here, with the file's line and column, before anything is sent.
-            let spec = PipelineSpec::from_yaml(&text, &name)?;
+            let mut spec = PipelineSpec::from_yaml(&text, &name)?;
+            // A vertex's local working_dir is packed and uploaded as a job's is, and its
+            // digest sent in its place.
+            for v in &mut spec.vertices {
+                if let Some(run) = v.role.run_mut() {
+                    crate::resolve_working_dir(c, &mut run.runtime_env, &base, true)
+                        .await
+                        .with_context(|| format!("vertex {}", v.name))?;
+                }
+            }
             let res = c.apply_pipeline(&spec).await?;
             match out {
                 Output::Json => output::json(&res)?,

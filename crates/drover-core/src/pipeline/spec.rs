@@ -160,6 +160,17 @@ impl VertexRole {
             _ => None,
         }
     }
+
+    /// [`VertexRole::run`], to change (the CLI puts an uploaded working_dir's digest in
+    /// place of a local directory).
+    pub fn run_mut(&mut self) -> Option<&mut RunDef> {
+        match self {
+            VertexRole::Source(SourceDef::Run(r))
+            | VertexRole::Map(MapDef::Run(r))
+            | VertexRole::Sink(SinkDef::Run(r)) => Some(r.as_mut()),
+            _ => None,
+        }
+    }
 }
 
 /// The vertex as written, with the three roles as options: [`VertexDef`] is read
