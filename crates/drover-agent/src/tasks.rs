@@ -107,6 +107,7 @@ impl TaskManager {
         shutdown: CancellationToken,
         artifacts: ArtifactSupport,
         users: Option<Arc<TaskUsers>>,
+        vertices: Arc<crate::vertex::VertexSupport>,
     ) -> std::io::Result<Arc<TaskManager>> {
         let tasks_dir = data_dir.join("tasks");
         std::fs::create_dir_all(&tasks_dir)?;
@@ -124,6 +125,7 @@ impl TaskManager {
                 pool,
                 retired: RetireQueue::default(),
                 artifacts,
+                vertices,
             }),
             link,
             events_ready: tokio::sync::Notify::new(),
@@ -344,6 +346,14 @@ impl TaskManager {
                 .or_insert_with(|| dir.display().to_string());
         }
         let mut spec = a.spec.clone();
+        // A built-in vertex runs this agent's own binary; a binary it cannot name
+        // leaves the command empty, which the runtime refuses with the reason logged.
+        if let Some(plane) = a.spec.vertex.as_deref().filter(|v| v.is_builtin()) {
+            match self.holdings.vertices.builtin_command(plane) {
+                Ok(cmd) => spec.command = cmd,
+                Err(why) => tracing::warn!(task = %a.task_id, "built-in vertex: {why}"),
+            }
+        }
         if let Some(art) = &a.artifact {
             let path = dir.join(&art.reference.name);
             env.insert("DROVER_ARTIFACT".into(), path.display().to_string());
@@ -946,12 +956,13 @@ impl TaskManager {
                 continue;
             };
             if let Ok(Ok(s)) = tokio::time::timeout(STATS_CALL_TIMEOUT, rt.stats(&id)).await {
+                let plane = self.holdings.vertices.counts(&id);
                 fresh.insert(
                     id,
                     TaskUsage {
                         cpu_seconds: s.cpu_seconds,
                         memory_bytes: s.memory_bytes,
-                        plane: None,
+                        plane,
                     },
                 );
             }

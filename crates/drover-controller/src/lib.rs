@@ -11,6 +11,7 @@ mod api;
 mod artifacts;
 mod auth;
 pub mod blobs;
+mod buffer_calls;
 mod buffers;
 mod error;
 mod follow;

@@ -629,6 +629,13 @@ pub const MAX_STDIN_BYTES: u64 = 64 << 20;
 /// set, so no task is ever started with `/dev/null` in place of its input.
 pub const STDIN_ATTRIBUTE: &str = "stdin";
 
+/// The node attribute (after the runtime's name: `process.vertex`) that an agent sets
+/// to `true` for each runtime whose tasks it can serve as pipeline vertex replicas
+/// (their data plane on the task socket, their buffers through its connection).
+/// Agents older than pipelines do not set it, and the scheduler places a job with
+/// `vertex` only where it is set, so no replica starts where nothing moves its data.
+pub const VERTEX_ATTRIBUTE: &str = "vertex";
+
 /// A job's own environment, materialised on the node before its task starts.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RuntimeEnv {

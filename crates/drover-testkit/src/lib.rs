@@ -98,6 +98,9 @@ pub struct AgentOptions {
     pub plugins: Vec<(String, PathBuf)>,
     /// Platforms the agent runs through an emulator, with the emulator's executable.
     pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
+    /// The built `drover` binary, whose `__vertex` runs built-in pipeline vertices;
+    /// an agent inside a test binary cannot run them without it.
+    pub self_exe: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -116,6 +119,7 @@ impl AgentOptions {
             docker: false,
             plugins: Vec::new(),
             emulate: Vec::new(),
+            self_exe: None,
         }
     }
 
@@ -199,6 +203,24 @@ impl TestCluster {
         Api::new(&self.url, ADMIN_TOKEN)
     }
 
+    /// Submits a job whose spec carries a pipeline vertex's plane (`spec.vertex`), as
+    /// the vertex controller would create it. The one place tests make vertex jobs, so
+    /// that when users may no longer submit `vertex` only this changes.
+    pub async fn submit_vertex_job(&self, spec: &JobSpec) -> Result<ApplyResponse> {
+        anyhow::ensure!(
+            spec.vertex.is_some(),
+            "submit_vertex_job: job {} has no vertex",
+            spec.name
+        );
+        self.api()
+            .json(
+                reqwest::Method::POST,
+                "/v1/jobs",
+                Some(serde_json::to_vec(spec)?),
+            )
+            .await
+    }
+
     /// Starts an in-process agent with its own data dir under the cluster's.
     pub async fn agent(&self, opts: AgentOptions) -> Result<Agent> {
         let data_dir = self.dir.path().join("agents").join(&opts.name);
@@ -231,6 +253,9 @@ pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Re
     cfg.labels = opts.labels;
     cfg.capacity = Some(opts.capacity);
     cfg.emulate = opts.emulate;
+    // The test binary is no `drover`: without a binary given, built-in vertices fail
+    // with a reason rather than running the test binary with `__vertex`.
+    cfg.self_exe = opts.self_exe;
     cfg.max_backoff = Duration::from_millis(500);
     if let Some(l) = opts.limits {
         cfg.limits = l;
