@@ -6,7 +6,10 @@
 //! reach the log sink's task output exactly once, upper-cased.
 
 use drover_core::pipeline::vertex::VertexSpec;
-use drover_testkit::{AgentOptions, TestCluster};
+use drover_testkit::{AgentOptions, ClusterOptions, TestCluster};
+
+#[path = "../../drover-buffer/tests/support/nats_server.rs"]
+mod nats_server;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -37,6 +40,14 @@ fn vertex(backend: &str, name: &str, role: serde_json::Value, extra: serde_json:
         v[k] = val.clone();
     }
     serde_json::from_value(v).unwrap()
+}
+
+fn embedded_buffer_exists(cluster: &TestCluster) -> bool {
+    cluster
+        .dir
+        .path()
+        .join("controller/buffers/default.demo.upper.0")
+        .exists()
 }
 
 /// Runs generator -> upper map -> log on `backend` and checks the log sink's output.
@@ -143,5 +154,22 @@ async fn run_pipeline(cluster: &TestCluster, backend: &str, total: usize) {
 async fn generator_map_log_jobs_deliver_every_message_through_embedded_buffers() {
     let cluster = TestCluster::start().await.unwrap();
     run_pipeline(&cluster, "embedded", 3_000).await;
+    // The buffers are the controller's, in its data directory.
+    assert!(embedded_buffer_exists(&cluster));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn generator_map_log_jobs_deliver_every_message_through_nats() {
+    let nats = nats_server::NatsServer::start();
+    let cluster = TestCluster::start_with(ClusterOptions {
+        nats_url: Some(nats.url()),
+        ..ClusterOptions::default()
+    })
+    .await
+    .unwrap();
+    run_pipeline(&cluster, "nats", 3_000).await;
+    // The agent wrote to NATS itself; nothing went through the controller's buffers.
+    assert!(!embedded_buffer_exists(&cluster));
     cluster.stop().await;
 }

@@ -56,6 +56,8 @@ pub struct ClusterOptions {
     pub max_connections_per_ip: usize,
     /// What finished work and lost nodes the controller keeps.
     pub retention: drover_controller::Retention,
+    /// The NATS server for pipelines whose buffers are there (`--nats`).
+    pub nats_url: Option<String>,
 }
 
 impl Default for ClusterOptions {
@@ -69,6 +71,7 @@ impl Default for ClusterOptions {
             header_read_timeout: Duration::from_secs(10),
             max_connections_per_ip: 256,
             retention: drover_controller::Retention::default(),
+            nats_url: None,
         }
     }
 }
@@ -166,6 +169,7 @@ impl TestCluster {
         cfg.header_read_timeout = opts.header_read_timeout;
         cfg.max_connections_per_ip = opts.max_connections_per_ip;
         cfg.retention = opts.retention;
+        cfg.buffers.nats_url = opts.nats_url;
         cfg.command_resend_after = Duration::from_millis(500);
         cfg.bootstrap_tokens = vec![
             BootstrapToken {
