@@ -429,13 +429,16 @@ impl Session<'_> {
                     }
                 }
                 if let Some(input) = &self.plane.input {
-                    input.ack(&done).await?;
+                    retrying(self.plane.config.write_deadline, || input.ack(&done)).await?;
                     self.plane
                         .counters
                         .acked
                         .fetch_add(done.len() as u64, Ordering::Relaxed);
                     if !failed.is_empty() {
-                        input.nack(&failed, self.plane.config.retry_delay).await?;
+                        retrying(self.plane.config.write_deadline, || {
+                            input.nack(&failed, self.plane.config.retry_delay)
+                        })
+                        .await?;
                     }
                 }
             }

@@ -375,8 +375,7 @@ impl Agent {
                     }
                     // Vertex replicas are served over the task socket, which only
                     // process tasks are given.
-                    let vertex =
-                        format!("{}.{}", rt.kind(), drover_core::spec::VERTEX_ATTRIBUTE);
+                    let vertex = format!("{}.{}", rt.kind(), drover_core::spec::VERTEX_ATTRIBUTE);
                     if rt.kind() == RuntimeKind::Process {
                         attributes.insert(vertex, "true".into());
                     } else {

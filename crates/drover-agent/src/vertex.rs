@@ -202,15 +202,23 @@ impl VertexSupport {
                     BackendKind::Embedded => Arc::new(RemoteBuffer::new(parsed, this.link.clone())),
                     BackendKind::Nats => {
                         let url = nats_url.ok_or_else(|| {
-                            format!("buffer {name} is in NATS, and the assignment names no NATS server")
+                            format!(
+                                "buffer {name} is in NATS, and the assignment names no NATS server"
+                            )
                         })?;
-                        let backend = this.nats(&url).await.map_err(|e| format!("NATS at {url}: {e}"))?;
+                        let backend = this
+                            .nats(&url)
+                            .await
+                            .map_err(|e| format!("NATS at {url}: {e}"))?;
                         let config = drover_buffer::BufferConfig {
                             max_length: spec.max_length,
                             usage_limit: spec.usage_limit,
                             ..Default::default()
                         };
-                        backend.open(&parsed, &config).await.map_err(|e| format!("opening buffer {name}: {e}"))?
+                        backend
+                            .open(&parsed, &config)
+                            .await
+                            .map_err(|e| format!("opening buffer {name}: {e}"))?
                     }
                 };
                 Ok::<_, String>(buffer)

@@ -62,9 +62,15 @@ pub fn next_id() -> u64 {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
     Append(Vec<Message>),
-    Fetch { max: u32, wait: Duration },
+    Fetch {
+        max: u32,
+        wait: Duration,
+    },
     Ack(Vec<DeliveryTag>),
-    Nack { tags: Vec<DeliveryTag>, delay: Duration },
+    Nack {
+        tags: Vec<DeliveryTag>,
+        delay: Duration,
+    },
     KeepAlive(Vec<DeliveryTag>),
     Stats,
 }
@@ -130,7 +136,10 @@ pub enum DecodeError {
     #[error("buffer frame version {0}, expected {VERSION}")]
     Version(u8),
     #[error("buffer frame is a {got}, expected a {want}")]
-    Kind { got: &'static str, want: &'static str },
+    Kind {
+        got: &'static str,
+        want: &'static str,
+    },
     #[error("buffer frame: {0}")]
     Invalid(String),
     #[error("buffer frame has {0} bytes left over after its content")]
@@ -856,7 +865,10 @@ mod tests {
         }
         // Full keeps its kind, so a writer still waits on it.
         let full = decode_answer(&encode_answer(&answers().remove(4))).unwrap();
-        assert!(matches!(full.result, Err(BufferError::Full { limit: 8, .. })));
+        assert!(matches!(
+            full.result,
+            Err(BufferError::Full { limit: 8, .. })
+        ));
     }
 
     #[test]

@@ -29,7 +29,10 @@ impl CallTransport for Server {
         let buffer = self.open.lock().unwrap().get(&call.buffer).cloned();
         let result = match buffer {
             Some(b) => remote::execute(b.as_ref(), call.op).await,
-            None => Err(BufferError::Invalid(format!("no open buffer {}", call.buffer))),
+            None => Err(BufferError::Invalid(format!(
+                "no open buffer {}",
+                call.buffer
+            ))),
         };
         self.served
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -57,7 +60,10 @@ impl BufferBackend for RemoteBackend {
             .lock()
             .unwrap()
             .insert(name.as_str().to_string(), b);
-        Ok(Arc::new(RemoteBuffer::new(name.clone(), self.server.clone())))
+        Ok(Arc::new(RemoteBuffer::new(
+            name.clone(),
+            self.server.clone(),
+        )))
     }
 
     async fn delete(&self, name: &BufferName) -> Result<(), BufferError> {

@@ -24,7 +24,12 @@ fn sdk() -> PathBuf {
 
 /// One vertex of the test pipeline `demo` in project `default`, as the pipeline
 /// controller would write it.
-fn vertex(backend: &str, name: &str, role: serde_json::Value, extra: serde_json::Value) -> VertexSpec {
+fn vertex(
+    backend: &str,
+    name: &str,
+    role: serde_json::Value,
+    extra: serde_json::Value,
+) -> VertexSpec {
     let mut v = serde_json::json!({
         "pipeline": "demo",
         "name": name,
@@ -50,8 +55,16 @@ fn embedded_buffer_exists(cluster: &TestCluster) -> bool {
         .exists()
 }
 
-/// Runs generator -> upper map -> log on `backend` and checks the log sink's output.
-async fn run_pipeline(cluster: &TestCluster, backend: &str, total: usize) {
+const JOBS: [&str; 3] = ["demo-gen", "demo-upper", "demo-log"];
+
+/// Starts an agent that can run built-ins and submits generator (`rate` a second, 0
+/// for no limit, `total` in all) -> upper map -> log on `backend`.
+async fn start_pipeline(
+    cluster: &TestCluster,
+    backend: &str,
+    rate: u64,
+    total: usize,
+) -> drover_agent::Agent {
     let mut opts = AgentOptions::named("plane");
     opts.self_exe = Some(PathBuf::from(BIN));
     let agent = cluster.agent(opts).await.unwrap();
@@ -61,7 +74,7 @@ async fn run_pipeline(cluster: &TestCluster, backend: &str, total: usize) {
         vertex(
             backend,
             "gen",
-            serde_json::json!({"source": {"generator": {"rate": 0, "message_size": 32, "total": total}}}),
+            serde_json::json!({"source": {"generator": {"rate": rate, "message_size": 32, "total": total}}}),
             serde_json::json!({"outputs": [{"to": "upper", "buffers": [upper]}]}),
         ),
         vertex(
@@ -88,32 +101,48 @@ async fn run_pipeline(cluster: &TestCluster, backend: &str, total: usize) {
         let spec = v.job_spec().unwrap();
         cluster.submit_vertex_job(&spec).await.unwrap();
     }
-    let api = cluster.api();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let output = loop {
+    agent
+}
+
+/// The log sink's output once it has at least `lines` lines; fails after `timeout`
+/// with what each job's tasks say.
+async fn log_with(api: &drover_testkit::Api, lines: usize, timeout: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
         let out = api.logs("demo-log").await.unwrap();
-        if out.lines().count() >= total {
-            break out;
+        if out.lines().count() >= lines {
+            return out;
         }
         if tokio::time::Instant::now() > deadline {
             let mut why = String::new();
-            for job in ["demo-gen", "demo-upper", "demo-log"] {
+            for job in JOBS {
                 let tasks = api.tasks(job).await.unwrap();
                 let prep = api.prepare_logs(job).await.unwrap_or_default();
                 let logs = api.logs(job).await.unwrap_or_default();
                 let tail: String = logs.lines().rev().take(5).collect::<Vec<_>>().join("\n");
+                let states: Vec<_> = tasks
+                    .iter()
+                    .map(|t| (t.task.state, t.task.reason.clone()))
+                    .collect();
                 why.push_str(&format!(
-                    "\n{job}: {}\nprepare: {prep}\noutput tail: {tail}",
-                    serde_json::to_string(&tasks.iter().map(|t| (&t.task.state, &t.task.reason)).collect::<Vec<_>>()).unwrap()
+                    "\n{job}: {states:?}\nprepare: {prep}\noutput tail: {tail}"
                 ));
             }
             panic!(
-                "after 90 s the log sink has {} of {total} lines{why}",
+                "after {timeout:?} the log sink has {} of {lines} lines{why}",
                 out.lines().count()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
+}
+
+/// Checks that the log holds each of the `total` generated messages, upper-cased, at
+/// most `doubled` of them twice (none without failures; delivery is at-least-once, so
+/// a sink's batches in flight when something fails are written again), and that the
+/// sink's agent reported them acknowledged.
+async fn check_log(api: &drover_testkit::Api, total: usize, doubled: usize, timeout: Duration) {
+    let output = log_with(api, total, timeout).await;
     let mut seen = vec![0u32; total];
     for line in output.lines() {
         // `G0-17...` padded with dots to 32 bytes, upper-cased by the map.
@@ -125,26 +154,37 @@ async fn run_pipeline(cluster: &TestCluster, backend: &str, total: usize) {
         seen[seq] += 1;
     }
     let missing: Vec<usize> = (0..total).filter(|i| seen[*i] == 0).collect();
-    assert!(missing.is_empty(), "missing: {:?}", &missing[..missing.len().min(20)]);
-    assert!(seen.iter().all(|n| *n == 1), "a message was logged twice");
+    assert!(
+        missing.is_empty(),
+        "missing: {:?}",
+        &missing[..missing.len().min(20)]
+    );
+    let twice = seen.iter().filter(|n| **n > 1).count();
+    assert!(
+        twice <= doubled && seen.iter().all(|n| *n <= 2),
+        "{twice} messages logged more than once (at most {doubled} twice allowed)"
+    );
+    eprintln!("{twice} of {total} messages logged twice");
 
     // The replicas' counts reach the controller in heartbeats: the sink's agent
     // reports every message acknowledged.
-    let (_, tasks) = api
-        .wait_job("demo-log", Duration::from_secs(10), |_, tasks| {
-            tasks.iter().any(|t| {
-                t.usage
-                    .and_then(|u| u.plane)
-                    .is_some_and(|p| p.acked >= total as u64)
-            })
+    api.wait_job("demo-log", Duration::from_secs(10), |_, tasks| {
+        tasks.iter().any(|t| {
+            t.usage
+                .and_then(|u| u.plane)
+                .is_some_and(|p| p.acked >= total as u64)
         })
-        .await
-        .unwrap();
-    assert_eq!(tasks.len(), 1);
-    for job in ["demo-gen", "demo-upper", "demo-log"] {
+    })
+    .await
+    .unwrap();
+}
+
+/// Stops the jobs (so no replica outlives the test) and the agent.
+async fn stop_pipeline(api: &drover_testkit::Api, agent: drover_agent::Agent) {
+    for job in JOBS {
         api.stop(job).await.unwrap();
     }
-    for job in ["demo-gen", "demo-upper", "demo-log"] {
+    for job in JOBS {
         api.wait_final(job, Duration::from_secs(30)).await.unwrap();
     }
     agent.shutdown().await;
@@ -153,7 +193,9 @@ async fn run_pipeline(cluster: &TestCluster, backend: &str, total: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn generator_map_log_jobs_deliver_every_message_through_embedded_buffers() {
     let cluster = TestCluster::start().await.unwrap();
-    run_pipeline(&cluster, "embedded", 3_000).await;
+    let agent = start_pipeline(&cluster, "embedded", 0, 3_000).await;
+    check_log(&cluster.api(), 3_000, 0, Duration::from_secs(90)).await;
+    stop_pipeline(&cluster.api(), agent).await;
     // The buffers are the controller's, in its data directory.
     assert!(embedded_buffer_exists(&cluster));
     cluster.stop().await;
@@ -168,8 +210,43 @@ async fn generator_map_log_jobs_deliver_every_message_through_nats() {
     })
     .await
     .unwrap();
-    run_pipeline(&cluster, "nats", 3_000).await;
+    let agent = start_pipeline(&cluster, "nats", 0, 3_000).await;
+    check_log(&cluster.api(), 3_000, 0, Duration::from_secs(90)).await;
+    stop_pipeline(&cluster.api(), agent).await;
     // The agent wrote to NATS itself; nothing went through the controller's buffers.
     assert!(!embedded_buffer_exists(&cluster));
+    cluster.stop().await;
+}
+
+/// The controller restarts while messages flow through its embedded buffers: the
+/// agent's buffer calls fail fast while it is away, the data planes retry until it is
+/// back (on the same address and data directory), and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_restart_mid_stream_loses_nothing() {
+    let cluster = TestCluster::start().await.unwrap();
+    let total = 6_000;
+    // About three seconds of messages, so the restart lands in the middle.
+    let agent = start_pipeline(&cluster, "embedded", 2_000, total).await;
+    log_with(&cluster.api(), 500, Duration::from_secs(60)).await;
+
+    let addr = cluster.url.trim_start_matches("http://").to_string();
+    let dir = cluster.stop().await;
+    drover_testkit::wait_for(
+        "the old listener to close",
+        Duration::from_secs(20),
+        async || std::net::TcpListener::bind(&addr).is_ok(),
+    )
+    .await
+    .unwrap();
+    // Away long enough for calls in flight to fail and be retried.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster = TestCluster::start_in(dir, ClusterOptions::default(), &addr)
+        .await
+        .unwrap();
+    let api = cluster.api();
+    // What the sink held unacknowledged at the restart (its window of batches of at
+    // most 500) may be delivered again; nothing else may.
+    check_log(&api, total, 2 * 500, Duration::from_secs(90)).await;
+    stop_pipeline(&api, agent).await;
     cluster.stop().await;
 }

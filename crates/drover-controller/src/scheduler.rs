@@ -746,11 +746,7 @@ fn misfit_text(
 
 /// The Start command for a placed task: its spec, the artifact variant for its node
 /// and its config.
-pub(crate) fn start_command(
-    state: &State,
-    t: &Task,
-    nats_url: Option<&str>,
-) -> Option<Command> {
+pub(crate) fn start_command(state: &State, t: &Task, nats_url: Option<&str>) -> Option<Command> {
     let job = state.jobs.get(&t.job_id)?;
     let artifact = match &job.spec.artifact {
         Some(r) => {

@@ -78,7 +78,10 @@ async fn only_a_node_running_a_vertex_replica_may_use_its_buffers() {
     let a = runner.next_assignment().await;
     assert_eq!(a.job_name, "demo-out");
     assert!(a.spec.vertex.is_some());
-    assert_eq!(a.nats_url, None, "embedded buffers go through the controller");
+    assert_eq!(
+        a.nats_url, None,
+        "embedded buffers go through the controller"
+    );
     let answer = runner.buffer_call(stats(11, "default.demo.out.0")).await;
     assert_eq!(answer.id, 11);
     match answer.result {
@@ -92,7 +95,8 @@ async fn only_a_node_running_a_vertex_replica_may_use_its_buffers() {
     let e = answer.result.unwrap_err();
     assert!(matches!(e, BufferError::Invalid(_)), "{e}");
     assert!(
-        e.to_string().contains("node-fake-linux-amd64 may not use buffer default.demo.other.0"),
+        e.to_string()
+            .contains("node-fake-linux-amd64 may not use buffer default.demo.other.0"),
         "{e}"
     );
 
@@ -110,7 +114,8 @@ async fn only_a_node_running_a_vertex_replica_may_use_its_buffers() {
     let answer = old.buffer_call(append).await;
     let e = answer.result.unwrap_err();
     assert!(
-        e.to_string().contains("node-fake-linux-arm64 may not use buffer default.demo.out.0"),
+        e.to_string()
+            .contains("node-fake-linux-arm64 may not use buffer default.demo.out.0"),
         "{e}"
     );
     // Garbage is answered with why, and the connection goes on.
