@@ -195,7 +195,7 @@ impl VertexSupport {
         let open = |name: String| {
             let this = self.clone();
             let nats_url = a.nats_url.clone();
-            let spec = plane.buffer.clone();
+            let spec = plane.buffer;
             async move {
                 let parsed = remote::parse_name(&name).map_err(|e| e.to_string())?;
                 let buffer: Arc<dyn Buffer> = match spec.backend {

@@ -135,7 +135,7 @@ async fn authorize(inner: &Inner, node: &NodeId, buffer: &str) -> Result<BufferS
             let plane = job.spec.vertex.as_deref()?;
             let project_prefix = format!("{}.", job.project);
             let named = buffer.starts_with(&project_prefix) && plane.buffers().any(|b| b == buffer);
-            (named && plane.buffer.backend == BackendKind::Embedded).then(|| plane.buffer.clone())
+            (named && plane.buffer.backend == BackendKind::Embedded).then_some(plane.buffer)
         })
     });
     found.ok_or_else(|| {
@@ -157,7 +157,10 @@ pub(crate) fn config_of(spec: &BufferSpec) -> BufferConfig {
 /// The embedded buffers opened for agents, by name, with the config each was opened
 /// with; a changed config opens the buffer again, which applies it.
 #[derive(Default)]
-pub(crate) struct OpenBuffers(std::sync::Mutex<HashMap<String, (BufferConfig, Arc<dyn Buffer>)>>);
+pub(crate) struct OpenBuffers(std::sync::Mutex<HashMap<String, OpenBuffer>>);
+
+/// One opened buffer and the config it was opened with.
+type OpenBuffer = (BufferConfig, Arc<dyn Buffer>);
 
 impl OpenBuffers {
     pub(crate) fn get(&self, name: &str, config: &BufferConfig) -> Option<Arc<dyn Buffer>> {

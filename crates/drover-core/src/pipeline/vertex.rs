@@ -165,7 +165,7 @@ impl VertexSpec {
             builtin,
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
-            buffer: self.buffer.clone(),
+            buffer: self.buffer,
         }));
         Some(spec)
     }
