@@ -313,16 +313,30 @@ impl TaskManager {
     }
 
     fn context(&self, a: &TaskAssignment, uid: Option<u32>) -> TaskContext {
+        /// Where a container finds the agent's files for its task.
+        const CONTAINER_DIR: &str = "/run/drover";
         let dir = self.tasks_dir.join(a.task_id.as_str());
         // The task's environment is what its job declares and Drover's own variables,
         // never anything of the agent's.
         let mut env: BTreeMap<String, String> = a.spec.env.clone();
         env.extend(a.spec.runtime_env.env.clone());
+        // A container sees the agent's files for its task at fixed paths of its own.
+        let docker = a.spec.runtime == drover_core::RuntimeKind::Docker;
+        let mut mounts = Vec::new();
         if a.config.is_some() {
-            env.insert(
-                "DROVER_CONFIG".into(),
-                dir.join(CONFIG_FILE).display().to_string(),
-            );
+            let host = dir.join(CONFIG_FILE);
+            let path = if docker {
+                let inside = format!("{CONTAINER_DIR}/{CONFIG_FILE}");
+                mounts.push(drover_runtime::Mount {
+                    host,
+                    container: inside.clone(),
+                    read_only: true,
+                });
+                inside
+            } else {
+                host.display().to_string()
+            };
+            env.insert("DROVER_CONFIG".into(), path);
         }
         env.insert("DROVER_JOB".into(), a.job_name.clone());
         env.insert("DROVER_JOB_ID".into(), a.job_id.to_string());
@@ -344,6 +358,14 @@ impl TaskManager {
             // may, and never into the agent's home.
             env.entry("HOME".into())
                 .or_insert_with(|| dir.display().to_string());
+        } else if docker {
+            let inside = format!("{CONTAINER_DIR}/{}", crate::socket::SOCKET_FILE);
+            mounts.push(drover_runtime::Mount {
+                host: crate::socket::socket_path(&dir),
+                container: inside.clone(),
+                read_only: false,
+            });
+            env.insert(crate::socket::ENV_VAR.into(), inside);
         }
         let mut spec = a.spec.clone();
         // A built-in vertex runs this agent's own binary; a binary it cannot name
@@ -390,6 +412,7 @@ impl TaskManager {
             env,
             user: uid.map(TaskUser::private),
             stdin: None,
+            mounts,
         }
     }
 

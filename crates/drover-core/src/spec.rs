@@ -713,10 +713,10 @@ impl RuntimeEnv {
             return Err("runtime_env.setup_timeout: must be positive".into());
         }
         // A container brings its own files and interpreter, and the docker runtime does
-        // not mount the task directory where these would be placed.
+        // not mount the task directory where these would be placed; the config file
+        // alone is bound into the container, at the path `DROVER_CONFIG` names.
         if *runtime == RuntimeKind::Docker {
             for (set, field) in [
-                (self.config.is_some(), "config"),
                 (self.working_dir.is_some(), "working_dir"),
                 (self.python.is_some(), "python"),
             ] {

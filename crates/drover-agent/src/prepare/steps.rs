@@ -199,7 +199,7 @@ struct SocketStep;
 impl SocketStep {
     async fn serve(cx: &PrepareContext) -> Result<StepGuard, PrepareError> {
         let (a, launch) = (&cx.assignment, &cx.launch);
-        let Some(path) = launch.env.get(crate::socket::ENV_VAR) else {
+        if !launch.env.contains_key(crate::socket::ENV_VAR) {
             if a.spec.vertex.is_some() {
                 return Err(format!(
                     "a pipeline vertex's replica needs the task socket, which runtime {} tasks are not given",
@@ -208,7 +208,12 @@ impl SocketStep {
                 .into());
             }
             return Ok(StepGuard::nothing());
-        };
+        }
+        // Where the task is told to look may be a path inside its container; the
+        // socket itself is always here, bound into the container when it has one.
+        let path = crate::socket::socket_path(&launch.dir);
+        let path = path.display().to_string();
+        let path = path.as_str();
         let config = a
             .config
             .as_ref()
