@@ -265,6 +265,12 @@ impl Connection {
         self.manager.on_ack(last_seq);
         let (tx, mut rx) = mpsc::channel::<AgentMessage>(4096);
         self.manager.link.set(Some(tx));
+        // Buffer calls of this node's vertex replicas go out as binary frames on this
+        // connection, and their answers come back on it.
+        let buffers = self.manager.holdings.vertices.link.clone();
+        let (calls_tx, mut calls_rx) =
+            mpsc::channel::<bytes::Bytes>(crate::vertex::MAX_PENDING_CALLS);
+        buffers.set(Some(calls_tx));
         // Output first, then events: whoever sees a task's end must have its output.
         // Shipping queues whatever was written while disconnected; the probes let the
         // controller ask again for anything it lost.
@@ -272,6 +278,7 @@ impl Connection {
         while let Ok(msg) = rx.try_recv() {
             if let Err(e) = send(&mut sink, &msg).await {
                 self.manager.link.set(None);
+                buffers.set(None);
                 return (SessionEnd::Dropped(e), true);
             }
         }
@@ -281,6 +288,7 @@ impl Connection {
             sent_upto = sent_upto.max(ev.seq);
             if let Err(e) = send(&mut sink, &AgentMessage::Event(ev)).await {
                 self.manager.link.set(None);
+                buffers.set(None);
                 return (SessionEnd::Dropped(e), true);
             }
         }
@@ -289,11 +297,13 @@ impl Connection {
                 &mut sink,
                 &mut stream,
                 &mut rx,
+                &mut calls_rx,
                 Duration::from_millis(heartbeat_ms.max(50)),
                 sent_upto,
             )
             .await;
         self.manager.link.set(None);
+        buffers.set(None);
         // The session is over and why was said above; a close that fails or does not
         // finish (the connection is usually already broken) changes nothing, so it is
         // only noted.
@@ -310,6 +320,7 @@ impl Connection {
         sink: &mut S,
         stream: &mut R,
         rx: &mut mpsc::Receiver<AgentMessage>,
+        calls: &mut mpsc::Receiver<bytes::Bytes>,
         heartbeat: Duration,
         mut sent_upto: u64,
     ) -> SessionEnd
@@ -380,6 +391,13 @@ impl Connection {
                         }
                     }
                 }
+                call = calls.recv() => {
+                    // The link holds a sender while connected, so this queue stays open.
+                    let Some(frame) = call else { continue };
+                    if let Err(e) = send_frame(sink, Message::Binary(frame)).await {
+                        return SessionEnd::Dropped(e);
+                    }
+                }
                 out = rx.recv() => {
                     let Some(msg) = out else { return SessionEnd::Dropped("send queue closed".into()) };
                     if let Err(e) = send(sink, &msg).await {
@@ -390,6 +408,10 @@ impl Connection {
                     last_heard = tokio::time::Instant::now();
                     let text = match incoming {
                         Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Binary(frame))) => {
+                            self.manager.holdings.vertices.link.deliver(frame);
+                            continue;
+                        }
                         Some(Ok(Message::Close(_))) | None => return SessionEnd::Dropped("the controller closed the connection".into()),
                         Some(Ok(_)) => continue,
                         Some(Err(e)) => return SessionEnd::Dropped(e.to_string()),
@@ -470,10 +492,17 @@ where
     S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
     let text = serde_json::to_string(msg).map_err(|e| e.to_string())?;
+    send_frame(sink, Message::Text(text.into())).await
+}
+
+async fn send_frame<S>(sink: &mut S, frame: Message) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
     // A controller that stops reading fills the socket and the send waits; without a
     // bound the whole connection loop (and the silence check in it) would wait too.
     // Giving up drops the connection, and the next one replays what was not acked.
-    match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(frame)).await {
         Ok(sent) => sent.map_err(|e| e.to_string()),
         Err(_) => Err(format!(
             "the controller took no message for {}s",

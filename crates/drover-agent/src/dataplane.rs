@@ -123,6 +123,29 @@ pub enum PlaneError {
     NoInput(Role),
 }
 
+/// Runs a buffer call again while it fails with a backend error (the buffer's holder
+/// out of reach for a moment, as while the agent reconnects to its controller) until
+/// `deadline` has passed; other errors, and the last one, are returned. Fetches and
+/// acks are safe to repeat: a lost fetch's leases lapse and an ack is idempotent.
+async fn retrying<T, F, Fut>(deadline: Duration, mut call: F) -> Result<T, BufferError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BufferError>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match call().await {
+            Err(BufferError::Backend(e)) if started.elapsed() < deadline => {
+                tracing::debug!("a buffer call failed, will retry: {e}");
+            }
+            other => return other,
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
 /// A request sent to the program and what it needs when its answer comes.
 enum Pending {
     /// Deliveries from the input buffer, in the order they were sent.
@@ -242,7 +265,7 @@ impl Session<'_> {
                     };
                     let deliveries = tokio::select! {
                         _ = stop.cancelled() => return Ok(()),
-                        d = input.fetch(cfg.max_batch as usize, cfg.fetch_wait) => d?,
+                        d = retrying(cfg.write_deadline, || input.fetch(cfg.max_batch as usize, cfg.fetch_wait)) => d?,
                     };
                     if deliveries.is_empty() {
                         continue;
@@ -406,13 +429,16 @@ impl Session<'_> {
                     }
                 }
                 if let Some(input) = &self.plane.input {
-                    input.ack(&done).await?;
+                    retrying(self.plane.config.write_deadline, || input.ack(&done)).await?;
                     self.plane
                         .counters
                         .acked
                         .fetch_add(done.len() as u64, Ordering::Relaxed);
                     if !failed.is_empty() {
-                        input.nack(&failed, self.plane.config.retry_delay).await?;
+                        retrying(self.plane.config.write_deadline, || {
+                            input.nack(&failed, self.plane.config.retry_delay)
+                        })
+                        .await?;
                     }
                 }
             }
@@ -471,7 +497,7 @@ impl Session<'_> {
     async fn ack(&self, inputs: &[Delivery]) -> Result<(), PlaneError> {
         if let Some(input) = &self.plane.input {
             let tags: Vec<DeliveryTag> = inputs.iter().map(|d| d.tag).collect();
-            input.ack(&tags).await?;
+            retrying(self.plane.config.write_deadline, || input.ack(&tags)).await?;
             self.plane
                 .counters
                 .acked

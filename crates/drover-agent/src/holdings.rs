@@ -21,6 +21,8 @@ pub(crate) struct Holdings {
     pub pool: DirPool,
     pub retired: RetireQueue,
     pub artifacts: ArtifactSupport,
+    /// What vertex replicas need: the buffer calls' link, NATS connections, counters.
+    pub vertices: Arc<crate::vertex::VertexSupport>,
 }
 
 /// Directories of finished tasks waiting to be recycled, oldest first, each with when

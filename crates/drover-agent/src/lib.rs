@@ -22,6 +22,7 @@ pub mod socket;
 mod tasks;
 pub mod unpack;
 pub mod users;
+pub mod vertex;
 
 pub use tasks::TaskLimits;
 
@@ -72,6 +73,11 @@ pub struct AgentConfig {
     /// The uids process tasks run as, one per task, when the agent runs as root;
     /// `None` runs them as the agent's own user.
     pub task_uids: Option<std::ops::RangeInclusive<u32>>,
+    /// The `drover` binary whose hidden `__vertex` subcommand runs built-in pipeline
+    /// vertices; the agent's own executable by default. An agent running inside
+    /// another program (a test) points it at the built `drover`; `None` fails
+    /// built-in vertices' tasks with a reason.
+    pub self_exe: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -97,6 +103,7 @@ impl AgentConfig {
             env_cache_bytes: 5 << 30,
             tls: None,
             task_uids: Some(users::DEFAULT_RANGE),
+            self_exe: std::env::current_exe().ok(),
         }
     }
 }
@@ -366,6 +373,14 @@ impl Agent {
                     } else {
                         attributes.remove(&stdin);
                     }
+                    // Vertex replicas are served over the task socket, which only
+                    // process tasks are given.
+                    let vertex = format!("{}.{}", rt.kind(), drover_core::spec::VERTEX_ATTRIBUTE);
+                    if rt.kind() == RuntimeKind::Process {
+                        attributes.insert(vertex, "true".into());
+                    } else {
+                        attributes.remove(&vertex);
+                    }
                     runtimes.insert(rt.kind(), rt.clone());
                 }
                 Ok(Err(e)) => tracing::warn!("runtime {} is not offered: {e}", rt.kind()),
@@ -441,6 +456,7 @@ impl Agent {
                     platform,
                     libc: machine.libc.clone(),
                 });
+        let vertices = Arc::new(vertex::VertexSupport::new(cfg.self_exe.clone()));
         let manager = TaskManager::new(
             node_id.clone(),
             cfg.data_dir.clone(),
@@ -455,6 +471,7 @@ impl Agent {
                 emulate: emulate.clone(),
             },
             users,
+            vertices,
         )
         .map_err(dd)?;
         manager.recover().await;

@@ -107,6 +107,7 @@ impl TaskManager {
         shutdown: CancellationToken,
         artifacts: ArtifactSupport,
         users: Option<Arc<TaskUsers>>,
+        vertices: Arc<crate::vertex::VertexSupport>,
     ) -> std::io::Result<Arc<TaskManager>> {
         let tasks_dir = data_dir.join("tasks");
         std::fs::create_dir_all(&tasks_dir)?;
@@ -124,6 +125,7 @@ impl TaskManager {
                 pool,
                 retired: RetireQueue::default(),
                 artifacts,
+                vertices,
             }),
             link,
             events_ready: tokio::sync::Notify::new(),
@@ -311,16 +313,30 @@ impl TaskManager {
     }
 
     fn context(&self, a: &TaskAssignment, uid: Option<u32>) -> TaskContext {
+        /// Where a container finds the agent's files for its task.
+        const CONTAINER_DIR: &str = "/run/drover";
         let dir = self.tasks_dir.join(a.task_id.as_str());
         // The task's environment is what its job declares and Drover's own variables,
         // never anything of the agent's.
         let mut env: BTreeMap<String, String> = a.spec.env.clone();
         env.extend(a.spec.runtime_env.env.clone());
+        // A container sees the agent's files for its task at fixed paths of its own.
+        let docker = a.spec.runtime == drover_core::RuntimeKind::Docker;
+        let mut mounts = Vec::new();
         if a.config.is_some() {
-            env.insert(
-                "DROVER_CONFIG".into(),
-                dir.join(CONFIG_FILE).display().to_string(),
-            );
+            let host = dir.join(CONFIG_FILE);
+            let path = if docker {
+                let inside = format!("{CONTAINER_DIR}/{CONFIG_FILE}");
+                mounts.push(drover_runtime::Mount {
+                    host,
+                    container: inside.clone(),
+                    read_only: true,
+                });
+                inside
+            } else {
+                host.display().to_string()
+            };
+            env.insert("DROVER_CONFIG".into(), path);
         }
         env.insert("DROVER_JOB".into(), a.job_name.clone());
         env.insert("DROVER_JOB_ID".into(), a.job_id.to_string());
@@ -342,8 +358,24 @@ impl TaskManager {
             // may, and never into the agent's home.
             env.entry("HOME".into())
                 .or_insert_with(|| dir.display().to_string());
+        } else if docker {
+            let inside = format!("{CONTAINER_DIR}/{}", crate::socket::SOCKET_FILE);
+            mounts.push(drover_runtime::Mount {
+                host: crate::socket::socket_path(&dir),
+                container: inside.clone(),
+                read_only: false,
+            });
+            env.insert(crate::socket::ENV_VAR.into(), inside);
         }
         let mut spec = a.spec.clone();
+        // A built-in vertex runs this agent's own binary; a binary it cannot name
+        // leaves the command empty, which the runtime refuses with the reason logged.
+        if let Some(plane) = a.spec.vertex.as_deref().filter(|v| v.is_builtin()) {
+            match self.holdings.vertices.builtin_command(plane) {
+                Ok(cmd) => spec.command = cmd,
+                Err(why) => tracing::warn!(task = %a.task_id, "built-in vertex: {why}"),
+            }
+        }
         if let Some(art) = &a.artifact {
             let path = dir.join(&art.reference.name);
             env.insert("DROVER_ARTIFACT".into(), path.display().to_string());
@@ -380,6 +412,7 @@ impl TaskManager {
             env,
             user: uid.map(TaskUser::private),
             stdin: None,
+            mounts,
         }
     }
 
@@ -946,12 +979,13 @@ impl TaskManager {
                 continue;
             };
             if let Ok(Ok(s)) = tokio::time::timeout(STATS_CALL_TIMEOUT, rt.stats(&id)).await {
+                let plane = self.holdings.vertices.counts(&id);
                 fresh.insert(
                     id,
                     TaskUsage {
                         cpu_seconds: s.cpu_seconds,
                         memory_bytes: s.memory_bytes,
-                        plane: None,
+                        plane,
                     },
                 );
             }

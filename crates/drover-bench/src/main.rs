@@ -851,6 +851,7 @@ fn plugin_task(base: &std::path::Path, command: &[&str]) -> Result<TaskContext> 
         stderr_path: dir.join("stderr.log"),
         user: None,
         stdin: None,
+        mounts: Vec::new(),
         dir,
         env,
     })

@@ -24,6 +24,8 @@ pub use embedded::EmbeddedBackend;
 #[cfg(feature = "nats")]
 pub mod nats;
 
+pub mod remote;
+
 /// The behavioural suite every backend must pass; for backends' tests, not for use.
 #[cfg(any(test, feature = "contract"))]
 #[doc(hidden)]

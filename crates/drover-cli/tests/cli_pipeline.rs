@@ -10,7 +10,6 @@
 mod common;
 
 #[path = "../../drover-buffer/tests/support/nats_server.rs"]
-#[allow(dead_code)]
 mod nats_server;
 
 use common::{Home, Up, json, stderr, stdout, wait_until, write};

@@ -26,6 +26,8 @@ pub(crate) struct Buffers {
     // assignments; until that lands nothing else needs it.
     #[allow(dead_code)]
     pub(crate) nats_url: Option<String>,
+    /// The embedded buffers agents have used, kept open between their calls.
+    open: crate::buffer_calls::OpenBuffers,
 }
 
 impl Buffers {
@@ -47,6 +49,7 @@ impl Buffers {
             embedded,
             nats,
             nats_url: settings.nats_url.clone(),
+            open: Default::default(),
         })
     }
 
@@ -62,5 +65,27 @@ impl Buffers {
                 ),
             },
         }
+    }
+
+    /// The embedded buffer `name`, opened with the settings of the pipeline it belongs
+    /// to; kept open for the next call.
+    pub(crate) async fn open_embedded(
+        &self,
+        name: &str,
+        spec: &drover_core::pipeline::spec::BufferSpec,
+    ) -> Result<Arc<dyn drover_buffer::Buffer>, BufferError> {
+        let config = crate::buffer_calls::config_of(spec);
+        if let Some(b) = self.open.get(name, &config) {
+            return Ok(b);
+        }
+        let parsed = drover_buffer::remote::parse_name(name)?;
+        let buffer = self.embedded.open(&parsed, &config).await?;
+        self.open.put(name, config, buffer.clone());
+        Ok(buffer)
+    }
+
+    /// Drops the handle to a buffer, so the next call opens it afresh.
+    pub(crate) fn forget(&self, name: &str) {
+        self.open.remove(name);
     }
 }

@@ -90,12 +90,24 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
     // a ping every heartbeat interval. Agents of every version read a ping as a sign of
     // life, and their WebSocket library answers it by itself.
     let ping_every = inner.cfg.heartbeat_interval;
+    // Buffer answers go out on the same connection as binary frames, from a queue of
+    // their own so that a burst of them never holds up commands and acks.
+    let (answers_tx, mut answers_rx) =
+        mpsc::channel::<bytes::Bytes>(crate::buffer_calls::ANSWER_QUEUE);
+    let calls = crate::buffer_calls::CallServer::new(inner.clone(), node_id.clone(), answers_tx);
     let writer = tokio::spawn(async move {
         loop {
-            let text = match tokio::time::timeout(ping_every, rx.recv()).await {
-                Ok(Some(text)) => text,
-                Ok(None) => break,
-                Err(_idle) => {
+            let first = tokio::select! {
+                t = rx.recv() => match t {
+                    Some(text) => Message::Text(text.as_ref().into()),
+                    None => break,
+                },
+                a = answers_rx.recv() => match a {
+                    Some(frame) => Message::Binary(frame),
+                    // The call server lives as long as the reader; this ends with it.
+                    None => break,
+                },
+                _ = tokio::time::sleep(ping_every) => {
                     if sink.send(Message::Ping(Default::default())).await.is_err() {
                         break;
                     }
@@ -103,11 +115,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
                 }
             };
             // Feed what is queued and flush once, rather than a flush per message.
-            if sink
-                .feed(Message::Text(text.as_ref().into()))
-                .await
-                .is_err()
-            {
+            if sink.feed(first).await.is_err() {
                 break;
             }
             let mut failed = false;
@@ -120,6 +128,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
                     failed = true;
                     break;
                 }
+            }
+            while !failed && let Ok(frame) = answers_rx.try_recv() {
+                failed = sink.feed(Message::Binary(frame)).await.is_err();
             }
             if failed || sink.flush().await.is_err() {
                 break;
@@ -153,7 +164,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
                 _ => break,
             }
         }
-        if !handle_batch(&inner, &node_id, &tx, &mut owned, batch).await {
+        if !handle_batch(&inner, &node_id, &tx, &calls, &mut owned, batch).await {
             break;
         }
         if tx.is_closed() {
@@ -161,6 +172,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
         }
     }
     drop(tx);
+    drop(calls);
     writer.abort();
     inner.on_disconnect(&node_id, conn_id).await;
     tracing::info!(node = %node_id, "agent disconnected");
@@ -231,6 +243,7 @@ async fn handle_batch(
     inner: &Arc<Inner>,
     node_id: &NodeId,
     tx: &mpsc::Sender<std::sync::Arc<str>>,
+    calls: &crate::buffer_calls::CallServer,
     owned: &mut OwnedTasks,
     batch: Vec<Message>,
 ) -> bool {
@@ -242,6 +255,10 @@ async fn handle_batch(
     for m in batch {
         let text = match m {
             Message::Text(t) => t,
+            Message::Binary(frame) => {
+                calls.accept(frame);
+                continue;
+            }
             Message::Close(_) => return false,
             _ => continue,
         };

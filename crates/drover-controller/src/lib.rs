@@ -11,6 +11,7 @@ mod api;
 mod artifacts;
 mod auth;
 pub mod blobs;
+mod buffer_calls;
 mod buffers;
 mod error;
 mod follow;
@@ -353,6 +354,25 @@ impl Controller {
     pub fn shutdown(&self) {
         self.inner.shutdown.cancel();
         self.inner.sessions_lock().clear();
+    }
+
+    /// Applies a job whose spec carries a vertex plane, as the vertex controller does,
+    /// for embedders and tests of the data path that do without a pipeline. The HTTP API
+    /// refuses such specs from users; a caller holding the `Controller` already holds
+    /// its store, so this opens nothing to a tenant.
+    pub async fn apply_vertex_job(
+        &self,
+        project: ProjectId,
+        spec: drover_core::spec::JobSpec,
+    ) -> Result<drover_core::api::ApplyResponse, String> {
+        if spec.vertex.is_none() {
+            return Err(format!("job {} has no vertex", spec.name));
+        }
+        spec.validate()?;
+        self.inner
+            .apply_job(project, spec, ops::ApplyOptions::default())
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// The number of agents connected right now.

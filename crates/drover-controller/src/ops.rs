@@ -795,7 +795,8 @@ impl Inner {
                     },
                 );
             } else if t.state == TaskState::Scheduled
-                && let Some(cmd) = crate::scheduler::start_command(state, &t)
+                && let Some(cmd) =
+                    crate::scheduler::start_command(state, &t, self.buffers.nats_url.as_deref())
             {
                 self.enqueue(state, &node_id, cmd);
             }

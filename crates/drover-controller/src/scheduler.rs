@@ -148,6 +148,9 @@ enum Misfit {
     /// The job has `stdin` and the node's agent does not give the runtime's tasks their
     /// input (an agent older than the field, or a runtime that cannot).
     Stdin,
+    /// The job is a pipeline vertex's and the node's agent cannot serve its replicas
+    /// (an agent older than pipelines, or a runtime it has no data plane for).
+    Vertex,
 }
 
 /// Whether a task of `spec` fits on a node that has `allocated` taken (its entry's
@@ -165,6 +168,9 @@ fn fits_given(
     }
     if spec.stdin.is_some() && !node.node.info.takes_stdin(&spec.runtime) {
         return Err(Misfit::Stdin);
+    }
+    if spec.vertex.is_some() && !node.node.info.runs_vertices(&spec.runtime) {
+        return Err(Misfit::Vertex);
     }
     if let Some(vs) = variants {
         let info = &node.node.info;
@@ -363,7 +369,7 @@ impl Inner {
     /// Queues and sends the Start commands of committed placements.
     pub(crate) fn dispatch(&self, state: &mut State, placed: Vec<(NodeId, Task)>) {
         for (node, t) in placed {
-            if let Some(cmd) = start_command(state, &t) {
+            if let Some(cmd) = start_command(state, &t, self.buffers.nats_url.as_deref()) {
                 self.enqueue(state, &node, cmd);
             }
         }
@@ -724,6 +730,11 @@ fn misfit_text(
                 nodes(*n, "cannot", "cannot"),
                 spec.runtime
             ),
+            Misfit::Vertex => format!(
+                "{} serve runtime {}'s tasks as pipeline vertex replicas (an agent too old for pipelines, or a runtime it has no data plane for)",
+                nodes(*n, "cannot", "cannot"),
+                spec.runtime
+            ),
         });
     }
     if parts.is_empty() {
@@ -735,7 +746,7 @@ fn misfit_text(
 
 /// The Start command for a placed task: its spec, the artifact variant for its node
 /// and its config.
-pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
+pub(crate) fn start_command(state: &State, t: &Task, nats_url: Option<&str>) -> Option<Command> {
     let job = state.jobs.get(&t.job_id)?;
     let artifact = match &job.spec.artifact {
         Some(r) => {
@@ -753,6 +764,14 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
     let mut spec = job.spec.clone();
     // The config travels beside the spec in its versioned encoding.
     let config = spec.runtime_env.config.take().map(EncodedConfig::encode);
+    // A replica whose buffers are in NATS reaches them itself, at the server the
+    // controller was configured with; embedded buffers go through this connection.
+    let nats_url = spec
+        .vertex
+        .as_deref()
+        .filter(|v| v.buffer.backend == drover_core::pipeline::spec::BufferBackend::Nats)
+        .and(nats_url)
+        .map(str::to_string);
     Some(Command::Start(Box::new(TaskAssignment {
         task_id: t.id.clone(),
         job_id: job.id.clone(),
@@ -763,7 +782,7 @@ pub(crate) fn start_command(state: &State, t: &Task) -> Option<Command> {
         spec,
         artifact,
         config,
-        nats_url: None,
+        nats_url,
     })))
 }
 

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod ids;
 pub mod logtime;
 pub mod pipeline;
+pub mod plane;
 pub mod platform;
 pub mod protocol;
 pub mod quantity;

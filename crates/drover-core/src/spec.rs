@@ -598,7 +598,7 @@ pub struct JobSpec {
     /// replicas: where each replica reads and writes messages. The API refuses a job
     /// spec that carries it, so no user job can reach a pipeline's buffers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vertex: Option<Box<crate::pipeline::vertex::VertexPlane>>,
+    pub vertex: Option<Box<crate::plane::VertexPlane>>,
 }
 
 /// `stdin`: the content a task reads on its standard input, stored on the controller as
@@ -628,6 +628,13 @@ pub const MAX_STDIN_BYTES: u64 = 64 << 20;
 /// field do not set it, and the scheduler places a job with `stdin` only where it is
 /// set, so no task is ever started with `/dev/null` in place of its input.
 pub const STDIN_ATTRIBUTE: &str = "stdin";
+
+/// The node attribute (after the runtime's name: `process.vertex`) that an agent sets
+/// to `true` for each runtime whose tasks it can serve as pipeline vertex replicas
+/// (their data plane on the task socket, their buffers through its connection).
+/// Agents older than pipelines do not set it, and the scheduler places a job with
+/// `vertex` only where it is set, so no replica starts where nothing moves its data.
+pub const VERTEX_ATTRIBUTE: &str = "vertex";
 
 /// A job's own environment, materialised on the node before its task starts.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -706,10 +713,10 @@ impl RuntimeEnv {
             return Err("runtime_env.setup_timeout: must be positive".into());
         }
         // A container brings its own files and interpreter, and the docker runtime does
-        // not mount the task directory where these would be placed.
+        // not mount the task directory where these would be placed; the config file
+        // alone is bound into the container, at the path `DROVER_CONFIG` names.
         if *runtime == RuntimeKind::Docker {
             for (set, field) in [
-                (self.config.is_some(), "config"),
                 (self.working_dir.is_some(), "working_dir"),
                 (self.python.is_some(), "python"),
             ] {

@@ -819,6 +819,14 @@ impl NodeInfo {
             .get(&format!("{runtime}.{}", crate::spec::STDIN_ATTRIBUTE))
             .is_some_and(|v| v == "true")
     }
+
+    /// Whether the node's agent serves tasks of `runtime` as pipeline vertex replicas
+    /// (the attribute `RUNTIME.vertex`; see [`crate::spec::VERTEX_ATTRIBUTE`]).
+    pub fn runs_vertices(&self, runtime: &RuntimeKind) -> bool {
+        self.attributes
+            .get(&format!("{runtime}.{}", crate::spec::VERTEX_ATTRIBUTE))
+            .is_some_and(|v| v == "true")
+    }
 }
 
 /// A node, as the controller stores it.

@@ -44,6 +44,18 @@ pub struct TaskContext {
     /// agent); `None` gives it `/dev/null`. Only runtimes whose [`Runtime::takes_stdin`]
     /// is true are ever given one.
     pub stdin: Option<PathBuf>,
+    /// Files of the agent's to show inside a container (the task socket, the config
+    /// file); only runtimes that isolate the task's filesystem use it.
+    pub mounts: Vec<Mount>,
+}
+
+/// A host file shown inside a container at another path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub host: PathBuf,
+    /// An absolute path inside the container.
+    pub container: String,
+    pub read_only: bool,
 }
 
 /// How a task's process ended.

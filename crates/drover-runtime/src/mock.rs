@@ -233,6 +233,7 @@ mod tests {
             stderr_path: "/nonexistent/err".into(),
             user: None,
             stdin: None,
+            mounts: Vec::new(),
         }
     }
 

@@ -959,6 +959,7 @@ mod tests {
             stderr_path: dir.join("stderr.log"),
             user: None,
             stdin: None,
+            mounts: Vec::new(),
         }
     }
 

@@ -117,6 +117,21 @@ impl FakeAgent {
         }
     }
 
+    /// Sends a buffer call as a binary frame and returns the answer with its id,
+    /// skipping any other message meanwhile.
+    pub async fn buffer_call(&mut self, frame: bytes::Bytes) -> drover_buffer::remote::Answer {
+        self.ws.send(Message::Binary(frame)).await.unwrap();
+        loop {
+            match tokio::time::timeout(T, self.ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    return drover_buffer::remote::decode_answer(&b).unwrap();
+                }
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no buffer answer: {other:?}"),
+            }
+        }
+    }
+
     pub fn hello(version: u32) -> AgentMessage {
         FakeAgent::hello_as(version, "linux/amd64", RuntimeKind::Mock)
     }

@@ -56,7 +56,7 @@ pub struct ClusterOptions {
     pub max_connections_per_ip: usize,
     /// What finished work and lost nodes the controller keeps.
     pub retention: drover_controller::Retention,
-    /// A NATS server for pipelines with `buffer.backend: nats`.
+    /// The NATS server for pipelines whose buffers are there (`--nats`).
     pub nats_url: Option<String>,
 }
 
@@ -101,6 +101,9 @@ pub struct AgentOptions {
     pub plugins: Vec<(String, PathBuf)>,
     /// Platforms the agent runs through an emulator, with the emulator's executable.
     pub emulate: Vec<(drover_core::platform::Platform, PathBuf)>,
+    /// The built `drover` binary, whose `__vertex` runs built-in pipeline vertices;
+    /// an agent inside a test binary cannot run them without it.
+    pub self_exe: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -119,6 +122,7 @@ impl AgentOptions {
             docker: false,
             plugins: Vec::new(),
             emulate: Vec::new(),
+            self_exe: None,
         }
     }
 
@@ -203,6 +207,18 @@ impl TestCluster {
         Api::new(&self.url, ADMIN_TOKEN)
     }
 
+    /// Submits a job whose spec carries a pipeline vertex's plane (`spec.vertex`), as
+    /// the vertex controller would create it: for tests of the data path alone. The one
+    /// place tests make vertex jobs without a pipeline.
+    pub async fn submit_vertex_job(&self, spec: &JobSpec) -> Result<ApplyResponse> {
+        // The HTTP API refuses a spec with a vertex from users, so this goes straight to
+        // the controller, as its vertex controller's own applies do.
+        self.controller
+            .apply_vertex_job(drover_core::ProjectId::default(), spec.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("submit_vertex_job: {e}"))
+    }
+
     /// Starts an in-process agent with its own data dir under the cluster's.
     pub async fn agent(&self, opts: AgentOptions) -> Result<Agent> {
         let data_dir = self.dir.path().join("agents").join(&opts.name);
@@ -235,6 +251,9 @@ pub async fn start_agent(url: &str, data_dir: PathBuf, opts: AgentOptions) -> Re
     cfg.labels = opts.labels;
     cfg.capacity = Some(opts.capacity);
     cfg.emulate = opts.emulate;
+    // The test binary is no `drover`: without a binary given, built-in vertices fail
+    // with a reason rather than running the test binary with `__vertex`.
+    cfg.self_exe = opts.self_exe;
     cfg.max_backoff = Duration::from_millis(500);
     if let Some(l) = opts.limits {
         cfg.limits = l;

@@ -599,3 +599,41 @@ async fn docker_is_offered_with_the_engines_version() {
     let engine = String::from_utf8_lossy(&engine.stdout).trim().to_string();
     assert_eq!(version.map(String::as_str), Some(engine.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_finds_its_task_socket_and_config_file() {
+    let image = image();
+    let (c, agent, node, _cleanup) = docker_cluster("docker-socket").await;
+    let api = c.api();
+    // busybox has no client for a Unix socket; that one is there, a socket, is what
+    // the bind shows, and the socket itself is the one process tasks are served on.
+    api.apply_yaml(&format!(
+        r#"
+name: sees-agent
+runtime: docker
+image: {image}
+pull: never
+command: ["/bin/sh", "-c", "test -S \"$DROVER_SOCKET\" && echo socket $DROVER_SOCKET && cat \"$DROVER_CONFIG\" && echo"]
+runtime_env:
+  config: {{ greeting: hello }}
+"#
+    ))
+    .await
+    .unwrap();
+    let (job, tasks) = api.wait_final("sees-agent", T).await.unwrap();
+    let logs = api.logs("sees-agent").await.unwrap();
+    assert_eq!(job.job.status, JobStatus::Complete, "{logs}\n{tasks:?}");
+    assert!(logs.contains("socket /run/drover/drover.sock"), "{logs}");
+    assert!(logs.contains(r#""greeting":"hello""#), "{logs}");
+    assert!(containers_of(&node).is_empty() || wait_gone(&node).await);
+    agent.shutdown().await;
+}
+
+/// Waits for the node's containers to be removed.
+async fn wait_gone(node: &NodeId) -> bool {
+    wait_for("the containers to be removed", T, async || {
+        containers_of(node).is_empty()
+    })
+    .await
+    .is_ok()
+}

@@ -69,6 +69,7 @@ impl Fixture {
             stderr_path: dir.join("stderr"),
             user: None,
             stdin: None,
+            mounts: Vec::new(),
             dir,
             env,
             spec,
@@ -693,6 +694,7 @@ async fn an_engine_that_is_down_or_hung_is_reported_not_waited_for() {
         stderr_path: dir.path().join("stderr"),
         user: None,
         stdin: None,
+        mounts: Vec::new(),
     };
     let err = down.prepare(&ctx).await.unwrap_err().to_string();
     assert!(err.contains("cannot reach the Docker engine"), "{err}");

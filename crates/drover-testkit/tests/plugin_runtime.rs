@@ -105,6 +105,7 @@ fn context(base: &Path, command: &[&str], declared: &[(&str, &str)]) -> TaskCont
         stderr_path: dir.join("stderr.log"),
         user: None,
         stdin: None,
+        mounts: Vec::new(),
         dir,
         env,
     }

@@ -197,11 +197,23 @@ fn write_task_file(a: &TaskAssignment, dir: &Path, uid: Option<u32>) {
 struct SocketStep;
 
 impl SocketStep {
-    fn serve(cx: &PrepareContext) -> Result<StepGuard, PrepareError> {
+    async fn serve(cx: &PrepareContext) -> Result<StepGuard, PrepareError> {
         let (a, launch) = (&cx.assignment, &cx.launch);
-        let Some(path) = launch.env.get(crate::socket::ENV_VAR) else {
+        if !launch.env.contains_key(crate::socket::ENV_VAR) {
+            if a.spec.vertex.is_some() {
+                return Err(format!(
+                    "a pipeline vertex's replica needs the task socket, which runtime {} tasks are not given",
+                    a.spec.runtime
+                )
+                .into());
+            }
             return Ok(StepGuard::nothing());
-        };
+        }
+        // Where the task is told to look may be a path inside its container; the
+        // socket itself is always here, bound into the container when it has one.
+        let path = crate::socket::socket_path(&launch.dir);
+        let path = path.display().to_string();
+        let path = path.as_str();
         let config = a
             .config
             .as_ref()
@@ -216,7 +228,25 @@ impl SocketStep {
             attempt: a.attempt,
             config,
         };
-        let socket = crate::socket::TaskSocket::bind(Path::new(path), facts)
+        // A vertex's replica has its data connections served by a plane over the
+        // pipeline's buffers; its counters are reported while the socket is served.
+        let (data, counters) = match a.spec.vertex.as_deref() {
+            Some(plane) => {
+                let vertices = &cx.holdings.vertices;
+                if plane.is_builtin() {
+                    vertices
+                        .builtin_command(plane)
+                        .map_err(|why| format!("built-in vertex: {why}"))?;
+                }
+                let (endpoint, counters) = vertices
+                    .plane(a, plane)
+                    .await
+                    .map_err(|e| format!("the vertex's data plane: {e}"))?;
+                (Some(Arc::new(endpoint)), Some(counters))
+            }
+            None => (None, None),
+        };
+        let socket = crate::socket::TaskSocket::bind_with(Path::new(path), facts, data)
             .map_err(|e| format!("serving the task socket {path}: {e}"))?;
         if let Some(user) = launch.user {
             // Dropping the socket on this error stops serving it and removes it.
@@ -224,7 +254,7 @@ impl SocketStep {
                 .restrict_to(user.uid, user.gid)
                 .map_err(|e| format!("giving the task socket {path} to its user: {e}"))?;
         }
-        Ok(StepGuard::holding(socket))
+        Ok(StepGuard::holding((socket, counters)))
     }
 }
 
@@ -235,11 +265,11 @@ impl PrepareStep<PrepareContext> for SocketStep {
     }
 
     async fn prepare(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
-        SocketStep::serve(cx)
+        SocketStep::serve(cx).await
     }
 
     async fn readopt(&self, cx: &mut PrepareContext) -> Result<StepGuard, PrepareError> {
-        SocketStep::serve(cx)
+        SocketStep::serve(cx).await
     }
 }
 

@@ -8,7 +8,8 @@
 //! from a state that was no longer, or not yet, theirs.
 
 use super::autoscale::{Observation, ScaleConfig, ScaleState, decide};
-use super::spec::{BufferSpec, DesiredPhase, EdgeCondition, VertexRole};
+use super::spec::{BufferSpec, DesiredPhase, VertexRole};
+pub use crate::plane::{PlaneRole, VertexOutput, VertexPlane};
 use crate::spec::JobSpec;
 use crate::{Millis, ProjectId};
 use serde::{Deserialize, Serialize};
@@ -49,16 +50,6 @@ pub struct VertexSpec {
     /// Raised by the pipeline controller on every change it writes, so the vertex
     /// controller can tell whether it has acted on the latest.
     pub generation: u64,
-}
-
-/// One way out of a vertex: the vertex it feeds, that vertex's input buffers, and the
-/// condition (if any) a message must meet to take it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VertexOutput {
-    pub to: String,
-    pub buffers: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub condition: Option<EdgeCondition>,
 }
 
 /// The part of the pipeline's lifecycle written into each vertex.
@@ -161,7 +152,7 @@ impl VertexSpec {
         spec.vertex = Some(Box::new(VertexPlane {
             pipeline: self.pipeline.clone(),
             vertex: self.name.clone(),
-            role: PlaneRole::of(&self.role),
+            role: plane_role(&self.role),
             builtin,
             inputs: self.inputs.clone(),
             outputs: self.outputs.clone(),
@@ -199,70 +190,6 @@ pub fn builtin_args(role: &VertexRole) -> Option<Vec<String>> {
     Some(args)
 }
 
-/// Where a vertex replica reads and writes, carried in its job's spec to the agent,
-/// which serves the replica's data plane from it. Written by the controller from the
-/// vertex object alone; users cannot submit it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VertexPlane {
-    pub pipeline: String,
-    pub vertex: String,
-    pub role: PlaneRole,
-    /// For a built-in vertex, the arguments of the agent's own `drover __vertex` that
-    /// run it; empty for the user's program.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub builtin: Vec<String>,
-    /// The input buffers, one per partition; empty for a source.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub inputs: Vec<String>,
-    /// The outgoing edges; empty for a sink.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub outputs: Vec<VertexOutput>,
-    /// The buffers' backend and limits.
-    pub buffer: BufferSpec,
-}
-
-impl VertexPlane {
-    pub fn is_builtin(&self) -> bool {
-        !self.builtin.is_empty()
-    }
-
-    /// Every buffer the replica may touch: its inputs and its outputs' partitions. The
-    /// controller lets a node use a buffer only when one of its tasks' planes names it.
-    pub fn buffers(&self) -> impl Iterator<Item = &str> {
-        self.inputs
-            .iter()
-            .chain(self.outputs.iter().flat_map(|o| o.buffers.iter()))
-            .map(String::as_str)
-    }
-}
-
-/// A replica's side of the data protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PlaneRole {
-    Source,
-    Map,
-    Sink,
-}
-
-impl PlaneRole {
-    pub fn of(role: &VertexRole) -> PlaneRole {
-        match role {
-            VertexRole::Source(_) => PlaneRole::Source,
-            VertexRole::Map(_) => PlaneRole::Map,
-            VertexRole::Sink(_) => PlaneRole::Sink,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PlaneRole::Source => "source",
-            PlaneRole::Map => "map",
-            PlaneRole::Sink => "sink",
-        }
-    }
-}
-
 /// The job name of a vertex's tasks.
 pub fn job_name(pipeline: &str, vertex: &str) -> String {
     format!("{pipeline}-{vertex}")
@@ -271,6 +198,15 @@ pub fn job_name(pipeline: &str, vertex: &str) -> String {
 /// The name of one partition of a vertex's input buffer, as the buffer crate spells it.
 pub fn buffer_name(project: &ProjectId, pipeline: &str, vertex: &str, partition: u32) -> String {
     format!("{project}.{pipeline}.{vertex}.{partition}")
+}
+
+/// A vertex role's side of the data protocol.
+pub fn plane_role(role: &VertexRole) -> PlaneRole {
+    match role {
+        VertexRole::Source(_) => PlaneRole::Source,
+        VertexRole::Map(_) => PlaneRole::Map,
+        VertexRole::Sink(_) => PlaneRole::Sink,
+    }
 }
 
 #[cfg(test)]

@@ -895,6 +895,17 @@ impl DockerRuntime {
             memory_swap: (memory > 0).then_some(memory),
             port_bindings: Some(bindings),
             init: self.config.init.then_some(true),
+            // The agent's files for the task (its socket, its config), each bound on
+            // its own so that nothing else of the task's directory is exposed.
+            binds: (!ctx.mounts.is_empty()).then(|| {
+                ctx.mounts
+                    .iter()
+                    .map(|m| {
+                        let mode = if m.read_only { ":ro" } else { "" };
+                        format!("{}:{}{mode}", m.host.display(), m.container)
+                    })
+                    .collect()
+            }),
             log_config: Some(HostConfigLogConfig {
                 typ: Some(self.config.log_driver.clone()),
                 config: Some(
