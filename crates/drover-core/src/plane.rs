@@ -1,8 +1,8 @@
 //! What a pipeline vertex's replica carries to its agent, in its job's spec: where it
 //! reads and writes (the buffers, the edges' tag conditions) and how big the buffers
-//! may grow. A module of its own, below both the job spec (`crate::spec`, whose
-//! `vertex` field holds a [`VertexPlane`]) and the pipeline model (`crate::pipeline`,
-//! which makes one from a vertex), so neither has to import the other's whole.
+//! may grow. A module of its own, below both the job spec (whose `vertex` field holds
+//! a [`VertexPlane`]) and the pipeline model (which makes one from a vertex), so
+//! neither has to import the other.
 
 use serde::{Deserialize, Serialize};
 
