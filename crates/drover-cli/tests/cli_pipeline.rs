@@ -70,6 +70,8 @@ struct Demo {
     backend: &'static str,
     /// The map's command, instead of the Python SDK's upper-casing example.
     map_command: Option<Vec<String>>,
+    /// The map's `scale`, when not the default.
+    map_scale: &'static str,
     extra: &'static str,
 }
 
@@ -81,6 +83,7 @@ impl Demo {
             rate: 5_000,
             backend: "embedded",
             map_command: None,
+            map_scale: "{ min: 1, max: 1 }",
             extra: "",
         }
     }
@@ -112,6 +115,7 @@ vertices:
         command: {map_command:?}
         env: {{ PYTHONPATH: "." }}
         runtime_env: {{ working_dir: {sdk:?} }}
+    scale: {map_scale}
   - name: out
     sink:
       run:
@@ -128,6 +132,7 @@ buffer: {{ backend: {backend} }}
             tally = tally_sink().display().to_string(),
             records = records.display().to_string(),
             backend = self.backend,
+            map_scale = self.map_scale,
             extra = self.extra,
         );
         (
@@ -371,4 +376,58 @@ fn a_bad_pipeline_is_refused_with_its_file_and_line_and_nothing_is_stored() {
     assert!(err.contains("bad.yaml"), "{err}");
     let ls = json(&up.home.run(&["pipeline", "ls", "-o", "json"]));
     assert_eq!(ls.as_array().map(Vec::len), Some(0), "{ls:#}");
+}
+
+/// A map that takes 2 ms a message: about 500 messages a second per replica.
+const SLOW_MAP: &str = "import time, drover_pipeline as dp\n\
+def slow(m):\n    time.sleep(0.002)\n    return [dp.Output(m.payload.upper(), key=m.key)]\n\
+dp.map(slow)\n";
+
+/// A vertex's desired replicas and the autoscaler's last reason, from `status -o json`.
+fn scaling_of(status: &serde_json::Value, vertex: &str) -> (u64, String) {
+    let v = status["vertices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == vertex)
+        .cloned()
+        .unwrap_or_default();
+    (
+        v["desired_replicas"].as_u64().unwrap_or(0),
+        v["last_scale"]["reason"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[test]
+fn a_slow_map_scales_up_to_max_and_back_to_zero_when_the_source_is_done() {
+    let up = Up::start();
+    let mut demo = Demo::new("scaling", 12_000);
+    // Four times what one replica of the slow map does.
+    demo.rate = 2_000;
+    demo.map_command = Some(vec!["python3".into(), "-c".into(), SLOW_MAP.into()]);
+    demo.map_scale = "{ min: 0, max: 3, scale_up_cooldown: 1s, scale_down_cooldown: 1s, \
+                      target_processing_seconds: 1s, zero_after: 2s }";
+    let (spec, records_file) = demo.write(&up.home);
+    apply(&up.home, &spec);
+    let mut reasons = Vec::new();
+    wait_until(
+        "the slow map to scale up to 3",
+        Duration::from_secs(90),
+        || {
+            let (replicas, reason) = scaling_of(&status(&up.home, "scaling"), "upper");
+            reasons.push(reason);
+            replicas == 3
+        },
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("scaled up")),
+        "no reason says why: {reasons:?}"
+    );
+    wait_for_every_record(&records_file, demo.total, Duration::from_secs(120));
+    wait_until(
+        "the map to go back to zero",
+        Duration::from_secs(90),
+        || scaling_of(&status(&up.home, "scaling"), "upper").0 == 0,
+    );
+    delete_pipelines(&up.home);
 }
