@@ -367,6 +367,18 @@ impl TaskManager {
             });
             env.insert(crate::socket::ENV_VAR.into(), inside);
         }
+        // A container's working_dir is unpacked into a directory of its own in the task
+        // directory, and only that is bound in, where the program starts.
+        let mut workdir = None;
+        if docker && a.spec.runtime_env.working_dir.is_some() {
+            let inside = format!("{CONTAINER_DIR}/{}", crate::prepare::CONTAINER_WORK_DIR);
+            mounts.push(drover_runtime::Mount {
+                host: dir.join(crate::prepare::CONTAINER_WORK_DIR),
+                container: inside.clone(),
+                read_only: false,
+            });
+            workdir = Some(inside);
+        }
         let mut spec = a.spec.clone();
         // A built-in vertex runs this agent's own binary; a binary it cannot name
         // leaves the command empty, which the runtime refuses with the reason logged.
@@ -413,6 +425,7 @@ impl TaskManager {
             user: uid.map(TaskUser::private),
             stdin: None,
             mounts,
+            workdir,
         }
     }
 

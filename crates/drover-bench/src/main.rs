@@ -852,6 +852,7 @@ fn plugin_task(base: &std::path::Path, command: &[&str]) -> Result<TaskContext> 
         user: None,
         stdin: None,
         mounts: Vec::new(),
+        workdir: None,
         dir,
         env,
     })

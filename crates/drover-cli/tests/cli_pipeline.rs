@@ -61,6 +61,20 @@ fn shared_dir(home: &Home) -> PathBuf {
     dir
 }
 
+/// An empty file in the shared directory for a sink's records. Every replica runs as a
+/// user of its own, and a replica started again (after a pause, a crash) is a new one:
+/// each must be able to append.
+fn records_file(home: &Home, name: &str) -> PathBuf {
+    let path = shared_dir(home).join(name);
+    std::fs::write(&path, "").unwrap();
+    std::fs::set_permissions(
+        &path,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666),
+    )
+    .unwrap();
+    path
+}
+
 /// What a test pipeline looks like.
 struct Demo {
     name: &'static str,
@@ -72,6 +86,8 @@ struct Demo {
     map_command: Option<Vec<String>>,
     /// The map's `scale`, when not the default.
     map_scale: &'static str,
+    /// The map's `constraints`.
+    map_constraints: &'static str,
     extra: &'static str,
 }
 
@@ -84,22 +100,14 @@ impl Demo {
             backend: "embedded",
             map_command: None,
             map_scale: "{ min: 1, max: 1 }",
+            map_constraints: "[]",
             extra: "",
         }
     }
 
     /// Writes the spec beside the records file; returns the spec's path and the file.
     fn write(&self, home: &Home) -> (PathBuf, PathBuf) {
-        let shared = shared_dir(home);
-        let records = shared.join(format!("{}.records", self.name));
-        // Every replica runs as a user of its own, and a replica started again (after a
-        // pause, a crash) is a new one: each must be able to append.
-        std::fs::write(&records, "").unwrap();
-        std::fs::set_permissions(
-            &records,
-            <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o666),
-        )
-        .unwrap();
+        let records = records_file(home, &format!("{}.records", self.name));
         let map_command = self
             .map_command
             .clone()
@@ -115,6 +123,7 @@ vertices:
         command: {map_command:?}
         env: {{ PYTHONPATH: "." }}
         runtime_env: {{ working_dir: {sdk:?} }}
+        constraints: {map_constraints}
     scale: {map_scale}
   - name: out
     sink:
@@ -133,6 +142,7 @@ buffer: {{ backend: {backend} }}
             records = records.display().to_string(),
             backend = self.backend,
             map_scale = self.map_scale,
+            map_constraints = self.map_constraints,
             extra = self.extra,
         );
         (
@@ -430,4 +440,94 @@ fn a_slow_map_scales_up_to_max_and_back_to_zero_when_the_source_is_done() {
         || scaling_of(&status(&up.home, "scaling"), "upper").0 == 0,
     );
     delete_pipelines(&up.home);
+}
+
+#[test]
+fn edges_route_by_the_tags_the_map_gives() {
+    let up = Up::start();
+    let (tagged, untagged) = (
+        records_file(&up.home, "tagged.records"),
+        records_file(&up.home, "untagged.records"),
+    );
+    let total = 1_000;
+    // The example map tags every message it upper-cases `upper`: all of them take the
+    // edge that wants the tag, none the edge that refuses it.
+    let spec = format!(
+        r#"name: routes
+vertices:
+  - name: gen
+    source: {{ generator: {{ rate: 5000, message_size: 16, total: {total} }} }}
+  - name: upper
+    map:
+      run:
+        command: [python3, examples/upper_map.py]
+        env: {{ PYTHONPATH: "." }}
+        runtime_env: {{ working_dir: {sdk:?} }}
+  - name: tagged
+    sink: {{ run: {{ command: [{tally:?}, --out, {tagged:?}] }} }}
+  - name: untagged
+    sink: {{ run: {{ command: [{tally:?}, --out, {untagged:?}] }} }}
+edges:
+  - {{ from: gen, to: upper }}
+  - {{ from: upper, to: tagged, condition: {{ tags: {{ any: [upper] }} }} }}
+  - {{ from: upper, to: untagged, condition: {{ tags: {{ none: [upper] }} }} }}
+"#,
+        sdk = sdk().display().to_string(),
+        tally = tally_sink().display().to_string(),
+        tagged = tagged.display().to_string(),
+        untagged = untagged.display().to_string(),
+    );
+    let path = write(up.home.path(), "routes.yaml", &spec);
+    apply(&up.home, &path);
+    wait_for_every_record(&tagged, total, Duration::from_secs(60));
+    // The other edge's sink has run all along and received nothing.
+    let st = status(&up.home, "routes");
+    assert_eq!(pending_of(&st, "untagged"), 0, "{st:#}");
+    assert!(records(&untagged).0.is_empty());
+    delete_pipelines(&up.home);
+}
+
+#[test]
+fn an_agent_killed_mid_stream_loses_no_message() {
+    let up = Up::start();
+    let join = std::fs::read_to_string(up.home.path().join("data/drover/join-token")).unwrap();
+    let worker_dir = up.home.path().join("worker");
+    // A second node, the only one the map may run on, so killing it kills the agent
+    // that serves the map's data plane and nothing else.
+    let start_worker = || {
+        let mut cmd = up.home.cmd(&[
+            "agent",
+            "--server",
+            &up.url,
+            "--join-token",
+            join.trim(),
+            "--data-dir",
+            worker_dir.to_str().unwrap(),
+            "--name",
+            "worker",
+            "--label",
+            "role=worker",
+        ]);
+        cmd.env("DROVER_LOG", "info");
+        common::spawn_cmd(cmd, "connected to").0
+    };
+    let mut worker = start_worker();
+    let mut demo = Demo::new("agentcrash", 20_000);
+    demo.rate = 4_000;
+    demo.map_constraints = "[{ key: label.role, value: worker }]";
+    let (spec, records_file) = demo.write(&up.home);
+    apply(&up.home, &spec);
+    wait_until(
+        "the first records at the sink",
+        Duration::from_secs(60),
+        || records(&records_file).0.len() > 1_000,
+    );
+    worker.kill9();
+    let worker = start_worker();
+    // What the killed agent held is leased to it until the lease ends (30 s), then
+    // delivered again.
+    let doubled = wait_for_every_record(&records_file, demo.total, Duration::from_secs(180));
+    eprintln!("{doubled} records arrived more than once after the agent's crash");
+    delete_pipelines(&up.home);
+    drop(worker);
 }

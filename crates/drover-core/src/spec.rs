@@ -712,20 +712,13 @@ impl RuntimeEnv {
         {
             return Err("runtime_env.setup_timeout: must be positive".into());
         }
-        // A container brings its own files and interpreter, and the docker runtime does
-        // not mount the task directory where these would be placed; the config file
-        // alone is bound into the container, at the path `DROVER_CONFIG` names.
-        if *runtime == RuntimeKind::Docker {
-            for (set, field) in [
-                (self.working_dir.is_some(), "working_dir"),
-                (self.python.is_some(), "python"),
-            ] {
-                if set {
-                    return Err(format!(
-                        "runtime_env.{field}: not supported by runtime docker yet; build it into the image (runtime_env.env works)"
-                    ));
-                }
-            }
+        // A container brings its own interpreter: a Python environment built on the node
+        // would not run in it. Its config file and working_dir are bound in.
+        if *runtime == RuntimeKind::Docker && self.python.is_some() {
+            return Err(
+                "runtime_env.python: not supported by runtime docker; build it into the image (runtime_env.env, config and working_dir work)"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -45,8 +45,11 @@ pub struct TaskContext {
     /// is true are ever given one.
     pub stdin: Option<PathBuf>,
     /// Files of the agent's to show inside a container (the task socket, the config
-    /// file); only runtimes that isolate the task's filesystem use it.
+    /// file, the working_dir); only runtimes that isolate the task's filesystem use it.
     pub mounts: Vec<Mount>,
+    /// The directory a container's program starts in (its working_dir's mount); the
+    /// image's own when `None`. A process task always starts in its task directory.
+    pub workdir: Option<String>,
 }
 
 /// A host file shown inside a container at another path.

@@ -234,6 +234,7 @@ mod tests {
             user: None,
             stdin: None,
             mounts: Vec::new(),
+            workdir: None,
         }
     }
 

@@ -960,6 +960,7 @@ mod tests {
             user: None,
             stdin: None,
             mounts: Vec::new(),
+            workdir: None,
         }
     }
 

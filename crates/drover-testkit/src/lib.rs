@@ -512,6 +512,28 @@ pub async fn wait_for(
     Ok(())
 }
 
+/// A gzip'd tar archive of regular files (path, contents), as a `working_dir` upload is.
+pub fn tar_gz(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write;
+    let mut builder = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        let name = &mut h.as_old_mut().name;
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        builder
+            .append(&h, *data)
+            .expect("appending to a tar in memory");
+    }
+    let tar = builder.into_inner().expect("finishing a tar in memory");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).expect("compressing in memory");
+    gz.finish().expect("compressing in memory")
+}
+
 /// The content address of `bytes`, as the blob routes name it: `sha256:` and hex.
 pub fn digest_of(bytes: &[u8]) -> String {
     drover_core::artifact::Digest::of(bytes).to_string()

@@ -601,21 +601,27 @@ async fn docker_is_offered_with_the_engines_version() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_container_finds_its_task_socket_and_config_file() {
+async fn a_container_finds_its_task_socket_config_file_and_working_dir() {
     let image = image();
     let (c, agent, node, _cleanup) = docker_cluster("docker-socket").await;
     let api = c.api();
+    let files = drover_testkit::tar_gz(&[("app/data.txt", b"shipped with the job\n")]);
+    let digest = drover_testkit::digest_of(&files);
+    let (status, body) = api.put_blob(&digest, files).await.unwrap();
+    assert!(status == 200 || status == 201, "{status} {body}");
     // busybox has no client for a Unix socket; that one is there, a socket, is what
-    // the bind shows, and the socket itself is the one process tasks are served on.
+    // the bind shows, and the socket itself is the one process tasks are served on. The
+    // program starts in its working_dir, where it also writes.
     api.apply_yaml(&format!(
         r#"
 name: sees-agent
 runtime: docker
 image: {image}
 pull: never
-command: ["/bin/sh", "-c", "test -S \"$DROVER_SOCKET\" && echo socket $DROVER_SOCKET && cat \"$DROVER_CONFIG\" && echo"]
+command: ["/bin/sh", "-c", "test -S \"$DROVER_SOCKET\" && echo socket $DROVER_SOCKET && cat \"$DROVER_CONFIG\" && echo && pwd && cat app/data.txt && echo new > app/out.txt"]
 runtime_env:
   config: {{ greeting: hello }}
+  working_dir: "{digest}"
 "#
     ))
     .await
@@ -625,6 +631,10 @@ runtime_env:
     assert_eq!(job.job.status, JobStatus::Complete, "{logs}\n{tasks:?}");
     assert!(logs.contains("socket /run/drover/drover.sock"), "{logs}");
     assert!(logs.contains(r#""greeting":"hello""#), "{logs}");
+    assert!(
+        logs.contains("/run/drover/work\nshipped with the job"),
+        "{logs}"
+    );
     assert!(containers_of(&node).is_empty() || wait_gone(&node).await);
     agent.shutdown().await;
 }

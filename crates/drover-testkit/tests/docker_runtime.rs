@@ -70,6 +70,7 @@ impl Fixture {
             user: None,
             stdin: None,
             mounts: Vec::new(),
+            workdir: None,
             dir,
             env,
             spec,
@@ -695,6 +696,7 @@ async fn an_engine_that_is_down_or_hung_is_reported_not_waited_for() {
         user: None,
         stdin: None,
         mounts: Vec::new(),
+        workdir: None,
     };
     let err = down.prepare(&ctx).await.unwrap_err().to_string();
     assert!(err.contains("cannot reach the Docker engine"), "{err}");

@@ -106,6 +106,7 @@ fn context(base: &Path, command: &[&str], declared: &[(&str, &str)]) -> TaskCont
         user: None,
         stdin: None,
         mounts: Vec::new(),
+        workdir: None,
         dir,
         env,
     }

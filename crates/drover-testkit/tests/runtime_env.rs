@@ -5,7 +5,6 @@
 use drover_core::TaskState;
 use drover_core::state::JobStatus;
 use drover_testkit::{AgentOptions, TestCluster, digest_of};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -195,23 +194,6 @@ runtime_env:
 
 /// A gzip'd tar archive with the given (path, content) entries, written with raw header
 /// names so that paths the tar crate would refuse (`../x`) can be made.
-fn archive(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (path, data) in entries {
-        let mut h = tar::Header::new_gnu();
-        let name = &mut h.as_old_mut().name;
-        name[..path.len()].copy_from_slice(path.as_bytes());
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
-        builder.append(&h, *data).unwrap();
-    }
-    let tar = builder.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    gz.finish().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_working_dir_is_unpacked_into_the_task_and_an_escaping_one_is_refused() {
@@ -219,7 +201,7 @@ async fn a_working_dir_is_unpacked_into_the_task_and_an_escaping_one_is_refused(
     let agent = c.agent(AgentOptions::named("files")).await.unwrap();
     let api = c.api();
 
-    let good = archive(&[
+    let good = drover_testkit::tar_gz(&[
         (
             "app/run.sh",
             b"echo running from $(pwd | sed 's|.*/||')\ncat app/data.txt\n",
@@ -261,7 +243,7 @@ async fn a_working_dir_is_unpacked_into_the_task_and_an_escaping_one_is_refused(
 
     // An archive that would write outside the task's directory fails the task, and
     // writes nothing anywhere, not even its harmless first entry.
-    let evil = archive(&[("harmless.txt", b"x"), ("../../escaped.txt", b"gotcha")]);
+    let evil = drover_testkit::tar_gz(&[("harmless.txt", b"x"), ("../../escaped.txt", b"gotcha")]);
     let digest = digest_of(&evil);
     api.put_blob(&digest, evil).await.unwrap();
     api.apply_yaml(&format!(

@@ -17,6 +17,8 @@
 
 pub(crate) mod steps;
 
+pub(crate) use steps::CONTAINER_WORK_DIR;
+
 use async_trait::async_trait;
 
 /// One step of a task's preparation.

@@ -36,6 +36,11 @@ pub(crate) struct TaskFile {
     pub uid: Option<u32>,
 }
 
+/// Where a docker task's working_dir is unpacked in its task directory: a directory of
+/// its own, since that alone is bound into the container (the rest of the task
+/// directory holds the agent's files).
+pub const CONTAINER_WORK_DIR: &str = "work";
+
 /// The largest working_dir archive an agent downloads.
 const MAX_WORKING_DIR_ARCHIVE: u64 = 4 << 30;
 
@@ -325,17 +330,26 @@ impl PrepareStep<PrepareContext> for WorkingDirStep {
             .get_up_to(&digest, MAX_WORKING_DIR_ARCHIVE)
             .await
             .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
-        let (archive, dest) = (lease.path().to_path_buf(), cx.launch.dir.clone());
+        let dest = if cx.assignment.spec.runtime == drover_core::RuntimeKind::Docker {
+            let work = cx.launch.dir.join(CONTAINER_WORK_DIR);
+            tokio::fs::create_dir_all(&work).await.map_err(|e| {
+                format!("runtime_env.working_dir: creating {}: {e}", work.display())
+            })?;
+            work
+        } else {
+            cx.launch.dir.clone()
+        };
+        let archive = lease.path().to_path_buf();
+        let into = dest.clone();
         let unpacked = tokio::task::spawn_blocking(move || {
-            crate::unpack::unpack(&archive, &dest, &crate::unpack::UnpackLimits::default())
+            crate::unpack::unpack(&archive, &into, &crate::unpack::UnpackLimits::default())
         })
         .await
         .map_err(|e| format!("runtime_env.working_dir: unpacking stopped: {e}"))?
         .map_err(|e| format!("runtime_env.working_dir: {e}"))?;
         if let Some(user) = cx.launch.user {
             // The task may change its files as it could on a machine of its own.
-            let dir = cx.launch.dir.clone();
-            tokio::task::spawn_blocking(move || give_contents_to(&dir, user))
+            tokio::task::spawn_blocking(move || give_contents_to(&dest, user))
                 .await
                 .map_err(|e| format!("runtime_env.working_dir: handing over stopped: {e}"))?
                 .map_err(|e| {

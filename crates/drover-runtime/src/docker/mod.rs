@@ -928,6 +928,7 @@ impl DockerRuntime {
             cmd: (!spec.args.is_empty()).then(|| spec.args.clone()),
             labels: Some(labels),
             exposed_ports: Some(port_keys),
+            working_dir: ctx.workdir.clone(),
             tty: Some(false),
             // With input, stdin is open for the one attachment that sends it and closed
             // when that attachment ends (`stdin_once`), so the program reads an end.
