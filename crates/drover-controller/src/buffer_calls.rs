@@ -133,8 +133,11 @@ async fn authorize(inner: &Inner, node: &NodeId, buffer: &str) -> Result<BufferS
             }
             let job = state.jobs.get(&task.job_id)?;
             let plane = job.spec.vertex.as_deref()?;
-            let project_prefix = format!("{}.", job.project);
-            let named = buffer.starts_with(&project_prefix) && plane.buffers().any(|b| b == buffer);
+            // Checked without building the prefix: this runs for every buffer call.
+            let in_project = buffer
+                .strip_prefix(job.project.as_str())
+                .is_some_and(|rest| rest.starts_with('.'));
+            let named = in_project && plane.buffers().any(|b| b == buffer);
             (named && plane.buffer.backend == BackendKind::Embedded).then_some(plane.buffer)
         })
     });

@@ -18,15 +18,16 @@ async fn call(api: &Api, method: Method, path: &str, body: Option<Vec<u8>>) -> (
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
+/// POSTs a pipeline spec (any JSON, so a test can send a bad one) and returns the
+/// status and body.
+async fn post_pipeline(api: &Api, spec: &impl serde::Serialize) -> (u16, String) {
+    let body = serde_json::to_vec(spec).unwrap();
+    call(api, Method::POST, "/v1/pipelines", Some(body)).await
+}
+
 async fn apply(api: &Api, yaml: &str) -> PipelineApplied {
     let spec = PipelineSpec::from_yaml(yaml, "p.yaml").unwrap();
-    let (status, body) = call(
-        api,
-        Method::POST,
-        "/v1/pipelines",
-        Some(serde_json::to_vec(&spec).unwrap()),
-    )
-    .await;
+    let (status, body) = post_pipeline(api, &spec).await;
     assert!(status == 200 || status == 201, "{status}: {body}");
     serde_json::from_str(&body).unwrap()
 }
@@ -431,13 +432,7 @@ async fn bad_pipelines_and_vertex_jobs_are_refused_and_nothing_is_stored() {
         ),
     ];
     for (body, needle) in cases {
-        let (status, text) = call(
-            &api,
-            Method::POST,
-            "/v1/pipelines",
-            Some(serde_json::to_vec(&body).unwrap()),
-        )
-        .await;
+        let (status, text) = post_pipeline(&api, &body).await;
         assert_eq!(status, 400, "{text}");
         assert!(text.contains(needle), "{needle}: {text}");
         assert!(text.contains("invalid_spec"), "{text}");
@@ -481,39 +476,21 @@ async fn bad_pipelines_and_vertex_jobs_are_refused_and_nothing_is_stored() {
             { "name": "out", "sink": { "run": { "runtime": "process", "command": ["sleep", "600"] } }, "scale": { "min": 0, "max": 0 } }],
           "edges": [{ "from": vertex, "to": "out" }] })
     };
-    let (status, text) = call(
-        &api,
-        Method::POST,
-        "/v1/pipelines",
-        Some(serde_json::to_vec(&clash("clash", "src")).unwrap()),
-    )
-    .await;
+    let (status, text) = post_pipeline(&api, &clash("clash", "src")).await;
     assert_eq!(status, 409, "{text}");
     assert!(
         text.contains("vertices[0].name") && text.contains("clash-src"),
         "{text}"
     );
     // Pipeline p with vertex q-src and pipeline p-q with vertex src are both p-q-src.
-    let (status, text) = call(
-        &api,
-        Method::POST,
-        "/v1/pipelines",
-        Some(serde_json::to_vec(&clash("p", "q-src")).unwrap()),
-    )
-    .await;
+    let (status, text) = post_pipeline(&api, &clash("p", "q-src")).await;
     assert_eq!(status, 201, "{text}");
     wait_for("p's vertex job", T, async || {
         call(&api, Method::GET, "/v1/jobs/p-q-src", None).await.0 == 200
     })
     .await
     .unwrap();
-    let (status, text) = call(
-        &api,
-        Method::POST,
-        "/v1/pipelines",
-        Some(serde_json::to_vec(&clash("p-q", "src")).unwrap()),
-    )
-    .await;
+    let (status, text) = post_pipeline(&api, &clash("p-q", "src")).await;
     assert_eq!(status, 409, "{text}");
     assert!(
         text.contains("p-q-src") && text.contains("pipeline p;"),
