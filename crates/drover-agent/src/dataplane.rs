@@ -17,8 +17,12 @@
 //! buffer rather than doubled.
 //!
 //! Several batches are outstanding at once (`window`) so that the program, the buffer
-//! reads and the buffer writes overlap; the program answers in order, and each answer
-//! is written downstream and acknowledged before the next one is read.
+//! reads and the buffer writes overlap. The program answers in order; each answer is
+//! handed to a completion stage that writes it downstream and acknowledges its input
+//! while the next answers are read, so one batch's buffer round trips do not hold up
+//! the next. A batch's place in the window comes back only once it is complete, so
+//! the window bounds everything the replica holds. Sources' batches are acknowledged
+//! to the program in the order it read them.
 
 use bytes::Bytes;
 use drover_buffer::{Buffer, BufferError, Delivery, DeliveryTag, Message, MessageId};
@@ -67,7 +71,7 @@ impl Default for PlaneConfig {
     fn default() -> Self {
         PlaneConfig {
             max_batch: proto::DEFAULT_MAX_BATCH,
-            window: 2,
+            window: 4,
             answer_timeout: Duration::from_secs(30),
             fetch_wait: Duration::from_millis(200),
             write_deadline: Duration::from_secs(60),
@@ -146,6 +150,25 @@ where
     }
 }
 
+/// What is left to do for a request the program has answered.
+enum Completion {
+    /// Write a map's outputs downstream, then acknowledge its inputs.
+    Map {
+        out: Vec<(Message, Vec<String>)>,
+        inputs: Vec<DeliveryTag>,
+    },
+    /// Acknowledge what a sink wrote; give back what it failed to write.
+    Sink {
+        done: Vec<DeliveryTag>,
+        failed: Vec<DeliveryTag>,
+    },
+    /// Write what a source read downstream, then tell the source it is durable.
+    Read {
+        batch: u64,
+        out: Vec<(Message, Vec<String>)>,
+    },
+}
+
 /// A request sent to the program and what it needs when its answer comes.
 enum Pending {
     /// Deliveries from the input buffer, in the order they were sent.
@@ -175,20 +198,34 @@ where
     }
     let (read, write) = tokio::io::split(stream);
     let (frames, writer) = frame_writer(write);
+    let window = plane.config.window.max(1);
     let session = Session {
         plane,
         role,
         frames,
-        outstanding: Mutex::new(Outstanding::new(plane.config.window.max(1) * 2 + 2)),
+        outstanding: Mutex::new(Outstanding::new(window * 2 + 2)),
         pending: Mutex::new(VecDeque::new()),
-        slots: tokio::sync::Semaphore::new(plane.config.window.max(1)),
+        completing: std::sync::Mutex::new(HashMap::new()),
+        slots: tokio::sync::Semaphore::new(window),
         next_batch: AtomicU64::new(1),
         source_seq: AtomicU64::new(0),
         nonce: rand::random(),
     };
+    // The window bounds the batches between request and completion, so the queue
+    // between the answers and the completion stage never fills beyond it.
+    let (complete, completions) = mpsc::channel(window);
+    // When the program closes its connection the answers loop ends and drops its end
+    // of the queue; the completion stage finishes what was answered, then ends too.
+    let answered = async {
+        tokio::try_join!(
+            session.answers(read, complete, stop),
+            session.completer(completions, stop)
+        )
+        .map(|_| ())
+    };
     let result = tokio::select! {
         r = session.requests(stop) => r,
-        r = session.answers(read, stop) => r,
+        r = answered => r,
         r = writer => match r {
             Ok(r) => r,
             Err(e) => Err(PlaneError::Io(std::io::Error::other(format!("the writer stopped: {e}")))),
@@ -228,6 +265,9 @@ struct Session<'a> {
     /// Requests awaiting an answer, oldest first, with when each was sent and what its
     /// answer needs.
     pending: Mutex<VecDeque<(u64, tokio::time::Instant, Pending)>>,
+    /// The input messages of answered batches not yet acknowledged, by batch: their
+    /// leases are renewed and, if the session ends first, they are given back.
+    completing: std::sync::Mutex<HashMap<u64, Vec<DeliveryTag>>>,
     /// One permit per request that may be outstanding.
     slots: tokio::sync::Semaphore,
     next_batch: AtomicU64,
@@ -307,7 +347,12 @@ impl Session<'_> {
 
     /// Reads the program's answers and deals with each: writes downstream, acks, and
     /// frees its place in the window.
-    async fn answers<R>(&self, mut read: R, stop: &CancellationToken) -> Result<(), PlaneError>
+    async fn answers<R>(
+        &self,
+        mut read: R,
+        complete: mpsc::Sender<(u64, Completion)>,
+        stop: &CancellationToken,
+    ) -> Result<(), PlaneError>
     where
         R: AsyncRead + Unpin,
     {
@@ -319,7 +364,7 @@ impl Session<'_> {
             // A whole frame may already be in the buffer from an earlier read.
             if let Some((frame, used)) = proto::decode(&buf)? {
                 buf.drain(..used);
-                self.answer(frame).await?;
+                self.answer(frame, &complete).await?;
                 continue;
             }
             // The oldest request must be answered within the timeout of when it was
@@ -365,7 +410,8 @@ impl Session<'_> {
         let Some(input) = &self.plane.input else {
             return;
         };
-        let tags = held(self.pending.lock().await.iter());
+        let mut tags = held(self.pending.lock().await.iter());
+        tags.extend(self.completing().values().flatten().copied());
         if tags.is_empty() {
             return;
         }
@@ -376,7 +422,18 @@ impl Session<'_> {
         }
     }
 
-    async fn answer(&self, frame: Frame) -> Result<(), PlaneError> {
+    fn completing(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<DeliveryTag>>> {
+        // Every operation is one insert, remove or read, so a poisoned map is whole.
+        self.completing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks one answer against the oldest request and hands what is left to do to
+    /// the completion stage.
+    async fn answer(
+        &self,
+        frame: Frame,
+        complete: &mpsc::Sender<(u64, Completion)>,
+    ) -> Result<(), PlaneError> {
         if let Frame::Error { message } = frame {
             return Err(PlaneError::Program(message));
         }
@@ -399,7 +456,7 @@ impl Session<'_> {
                 frame.batch()
             )));
         }
-        match (frame, pending) {
+        let completion = match (frame, pending) {
             (Frame::MapResponse { results, .. }, Pending::Input(inputs)) => {
                 let mut out = Vec::new();
                 for (input, outputs) in inputs.iter().zip(results) {
@@ -414,8 +471,9 @@ impl Session<'_> {
                         out.push((message, o.tags));
                     }
                 }
-                self.write_downstream(out).await?;
-                self.ack(&inputs).await?;
+                let inputs: Vec<DeliveryTag> = inputs.iter().map(|d| d.tag).collect();
+                self.completing().insert(batch, inputs.clone());
+                Completion::Map { out, inputs }
             }
             (Frame::SinkResponse { statuses, .. }, Pending::Input(inputs)) => {
                 let (mut done, mut failed) = (Vec::new(), Vec::new());
@@ -428,19 +486,9 @@ impl Session<'_> {
                         }
                     }
                 }
-                if let Some(input) = &self.plane.input {
-                    retrying(self.plane.config.write_deadline, || input.ack(&done)).await?;
-                    self.plane
-                        .counters
-                        .acked
-                        .fetch_add(done.len() as u64, Ordering::Relaxed);
-                    if !failed.is_empty() {
-                        retrying(self.plane.config.write_deadline, || {
-                            input.nack(&failed, self.plane.config.retry_delay)
-                        })
-                        .await?;
-                    }
-                }
+                self.completing()
+                    .insert(batch, inputs.iter().map(|d| d.tag).collect());
+                Completion::Sink { done, failed }
             }
             (Frame::ReadResponse { batch, messages }, Pending::Read) => {
                 self.plane
@@ -460,10 +508,7 @@ impl Session<'_> {
                         (message, Vec::new())
                     })
                     .collect();
-                self.write_downstream(out).await?;
-                // Every read is acknowledged, an empty one too: the program keeps each
-                // read batch until it is (and has a bound on how many it keeps).
-                self.send(&Frame::AckRequest { batch }, None).await?;
+                Completion::Read { batch, out }
             }
             (frame, _) => {
                 return Err(PlaneError::Program(format!(
@@ -471,9 +516,81 @@ impl Session<'_> {
                     frame.kind()
                 )));
             }
+        };
+        // The window's permits bound the batches between request and completion, and
+        // the queue holds as many, so this waits only while the stage is stopping.
+        if complete.send((batch, completion)).await.is_err() {
+            return Err(PlaneError::Io(std::io::Error::other(
+                "the completion stage has stopped",
+            )));
         }
-        self.slots.add_permits(1);
         Ok(())
+    }
+
+    /// Completes answered batches, as many at once as the window allows; a source's
+    /// batches are acknowledged to it in the order it read them. Each completed batch
+    /// gives its place in the window back. Ends once the answers loop has ended and
+    /// everything it handed over is complete.
+    async fn completer(
+        &self,
+        mut completions: mpsc::Receiver<(u64, Completion)>,
+        stop: &CancellationToken,
+    ) -> Result<(), PlaneError> {
+        use futures_util::StreamExt;
+        let queue = futures_util::stream::poll_fn(|cx| completions.poll_recv(cx));
+        let mut done = queue
+            .map(|(batch, c)| self.complete(batch, c))
+            .buffered(self.plane.config.window.max(1));
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                n = done.next() => n,
+            };
+            let Some(result) = next else { return Ok(()) };
+            if let Some(batch) = result? {
+                self.send(&Frame::AckRequest { batch }, None).await?;
+            }
+            self.slots.add_permits(1);
+        }
+    }
+
+    /// Writes one answered batch downstream and acknowledges its input; for a source,
+    /// returns the batch to acknowledge to the program.
+    async fn complete(
+        &self,
+        batch: u64,
+        completion: Completion,
+    ) -> Result<Option<u64>, PlaneError> {
+        let cfg = &self.plane.config;
+        let ack_source = match completion {
+            Completion::Map { out, inputs } => {
+                self.write_downstream(out).await?;
+                self.ack(&inputs).await?;
+                None
+            }
+            Completion::Sink { done, failed } => {
+                if let Some(input) = &self.plane.input {
+                    retrying(cfg.write_deadline, || input.ack(&done)).await?;
+                    self.plane
+                        .counters
+                        .acked
+                        .fetch_add(done.len() as u64, Ordering::Relaxed);
+                    if !failed.is_empty() {
+                        retrying(cfg.write_deadline, || input.nack(&failed, cfg.retry_delay))
+                            .await?;
+                    }
+                }
+                None
+            }
+            Completion::Read { batch, out } => {
+                self.write_downstream(out).await?;
+                // Every read is acknowledged, an empty one too: the program keeps each
+                // read batch until it is (and has a bound on how many it keeps).
+                Some(batch)
+            }
+        };
+        self.completing().remove(&batch);
+        Ok(ack_source)
     }
 
     /// The id of a message a source read: from the source's own id for it when it has
@@ -494,10 +611,9 @@ impl Session<'_> {
         MessageId(u128::from_le_bytes(first))
     }
 
-    async fn ack(&self, inputs: &[Delivery]) -> Result<(), PlaneError> {
+    async fn ack(&self, tags: &[DeliveryTag]) -> Result<(), PlaneError> {
         if let Some(input) = &self.plane.input {
-            let tags: Vec<DeliveryTag> = inputs.iter().map(|d| d.tag).collect();
-            retrying(self.plane.config.write_deadline, || input.ack(&tags)).await?;
+            retrying(self.plane.config.write_deadline, || input.ack(tags)).await?;
             self.plane
                 .counters
                 .acked
@@ -572,12 +688,15 @@ impl Session<'_> {
         let Some(input) = &self.plane.input else {
             return;
         };
-        let tags = {
+        let mut tags = {
             let mut pending = self.pending.lock().await;
             let tags = held(pending.iter());
             pending.clear();
             tags
         };
+        // Batches answered but not complete when the session ended: their writes may
+        // be partly done, which the ids make harmless when they come again.
+        tags.extend(self.completing().drain().flat_map(|(_, t)| t));
         if tags.is_empty() {
             return;
         }

@@ -1006,16 +1006,26 @@ impl TaskManager {
         *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = fresh;
     }
 
-    /// The latest samples, for the next heartbeat.
+    /// The latest samples, for the next heartbeat. Resource figures come from the last
+    /// sampling; vertex replicas' message counts are read now, since they are only
+    /// counters and the autoscaler's rates should not lag a sampling interval behind
+    /// (a replica started since the last sampling reports zero resources until the
+    /// next one).
     pub fn usage_samples(&self) -> Vec<UsageSample> {
-        self.usage
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|(id, u)| UsageSample {
-                task_id: id.clone(),
-                usage: *u,
-            })
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (id, counts) in self.holdings.vertices.all_counts() {
+            usage
+                .entry(id)
+                .or_insert(TaskUsage {
+                    cpu_seconds: 0.0,
+                    memory_bytes: 0,
+                    plane: None,
+                })
+                .plane = Some(counts);
+        }
+        usage
+            .into_iter()
+            .map(|(task_id, usage)| UsageSample { task_id, usage })
             .collect()
     }
 

@@ -133,6 +133,15 @@ pub struct VertexSupport {
     counters: Mutex<HashMap<TaskId, Arc<PlaneCounters>>>,
 }
 
+fn snapshot(counters: &PlaneCounters) -> PlaneCounts {
+    PlaneCounts {
+        read: counters.read.load(Ordering::Relaxed),
+        written: counters.written.load(Ordering::Relaxed),
+        acked: counters.acked.load(Ordering::Relaxed),
+        backpressured: counters.backpressured.load(Ordering::Relaxed),
+    }
+}
+
 impl VertexSupport {
     pub fn new(self_exe: Option<PathBuf>) -> VertexSupport {
         VertexSupport {
@@ -151,12 +160,15 @@ impl VertexSupport {
     /// A replica's counts so far, when it is one.
     pub fn counts(&self, task: &TaskId) -> Option<PlaneCounts> {
         let counters = self.counters().get(task)?.clone();
-        Some(PlaneCounts {
-            read: counters.read.load(Ordering::Relaxed),
-            written: counters.written.load(Ordering::Relaxed),
-            acked: counters.acked.load(Ordering::Relaxed),
-            backpressured: counters.backpressured.load(Ordering::Relaxed),
-        })
+        Some(snapshot(&counters))
+    }
+
+    /// Every replica's counts so far.
+    pub fn all_counts(&self) -> Vec<(TaskId, PlaneCounts)> {
+        self.counters()
+            .iter()
+            .map(|(id, c)| (id.clone(), snapshot(c)))
+            .collect()
     }
 
     /// The command of a built-in vertex's replica: this binary's `__vertex` with the

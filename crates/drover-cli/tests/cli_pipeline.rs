@@ -425,7 +425,11 @@ fn a_slow_map_scales_up_to_max_and_back_to_zero_when_the_source_is_done() {
         Duration::from_secs(90),
         || {
             let (replicas, reason) = scaling_of(&status(&up.home, "scaling"), "upper");
-            reasons.push(reason);
+            // Printed as they change, so a run that times out shows what was decided.
+            if reasons.last() != Some(&reason) {
+                eprintln!("replicas {replicas}: {reason}");
+                reasons.push(reason);
+            }
             replicas == 3
         },
     );

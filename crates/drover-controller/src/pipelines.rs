@@ -643,6 +643,7 @@ impl Inner {
         } else {
             Some(inputs_read.values().flatten().map(|s| s.pending).sum())
         };
+        let unacked = inputs_read.values().flatten().map(|s| s.unacked).sum();
         let backpressure = read_levels(&backend, &outputs, &config)
             .await
             .into_iter()
@@ -661,6 +662,7 @@ impl Inner {
         };
         Observation {
             pending,
+            unacked,
             rate_per_replica,
             backpressure,
         }

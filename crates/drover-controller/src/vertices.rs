@@ -226,6 +226,7 @@ mod tests {
         use DesiredPhase::{Paused, Running};
         let idle = Observation {
             pending: Some(0),
+            unacked: 0,
             rate_per_replica: None,
             backpressure: None,
         };
@@ -313,6 +314,7 @@ mod tests {
         );
         let busy = Observation {
             pending: Some(10_000),
+            unacked: 0,
             rate_per_replica: Some(100.0),
             backpressure: None,
         };

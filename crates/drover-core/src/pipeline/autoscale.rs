@@ -110,6 +110,11 @@ pub struct Observation {
     /// Messages waiting in the vertex's input, over all partitions; `None` when not
     /// known (no reading yet, or a source that cannot tell).
     pub pending: Option<u64>,
+    /// Messages the vertex's replicas hold and have not acknowledged yet, over all
+    /// partitions. A replica fetches ahead of what it processes, so a busy vertex can
+    /// show nothing pending; it is idle only when this is zero too.
+    #[serde(default)]
+    pub unacked: u64,
     /// Messages one replica processes per second, averaged over a recent window;
     /// `None` before any data has been processed.
     pub rate_per_replica: Option<f64>,
@@ -156,7 +161,7 @@ pub fn decide(cfg: &ScaleConfig, obs: &Observation, state: &ScaleState, now: Mil
         );
     };
     let mut next = state.clone();
-    next.idle_since = if pending == 0 {
+    next.idle_since = if pending == 0 && obs.unacked == 0 {
         state.idle_since.or(Some(now))
     } else {
         None
@@ -177,7 +182,7 @@ pub fn decide(cfg: &ScaleConfig, obs: &Observation, state: &ScaleState, now: Mil
         );
         return change(next, outside, why, now);
     }
-    if let Some(d) = to_zero(cfg, pending, &next, current, now) {
+    if let Some(d) = to_zero(cfg, pending + obs.unacked, &next, current, now) {
         return d;
     }
     if current == 0 {
@@ -186,21 +191,22 @@ pub fn decide(cfg: &ScaleConfig, obs: &Observation, state: &ScaleState, now: Mil
     by_rate(cfg, obs, pending, next, now)
 }
 
-/// A vertex with `min: 0` goes to zero once nothing has been pending for `zero_after`.
+/// A vertex with `min: 0` goes to zero once nothing has been pending or in flight for
+/// `zero_after`.
 fn to_zero(
     cfg: &ScaleConfig,
-    pending: u64,
+    occupied: u64,
     next: &ScaleState,
     current: u32,
     now: Millis,
 ) -> Option<Decision> {
     let idle_since = next.idle_since?;
     let quiet = now.saturating_sub(idle_since) >= crate::duration_millis(cfg.zero_after.0);
-    if cfg.min > 0 || pending > 0 || current == 0 || !quiet {
+    if cfg.min > 0 || occupied > 0 || current == 0 || !quiet {
         return None;
     }
     let why = format!(
-        "scaled down from {current} to 0: nothing pending for {}",
+        "scaled down from {current} to 0: nothing pending or in flight for {}",
         cfg.zero_after
     );
     Some(change(next.clone(), 0, why, now))
@@ -329,6 +335,7 @@ mod tests {
     fn obs(pending: Option<u64>, rate: Option<f64>) -> Observation {
         Observation {
             pending,
+            unacked: 0,
             rate_per_replica: rate,
             backpressure: None,
         }
@@ -507,7 +514,18 @@ mod tests {
                 obs(Some(0), Some(50.0)),
                 state(3, long_ago, Some(T0 - 120 * S)),
                 0,
-                "scaled down from 3 to 0: nothing pending for 2m",
+                "scaled down from 3 to 0: nothing pending or in flight for 2m",
+            ),
+            (
+                "min 0: messages in flight keep a vertex whose input shows none pending",
+                cfg(0, 10),
+                Observation {
+                    unacked: 2_000,
+                    ..obs(Some(0), Some(50.0))
+                },
+                state(1, long_ago, Some(T0 - 120 * S)),
+                1,
+                "holding at 1: 0 pending at 50/s per replica",
             ),
             (
                 "min 0: not before zero_after",

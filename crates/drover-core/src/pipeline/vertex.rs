@@ -265,6 +265,7 @@ mod tests {
         let mut s = spec(DesiredPhase::Running, 1, 1, 10);
         let obs = Observation {
             pending: Some(12_000),
+            unacked: 0,
             rate_per_replica: Some(100.0),
             backpressure: None,
         };
