@@ -1,5 +1,11 @@
 //! `drover`: the controller, the agent and the command-line client in one binary.
 
+/// The data plane and the controller allocate and free many small buffers per message
+/// (frames, envelopes, NATS headers); glibc's allocator was a quarter of the agent's
+/// CPU time under a full pipeline, which mimalloc cuts.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod client;
 mod cluster;
 mod config;
