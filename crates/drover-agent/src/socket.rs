@@ -42,6 +42,28 @@ pub fn socket_path(dir: &Path) -> PathBuf {
         .join(format!("{}.sock", &hash[..32]))
 }
 
+/// The directory, holding nothing but the task's socket, that is bound into a task's
+/// container. A directory rather than the socket file: a bind of a file keeps the file
+/// it found, so after an agent restart replaced the socket the container would still
+/// see the old one; a bound directory shows whatever is in it now. The directory stays
+/// while the agent is away (a removed one would leave the container bound to it); it
+/// goes with the task directory.
+pub fn container_socket_dir(dir: &Path) -> PathBuf {
+    let inside = dir.join(CONTAINER_SOCKET_DIR);
+    if inside.join(SOCKET_FILE).as_os_str().len() <= MAX_SOCKET_PATH {
+        return inside;
+    }
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes()));
+    std::env::temp_dir()
+        .join("drover-sockets")
+        .join(&hash[..32])
+}
+
+/// The name of that directory in the task directory, and where it appears under the
+/// container's `/run/drover`.
+pub const CONTAINER_SOCKET_DIR: &str = "socket";
+
 /// What the socket tells its task.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskFacts {

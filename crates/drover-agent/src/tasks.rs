@@ -359,13 +359,22 @@ impl TaskManager {
             env.entry("HOME".into())
                 .or_insert_with(|| dir.display().to_string());
         } else if docker {
-            let inside = format!("{CONTAINER_DIR}/{}", crate::socket::SOCKET_FILE);
+            let inside = format!("{CONTAINER_DIR}/{}", crate::socket::CONTAINER_SOCKET_DIR);
+            let host = crate::socket::container_socket_dir(&dir);
+            // The bind needs its source to exist when the container is created; the
+            // socket itself is made there when the task is prepared.
+            if let Err(e) = std::fs::create_dir_all(&host) {
+                tracing::warn!(task = %a.task_id, "making the socket directory {}: {e}", host.display());
+            }
             mounts.push(drover_runtime::Mount {
-                host: crate::socket::socket_path(&dir),
+                host,
                 container: inside.clone(),
                 read_only: false,
             });
-            env.insert(crate::socket::ENV_VAR.into(), inside);
+            env.insert(
+                crate::socket::ENV_VAR.into(),
+                format!("{inside}/{}", crate::socket::SOCKET_FILE),
+            );
         }
         // A container's working_dir is unpacked into a directory of its own in the task
         // directory, and only that is bound in, where the program starts.

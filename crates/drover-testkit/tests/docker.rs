@@ -10,6 +10,7 @@ use drover_core::state::JobStatus;
 use drover_core::{NodeId, TaskId, TaskState};
 use drover_testkit::images::{BUSYBOX_INDEX_HTML, busybox_image, foreign_image};
 use drover_testkit::{AgentOptions, Api, ClusterOptions, TestCluster, start_agent, wait_for};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -405,6 +406,38 @@ stop_grace: 10s
     assert_eq!(docker_inspect(&container, "{{.Id}}"), container_id);
     assert_eq!(agent.running_tasks(), 1);
 
+    // The container reaches the socket the new agent serves, not the one the old agent
+    // made before it went: its socket directory, not the file, is bound in.
+    let source = docker_inspect(
+        &container,
+        r#"{{range .Mounts}}{{if eq .Destination "/run/drover/socket"}}{{.Source}}{{end}}{{end}}"#,
+    );
+    assert!(
+        !source.is_empty(),
+        "no socket directory bound into {container}"
+    );
+    let served = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(Path::new(&source).join("drover.sock")).unwrap(),
+    );
+    let out = Command::new("docker")
+        .args([
+            "exec",
+            &container,
+            "stat",
+            "-c",
+            "%i",
+            "/run/drover/socket/drover.sock",
+        ])
+        .output()
+        .expect("the docker CLI");
+    let seen = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        seen,
+        served.to_string(),
+        "the container sees another socket than the agent serves: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // The output reached the logs with no gap, and was not copied again from the start
     // (a little may repeat: the copy position is recorded at most every 200 ms).
     let seen = ticks(&logs);
@@ -629,7 +662,10 @@ runtime_env:
     let (job, tasks) = api.wait_final("sees-agent", T).await.unwrap();
     let logs = api.logs("sees-agent").await.unwrap();
     assert_eq!(job.job.status, JobStatus::Complete, "{logs}\n{tasks:?}");
-    assert!(logs.contains("socket /run/drover/drover.sock"), "{logs}");
+    assert!(
+        logs.contains("socket /run/drover/socket/drover.sock"),
+        "{logs}"
+    );
     assert!(logs.contains(r#""greeting":"hello""#), "{logs}");
     assert!(
         logs.contains("/run/drover/work\nshipped with the job"),

@@ -216,7 +216,12 @@ impl SocketStep {
         }
         // Where the task is told to look may be a path inside its container; the
         // socket itself is always here, bound into the container when it has one.
-        let path = crate::socket::socket_path(&launch.dir);
+        let in_container = a.spec.runtime == drover_core::RuntimeKind::Docker;
+        let path = if in_container {
+            crate::socket::container_socket_dir(&launch.dir).join(crate::socket::SOCKET_FILE)
+        } else {
+            crate::socket::socket_path(&launch.dir)
+        };
         let path = path.display().to_string();
         let path = path.as_str();
         let config = a
