@@ -528,9 +528,15 @@ fn an_agent_killed_mid_stream_loses_no_message() {
     );
     worker.kill9();
     let worker = start_worker();
-    // What the killed agent held is leased to it until the lease ends (30 s), then
-    // delivered again.
-    let doubled = wait_for_every_record(&records_file, demo.total, Duration::from_secs(180));
+    // What the killed agent held was leased to it for 30 s; the controller gives it back
+    // when the agent's connection drops, so everything arrives well before the lease
+    // would have ended.
+    let killed_at = std::time::Instant::now();
+    let doubled = wait_for_every_record(&records_file, demo.total, Duration::from_secs(25));
+    eprintln!(
+        "every record arrived {:.1} s after the kill",
+        killed_at.elapsed().as_secs_f64()
+    );
     eprintln!("{doubled} records arrived more than once after the agent's crash");
     delete_pipelines(&up.home);
     drop(worker);

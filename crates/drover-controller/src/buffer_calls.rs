@@ -9,14 +9,21 @@
 //! of their own, so the connection's reader never waits on one; a bound on each
 //! connection's calls in flight keeps one agent from making the controller hold
 //! unbounded work.
+//!
+//! What a connection fetched and has not acknowledged or given back is remembered, and
+//! when the connection ends it is given back at once: the agent's replicas lost it
+//! with the connection (or the agent died), and waiting for the leases to lapse would
+//! stall those messages for a whole lease. A replica that kept them across a short
+//! outage and acknowledges them late only makes duplicates, which the downstream
+//! buffers drop by id.
 
 use crate::Inner;
 use bytes::Bytes;
 use drover_buffer::remote::{self, Answer};
-use drover_buffer::{Buffer, BufferConfig, BufferError};
+use drover_buffer::{Buffer, BufferConfig, BufferError, DeliveryTag};
 use drover_core::NodeId;
 use drover_core::pipeline::spec::{BufferBackend as BackendKind, BufferSpec};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -36,6 +43,42 @@ pub(crate) struct CallServer {
     node_id: NodeId,
     answers: mpsc::Sender<Bytes>,
     slots: Arc<Semaphore>,
+    held: Arc<Held>,
+}
+
+/// What one connection holds of each buffer, with the buffer's settings.
+type HeldMap = HashMap<String, (BufferSpec, HashSet<DeliveryTag>)>;
+
+/// The deliveries one connection holds, per buffer. Bounded by what the buffers lease
+/// out, which their lengths bound.
+#[derive(Default)]
+struct Held(std::sync::Mutex<HeldMap>);
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeldMap> {
+        // Every operation is one insert or removal, so a poisoned map is whole.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn fetched(&self, buffer: &str, spec: BufferSpec, tags: impl Iterator<Item = DeliveryTag>) {
+        let mut held = self.lock();
+        let entry = held
+            .entry(buffer.to_string())
+            .or_insert_with(|| (spec, HashSet::new()));
+        entry.1.extend(tags);
+    }
+
+    fn settled(&self, buffer: &str, tags: &[DeliveryTag]) {
+        let mut held = self.lock();
+        if let Some((_, set)) = held.get_mut(buffer) {
+            for tag in tags {
+                set.remove(tag);
+            }
+            if set.is_empty() {
+                held.remove(buffer);
+            }
+        }
+    }
 }
 
 impl CallServer {
@@ -45,6 +88,38 @@ impl CallServer {
             node_id,
             answers,
             slots: Arc::new(Semaphore::new(MAX_CALLS_PER_CONNECTION)),
+            held: Arc::default(),
+        }
+    }
+
+    /// After the connection ended: once the calls still running have finished (or a
+    /// fetch's longest wait has passed), gives back everything the connection held, so
+    /// other replicas get it at once.
+    pub(crate) async fn release(self) {
+        let bound = remote::MAX_WAIT + std::time::Duration::from_secs(5);
+        let all = MAX_CALLS_PER_CONNECTION as u32;
+        let finished = tokio::select! {
+            _ = self.inner.shutdown.cancelled() => return,
+            r = tokio::time::timeout(bound, self.slots.acquire_many(all)) => r.is_ok(),
+        };
+        if !finished {
+            tracing::warn!(node = %self.node_id, "buffer calls still running {bound:?} after the connection ended; giving back what is known");
+        }
+        let held = std::mem::take(&mut *self.held.lock());
+        for (buffer, (spec, tags)) in held {
+            let tags: Vec<DeliveryTag> = tags.into_iter().collect();
+            let given = async {
+                let b = self.inner.buffers.open_embedded(&buffer, &spec).await?;
+                b.nack(&tags, std::time::Duration::ZERO).await
+            };
+            match given.await {
+                Ok(()) => {
+                    tracing::info!(node = %self.node_id, buffer, "gave back {} messages held by a closed connection", tags.len())
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.node_id, buffer, "giving back {} messages held by a closed connection: {e}; they return when their leases lapse", tags.len())
+                }
+            }
         }
     }
 
@@ -67,17 +142,18 @@ impl CallServer {
                 return;
             }
         };
-        let (inner, node, answers) = (
+        let (inner, node, answers, held) = (
             self.inner.clone(),
             self.node_id.clone(),
             self.answers.clone(),
+            self.held.clone(),
         );
         let stop = inner.shutdown.clone();
         tokio::spawn(async move {
             let id = call.id;
             let result = tokio::select! {
                 _ = stop.cancelled() => Err(BufferError::Backend("the controller is shutting down".into())),
-                r = serve(&inner, &node, call) => r,
+                r = serve(&inner, &node, &held, call) => r,
             };
             let frame = remote::encode_answer(&Answer { id, result });
             // The answer waits for room in the writer's queue (bounded); a closed
@@ -109,14 +185,28 @@ impl CallServer {
 async fn serve(
     inner: &Inner,
     node: &NodeId,
+    held: &Held,
     call: remote::Call,
 ) -> Result<remote::Reply, BufferError> {
     let spec = authorize(inner, node, &call.buffer).await?;
     let buffer = inner.buffers.open_embedded(&call.buffer, &spec).await?;
+    let settles = match &call.op {
+        remote::Op::Ack(tags) | remote::Op::Nack { tags, .. } => Some(tags.clone()),
+        _ => None,
+    };
     let result = remote::execute(buffer.as_ref(), call.op).await;
-    if let Err(BufferError::Backend(_)) = &result {
+    match &result {
+        Ok(remote::Reply::Fetched(ds)) => {
+            held.fetched(&call.buffer, spec, ds.iter().map(|d| d.tag));
+        }
+        Ok(_) => {
+            if let Some(tags) = settles {
+                held.settled(&call.buffer, &tags);
+            }
+        }
         // A buffer whose write failed is recovered from its files when opened again.
-        inner.buffers.forget(&call.buffer);
+        Err(BufferError::Backend(_)) => inner.buffers.forget(&call.buffer),
+        Err(_) => {}
     }
     result
 }

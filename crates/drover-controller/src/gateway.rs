@@ -172,7 +172,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut ws: WebSocket) {
         }
     }
     drop(tx);
-    drop(calls);
+    // What the connection's replicas held goes back to the buffers, in the background
+    // since it waits for the calls still running.
+    tokio::spawn(calls.release());
     writer.abort();
     inner.on_disconnect(&node_id, conn_id).await;
     tracing::info!(node = %node_id, "agent disconnected");
