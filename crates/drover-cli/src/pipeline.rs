@@ -257,15 +257,23 @@ fn status(out: Output, v: &PipelineView) -> Result<()> {
         ]);
     }
     output::print(t)?;
+    // Per vertex, the autoscaler's last change and, when it says something else, what
+    // it decided on its latest round (a hold and why).
     let scaled: Vec<_> = v
         .vertices
         .iter()
-        .filter_map(|x| x.last_scale.as_ref().map(|s| (&x.name, s)))
+        .filter(|x| x.last_scale.is_some() || x.scale_decision.is_some())
         .collect();
     if !scaled.is_empty() {
         outln!()?;
-        for (name, s) in scaled {
-            outln!("{name}: {} ({} ago)", s.reason, output::age(s.at))?;
+        for x in scaled {
+            if let Some(s) = &x.last_scale {
+                outln!("{}: {} ({} ago)", x.name, s.reason, output::age(s.at))?;
+            }
+            let changed = x.last_scale.as_ref().map(|s| s.reason.as_str());
+            if let Some(now) = x.scale_decision.as_deref().filter(|d| Some(*d) != changed) {
+                outln!("{}: now {now}", x.name)?;
+            }
         }
     }
     outln!()?;

@@ -389,6 +389,10 @@ fn a_bad_pipeline_is_refused_with_its_file_and_line_and_nothing_is_stored() {
 }
 
 /// A map that takes 2 ms a message: about 500 messages a second per replica.
+const SLOW_SINK: &str = "import time, drover_pipeline as dp\n\
+def slow(batch):\n    time.sleep(0.01 * len(batch))\n    return [None] * len(batch)\n\
+dp.sink(slow)\n";
+
 const SLOW_MAP: &str = "import time, drover_pipeline as dp\n\
 def slow(m):\n    time.sleep(0.002)\n    return [dp.Output(m.payload.upper(), key=m.key)]\n\
 dp.map(slow)\n";
@@ -405,6 +409,22 @@ fn scaling_of(status: &serde_json::Value, vertex: &str) -> (u64, String) {
     (
         v["desired_replicas"].as_u64().unwrap_or(0),
         v["last_scale"]["reason"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// A vertex's desired replicas and the autoscaler's latest decision (a hold included),
+/// from `status -o json`.
+fn decision_of(status: &serde_json::Value, vertex: &str) -> (u64, String) {
+    let v = status["vertices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == vertex)
+        .cloned()
+        .unwrap_or_default();
+    (
+        v["desired_replicas"].as_u64().unwrap_or(0),
+        v["scale_decision"].as_str().unwrap_or("").to_string(),
     )
 }
 
@@ -443,6 +463,70 @@ fn a_slow_map_scales_up_to_max_and_back_to_zero_when_the_source_is_done() {
         Duration::from_secs(90),
         || scaling_of(&status(&up.home, "scaling"), "upper").0 == 0,
     );
+    delete_pipelines(&up.home);
+}
+
+#[test]
+fn back_pressure_downstream_holds_the_maps_scale_up() {
+    let up = Up::start();
+    // The sink writes 100 messages a second, so its buffer fills to its usage limit;
+    // the map, whose backlog would want three replicas at the rate the sink lets it go,
+    // must hold at one, since more would only wait on the same full buffer.
+    let spec = format!(
+        r#"name: held
+vertices:
+  - name: gen
+    source: {{ generator: {{ rate: 5000, message_size: 16, total: 100000 }} }}
+  - name: upper
+    map:
+      run:
+        command: [python3, examples/upper_map.py]
+        env: {{ PYTHONPATH: "." }}
+        runtime_env: {{ working_dir: {sdk:?} }}
+    scale: {{ min: 1, max: 3, scale_up_cooldown: 1s, scale_down_cooldown: 1s, target_processing_seconds: 1s }}
+  - name: out
+    sink:
+      run:
+        command: [python3, -c, {slow_sink:?}]
+        env: {{ PYTHONPATH: "." }}
+        runtime_env: {{ working_dir: {sdk:?} }}
+edges:
+  - {{ from: gen, to: upper }}
+  - {{ from: upper, to: out }}
+buffer: {{ max_length: 2000, usage_limit: 0.5 }}
+"#,
+        sdk = sdk().display().to_string(),
+        slow_sink = SLOW_SINK,
+    );
+    let path = write(up.home.path(), "held.yaml", &spec);
+    apply(&up.home, &path);
+    let mut seen = Vec::new();
+    let mut most = 0;
+    wait_until(
+        "the map's scale-up to be held by the full sink buffer",
+        Duration::from_secs(90),
+        || {
+            let (replicas, reason) = decision_of(&status(&up.home, "held"), "upper");
+            most = most.max(replicas);
+            if seen.last() != Some(&reason) {
+                eprintln!("replicas {replicas}: {reason}");
+                seen.push(reason.clone());
+            }
+            reason.contains("(wants") && reason.contains("default.held.out.0 is full")
+        },
+    );
+    // And it stays at one while the sink holds everything back.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let (replicas, reason) = decision_of(&status(&up.home, "held"), "upper");
+        most = most.max(replicas);
+        if seen.last() != Some(&reason) {
+            eprintln!("replicas {replicas}: {reason}");
+            seen.push(reason);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(most, 1, "the map scaled up under back-pressure: {seen:?}");
     delete_pipelines(&up.home);
 }
 

@@ -48,6 +48,10 @@ const TICK: Duration = Duration::from_millis(300);
 pub(crate) struct Runtime {
     /// Each vertex's recent counts, for its rates.
     rates: std::sync::Mutex<HashMap<VertexKey, Ring>>,
+    /// Each vertex's latest autoscaler reason, holds included, for the status: kept
+    /// here rather than in the vertex's stored status, which would then be rewritten
+    /// on every round.
+    decisions: std::sync::Mutex<HashMap<VertexKey, String>>,
     /// Woken by the API on every change to a pipeline.
     pub(crate) wake: tokio::sync::Notify,
     /// Held shared by API requests that open a pipeline's buffers, and exclusively
@@ -64,6 +68,11 @@ impl Runtime {
         // Each operation on the map is one insert, lookup or retain: a panic cannot
         // leave it half-changed, so a poisoned lock is still usable.
         self.rates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn decisions_lock(&self) -> std::sync::MutexGuard<'_, HashMap<VertexKey, String>> {
+        // As for the rates: one insert, lookup or retain at a time.
+        self.decisions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -507,9 +516,9 @@ impl Inner {
             },
         );
         self.commit(state, tx).await.map_err(|e| e.to_string())?;
-        self.pipes
-            .rates_lock()
-            .retain(|(p, pl, _), _| !(p == &pipeline.project && pl == &pipeline.name));
+        let other = |(p, pl, _): &VertexKey| !(p == &pipeline.project && pl == &pipeline.name);
+        self.pipes.rates_lock().retain(|k, _| other(k));
+        self.pipes.decisions_lock().retain(|k, _| other(k));
         tracing::info!(pipeline = %pipeline.name, "pipeline deleted");
         Ok(())
     }
@@ -521,6 +530,9 @@ impl Inner {
         // with them; the keys come sorted from the map, so a binary search finds them.
         self.pipes
             .rates_lock()
+            .retain(|k, _| keys.binary_search(k).is_ok());
+        self.pipes
+            .decisions_lock()
             .retain(|k, _| keys.binary_search(k).is_ok());
         for key in keys {
             if let Err(e) = self.reconcile_vertex(&key).await {
@@ -577,6 +589,17 @@ impl Inner {
                 now,
             },
         );
+        {
+            let mut decisions = self.pipes.decisions_lock();
+            match &plan.decision {
+                Some(why) => {
+                    decisions.insert(key.clone(), why.clone());
+                }
+                None => {
+                    decisions.remove(key);
+                }
+            }
+        }
         match &plan.job {
             JobAction::Nothing => {}
             JobAction::Stop => {
@@ -792,6 +815,7 @@ impl Inner {
                 return Err(ApiError::not_found(&format!("pipeline {name:?}")));
             };
             let rates = self.pipes.rates_lock();
+            let decisions = self.pipes.decisions_lock();
             let mut views = Vec::new();
             for def in &pl.spec.vertices {
                 let vkey = (pl.project.clone(), pl.name.clone(), def.name.clone());
@@ -814,6 +838,7 @@ impl Inner {
                     rate_in,
                     rate_out,
                     last_scale: v.and_then(|v| v.status.last_scale.clone()),
+                    scale_decision: decisions.get(&vkey).cloned(),
                     buffers: Vec::new(),
                 });
             }

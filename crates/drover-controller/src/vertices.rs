@@ -53,6 +53,8 @@ pub(crate) struct Plan {
     pub replicas: u32,
     pub status: VertexStatus,
     pub job: JobAction,
+    /// The autoscaler's reason this round, a hold included; `None` when it did not run.
+    pub decision: Option<String>,
 }
 
 /// Decides one vertex from the vertex alone: paused means no replicas, running means
@@ -63,10 +65,12 @@ pub(crate) fn reconcile(vertex: &Vertex, obs: &VertexObs) -> Plan {
     let mut status = vertex.status.clone();
     let has_job = spec.job_spec().is_some();
     // The autoscaler moves only a running vertex that has replicas to move.
+    let mut decision = None;
     if has_job && spec.lifecycle.desired_phase == DesiredPhase::Running {
-        let (replicas, next) = autoscale(&spec, &status, &obs.scale, obs.now);
+        let (replicas, next, why) = autoscale(&spec, &status, &obs.scale, obs.now);
         spec.replicas = replicas;
         status = next;
+        decision = Some(why);
     }
     let desired = desired_replicas(&spec);
     let job = match (spec.job_spec(), &obs.job) {
@@ -93,6 +97,7 @@ pub(crate) fn reconcile(vertex: &Vertex, obs: &VertexObs) -> Plan {
         replicas: spec.replicas,
         status,
         job,
+        decision,
     }
 }
 

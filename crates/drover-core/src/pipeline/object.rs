@@ -97,6 +97,11 @@ pub struct VertexView {
     /// The autoscaler's last change, with why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale: Option<ScaleRecord>,
+    /// What the autoscaler decided on its latest round, a hold included ("holding at
+    /// 1 (wants 3): downstream buffer ... is full"). Not stored: a restarted controller
+    /// has none until its first round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_decision: Option<String>,
     /// Its input buffers.
     #[serde(default)]
     pub buffers: Vec<BufferView>,

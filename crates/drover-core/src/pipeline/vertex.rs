@@ -99,13 +99,14 @@ pub fn desired_replicas(spec: &VertexSpec) -> u32 {
 /// One autoscaler round for a vertex, from the vertex alone: the replica count to
 /// write into its spec and its new status. The spec's replicas and phase are the
 /// autoscaler's starting point; its timers come from the status. The status records the
-/// decision whenever the count changes, so `drover pipeline status` can say why.
+/// decision whenever the count changes, so `drover pipeline status` can say why; the
+/// third value is this round's reason, a hold included.
 pub fn autoscale(
     spec: &VertexSpec,
     status: &VertexStatus,
     obs: &Observation,
     now: Millis,
-) -> (u32, VertexStatus) {
+) -> (u32, VertexStatus, String) {
     let state = ScaleState {
         replicas: spec.replicas,
         phase: spec.lifecycle.desired_phase,
@@ -116,12 +117,12 @@ pub fn autoscale(
     if d.replicas != spec.replicas {
         next.last_scale = Some(ScaleRecord {
             replicas: d.replicas,
-            reason: d.reason,
+            reason: d.reason.clone(),
             at: now,
         });
     }
     next.autoscale = d.state;
-    (d.replicas, next)
+    (d.replicas, next, d.reason)
 }
 
 impl VertexSpec {
@@ -269,7 +270,7 @@ mod tests {
             rate_per_replica: Some(100.0),
             backpressure: None,
         };
-        let (n, status) = autoscale(&s, &VertexStatus::default(), &obs, 1_000);
+        let (n, status, _) = autoscale(&s, &VertexStatus::default(), &obs, 1_000);
         assert_eq!(n, 3);
         let rec = status.last_scale.clone().unwrap();
         assert_eq!(
@@ -282,7 +283,8 @@ mod tests {
         );
         // The next round is in the cooldown: the count holds and the record stays.
         s.replicas = n;
-        let (n2, status2) = autoscale(&s, &status, &obs, 2_000);
+        let (n2, status2, why) = autoscale(&s, &status, &obs, 2_000);
+        assert!(why.starts_with("holding at 3"), "{why}");
         assert_eq!(n2, 3);
         assert_eq!(status2.last_scale, status.last_scale);
         // A paused vertex is left alone, whatever its status says.
