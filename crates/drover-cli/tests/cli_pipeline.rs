@@ -397,15 +397,20 @@ const SLOW_MAP: &str = "import time, drover_pipeline as dp\n\
 def slow(m):\n    time.sleep(0.002)\n    return [dp.Output(m.payload.upper(), key=m.key)]\n\
 dp.map(slow)\n";
 
-/// A vertex's desired replicas and the autoscaler's last reason, from `status -o json`.
-fn scaling_of(status: &serde_json::Value, vertex: &str) -> (u64, String) {
-    let v = status["vertices"]
+/// One vertex of `status -o json`, or null.
+fn vertex_of(status: &serde_json::Value, vertex: &str) -> serde_json::Value {
+    status["vertices"]
         .as_array()
         .into_iter()
         .flatten()
         .find(|v| v["name"] == vertex)
         .cloned()
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// A vertex's desired replicas and the autoscaler's last reason, from `status -o json`.
+fn scaling_of(status: &serde_json::Value, vertex: &str) -> (u64, String) {
+    let v = vertex_of(status, vertex);
     (
         v["desired_replicas"].as_u64().unwrap_or(0),
         v["last_scale"]["reason"].as_str().unwrap_or("").to_string(),
@@ -415,13 +420,7 @@ fn scaling_of(status: &serde_json::Value, vertex: &str) -> (u64, String) {
 /// A vertex's desired replicas and the autoscaler's latest decision (a hold included),
 /// from `status -o json`.
 fn decision_of(status: &serde_json::Value, vertex: &str) -> (u64, String) {
-    let v = status["vertices"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|v| v["name"] == vertex)
-        .cloned()
-        .unwrap_or_default();
+    let v = vertex_of(status, vertex);
     (
         v["desired_replicas"].as_u64().unwrap_or(0),
         v["scale_decision"].as_str().unwrap_or("").to_string(),
