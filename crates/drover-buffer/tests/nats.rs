@@ -195,7 +195,19 @@ async fn a_full_buffer_refuses_appends_until_messages_are_acked() {
     let tags: Vec<_> = got.iter().map(|d| d.tag).collect();
     buffer.ack(&tags).await.unwrap();
     assert_eq!(buffer.append(&messages([6])).await.unwrap().written, 1);
-    assert_eq!(buffer.stats().await.unwrap().pending, 4);
+    // The consumer's pending count follows the stream a moment after the publish ack.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let pending = buffer.stats().await.unwrap().pending;
+        if pending == 4 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pending stayed at {pending}, expected 4"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test]
