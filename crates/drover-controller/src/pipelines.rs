@@ -564,9 +564,11 @@ impl Inner {
                             at: now,
                             read: 0,
                             written: 0,
+                            backpressured: 0,
                         });
                         s.read = s.read.saturating_add(c.read);
                         s.written = s.written.saturating_add(c.written);
+                        s.backpressured = s.backpressured.saturating_add(c.backpressured);
                     }
                 }
             }
@@ -667,12 +669,23 @@ impl Inner {
             Some(inputs_read.values().flatten().map(|s| s.pending).sum())
         };
         let unacked = inputs_read.values().flatten().map(|s| s.unacked).sum();
-        let backpressure = read_levels(&backend, &outputs, &config)
-            .await
-            .into_iter()
-            .find(|(_, s)| {
-                s.as_ref()
-                    .is_ok_and(|s| s.usage >= v.spec.buffer.usage_limit)
+        // A downstream buffer at its limit now, or else (when the vertex's writes were
+        // refused lately) the fullest one.
+        let levels = read_levels(&backend, &outputs, &config).await;
+        let usage = |s: &Result<drover_buffer::BufferStats, _>| s.as_ref().map_or(0.0, |s| s.usage);
+        let pushed_back = self
+            .pipes
+            .rates_lock()
+            .get(key)
+            .is_some_and(Ring::pushed_back_lately);
+        let backpressure = levels
+            .iter()
+            .find(|(_, s)| usage(s) >= v.spec.buffer.usage_limit)
+            .or_else(|| {
+                levels
+                    .iter()
+                    .filter(|_| pushed_back)
+                    .max_by(|a, b| usage(&a.1).total_cmp(&usage(&b.1)))
             })
             .map(|(n, _)| n.to_string());
         let rate_per_replica = {

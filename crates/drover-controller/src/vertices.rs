@@ -112,6 +112,8 @@ pub(crate) struct Sample {
     pub at: Millis,
     pub read: u64,
     pub written: u64,
+    /// Writes downstream refused because the buffer was full.
+    pub backpressured: u64,
 }
 
 /// A vertex's recent samples, oldest first: at most one per [`SAMPLE_EVERY_MS`] and
@@ -141,6 +143,18 @@ impl Ring {
             .is_some_and(|second| s.at - second.at >= LONGEST_WINDOW_MS)
         {
             self.samples.pop_front();
+        }
+    }
+
+    /// Whether the vertex's writes were pushed back (refused by a full buffer) between
+    /// the newest sample and the one before it, a sampling interval or so ago. A
+    /// buffer's fill level swings as its reader takes and acknowledges batches, so
+    /// what the writers met says more than one reading of the level.
+    pub(crate) fn pushed_back_lately(&self) -> bool {
+        let n = self.samples.len();
+        match (self.samples.get(n.wrapping_sub(2)), self.samples.back()) {
+            (Some(before), Some(last)) if n >= 2 => last.backpressured > before.backpressured,
+            _ => false,
         }
     }
 
@@ -354,6 +368,27 @@ mod tests {
     }
 
     #[test]
+    fn pushed_back_lately_compares_the_newest_two_samples() {
+        let mut ring = Ring::default();
+        let sample = |at: Millis, backpressured: u64| Sample {
+            at,
+            read: 0,
+            written: 0,
+            backpressured,
+        };
+        assert!(!ring.pushed_back_lately(), "no samples");
+        ring.push(sample(0, 3));
+        assert!(!ring.pushed_back_lately(), "one sample");
+        ring.push(sample(5_000, 7));
+        assert!(
+            ring.pushed_back_lately(),
+            "refused writes since the last sample"
+        );
+        ring.push(sample(10_000, 7));
+        assert!(!ring.pushed_back_lately(), "none since");
+    }
+
+    #[test]
     fn rates_come_from_the_counts_over_each_window() {
         let mut ring = Ring::default();
         assert_eq!(ring.rates().0, Rates::default());
@@ -364,6 +399,7 @@ mod tests {
                 at,
                 read: (at / 100) as u64,
                 written: (at / 200) as u64,
+                backpressured: 0,
             });
         }
         let (r, w) = ring.rates();
@@ -376,6 +412,7 @@ mod tests {
             at: 605_000,
             read: 0,
             written: 0,
+            backpressured: 0,
         });
         assert_eq!(ring.rates().0.m1, Some(0.0));
         // Bounded: never much more than the longest window of samples.
@@ -384,6 +421,7 @@ mod tests {
                 at: 800_000 + i * 5_000,
                 read: 0,
                 written: 0,
+                backpressured: 0,
             });
         }
         assert!(ring.samples.len() <= 182, "{}", ring.samples.len());
