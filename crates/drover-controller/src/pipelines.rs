@@ -685,7 +685,7 @@ impl Inner {
                 levels
                     .iter()
                     .filter(|_| pushed_back)
-                    .max_by(|a, b| usage(&a.1).total_cmp(&usage(&b.1)))
+                    .max_by(|a, b| usage(a.1).total_cmp(&usage(b.1)))
             })
             .map(|(n, _)| n.to_string());
         let rate_per_replica = {
