@@ -2,7 +2,9 @@
 
 /// The data plane and the controller allocate and free many small buffers per message
 /// (frames, envelopes, NATS headers); glibc's allocator was a quarter of the agent's
-/// CPU time under a full pipeline, which mimalloc cuts.
+/// CPU time under a full pipeline, which mimalloc cuts. Built without transparent huge
+/// pages, which took an idle agent from 9.5 MiB to 24.5 MiB resident; without them it
+/// is 16 MiB.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
