@@ -195,3 +195,51 @@ async fn a_killed_writer_loses_no_appended_message_and_redelivers_no_acked_one()
         );
     }
 }
+
+/// A controller restart reopens the buffer while agents still hold deliveries of the
+/// old opening. Their late acknowledgements must not land on the new opening's
+/// deliveries (tags numbered from the same start would), or a message never processed
+/// would be acknowledged and lost.
+#[tokio::test]
+async fn an_ack_from_before_a_reopening_acknowledges_nothing_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let messages: Vec<Message> = (1..=3u128)
+        .map(|id| Message {
+            id: MessageId(id),
+            key: Bytes::new(),
+            event_time: 0,
+            payload: payload(id),
+        })
+        .collect();
+    let old_tags: Vec<_> = {
+        let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
+        let buffer = backend
+            .open(&name(), &BufferConfig::default())
+            .await
+            .unwrap();
+        buffer.append(&messages).await.unwrap();
+        let got = buffer.fetch(3, Duration::ZERO).await.unwrap();
+        got.iter().map(|d| d.tag).collect()
+    };
+    assert_eq!(old_tags.len(), 3);
+
+    let backend = EmbeddedBackend::open(dir.path().to_path_buf()).unwrap();
+    let buffer = backend
+        .open(&name(), &BufferConfig::default())
+        .await
+        .unwrap();
+    // The leases did not survive the restart: all three are delivered again.
+    let again = buffer.fetch(3, Duration::ZERO).await.unwrap();
+    assert_eq!(again.len(), 3);
+    buffer.ack(&old_tags).await.unwrap();
+    buffer.nack(&old_tags, Duration::ZERO).await.unwrap();
+    let stats = buffer.stats().await.unwrap();
+    assert_eq!(
+        (stats.unacked, stats.pending, stats.acked_total),
+        (3, 0, 0),
+        "stale tags touched the new deliveries"
+    );
+    let tags: Vec<_> = again.iter().map(|d| d.tag).collect();
+    buffer.ack(&tags).await.unwrap();
+    assert_eq!(buffer.stats().await.unwrap().acked_total, 3);
+}

@@ -282,7 +282,12 @@ impl EmbeddedBuffer {
             dedup,
             dedup_order: recovered.recent.into(),
             next_seq: recovered.next_seq,
-            next_tag: 1,
+            // Tags start at a random point for every opening, never at 1: an agent
+            // that acknowledges (or gives back) a delivery made before a controller
+            // restart, or before the buffer was reopened, would otherwise hit the tag
+            // the new opening gave to another message, and acknowledge a message never
+            // processed. Each opening's tags are a short run in a 2^63 space.
+            next_tag: rand::random::<u64>() >> 1,
             duplicates_total: recovered.duplicates_total,
             segments: recovered.segments.into(),
             seg: Staging {
