@@ -261,10 +261,10 @@ async fn a_controller_restart_mid_stream_loses_nothing() {
         .unwrap();
     let api = cluster.api();
     // What the sink held unacknowledged at the restart (its window of four batches of
-    // at most 500) may be delivered again; nothing else may. About one run in eight
-    // some of them arrive a third time, which at-least-once allows but which is not yet
-    // explained (see the session-21 note on issue 13), so three is the bound for now.
-    check_log(&api, total, (4 * 500, 3), Duration::from_secs(90)).await;
+    // at most 500) may be delivered again, once; nothing else may. (A generator whose
+    // replica ended on a buffer call cut short by the shutdown started its sequence
+    // again under new ids, which logged hundreds a second and third time.)
+    check_log(&api, total, (4 * 500, 2), Duration::from_secs(90)).await;
     stop_pipeline(&api, agent).await;
     cluster.stop().await;
 }

@@ -194,7 +194,19 @@ async fn serve(
         remote::Op::Ack(tags) | remote::Op::Nack { tags, .. } => Some(tags.clone()),
         _ => None,
     };
-    let result = remote::execute(buffer.as_ref(), call.op).await;
+    // The operation runs in a task of its own, so that when this call is given up
+    // (the controller shutting down) it still finishes: an embedded buffer's write
+    // dropped half-way loses its log appender, and the buffer then refuses every later
+    // call as gone, which the agent's data plane takes as the end of its replica.
+    let op = call.op;
+    let running = buffer.clone();
+    let result =
+        match tokio::spawn(async move { remote::execute(running.as_ref(), op).await }).await {
+            Ok(r) => r,
+            Err(e) => Err(BufferError::Backend(format!(
+                "the buffer call's task failed: {e}"
+            ))),
+        };
     match &result {
         Ok(remote::Reply::Fetched(ds)) => {
             held.fetched(&call.buffer, spec, ds.iter().map(|d| d.tag));
